@@ -1,0 +1,18 @@
+//! Mecha's API: the Knative-compatible resource types users write, their defaults and
+//! validation, and the YAML loader behind `mecha up` and `mecha apply`.
+//!
+//! Every error names where it comes from — file, document and field path — in the form
+//! `examples/bad.yaml: document 2: spec.template.spec.containers[0].command: required in local
+//! mode`. Fields Mecha does not support are rejected by name, never silently ignored.
+#![forbid(unsafe_code)]
+
+pub mod autoscaling;
+pub mod error;
+pub mod load;
+pub mod meta;
+pub mod serving;
+
+pub use error::{FieldError, LoadError};
+pub use load::{Loaded, Mode, Resource, Source, load_paths, load_str};
+pub use meta::ObjectMeta;
+pub use serving::Service;

@@ -1,0 +1,489 @@
+//! `serving.knative.dev/v1` `Service`: the documented subset of Knative's fields, Knative's
+//! defaults and validation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::autoscaling::ScalingAnnotations;
+use crate::error::FieldError;
+use crate::load::Mode;
+use crate::meta::{ObjectMeta, dns_label};
+
+pub const API_VERSION: &str = "serving.knative.dev/v1";
+pub const KIND: &str = "Service";
+
+/// Knative's default and maximum `timeoutSeconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 300;
+pub const MAX_TIMEOUT_SECONDS: u64 = 600;
+/// Knative's default upper bound on `containerConcurrency`.
+pub const MAX_CONTAINER_CONCURRENCY: u32 = 1000;
+
+/// Environment variables Mecha sets itself; a container may not set them.
+pub const RESERVED_ENV: &[&str] = &["PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub template: RevisionTemplate,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficTarget>,
+}
+
+/// `spec.template`: every change to it makes a new Revision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RevisionTemplate {
+    #[serde(default)]
+    pub metadata: TemplateMeta,
+    pub spec: RevisionSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateMeta {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RevisionSpec {
+    pub containers: Vec<Container>,
+    /// Most requests a replica takes at once; 0 means no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_concurrency: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Container {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Required in Kubernetes mode; in local mode it is not pulled and may be omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub container_port: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Probe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGetAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpSocketAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay_seconds: Option<u32>,
+    /// 0 (Knative's default for readiness) probes aggressively until ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpGetAction {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_headers: Vec<HttpHeader>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpHeader {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSocketAction {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortRef>,
+}
+
+/// Kubernetes' IntOrString for probe ports: a number or a port name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u32),
+    Name(String),
+}
+
+/// Accepted for portability; local mode does not enforce resource limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_revision: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// The protocol a container speaks on its port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// HTTP/1.1 (port name `http1` or no name).
+    Http1,
+    /// HTTP/2 without TLS, prior knowledge (port name `h2c`).
+    H2c,
+}
+
+// === impl Service ===
+
+impl Service {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace()
+    }
+
+    pub fn container(&self) -> Option<&Container> {
+        self.spec.template.spec.containers.first()
+    }
+
+    pub fn timeout_seconds(&self) -> u64 {
+        self.spec
+            .template
+            .spec
+            .timeout_seconds
+            .unwrap_or(DEFAULT_TIMEOUT_SECONDS)
+    }
+
+    pub fn scaling(&self) -> ScalingAnnotations {
+        ScalingAnnotations::parse(
+            &self.spec.template.metadata.annotations,
+            "",
+            &mut Vec::new(),
+        )
+    }
+
+    /// Checks everything that can be checked on the Service alone. Traffic targets that name
+    /// revisions are checked against the existing revisions when the Service is applied.
+    pub fn validate(&self, mode: Mode) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        // Revision names are `{name}-00001`: keep them within 63 characters.
+        self.metadata.validate(63 - 6, &mut errors);
+        let template = &self.spec.template;
+        ScalingAnnotations::parse(
+            &template.metadata.annotations,
+            "spec.template.metadata.annotations",
+            &mut errors,
+        );
+        template
+            .spec
+            .validate("spec.template.spec", mode, &mut errors);
+        validate_traffic(&self.spec.traffic, &mut errors);
+        errors
+    }
+}
+
+// === impl RevisionSpec ===
+
+impl RevisionSpec {
+    fn validate(&self, path: &str, mode: Mode, errors: &mut Vec<FieldError>) {
+        match self.containers.len() {
+            1 => self.containers[0].validate(&format!("{path}.containers[0]"), mode, errors),
+            0 => errors.push(FieldError::new(
+                format!("{path}.containers"),
+                "exactly one container is required",
+            )),
+            n => errors.push(FieldError::new(
+                format!("{path}.containers"),
+                format!("{n} containers given: Mecha runs exactly one container per revision"),
+            )),
+        }
+        if let Some(cc) = self.container_concurrency {
+            if cc > MAX_CONTAINER_CONCURRENCY {
+                errors.push(FieldError::new(
+                    format!("{path}.containerConcurrency"),
+                    format!(
+                        "{cc} is out of range: must be between 0 and {MAX_CONTAINER_CONCURRENCY}"
+                    ),
+                ));
+            }
+        }
+        if let Some(timeout) = self.timeout_seconds {
+            if !(1..=MAX_TIMEOUT_SECONDS).contains(&timeout) {
+                errors.push(FieldError::new(
+                    format!("{path}.timeoutSeconds"),
+                    format!(
+                        "{timeout} is out of range: must be between 1 and {MAX_TIMEOUT_SECONDS}"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+// === impl Container ===
+
+impl Container {
+    fn validate(&self, path: &str, mode: Mode, errors: &mut Vec<FieldError>) {
+        match mode {
+            Mode::Local => {
+                if self.command.first().is_none_or(|c| c.trim().is_empty()) {
+                    errors.push(FieldError::new(
+                        format!("{path}.command"),
+                        "required in local mode: Mecha runs the command as a process and does not pull the image",
+                    ));
+                }
+            }
+            Mode::Kubernetes => {
+                if self.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
+                    errors.push(FieldError::new(format!("{path}.image"), "required"));
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, env) in self.env.iter().enumerate() {
+            let at = format!("{path}.env[{i}].name");
+            if !valid_env_name(&env.name) {
+                errors.push(FieldError::new(
+                    at,
+                    format!("{:?} is not a valid environment variable name", env.name),
+                ));
+            } else if RESERVED_ENV.contains(&env.name.as_str()) {
+                errors.push(FieldError::new(
+                    at,
+                    format!("{} is set by Mecha and may not be set here", env.name),
+                ));
+            } else if !seen.insert(env.name.as_str()) {
+                errors.push(FieldError::new(at, format!("{} is set twice", env.name)));
+            }
+        }
+        if self.ports.len() > 1 {
+            errors.push(FieldError::new(
+                format!("{path}.ports"),
+                "at most one port may be given",
+            ));
+        }
+        for (i, port) in self.ports.iter().enumerate() {
+            if !(1..=65535).contains(&port.container_port) {
+                errors.push(FieldError::new(
+                    format!("{path}.ports[{i}].containerPort"),
+                    format!("{} is not a port number (1-65535)", port.container_port),
+                ));
+            }
+            if let Some(name) = &port.name {
+                if name != "http1" && name != "h2c" {
+                    errors.push(FieldError::new(
+                        format!("{path}.ports[{i}].name"),
+                        format!("{name:?} is not supported: use \"http1\" or \"h2c\""),
+                    ));
+                }
+            }
+            if let Some(protocol) = &port.protocol {
+                if protocol != "TCP" {
+                    errors.push(FieldError::new(
+                        format!("{path}.ports[{i}].protocol"),
+                        format!("{protocol:?} is not supported: only \"TCP\""),
+                    ));
+                }
+            }
+        }
+        if let Some(probe) = &self.readiness_probe {
+            probe.validate(&format!("{path}.readinessProbe"), self, errors);
+        }
+    }
+
+    /// The protocol the container serves, from its port name.
+    pub fn protocol(&self) -> PortProtocol {
+        match self.ports.first().and_then(|p| p.name.as_deref()) {
+            Some("h2c") => PortProtocol::H2c,
+            _ => PortProtocol::Http1,
+        }
+    }
+}
+
+// === impl Probe ===
+
+impl Probe {
+    fn validate(&self, path: &str, container: &Container, errors: &mut Vec<FieldError>) {
+        match (&self.http_get, &self.tcp_socket) {
+            (Some(_), Some(_)) => errors.push(FieldError::new(
+                path,
+                "give one of httpGet or tcpSocket, not both",
+            )),
+            (None, None) => errors.push(FieldError::new(
+                path,
+                "one of httpGet or tcpSocket is required (exec probes are not supported)",
+            )),
+            _ => {}
+        }
+        let port = self
+            .http_get
+            .as_ref()
+            .and_then(|h| h.port.as_ref())
+            .map(|p| (p, "httpGet.port"))
+            .or_else(|| {
+                self.tcp_socket
+                    .as_ref()
+                    .and_then(|t| t.port.as_ref())
+                    .map(|p| (p, "tcpSocket.port"))
+            });
+        if let Some((port, field)) = port {
+            // Knative probes the serving port only; a probe on any other port is an error.
+            let declared = container.ports.first();
+            let matches = match port {
+                PortRef::Number(n) => declared.is_none_or(|d| d.container_port == *n),
+                PortRef::Name(name) => declared.and_then(|d| d.name.as_ref()) == Some(name),
+            };
+            if !matches {
+                errors.push(FieldError::new(
+                    format!("{path}.{field}"),
+                    "may only name the container's own port",
+                ));
+            }
+        }
+        if let Some(http) = &self.http_get {
+            if let Some(scheme) = &http.scheme {
+                if !scheme.eq_ignore_ascii_case("http") {
+                    errors.push(FieldError::new(
+                        format!("{path}.httpGet.scheme"),
+                        format!("{scheme:?} is not supported: only HTTP"),
+                    ));
+                }
+            }
+            if let Some(probe_path) = &http.path {
+                if !probe_path.starts_with('/') {
+                    errors.push(FieldError::new(
+                        format!("{path}.httpGet.path"),
+                        "must start with '/'",
+                    ));
+                }
+            }
+        }
+        for (field, value) in [
+            ("timeoutSeconds", self.timeout_seconds),
+            ("successThreshold", self.success_threshold),
+            ("failureThreshold", self.failure_threshold),
+        ] {
+            if value == Some(0) {
+                errors.push(FieldError::new(
+                    format!("{path}.{field}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+    }
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'-' || b == b'.')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn validate_traffic(traffic: &[TrafficTarget], errors: &mut Vec<FieldError>) {
+    if traffic.is_empty() {
+        return;
+    }
+    let mut total = 0;
+    let mut tags = BTreeSet::new();
+    for (i, target) in traffic.iter().enumerate() {
+        let at = |field: &str| format!("spec.traffic[{i}].{field}");
+        match (&target.revision_name, target.latest_revision) {
+            (Some(_), Some(true)) => errors.push(FieldError::new(
+                at("latestRevision"),
+                "may not be true when revisionName is set",
+            )),
+            (None, Some(true)) => {}
+            (None, _) => errors.push(FieldError::new(
+                at("revisionName"),
+                "required unless latestRevision is true",
+            )),
+            (Some(_), _) => {}
+        }
+        total += target.percent.unwrap_or(0);
+        if target.percent.is_some_and(|p| p > 100) {
+            errors.push(FieldError::new(at("percent"), "must be between 0 and 100"));
+        }
+        if let Some(tag) = &target.tag {
+            if let Err(why) = dns_label(tag, true) {
+                errors.push(FieldError::new(at("tag"), why));
+            } else if !tags.insert(tag.as_str()) {
+                errors.push(FieldError::new(
+                    at("tag"),
+                    format!("tag {tag:?} is used twice"),
+                ));
+            }
+        }
+    }
+    if total != 100 {
+        errors.push(FieldError::new(
+            "spec.traffic",
+            format!("percents add up to {total}, must add up to 100"),
+        ));
+    }
+}

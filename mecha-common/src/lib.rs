@@ -1,0 +1,14 @@
+//! What every Mecha component shares: the shutdown signal, telemetry (tracing, the Prometheus
+//! registry and the `/live`, `/ready`, `/metrics` admin endpoints) and the routing and endpoint
+//! tables that the control plane publishes and the data path reads.
+//!
+//! Nothing here knows about Kubernetes: the same types serve local mode and cluster mode.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod routing;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use routing::{Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget, RoutingTable};
+pub use shutdown::{Shutdown, ShutdownSignal};

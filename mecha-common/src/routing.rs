@@ -1,0 +1,302 @@
+//! The tables the control plane publishes to the data path: which host reaches which
+//! revisions in which proportions ([`RoutingTable`]), and which replicas of each revision are
+//! ready to take requests ([`EndpointTable`]).
+//!
+//! Both are immutable snapshots behind an `Arc`, swapped whole on every change, so the data
+//! path reads them without locks.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A Service's identity: namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Host name → route, for every Service and every traffic tag.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingTable {
+    hosts: HashMap<String, Arc<Route>>,
+}
+
+/// Where requests for one host go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub service: ServiceKey,
+    /// The traffic tag this host belongs to, `None` for the Service's main host.
+    pub tag: Option<String>,
+    /// Revisions and their share of requests; the percents add up to 100.
+    pub targets: Vec<RouteTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTarget {
+    pub revision: String,
+    pub percent: u32,
+    /// How long a request for this revision may take (its `timeoutSeconds`).
+    pub timeout: Duration,
+}
+
+/// Revision name → its ready replicas.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointTable {
+    revisions: HashMap<String, RevisionEndpoints>,
+}
+
+/// The ready replicas of one revision.
+#[derive(Debug, Clone, Default)]
+pub struct RevisionEndpoints {
+    pub ready: Vec<Endpoint>,
+}
+
+/// One ready replica. Clones share the in-flight counter, which is how the supervisor knows a
+/// replica it has taken out of rotation has finished its last request.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub replica: Arc<str>,
+    pub addr: SocketAddr,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts one request against an [`Endpoint`] until dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The host a Service answers on: `{name}.{namespace}.{domain}`.
+pub fn service_host(service: &ServiceKey, domain: &str) -> String {
+    format!("{}.{}.{domain}", service.name, service.namespace)
+}
+
+/// The host of a traffic tag: `{tag}-{name}.{namespace}.{domain}`, as Knative names it.
+pub fn tag_host(tag: &str, service: &ServiceKey, domain: &str) -> String {
+    format!("{tag}-{}.{}.{domain}", service.name, service.namespace)
+}
+
+/// Lower-cases a `Host` header or URI authority and strips the port and a trailing dot, so
+/// `Hello.Default.localhost.:8080` and `hello.default.localhost` are the same route.
+pub fn normalize_host(raw: &str) -> String {
+    let raw = raw.trim();
+    let without_port = if raw.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop what follows the closing one.
+        raw.split_once(']')
+            .map_or(raw, |(ip, _)| &raw[..ip.len() + 1])
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(host, _)| host)
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+// === impl ServiceKey ===
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+// === impl RoutingTable ===
+
+impl RoutingTable {
+    pub fn insert(&mut self, host: String, route: Route) {
+        self.hosts.insert(host, Arc::new(route));
+    }
+
+    /// The route for an already [normalized](normalize_host) host.
+    pub fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
+        self.hosts.get(host)
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = (&String, &Arc<Route>)> {
+        self.hosts.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+}
+
+impl PartialEq for RoutingTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.hosts.len() == other.hosts.len()
+            && self
+                .hosts
+                .iter()
+                .all(|(host, route)| other.hosts.get(host).is_some_and(|o| o == route))
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    /// The target for a roll in `0..100`: targets own consecutive slices of that range in
+    /// proportion to their percent.
+    pub fn pick(&self, roll: u32) -> Option<&RouteTarget> {
+        let mut upper = 0;
+        for target in &self.targets {
+            upper += target.percent;
+            if roll < upper {
+                return Some(target);
+            }
+        }
+        // Percents that add up to less than 100 (never produced by the control plane) still
+        // route somewhere rather than nowhere.
+        self.targets.iter().rev().find(|t| t.percent > 0)
+    }
+}
+
+// === impl EndpointTable ===
+
+impl EndpointTable {
+    pub fn get(&self, revision: &str) -> Option<&RevisionEndpoints> {
+        self.revisions.get(revision)
+    }
+
+    pub fn ready(&self, revision: &str) -> &[Endpoint] {
+        self.revisions.get(revision).map_or(&[], |r| &r.ready)
+    }
+
+    pub fn set(&mut self, revision: String, endpoints: RevisionEndpoints) {
+        if endpoints.ready.is_empty() {
+            self.revisions.remove(&revision);
+        } else {
+            self.revisions.insert(revision, endpoints);
+        }
+    }
+
+    pub fn revisions(&self) -> impl Iterator<Item = (&String, &RevisionEndpoints)> {
+        self.revisions.iter()
+    }
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    pub fn new(replica: impl Into<Arc<str>>, addr: SocketAddr) -> Self {
+        Self {
+            replica: replica.into(),
+            addr,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Counts a request against this replica until the guard is dropped.
+    pub fn track(&self) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard {
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("replica", &self.replica)
+            .field("addr", &self.addr)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+// === impl InFlightGuard ===
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(revision: &str, percent: u32) -> RouteTarget {
+        RouteTarget {
+            revision: revision.into(),
+            percent,
+            timeout: Duration::from_secs(300),
+        }
+    }
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(
+            normalize_host("Hello.Default.localhost:8080"),
+            "hello.default.localhost"
+        );
+        assert_eq!(
+            normalize_host("hello.default.localhost."),
+            "hello.default.localhost"
+        );
+        assert_eq!(normalize_host("[::1]:8080"), "[::1]");
+        assert_eq!(normalize_host("localhost"), "localhost");
+    }
+
+    #[test]
+    fn tag_and_service_hosts() {
+        let key = ServiceKey::new("default", "hello");
+        assert_eq!(service_host(&key, "localhost"), "hello.default.localhost");
+        assert_eq!(
+            tag_host("blue", &key, "localhost"),
+            "blue-hello.default.localhost"
+        );
+    }
+
+    #[test]
+    fn pick_splits_by_percent() {
+        let route = Route {
+            service: ServiceKey::new("default", "hello"),
+            tag: None,
+            targets: vec![target("a", 30), target("b", 0), target("c", 70)],
+        };
+        let picks: Vec<_> = (0..100)
+            .map(|roll| route.pick(roll).map(|t| t.revision.clone()))
+            .collect();
+        assert_eq!(
+            picks.iter().filter(|p| p.as_deref() == Some("a")).count(),
+            30
+        );
+        assert_eq!(
+            picks.iter().filter(|p| p.as_deref() == Some("c")).count(),
+            70
+        );
+        assert!(picks.iter().all(|p| p.as_deref() != Some("b")));
+    }
+
+    #[test]
+    fn in_flight_counts_until_guard_drops() {
+        let endpoint = Endpoint::new("r1", "127.0.0.1:1".parse().expect("addr"));
+        let clone = endpoint.clone();
+        let guard = endpoint.track();
+        assert_eq!(clone.in_flight(), 1);
+        drop(guard);
+        assert_eq!(clone.in_flight(), 0);
+    }
+}

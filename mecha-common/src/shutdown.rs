@@ -1,0 +1,90 @@
+//! Graceful shutdown: one [`Shutdown`] owned by the binary, any number of [`ShutdownSignal`]s
+//! handed to library entry points (the mini-redis pattern: libraries take a shutdown future,
+//! only binaries handle OS signals).
+
+use tokio::sync::watch;
+
+/// The sending side, held by whoever decides when to stop (a binary's signal handler, a test).
+#[derive(Debug)]
+pub struct Shutdown {
+    tx: watch::Sender<bool>,
+}
+
+/// A cloneable future source that resolves once shutdown has been requested.
+#[derive(Debug, Clone)]
+pub struct ShutdownSignal {
+    rx: watch::Receiver<bool>,
+}
+
+// === impl Shutdown ===
+
+impl Shutdown {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(false);
+        Self { tx }
+    }
+
+    pub fn signal(&self) -> ShutdownSignal {
+        ShutdownSignal {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Asks every holder of a [`ShutdownSignal`] to stop. Idempotent.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// === impl ShutdownSignal ===
+
+impl ShutdownSignal {
+    /// A signal that never fires, for tests and for components that run until dropped.
+    pub fn never() -> Self {
+        let (tx, rx) = watch::channel(false);
+        // Leaking one sender keeps the channel open forever so `recv` never resolves.
+        std::mem::forget(tx);
+        Self { rx }
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once shutdown is requested (or the [`Shutdown`] was dropped, which means the
+    /// owner is gone and nobody could ever ask for a clean stop).
+    pub async fn recv(mut self) {
+        let _ = self.rx.wait_for(|stop| *stop).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn signal_fires_for_every_clone() {
+        let shutdown = Shutdown::new();
+        let a = shutdown.signal();
+        let b = a.clone();
+        assert!(!a.is_triggered());
+        shutdown.trigger();
+        a.clone().recv().await;
+        b.recv().await;
+        assert!(a.is_triggered());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_owner_releases_waiters() {
+        let shutdown = Shutdown::new();
+        let signal = shutdown.signal();
+        drop(shutdown);
+        signal.recv().await;
+    }
+}
