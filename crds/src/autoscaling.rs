@@ -71,8 +71,10 @@ impl ScalingAnnotations {
                 "max-scale" => {
                     out.max_scale = int_in(value, 0, i32::MAX as u32).map_err(&mut report).ok()
                 }
+                // Knative only allows 0 with `allow-zero-initial-scale: true` in
+                // config-autoscaler, which is false by default.
                 "initial-scale" => {
-                    out.initial_scale = int_in(value, 0, i32::MAX as u32).map_err(&mut report).ok()
+                    out.initial_scale = int_in(value, 1, i32::MAX as u32).map_err(&mut report).ok()
                 }
                 "activation-scale" => {
                     out.activation_scale =

@@ -1,0 +1,648 @@
+//! The local actuator: runs each revision's replicas as OS processes.
+//!
+//! A replica is the container's `command` + `args`, started in the YAML file's directory with
+//! the container's `env`, a free `PORT`, and Knative's `K_SERVICE`, `K_REVISION` and
+//! `K_CONFIGURATION`. It is probed until ready (see [`crate::probe`]), then published as an
+//! endpoint. A replica that exits is restarted with exponential backoff. A replica that is
+//! stopped is first taken out of rotation, then allowed to finish its in-flight requests, then
+//! sent SIGTERM, and SIGKILL after the grace period.
+//!
+//! Every replica runs in its own process group, so stopping it stops whatever it spawned, and
+//! with `PR_SET_PDEATHSIG` so the kernel kills it if Mecha itself dies without cleaning up.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use mecha_common::routing::ServiceKey;
+use mecha_common::{Endpoint, EndpointTable, RevisionEndpoints};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use rustix::process::{Pid, Signal};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::logs::LogHub;
+use crate::probe::ProbeSpec;
+use crate::serving::RevisionSpec;
+
+/// A replica that ran at least this long before exiting starts its backoff afresh.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+/// How often a replica being stopped checks whether its last request has finished.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Between SIGTERM and SIGKILL, and the longest a stopping replica may take to finish its
+    /// in-flight requests.
+    pub grace_period: Duration,
+    /// Wait before the first restart of a crashed replica; doubled on every crash after that.
+    pub restart_backoff: Duration,
+    pub max_restart_backoff: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: SupervisorConfig,
+    logs: LogHub,
+    endpoints: watch::Sender<Arc<EndpointTable>>,
+    revisions: Mutex<HashMap<String, RevisionRunner>>,
+    ever_ready: Mutex<HashSet<String>>,
+    /// Replica tasks still running; shutdown waits for zero.
+    live: watch::Sender<usize>,
+    metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct RevisionRunner {
+    spec: Arc<RevisionSpec>,
+    desired: u32,
+    next_index: u32,
+    replicas: Vec<Arc<Replica>>,
+}
+
+#[derive(Debug)]
+struct Replica {
+    name: Arc<str>,
+    stop: watch::Sender<bool>,
+    state: Mutex<ReplicaState>,
+}
+
+#[derive(Debug, Default)]
+struct ReplicaState {
+    pid: Option<u32>,
+    addr: Option<SocketAddr>,
+    /// Set while the replica is ready and in rotation.
+    endpoint: Option<Endpoint>,
+    restarts: u32,
+}
+
+/// A revision's replicas as `mecha get` shows them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RevisionStatus {
+    pub desired: u32,
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub name: String,
+    pub pid: Option<u32>,
+    pub addr: Option<SocketAddr>,
+    pub ready: bool,
+    pub stopping: bool,
+    pub restarts: u32,
+    pub in_flight: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    desired: IntGaugeVec,
+    ready: IntGaugeVec,
+    restarts: IntCounterVec,
+}
+
+enum Outcome {
+    Exited(std::io::Result<ExitStatus>),
+    Stop,
+}
+
+// === impl SupervisorConfig ===
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(30),
+            restart_backoff: Duration::from_millis(100),
+            max_restart_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+// === impl Supervisor ===
+
+impl Supervisor {
+    pub fn new(config: SupervisorConfig, logs: LogHub, registry: &Registry) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                logs,
+                endpoints: watch::channel(Arc::default()).0,
+                revisions: Mutex::default(),
+                ever_ready: Mutex::default(),
+                live: watch::channel(0).0,
+                metrics: Metrics::register(registry),
+            }),
+        }
+    }
+
+    /// Ready endpoints of every revision; changes whenever a replica enters or leaves rotation.
+    pub fn endpoints(&self) -> watch::Receiver<Arc<EndpointTable>> {
+        self.inner.endpoints.subscribe()
+    }
+
+    /// Whether the revision has had a ready replica (Knative's Ready condition).
+    pub fn ever_ready(&self, revision: &str) -> bool {
+        lock(&self.inner.ever_ready).contains(revision)
+    }
+
+    /// Sets how many replicas each revision should run. Revisions not named go to zero.
+    pub fn apply(&self, desired: &BTreeMap<String, (Arc<RevisionSpec>, u32)>) {
+        let mut revisions = lock(&self.inner.revisions);
+        for (name, (spec, replicas)) in desired {
+            let runner = revisions
+                .entry(name.clone())
+                .or_insert_with(|| RevisionRunner {
+                    spec: spec.clone(),
+                    desired: 0,
+                    next_index: 1,
+                    replicas: Vec::new(),
+                });
+            runner.desired = *replicas;
+        }
+        for (name, runner) in revisions.iter_mut() {
+            if !desired.contains_key(name) {
+                runner.desired = 0;
+            }
+        }
+        for runner in revisions.values_mut() {
+            self.inner.scale(runner);
+        }
+        self.inner.forget_idle(&mut revisions);
+    }
+
+    pub fn status(&self, revision: &str) -> Option<RevisionStatus> {
+        let revisions = lock(&self.inner.revisions);
+        let runner = revisions.get(revision)?;
+        Some(RevisionStatus {
+            desired: runner.desired,
+            replicas: runner.replicas.iter().map(|r| r.status()).collect(),
+        })
+    }
+
+    /// Stops every replica (drain, SIGTERM, SIGKILL after the grace period) and waits until
+    /// all have exited.
+    pub async fn shutdown(&self) {
+        self.apply(&BTreeMap::new());
+        let mut live = self.inner.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// SIGKILLs every replica's process group at once: the second Ctrl-C.
+    pub fn kill_all(&self) {
+        let revisions = lock(&self.inner.revisions);
+        for replica in revisions.values().flat_map(|r| &r.replicas) {
+            if let Some(pid) = lock(&replica.state).pid {
+                signal_group(pid, Signal::KILL);
+            }
+        }
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    /// Starts or stops replicas until the revision runs as many as it should.
+    fn scale(self: &Arc<Self>, runner: &mut RevisionRunner) {
+        let running: Vec<_> = runner
+            .replicas
+            .iter()
+            .filter(|r| !r.is_stopping())
+            .cloned()
+            .collect();
+        let desired = runner.desired as usize;
+        if running.len() < desired {
+            for _ in running.len()..desired {
+                let name: Arc<str> = format!("{}-{}", runner.spec.name, runner.next_index).into();
+                runner.next_index += 1;
+                let replica = Arc::new(Replica {
+                    name,
+                    stop: watch::channel(false).0,
+                    state: Mutex::default(),
+                });
+                runner.replicas.push(replica.clone());
+                self.live.send_modify(|n| *n += 1);
+                tokio::spawn(self.clone().run_replica(runner.spec.clone(), replica));
+            }
+        } else if running.len() > desired {
+            // Stop the replicas that cost least to lose: not ready first, then the least
+            // busy, then the newest.
+            let mut victims = running;
+            victims.sort_by_key(|r| {
+                let state = lock(&r.state);
+                let in_flight = state.endpoint.as_ref().map_or(0, Endpoint::in_flight);
+                (state.endpoint.is_some(), in_flight)
+            });
+            for replica in victims.iter().take(victims.len() - desired) {
+                replica.stop.send_replace(true);
+            }
+            self.publish(runner);
+        }
+        self.metrics
+            .desired
+            .with_label_values(&[&runner.spec.name])
+            .set(i64::from(runner.desired));
+    }
+
+    /// Drops revisions that should run nothing and no longer do.
+    fn forget_idle(&self, revisions: &mut HashMap<String, RevisionRunner>) {
+        let idle: Vec<_> = revisions
+            .iter()
+            .filter(|(_, r)| r.desired == 0 && r.replicas.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in idle {
+            revisions.remove(&name);
+            lock(&self.ever_ready).remove(&name);
+            let _ = self.metrics.desired.remove_label_values(&[&name]);
+            let _ = self.metrics.ready.remove_label_values(&[&name]);
+        }
+    }
+
+    /// Publishes the revision's ready replicas as its endpoints.
+    fn publish(&self, runner: &RevisionRunner) {
+        let ready: Vec<Endpoint> = runner
+            .replicas
+            .iter()
+            .filter(|r| !r.is_stopping())
+            .filter_map(|r| lock(&r.state).endpoint.clone())
+            .collect();
+        self.metrics
+            .ready
+            .with_label_values(&[&runner.spec.name])
+            .set(ready.len() as i64);
+        let name = runner.spec.name.clone();
+        self.endpoints.send_modify(|table| {
+            Arc::make_mut(table).set(name, RevisionEndpoints { ready });
+        });
+    }
+
+    fn with_runner(&self, revision: &str, f: impl FnOnce(&mut RevisionRunner)) {
+        if let Some(runner) = lock(&self.revisions).get_mut(revision) {
+            f(runner);
+        }
+    }
+
+    fn set_endpoint(&self, spec: &RevisionSpec, replica: &Replica, endpoint: Option<Endpoint>) {
+        let becomes_ready = endpoint.is_some();
+        lock(&replica.state).endpoint = endpoint;
+        if becomes_ready {
+            lock(&self.ever_ready).insert(spec.name.clone());
+        }
+        self.with_runner(&spec.name, |runner| self.publish(runner));
+    }
+
+    fn log(&self, service: &ServiceKey, replica: &str, line: &str) {
+        self.logs.push(service, replica, line);
+    }
+
+    /// One replica from first start to final exit.
+    async fn run_replica(self: Arc<Self>, spec: Arc<RevisionSpec>, replica: Arc<Replica>) {
+        let probe = ProbeSpec::for_container(&spec.container);
+        let mut stop = replica.stop.subscribe();
+        let mut backoff = self.config.restart_backoff;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let started = Instant::now();
+            let spawned = free_port().and_then(|port| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                spawn_process(&spec, &replica.name, port).map(|child| (child, addr))
+            });
+            let outcome = match spawned {
+                Err(error) => {
+                    let program = spec.container.command.first().map_or("", String::as_str);
+                    tracing::error!(replica = %replica.name, %error, "cannot start `{program}`");
+                    self.log(
+                        &spec.service,
+                        &replica.name,
+                        &format!("cannot start `{program}`: {error}"),
+                    );
+                    Outcome::Exited(Err(error))
+                }
+                Ok((mut child, addr)) => {
+                    let pid = child.id();
+                    {
+                        let mut state = lock(&replica.state);
+                        state.pid = pid;
+                        state.addr = Some(addr);
+                    }
+                    self.forward_output(&spec.service, &replica.name, &mut child);
+                    tracing::debug!(replica = %replica.name, ?pid, %addr, "started");
+                    let outcome = tokio::select! {
+                        status = child.wait() => Outcome::Exited(status),
+                        () = self.keep_ready(&spec, &replica, &probe, addr, started) => {
+                            unreachable!("readiness probing runs until the replica stops")
+                        }
+                        _ = stop.wait_for(|s| *s) => Outcome::Stop,
+                    };
+                    let endpoint = lock(&replica.state).endpoint.clone();
+                    self.set_endpoint(&spec, &replica, None);
+                    match outcome {
+                        Outcome::Stop => {
+                            self.stop_process(&replica, endpoint, child).await;
+                            break;
+                        }
+                        exited => {
+                            // Whatever the replica started must not outlive it.
+                            if let Some(pid) = pid {
+                                signal_group(pid, Signal::KILL);
+                            }
+                            exited
+                        }
+                    }
+                }
+            };
+            if let Outcome::Exited(status) = outcome {
+                if started.elapsed() >= STABLE_RUN {
+                    backoff = self.config.restart_backoff;
+                }
+                let status = match status {
+                    Ok(status) => status.to_string(),
+                    Err(error) => error.to_string(),
+                };
+                let restarts = {
+                    let mut state = lock(&replica.state);
+                    state.restarts += 1;
+                    state.pid = None;
+                    state.restarts
+                };
+                self.metrics.restarts.with_label_values(&[&spec.name]).inc();
+                tracing::warn!(
+                    replica = %replica.name,
+                    %status,
+                    restarts,
+                    "replica crashed; restarting in {backoff:?}"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                backoff = (backoff * 2).min(self.config.max_restart_backoff);
+            }
+        }
+        lock(&replica.state).pid = None;
+        self.with_runner(&spec.name, |runner| {
+            runner.replicas.retain(|r| !Arc::ptr_eq(r, &replica));
+            self.publish(runner);
+        });
+        self.forget_idle(&mut lock(&self.revisions));
+        self.live.send_modify(|n| *n -= 1);
+    }
+
+    /// Probes until ready, publishes the endpoint, then keeps probing; a replica that fails
+    /// `failureThreshold` probes in a row leaves rotation until it passes again.
+    async fn keep_ready(
+        &self,
+        spec: &RevisionSpec,
+        replica: &Replica,
+        probe: &ProbeSpec,
+        addr: SocketAddr,
+        started: Instant,
+    ) {
+        tokio::time::sleep(probe.initial_delay).await;
+        loop {
+            let mut successes = 0;
+            loop {
+                if probe.check(addr).await {
+                    successes += 1;
+                    if successes >= probe.success_threshold {
+                        break;
+                    }
+                } else {
+                    successes = 0;
+                }
+                tokio::time::sleep(probe.startup_period()).await;
+            }
+            tracing::info!(
+                replica = %replica.name,
+                %addr,
+                "ready in {} ms",
+                started.elapsed().as_millis()
+            );
+            self.set_endpoint(
+                spec,
+                replica,
+                Some(Endpoint::new(replica.name.clone(), addr)),
+            );
+            let mut failures = 0;
+            while failures < probe.failure_threshold {
+                tokio::time::sleep(probe.ready_period()).await;
+                if probe.check(addr).await {
+                    failures = 0;
+                } else {
+                    failures += 1;
+                }
+            }
+            tracing::warn!(replica = %replica.name, failures, "failed readiness; out of rotation");
+            self.set_endpoint(spec, replica, None);
+        }
+    }
+
+    /// Lets in-flight requests finish (the replica is already out of rotation), then SIGTERM,
+    /// then SIGKILL once the grace period is over.
+    async fn stop_process(&self, replica: &Replica, endpoint: Option<Endpoint>, mut child: Child) {
+        let deadline = Instant::now() + self.config.grace_period;
+        if let Some(endpoint) = endpoint {
+            while endpoint.in_flight() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        }
+        let Some(pid) = child.id() else {
+            return; // already reaped
+        };
+        signal_group(pid, Signal::TERM);
+        match tokio::time::timeout_at(deadline, child.wait()).await {
+            Ok(status) => {
+                tracing::info!(replica = %replica.name, status = ?status.ok(), "stopped");
+                // Children it left behind go too.
+                signal_group(pid, Signal::KILL);
+            }
+            Err(_) => {
+                tracing::warn!(replica = %replica.name, "did not stop within the grace period; killing");
+                signal_group(pid, Signal::KILL);
+                let _ = child.wait().await;
+            }
+        }
+    }
+
+    fn forward_output(&self, service: &ServiceKey, replica: &Arc<str>, child: &mut Child) {
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(forward_lines(
+                self.logs.clone(),
+                service.clone(),
+                replica.clone(),
+                stdout,
+            ));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(forward_lines(
+                self.logs.clone(),
+                service.clone(),
+                replica.clone(),
+                stderr,
+            ));
+        }
+    }
+}
+
+// === impl Replica ===
+
+impl Replica {
+    fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn status(&self) -> ReplicaStatus {
+        let state = lock(&self.state);
+        ReplicaStatus {
+            name: self.name.to_string(),
+            pid: state.pid,
+            addr: state.addr,
+            ready: state.endpoint.is_some(),
+            stopping: self.is_stopping(),
+            restarts: state.restarts,
+            in_flight: state.endpoint.as_ref().map_or(0, Endpoint::in_flight),
+        }
+    }
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    fn register(registry: &Registry) -> Self {
+        let desired = IntGaugeVec::new(
+            Opts::new(
+                "mecha_revision_desired_replicas",
+                "Replicas a revision should run",
+            ),
+            &["revision"],
+        )
+        .expect("valid metric");
+        let ready = IntGaugeVec::new(
+            Opts::new(
+                "mecha_revision_ready_replicas",
+                "Replicas of a revision in rotation",
+            ),
+            &["revision"],
+        )
+        .expect("valid metric");
+        let restarts = IntCounterVec::new(
+            Opts::new(
+                "mecha_replica_restarts_total",
+                "Replica crashes followed by a restart",
+            ),
+            &["revision"],
+        )
+        .expect("valid metric");
+        // Registering twice (two supervisors on one registry in tests) keeps the first.
+        let _ = registry.register(Box::new(desired.clone()));
+        let _ = registry.register(Box::new(ready.clone()));
+        let _ = registry.register(Box::new(restarts.clone()));
+        Self {
+            desired,
+            ready,
+            restarts,
+        }
+    }
+}
+
+async fn forward_lines(
+    logs: LogHub,
+    service: ServiceKey,
+    replica: Arc<str>,
+    output: impl AsyncRead + Unpin,
+) {
+    let mut reader = BufReader::new(output);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                logs.push(&service, &replica, text.trim_end_matches(['\n', '\r']));
+            }
+        }
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn spawn_process(spec: &RevisionSpec, replica: &str, port: u16) -> std::io::Result<Child> {
+    let container = &spec.container;
+    let (program, command_args) = container
+        .command
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("the container has no command"))?;
+    // A relative path with a slash is relative to the YAML file's directory, not to ours.
+    let program = if program.contains('/') {
+        spec.workdir.join(program).into_os_string()
+    } else {
+        program.into()
+    };
+    let mut command = Command::new(program);
+    command
+        .args(command_args)
+        .args(&container.args)
+        .current_dir(&spec.workdir)
+        .envs(container.env.iter().map(|e| (&e.name, &e.value)))
+        .env("PORT", port.to_string())
+        .env("K_SERVICE", &spec.service.name)
+        .env("K_CONFIGURATION", &spec.service.name)
+        .env("K_REVISION", &spec.name)
+        .env("MECHA_REPLICA", replica)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    die_with_parent(&mut command);
+    command.spawn()
+}
+
+/// Has the kernel SIGKILL the replica when Mecha dies, even by SIGKILL.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the forked child before exec. It only makes the prctl and
+    // getppid system calls, which are async-signal-safe, and allocates nothing (errors are
+    // raw OS errors).
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            // The parent may have died between fork and prctl: then nobody would kill us.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(
+                    rustix::io::Errno::SRCH.raw_os_error(),
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Signals a replica's whole process group (its pid is the group id); a group that is already
+/// gone is fine.
+fn signal_group(pid: u32, signal: Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
