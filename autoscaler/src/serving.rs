@@ -13,7 +13,7 @@ use std::time::Duration;
 use crds::autoscaling::ScalingAnnotations;
 use crds::serving::{Container, PortProtocol, RevisionTemplate, Service, TrafficTarget};
 use crds::{FieldError, Source};
-use mecha_common::routing::{ServiceKey, service_host, tag_host};
+use mecha_common::routing::{ServiceKey, UpstreamProtocol, service_host, tag_host};
 use mecha_common::{Route, RouteTarget, RoutingTable};
 
 /// A Revision: an immutable snapshot of a Service's template, as the runtime runs it.
@@ -212,6 +212,10 @@ fn target(revision: &RevisionSpec, percent: u32) -> RouteTarget {
         revision: revision.name.clone(),
         percent,
         timeout: revision.timeout,
+        protocol: match revision.protocol {
+            PortProtocol::Http1 => UpstreamProtocol::Http1,
+            PortProtocol::H2c => UpstreamProtocol::H2c,
+        },
     }
 }
 

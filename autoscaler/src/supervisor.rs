@@ -92,7 +92,7 @@ pub struct RevisionStatus {
     pub replicas: Vec<ReplicaStatus>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaStatus {
     pub name: String,
@@ -464,7 +464,8 @@ impl Inner {
         signal_group(pid, Signal::TERM);
         match tokio::time::timeout_at(deadline, child.wait()).await {
             Ok(status) => {
-                tracing::info!(replica = %replica.name, status = ?status.ok(), "stopped");
+                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                tracing::info!(replica = %replica.name, %status, "stopped");
                 // Children it left behind go too.
                 signal_group(pid, Signal::KILL);
             }

@@ -86,6 +86,29 @@ impl Resource {
 /// Loads every YAML document under `paths`: files as given, directories recursively
 /// (`*.yaml` and `*.yml`, in name order). Returns all resources, or every error found.
 pub fn load_paths(paths: &[PathBuf], mode: Mode) -> Result<Vec<Loaded>, Vec<LoadError>> {
+    let (files, mut errors) = yaml_files(paths);
+    let mut loaded = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(content) => {
+                let (ok, bad) = load_str(&file, &content, mode);
+                loaded.extend(ok);
+                errors.extend(bad);
+            }
+            Err(error) => errors.push(LoadError::file(&file, format!("cannot read: {error}"))),
+        }
+    }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The files `paths` stands for: files as given, directories walked recursively for
+/// `*.yaml` and `*.yml` in name order (hidden entries skipped). Paths that cannot be read, and
+/// directories without YAML, are errors.
+pub fn yaml_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<LoadError>) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -108,22 +131,7 @@ pub fn load_paths(paths: &[PathBuf], mode: Mode) -> Result<Vec<Loaded>, Vec<Load
             Err(error) => errors.push(LoadError::file(path, format!("cannot read: {error}"))),
         }
     }
-    let mut loaded = Vec::new();
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(content) => {
-                let (ok, bad) = load_str(&file, &content, mode);
-                loaded.extend(ok);
-                errors.extend(bad);
-            }
-            Err(error) => errors.push(LoadError::file(&file, format!("cannot read: {error}"))),
-        }
-    }
-    if errors.is_empty() {
-        Ok(loaded)
-    } else {
-        Err(errors)
-    }
+    (files, errors)
 }
 
 fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -43,6 +43,17 @@ pub struct RouteTarget {
     pub percent: u32,
     /// How long a request for this revision may take (its `timeoutSeconds`).
     pub timeout: Duration,
+    /// What the revision's container speaks.
+    pub protocol: UpstreamProtocol,
+}
+
+/// The protocol of a revision's container, from its port name (`http1` or `h2c`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
 }
 
 /// Revision name → its ready replicas.
@@ -242,6 +253,7 @@ mod tests {
             revision: revision.into(),
             percent,
             timeout: Duration::from_secs(300),
+            protocol: UpstreamProtocol::Http1,
         }
     }
 

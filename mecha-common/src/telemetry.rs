@@ -1,5 +1,7 @@
 //! Structured logging set-up shared by every binary.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written to stderr.
@@ -20,6 +22,7 @@ pub fn init_tracing(env_var: &str, default_filter: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.compact().try_init(),

@@ -1,1 +1,162 @@
-fn main() {}
+//! `mecha`: run Knative Services on one machine, and manage them while they run.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod api;
+mod client;
+mod output;
+mod store;
+mod up;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mecha_common::telemetry::{LogFormat, init_tracing};
+
+use crate::client::AdminClient;
+
+/// Mecha: Knative-style serverless on one machine. `mecha up DIR` runs every Knative Service
+/// in DIR as local processes behind one gateway; the other commands talk to it.
+#[derive(Debug, Parser)]
+#[command(name = "mecha", version, propagate_version = true)]
+struct Cli {
+    /// Admin API of the running `mecha up` that get, apply, delete and logs talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "MECHA_ADMIN_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    admin_addr: String,
+    /// Log format on stderr (the filter is read from MECHA_LOG, e.g. MECHA_LOG=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load every YAML document under PATH... and run it all until Ctrl-C, then drain.
+    Up {
+        /// Files or directories of Knative YAML (directories are read recursively).
+        #[arg(default_value = ".")]
+        paths: Vec<PathBuf>,
+        /// Ingress port of the gateway: http://{service}.{namespace}.localhost:PORT.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Loopback port of the admin API (0 picks a free one).
+        #[arg(long, default_value_t = 8081)]
+        admin_port: u16,
+        /// Address the gateway listens on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: IpAddr,
+        /// Where Mecha keeps its state across restarts.
+        #[arg(long, default_value = ".mecha")]
+        state_dir: PathBuf,
+        /// How long stopping replicas may take to finish requests before SIGKILL.
+        #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+        grace_period: Duration,
+    },
+    /// Create or update resources from YAML files or directories; takes effect at once.
+    Apply {
+        /// Files or directories of Knative YAML.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the resources named in YAML files or directories; their replicas stop.
+    Delete {
+        /// Files or directories of Knative YAML.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show resources.
+    Get {
+        #[command(subcommand)]
+        what: GetWhat,
+    },
+    /// Print a service's replica output (prefixed with [service/replica]).
+    Logs {
+        /// The service's name.
+        service: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GetWhat {
+    /// Services with their URL, latest revision, ready/desired replicas and traffic.
+    #[command(alias = "service", alias = "ksvc")]
+    Services {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+}
+
+fn humantime_duration(value: &str) -> Result<Duration, String> {
+    crds::autoscaling::parse_go_duration(value)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match cli.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    };
+    init_tracing("MECHA_LOG", "info", format);
+    let client = AdminClient::new(&cli.admin_addr);
+    let result = match cli.command {
+        Command::Up {
+            paths,
+            port,
+            admin_port,
+            bind,
+            state_dir,
+            grace_period,
+        } => {
+            return up::run(up::UpConfig {
+                paths,
+                bind,
+                port,
+                admin_port,
+                state_dir,
+                grace_period,
+            })
+            .await;
+        }
+        Command::Apply { files } => client::send_files(&client, &files, false).await,
+        Command::Delete { files } => client::send_files(&client, &files, true).await,
+        Command::Get {
+            what: GetWhat::Services { output },
+        } => client::get_services(&client, matches!(output, OutputFormat::Json)).await,
+        Command::Logs {
+            service,
+            namespace,
+            follow,
+        } => client::logs(&client, &namespace, &service, follow).await,
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("error: {error}");
+        ExitCode::from(1)
+    })
+}

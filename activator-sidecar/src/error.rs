@@ -1,0 +1,72 @@
+//! Every failure of the data path and the HTTP status it becomes (the "rescue" stage).
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+use mecha_common::routing::ServiceKey;
+
+use crate::body::{ProxyBody, full};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the request names no host")]
+    MissingHost,
+    #[error(
+        "no service answers on host {host:?}; services answer on {{name}}.{{namespace}}.{domain}"
+    )]
+    UnknownHost { host: String, domain: String },
+    #[error("no ready replica of service {service} (revision {revision}) within {}s", waited.as_secs_f64())]
+    NoReadyReplica {
+        service: ServiceKey,
+        revision: String,
+        waited: Duration,
+    },
+    #[error("service {service} did not answer within its timeout of {}s", timeout.as_secs_f64())]
+    Timeout {
+        service: ServiceKey,
+        timeout: Duration,
+    },
+    #[error("service {service} failed: {source}")]
+    Upstream {
+        service: ServiceKey,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+// === impl ProxyError ===
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingHost => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoReadyReplica { .. } | ProxyError::Timeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A plain-text response that says what went wrong.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let mut message = self.to_string();
+        if let ProxyError::Upstream { source, .. } = &self {
+            // hyper's outer error ("client error (Connect)") hides the useful cause.
+            let mut cause = source.source();
+            while let Some(inner) = cause {
+                message.push_str(&format!(": {inner}"));
+                cause = inner.source();
+            }
+        }
+        message.push('\n');
+        let mut response = Response::new(full(message));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}

@@ -1,0 +1,217 @@
+//! The loopback admin API of `mecha up`: what `mecha get/apply/delete/logs` talk to, next to
+//! `/live`, `/ready` and `/metrics`.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+
+use autoscaler::logs::LogHub;
+use autoscaler::{ServingState, Supervisor};
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use crds::{LoadError, Loaded, Mode};
+use futures_util::StreamExt;
+use mecha_common::ShutdownSignal;
+use mecha_common::admin::Health;
+use mecha_common::routing::{ServiceKey, service_host, tag_host};
+use prometheus::Registry;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::api::{
+    ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView, ServiceView, TrafficView,
+};
+use crate::store::LocalStore;
+
+/// The domain services answer on in local mode.
+pub const DOMAIN: &str = "localhost";
+
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub store: Arc<LocalStore>,
+    pub supervisor: Supervisor,
+    pub logs: LogHub,
+    pub gateway_port: u16,
+    pub shutdown: ShutdownSignal,
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
+    let api = Router::new()
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/delete", post(delete))
+        .route(
+            "/api/v1/namespaces/{namespace}/services/{name}/logs",
+            get(logs),
+        )
+        .with_state(state);
+    mecha_common::admin::router(health, registry).merge(api)
+}
+
+async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {
+    Json(service_views(
+        &state.store.snapshot(),
+        &state.supervisor,
+        state.gateway_port,
+    ))
+}
+
+async fn apply(State(state): State<AdminState>, Json(request): Json<FilesRequest>) -> Response {
+    let loaded = match load(&request) {
+        Ok(loaded) => loaded,
+        Err(errors) => return unprocessable(errors),
+    };
+    match state.store.apply(loaded) {
+        Ok(results) => Json(OutcomesResponse { results }).into_response(),
+        Err(errors) => unprocessable(errors),
+    }
+}
+
+async fn delete(State(state): State<AdminState>, Json(request): Json<FilesRequest>) -> Response {
+    match load(&request) {
+        Ok(loaded) => Json(OutcomesResponse {
+            results: state.store.delete(&loaded),
+        })
+        .into_response(),
+        Err(errors) => unprocessable(errors),
+    }
+}
+
+async fn logs(
+    State(state): State<AdminState>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+    Query(query): Query<LogsQuery>,
+) -> Response {
+    let key = ServiceKey::new(namespace, name);
+    if state.store.snapshot().get(&key).is_none() {
+        return (StatusCode::NOT_FOUND, format!("service {key} not found\n")).into_response();
+    }
+    let (recent, rx) = state.logs.follow(&key);
+    let history =
+        futures_util::stream::iter(recent).map(|line| Ok::<_, Infallible>(format!("{line}\n")));
+    let body = if query.follow {
+        let live = futures_util::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(line) => return Some((Ok(format!("{line}\n")), rx)),
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        });
+        // A follower must not keep `mecha up` from shutting down.
+        Body::from_stream(
+            history
+                .chain(live)
+                .take_until(state.shutdown.clone().recv()),
+        )
+    } else {
+        Body::from_stream(history)
+    };
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+fn load(request: &FilesRequest) -> Result<Vec<Loaded>, Vec<LoadError>> {
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for file in &request.files {
+        let (ok, bad) = crds::load_str(Path::new(&file.path), &file.content, Mode::Local);
+        loaded.extend(ok);
+        errors.extend(bad);
+    }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
+}
+
+fn unprocessable(errors: Vec<LoadError>) -> Response {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(ErrorsResponse {
+            errors: errors.iter().map(ToString::to_string).collect(),
+        }),
+    )
+        .into_response()
+}
+
+/// What `mecha get services` shows, from the desired state and the supervisor's view.
+pub fn service_views(state: &ServingState, supervisor: &Supervisor, port: u16) -> Vec<ServiceView> {
+    let desired = state.desired(DOMAIN, |r| supervisor.ever_ready(r));
+    let url = |host: String| format!("http://{host}:{port}");
+    state
+        .services()
+        .map(|record| {
+            let main_host = service_host(&record.key, DOMAIN);
+            let mut traffic: Vec<TrafficView> = desired
+                .routes
+                .lookup(&main_host)
+                .map(|route| {
+                    route
+                        .targets
+                        .iter()
+                        .map(|t| TrafficView {
+                            revision: t.revision.clone(),
+                            percent: t.percent,
+                            tag: None,
+                            url: None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for entry in &record.service.spec.traffic {
+                if let Some(tag) = &entry.tag {
+                    if let Some(route) = desired.routes.lookup(&tag_host(tag, &record.key, DOMAIN))
+                    {
+                        traffic.push(TrafficView {
+                            revision: route.targets[0].revision.clone(),
+                            percent: entry.percent.unwrap_or(0),
+                            tag: Some(tag.clone()),
+                            url: Some(url(tag_host(tag, &record.key, DOMAIN))),
+                        });
+                    }
+                }
+            }
+            let revisions: Vec<RevisionView> = record
+                .revisions
+                .iter()
+                .rev()
+                .filter_map(|revision| {
+                    let status = supervisor.status(&revision.name)?;
+                    Some(RevisionView {
+                        name: revision.name.clone(),
+                        desired: status.desired,
+                        replicas: status.replicas,
+                    })
+                })
+                .collect();
+            ServiceView {
+                namespace: record.key.namespace.clone(),
+                name: record.key.name.clone(),
+                url: url(main_host),
+                latest_revision: record.latest().map(|r| r.name.clone()),
+                latest_ready_revision: record
+                    .latest_ready(|r| supervisor.ever_ready(r))
+                    .map(|r| r.name.clone()),
+                ready: revisions
+                    .iter()
+                    .map(|r| r.replicas.iter().filter(|x| x.ready && !x.stopping).count() as u32)
+                    .sum(),
+                desired: revisions.iter().map(|r| r.desired).sum(),
+                traffic,
+                revisions,
+            }
+        })
+        .collect()
+}

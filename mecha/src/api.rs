@@ -1,0 +1,64 @@
+//! The admin API's JSON shapes, shared by the server in `mecha up` and the CLI client.
+
+use autoscaler::supervisor::ReplicaStatus;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Outcome;
+
+/// `POST /api/v1/apply` and `/api/v1/delete`: YAML files by path (for messages and the
+/// working directory of relative commands) and content.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FilesRequest {
+    pub files: Vec<FileContent>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FileContent {
+    pub path: String,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OutcomesResponse {
+    pub results: Vec<Outcome>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorsResponse {
+    pub errors: Vec<String>,
+}
+
+/// `GET /api/v1/services`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub url: String,
+    pub latest_revision: Option<String>,
+    pub latest_ready_revision: Option<String>,
+    /// Ready and desired replicas over all revisions that serve traffic.
+    pub ready: u32,
+    pub desired: u32,
+    pub traffic: Vec<TrafficView>,
+    pub revisions: Vec<RevisionView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficView {
+    pub revision: String,
+    pub percent: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionView {
+    pub name: String,
+    pub desired: u32,
+    pub replicas: Vec<ReplicaStatus>,
+}

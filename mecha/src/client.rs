@@ -1,0 +1,199 @@
+//! The CLI commands that talk to a running `mecha up` through its admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::api::{ErrorsResponse, FileContent, FilesRequest, OutcomesResponse, ServiceView};
+use crate::output;
+
+/// A client of one `mecha up` admin address.
+#[derive(Debug)]
+pub struct AdminClient {
+    addr: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach mecha at {addr}: {source} — is `mecha up` running? (set --admin-addr or MECHA_ADMIN_ADDR)"
+    )]
+    Unreachable {
+        addr: String,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("reading the answer from {addr}: {message}")]
+    Protocol { addr: String, message: String },
+}
+
+// === impl AdminClient ===
+
+impl AdminClient {
+    pub fn new(addr: &str) -> Self {
+        Self {
+            addr: addr
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, hyper::body::Incoming), ClientError> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| self.protocol(e))?;
+        let response =
+            self.http
+                .request(request)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
+        Ok((response.status(), response.into_body()))
+    }
+
+    async fn call_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let (status, body) = self.call(method, path, body).await?;
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| self.protocol(e))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    fn protocol(&self, error: impl std::fmt::Display) -> ClientError {
+        ClientError::Protocol {
+            addr: self.addr.clone(),
+            message: error.to_string(),
+        }
+    }
+
+    pub async fn services(&self) -> Result<Vec<ServiceView>, ClientError> {
+        let (_, bytes) = self
+            .call_bytes(Method::GET, "/api/v1/services", None)
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| self.protocol(e))
+    }
+}
+
+pub async fn get_services(client: &AdminClient, json: bool) -> Result<ExitCode, ClientError> {
+    let services = client.services().await?;
+    if json {
+        let text = serde_json::to_string_pretty(&services).map_err(|e| client.protocol(e))?;
+        println!("{text}");
+    } else {
+        output::print_services(&services);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mecha apply -f` and `mecha delete -f`: the files are validated here first (so errors name
+/// them as the user wrote them), then sent with absolute paths.
+pub async fn send_files(
+    client: &AdminClient,
+    paths: &[PathBuf],
+    delete: bool,
+) -> Result<ExitCode, ClientError> {
+    if let Err(errors) = crds::load_paths(paths, crds::Mode::Local) {
+        return Ok(output::refuse(&errors));
+    }
+    let mut files = Vec::new();
+    for path in crds::load::yaml_files(paths).0 {
+        let content = match std::fs::read_to_string(&path) {
+            Ok(content) => content,
+            Err(error) => {
+                eprintln!("error: {}: cannot read: {error}", path.display());
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let absolute = std::path::absolute(&path).unwrap_or(path);
+        files.push(FileContent {
+            path: absolute.to_string_lossy().into_owned(),
+            content,
+        });
+    }
+    let body = serde_json::to_vec(&FilesRequest { files }).map_err(|e| client.protocol(e))?;
+    let path = if delete {
+        "/api/v1/delete"
+    } else {
+        "/api/v1/apply"
+    };
+    let (status, bytes) = client.call_bytes(Method::POST, path, Some(body)).await?;
+    if status.is_success() {
+        let outcomes: OutcomesResponse =
+            serde_json::from_slice(&bytes).map_err(|e| client.protocol(e))?;
+        for o in outcomes.results {
+            let revision = o
+                .revision
+                .map(|r| format!(" (revision {r})"))
+                .unwrap_or_default();
+            println!(
+                "{}/{}/{} {}{revision}",
+                o.kind.to_lowercase(),
+                o.namespace,
+                o.name,
+                o.action
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    match serde_json::from_slice::<ErrorsResponse>(&bytes) {
+        Ok(errors) => output::print_errors(errors.errors),
+        Err(_) => eprintln!("error: {status}: {}", String::from_utf8_lossy(&bytes)),
+    }
+    Ok(ExitCode::from(2))
+}
+
+/// `mecha logs SERVICE [-f]`: prints the service's recent output, and with `follow` keeps
+/// printing until `mecha up` stops or the user interrupts.
+pub async fn logs(
+    client: &AdminClient,
+    namespace: &str,
+    name: &str,
+    follow: bool,
+) -> Result<ExitCode, ClientError> {
+    let path = format!("/api/v1/namespaces/{namespace}/services/{name}/logs?follow={follow}");
+    let (status, mut body) = client.call(Method::GET, &path, None).await?;
+    if !status.is_success() {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| client.protocol(e))?
+            .to_bytes();
+        eprintln!("error: {}", String::from_utf8_lossy(&bytes).trim_end());
+        return Ok(ExitCode::from(1));
+    }
+    use std::io::Write;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| client.protocol(e))?;
+        if let Some(data) = frame.data_ref() {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(data);
+            let _ = out.flush();
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,121 @@
+//! Local mode's desired state: what `mecha up` loaded and `mecha apply` sent, in memory,
+//! published to the controller as immutable snapshots.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use autoscaler::{Applied, ServingState};
+use crds::{LoadError, Loaded, Resource};
+use mecha_common::routing::ServiceKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+#[derive(Debug)]
+pub struct LocalStore {
+    state: Mutex<ServingState>,
+    tx: watch::Sender<Arc<ServingState>>,
+}
+
+/// What happened to one resource.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outcome {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// `created`, `configured`, `unchanged`, `deleted` or `not found`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+// === impl LocalStore ===
+
+impl LocalStore {
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::default(),
+            tx: watch::channel(Arc::default()).0,
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ServingState>> {
+        self.tx.subscribe()
+    }
+
+    pub fn snapshot(&self) -> Arc<ServingState> {
+        self.tx.borrow().clone()
+    }
+
+    /// Applies every resource in order, as successive `kubectl apply`s would. All or
+    /// nothing: if any resource is refused, none is applied and every error is returned.
+    pub fn apply(&self, resources: Vec<Loaded>) -> Result<Vec<Outcome>, Vec<LoadError>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = state.clone();
+        let mut outcomes = Vec::new();
+        let mut errors = Vec::new();
+        for loaded in resources {
+            let Resource::Service(service) = loaded.resource;
+            let (namespace, name) = (
+                service.namespace().to_string(),
+                service.metadata.name.clone(),
+            );
+            match next.apply(service, loaded.source.clone()) {
+                Ok(applied) => {
+                    let (action, revision) = match applied {
+                        Applied::Created { revision } => ("created", Some(revision)),
+                        Applied::NewRevision { revision } => ("configured", Some(revision)),
+                        Applied::Configured => ("configured", None),
+                        Applied::Unchanged => ("unchanged", None),
+                    };
+                    outcomes.push(Outcome {
+                        kind: "Service".into(),
+                        namespace,
+                        name,
+                        action: action.into(),
+                        revision,
+                    });
+                }
+                Err(field_errors) => errors.extend(
+                    field_errors
+                        .into_iter()
+                        .map(|e| LoadError::field(&loaded.source.file, loaded.source.document, e)),
+                ),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        *state = next.clone();
+        self.tx.send_replace(Arc::new(next));
+        Ok(outcomes)
+    }
+
+    /// Deletes the resources named by `resources` (their content beyond kind, namespace and
+    /// name does not matter).
+    pub fn delete(&self, resources: &[Loaded]) -> Vec<Outcome> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = state.clone();
+        let outcomes = resources
+            .iter()
+            .map(|loaded| {
+                let key = ServiceKey::new(loaded.resource.namespace(), loaded.resource.name());
+                let found = next.delete(&key);
+                Outcome {
+                    kind: loaded.resource.kind().into(),
+                    namespace: key.namespace,
+                    name: key.name,
+                    action: if found { "deleted" } else { "not found" }.into(),
+                    revision: None,
+                }
+            })
+            .collect();
+        *state = next.clone();
+        self.tx.send_replace(Arc::new(next));
+        outcomes
+    }
+}
+
+impl Default for LocalStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,261 @@
+//! `mecha up`: the whole platform in one process — desired state from YAML, the controller,
+//! the process supervisor, the gateway on the ingress port and the admin API on loopback.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use activator_sidecar::Gateway;
+use autoscaler::logs::LogHub;
+use autoscaler::{Controller, Supervisor, SupervisorConfig};
+use crds::Mode;
+use mecha_common::admin::Health;
+use mecha_common::{Shutdown, ShutdownSignal};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::admin::{self, AdminState, DOMAIN};
+use crate::output;
+use crate::store::LocalStore;
+
+/// How long waiting for a service's first ready replica goes before `mecha up` says so.
+const SLOW_START: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub paths: Vec<PathBuf>,
+    pub bind: IpAddr,
+    pub port: u16,
+    pub admin_port: u16,
+    pub state_dir: PathBuf,
+    pub grace_period: Duration,
+}
+
+pub async fn run(config: UpConfig) -> ExitCode {
+    // Everything is validated before anything starts.
+    let loaded = match crds::load_paths(&config.paths, Mode::Local) {
+        Ok(loaded) => loaded,
+        Err(errors) => return output::refuse(&errors),
+    };
+    let store = Arc::new(LocalStore::new());
+    if let Err(errors) = store.apply(loaded) {
+        return output::refuse(&errors);
+    }
+    if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
+        eprintln!(
+            "error: cannot create the state directory {}: {error}",
+            config.state_dir.display()
+        );
+        return ExitCode::from(1);
+    }
+    let gateway_listener = match bind(config.bind, config.port, "the gateway", "--port").await {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let admin_listener = match bind(
+        IpAddr::from([127, 0, 0, 1]),
+        config.admin_port,
+        "the admin API",
+        "--admin-port",
+    )
+    .await
+    {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let (Ok(gateway_addr), Ok(admin_addr)) =
+        (gateway_listener.local_addr(), admin_listener.local_addr())
+    else {
+        eprintln!("error: cannot read the listening addresses");
+        return ExitCode::from(1);
+    };
+
+    let registry = Registry::new();
+    let health = Health::default();
+    let shutdown = Shutdown::new();
+    let logs = LogHub::new(true);
+    let supervisor = Supervisor::new(
+        SupervisorConfig {
+            grace_period: config.grace_period,
+            ..SupervisorConfig::default()
+        },
+        logs.clone(),
+        &registry,
+    );
+    let controller = Controller::new(store.subscribe(), supervisor.clone(), DOMAIN);
+    let gateway = Gateway::new(
+        controller.routes(),
+        supervisor.endpoints(),
+        DOMAIN,
+        &registry,
+    );
+    let controller_task = tokio::spawn(controller.run(shutdown.signal()));
+    let gateway_task = tokio::spawn(activator_sidecar::server::serve(
+        gateway_listener,
+        move |request, peer| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(request, peer).await }
+        },
+        shutdown.signal(),
+        config.grace_period,
+    ));
+    let admin_router = admin::router(
+        AdminState {
+            store: store.clone(),
+            supervisor: supervisor.clone(),
+            logs,
+            gateway_port: gateway_addr.port(),
+            shutdown: shutdown.signal(),
+        },
+        health.clone(),
+        registry,
+    );
+    let admin_shutdown = shutdown.signal();
+    let admin_task = tokio::spawn(async move {
+        let served = axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(admin_shutdown.recv())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "admin API failed");
+        }
+    });
+
+    println!("Mecha is running in local mode.");
+    println!(
+        "  gateway  http://{gateway_addr}  (services answer on http://{{name}}.{{namespace}}.{DOMAIN}:{})",
+        gateway_addr.port()
+    );
+    println!(
+        "  admin    http://{admin_addr}  (/metrics, /live, /ready; MECHA_ADMIN_ADDR={admin_addr})"
+    );
+    println!("  state    {}", config.state_dir.display());
+    println!();
+    output::print_services(&admin::service_views(
+        &store.snapshot(),
+        &supervisor,
+        gateway_addr.port(),
+    ));
+    println!();
+    println!("Press Ctrl-C to stop.");
+    health.set_ready(true);
+    tokio::spawn(report_readiness(
+        store.clone(),
+        supervisor.clone(),
+        gateway_addr,
+        shutdown.signal(),
+    ));
+
+    let mut signals = Signals::new();
+    signals.next().await;
+    println!(
+        "Stopping: finishing in-flight requests, then stopping replicas (Ctrl-C again to force)."
+    );
+    health.set_ready(false);
+    shutdown.trigger();
+    let graceful = async {
+        let _ = controller_task.await;
+        let _ = gateway_task.await;
+        supervisor.shutdown().await;
+        let _ = admin_task.await;
+    };
+    tokio::select! {
+        () = graceful => println!("Stopped."),
+        () = signals.next() => {
+            supervisor.kill_all();
+            println!("Forced stop: replicas killed.");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<TcpListener, ExitCode> {
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr).await.map_err(|error| {
+        eprintln!(
+            "error: cannot listen on {addr} for {what}: {error} (choose another port with {flag})"
+        );
+        ExitCode::from(1)
+    })
+}
+
+/// Prints a line when each service's newest revision first becomes ready, and a hint when
+/// that takes long: the user sees progress instead of silence.
+async fn report_readiness(
+    store: Arc<LocalStore>,
+    supervisor: Supervisor,
+    gateway: SocketAddr,
+    shutdown: ShutdownSignal,
+) {
+    let started = Instant::now();
+    let mut announced = BTreeSet::new();
+    let mut warned = BTreeSet::new();
+    let mut endpoints = supervisor.endpoints();
+    let mut state = store.subscribe();
+    loop {
+        for record in store.snapshot().services() {
+            let Some(latest) = record.latest() else {
+                continue;
+            };
+            if announced.contains(&latest.name) {
+                continue;
+            }
+            if supervisor.ever_ready(&latest.name) {
+                println!(
+                    "ready: {} ({}) at http://{}.{}.{DOMAIN}:{} after {} ms",
+                    record.key,
+                    latest.name,
+                    record.key.name,
+                    record.key.namespace,
+                    gateway.port(),
+                    started.elapsed().as_millis()
+                );
+                announced.insert(latest.name.clone());
+            } else if started.elapsed() > SLOW_START && warned.insert(latest.name.clone()) {
+                println!(
+                    "waiting: {} ({}) has no ready replica after {}s; its output is above (or `mecha logs {}`)",
+                    record.key,
+                    latest.name,
+                    SLOW_START.as_secs(),
+                    record.key.name
+                );
+            }
+        }
+        tokio::select! {
+            _ = endpoints.changed() => {}
+            _ = state.changed() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.clone().recv() => return,
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, however many times they come.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        Self { term }
+    }
+
+    async fn next(&mut self) {
+        let term = async {
+            match &mut self.term {
+                Some(term) => {
+                    term.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+    }
+}
