@@ -122,12 +122,11 @@ fn prepare_request(
     upgrade: bool,
 ) {
     // HTTP/2 clients send the host as :authority; HTTP/1.1 replicas expect a Host header.
-    if !request.headers().contains_key(header::HOST) {
-        if let Some(authority) = request.uri().authority() {
-            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                request.headers_mut().insert(header::HOST, value);
-            }
-        }
+    if !request.headers().contains_key(header::HOST)
+        && let Some(authority) = request.uri().authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        request.headers_mut().insert(header::HOST, value);
     }
     let path = request
         .uri()

@@ -142,23 +142,23 @@ impl ScalingAnnotations {
 
     fn check_bounds(&self, path: &str, errors: &mut Vec<FieldError>) {
         let at = |key: &str| format!("{path}[\"{PREFIX}{key}\"]");
-        if let (Some(min), Some(max)) = (self.min_scale, self.max_scale) {
-            if max > 0 && min > max {
-                errors.push(FieldError::new(
-                    at("min-scale"),
-                    format!("min-scale {min} is above max-scale {max}"),
-                ));
-            }
+        if let (Some(min), Some(max)) = (self.min_scale, self.max_scale)
+            && max > 0
+            && min > max
+        {
+            errors.push(FieldError::new(
+                at("min-scale"),
+                format!("min-scale {min} is above max-scale {max}"),
+            ));
         }
-        if let Some(activation) = self.activation_scale {
-            if let Some(max) = self.max_scale.filter(|m| *m > 0) {
-                if activation > max {
-                    errors.push(FieldError::new(
-                        at("activation-scale"),
-                        format!("activation-scale {activation} is above max-scale {max}"),
-                    ));
-                }
-            }
+        if let Some(activation) = self.activation_scale
+            && let Some(max) = self.max_scale.filter(|m| *m > 0)
+            && activation > max
+        {
+            errors.push(FieldError::new(
+                at("activation-scale"),
+                format!("activation-scale {activation} is above max-scale {max}"),
+            ));
         }
     }
 

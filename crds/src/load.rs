@@ -294,26 +294,26 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
         let message = error.inner().to_string();
         // serde says "unknown field `x`, expected one of `a`, `b`": say plainly that the
         // field is not supported and which ones are.
-        if let Some(rest) = message.strip_prefix("unknown field `") {
-            if let Some((name, expected)) = rest.split_once('`') {
-                let expected = expected
-                    .trim_start_matches(", ")
-                    .replace("expected one of ", "")
-                    .replace("expected ", "")
-                    .replace('`', "");
-                // The path already ends at the unknown key; make sure it names it.
-                let full = if path.ends_with(name) {
-                    path
-                } else if path.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{path}.{name}")
-                };
-                return FieldError::new(
-                    full,
-                    format!("unknown or unsupported field (supported here: {expected})"),
-                );
-            }
+        if let Some(rest) = message.strip_prefix("unknown field `")
+            && let Some((name, expected)) = rest.split_once('`')
+        {
+            let expected = expected
+                .trim_start_matches(", ")
+                .replace("expected one of ", "")
+                .replace("expected ", "")
+                .replace('`', "");
+            // The path already ends at the unknown key; make sure it names it.
+            let full = if path.ends_with(name) {
+                path
+            } else if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            };
+            return FieldError::new(
+                full,
+                format!("unknown or unsupported field (supported here: {expected})"),
+            );
         }
         FieldError::new(path, message)
     })

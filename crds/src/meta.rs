@@ -43,10 +43,10 @@ impl ObjectMeta {
                 ),
             ));
         }
-        if let Some(namespace) = &self.namespace {
-            if let Err(why) = dns_label(namespace, false) {
-                errors.push(FieldError::new("metadata.namespace", why));
-            }
+        if let Some(namespace) = &self.namespace
+            && let Err(why) = dns_label(namespace, false)
+        {
+            errors.push(FieldError::new("metadata.namespace", why));
         }
     }
 }

@@ -261,25 +261,21 @@ impl RevisionSpec {
                 format!("{n} containers given: Mecha runs exactly one container per revision"),
             )),
         }
-        if let Some(cc) = self.container_concurrency {
-            if cc > MAX_CONTAINER_CONCURRENCY {
-                errors.push(FieldError::new(
-                    format!("{path}.containerConcurrency"),
-                    format!(
-                        "{cc} is out of range: must be between 0 and {MAX_CONTAINER_CONCURRENCY}"
-                    ),
-                ));
-            }
+        if let Some(cc) = self.container_concurrency
+            && cc > MAX_CONTAINER_CONCURRENCY
+        {
+            errors.push(FieldError::new(
+                format!("{path}.containerConcurrency"),
+                format!("{cc} is out of range: must be between 0 and {MAX_CONTAINER_CONCURRENCY}"),
+            ));
         }
-        if let Some(timeout) = self.timeout_seconds {
-            if !(1..=MAX_TIMEOUT_SECONDS).contains(&timeout) {
-                errors.push(FieldError::new(
-                    format!("{path}.timeoutSeconds"),
-                    format!(
-                        "{timeout} is out of range: must be between 1 and {MAX_TIMEOUT_SECONDS}"
-                    ),
-                ));
-            }
+        if let Some(timeout) = self.timeout_seconds
+            && !(1..=MAX_TIMEOUT_SECONDS).contains(&timeout)
+        {
+            errors.push(FieldError::new(
+                format!("{path}.timeoutSeconds"),
+                format!("{timeout} is out of range: must be between 1 and {MAX_TIMEOUT_SECONDS}"),
+            ));
         }
     }
 }
@@ -333,21 +329,22 @@ impl Container {
                     format!("{} is not a port number (1-65535)", port.container_port),
                 ));
             }
-            if let Some(name) = &port.name {
-                if name != "http1" && name != "h2c" {
-                    errors.push(FieldError::new(
-                        format!("{path}.ports[{i}].name"),
-                        format!("{name:?} is not supported: use \"http1\" or \"h2c\""),
-                    ));
-                }
+            if let Some(name) = &port.name
+                && name != "http1"
+                && name != "h2c"
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.ports[{i}].name"),
+                    format!("{name:?} is not supported: use \"http1\" or \"h2c\""),
+                ));
             }
-            if let Some(protocol) = &port.protocol {
-                if protocol != "TCP" {
-                    errors.push(FieldError::new(
-                        format!("{path}.ports[{i}].protocol"),
-                        format!("{protocol:?} is not supported: only \"TCP\""),
-                    ));
-                }
+            if let Some(protocol) = &port.protocol
+                && protocol != "TCP"
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.ports[{i}].protocol"),
+                    format!("{protocol:?} is not supported: only \"TCP\""),
+                ));
             }
         }
         if let Some(probe) = &self.readiness_probe {
@@ -405,21 +402,21 @@ impl Probe {
             }
         }
         if let Some(http) = &self.http_get {
-            if let Some(scheme) = &http.scheme {
-                if !scheme.eq_ignore_ascii_case("http") {
-                    errors.push(FieldError::new(
-                        format!("{path}.httpGet.scheme"),
-                        format!("{scheme:?} is not supported: only HTTP"),
-                    ));
-                }
+            if let Some(scheme) = &http.scheme
+                && !scheme.eq_ignore_ascii_case("http")
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.httpGet.scheme"),
+                    format!("{scheme:?} is not supported: only HTTP"),
+                ));
             }
-            if let Some(probe_path) = &http.path {
-                if !probe_path.starts_with('/') {
-                    errors.push(FieldError::new(
-                        format!("{path}.httpGet.path"),
-                        "must start with '/'",
-                    ));
-                }
+            if let Some(probe_path) = &http.path
+                && !probe_path.starts_with('/')
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.httpGet.path"),
+                    "must start with '/'",
+                ));
             }
         }
         for (field, value) in [

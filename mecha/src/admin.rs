@@ -171,16 +171,15 @@ pub fn service_views(state: &ServingState, supervisor: &Supervisor, port: u16) -
                 })
                 .unwrap_or_default();
             for entry in &record.service.spec.traffic {
-                if let Some(tag) = &entry.tag {
-                    if let Some(route) = desired.routes.lookup(&tag_host(tag, &record.key, DOMAIN))
-                    {
-                        traffic.push(TrafficView {
-                            revision: route.targets[0].revision.clone(),
-                            percent: entry.percent.unwrap_or(0),
-                            tag: Some(tag.clone()),
-                            url: Some(url(tag_host(tag, &record.key, DOMAIN))),
-                        });
-                    }
+                if let Some(tag) = &entry.tag
+                    && let Some(route) = desired.routes.lookup(&tag_host(tag, &record.key, DOMAIN))
+                {
+                    traffic.push(TrafficView {
+                        revision: route.targets[0].revision.clone(),
+                        percent: entry.percent.unwrap_or(0),
+                        tag: Some(tag.clone()),
+                        url: Some(url(tag_host(tag, &record.key, DOMAIN))),
+                    });
                 }
             }
             let revisions: Vec<RevisionView> = record

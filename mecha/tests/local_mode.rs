@@ -1,0 +1,380 @@
+//! `mecha up` end to end: the real binary, real replica processes, real sockets on 127.0.0.1.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use rustix::process::Signal;
+use support::{Mecha, Workdir, alive, echo_service, repo_root, wait_until};
+
+#[test]
+fn the_python_example_answers_through_the_gateway() {
+    let example = repo_root().join("examples/hello-python");
+    let mecha = Mecha::up(&[&example]);
+    wait_until("the hello example to answer", || {
+        mecha.get("hello.default.localhost", "/").status == 200
+    });
+    let response = mecha.get("hello.default.localhost:8080", "/");
+    assert!(
+        response
+            .body
+            .starts_with("Hello Python! (revision hello-00001"),
+        "{response:?}"
+    );
+    assert!(mecha.stdout_contains("ready: default/hello (hello-00001)"));
+    // The replica's own output comes back prefixed with [service/replica].
+    wait_until("the request log line", || {
+        mecha.stdout_contains("[hello/hello-00001-1] GET / -> 200")
+    });
+    let table = mecha.cli(&["get", "services"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("default/hello"), "{table}");
+    assert!(table.contains(&format!(
+        "http://hello.default.localhost:{}",
+        mecha.gateway.port()
+    )));
+}
+
+#[test]
+fn the_rust_example_runs_two_replicas() {
+    let example = repo_root().join("examples/hello-rust");
+    // The replicas build with cargo: give them their own target directory so they never wait
+    // on the lock of the build that runs this test.
+    let target = repo_root().join("target/example-tests");
+    let mecha = Mecha::up_with(
+        &[&example],
+        &[("CARGO_TARGET_DIR", target.to_str().unwrap())],
+    );
+    mecha.wait_ready("hello-rust", 2);
+    let pids: BTreeSet<u32> = (0..20)
+        .map(|_| mecha.get("hello-rust.default.localhost", "/"))
+        .inspect(|r| assert!(r.body.starts_with("Hello Rust!"), "{r:?}"))
+        .map(|r| {
+            r.body
+                .trim_end()
+                .trim_end_matches(')')
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(pids.len(), 2, "both replicas should serve: {pids:?}");
+}
+
+#[test]
+fn min_scale_two_runs_two_replicas_that_both_serve() {
+    let dir = Workdir::new("min-scale");
+    dir.write(
+        "svc.yaml",
+        &echo_service("pair", &[("min-scale", "2")], "", "red"),
+    );
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("pair", 2);
+    let served: BTreeSet<u32> = (0..40)
+        .map(|_| mecha.get("pair.default.localhost", "/").echo().1)
+        .collect();
+    let pids: BTreeSet<u32> = mecha.pids("pair").into_iter().collect();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(served, pids, "requests should reach both replicas");
+}
+
+#[test]
+fn apply_makes_a_new_revision_that_takes_over() {
+    let dir = Workdir::new("apply");
+    let file = dir.write("svc.yaml", &echo_service("app", &[], "", "blue"));
+    let mecha = Mecha::up(&[&file]);
+    mecha.wait_ready("app", 1);
+    let old_pid = mecha.get("app.default.localhost", "/").echo().1;
+    assert_eq!(
+        mecha.get("app.default.localhost", "/").echo().0,
+        "app-00001"
+    );
+
+    dir.write("svc.yaml", &echo_service("app", &[], "", "green"));
+    let output = mecha.cli(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "service/default/app configured (revision app-00002)"
+    );
+    // Until the new revision is ready the old one keeps serving; then every request moves.
+    wait_until("app-00002 to take traffic", || {
+        mecha.get("app.default.localhost", "/").echo().0 == "app-00002"
+    });
+    for _ in 0..10 {
+        let (revision, _, color) = mecha.get("app.default.localhost", "/").echo();
+        assert_eq!((revision.as_str(), color.as_str()), ("app-00002", "green"));
+    }
+    wait_until("the old replica to stop", || !alive(old_pid));
+    // Applying the same file again changes nothing.
+    let output = mecha.cli(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "service/default/app unchanged"
+    );
+}
+
+#[test]
+fn a_fifty_fifty_split_lands_within_tolerance_and_tags_pin_revisions() {
+    let dir = Workdir::new("split");
+    let v1 = echo_service("split", &[], "", "blue");
+    let v2 = format!(
+        "{}  traffic:\n    - revisionName: split-00001\n      percent: 50\n      tag: old\n    - latestRevision: true\n      percent: 50\n      tag: new\n",
+        echo_service("split", &[], "", "green")
+    );
+    dir.write("svc.yaml", &format!("{v1}---\n{v2}"));
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("split", 2);
+    let mut counts = BTreeMap::new();
+    for _ in 0..400 {
+        let (revision, _, _) = mecha.get("split.default.localhost", "/").echo();
+        *counts.entry(revision).or_insert(0) += 1;
+    }
+    // Binomial(400, 0.5) has a standard deviation of 10: ±50 is five of them.
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    for (revision, count) in &counts {
+        assert!((150..=250).contains(count), "{revision}: {count} of 400");
+    }
+    for _ in 0..10 {
+        assert_eq!(
+            mecha.get("old-split.default.localhost", "/").echo().0,
+            "split-00001"
+        );
+        assert_eq!(
+            mecha.get("new-split.default.localhost", "/").echo().0,
+            "split-00002"
+        );
+    }
+}
+
+#[test]
+fn a_killed_replica_is_restarted() {
+    let dir = Workdir::new("restart");
+    dir.write("svc.yaml", &echo_service("phoenix", &[], "", "red"));
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("phoenix", 1);
+    let pid = mecha.get("phoenix.default.localhost", "/").echo().1;
+    let target = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(target, Signal::KILL).unwrap();
+    wait_until("a new replica to answer", || {
+        let response = mecha.get("phoenix.default.localhost", "/");
+        response.status == 200 && response.echo().1 != pid
+    });
+    let services = mecha.services_json();
+    let restarts = &services[0]["revisions"][0]["replicas"][0]["restarts"];
+    assert_eq!(restarts.as_u64(), Some(1), "{services}");
+}
+
+#[test]
+fn bad_input_is_refused_with_file_document_and_field() {
+    let dir = Workdir::new("bad");
+    let good = echo_service("good", &[], "", "red");
+    let no_command = good.replace(
+        "        - command: [python3, echo.py]\n",
+        "        - image: x\n",
+    );
+    let unknown_field = good.replace("    spec:\n", "    spec:\n      volumes: []\n");
+    let file = dir.write(
+        "bad.yaml",
+        &format!("{good}---\n{no_command}---\n{unknown_field}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\nkind: [\n"),
+    );
+    let output = std::process::Command::new(support::mecha_bin())
+        .args([
+            "up",
+            file.to_str().unwrap(),
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let shown = file.display();
+    for expected in [
+        format!(
+            "error: {shown}: document 2: spec.template.spec.containers[0].command: required in local mode"
+        ),
+        format!(
+            "error: {shown}: document 3: spec.template.spec.volumes: unknown or unsupported field"
+        ),
+        format!("error: {shown}: document 4: kind: unsupported kind Deployment (apps/v1)"),
+        format!("error: {shown}: document 5: line "),
+        "4 errors; nothing was changed".to_string(),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    // Nothing started: the good service in the same file is not running either.
+    assert!(String::from_utf8_lossy(&output.stdout).is_empty());
+}
+
+#[test]
+fn a_bad_apply_changes_nothing_and_delete_stops_the_service() {
+    let dir = Workdir::new("apply-bad");
+    let file = dir.write("svc.yaml", &echo_service("keep", &[], "", "red"));
+    let mecha = Mecha::up(&[&file]);
+    mecha.wait_ready("keep", 1);
+    let pid = mecha.get("keep.default.localhost", "/").echo().1;
+    let bad = dir.write(
+        "bad.yaml",
+        &format!(
+            "{}  traffic:\n    - revisionName: keep-00042\n      percent: 100\n",
+            echo_service("keep", &[], "", "blue")
+        ),
+    );
+    let output = mecha.cli(&["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "document 1: spec.traffic[0].revisionName: revision \"keep-00042\" does not exist"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        mecha.get("keep.default.localhost", "/").echo(),
+        (String::from("keep-00001"), pid, String::from("red"))
+    );
+
+    let logs = mecha.cli(&["logs", "keep"]);
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("[keep/keep-00001-1] echo up"),
+        "{logs:?}"
+    );
+    let missing = mecha.cli(&["logs", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+
+    let output = mecha.cli(&["delete", "-f", file.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "service/default/keep deleted"
+    );
+    wait_until("the replica to stop", || !alive(pid));
+    assert_eq!(mecha.get("keep.default.localhost", "/").status, 404);
+}
+
+#[test]
+fn routing_errors_timeouts_h2c_and_upgrades() {
+    let dir = Workdir::new("gateway");
+    dir.write(
+        "svc.yaml",
+        &echo_service("edge", &[], "      timeoutSeconds: 1\n", "red"),
+    );
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("edge", 1);
+
+    let response = mecha.get("nope.default.localhost", "/");
+    assert_eq!(response.status, 404);
+    assert!(
+        response.body.contains("\"nope.default.localhost\""),
+        "{response:?}"
+    );
+
+    // The replica sees the original host and who called.
+    let response = mecha.get("edge.default.localhost:1234", "/");
+    assert_eq!(
+        response.header("x-seen-host"),
+        Some("edge.default.localhost:1234")
+    );
+    assert_eq!(response.header("x-seen-forwarded-for"), Some("127.0.0.1"));
+
+    // timeoutSeconds: 1 → a 3 s request gets 504 naming the service.
+    let response = mecha.get("edge.default.localhost", "/sleep?ms=3000");
+    assert_eq!(response.status, 504, "{response:?}");
+    assert!(
+        response
+            .body
+            .contains("service default/edge did not answer within its timeout of 1s")
+    );
+
+    // An upgraded connection is spliced through to the replica.
+    let mut stream = std::net::TcpStream::connect(mecha.gateway).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET / HTTP/1.1\r\nHost: edge.default.localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream.write_all(b"ping through the gateway").unwrap();
+    let mut echoed = [0u8; 24];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping through the gateway");
+
+    // HTTP/2 with prior knowledge (h2c) reaches an HTTP/1.1 replica.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (version, status, body) = runtime.block_on(async {
+        use http_body_util::{BodyExt, Empty};
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let stream = tokio::net::TcpStream::connect(mecha.gateway).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let uri = format!("http://edge.default.localhost:{}/", mecha.gateway.port());
+        let request = hyper::Request::get(uri)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let version = response.version();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (version, status, String::from_utf8_lossy(&body).to_string())
+    });
+    assert_eq!((version, status), (hyper::Version::HTTP_2, 200));
+    assert!(body.starts_with("edge-00001 "), "{body}");
+}
+
+#[test]
+fn ctrl_c_stops_every_replica() {
+    let dir = Workdir::new("ctrl-c");
+    dir.write(
+        "svc.yaml",
+        &echo_service("stop", &[("min-scale", "2")], "", "red"),
+    );
+    let mut mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("stop", 2);
+    let pids = mecha.pids("stop");
+    assert_eq!(pids.len(), 2);
+    let status = mecha.interrupt();
+    assert!(status.success(), "{status:?}");
+    assert!(mecha.stdout_contains("Stopped."));
+    for pid in pids {
+        assert!(!alive(pid), "replica {pid} outlived mecha");
+    }
+}
+
+#[test]
+fn sigkill_of_mecha_takes_the_replicas_with_it() {
+    let dir = Workdir::new("sigkill");
+    dir.write(
+        "svc.yaml",
+        &echo_service("orphan", &[("min-scale", "2")], "", "red"),
+    );
+    let mut mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("orphan", 2);
+    let pids = mecha.pids("orphan");
+    mecha.signal(Signal::KILL);
+    mecha.wait_exit(Duration::from_secs(5));
+    wait_until("the replicas to die with mecha", || {
+        pids.iter().all(|p| !alive(*p))
+    });
+}

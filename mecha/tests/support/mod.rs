@@ -1,0 +1,317 @@
+//! Runs the real `mecha` binary against YAML in a temporary directory and talks to it over
+//! real sockets.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const ECHO: &str = include_str!("echo.py");
+
+/// A scratch directory with the echo function in it, removed on drop.
+pub struct Workdir {
+    pub path: PathBuf,
+}
+
+impl Workdir {
+    pub fn new(name: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("mecha-test-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("echo.py"), ECHO).unwrap();
+        Self { path }
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.path.join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A Service running `echo.py`, with optional template annotations, spec lines and env.
+pub fn echo_service(
+    name: &str,
+    annotations: &[(&str, &str)],
+    spec_extra: &str,
+    color: &str,
+) -> String {
+    let annotations: String = annotations
+        .iter()
+        .map(|(k, v)| format!("        autoscaling.knative.dev/{k}: \"{v}\"\n"))
+        .collect();
+    let metadata = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("    metadata:\n      annotations:\n{annotations}")
+    };
+    format!(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  template:\n{metadata}    spec:\n{spec_extra}      containers:\n        - command: [python3, echo.py]\n          env:\n            - name: COLOR\n              value: {color}\n"
+    )
+}
+
+pub fn mecha_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mecha")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A running `mecha up`.
+pub struct Mecha {
+    pub child: Child,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    state_dir: PathBuf,
+}
+
+impl Mecha {
+    /// Starts `mecha up PATHS` on free ports and waits until it listens.
+    pub fn up(paths: &[&Path]) -> Self {
+        Self::up_with(paths, &[])
+    }
+
+    pub fn up_with(paths: &[&Path], envs: &[(&str, &str)]) -> Self {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let state_dir =
+            std::env::temp_dir().join(format!("mecha-state-{}-{n}", std::process::id()));
+        let mut command = Command::new(mecha_bin());
+        command
+            .arg("up")
+            .args(paths)
+            .args(["--port", "0", "--admin-port", "0", "--grace-period", "3s"])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let lines = stdout.clone();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("mecha: {line}");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (gateway, admin) = loop {
+            let found = {
+                let lines = stdout.lock().unwrap();
+                let addr = |prefix: &str| {
+                    lines.iter().find_map(|l| {
+                        let rest = l
+                            .strip_prefix(prefix)?
+                            .trim_start()
+                            .strip_prefix("http://")?;
+                        rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
+                    })
+                };
+                addr("  gateway").zip(addr("  admin"))
+            };
+            if let Some(found) = found {
+                break found;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("mecha up exited early with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mecha up did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            child,
+            gateway,
+            admin,
+            stdout,
+            state_dir,
+        }
+    }
+
+    /// GET `path` on `host` through the gateway.
+    pub fn get(&self, host: &str, path: &str) -> Response {
+        http(self.gateway, host, path)
+    }
+
+    /// Runs a `mecha` client command against this instance.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(mecha_bin())
+            .args(args)
+            .env("MECHA_ADMIN_ADDR", self.admin.to_string())
+            .output()
+            .unwrap()
+    }
+
+    pub fn services_json(&self) -> serde_json::Value {
+        let output = self.cli(&["get", "services", "-o", "json"]);
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// Waits until every replica the service wants is ready.
+    pub fn wait_ready(&self, service: &str, replicas: u64) {
+        wait_until(
+            &format!("{service} to have {replicas} ready replicas"),
+            || {
+                let services = self.services_json();
+                services.as_array().unwrap().iter().any(|s| {
+                    s["name"] == service
+                        && s["ready"].as_u64() == Some(replicas)
+                        && s["desired"].as_u64() == Some(replicas)
+                })
+            },
+        );
+    }
+
+    /// All replica pids of a service, as the admin API reports them.
+    pub fn pids(&self, service: &str) -> Vec<u32> {
+        let services = self.services_json();
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] == service)
+            .flat_map(|s| s["revisions"].as_array().unwrap().clone())
+            .flat_map(|r| r["replicas"].as_array().unwrap().clone())
+            .filter_map(|r| r["pid"].as_u64().map(|p| p as u32))
+            .collect()
+    }
+
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits for exit.
+    pub fn interrupt(&mut self) -> ExitStatus {
+        self.signal(rustix::process::Signal::INT);
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "mecha did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stdout_contains(&self, needle: &str) -> bool {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Mecha {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The echo function's answer: (revision, pid, color).
+    pub fn echo(&self) -> (String, u32, String) {
+        let mut parts = self.body.split(' ');
+        let revision = parts.next().unwrap_or("").to_string();
+        let pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let color = parts.next().unwrap_or("").to_string();
+        (revision, pid, color)
+    }
+}
+
+/// A one-shot HTTP/1.1 GET over a fresh connection.
+pub fn http(addr: SocketAddr, host: &str, path: &str) -> Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// Polls `condition` every 50 ms for up to 30 s.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a process is alive (a zombie awaiting its reaper counts as gone).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
