@@ -14,6 +14,9 @@ REVISION = os.environ.get("K_REVISION", "unknown")
 
 class Hello(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Buffer the response so headers and body leave in one write: with Nagle's algorithm on,
+    # a second small write waits for the peer's delayed ACK (40 ms on Linux).
+    wbufsize = -1
 
     def do_GET(self):
         body = f"Hello {TARGET}! (revision {REVISION}, pid {os.getpid()})\n".encode()

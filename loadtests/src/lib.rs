@@ -1,1 +1,198 @@
+//! Shared pieces of Mecha's benchmarks: starting `mecha up`, timing requests, percentiles.
+//! Every benchmark reports its result next to a baseline measured in the same run.
+#![forbid(unsafe_code)]
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// A `mecha up` started for a benchmark; killed (with its replicas) on drop.
+#[derive(Debug)]
+pub struct Platform {
+    child: Child,
+    pub started: Instant,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    state_dir: PathBuf,
+}
+
+impl Platform {
+    /// Starts `mecha up PATHS` on free ports; `started` is taken just before the spawn.
+    pub fn start(mecha: &Path, paths: &[PathBuf]) -> Result<Self, String> {
+        let state_dir = std::env::temp_dir().join(format!("mecha-bench-{}", std::process::id()));
+        let started = Instant::now();
+        let mut child = Command::new(mecha)
+            .arg("up")
+            .args(paths)
+            .args(["--port", "0", "--admin-port", "0", "--grace-period", "2s"])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .env("MECHA_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", mecha.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    // Keep draining so the platform never blocks on a full pipe.
+                    continue;
+                }
+            }
+        });
+        let mut gateway = None;
+        let mut admin = None;
+        while gateway.is_none() || admin.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| "mecha up did not print its addresses")?;
+            let addr = |prefix: &str| -> Option<SocketAddr> {
+                let rest = line
+                    .strip_prefix(prefix)?
+                    .trim_start()
+                    .strip_prefix("http://")?;
+                rest.split_whitespace().next()?.parse().ok()
+            };
+            gateway = gateway.or(addr("  gateway"));
+            admin = admin.or(addr("  admin"));
+        }
+        Ok(Self {
+            child,
+            started,
+            gateway: gateway.ok_or("no gateway address")?,
+            admin: admin.ok_or("no admin address")?,
+            state_dir,
+        })
+    }
+
+    /// The address of the first ready replica of `service`, from the admin API.
+    pub async fn replica_addr(
+        &self,
+        client: &HttpClient,
+        service: &str,
+    ) -> Result<SocketAddr, String> {
+        let body = get_body(client, self.admin, "localhost", "/api/v1/services").await?;
+        let services: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        services
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == service)
+            .flat_map(|s| s["revisions"].as_array().cloned().unwrap_or_default())
+            .flat_map(|r| r["replicas"].as_array().cloned().unwrap_or_default())
+            .find(|r| r["ready"] == true)
+            .and_then(|r| r["addr"].as_str().and_then(|a| a.parse().ok()))
+            .ok_or_else(|| format!("no ready replica of {service}"))
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        // SIGKILL: the replicas die with mecha (PR_SET_PDEATHSIG).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+pub fn client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build(connector)
+}
+
+/// One GET; returns the status.
+pub async fn get(
+    client: &HttpClient,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<u16, String> {
+    let request = Request::get(format!("http://{addr}{path}"))
+        .header("host", host)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+pub async fn get_body(
+    client: &HttpClient,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<Bytes, String> {
+    let request = Request::get(format!("http://{addr}{path}"))
+        .header("host", host)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    Ok(response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes())
+}
+
+/// Latency percentiles of a sample, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+impl Percentiles {
+    pub fn of(samples: &mut [Duration]) -> Self {
+        samples.sort();
+        let at = |q: f64| {
+            let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        Self {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let mut samples: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        let p = Percentiles::of(&mut samples);
+        assert_eq!(
+            (p.p50.round(), p.p90.round(), p.p99.round()),
+            (51.0, 90.0, 99.0)
+        );
+    }
+}

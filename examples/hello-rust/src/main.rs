@@ -29,6 +29,9 @@ fn main() -> std::io::Result<()> {
 
 /// Answers each request on a keep-alive connection until the client closes it.
 fn serve(stream: TcpStream, greeting: &str) -> std::io::Result<()> {
+    // One write per response and no Nagle delay: a response split over several small writes
+    // would otherwise wait for the client's delayed ACK.
+    stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
@@ -57,11 +60,10 @@ fn serve(stream: TcpStream, greeting: &str) -> std::io::Result<()> {
             &mut (&mut reader).take(content_length as u64),
             &mut std::io::sink(),
         )?;
-        write!(
-            writer,
+        let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{greeting}",
             greeting.len()
-        )?;
-        writer.flush()?;
+        );
+        writer.write_all(response.as_bytes())?;
     }
 }
