@@ -71,3 +71,50 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
             .into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn get(app: Router, path: &str) -> (StatusCode, String) {
+        let response = app
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn live_ready_and_metrics() {
+        let registry = Registry::new();
+        let counter =
+            prometheus::IntCounter::new("mecha_test_total", "a test counter").expect("counter");
+        registry
+            .register(Box::new(counter.clone()))
+            .expect("register");
+        counter.inc_by(3);
+        let health = Health::default();
+        let app = router(health.clone(), registry);
+        assert_eq!(get(app.clone(), "/live").await.0, StatusCode::OK);
+        assert_eq!(
+            get(app.clone(), "/ready").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        health.set_ready(true);
+        assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::OK);
+        let (status, body) = get(app, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("mecha_test_total 3"), "{body}");
+    }
+}

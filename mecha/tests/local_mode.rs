@@ -378,3 +378,24 @@ fn sigkill_of_mecha_takes_the_replicas_with_it() {
         pids.iter().all(|p| !alive(*p))
     });
 }
+
+#[test]
+fn a_revision_that_never_becomes_ready_answers_504_naming_the_service() {
+    let dir = Workdir::new("never-ready");
+    let yaml = echo_service("sleepy", &[], "      timeoutSeconds: 1\n", "red").replace(
+        "[python3, echo.py]",
+        "[python3, -c, \"import time; time.sleep(600)\"]",
+    );
+    dir.write("svc.yaml", &yaml);
+    let mecha = Mecha::up(&[&dir.path]);
+    let started = std::time::Instant::now();
+    let response = mecha.get("sleepy.default.localhost", "/");
+    assert_eq!(response.status, 504, "{response:?}");
+    assert!(
+        response.body.contains(
+            "no ready replica of service default/sleepy (revision sleepy-00001) within 1s"
+        ),
+        "{response:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
