@@ -145,16 +145,18 @@ impl Gateway {
                 Either::Left(body)
             },
         ));
-        let mut failed: Vec<Arc<str>> = Vec::new();
+        let mut failed: Vec<Endpoint> = Vec::new();
         loop {
             let endpoint = self
                 .ready_endpoint(&target.revision, &failed, deadline)
                 .await
                 .ok_or_else(|| no_replica(service, &target.revision, target.timeout))?;
-            let attempt = match (request.take(), &replay) {
-                (Some(request), _) => request,
-                (None, Some(replay)) => replay(),
-                (None, None) => unreachable!("only replayable requests are retried"),
+            // Only replayable requests come round a second time.
+            let Some(attempt) = request.take().or_else(|| replay.as_ref().map(|r| r())) else {
+                return Err(ProxyError::Upstream {
+                    service: service.clone(),
+                    source: "the request body was already sent".into(),
+                });
             };
             let forwarded = tokio::time::timeout_at(
                 deadline,
@@ -172,7 +174,7 @@ impl Gateway {
                     if replay.is_some() && failed.len() < CONNECT_RETRIES =>
                 {
                     tracing::debug!(replica = %endpoint.replica, %source, "connect failed; retrying elsewhere");
-                    failed.push(endpoint.replica.clone());
+                    failed.push(endpoint);
                 }
                 Err(Failure::Connect(source) | Failure::Other(source)) => {
                     return Err(ProxyError::Upstream {
@@ -189,7 +191,7 @@ impl Gateway {
     async fn ready_endpoint(
         &self,
         revision: &str,
-        exclude: &[Arc<str>],
+        exclude: &[Endpoint],
         deadline: Instant,
     ) -> Option<Endpoint> {
         let mut endpoints = self.endpoints.clone();
@@ -199,7 +201,7 @@ impl Gateway {
                 let candidates: Vec<&Endpoint> = table
                     .ready(revision)
                     .iter()
-                    .filter(|e| !exclude.contains(&e.replica))
+                    .filter(|e| !exclude.iter().any(|x| x.same(e)))
                     .collect();
                 pick_least_loaded(&candidates).cloned()
             };

@@ -11,6 +11,7 @@
 //! with `PR_SET_PDEATHSIG` so the kernel kills it if Mecha itself dies without cleaning up.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -331,6 +332,9 @@ impl Inner {
                     Outcome::Exited(Err(error))
                 }
                 Ok((mut child, addr)) => {
+                    // One endpoint per process: its in-flight count outlives readiness flaps,
+                    // and a restart is a new endpoint that callers have not given up on.
+                    let endpoint = Endpoint::new(replica.name.clone(), addr);
                     let pid = child.id();
                     {
                         let mut state = lock(&replica.state);
@@ -341,16 +345,13 @@ impl Inner {
                     tracing::debug!(replica = %replica.name, ?pid, %addr, "started");
                     let outcome = tokio::select! {
                         status = child.wait() => Outcome::Exited(status),
-                        () = self.keep_ready(&spec, &replica, &probe, addr, started) => {
-                            unreachable!("readiness probing runs until the replica stops")
-                        }
+                        never = self.keep_ready(&spec, &replica, &probe, &endpoint, started) => match never {},
                         _ = stop.wait_for(|s| *s) => Outcome::Stop,
                     };
-                    let endpoint = lock(&replica.state).endpoint.clone();
                     self.set_endpoint(&spec, &replica, None);
                     match outcome {
                         Outcome::Stop => {
-                            self.stop_process(&replica, endpoint, child).await;
+                            self.stop_process(&replica, &endpoint, child).await;
                             break;
                         }
                         exited => {
@@ -401,15 +402,17 @@ impl Inner {
     }
 
     /// Probes until ready, publishes the endpoint, then keeps probing; a replica that fails
-    /// `failureThreshold` probes in a row leaves rotation until it passes again.
+    /// `failureThreshold` probes in a row leaves rotation until it passes again. Runs until
+    /// the caller stops polling it (the replica exited or is being stopped).
     async fn keep_ready(
         &self,
         spec: &RevisionSpec,
         replica: &Replica,
         probe: &ProbeSpec,
-        addr: SocketAddr,
+        endpoint: &Endpoint,
         started: Instant,
-    ) {
+    ) -> Infallible {
+        let addr = endpoint.addr;
         tokio::time::sleep(probe.initial_delay).await;
         loop {
             let mut successes = 0;
@@ -451,12 +454,10 @@ impl Inner {
 
     /// Lets in-flight requests finish (the replica is already out of rotation), then SIGTERM,
     /// then SIGKILL once the grace period is over.
-    async fn stop_process(&self, replica: &Replica, endpoint: Option<Endpoint>, mut child: Child) {
+    async fn stop_process(&self, replica: &Replica, endpoint: &Endpoint, mut child: Child) {
         let deadline = Instant::now() + self.config.grace_period;
-        if let Some(endpoint) = endpoint {
-            while endpoint.in_flight() > 0 && Instant::now() < deadline {
-                tokio::time::sleep(DRAIN_POLL).await;
-            }
+        while endpoint.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
         }
         let Some(pid) = child.id() else {
             return; // already reaped

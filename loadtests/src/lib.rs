@@ -86,7 +86,7 @@ impl Platform {
         client: &HttpClient,
         service: &str,
     ) -> Result<SocketAddr, String> {
-        let body = get_body(client, self.admin, "localhost", "/api/v1/services").await?;
+        let (_, body) = get_body(client, self.admin, "localhost", "/api/v1/services").await?;
         let services: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         services
@@ -119,44 +119,37 @@ pub fn client() -> HttpClient {
         .build(connector)
 }
 
-/// One GET; returns the status.
+/// One GET; returns the status (the body is read and dropped).
 pub async fn get(
     client: &HttpClient,
     addr: SocketAddr,
     host: &str,
     path: &str,
 ) -> Result<u16, String> {
+    get_body(client, addr, host, path)
+        .await
+        .map(|(status, _)| status)
+}
+
+/// One GET; returns the status and the body.
+pub async fn get_body(
+    client: &HttpClient,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(u16, Bytes), String> {
     let request = Request::get(format!("http://{addr}{path}"))
         .header("host", host)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
     let response = client.request(request).await.map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
-    response
+    let body = response
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?;
-    Ok(status)
-}
-
-pub async fn get_body(
-    client: &HttpClient,
-    addr: SocketAddr,
-    host: &str,
-    path: &str,
-) -> Result<Bytes, String> {
-    let request = Request::get(format!("http://{addr}{path}"))
-        .header("host", host)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
-    Ok(response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes())
+    Ok((status, body.to_bytes()))
 }
 
 /// Latency percentiles of a sample, in microseconds.

@@ -68,8 +68,8 @@ pub struct RevisionEndpoints {
     pub ready: Vec<Endpoint>,
 }
 
-/// One ready replica. Clones share the in-flight counter, which is how the supervisor knows a
-/// replica it has taken out of rotation has finished its last request.
+/// One ready replica process. Clones share the in-flight counter, which is how the supervisor
+/// knows a replica it has taken out of rotation has finished its last request.
 #[derive(Clone)]
 pub struct Endpoint {
     pub replica: Arc<str>,
@@ -217,6 +217,12 @@ impl Endpoint {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// Whether both are the same published endpoint — one process of a replica: a restarted
+    /// replica keeps its name but is a new endpoint.
+    pub fn same(&self, other: &Endpoint) -> bool {
+        Arc::ptr_eq(&self.in_flight, &other.in_flight)
+    }
+
     /// Counts a request against this replica until the guard is dropped.
     pub fn track(&self) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -310,5 +316,7 @@ mod tests {
         assert_eq!(clone.in_flight(), 1);
         drop(guard);
         assert_eq!(clone.in_flight(), 0);
+        assert!(clone.same(&endpoint));
+        assert!(!Endpoint::new("r1", "127.0.0.1:1".parse().expect("addr")).same(&endpoint));
     }
 }

@@ -399,3 +399,35 @@ fn a_revision_that_never_becomes_ready_answers_504_naming_the_service() {
     );
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
+
+#[test]
+fn response_bodies_stream_through_the_gateway() {
+    let dir = Workdir::new("stream");
+    dir.write("svc.yaml", &echo_service("stream", &[], "", "red"));
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("stream", 1);
+    // The function sends "first", then waits for this file before sending "last": the test
+    // can only create it after reading "first", so a buffering gateway would never get there.
+    let gate = dir.path.join("gate");
+    let mut stream = std::net::TcpStream::connect(mecha.gateway).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /stream?wait={} HTTP/1.1\r\nHost: stream.default.localhost\r\nConnection: close\r\n\r\n",
+        gate.display()
+    )
+    .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&received).contains("first") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended before the first chunk");
+        received.extend_from_slice(&buf[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&received).contains("last"));
+    std::fs::write(&gate, "go").unwrap();
+    stream.read_to_end(&mut received).unwrap();
+    assert!(String::from_utf8_lossy(&received).contains("last"));
+}

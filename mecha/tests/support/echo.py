@@ -2,6 +2,7 @@
 
 GET /            -> "{K_REVISION} {pid}"
 GET /sleep?ms=N  -> sleeps N ms, then answers like /
+GET /stream?wait=PATH -> chunked: "first", then "last" once PATH exists
 Upgrade: echo    -> 101, then echoes raw bytes until the client closes
 """
 import http.server
@@ -32,6 +33,18 @@ class Echo(http.server.BaseHTTPRequestHandler):
             return
         url = urllib.parse.urlparse(self.path)
         query = urllib.parse.parse_qs(url.query)
+        if url.path == "/stream":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"6\r\nfirst\n\r\n")
+            self.wfile.flush()
+            deadline = time.time() + 20
+            while not os.path.exists(query["wait"][0]) and time.time() < deadline:
+                time.sleep(0.01)
+            self.wfile.write(b"5\r\nlast\n\r\n0\r\n\r\n")
+            self.wfile.flush()
+            return
         if url.path == "/sleep":
             time.sleep(int(query.get("ms", ["0"])[0]) / 1000)
         body = f"{os.environ['K_REVISION']} {os.getpid()} {os.environ.get('COLOR', '')}".encode()

@@ -1,0 +1,177 @@
+//! The gateway over real sockets, with routing and endpoint tables fed by hand.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use activator_sidecar::Gateway;
+use mecha_common::routing::{ServiceKey, UpstreamProtocol};
+use mecha_common::{
+    Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget, RoutingTable, Shutdown,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const HOST: &str = "fn.default.localhost";
+
+/// An upstream that answers every request on every connection with `body`.
+async fn upstream(body: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(response.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+fn routes(timeout: Duration) -> RoutingTable {
+    let mut table = RoutingTable::default();
+    table.insert(
+        HOST.into(),
+        Route {
+            service: ServiceKey::new("default", "fn"),
+            tag: None,
+            targets: vec![RouteTarget {
+                revision: "fn-00001".into(),
+                percent: 100,
+                timeout,
+                protocol: UpstreamProtocol::Http1,
+            }],
+        },
+    );
+    table
+}
+
+fn endpoints(list: Vec<Endpoint>) -> Arc<EndpointTable> {
+    let mut table = EndpointTable::default();
+    table.set("fn-00001".into(), RevisionEndpoints { ready: list });
+    Arc::new(table)
+}
+
+/// Serves a gateway on a free port; returns its address and the endpoint table's sender.
+async fn gateway(
+    timeout: Duration,
+    initial: Vec<Endpoint>,
+) -> (SocketAddr, watch::Sender<Arc<EndpointTable>>, Shutdown) {
+    let (_routes_tx, routes_rx) = watch::channel(Arc::new(routes(timeout)));
+    let (endpoints_tx, endpoints_rx) = watch::channel(endpoints(initial));
+    let gateway = Gateway::new(
+        routes_rx,
+        endpoints_rx,
+        "localhost",
+        &prometheus::Registry::new(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = Shutdown::new();
+    tokio::spawn(activator_sidecar::server::serve(
+        listener,
+        move |request, peer| {
+            let gateway = gateway.clone();
+            // Keep the routes sender alive as long as the gateway serves.
+            let _keep = &_routes_tx;
+            async move { gateway.handle(request, peer).await }
+        },
+        shutdown.signal(),
+        Duration::from_secs(1),
+    ));
+    (addr, endpoints_tx, shutdown)
+}
+
+async fn get(addr: SocketAddr, host: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.expect("read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_restarted_replica_with_the_same_name_takes_the_retried_request() {
+    // The replica died (its port is closed) but is still listed; its restart comes back under
+    // the same name on a new port. The request must reach the restart, not wait it out.
+    let dead = Endpoint::new("fn-00001-1", closed_port().await);
+    let (addr, endpoints_tx, _shutdown) = gateway(Duration::from_secs(10), vec![dead]).await;
+    let live = upstream("restarted").await;
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        endpoints_tx.send_replace(endpoints(vec![Endpoint::new("fn-00001-1", live)]));
+        // Keep the table alive for the rest of the test.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let started = std::time::Instant::now();
+    let (status, body) = get(addr, HOST).await;
+    assert_eq!((status, body.as_str()), (200, "restarted"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn unknown_hosts_and_missing_replicas_get_clear_errors() {
+    let (addr, _endpoints, _shutdown) = gateway(Duration::from_millis(300), vec![]).await;
+    let (status, body) = get(addr, "other.default.localhost:8080").await;
+    assert_eq!(status, 404);
+    assert!(
+        body.contains("no service answers on host \"other.default.localhost\""),
+        "{body}"
+    );
+    let (status, body) = get(addr, HOST).await;
+    assert_eq!(status, 504);
+    assert!(
+        body.contains("no ready replica of service default/fn (revision fn-00001) within 0.3s"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_waits_for_the_first_ready_replica() {
+    let (addr, endpoints_tx, _shutdown) = gateway(Duration::from_secs(10), vec![]).await;
+    let live = upstream("hello").await;
+    let request = tokio::spawn(get(addr, HOST));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !request.is_finished(),
+        "the request should wait for a replica"
+    );
+    endpoints_tx.send_replace(endpoints(vec![Endpoint::new("fn-00001-1", live)]));
+    assert_eq!(request.await.expect("join"), (200, "hello".to_string()));
+}
