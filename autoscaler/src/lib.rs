@@ -5,6 +5,7 @@
 //!   probes their readiness and publishes the ready ones as endpoints.
 //! - [`controller`]: the loop that joins the two: desired state and runtime status in, routes
 //!   and replica counts out.
+//! - [`kpa`]: Knative's KPA autoscaling algorithm as a pure state machine.
 //!
 //! The seams of DESIGN.md are the inputs and outputs of the controller: desired state arrives
 //! as a `watch` of [`serving::ServingState`] snapshots (local mode: an in-memory store fed by
@@ -13,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod controller;
+pub mod kpa;
 pub mod logs;
 pub mod probe;
 pub mod serving;

@@ -11,10 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crds::autoscaling::ScalingAnnotations;
+use crds::config::AutoscalerConfig;
 use crds::serving::{Container, PortProtocol, RevisionTemplate, Service, TrafficTarget};
 use crds::{FieldError, Source};
 use mecha_common::routing::{ServiceKey, UpstreamProtocol, service_host, tag_host};
 use mecha_common::{Route, RouteTarget, RoutingTable};
+
+use crate::kpa::DeciderSpec;
 
 /// A Revision: an immutable snapshot of a Service's template, as the runtime runs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +48,7 @@ pub struct ServiceRecord {
 #[derive(Debug, Clone, Default)]
 pub struct ServingState {
     services: BTreeMap<ServiceKey, ServiceRecord>,
+    config: Arc<AutoscalerConfig>,
 }
 
 /// What applying a Service did.
@@ -82,9 +86,37 @@ impl ServingState {
         self.services.get(key)
     }
 
+    /// The `config-autoscaler` settings in force (Knative's defaults until one is applied).
+    pub fn config(&self) -> &AutoscalerConfig {
+        &self.config
+    }
+
+    /// Applies `config-autoscaler`; `None` (it was deleted) restores the defaults.
+    pub fn set_config(&mut self, config: Option<AutoscalerConfig>) {
+        self.config = Arc::new(config.unwrap_or_default());
+    }
+
+    /// The autoscaling settings of a revision under the current config.
+    pub fn decider_spec(&self, revision: &RevisionSpec) -> DeciderSpec {
+        DeciderSpec::resolve(
+            &self.config,
+            &revision.scaling,
+            revision.container_concurrency,
+        )
+    }
+
     /// Applies a Service: creates a revision when its template changed, and checks that the
     /// revisions its traffic names exist. Nothing changes when it fails.
     pub fn apply(&mut self, service: Service, source: Source) -> Result<Applied, Vec<FieldError>> {
+        if service.scaling().initial_scale == Some(0) && !self.config.allow_zero_initial_scale {
+            return Err(vec![FieldError::new(
+                format!(
+                    "spec.template.metadata.annotations[\"{}initial-scale\"]",
+                    crds::autoscaling::PREFIX
+                ),
+                "0 requires allow-zero-initial-scale: \"true\" in config-autoscaler",
+            )]);
+        }
         let key = ServiceKey::new(service.namespace(), &service.metadata.name);
         let existing = self.services.get(&key);
         let mut revisions = existing.map(|r| r.revisions.clone()).unwrap_or_default();
@@ -129,6 +161,11 @@ impl ServingState {
         let mut desired = Desired::default();
         for record in self.services.values() {
             record.desired_into(domain, &ever_ready, &mut desired);
+        }
+        // Until the autoscaler decides, a revision runs its initial scale within its bounds.
+        for (revision, replicas) in desired.replicas.values_mut() {
+            let spec = self.decider_spec(revision);
+            *replicas = spec.bound(spec.initial_scale);
         }
         desired
     }
@@ -199,10 +236,9 @@ impl ServiceRecord {
             },
         );
         for revision in active {
-            let replicas = revision.scaling.starting_replicas();
             out.replicas
                 .entry(revision.name.clone())
-                .or_insert((revision, replicas));
+                .or_insert((revision, 0));
         }
     }
 }
@@ -288,7 +324,9 @@ mod tests {
         let (mut loaded, errors) = load_str(Path::new("t/svc.yaml"), yaml, Mode::Local);
         assert!(errors.is_empty(), "{errors:?}");
         let loaded = loaded.remove(0);
-        let Resource::Service(service) = loaded.resource;
+        let Resource::Service(service) = loaded.resource else {
+            panic!("not a service")
+        };
         (service, loaded.source)
     }
 
@@ -423,6 +461,29 @@ mod tests {
         apply(&mut state, &yaml).expect("apply");
         let desired = state.desired("localhost", |_| true);
         assert_eq!(desired.replicas["hello-00001"].1, 2);
+    }
+
+    #[test]
+    fn zero_initial_scale_needs_the_config_to_allow_it() {
+        let mut state = ServingState::default();
+        let yaml = hello("blue", "").replace(
+            "  template:\n",
+            "  template:\n    metadata:\n      annotations:\n        autoscaling.knative.dev/initial-scale: \"0\"\n",
+        );
+        let errors = apply(&mut state, &yaml).expect_err("refused by default");
+        assert!(
+            errors[0].message.contains("allow-zero-initial-scale"),
+            "{errors:?}"
+        );
+        state.set_config(Some(AutoscalerConfig {
+            allow_zero_initial_scale: true,
+            ..AutoscalerConfig::default()
+        }));
+        apply(&mut state, &yaml).expect("allowed");
+        assert_eq!(
+            state.desired("localhost", |_| true).replicas["hello-00001"].1,
+            0
+        );
     }
 
     #[test]

@@ -31,7 +31,9 @@ fn state_with(command: &[&str], annotations: &str) -> ServingState {
     let (mut loaded, errors) = load_str(Path::new("/tmp/sup.yaml"), &yaml, Mode::Local);
     assert!(errors.is_empty(), "{errors:?}");
     let loaded = loaded.remove(0);
-    let Resource::Service(service) = loaded.resource;
+    let Resource::Service(service) = loaded.resource else {
+        panic!("not a service")
+    };
     let mut state = ServingState::default();
     state.apply(service, loaded.source).expect("apply");
     state

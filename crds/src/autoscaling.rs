@@ -71,10 +71,10 @@ impl ScalingAnnotations {
                 "max-scale" => {
                     out.max_scale = int_in(value, 0, i32::MAX as u32).map_err(&mut report).ok()
                 }
-                // Knative only allows 0 with `allow-zero-initial-scale: true` in
-                // config-autoscaler, which is false by default.
+                // 0 is only allowed with `allow-zero-initial-scale: true` in
+                // config-autoscaler, checked when the Service is applied.
                 "initial-scale" => {
-                    out.initial_scale = int_in(value, 1, i32::MAX as u32).map_err(&mut report).ok()
+                    out.initial_scale = int_in(value, 0, i32::MAX as u32).map_err(&mut report).ok()
                 }
                 "activation-scale" => {
                     out.activation_scale =
@@ -160,19 +160,6 @@ impl ScalingAnnotations {
                 format!("activation-scale {activation} is above max-scale {max}"),
             ));
         }
-    }
-
-    /// How many replicas a revision starts with before the autoscaler has seen any traffic:
-    /// the initial scale (default 1), at least min-scale, at most max-scale.
-    pub fn starting_replicas(&self) -> u32 {
-        let mut replicas = self
-            .initial_scale
-            .unwrap_or(1)
-            .max(self.min_scale.unwrap_or(0));
-        if let Some(max) = self.max_scale.filter(|m| *m > 0) {
-            replicas = replicas.min(max);
-        }
-        replicas
     }
 }
 
@@ -317,7 +304,7 @@ mod tests {
         assert_eq!(parsed.metric, Some(Metric::Rps));
         assert_eq!(parsed.window, Some(Duration::from_secs(120)));
         assert_eq!(parsed.scale_down_delay, Some(Duration::from_secs(15)));
-        assert_eq!(parsed.starting_replicas(), 2);
+        assert_eq!(parsed.initial_scale, Some(2));
     }
 
     #[test]
@@ -341,12 +328,10 @@ mod tests {
     }
 
     #[test]
-    fn min_above_max_is_an_error_and_starting_replicas_respect_bounds() {
+    fn min_above_max_is_an_error() {
         let (_, errors) = parse(&[("min-scale", "3"), ("max-scale", "2")]);
         assert_eq!(errors.len(), 1);
-        let (parsed, _) = parse(&[("min-scale", "2")]);
-        assert_eq!(parsed.starting_replicas(), 2);
-        let (parsed, _) = parse(&[("initial-scale", "4"), ("max-scale", "3")]);
-        assert_eq!(parsed.starting_replicas(), 3);
+        let (_, errors) = parse(&[("min-scale", "2"), ("max-scale", "0")]);
+        assert_eq!(errors, vec![], "max-scale 0 is unlimited");
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
 use crate::serving::{self, Service};
 
@@ -37,6 +38,8 @@ pub struct Source {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     Service(Service),
+    /// The `config-autoscaler` ConfigMap in `knative-serving`.
+    AutoscalerConfig(AutoscalerConfig),
 }
 
 /// A typed, validated resource and where it came from.
@@ -58,7 +61,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("sources.knative.dev/v1", "SinkBinding"),
     ("sources.knative.dev/v1", "ContainerSource"),
     ("sources.knative.dev/v1", "ApiServerSource"),
-    ("v1", "ConfigMap"),
 ];
 
 // === impl Resource ===
@@ -67,18 +69,21 @@ impl Resource {
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::Service(_) => serving::KIND,
+            Resource::AutoscalerConfig(_) => "ConfigMap",
         }
     }
 
     pub fn namespace(&self) -> &str {
         match self {
             Resource::Service(s) => s.namespace(),
+            Resource::AutoscalerConfig(_) => config::NAMESPACE,
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
             Resource::Service(s) => &s.metadata.name,
+            Resource::AutoscalerConfig(_) => config::NAME,
         }
     }
 }
@@ -271,6 +276,24 @@ fn load_document(
                 Err(errors.into_iter().map(at).collect())
             }
         }
+        ("v1", "ConfigMap") => {
+            let map: ConfigMap = typed(value).map_err(|e| vec![at(e)])?;
+            if map.metadata.name != config::NAME || map.metadata.namespace() != config::NAMESPACE {
+                return Err(vec![at(FieldError::new(
+                    "metadata",
+                    format!(
+                        "Mecha reads only the {}/{} ConfigMap, not {}/{}",
+                        config::NAMESPACE,
+                        config::NAME,
+                        map.metadata.namespace(),
+                        map.metadata.name
+                    ),
+                ))]);
+            }
+            AutoscalerConfig::from_data(&map.data)
+                .map(Resource::AutoscalerConfig)
+                .map_err(|errors| errors.into_iter().map(at).collect())
+        }
         (api, kind) if NOT_YET.contains(&(api, kind)) => Err(vec![at(FieldError::new(
             "kind",
             format!("{kind} ({api}) is not supported by Mecha yet"),
@@ -278,9 +301,11 @@ fn load_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({})",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
-                serving::API_VERSION
+                serving::API_VERSION,
+                config::NAMESPACE,
+                config::NAME
             ),
         ))]),
     }
@@ -353,7 +378,9 @@ spec:
     fn loads_a_service_with_defaults() {
         let (loaded, errors) = load_str(Path::new("x/hello.yaml"), HELLO, Mode::Local);
         assert!(errors.is_empty(), "{errors:?}");
-        let Resource::Service(service) = &loaded[0].resource;
+        let Resource::Service(service) = &loaded[0].resource else {
+            panic!("not a service")
+        };
         assert_eq!(service.namespace(), "default");
         assert_eq!(service.timeout_seconds(), 300);
         assert_eq!(loaded[0].source.document, 1);
@@ -409,6 +436,27 @@ spec:
         let errors = errors_of("apiVersion: eventing.knative.dev/v1\nkind: Broker\n");
         assert!(
             errors[0].contains("Broker (eventing.knative.dev/v1) is not supported by Mecha yet")
+        );
+    }
+
+    #[test]
+    fn the_autoscaler_config_map_loads_and_others_are_refused() {
+        let yaml = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: config-autoscaler\n  namespace: knative-serving\ndata:\n  stable-window: 6s\n";
+        let (loaded, errors) = load_str(Path::new("c.yaml"), yaml, Mode::Local);
+        assert!(errors.is_empty(), "{errors:?}");
+        let Resource::AutoscalerConfig(config) = &loaded[0].resource else {
+            panic!("not the autoscaler config")
+        };
+        assert_eq!(config.stable_window.as_secs(), 6);
+        let errors = errors_of(&yaml.replace("6s", "2s"));
+        assert!(
+            errors[0].contains("document 1: data[\"stable-window\"]: 2s is out of range"),
+            "{errors:?}"
+        );
+        let errors = errors_of(&yaml.replace("config-autoscaler", "config-network"));
+        assert!(
+            errors[0].contains("Mecha reads only the knative-serving/config-autoscaler ConfigMap"),
+            "{errors:?}"
         );
     }
 

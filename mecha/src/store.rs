@@ -53,7 +53,25 @@ impl LocalStore {
         let mut outcomes = Vec::new();
         let mut errors = Vec::new();
         for loaded in resources {
-            let Resource::Service(service) = loaded.resource;
+            let service = match loaded.resource {
+                Resource::Service(service) => service,
+                Resource::AutoscalerConfig(config) => {
+                    let action = if next.config() == &config {
+                        "unchanged"
+                    } else {
+                        "configured"
+                    };
+                    next.set_config(Some(config));
+                    outcomes.push(Outcome {
+                        kind: "ConfigMap".into(),
+                        namespace: crds::config::NAMESPACE.into(),
+                        name: crds::config::NAME.into(),
+                        action: action.into(),
+                        revision: None,
+                    });
+                    continue;
+                }
+            };
             let (namespace, name) = (
                 service.namespace().to_string(),
                 service.metadata.name.clone(),
@@ -98,7 +116,13 @@ impl LocalStore {
             .iter()
             .map(|loaded| {
                 let key = ServiceKey::new(loaded.resource.namespace(), loaded.resource.name());
-                let found = next.delete(&key);
+                let found = match loaded.resource {
+                    Resource::Service(_) => next.delete(&key),
+                    Resource::AutoscalerConfig(_) => {
+                        next.set_config(None);
+                        true
+                    }
+                };
                 Outcome {
                     kind: loaded.resource.kind().into(),
                     namespace: key.namespace,
