@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use mecha_common::routing::InFlightGuard;
+use mecha_common::LoadGuard;
 use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,7 +31,7 @@ pub fn empty() -> ProxyBody {
 /// off when the request's deadline passes.
 pub struct Streamed<B> {
     inner: B,
-    _guard: Option<InFlightGuard>,
+    _guard: Option<LoadGuard>,
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -42,7 +42,7 @@ pub struct DeadlineExceeded;
 // === impl Streamed ===
 
 impl<B> Streamed<B> {
-    pub fn new(inner: B, guard: Option<InFlightGuard>, deadline: Instant) -> Self {
+    pub fn new(inner: B, guard: Option<LoadGuard>, deadline: Instant) -> Self {
         Self {
             inner,
             _guard: guard,

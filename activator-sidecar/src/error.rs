@@ -21,6 +21,14 @@ pub enum ProxyError {
         revision: String,
         waited: Duration,
     },
+    #[error(
+        "service {service} (revision {revision}) has no free replica and its buffer is full ({limit}); retry later"
+    )]
+    BufferFull {
+        service: ServiceKey,
+        revision: String,
+        limit: String,
+    },
     #[error("service {service} did not answer within its timeout of {}s", timeout.as_secs_f64())]
     Timeout {
         service: ServiceKey,
@@ -45,6 +53,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::BufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -67,6 +76,11 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }

@@ -16,9 +16,12 @@ use http::{Request, Response, header};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use mecha_common::activation::{BufferFull, Waiting};
 use mecha_common::routing::{ServiceKey, normalize_host};
-use mecha_common::{Endpoint, EndpointTable, Route, RouteTarget, RoutingTable};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use mecha_common::{
+    Activation, Endpoint, EndpointTable, LoadGuard, Route, RouteTarget, RoutingTable,
+};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -34,6 +37,8 @@ const CONNECT_RETRIES: usize = 2;
 pub struct Gateway {
     routes: watch::Receiver<Arc<RoutingTable>>,
     endpoints: watch::Receiver<Arc<EndpointTable>>,
+    /// Where requests without a free replica are held, and the autoscaler poked.
+    activation: Activation,
     forwarder: Forwarder,
     domain: Arc<str>,
     metrics: Metrics,
@@ -43,6 +48,8 @@ pub struct Gateway {
 struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
+    buffered: IntGaugeVec,
+    held: HistogramVec,
 }
 
 // === impl Gateway ===
@@ -53,12 +60,14 @@ impl Gateway {
     pub fn new(
         routes: watch::Receiver<Arc<RoutingTable>>,
         endpoints: watch::Receiver<Arc<EndpointTable>>,
+        activation: Activation,
         domain: &str,
         registry: &Registry,
     ) -> Self {
         Self {
             routes,
             endpoints,
+            activation,
             forwarder: Forwarder::new(),
             domain: domain.into(),
             metrics: Metrics::register(registry),
@@ -135,6 +144,11 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let deadline = Instant::now() + target.timeout;
         let (parts, body) = request.into_parts();
+        let declared_bytes = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
         // A request without a body can be replayed on another replica; keep what it takes.
         let replay = body.is_end_stream().then(|| replayable(&parts));
         let mut request = Some(Request::from_parts(
@@ -147,10 +161,9 @@ impl Gateway {
         ));
         let mut failed: Vec<Endpoint> = Vec::new();
         loop {
-            let endpoint = self
-                .ready_endpoint(&target.revision, &failed, deadline)
-                .await
-                .ok_or_else(|| no_replica(service, &target.revision, target.timeout))?;
+            let (endpoint, guard) = self
+                .ready_endpoint(service, target, &failed, declared_bytes, deadline)
+                .await?;
             // Only replayable requests come round a second time.
             let Some(attempt) = request.take().or_else(|| replay.as_ref().map(|r| r())) else {
                 return Err(ProxyError::Upstream {
@@ -161,7 +174,7 @@ impl Gateway {
             let forwarded = tokio::time::timeout_at(
                 deadline,
                 self.forwarder
-                    .forward(attempt, &endpoint, target.protocol, peer, deadline),
+                    .forward(attempt, &endpoint, guard, target.protocol, peer, deadline),
             )
             .await
             .map_err(|_| ProxyError::Timeout {
@@ -186,33 +199,88 @@ impl Gateway {
         }
     }
 
-    /// A ready replica of `revision` other than those in `exclude`, waiting for one to become
-    /// ready until `deadline`.
+    /// A ready replica of the target revision with room for one more request (its
+    /// `containerConcurrency`), other than those in `exclude`, counted busy from here on.
+    /// Without one, the request is held — within the revision's buffer limits, which pokes the
+    /// autoscaler — until a replica becomes ready or finishes a request, or until `deadline`.
     async fn ready_endpoint(
         &self,
-        revision: &str,
+        service: &ServiceKey,
+        target: &RouteTarget,
         exclude: &[Endpoint],
+        declared_bytes: u64,
         deadline: Instant,
-    ) -> Option<Endpoint> {
+    ) -> Result<(Endpoint, LoadGuard), ProxyError> {
         let mut endpoints = self.endpoints.clone();
+        let released = self.activation.released(&target.revision);
+        let mut held: Option<(Waiting, Instant, BufferedGauge)> = None;
         loop {
+            // Listen for a release before looking, so one that comes in between is not missed.
+            let notified = released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let picked = {
                 let table = endpoints.borrow_and_update();
                 let candidates: Vec<&Endpoint> = table
-                    .ready(revision)
+                    .ready(&target.revision)
                     .iter()
                     .filter(|e| !exclude.iter().any(|x| x.same(e)))
                     .collect();
-                pick_least_loaded(&candidates).cloned()
+                pick(&candidates, target.container_concurrency)
             };
-            if picked.is_some() {
-                return picked;
+            if let Some(picked) = picked {
+                if let Some((_, since, _)) = held {
+                    self.metrics
+                        .held
+                        .with_label_values(&[&service.to_string()])
+                        .observe(since.elapsed().as_secs_f64());
+                }
+                return Ok(picked);
             }
-            match tokio::time::timeout_at(deadline, endpoints.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return None,
+            if held.is_none() {
+                let waiting = self
+                    .activation
+                    .hold(&target.revision, declared_bytes, target.buffer)
+                    .map_err(|full| ProxyError::BufferFull {
+                        service: service.clone(),
+                        revision: target.revision.clone(),
+                        limit: match full {
+                            BufferFull::Requests(n) => format!("{n} requests"),
+                            BufferFull::Bytes(n) => format!("{n} bytes"),
+                        },
+                    })?;
+                let gauge = BufferedGauge::new(&self.metrics, &target.revision);
+                held = Some((waiting, Instant::now(), gauge));
+            }
+            tokio::select! {
+                changed = endpoints.changed() => {
+                    if changed.is_err() {
+                        return Err(no_replica(service, &target.revision, target.timeout));
+                    }
+                }
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(no_replica(service, &target.revision, target.timeout));
+                }
             }
         }
+    }
+}
+
+/// Counts a request in `mecha_gateway_buffered_requests` while it is held.
+struct BufferedGauge(prometheus::IntGauge);
+
+impl BufferedGauge {
+    fn new(metrics: &Metrics, revision: &str) -> Self {
+        let gauge = metrics.buffered.with_label_values(&[revision]);
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for BufferedGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -224,8 +292,31 @@ fn no_replica(service: &ServiceKey, revision: &str, waited: Duration) -> ProxyEr
     }
 }
 
-/// Power of two choices: of two random replicas, the one with fewer requests in flight.
-fn pick_least_loaded<'a>(candidates: &[&'a Endpoint]) -> Option<&'a Endpoint> {
+/// Picks a replica and counts the request against it, as Knative's activator balances: with
+/// no concurrency limit, power of two choices (the less busy of two random replicas); with a
+/// limit of 3 or less, the first replica with room; above that, power of two choices among the
+/// replicas with room.
+fn pick(candidates: &[&Endpoint], limit: u32) -> Option<(Endpoint, LoadGuard)> {
+    let take = |e: &Endpoint| e.try_track(limit).map(|guard| (e.clone(), guard));
+    if limit > 0 && limit <= 3 {
+        return candidates.iter().find_map(|e| take(e));
+    }
+    let with_room: Vec<&Endpoint> = candidates
+        .iter()
+        .copied()
+        .filter(|e| limit == 0 || e.in_flight() < limit)
+        .collect();
+    if let Some(chosen) = two_choices(&with_room)
+        && let Some(picked) = take(chosen)
+    {
+        return Some(picked);
+    }
+    // Lost a race for the last slot: take any replica that still has room.
+    with_room.iter().find_map(|e| take(e))
+}
+
+/// Of two random candidates, the one with fewer requests in flight.
+fn two_choices<'a>(candidates: &[&'a Endpoint]) -> Option<&'a Endpoint> {
     match candidates.len() {
         0 => None,
         1 => Some(candidates[0]),
@@ -293,9 +384,35 @@ impl Metrics {
             &["service"],
         )
         .expect("valid metric");
+        let buffered = IntGaugeVec::new(
+            Opts::new(
+                "mecha_gateway_buffered_requests",
+                "Requests held because the revision has no free replica",
+            ),
+            &["revision"],
+        )
+        .expect("valid metric");
+        let held = HistogramVec::new(
+            HistogramOpts::new(
+                "mecha_gateway_activation_seconds",
+                "How long held requests waited for a free replica (cold starts included)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["service"],
+        )
+        .expect("valid metric");
         let _ = registry.register(Box::new(requests.clone()));
         let _ = registry.register(Box::new(duration.clone()));
-        Self { requests, duration }
+        let _ = registry.register(Box::new(buffered.clone()));
+        let _ = registry.register(Box::new(held.clone()));
+        Self {
+            requests,
+            duration,
+            buffered,
+            held,
+        }
     }
 }
 
@@ -303,16 +420,38 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn power_of_two_choices_prefers_the_idle_replica() {
-        let busy = Endpoint::new("busy", "127.0.0.1:1".parse().expect("addr"));
-        let idle = Endpoint::new("idle", "127.0.0.1:2".parse().expect("addr"));
+    #[tokio::test]
+    async fn power_of_two_choices_prefers_the_idle_replica() {
+        let busy = Endpoint::standalone("busy", "127.0.0.1:1".parse().expect("addr"));
+        let idle = Endpoint::standalone("idle", "127.0.0.1:2".parse().expect("addr"));
         let _load: Vec<_> = (0..5).map(|_| busy.track()).collect();
         for _ in 0..50 {
-            let picked = pick_least_loaded(&[&busy, &idle]).expect("pick");
+            let (picked, _guard) = pick(&[&busy, &idle], 0).expect("pick");
             assert_eq!(&*picked.replica, "idle");
         }
-        assert!(pick_least_loaded(&[]).is_none());
+        assert!(pick(&[], 0).is_none());
+    }
+
+    #[tokio::test]
+    async fn container_concurrency_is_never_exceeded() {
+        let a = Endpoint::standalone("a", "127.0.0.1:1".parse().expect("addr"));
+        let b = Endpoint::standalone("b", "127.0.0.1:2".parse().expect("addr"));
+        // Limit 1: first available, then nothing.
+        let first = pick(&[&a, &b], 1).expect("a");
+        let second = pick(&[&a, &b], 1).expect("b");
+        assert_eq!((&*first.0.replica, &*second.0.replica), ("a", "b"));
+        assert!(pick(&[&a, &b], 1).is_none());
+        drop(first);
+        assert_eq!(&*pick(&[&a, &b], 1).expect("a again").0.replica, "a");
+        // Limit 10: spread by load, never above 10 each.
+        let c = Endpoint::standalone("c", "127.0.0.1:3".parse().expect("addr"));
+        let d = Endpoint::standalone("d", "127.0.0.1:4".parse().expect("addr"));
+        let guards: Vec<_> = (0..20)
+            .map(|_| pick(&[&c, &d], 10).expect("room"))
+            .collect();
+        assert_eq!((c.in_flight(), d.in_flight()), (10, 10));
+        assert!(pick(&[&c, &d], 10).is_none());
+        drop(guards);
     }
 
     #[test]

@@ -12,8 +12,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mecha_common::Endpoint;
 use mecha_common::routing::UpstreamProtocol;
+use mecha_common::{Endpoint, LoadGuard};
 use tokio::time::Instant;
 
 use crate::body::{BoxError, ProxyBody, Streamed, empty};
@@ -64,16 +64,17 @@ impl Forwarder {
     }
 
     /// Sends `request` to `endpoint` and returns its response with a body that streams until
-    /// `deadline`. The endpoint's in-flight count covers the whole exchange, body included.
+    /// `deadline`.
+    /// `guard` counts the request against the endpoint for the whole exchange, body included.
     pub async fn forward(
         &self,
         mut request: Request<RequestBody>,
         endpoint: &Endpoint,
+        guard: LoadGuard,
         protocol: UpstreamProtocol,
         peer: SocketAddr,
         deadline: Instant,
     ) -> Result<Response<ProxyBody>, Failure> {
-        let guard = endpoint.track();
         let upgrade = is_upgrade(request.headers());
         prepare_request(&mut request, endpoint.addr, peer, protocol, upgrade);
         if upgrade && protocol == UpstreamProtocol::Http1 {
@@ -184,7 +185,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 async fn forward_upgrade(
     mut request: Request<RequestBody>,
     addr: SocketAddr,
-    guard: mecha_common::routing::InFlightGuard,
+    guard: LoadGuard,
     deadline: Instant,
 ) -> Result<Response<ProxyBody>, Failure> {
     let downstream = hyper::upgrade::on(&mut request);

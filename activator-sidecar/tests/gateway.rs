@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use activator_sidecar::Gateway;
+use mecha_common::activation::Poke;
 use mecha_common::routing::{ServiceKey, UpstreamProtocol};
 use mecha_common::{
-    Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget, RoutingTable, Shutdown,
+    Activation, BufferLimits, Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget,
+    RoutingTable, Shutdown,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -46,7 +48,7 @@ async fn closed_port() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
-fn routes(timeout: Duration) -> RoutingTable {
+fn routes(timeout: Duration, container_concurrency: u32, buffer: BufferLimits) -> RoutingTable {
     let mut table = RoutingTable::default();
     table.insert(
         HOST.into(),
@@ -58,6 +60,8 @@ fn routes(timeout: Duration) -> RoutingTable {
                 percent: 100,
                 timeout,
                 protocol: UpstreamProtocol::Http1,
+                container_concurrency,
+                buffer,
             }],
         },
     );
@@ -70,16 +74,30 @@ fn endpoints(list: Vec<Endpoint>) -> Arc<EndpointTable> {
     Arc::new(table)
 }
 
-/// Serves a gateway on a free port; returns its address and the endpoint table's sender.
-async fn gateway(
+struct Running {
+    addr: SocketAddr,
+    endpoints: watch::Sender<Arc<EndpointTable>>,
+    activation: Activation,
+    pokes: tokio::sync::mpsc::UnboundedReceiver<Poke>,
+    _routes: watch::Sender<Arc<RoutingTable>>,
+    _shutdown: Shutdown,
+}
+
+/// Serves a gateway on a free port for one revision with the given limits.
+async fn gateway_with(
     timeout: Duration,
+    container_concurrency: u32,
+    buffer: BufferLimits,
     initial: Vec<Endpoint>,
-) -> (SocketAddr, watch::Sender<Arc<EndpointTable>>, Shutdown) {
-    let (_routes_tx, routes_rx) = watch::channel(Arc::new(routes(timeout)));
+) -> Running {
+    let (routes_tx, routes_rx) =
+        watch::channel(Arc::new(routes(timeout, container_concurrency, buffer)));
     let (endpoints_tx, endpoints_rx) = watch::channel(endpoints(initial));
+    let (activation, pokes) = Activation::new();
     let gateway = Gateway::new(
         routes_rx,
         endpoints_rx,
+        activation.clone(),
         "localhost",
         &prometheus::Registry::new(),
     );
@@ -90,14 +108,28 @@ async fn gateway(
         listener,
         move |request, peer| {
             let gateway = gateway.clone();
-            // Keep the routes sender alive as long as the gateway serves.
-            let _keep = &_routes_tx;
             async move { gateway.handle(request, peer).await }
         },
         shutdown.signal(),
         Duration::from_secs(1),
     ));
-    (addr, endpoints_tx, shutdown)
+    Running {
+        addr,
+        endpoints: endpoints_tx,
+        activation,
+        pokes,
+        _routes: routes_tx,
+        _shutdown: shutdown,
+    }
+}
+
+/// A gateway without concurrency limits; returns its address and the endpoint table.
+async fn gateway(
+    timeout: Duration,
+    initial: Vec<Endpoint>,
+) -> (SocketAddr, watch::Sender<Arc<EndpointTable>>, Running) {
+    let running = gateway_with(timeout, 0, BufferLimits::default(), initial).await;
+    (running.addr, running.endpoints.clone(), running)
 }
 
 async fn get(addr: SocketAddr, host: &str) -> (u16, String) {
@@ -126,12 +158,12 @@ async fn get(addr: SocketAddr, host: &str) -> (u16, String) {
 async fn a_restarted_replica_with_the_same_name_takes_the_retried_request() {
     // The replica died (its port is closed) but is still listed; its restart comes back under
     // the same name on a new port. The request must reach the restart, not wait it out.
-    let dead = Endpoint::new("fn-00001-1", closed_port().await);
+    let dead = Endpoint::standalone("fn-00001-1", closed_port().await);
     let (addr, endpoints_tx, _shutdown) = gateway(Duration::from_secs(10), vec![dead]).await;
     let live = upstream("restarted").await;
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        endpoints_tx.send_replace(endpoints(vec![Endpoint::new("fn-00001-1", live)]));
+        endpoints_tx.send_replace(endpoints(vec![Endpoint::standalone("fn-00001-1", live)]));
         // Keep the table alive for the rest of the test.
         tokio::time::sleep(Duration::from_secs(30)).await;
     });
@@ -172,6 +204,96 @@ async fn a_request_waits_for_the_first_ready_replica() {
         !request.is_finished(),
         "the request should wait for a replica"
     );
-    endpoints_tx.send_replace(endpoints(vec![Endpoint::new("fn-00001-1", live)]));
+    endpoints_tx.send_replace(endpoints(vec![Endpoint::standalone("fn-00001-1", live)]));
     assert_eq!(request.await.expect("join"), (200, "hello".to_string()));
+}
+
+#[tokio::test]
+async fn held_requests_poke_the_autoscaler_and_a_full_buffer_answers_503() {
+    let limits = BufferLimits {
+        requests: 2,
+        bytes: 1 << 20,
+    };
+    let mut running = gateway_with(Duration::from_secs(10), 0, limits, vec![]).await;
+    let first = tokio::spawn(get(running.addr, HOST));
+    let second = tokio::spawn(get(running.addr, HOST));
+    let poke = tokio::time::timeout(Duration::from_secs(5), running.pokes.recv())
+        .await
+        .expect("poke");
+    assert_eq!(poke.expect("poke").revision, "fn-00001");
+    // Wait until both are held, then the third finds the buffer full.
+    while running.activation.waiting("fn-00001") < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut stream = tokio::net::TcpStream::connect(running.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.expect("read");
+    assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    assert!(raw.to_ascii_lowercase().contains("retry-after: 1"), "{raw}");
+    assert!(raw.contains("buffer is full (2 requests)"), "{raw}");
+    // A replica appears: both held requests are answered.
+    let live = upstream("woken").await;
+    running
+        .endpoints
+        .send_replace(endpoints(vec![Endpoint::standalone("fn-00001-1", live)]));
+    assert_eq!(first.await.expect("join"), (200, "woken".to_string()));
+    assert_eq!(second.await.expect("join"), (200, "woken".to_string()));
+    assert_eq!(running.activation.waiting("fn-00001"), 0);
+}
+
+#[tokio::test]
+async fn container_concurrency_one_queues_requests_until_the_replica_is_free() {
+    // An upstream that answers after 100 ms: with containerConcurrency 1, three requests
+    // through one replica take turns (about 300 ms), none fails, and a release wakes the next.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let concurrent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let max_seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (concurrent, max_seen) = (concurrent.clone(), max_seen.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (concurrent, max_seen) = (concurrent.clone(), max_seen.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let now = concurrent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        max_seen.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        concurrent.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+    }
+    let running = gateway_with(Duration::from_secs(10), 1, BufferLimits::default(), vec![]).await;
+    let endpoint = Endpoint::new("fn-00001-1", addr, running.activation.released("fn-00001"));
+    running.endpoints.send_replace(endpoints(vec![endpoint]));
+    let started = std::time::Instant::now();
+    let requests: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(get(running.addr, HOST)))
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.expect("join"), (200, "ok".to_string()));
+    }
+    assert_eq!(max_seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -1,35 +1,103 @@
-//! The control loop: desired state and replica readiness in, routes and replica counts out.
+//! The control loop: desired state, replica readiness and load in; routes and replica counts
+//! out.
+//!
+//! Every second it records each active revision's load — the time-weighted concurrency (or
+//! request count) of its replicas plus the requests callers hold for it — into that
+//! revision's [`Kpa`]; every [`TICK`] it decides; a poke from a caller holding requests makes
+//! it decide at once. Replica counts go to the supervisor.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use mecha_common::{RoutingTable, ShutdownSignal};
-use tokio::sync::watch;
+use crds::autoscaling::Metric;
+use mecha_common::activation::Poke;
+use mecha_common::{Activation, RoutingTable, ShutdownSignal};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::serving::ServingState;
+use crate::kpa::{DeciderSpec, Decision, Kpa, Scaler, TICK};
+use crate::serving::{RevisionSpec, ServingState};
 use crate::supervisor::Supervisor;
 
 #[derive(Debug)]
 pub struct Controller {
     state: watch::Receiver<Arc<ServingState>>,
     supervisor: Supervisor,
+    activation: Activation,
+    pokes: mpsc::UnboundedReceiver<Poke>,
     routes: watch::Sender<Arc<RoutingTable>>,
     domain: String,
+    revisions: HashMap<String, RevisionScaling>,
+    started: Instant,
+    board: StatusBoard,
+    metrics: Metrics,
+}
+
+/// The autoscaler of one active revision.
+#[derive(Debug)]
+struct RevisionScaling {
+    revision: Arc<RevisionSpec>,
+    spec: DeciderSpec,
+    kpa: Kpa,
+    scaler: Scaler,
+    /// Whether the revision receives traffic (only then may the rate limit scale it down).
+    reachable: bool,
+    last: Option<Decision>,
+}
+
+/// What the autoscaler last decided, per revision, for `mecha get` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct StatusBoard {
+    inner: Arc<Mutex<HashMap<String, ScalingStatus>>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingStatus {
+    pub desired: u32,
+    pub panicking: bool,
+    /// Stable-window average of the scaling metric.
+    pub stable: f64,
+    /// Panic-window average of the scaling metric.
+    pub panic: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    desired: IntGaugeVec,
+    panic: IntGaugeVec,
+    concurrency: GaugeVec,
+    rps: GaugeVec,
+    activations: IntCounterVec,
 }
 
 // === impl Controller ===
 
 impl Controller {
-    /// `domain` is the suffix of service hosts (`localhost` in local mode).
+    /// `domain` is the suffix of service hosts (`localhost` in local mode); `pokes` is the
+    /// receiving end of `activation`.
     pub fn new(
         state: watch::Receiver<Arc<ServingState>>,
         supervisor: Supervisor,
+        activation: Activation,
+        pokes: mpsc::UnboundedReceiver<Poke>,
         domain: impl Into<String>,
+        registry: &Registry,
     ) -> Self {
         Self {
             state,
             supervisor,
+            activation,
+            pokes,
             routes: watch::channel(Arc::default()).0,
             domain: domain.into(),
+            revisions: HashMap::new(),
+            started: Instant::now(),
+            board: StatusBoard::default(),
+            metrics: Metrics::register(registry),
         }
     }
 
@@ -38,10 +106,54 @@ impl Controller {
         self.routes.subscribe()
     }
 
-    /// Computes routes and replica counts once, from the current state.
-    pub fn reconcile(&self) {
+    pub fn status_board(&self) -> StatusBoard {
+        self.board.clone()
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Routes and the set of active revisions from the current state, then replica counts.
+    pub fn reconcile(&mut self) {
         let state = self.state.borrow().clone();
         let desired = state.desired(&self.domain, |r| self.supervisor.ever_ready(r));
+        let routed: Vec<&str> = desired
+            .routes
+            .hosts()
+            .flat_map(|(_, route)| route.targets.iter().map(|t| t.revision.as_str()))
+            .collect();
+        self.revisions
+            .retain(|name, _| desired.active.contains_key(name));
+        for (name, revision) in &desired.active {
+            let spec = state.decider_spec(revision);
+            let reachable = routed.contains(&name.as_str());
+            match self.revisions.get_mut(name) {
+                Some(scaling) => {
+                    if scaling.spec != spec {
+                        scaling.kpa.update_spec(spec.clone());
+                        scaling.scaler.update_spec(spec.clone());
+                        scaling.spec = spec;
+                    }
+                    scaling.reachable = reachable;
+                }
+                None => {
+                    self.revisions.insert(
+                        name.clone(),
+                        RevisionScaling {
+                            revision: revision.clone(),
+                            kpa: Kpa::new(spec.clone()),
+                            scaler: Scaler::new(spec.clone()),
+                            spec,
+                            reachable,
+                            last: None,
+                        },
+                    );
+                }
+            }
+        }
+        self.activation
+            .retain(|revision| self.revisions.contains_key(revision));
         self.routes.send_if_modified(|current| {
             if **current == desired.routes {
                 false
@@ -50,23 +162,198 @@ impl Controller {
                 true
             }
         });
-        self.supervisor.apply(&desired.replicas);
+        self.actuate();
     }
 
-    /// Reconciles on every change of desired state or readiness until shutdown.
+    /// Records one second of load for every active revision.
+    fn record(&mut self, now: Duration) {
+        let endpoints = self.supervisor.endpoints().borrow().clone();
+        for (name, scaling) in &mut self.revisions {
+            let mut concurrency = 0.0;
+            let mut requests = 0u64;
+            let mut seconds = 0.0f64;
+            for endpoint in endpoints.ready(name) {
+                let sample = endpoint.sample();
+                concurrency += sample.concurrency;
+                requests += sample.requests;
+                seconds = seconds.max(sample.seconds);
+            }
+            // Requests held by callers count like requests in flight: a burst against too few
+            // replicas scales out at once rather than one replica at a time.
+            concurrency += self.activation.sample(name).concurrency;
+            let rps = if seconds > 0.0 {
+                requests as f64 / seconds
+            } else {
+                0.0
+            };
+            let value = match scaling.spec.metric {
+                Metric::Concurrency => concurrency,
+                Metric::Rps => rps,
+            };
+            scaling.kpa.record(now, value);
+            self.metrics
+                .concurrency
+                .with_label_values(&[name])
+                .set(concurrency);
+            self.metrics.rps.with_label_values(&[name]).set(rps);
+        }
+    }
+
+    /// One KPA decision for every active revision.
+    fn decide(&mut self, now: Duration) {
+        let endpoints = self.supervisor.endpoints().borrow().clone();
+        for (name, scaling) in &mut self.revisions {
+            let ready = endpoints.ready(name).len() as u32;
+            scaling.scaler.observe_ready(ready);
+            let decision = scaling.kpa.scale(now, ready, scaling.reachable);
+            scaling.scaler.apply(now, &decision);
+            scaling.last = Some(decision);
+        }
+    }
+
+    /// Callers are holding requests: scale those revisions now, to as many replicas as the
+    /// held requests need at the revision's target.
+    fn activate(&mut self, pokes: Vec<Poke>) {
+        let mut waiting: HashMap<String, u32> = HashMap::new();
+        for poke in pokes {
+            let entry = waiting.entry(poke.revision).or_default();
+            *entry = (*entry).max(poke.waiting);
+        }
+        for (name, waiting) in waiting {
+            let Some(scaling) = self.revisions.get_mut(&name) else {
+                continue;
+            };
+            let before = scaling.scaler.current();
+            let after = scaling.scaler.activate(waiting);
+            if before == 0 && after > 0 {
+                self.metrics.activations.with_label_values(&[&name]).inc();
+                tracing::info!(revision = %name, waiting, replicas = after, "activating");
+            }
+        }
+    }
+
+    /// Sends every revision's replica count to the supervisor and publishes the status.
+    fn actuate(&self) {
+        let replicas = self
+            .revisions
+            .iter()
+            .map(|(name, s)| (name.clone(), (s.revision.clone(), s.scaler.current())))
+            .collect();
+        self.supervisor.apply(&replicas);
+        let mut board = self.board.lock();
+        board.clear();
+        for (name, scaling) in &self.revisions {
+            let status = ScalingStatus {
+                desired: scaling.scaler.current(),
+                panicking: scaling.last.is_some_and(|d| d.panicking),
+                stable: scaling.last.map_or(0.0, |d| d.stable_value),
+                panic: scaling.last.map_or(0.0, |d| d.panic_value),
+            };
+            self.metrics
+                .desired
+                .with_label_values(&[name])
+                .set(i64::from(status.desired));
+            self.metrics
+                .panic
+                .with_label_values(&[name])
+                .set(i64::from(status.panicking));
+            board.insert(name.clone(), status);
+        }
+    }
+
+    /// Reconciles on every change, records load every second, decides every tick and on
+    /// every poke, until shutdown.
     pub async fn run(mut self, shutdown: ShutdownSignal) {
         let mut endpoints = self.supervisor.endpoints();
+        let mut second = tokio::time::interval(Duration::from_secs(1));
+        second.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let stop = shutdown.recv();
+        tokio::pin!(stop);
+        self.reconcile();
         loop {
-            self.reconcile();
             tokio::select! {
                 changed = self.state.changed() => {
                     if changed.is_err() {
                         break;
                     }
+                    self.reconcile();
                 }
-                _ = endpoints.changed() => {}
-                () = shutdown.clone().recv() => break,
+                _ = endpoints.changed() => self.reconcile(),
+                Some(poke) = self.pokes.recv() => {
+                    let mut pokes = vec![poke];
+                    while let Ok(more) = self.pokes.try_recv() {
+                        pokes.push(more);
+                    }
+                    self.activate(pokes);
+                    self.actuate();
+                }
+                _ = second.tick() => {
+                    let now = self.now();
+                    self.record(now);
+                    if now.as_secs().is_multiple_of(TICK.as_secs()) {
+                        self.decide(now);
+                    }
+                    self.actuate();
+                }
+                () = &mut stop => break,
             }
+        }
+    }
+}
+
+// === impl StatusBoard ===
+
+impl StatusBoard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ScalingStatus>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn get(&self, revision: &str) -> Option<ScalingStatus> {
+        self.lock().get(revision).cloned()
+    }
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    fn register(registry: &Registry) -> Self {
+        let gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["revision"]).expect("valid metric");
+            let _ = registry.register(Box::new(g.clone()));
+            g
+        };
+        let float = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["revision"]).expect("valid metric");
+            let _ = registry.register(Box::new(g.clone()));
+            g
+        };
+        let activations = IntCounterVec::new(
+            Opts::new(
+                "mecha_autoscaler_activations_total",
+                "Scale-ups from zero replicas on a caller's poke",
+            ),
+            &["revision"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(activations.clone()));
+        Self {
+            desired: gauge(
+                "mecha_autoscaler_desired_replicas",
+                "Replicas the autoscaler wants for a revision",
+            ),
+            panic: gauge(
+                "mecha_autoscaler_panic_mode",
+                "1 while the revision's autoscaler is in panic mode",
+            ),
+            concurrency: float(
+                "mecha_autoscaler_observed_concurrency",
+                "Requests in flight on the revision's replicas plus those held by callers, averaged over the last second",
+            ),
+            rps: float(
+                "mecha_autoscaler_observed_rps",
+                "Requests per second reaching the revision's replicas over the last second",
+            ),
+            activations,
         }
     }
 }

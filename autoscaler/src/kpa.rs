@@ -373,13 +373,16 @@ impl Scaler {
         self.current
     }
 
-    /// A request arrived for a revision at zero: act on it now instead of at the next tick,
-    /// as Knative's activator does. Returns the new replica count.
-    pub fn activate(&mut self) -> u32 {
+    /// Callers hold `waiting` requests for the revision: act now instead of at the next tick,
+    /// as Knative's activator does, with enough replicas for the held requests at the target
+    /// (at least the activation scale). Never scales down. Returns the new replica count.
+    pub fn activate(&mut self, waiting: u32) -> u32 {
         self.zero_since = None;
-        if self.current == 0 {
-            self.current = self.spec.bound(self.spec.activation_scale.max(1));
-        }
+        let needed = (f64::from(waiting) / self.spec.target).ceil() as u32;
+        let wanted = self
+            .spec
+            .bound(needed.max(self.spec.activation_scale).max(1));
+        self.current = self.current.max(wanted);
         self.current
     }
 }
@@ -484,6 +487,8 @@ mod tests {
         assert_eq!(scaler.apply(Duration::from_secs(0), &zero), 1);
         assert_eq!(scaler.apply(Duration::from_secs(29), &zero), 1);
         assert_eq!(scaler.apply(Duration::from_secs(30), &zero), 0);
-        assert_eq!(scaler.activate(), 1);
+        assert_eq!(scaler.activate(1), 1);
+        // 100 held requests at a target of 70 per replica need two replicas at once.
+        assert_eq!(scaler.activate(100), 2);
     }
 }

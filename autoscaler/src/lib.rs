@@ -20,6 +20,6 @@ pub mod probe;
 pub mod serving;
 pub mod supervisor;
 
-pub use controller::Controller;
+pub use controller::{Controller, ScalingStatus, StatusBoard};
 pub use serving::{Applied, RevisionSpec, ServingState};
 pub use supervisor::{Supervisor, SupervisorConfig};

@@ -15,7 +15,7 @@ use crds::config::AutoscalerConfig;
 use crds::serving::{Container, PortProtocol, RevisionTemplate, Service, TrafficTarget};
 use crds::{FieldError, Source};
 use mecha_common::routing::{ServiceKey, UpstreamProtocol, service_host, tag_host};
-use mecha_common::{Route, RouteTarget, RoutingTable};
+use mecha_common::{BufferLimits, Route, RouteTarget, RoutingTable};
 
 use crate::kpa::DeciderSpec;
 
@@ -33,6 +33,8 @@ pub struct RevisionSpec {
     pub timeout: Duration,
     pub scaling: ScalingAnnotations,
     pub protocol: PortProtocol,
+    /// Bounds of the requests callers hold while the revision has no free replica.
+    pub buffer: BufferLimits,
 }
 
 /// One Service and the revisions it has made, oldest first.
@@ -67,12 +69,12 @@ pub enum Applied {
     Unchanged,
 }
 
-/// What the runtime should do: which host goes where, and how many replicas each revision
-/// should have. Revisions not listed should have none.
+/// What the runtime should do: which host goes where, and which revisions should run (the
+/// autoscaler decides how many replicas each gets). Revisions not listed should have none.
 #[derive(Debug, Clone, Default)]
 pub struct Desired {
     pub routes: RoutingTable,
-    pub replicas: BTreeMap<String, (Arc<RevisionSpec>, u32)>,
+    pub active: BTreeMap<String, Arc<RevisionSpec>>,
 }
 
 // === impl ServingState ===
@@ -155,18 +157,14 @@ impl ServingState {
         self.services.remove(key).is_some()
     }
 
-    /// Routes and replica counts. `ever_ready` tells whether a revision has become ready at
+    /// Routes and active revisions. `ever_ready` tells whether a revision has become ready at
     /// least once (Knative's Ready condition), which decides what `latestRevision` means.
     pub fn desired(&self, domain: &str, ever_ready: impl Fn(&str) -> bool) -> Desired {
         let mut desired = Desired::default();
         for record in self.services.values() {
             record.desired_into(domain, &ever_ready, &mut desired);
         }
-        // Until the autoscaler decides, a revision runs its initial scale within its bounds.
-        for (revision, replicas) in desired.replicas.values_mut() {
-            let spec = self.decider_spec(revision);
-            *replicas = spec.bound(spec.initial_scale);
-        }
+
         desired
     }
 }
@@ -236,9 +234,7 @@ impl ServiceRecord {
             },
         );
         for revision in active {
-            out.replicas
-                .entry(revision.name.clone())
-                .or_insert((revision, 0));
+            out.active.entry(revision.name.clone()).or_insert(revision);
         }
     }
 }
@@ -252,6 +248,8 @@ fn target(revision: &RevisionSpec, percent: u32) -> RouteTarget {
             PortProtocol::Http1 => UpstreamProtocol::Http1,
             PortProtocol::H2c => UpstreamProtocol::H2c,
         },
+        container_concurrency: revision.container_concurrency,
+        buffer: revision.buffer,
     }
 }
 
@@ -277,6 +275,14 @@ fn revision_spec(
         container_concurrency: template.spec.container_concurrency.unwrap_or(0),
         timeout: Duration::from_secs(service.timeout_seconds()),
         scaling: service.scaling(),
+        buffer: {
+            let defaults = BufferLimits::default();
+            let (requests, bytes) = service.buffer_annotations();
+            BufferLimits {
+                requests: requests.unwrap_or(defaults.requests),
+                bytes: bytes.unwrap_or(defaults.bytes),
+            }
+        },
         protocol: container.protocol(),
         container,
         workdir,
@@ -403,13 +409,13 @@ mod tests {
         let desired = state.desired("localhost", |r| r == "hello-00001");
         let route = desired.routes.lookup(host).expect("route");
         assert_eq!(route.targets[0].revision, "hello-00001");
-        assert_eq!(desired.replicas.len(), 2);
+        assert_eq!(desired.active.len(), 2);
         // Once v2 is ready, it takes all traffic and v1 is no longer run.
         let desired = state.desired("localhost", |_| true);
         let route = desired.routes.lookup(host).expect("route");
         assert_eq!(route.targets[0].revision, "hello-00002");
         assert_eq!(
-            desired.replicas.keys().collect::<Vec<_>>(),
+            desired.active.keys().collect::<Vec<_>>(),
             vec!["hello-00002"]
         );
         // Nothing ready yet: route to the newest so requests wait for it.
@@ -448,7 +454,7 @@ mod tests {
             .lookup("green-hello.default.localhost")
             .expect("green tag");
         assert_eq!(green.targets[0].revision, "hello-00002");
-        assert_eq!(desired.replicas.len(), 2);
+        assert_eq!(desired.active.len(), 2);
     }
 
     #[test]
@@ -460,7 +466,8 @@ mod tests {
         );
         apply(&mut state, &yaml).expect("apply");
         let desired = state.desired("localhost", |_| true);
-        assert_eq!(desired.replicas["hello-00001"].1, 2);
+        let spec = state.decider_spec(&desired.active["hello-00001"]);
+        assert_eq!(spec.bound(spec.initial_scale), 2);
     }
 
     #[test]
@@ -480,8 +487,11 @@ mod tests {
             ..AutoscalerConfig::default()
         }));
         apply(&mut state, &yaml).expect("allowed");
+        let desired = state.desired("localhost", |_| true);
         assert_eq!(
-            state.desired("localhost", |_| true).replicas["hello-00001"].1,
+            state
+                .decider_spec(&desired.active["hello-00001"])
+                .initial_scale,
             0
         );
     }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mecha_common::routing::ServiceKey;
-use mecha_common::{Endpoint, EndpointTable, RevisionEndpoints};
+use mecha_common::{Activation, Endpoint, EndpointTable, RevisionEndpoints};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -54,6 +54,8 @@ pub struct Supervisor {
 struct Inner {
     config: SupervisorConfig,
     logs: LogHub,
+    /// Where a revision's endpoints get their shared "request finished" signal.
+    activation: Activation,
     endpoints: watch::Sender<Arc<EndpointTable>>,
     revisions: Mutex<HashMap<String, RevisionRunner>>,
     ever_ready: Mutex<HashSet<String>>,
@@ -102,7 +104,7 @@ pub struct ReplicaStatus {
     pub ready: bool,
     pub stopping: bool,
     pub restarts: u32,
-    pub in_flight: usize,
+    pub in_flight: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -132,11 +134,17 @@ impl Default for SupervisorConfig {
 // === impl Supervisor ===
 
 impl Supervisor {
-    pub fn new(config: SupervisorConfig, logs: LogHub, registry: &Registry) -> Self {
+    pub fn new(
+        config: SupervisorConfig,
+        logs: LogHub,
+        activation: Activation,
+        registry: &Registry,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 logs,
+                activation,
                 endpoints: watch::channel(Arc::default()).0,
                 revisions: Mutex::default(),
                 ever_ready: Mutex::default(),
@@ -334,7 +342,11 @@ impl Inner {
                 Ok((mut child, addr)) => {
                     // One endpoint per process: its in-flight count outlives readiness flaps,
                     // and a restart is a new endpoint that callers have not given up on.
-                    let endpoint = Endpoint::new(replica.name.clone(), addr);
+                    let endpoint = Endpoint::new(
+                        replica.name.clone(),
+                        addr,
+                        self.activation.released(&spec.name),
+                    );
                     let pid = child.id();
                     {
                         let mut state = lock(&replica.state);
@@ -433,11 +445,7 @@ impl Inner {
                 "ready in {} ms",
                 started.elapsed().as_millis()
             );
-            self.set_endpoint(
-                spec,
-                replica,
-                Some(Endpoint::new(replica.name.clone(), addr)),
-            );
+            self.set_endpoint(spec, replica, Some(endpoint.clone()));
             let mut failures = 0;
             while failures < probe.failure_threshold {
                 tokio::time::sleep(probe.ready_period()).await;

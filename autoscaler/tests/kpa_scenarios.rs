@@ -106,7 +106,7 @@ fn run(path: &Path) -> Result<(), String> {
     for (i, phase) in scenario.phases.iter().enumerate() {
         let length = parse_go_duration(&phase.duration)?.as_secs();
         if phase.activate {
-            sim.replicas = sim.scaler.activate();
+            sim.replicas = sim.scaler.activate(1);
         }
         let mut checks: Vec<(u64, &Check)> = phase
             .checks

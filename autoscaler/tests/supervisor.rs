@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use autoscaler::logs::LogHub;
-use autoscaler::{ServingState, Supervisor, SupervisorConfig};
+use std::collections::BTreeMap;
+
+use autoscaler::{RevisionSpec, ServingState, Supervisor, SupervisorConfig};
 use crds::{Mode, Resource, load_str};
 use mecha_common::EndpointTable;
 use tokio::sync::watch;
@@ -39,6 +41,16 @@ fn state_with(command: &[&str], annotations: &str) -> ServingState {
     state
 }
 
+/// Every active revision of `state` at `count` replicas.
+fn replicas(state: &ServingState, count: u32) -> BTreeMap<String, (Arc<RevisionSpec>, u32)> {
+    state
+        .desired("localhost", |_| true)
+        .active
+        .into_iter()
+        .map(|(name, revision)| (name, (revision, count)))
+        .collect()
+}
+
 fn new_supervisor(grace: Duration) -> (Supervisor, LogHub) {
     let logs = LogHub::new(false);
     let config = SupervisorConfig {
@@ -47,7 +59,12 @@ fn new_supervisor(grace: Duration) -> (Supervisor, LogHub) {
         max_restart_backoff: Duration::from_millis(400),
     };
     (
-        Supervisor::new(config, logs.clone(), &prometheus::Registry::new()),
+        Supervisor::new(
+            config,
+            logs.clone(),
+            mecha_common::Activation::new().0,
+            &prometheus::Registry::new(),
+        ),
         logs,
     )
 }
@@ -78,9 +95,8 @@ async fn runs_probes_restarts_and_stops_replicas() {
     );
     let (supervisor, logs) = new_supervisor(Duration::from_secs(5));
     let mut endpoints = supervisor.endpoints();
-    let desired = state.desired("localhost", |_| true);
-    assert_eq!(desired.replicas["sup-00001"].1, 2);
-    supervisor.apply(&desired.replicas);
+    let desired = replicas(&state, 2);
+    supervisor.apply(&desired);
     wait_for(&mut endpoints, "two ready replicas", |t| {
         t.ready("sup-00001").len() == 2
     })
@@ -133,7 +149,7 @@ async fn runs_probes_restarts_and_stops_replicas() {
     assert!(!new_pids.contains(&pids[0]));
 
     // Scaling down to one stops one; stopping all leaves no process behind.
-    let mut one = desired.replicas.clone();
+    let mut one = desired.clone();
     one.get_mut("sup-00001").expect("rev").1 = 1;
     supervisor.apply(&one);
     wait_for(&mut endpoints, "scale down to one", |t| {
@@ -151,7 +167,7 @@ async fn runs_probes_restarts_and_stops_replicas() {
 async fn a_crashing_command_is_restarted_with_backoff_and_a_missing_one_is_reported() {
     let state = state_with(&["sh", "-c", "echo boom; exit 3"], "");
     let (supervisor, logs) = new_supervisor(Duration::from_secs(1));
-    supervisor.apply(&state.desired("localhost", |_| true).replicas);
+    supervisor.apply(&replicas(&state, 1));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let restarts: u32 = supervisor
@@ -171,7 +187,7 @@ async fn a_crashing_command_is_restarted_with_backoff_and_a_missing_one_is_repor
 
     let state = state_with(&["./no-such-program"], "");
     let (supervisor, logs) = new_supervisor(Duration::from_secs(1));
-    supervisor.apply(&state.desired("localhost", |_| true).replicas);
+    supervisor.apply(&replicas(&state, 1));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let lines = logs.follow(&key).0;
     assert!(
@@ -188,7 +204,7 @@ async fn a_replica_ignoring_sigterm_is_killed_after_the_grace_period() {
     let script = "trap '' TERM; echo up; while true; do sleep 0.05; done";
     let state = state_with(&["sh", "-c", script], "");
     let (supervisor, _) = new_supervisor(Duration::from_millis(300));
-    supervisor.apply(&state.desired("localhost", |_| true).replicas);
+    supervisor.apply(&replicas(&state, 1));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let pid = loop {
         if let Some(pid) = supervisor

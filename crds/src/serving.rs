@@ -19,6 +19,13 @@ pub const MAX_TIMEOUT_SECONDS: u64 = 600;
 /// Knative's default upper bound on `containerConcurrency`.
 pub const MAX_CONTAINER_CONCURRENCY: u32 = 1000;
 
+/// Prefix of Mecha's own template annotations.
+pub const MECHA_PREFIX: &str = "mecha.dev/";
+/// Most requests callers hold for a revision that has no free replica.
+pub const MAX_BUFFERED_REQUESTS: &str = "mecha.dev/max-buffered-requests";
+/// Most declared body bytes (`Content-Length`) of the requests held for a revision.
+pub const MAX_BUFFERED_BYTES: &str = "mecha.dev/max-buffered-bytes";
+
 /// Environment variables Mecha sets itself; a container may not set them.
 pub const RESERVED_ENV: &[&str] = &["PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"];
 
@@ -226,6 +233,19 @@ impl Service {
         )
     }
 
+    /// The `mecha.dev/max-buffered-*` annotations: (requests, bytes), `None` when not set.
+    pub fn buffer_annotations(&self) -> (Option<u32>, Option<u64>) {
+        let annotations = &self.spec.template.metadata.annotations;
+        (
+            annotations
+                .get(MAX_BUFFERED_REQUESTS)
+                .and_then(|v| v.trim().parse().ok()),
+            annotations
+                .get(MAX_BUFFERED_BYTES)
+                .and_then(|v| v.trim().parse().ok()),
+        )
+    }
+
     /// Checks everything that can be checked on the Service alone. Traffic targets that name
     /// revisions are checked against the existing revisions when the Service is applied.
     pub fn validate(&self, mode: Mode) -> Vec<FieldError> {
@@ -238,6 +258,7 @@ impl Service {
             "spec.template.metadata.annotations",
             &mut errors,
         );
+        validate_mecha_annotations(&template.metadata.annotations, &mut errors);
         template
             .spec
             .validate("spec.template.spec", mode, &mut errors);
@@ -430,6 +451,35 @@ impl Probe {
                     "must be at least 1",
                 ));
             }
+        }
+    }
+}
+
+fn validate_mecha_annotations(
+    annotations: &BTreeMap<String, String>,
+    errors: &mut Vec<FieldError>,
+) {
+    for (key, value) in annotations {
+        if !key.starts_with(MECHA_PREFIX) {
+            continue;
+        }
+        let at = format!("spec.template.metadata.annotations[\"{key}\"]");
+        let valid = match key.as_str() {
+            MAX_BUFFERED_REQUESTS => value.trim().parse::<u32>().is_ok_and(|n| n > 0),
+            MAX_BUFFERED_BYTES => value.trim().parse::<u64>().is_ok(),
+            _ => {
+                errors.push(FieldError::new(
+                    at,
+                    format!("unknown Mecha annotation; supported: {MAX_BUFFERED_REQUESTS}, {MAX_BUFFERED_BYTES}"),
+                ));
+                continue;
+            }
+        };
+        if !valid {
+            errors.push(FieldError::new(
+                at,
+                format!("{value:?} is not a whole number (requests: at least 1)"),
+            ));
         }
     }
 }

@@ -5,10 +5,16 @@
 //! Nothing here knows about Kubernetes: the same types serve local mode and cluster mode.
 #![forbid(unsafe_code)]
 
+pub mod activation;
 pub mod admin;
+pub mod load;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use routing::{Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget, RoutingTable};
+pub use activation::Activation;
+pub use load::{LoadGuard, LoadSample, LoadTracker};
+pub use routing::{
+    BufferLimits, Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget, RoutingTable,
+};
 pub use shutdown::{Shutdown, ShutdownSignal};

@@ -9,10 +9,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::load::{LoadGuard, LoadSample, LoadTracker};
 
 /// A Service's identity: namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -45,6 +47,28 @@ pub struct RouteTarget {
     pub timeout: Duration,
     /// What the revision's container speaks.
     pub protocol: UpstreamProtocol,
+    /// Most requests one replica takes at once (`containerConcurrency`); 0 is unlimited.
+    pub container_concurrency: u32,
+    /// How many requests callers may hold for this revision while it has no free replica.
+    pub buffer: BufferLimits,
+}
+
+/// Bounds of the requests held for a revision that has no free replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BufferLimits {
+    pub requests: u32,
+    /// Sum of the held requests' declared body sizes (`Content-Length`).
+    pub bytes: u64,
+}
+
+impl Default for BufferLimits {
+    fn default() -> Self {
+        Self {
+            requests: 10_000,
+            bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// The protocol of a revision's container, from its port name (`http1` or `h2c`).
@@ -68,19 +92,17 @@ pub struct RevisionEndpoints {
     pub ready: Vec<Endpoint>,
 }
 
-/// One ready replica process. Clones share the in-flight counter, which is how the supervisor
-/// knows a replica it has taken out of rotation has finished its last request.
+/// One ready replica process. Clones share its load tracker, which is how the supervisor
+/// knows a replica it has taken out of rotation has finished its last request, and how the
+/// autoscaler reads the replica's concurrency.
 #[derive(Clone)]
 pub struct Endpoint {
     pub replica: Arc<str>,
     pub addr: SocketAddr,
-    in_flight: Arc<AtomicUsize>,
-}
-
-/// Counts one request against an [`Endpoint`] until dropped.
-#[derive(Debug)]
-pub struct InFlightGuard {
-    in_flight: Arc<AtomicUsize>,
+    load: Arc<LoadTracker>,
+    /// Shared by the endpoints of one revision: notified (one waiter) whenever a request on
+    /// any of them finishes, so a caller waiting for free capacity can look again.
+    released: Arc<Notify>,
 }
 
 /// The host a Service answers on: `{name}.{namespace}.{domain}`.
@@ -205,30 +227,45 @@ impl EndpointTable {
 // === impl Endpoint ===
 
 impl Endpoint {
-    pub fn new(replica: impl Into<Arc<str>>, addr: SocketAddr) -> Self {
+    /// A replica of a revision whose endpoints share `released`.
+    pub fn new(replica: impl Into<Arc<str>>, addr: SocketAddr, released: Arc<Notify>) -> Self {
         Self {
             replica: replica.into(),
             addr,
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            load: Arc::new(LoadTracker::new()),
+            released,
         }
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+    /// An endpoint not tied to other replicas (tests, single upstreams).
+    pub fn standalone(replica: impl Into<Arc<str>>, addr: SocketAddr) -> Self {
+        Self::new(replica, addr, Arc::new(Notify::new()))
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.load.in_flight()
+    }
+
+    /// The replica's load since the last sample (the autoscaler is the one sampler).
+    pub fn sample(&self) -> LoadSample {
+        self.load.sample()
     }
 
     /// Whether both are the same published endpoint — one process of a replica: a restarted
     /// replica keeps its name but is a new endpoint.
     pub fn same(&self, other: &Endpoint) -> bool {
-        Arc::ptr_eq(&self.in_flight, &other.in_flight)
+        Arc::ptr_eq(&self.load, &other.load)
     }
 
     /// Counts a request against this replica until the guard is dropped.
-    pub fn track(&self) -> InFlightGuard {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard {
-            in_flight: self.in_flight.clone(),
-        }
+    pub fn track(&self) -> LoadGuard {
+        self.load.start(Some(self.released.clone()))
+    }
+
+    /// Counts a request against this replica if it has fewer than `limit` in flight (0: no
+    /// limit) — Knative's `containerConcurrency`.
+    pub fn try_track(&self, limit: u32) -> Option<LoadGuard> {
+        self.load.try_start(limit, Some(self.released.clone()))
     }
 }
 
@@ -242,14 +279,6 @@ impl fmt::Debug for Endpoint {
     }
 }
 
-// === impl InFlightGuard ===
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +289,8 @@ mod tests {
             percent,
             timeout: Duration::from_secs(300),
             protocol: UpstreamProtocol::Http1,
+            container_concurrency: 0,
+            buffer: BufferLimits::default(),
         }
     }
 
@@ -308,15 +339,15 @@ mod tests {
         assert!(picks.iter().all(|p| p.as_deref() != Some("b")));
     }
 
-    #[test]
-    fn in_flight_counts_until_guard_drops() {
-        let endpoint = Endpoint::new("r1", "127.0.0.1:1".parse().expect("addr"));
+    #[tokio::test]
+    async fn in_flight_counts_until_guard_drops() {
+        let endpoint = Endpoint::standalone("r1", "127.0.0.1:1".parse().expect("addr"));
         let clone = endpoint.clone();
         let guard = endpoint.track();
         assert_eq!(clone.in_flight(), 1);
         drop(guard);
         assert_eq!(clone.in_flight(), 0);
         assert!(clone.same(&endpoint));
-        assert!(!Endpoint::new("r1", "127.0.0.1:1".parse().expect("addr")).same(&endpoint));
+        assert!(!Endpoint::standalone("r1", "127.0.0.1:1".parse().expect("addr")).same(&endpoint));
     }
 }

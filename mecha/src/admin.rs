@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use autoscaler::logs::LogHub;
-use autoscaler::{ServingState, Supervisor};
+use autoscaler::{ServingState, StatusBoard, Supervisor};
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
@@ -34,6 +34,7 @@ pub const DOMAIN: &str = "localhost";
 pub struct AdminState {
     pub store: Arc<LocalStore>,
     pub supervisor: Supervisor,
+    pub scaling: StatusBoard,
     pub logs: LogHub,
     pub gateway_port: u16,
     pub shutdown: ShutdownSignal,
@@ -62,6 +63,7 @@ async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {
     Json(service_views(
         &state.store.snapshot(),
         &state.supervisor,
+        &state.scaling,
         state.gateway_port,
     ))
 }
@@ -147,7 +149,12 @@ fn unprocessable(errors: Vec<LoadError>) -> Response {
 }
 
 /// What `mecha get services` shows, from the desired state and the supervisor's view.
-pub fn service_views(state: &ServingState, supervisor: &Supervisor, port: u16) -> Vec<ServiceView> {
+pub fn service_views(
+    state: &ServingState,
+    supervisor: &Supervisor,
+    scaling: &StatusBoard,
+    port: u16,
+) -> Vec<ServiceView> {
     let desired = state.desired(DOMAIN, |r| supervisor.ever_ready(r));
     let url = |host: String| format!("http://{host}:{port}");
     state
@@ -192,6 +199,7 @@ pub fn service_views(state: &ServingState, supervisor: &Supervisor, port: u16) -
                         name: revision.name.clone(),
                         desired: status.desired,
                         replicas: status.replicas,
+                        autoscaler: scaling.get(&revision.name),
                     })
                 })
                 .collect();
@@ -208,6 +216,9 @@ pub fn service_views(state: &ServingState, supervisor: &Supervisor, port: u16) -
                     .map(|r| r.replicas.iter().filter(|x| x.ready && !x.stopping).count() as u32)
                     .sum(),
                 desired: revisions.iter().map(|r| r.desired).sum(),
+                panicking: revisions
+                    .iter()
+                    .any(|r| r.autoscaler.as_ref().is_some_and(|a| a.panicking)),
                 traffic,
                 revisions,
             }

@@ -1,5 +1,6 @@
 //! The admin API's JSON shapes, shared by the server in `mecha up` and the CLI client.
 
+use autoscaler::ScalingStatus;
 use autoscaler::supervisor::ReplicaStatus;
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,8 @@ pub struct ServiceView {
     /// Ready and desired replicas over all revisions that serve traffic.
     pub ready: u32,
     pub desired: u32,
+    /// Whether the autoscaler of any serving revision is in panic mode.
+    pub panicking: bool,
     pub traffic: Vec<TrafficView>,
     pub revisions: Vec<RevisionView>,
 }
@@ -61,4 +64,7 @@ pub struct RevisionView {
     pub name: String,
     pub desired: u32,
     pub replicas: Vec<ReplicaStatus>,
+    /// The autoscaler's last decision for the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<ScalingStatus>,
 }

@@ -30,7 +30,7 @@ pub fn print_services(services: &[ServiceView]) {
         println!("No services.");
         return;
     }
-    let rows: Vec<[String; 5]> = services
+    let rows: Vec<[String; 6]> = services
         .iter()
         .map(|s| {
             let traffic = s
@@ -45,11 +45,12 @@ pub fn print_services(services: &[ServiceView]) {
                 s.url.clone(),
                 s.latest_revision.clone().unwrap_or_else(|| "-".into()),
                 format!("{}/{}", s.ready, s.desired),
+                if s.panicking { "panic" } else { "stable" }.to_string(),
                 traffic,
             ]
         })
         .collect();
-    let header = ["SERVICE", "URL", "LATEST", "READY", "TRAFFIC"];
+    let header = ["SERVICE", "URL", "LATEST", "READY", "MODE", "TRAFFIC"];
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             rows.iter()

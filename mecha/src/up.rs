@@ -13,7 +13,7 @@ use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
 use crds::Mode;
 use mecha_common::admin::Health;
-use mecha_common::{Shutdown, ShutdownSignal};
+use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -78,18 +78,29 @@ pub async fn run(config: UpConfig) -> ExitCode {
     let health = Health::default();
     let shutdown = Shutdown::new();
     let logs = LogHub::new(true);
+    let (activation, pokes) = Activation::new();
     let supervisor = Supervisor::new(
         SupervisorConfig {
             grace_period: config.grace_period,
             ..SupervisorConfig::default()
         },
         logs.clone(),
+        activation.clone(),
         &registry,
     );
-    let controller = Controller::new(store.subscribe(), supervisor.clone(), DOMAIN);
+    let controller = Controller::new(
+        store.subscribe(),
+        supervisor.clone(),
+        activation.clone(),
+        pokes,
+        DOMAIN,
+        &registry,
+    );
+    let scaling = controller.status_board();
     let gateway = Gateway::new(
         controller.routes(),
         supervisor.endpoints(),
+        activation,
         DOMAIN,
         &registry,
     );
@@ -107,6 +118,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         AdminState {
             store: store.clone(),
             supervisor: supervisor.clone(),
+            scaling: scaling.clone(),
             logs,
             gateway_port: gateway_addr.port(),
             shutdown: shutdown.signal(),
@@ -137,6 +149,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
     output::print_services(&admin::service_views(
         &store.snapshot(),
         &supervisor,
+        &scaling,
         gateway_addr.port(),
     ));
     println!();
