@@ -6,7 +6,8 @@
 //! - [`Kpa`]: observed load in 1-second buckets, stable and panic window averages, panic mode,
 //!   rate limits, activation scale and scale-down delay — Knative's `Scale` step.
 //! - [`Scaler`]: what is applied to the workload: initial scale, min/max bounds, and scale to
-//!   zero only after the grace (and retention) period.
+//!   zero only after the grace (and retention) period — and never within the first stable
+//!   window of the revision's life.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -82,6 +83,9 @@ pub struct Scaler {
     initialized: bool,
     /// Since when the KPA has wanted zero replicas.
     zero_since: Option<Duration>,
+    /// When the first decision was applied: a revision lives at least one stable window
+    /// before the grace period towards zero can start, even if it never saw load.
+    started: Option<Duration>,
     current: u32,
 }
 
@@ -324,6 +328,7 @@ impl Scaler {
             spec,
             initialized: false,
             zero_since: None,
+            started: None,
             current,
         }
     }
@@ -349,12 +354,14 @@ impl Scaler {
         let Some(mut desired) = decision.desired else {
             return self.current;
         };
+        let started = *self.started.get_or_insert(now);
         if !self.initialized {
             desired = desired.max(self.spec.initial_scale);
         }
         let bounded = self.spec.bound(desired);
         self.current = if bounded == 0 {
-            let since = *self.zero_since.get_or_insert(now);
+            let since =
+                (*self.zero_since.get_or_insert(now)).max(started + self.spec.stable_window);
             let wait = self
                 .spec
                 .scale_to_zero_grace_period
@@ -363,8 +370,8 @@ impl Scaler {
                 0
             } else {
                 // Keep one replica until the grace period is over (or for ever when scaling to
-                // zero is disabled).
-                1
+                // zero is disabled) — but never start one for a revision that has none.
+                self.current.min(1)
             }
         } else {
             self.zero_since = None;
@@ -474,6 +481,23 @@ mod tests {
     }
 
     #[test]
+    fn a_revision_at_zero_stays_at_zero_without_load() {
+        let mut scaler = Scaler::new(DeciderSpec {
+            initial_scale: 0,
+            ..spec()
+        });
+        let zero = Decision {
+            desired: Some(0),
+            panicking: false,
+            stable_value: 0.0,
+            panic_value: 0.0,
+        };
+        assert_eq!(scaler.current(), 0);
+        assert_eq!(scaler.apply(Duration::from_secs(0), &zero), 0);
+        assert_eq!(scaler.apply(Duration::from_secs(2), &zero), 0);
+    }
+
+    #[test]
     fn scaler_waits_out_the_grace_period_before_zero() {
         let mut scaler = Scaler::new(spec());
         assert_eq!(scaler.current(), 1);
@@ -484,9 +508,10 @@ mod tests {
             stable_value: 0.0,
             panic_value: 0.0,
         };
+        // A revision that never saw load lives one stable window (60 s), then the 30 s grace.
         assert_eq!(scaler.apply(Duration::from_secs(0), &zero), 1);
-        assert_eq!(scaler.apply(Duration::from_secs(29), &zero), 1);
-        assert_eq!(scaler.apply(Duration::from_secs(30), &zero), 0);
+        assert_eq!(scaler.apply(Duration::from_secs(89), &zero), 1);
+        assert_eq!(scaler.apply(Duration::from_secs(90), &zero), 0);
         assert_eq!(scaler.activate(1), 1);
         // 100 held requests at a target of 70 per replica need two replicas at once.
         assert_eq!(scaler.activate(100), 2);
