@@ -8,7 +8,11 @@ use crds::serving::Container;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Knative's aggressive probing until first ready: every 50 ms with a 100 ms timeout.
+/// Probing until first ready: every 5 ms for the first [`FAST_STARTUP`] of a replica's life
+/// (a refused loopback connect costs microseconds, and a cold request waits for this), then
+/// Knative's 50 ms. Timeout 100 ms, as in Knative.
+pub const FAST_PERIOD: Duration = Duration::from_millis(5);
+pub const FAST_STARTUP: Duration = Duration::from_secs(5);
 pub const AGGRESSIVE_PERIOD: Duration = Duration::from_millis(50);
 pub const AGGRESSIVE_TIMEOUT: Duration = Duration::from_millis(100);
 /// How often a ready replica is re-probed when the probe sets no period (Kubernetes' default).
@@ -67,9 +71,13 @@ impl ProbeSpec {
         }
     }
 
-    /// Interval between probes before the replica is first ready.
-    pub fn startup_period(&self) -> Duration {
-        self.period.unwrap_or(AGGRESSIVE_PERIOD)
+    /// Interval between probes before the replica is first ready, `running` after its start.
+    pub fn startup_period(&self, running: Duration) -> Duration {
+        match self.period {
+            Some(period) => period,
+            None if running < FAST_STARTUP => FAST_PERIOD,
+            None => AGGRESSIVE_PERIOD,
+        }
     }
 
     /// Interval between probes once the replica is ready.
@@ -160,7 +168,8 @@ mod tests {
     async fn tcp_probe_needs_a_listener() {
         let spec = ProbeSpec::for_container(&Container::default());
         assert_eq!(spec.kind, ProbeKind::Tcp);
-        assert_eq!(spec.startup_period(), AGGRESSIVE_PERIOD);
+        assert_eq!(spec.startup_period(Duration::ZERO), FAST_PERIOD);
+        assert_eq!(spec.startup_period(FAST_STARTUP), AGGRESSIVE_PERIOD);
         let addr = serve_status(200).await;
         assert!(spec.check(addr).await);
         let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -437,7 +437,7 @@ impl Inner {
                 } else {
                     successes = 0;
                 }
-                tokio::time::sleep(probe.startup_period()).await;
+                tokio::time::sleep(probe.startup_period(started.elapsed())).await;
             }
             tracing::info!(
                 replica = %replica.name,

@@ -45,6 +45,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
     if let Err(errors) = store.apply(loaded) {
         return output::refuse(&errors);
     }
+    raise_open_files_limit();
     if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
         eprintln!(
             "error: cannot create the state directory {}: {error}",
@@ -183,6 +184,23 @@ pub async fn run(config: UpConfig) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Every held or proxied request costs file descriptors (client and replica sockets); a burst
+/// of a thousand requests needs more than the usual soft limit of 1024, so raise it to the
+/// hard limit as Go programs and nginx do.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, "cannot raise the open files limit");
+        }
+    }
 }
 
 async fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<TcpListener, ExitCode> {
