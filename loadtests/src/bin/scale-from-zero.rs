@@ -161,19 +161,17 @@ async fn run(args: Args) -> Result<(), String> {
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
                 if let Ok((_, body)) = get_body(&http, admin, "localhost", "/api/v1/services").await
+                    && let Ok(services) = serde_json::from_slice::<serde_json::Value>(&body)
                 {
-                    if let Ok(services) = serde_json::from_slice::<serde_json::Value>(&body) {
-                        for s in services
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter(|s| s["name"] == "burst")
-                        {
-                            peak_desired
-                                .fetch_max(s["desired"].as_u64().unwrap_or(0), Ordering::Relaxed);
-                            peak_ready
-                                .fetch_max(s["ready"].as_u64().unwrap_or(0), Ordering::Relaxed);
-                        }
+                    for s in services
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|s| s["name"] == "burst")
+                    {
+                        peak_desired
+                            .fetch_max(s["desired"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                        peak_ready.fetch_max(s["ready"].as_u64().unwrap_or(0), Ordering::Relaxed);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
