@@ -29,6 +29,10 @@ pub enum ProxyError {
         revision: String,
         limit: String,
     },
+    #[error(
+        "service {service} is overloaded: {queue} requests already wait for the container; retry later"
+    )]
+    Overloaded { service: ServiceKey, queue: u32 },
     #[error("service {service} did not answer within its timeout of {}s", timeout.as_secs_f64())]
     Timeout {
         service: ServiceKey,
@@ -53,7 +57,9 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::BufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BufferFull { .. } | ProxyError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 

@@ -2,8 +2,10 @@
 //!
 //! - **gateway** ([`gateway`]): external traffic on one port, routed by `Host` to the ready
 //!   replicas of the Service (or traffic tag) it names;
-//! - **outbound** and **inbound** roles (the mesh client and Knative's queue-proxy) build on
-//!   the same [`proxy`] forwarding.
+//! - **inbound** ([`inbound`]): Knative's queue-proxy role in front of one container —
+//!   `containerConcurrency`, readiness probing, load metrics; the `activator-sidecar` binary
+//!   runs it on its own;
+//! - **outbound** (the mesh client) will build on the same [`proxy`] forwarding.
 //!
 //! The stage order follows linkerd2-proxy: route → pick a target revision → wait (bounded)
 //! for a ready endpoint → forward; one place ([`error::ProxyError`]) maps every failure to
@@ -13,6 +15,7 @@
 pub mod body;
 pub mod error;
 pub mod gateway;
+pub mod inbound;
 pub mod proxy;
 pub mod server;
 

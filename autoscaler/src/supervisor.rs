@@ -316,7 +316,7 @@ impl Inner {
 
     /// One replica from first start to final exit.
     async fn run_replica(self: Arc<Self>, spec: Arc<RevisionSpec>, replica: Arc<Replica>) {
-        let probe = ProbeSpec::for_container(&spec.container);
+        let probe = crate::probe::for_container(&spec.container);
         let mut stop = replica.stop.subscribe();
         let mut backoff = self.config.restart_backoff;
         loop {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::FieldError;
+pub use mecha_common::duration::parse_go as parse_go_duration;
 
 pub const PREFIX: &str = "autoscaling.knative.dev/";
 
@@ -219,42 +220,6 @@ fn fmt_duration(d: Duration) -> String {
     format!("{}s", d.as_secs_f64())
 }
 
-/// Parses a duration as Go's `time.ParseDuration` writes it (`60s`, `1m30s`, `1.5h`, `500ms`),
-/// the syntax Knative uses in annotations and `config-autoscaler`. A bare `0` is zero.
-pub fn parse_go_duration(value: &str) -> Result<Duration, String> {
-    let bad = || format!("{value:?} is not a duration: write it like 30s, 1m30s, 500ms or 1h");
-    if value == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if value.is_empty() || value.starts_with('-') {
-        return Err(bad());
-    }
-    let mut total = 0f64;
-    let mut rest = value.strip_prefix('+').unwrap_or(value);
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += number * seconds;
-        rest = &rest[unit_len..];
-    }
-    Duration::try_from_secs_f64(total).map_err(|_| bad())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,18 +232,6 @@ mod tests {
         let mut errors = Vec::new();
         let parsed = ScalingAnnotations::parse(&map, "a", &mut errors);
         (parsed, errors)
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_go_duration("1.5h"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_go_duration("60").is_err());
-        assert!(parse_go_duration("-1s").is_err());
-        assert!(parse_go_duration("1d").is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 
 pub mod activation;
 pub mod admin;
+pub mod duration;
 pub mod load;
+pub mod probe;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,512 @@
+//! The inbound role (Knative's queue-proxy): in front of one user container, on the serving
+//! port. It enforces `containerConcurrency` — at most CC requests reach the container at once,
+//! at most 10 × CC wait, the rest get 503 with `Retry-After` — probes the container's readiness
+//! itself, answers Knative's `K-Network-Probe` requests, and keeps the time-weighted
+//! concurrency and request rate the autoscaler scales on (exported on `/metrics`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use mecha_common::admin::Health;
+use mecha_common::probe::{ProbeKind, ProbeSpec};
+use mecha_common::routing::{ServiceKey, UpstreamProtocol};
+use mecha_common::{Endpoint, LoadGuard};
+use prometheus::{Gauge, IntCounterVec, Opts, Registry};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::{ProxyBody, full};
+use crate::error::ProxyError;
+use crate::proxy::{Failure, Forwarder};
+
+/// Knative's queue depth per allowed concurrent request.
+pub const QUEUE_DEPTH_PER_SLOT: u32 = 10;
+
+/// The inbound role's settings, read from the environment like Knative's queue-proxy (flags
+/// of the binary set the same names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundConfig {
+    /// `QUEUE_SERVING_PORT` (8012): where requests for the container arrive.
+    pub serving_port: u16,
+    /// `QUEUE_ADMIN_PORT` (8022): `/live`, `/ready`, `/metrics`.
+    pub admin_port: u16,
+    /// `USER_PORT` (8080): where the container listens, on 127.0.0.1.
+    pub user_port: u16,
+    /// `CONTAINER_CONCURRENCY` (0 = unlimited).
+    pub container_concurrency: u32,
+    /// `REVISION_TIMEOUT_SECONDS` (300): longest a request may take.
+    pub timeout: Duration,
+    /// `SERVING_READINESS_PATH`: probe the container with an HTTP GET of this path; a TCP
+    /// connect when unset.
+    pub readiness_path: Option<String>,
+    /// `DRAIN_TIMEOUT` (30s): how long in-flight requests may take after SIGTERM.
+    pub drain_timeout: Duration,
+    /// `SERVING_NAMESPACE`, `SERVING_SERVICE`: named in error messages.
+    pub service: ServiceKey,
+}
+
+/// A setting that could not be used, named as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The running inbound proxy.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    config: Arc<InboundConfig>,
+    user: Endpoint,
+    released: Arc<Notify>,
+    queued: Arc<AtomicU32>,
+    forwarder: Forwarder,
+    health: Health,
+    metrics: Metrics,
+}
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    requests: IntCounterVec,
+    concurrency: Gauge,
+    rps: Gauge,
+}
+
+// === impl InboundConfig ===
+
+impl InboundConfig {
+    /// Reads every setting through `get` (the environment, or a map in tests).
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        fn parse<T: std::str::FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            setting: &'static str,
+            default: T,
+            check: impl Fn(&T) -> Result<(), String>,
+        ) -> Result<T, ConfigError> {
+            let Some(value) = get(setting) else {
+                return Ok(default);
+            };
+            let error = |reason: String| ConfigError {
+                setting,
+                value: value.clone(),
+                reason,
+            };
+            let parsed = value
+                .trim()
+                .parse::<T>()
+                .map_err(|_| error("not a valid number".into()))?;
+            check(&parsed).map_err(error)?;
+            Ok(parsed)
+        }
+        let port = |p: &u16| {
+            if *p == 0 {
+                Err("must be a port between 1 and 65535".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        let serving_port = parse(&get, "QUEUE_SERVING_PORT", 8012u16, port)?;
+        let admin_port = parse(&get, "QUEUE_ADMIN_PORT", 8022u16, port)?;
+        let user_port = parse(&get, "USER_PORT", 8080u16, port)?;
+        for (setting, value) in [("QUEUE_ADMIN_PORT", admin_port), ("USER_PORT", user_port)] {
+            if value == serving_port {
+                return Err(ConfigError {
+                    setting,
+                    value: value.to_string(),
+                    reason: "must differ from QUEUE_SERVING_PORT".into(),
+                });
+            }
+        }
+        let container_concurrency = parse(&get, "CONTAINER_CONCURRENCY", 0u32, |cc| {
+            if *cc > 1000 {
+                Err("must be between 0 and 1000".into())
+            } else {
+                Ok(())
+            }
+        })?;
+        let timeout = parse(&get, "REVISION_TIMEOUT_SECONDS", 300u64, |t| {
+            if (1..=600).contains(t) {
+                Ok(())
+            } else {
+                Err("must be between 1 and 600".into())
+            }
+        })?;
+        let readiness_path = get("SERVING_READINESS_PATH");
+        if let Some(path) = &readiness_path
+            && !path.starts_with('/')
+        {
+            return Err(ConfigError {
+                setting: "SERVING_READINESS_PATH",
+                value: path.clone(),
+                reason: "must start with '/'".into(),
+            });
+        }
+        let drain_timeout = match get("DRAIN_TIMEOUT") {
+            None => Duration::from_secs(30),
+            Some(value) => {
+                mecha_common::duration::parse_go(&value).map_err(|reason| ConfigError {
+                    setting: "DRAIN_TIMEOUT",
+                    value,
+                    reason,
+                })?
+            }
+        };
+        Ok(Self {
+            serving_port,
+            admin_port,
+            user_port,
+            container_concurrency,
+            timeout: Duration::from_secs(timeout),
+            readiness_path,
+            drain_timeout,
+            service: ServiceKey::new(
+                get("SERVING_NAMESPACE").unwrap_or_else(|| "default".into()),
+                get("SERVING_SERVICE").unwrap_or_else(|| "unknown".into()),
+            ),
+        })
+    }
+
+    /// The settings and their flags, for `--help` and for mapping flags to settings.
+    pub const SETTINGS: &'static [(&'static str, &'static str, &'static str)] = &[
+        (
+            "--serving-port",
+            "QUEUE_SERVING_PORT",
+            "where requests arrive (8012)",
+        ),
+        (
+            "--admin-port",
+            "QUEUE_ADMIN_PORT",
+            "/live, /ready, /metrics (8022)",
+        ),
+        (
+            "--user-port",
+            "USER_PORT",
+            "the container's port on 127.0.0.1 (8080)",
+        ),
+        (
+            "--container-concurrency",
+            "CONTAINER_CONCURRENCY",
+            "requests at once, 0 = unlimited (0)",
+        ),
+        (
+            "--timeout-seconds",
+            "REVISION_TIMEOUT_SECONDS",
+            "longest request (300)",
+        ),
+        (
+            "--readiness-path",
+            "SERVING_READINESS_PATH",
+            "HTTP probe path (TCP probe when unset)",
+        ),
+        (
+            "--drain-timeout",
+            "DRAIN_TIMEOUT",
+            "time for in-flight requests after SIGTERM (30s)",
+        ),
+        (
+            "--namespace",
+            "SERVING_NAMESPACE",
+            "named in errors (default)",
+        ),
+        ("--service", "SERVING_SERVICE", "named in errors"),
+    ];
+
+    /// Settings from `--flag value` pairs over the environment's; an unknown flag is an error.
+    pub fn from_args_and_env(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut overrides = HashMap::new();
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let (flag, inline) = match flag.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_string())),
+                None => (flag.as_str(), None),
+            };
+            let Some((_, setting, _)) = Self::SETTINGS.iter().find(|(f, _, _)| *f == flag) else {
+                return Err(ConfigError {
+                    setting: "arguments",
+                    value: flag.to_string(),
+                    reason: "unknown flag (see --help)".into(),
+                });
+            };
+            let value = inline
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| ConfigError {
+                    setting,
+                    value: String::new(),
+                    reason: format!("{flag} needs a value"),
+                })?;
+            overrides.insert(*setting, value);
+        }
+        Self::from_env(|key| overrides.get(key).cloned().or_else(|| env(key)))
+    }
+}
+
+// === impl Inbound ===
+
+impl Inbound {
+    pub fn new(config: InboundConfig, health: Health, registry: &Registry) -> Self {
+        let released = Arc::new(Notify::new());
+        let user = Endpoint::new(
+            "user-container",
+            SocketAddr::from(([127, 0, 0, 1], config.user_port)),
+            released.clone(),
+        );
+        Self {
+            config: Arc::new(config),
+            user,
+            released,
+            queued: Arc::default(),
+            forwarder: Forwarder::new(),
+            health,
+            metrics: Metrics::register(registry),
+        }
+    }
+
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        // Knative's network probes ask the queue-proxy itself, not the container.
+        if request.headers().contains_key("k-network-probe") {
+            let (status, body) = if self.health.is_ready() {
+                (StatusCode::OK, "queue")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            };
+            let mut response = Response::new(full(body));
+            *response.status_mut() = status;
+            return response;
+        }
+        let response = match self.forward(request, peer).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[response.status().as_str()])
+            .inc();
+        response
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let deadline = Instant::now() + self.config.timeout;
+        let guard = self.admit(deadline).await?;
+        let (parts, body) = request.into_parts();
+        let request = Request::from_parts(parts, Either::Left(body));
+        let service = &self.config.service;
+        let forwarded = tokio::time::timeout_at(
+            deadline,
+            self.forwarder.forward(
+                request,
+                &self.user,
+                guard,
+                UpstreamProtocol::Http1,
+                peer,
+                deadline,
+            ),
+        )
+        .await
+        .map_err(|_| ProxyError::Timeout {
+            service: service.clone(),
+            timeout: self.config.timeout,
+        })?;
+        forwarded.map_err(|(Failure::Connect(source) | Failure::Other(source))| {
+            ProxyError::Upstream {
+                service: service.clone(),
+                source,
+            }
+        })
+    }
+
+    /// A slot at the container: at once when fewer than CC requests are in flight, else after
+    /// waiting in a queue of at most 10 × CC; 503 when the queue is full, 504 at the deadline.
+    async fn admit(&self, deadline: Instant) -> Result<LoadGuard, ProxyError> {
+        let limit = self.config.container_concurrency;
+        if let Some(guard) = self.user.try_track(limit) {
+            return Ok(guard);
+        }
+        let depth = limit * QUEUE_DEPTH_PER_SLOT;
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= depth {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ProxyError::Overloaded {
+                service: self.config.service.clone(),
+                queue: depth,
+            });
+        }
+        let result = loop {
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(guard) = self.user.try_track(limit) {
+                break Ok(guard);
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    break Err(ProxyError::Timeout {
+                        service: self.config.service.clone(),
+                        timeout: self.config.timeout,
+                    });
+                }
+            }
+        };
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+
+    /// Probes the container until ready (every 5 ms at first), marks the sidecar ready, then
+    /// re-probes every second: three failures in a row make it unready until it passes again.
+    /// Also samples the load for `/metrics` every second. Runs until dropped.
+    pub async fn run_background(self) {
+        let mut probe = ProbeSpec::tcp();
+        if let Some(path) = &self.config.readiness_path {
+            probe.kind = ProbeKind::Http {
+                path: path.clone(),
+                headers: vec![],
+            };
+        }
+        probe.period = None;
+        let started = Instant::now();
+        let sampler = async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let sample = self.user.sample();
+                self.metrics.concurrency.set(sample.concurrency);
+                if sample.seconds > 0.0 {
+                    self.metrics
+                        .rps
+                        .set(sample.requests as f64 / sample.seconds);
+                }
+            }
+        };
+        let prober = async {
+            let addr = self.user.addr;
+            loop {
+                while !probe.check(addr).await {
+                    tokio::time::sleep(probe.startup_period(started.elapsed())).await;
+                }
+                tracing::info!(%addr, "user container ready");
+                self.health.set_ready(true);
+                let mut failures = 0;
+                while failures < probe.failure_threshold {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    failures = if probe.check(addr).await {
+                        0
+                    } else {
+                        failures + 1
+                    };
+                }
+                tracing::warn!(%addr, "user container failed readiness");
+                self.health.set_ready(false);
+            }
+        };
+        tokio::join!(sampler, prober);
+    }
+
+    pub fn config(&self) -> &InboundConfig {
+        &self.config
+    }
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    fn register(registry: &Registry) -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "mecha_inbound_requests_total",
+                "Requests answered by the inbound sidecar",
+            ),
+            &["code"],
+        )
+        .expect("valid metric");
+        let concurrency = Gauge::new(
+            "mecha_inbound_concurrency",
+            "Requests in flight at the container, time-weighted over the last second",
+        )
+        .expect("valid metric");
+        let rps = Gauge::new(
+            "mecha_inbound_requests_per_second",
+            "Requests that reached the container over the last second",
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(requests.clone()));
+        let _ = registry.register(Box::new(concurrency.clone()));
+        let _ = registry.register(Box::new(rps.clone()));
+        Self {
+            requests,
+            concurrency,
+            rps,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |key| map.get(key).cloned()
+    }
+
+    #[test]
+    fn defaults_are_knatives() {
+        let config = InboundConfig::from_env(env(&[])).expect("defaults");
+        assert_eq!(
+            (config.serving_port, config.admin_port, config.user_port),
+            (8012, 8022, 8080)
+        );
+        assert_eq!(config.container_concurrency, 0);
+        assert_eq!(config.timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let error = InboundConfig::from_env(env(&[("USER_PORT", "http")])).expect_err("bad");
+        assert_eq!(error.to_string(), "USER_PORT=\"http\": not a valid number");
+        let error =
+            InboundConfig::from_env(env(&[("CONTAINER_CONCURRENCY", "5000")])).expect_err("bad");
+        assert!(
+            error
+                .to_string()
+                .starts_with("CONTAINER_CONCURRENCY=\"5000\": must be between")
+        );
+        let error = InboundConfig::from_env(env(&[("USER_PORT", "8012")])).expect_err("clash");
+        assert_eq!(error.setting, "USER_PORT");
+        let error = InboundConfig::from_env(env(&[("DRAIN_TIMEOUT", "soon")])).expect_err("bad");
+        assert_eq!(error.setting, "DRAIN_TIMEOUT");
+    }
+
+    #[test]
+    fn flags_override_the_environment() {
+        let args: Vec<String> = ["--user-port", "9000", "--container-concurrency=2"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let config =
+            InboundConfig::from_args_and_env(&args, env(&[("USER_PORT", "7000")])).expect("ok");
+        assert_eq!((config.user_port, config.container_concurrency), (9000, 2));
+        let error =
+            InboundConfig::from_args_and_env(&["--nope".into()], env(&[])).expect_err("unknown");
+        assert_eq!(error.value, "--nope");
+    }
+}

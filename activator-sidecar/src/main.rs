@@ -1,0 +1,132 @@
+//! `activator-sidecar ROLE [--flag value ...]`: one data-path role on its own.
+//!
+//! `inbound` is Knative's queue-proxy role, configured like it from the environment
+//! (`QUEUE_SERVING_PORT`, `USER_PORT`, `CONTAINER_CONCURRENCY`, …) or the equivalent flags. The
+//! gateway role runs inside `mecha up`; the outbound role is not built yet.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use activator_sidecar::inbound::{Inbound, InboundConfig};
+use mecha_common::Shutdown;
+use mecha_common::admin::Health;
+use mecha_common::telemetry::{LogFormat, init_tracing};
+use tokio::net::TcpListener;
+
+fn usage() -> String {
+    let mut text = String::from(
+        "usage: activator-sidecar inbound [--flag value ...]\n\nThe inbound role (Knative's queue-proxy): sits in front of one container, enforces\ncontainerConcurrency, probes the container, exports load metrics.\n\nflag                      environment               meaning\n",
+    );
+    for (flag, env, help) in InboundConfig::SETTINGS {
+        text.push_str(&format!("{flag:<25} {env:<25} {help}\n"));
+    }
+    text.push_str("\nLogs: MECHA_LOG (tracing filter), MECHA_LOG_FORMAT=json.\n");
+    text
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let format = match std::env::var("MECHA_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    init_tracing("MECHA_LOG", "info", format);
+    match args.first().map(String::as_str) {
+        Some("inbound") => run_inbound(&args[1..]).await,
+        Some("-h" | "--help") | None => {
+            print!("{}", usage());
+            ExitCode::SUCCESS
+        }
+        Some(role @ ("gateway" | "outbound")) => {
+            eprintln!(
+                "error: the {role} role does not run standalone yet (the gateway runs inside `mecha up`)"
+            );
+            ExitCode::from(2)
+        }
+        Some(other) => {
+            eprintln!("error: unknown role {other:?}\n\n{}", usage());
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_inbound(args: &[String]) -> ExitCode {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        return ExitCode::SUCCESS;
+    }
+    let config = match InboundConfig::from_args_and_env(args, |key| std::env::var(key).ok()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let bind = |port: u16, what: &'static str| async move {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        TcpListener::bind(addr).await.map_err(|error| {
+            eprintln!("error: cannot listen on {addr} for {what}: {error}");
+            ExitCode::from(1)
+        })
+    };
+    let serving = match bind(config.serving_port, "requests (QUEUE_SERVING_PORT)").await {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let admin = match bind(config.admin_port, "the admin endpoints (QUEUE_ADMIN_PORT)").await {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let registry = prometheus::Registry::new();
+    let health = Health::default();
+    let drain_timeout = config.drain_timeout;
+    tracing::info!(
+        serving = config.serving_port,
+        admin = config.admin_port,
+        user = config.user_port,
+        container_concurrency = config.container_concurrency,
+        "inbound sidecar starting"
+    );
+    let inbound = Inbound::new(config, health.clone(), &registry);
+    let shutdown = Shutdown::new();
+    let background = tokio::spawn(inbound.clone().run_background());
+    let server = tokio::spawn(activator_sidecar::server::serve(
+        serving,
+        move |request, peer| {
+            let inbound = inbound.clone();
+            async move { inbound.handle(request, peer).await }
+        },
+        shutdown.signal(),
+        drain_timeout,
+    ));
+    let admin_shutdown = shutdown.signal();
+    let admin_router = mecha_common::admin::router(health.clone(), registry);
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(admin, admin_router)
+            .with_graceful_shutdown(admin_shutdown.recv())
+            .await;
+    });
+
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("draining");
+    // Unready first, so nothing new is routed here, then finish what is in flight.
+    background.abort();
+    health.set_ready(false);
+    shutdown.trigger();
+    let _ = server.await;
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,208 @@
+//! The `activator-sidecar inbound` binary against a real upstream on 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Sidecar {
+    child: Child,
+    serving: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Sidecar {
+    fn start(user_port: u16, extra: &[(&str, &str)]) -> Self {
+        let (serving, admin) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
+            .arg("inbound")
+            .env("QUEUE_SERVING_PORT", serving.to_string())
+            .env("QUEUE_ADMIN_PORT", admin.to_string())
+            .env("USER_PORT", user_port.to_string())
+            .env("SERVING_SERVICE", "probe-me")
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sidecar");
+        Self {
+            child,
+            serving: SocketAddr::from(([127, 0, 0, 1], serving)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, raw))
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An upstream that answers after `delay`, recording the most requests it saw at once.
+async fn slow_upstream(listener: TcpListener, delay: Duration) -> Arc<AtomicUsize> {
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let current = Arc::new(AtomicUsize::new(0));
+    let seen = max_seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (current, seen) = (current.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let now = current.fetch_add(1, Ordering::SeqCst) + 1;
+                    seen.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    current.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    max_seen
+}
+
+#[test]
+fn bad_configuration_exits_naming_the_setting() {
+    let output = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
+        .arg("inbound")
+        .env("CONTAINER_CONCURRENCY", "lots")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("CONTAINER_CONCURRENCY=\"lots\": not a valid number"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
+        .args(["inbound", "--user-prot", "1"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--user-prot"));
+}
+
+#[tokio::test]
+async fn enforces_container_concurrency_with_a_bounded_queue() {
+    let user_port = free_port();
+    let sidecar = Sidecar::start(user_port, &[("CONTAINER_CONCURRENCY", "1")]);
+    // Not ready until the container listens.
+    wait_for("the admin port", async || {
+        get(sidecar.admin, "/live").await.is_some()
+    })
+    .await;
+    assert_eq!(get(sidecar.admin, "/ready").await.map(|r| r.0), Some(503));
+    let listener = TcpListener::bind(("127.0.0.1", user_port))
+        .await
+        .expect("bind user port");
+    let max_seen = slow_upstream(listener, Duration::from_millis(100)).await;
+    wait_for("readiness", async || {
+        get(sidecar.admin, "/ready").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+
+    // 1 in flight + a queue of 10; the rest are turned away at once.
+    let requests: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(get(sidecar.serving, "/")))
+        .collect();
+    let mut ok = 0;
+    let mut rejected = 0;
+    for request in requests {
+        let (status, raw) = request.await.expect("join").expect("answer");
+        match status {
+            200 => ok += 1,
+            503 => {
+                assert!(raw.to_ascii_lowercase().contains("retry-after: 1"), "{raw}");
+                assert!(
+                    raw.contains("service default/probe-me is overloaded"),
+                    "{raw}"
+                );
+                rejected += 1;
+            }
+            other => panic!("unexpected {other}: {raw}"),
+        }
+    }
+    assert_eq!(
+        max_seen.load(Ordering::SeqCst),
+        1,
+        "containerConcurrency 1 was exceeded"
+    );
+    assert!(ok >= 11, "1 running + 10 queued should be served, got {ok}");
+    assert_eq!(ok + rejected, 16);
+    assert!(rejected >= 1, "16 at once cannot all fit");
+    let (_, metrics) = get(sidecar.admin, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("mecha_inbound_requests_total{code=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mecha_inbound_concurrency"), "{metrics}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let user_port = listener.local_addr().expect("addr").port();
+    slow_upstream(listener, Duration::from_millis(500)).await;
+    let mut sidecar = Sidecar::start(user_port, &[]);
+    wait_for("readiness", async || {
+        get(sidecar.admin, "/ready").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+    let in_flight = tokio::spawn(get(sidecar.serving, "/"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = rustix::process::Pid::from_raw(sidecar.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    assert_eq!(in_flight.await.expect("join").map(|r| r.0), Some(200));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = sidecar.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sidecar did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
