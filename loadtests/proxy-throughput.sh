@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Proxy throughput: the inbound sidecar (activator-sidecar inbound) next to nginx as a reverse
+# proxy, both in front of the same upstream (nginx serving a static 200), loaded by the same
+# wrk in the same run. Reports requests/s, latency p50/p99, CPU per request of the proxy, and
+# the sidecar's idle RSS. Installs nginx and wrk from Debian when missing.
+#
+#   cargo build --release -p activator-sidecar && loadtests/proxy-throughput.sh [seconds] [connections]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-10}"
+connections="${2:-64}"
+sidecar_bin="${SIDECAR:-target/release/activator-sidecar}"
+
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx wrk >/dev/null
+fi
+[ -x "$sidecar_bin" ] || { echo "build it first: cargo build --release -p activator-sidecar" >&2; exit 1; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+upstream=$(free_port); nginx_proxy=$(free_port); serving=$(free_port); admin=$(free_port)
+
+nginx_conf() { # name workers server-block
+  mkdir -p "$work/$1"
+  cat > "$work/$1/nginx.conf" <<CONF
+daemon off;
+master_process on;
+worker_processes $2;
+pid $work/$1/nginx.pid;
+error_log $work/$1/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  $3
+}
+CONF
+}
+nginx_conf upstream 1 "server { listen 127.0.0.1:$upstream; location / { return 200 'ok'; } }"
+nginx_conf proxy auto "upstream app { server 127.0.0.1:$upstream; keepalive 256; }
+  server { listen 127.0.0.1:$nginx_proxy; location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+
+nginx -c "$work/upstream/nginx.conf" -p "$work/upstream" & pids+=($!)
+nginx -c "$work/proxy/nginx.conf" -p "$work/proxy" & proxy_master=$!; pids+=($proxy_master)
+QUEUE_SERVING_PORT=$serving QUEUE_ADMIN_PORT=$admin USER_PORT=$upstream MECHA_LOG=warn \
+  "$sidecar_bin" inbound & sidecar=$!; pids+=($sidecar)
+
+for _ in $(seq 200); do
+  curl -sf "http://127.0.0.1:$admin/ready" >/dev/null && curl -sf "http://127.0.0.1:$nginx_proxy/" >/dev/null && break
+  sleep 0.05
+done
+sleep 0.5
+idle_rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$sidecar/status)
+
+# CPU ticks (user+system) of a process and its children.
+ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$(( total + $(awk '{print $14 + $15}' /proc/$p/stat) ))
+  done
+  echo "$total"
+}
+hz=$(getconf CLK_TCK)
+
+run() { # name port pid
+  wrk -t2 -c"$connections" -d2s "http://127.0.0.1:$2/" >/dev/null   # warm-up
+  local before after out rps p50 p99 requests
+  before=$(ticks "$3")
+  out=$(wrk -t2 -c"$connections" -d"${duration}s" --latency "http://127.0.0.1:$2/")
+  after=$(ticks "$3")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  local cpu_us
+  cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+  printf '%-28s %12s %10s %10s %14s\n' "$1" "$rps" "$p50" "$p99" "$cpu_us"
+  echo "$rps" > "$work/$1.rps"
+}
+
+echo "wrk -t2 -c$connections -d${duration}s, upstream nginx returning a static 200"
+printf '%-28s %12s %10s %10s %14s\n' "proxy" "requests/s" "p50" "p99" "CPU µs/request"
+run nginx-reverse-proxy "$nginx_proxy" "$proxy_master"
+run mecha-inbound-sidecar "$serving" "$sidecar"
+awk -v s="$(cat "$work/mecha-inbound-sidecar.rps")" -v n="$(cat "$work/nginx-reverse-proxy.rps")" \
+  'BEGIN { printf "throughput ratio sidecar/nginx: %.2f\n", s / n }'
+echo "sidecar idle RSS: $((idle_rss_kb / 1024)) MiB ($idle_rss_kb KiB)"
