@@ -192,7 +192,8 @@ fn int_in(value: &str, min: u32, max: u32) -> Result<u32, String> {
     Ok(parsed as u32)
 }
 
-fn float_in(value: &str, min: f64, max: f64) -> Result<f64, String> {
+/// A number within `[min, max]`, or a message saying which bound it breaks.
+pub(crate) fn float_in(value: &str, min: f64, max: f64) -> Result<f64, String> {
     let parsed: f64 = value
         .parse()
         .map_err(|_| format!("{value:?} is not a number"))?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::autoscaling::parse_go_duration;
+use crate::autoscaling::{float_in as number, parse_go_duration};
 use crate::error::FieldError;
 use crate::meta::ObjectMeta;
 
@@ -187,18 +187,6 @@ fn whole(value: &str) -> Result<u32, String> {
     value
         .parse::<u32>()
         .map_err(|_| format!("{value:?} is not a whole number ≥ 0"))
-}
-
-fn number(value: &str, min: f64, max: f64) -> Result<f64, String> {
-    let parsed: f64 = value
-        .parse()
-        .map_err(|_| format!("{value:?} is not a number"))?;
-    if !parsed.is_finite() || parsed < min || parsed > max {
-        return Err(format!(
-            "{parsed} is out of range: must be between {min} and {max}"
-        ));
-    }
-    Ok(parsed)
 }
 
 fn above_one(v: f64, value: &str) -> Result<f64, String> {
