@@ -7,15 +7,21 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
+use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use mecha_common::admin::Health;
 use mecha_common::probe::{ProbeKind, ProbeSpec};
 use mecha_common::routing::{ServiceKey, UpstreamProtocol};
+use mecha_common::wire::{STATS_PATH, Stat};
 use mecha_common::{Endpoint, LoadGuard};
 use prometheus::{Gauge, IntCounterVec, Opts, Registry};
 use tokio::sync::Notify;
@@ -49,6 +55,17 @@ pub struct InboundConfig {
     pub drain_timeout: Duration,
     /// `SERVING_NAMESPACE`, `SERVING_SERVICE`: named in error messages.
     pub service: ServiceKey,
+    /// `AUTOSCALER_ADDR` (`host:port`): where to post the load every second; with it,
+    /// `SERVING_REVISION` is required and `POD_NAME` names this replica.
+    pub report: Option<Report>,
+}
+
+/// Where and as what the sidecar reports its load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub autoscaler: String,
+    pub revision: String,
+    pub replica: String,
 }
 
 /// A setting that could not be used, named as the user wrote it.
@@ -158,7 +175,39 @@ impl InboundConfig {
                 })?
             }
         };
+        let report = match get("AUTOSCALER_ADDR") {
+            None => None,
+            Some(addr) => {
+                let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if !valid {
+                    return Err(ConfigError {
+                        setting: "AUTOSCALER_ADDR",
+                        value: addr,
+                        reason: "must be host:port".into(),
+                    });
+                }
+                let revision = get("SERVING_REVISION")
+                    .filter(|r| !r.is_empty())
+                    .ok_or_else(|| ConfigError {
+                        setting: "SERVING_REVISION",
+                        value: String::new(),
+                        reason:
+                            "required with AUTOSCALER_ADDR: the revision the load is reported for"
+                                .into(),
+                    })?;
+                let replica =
+                    get("POD_NAME").unwrap_or_else(|| format!("{revision}-{}", std::process::id()));
+                Some(Report {
+                    autoscaler: addr,
+                    revision,
+                    replica,
+                })
+            }
+        };
         Ok(Self {
+            report,
             serving_port,
             admin_port,
             user_port,
@@ -210,6 +259,17 @@ impl InboundConfig {
             "DRAIN_TIMEOUT",
             "time for in-flight requests after SIGTERM (30s)",
         ),
+        (
+            "--autoscaler-addr",
+            "AUTOSCALER_ADDR",
+            "host:port to post load to every second (off)",
+        ),
+        (
+            "--revision",
+            "SERVING_REVISION",
+            "the revision reported for (with AUTOSCALER_ADDR)",
+        ),
+        ("--pod-name", "POD_NAME", "this replica's name in reports"),
         (
             "--namespace",
             "SERVING_NAMESPACE",
@@ -383,6 +443,7 @@ impl Inbound {
         let started = Instant::now();
         let sampler = async {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let reporter = self.config.report.as_ref().map(Reporter::new);
             loop {
                 tick.tick().await;
                 let sample = self.user.sample();
@@ -391,6 +452,9 @@ impl Inbound {
                     self.metrics
                         .rps
                         .set(sample.requests as f64 / sample.seconds);
+                    if let Some(reporter) = &reporter {
+                        reporter.send(sample).await;
+                    }
                 }
             }
         };
@@ -420,6 +484,60 @@ impl Inbound {
 
     pub fn config(&self) -> &InboundConfig {
         &self.config
+    }
+}
+
+/// Posts the load to the autoscaler, once a second, over a kept-alive connection.
+#[derive(Debug)]
+struct Reporter {
+    report: Report,
+    uri: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    failing: AtomicBool,
+}
+
+impl Reporter {
+    fn new(report: &Report) -> Self {
+        Self {
+            uri: format!("http://{}{STATS_PATH}", report.autoscaler),
+            report: report.clone(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    async fn send(&self, sample: mecha_common::LoadSample) {
+        let stat = Stat::new(&self.report.revision, &self.report.replica, sample);
+        let body = serde_json::to_vec(&[stat]).unwrap_or_default();
+        let request = Request::post(&self.uri)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)));
+        let outcome = match request {
+            Ok(request) => {
+                match tokio::time::timeout(Duration::from_secs(1), self.client.request(request))
+                    .await
+                {
+                    Ok(Ok(response)) if response.status().is_success() => Ok(()),
+                    Ok(Ok(response)) => Err(format!("answered {}", response.status())),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("no answer within 1s".into()),
+                }
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        // Say so once when reporting starts failing and once when it recovers, not every second.
+        match outcome {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(autoscaler = %self.report.autoscaler, "reporting load again");
+                }
+            }
+            Err(error) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(autoscaler = %self.report.autoscaler, %error, "cannot report load");
+                }
+            }
+        }
     }
 }
 
@@ -494,6 +612,30 @@ mod tests {
         assert_eq!(error.setting, "USER_PORT");
         let error = InboundConfig::from_env(env(&[("DRAIN_TIMEOUT", "soon")])).expect_err("bad");
         assert_eq!(error.setting, "DRAIN_TIMEOUT");
+    }
+
+    #[test]
+    fn reporting_needs_the_revision() {
+        let error = InboundConfig::from_env(env(&[("AUTOSCALER_ADDR", "127.0.0.1:8081")]))
+            .expect_err("no revision");
+        assert_eq!(error.setting, "SERVING_REVISION");
+        let error =
+            InboundConfig::from_env(env(&[("AUTOSCALER_ADDR", "nowhere")])).expect_err("bad addr");
+        assert_eq!(error.setting, "AUTOSCALER_ADDR");
+        let config = InboundConfig::from_env(env(&[
+            ("AUTOSCALER_ADDR", "autoscaler:8081"),
+            ("SERVING_REVISION", "hello-00001"),
+            ("POD_NAME", "pod-a"),
+        ]))
+        .expect("ok");
+        assert_eq!(
+            config.report,
+            Some(Report {
+                autoscaler: "autoscaler:8081".into(),
+                revision: "hello-00001".into(),
+                replica: "pod-a".into()
+            })
+        );
     }
 
     #[test]

@@ -206,3 +206,84 @@ async fn sigterm_lets_the_request_in_flight_finish() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn reports_its_load_to_the_autoscaler_every_second() {
+    // A stand-in autoscaler that records every stats body posted to it.
+    let intake = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let intake_addr = intake.local_addr().expect("addr");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = intake.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    // One request at a time: headers, then Content-Length bytes of body.
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() < length {
+                        continue;
+                    }
+                    assert!(head.starts_with("POST /api/v1/stats "), "{head}");
+                    let _ = tx.send(body[..length].to_string());
+                    buf.drain(..head.len() + 4 + length);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let user_port = upstream.local_addr().expect("addr").port();
+    slow_upstream(upstream, Duration::from_millis(1)).await;
+    let intake_env = intake_addr.to_string();
+    let sidecar = Sidecar::start(
+        user_port,
+        &[
+            ("AUTOSCALER_ADDR", &intake_env),
+            ("SERVING_REVISION", "fn-00001"),
+            ("POD_NAME", "pod-a"),
+        ],
+    );
+    wait_for("readiness", async || {
+        get(sidecar.admin, "/ready").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert_eq!(get(sidecar.serving, "/").await.map(|r| r.0), Some(200));
+        let body = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a report within 5 s")
+            .expect("intake alive");
+        let stats: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let stat = &stats[0];
+        assert_eq!(stat["revision"], "fn-00001");
+        assert_eq!(stat["replica"], "pod-a");
+        assert!(stat["seconds"].as_f64().expect("seconds") > 0.0);
+        if stat["requests"].as_u64().expect("requests") > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report counted the requests: {body}"
+        );
+    }
+}

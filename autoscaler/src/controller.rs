@@ -2,7 +2,8 @@
 //! out.
 //!
 //! Every second it records each active revision's load — the time-weighted concurrency (or
-//! request count) of its replicas plus the requests callers hold for it — into that
+//! request count) of its replicas, plus the requests callers hold for it, plus what sidecars
+//! in other processes reported through [`Controller::stats_intake`] — into that
 //! revision's [`Kpa`]; every [`TICK`] it decides; a poke from a caller holding requests makes
 //! it decide at once. Replica counts go to the supervisor.
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use crds::autoscaling::Metric;
 use mecha_common::activation::Poke;
+use mecha_common::wire::Stat;
 use mecha_common::{Activation, RoutingTable, ShutdownSignal};
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::Serialize;
@@ -34,7 +36,15 @@ pub struct Controller {
     started: Instant,
     board: StatusBoard,
     metrics: Metrics,
+    /// Stats from sidecars outside this process, per revision and replica, with when they
+    /// arrived.
+    remote: HashMap<String, HashMap<String, (Stat, Duration)>>,
+    remote_tx: mpsc::UnboundedSender<Stat>,
+    remote_rx: mpsc::UnboundedReceiver<Stat>,
 }
+
+/// A sidecar that has not reported for this long no longer counts.
+const REMOTE_STAT_EXPIRY: Duration = Duration::from_secs(3);
 
 /// The autoscaler of one active revision.
 #[derive(Debug)]
@@ -87,6 +97,7 @@ impl Controller {
         domain: impl Into<String>,
         registry: &Registry,
     ) -> Self {
+        let (remote_tx, remote_rx) = mpsc::unbounded_channel();
         Self {
             state,
             supervisor,
@@ -98,7 +109,15 @@ impl Controller {
             started: Instant::now(),
             board: StatusBoard::default(),
             metrics: Metrics::register(registry),
+            remote: HashMap::new(),
+            remote_tx,
+            remote_rx,
         }
+    }
+
+    /// Where stats from sidecars in other processes go (the admin API's `/api/v1/stats`).
+    pub fn stats_intake(&self) -> mpsc::UnboundedSender<Stat> {
+        self.remote_tx.clone()
     }
 
     /// The routing table the gateway serves from.
@@ -124,6 +143,8 @@ impl Controller {
             .flat_map(|(_, route)| route.targets.iter().map(|t| t.revision.as_str()))
             .collect();
         self.revisions
+            .retain(|name, _| desired.active.contains_key(name));
+        self.remote
             .retain(|name, _| desired.active.contains_key(name));
         for (name, revision) in &desired.active {
             let spec = state.decider_spec(revision);
@@ -181,11 +202,18 @@ impl Controller {
             // Requests held by callers count like requests in flight: a burst against too few
             // replicas scales out at once rather than one replica at a time.
             concurrency += self.activation.sample(name).concurrency;
-            let rps = if seconds > 0.0 {
+            let mut rps = if seconds > 0.0 {
                 requests as f64 / seconds
             } else {
                 0.0
             };
+            if let Some(replicas) = self.remote.get_mut(name) {
+                replicas.retain(|_, (_, at)| now.saturating_sub(*at) <= REMOTE_STAT_EXPIRY);
+                for (stat, _) in replicas.values() {
+                    concurrency += stat.concurrency;
+                    rps += stat.rps();
+                }
+            }
             let value = match scaling.spec.metric {
                 Metric::Concurrency => concurrency,
                 Metric::Rps => rps,
@@ -278,7 +306,17 @@ impl Controller {
                     }
                     self.reconcile();
                 }
-                _ = endpoints.changed() => self.reconcile(),
+                                _ = endpoints.changed() => self.reconcile(),
+                Some(stat) = self.remote_rx.recv() => {
+                    // Only active revisions scale; stats for others are dropped.
+                    if self.revisions.contains_key(&stat.revision) {
+                        let now = self.now();
+                        self.remote
+                            .entry(stat.revision.clone())
+                            .or_default()
+                            .insert(stat.replica.clone(), (stat, now));
+                    }
+                }
                 Some(poke) = self.pokes.recv() => {
                     let mut pokes = vec![poke];
                     while let Ok(more) = self.pokes.try_recv() {

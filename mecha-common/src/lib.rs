@@ -13,6 +13,7 @@ pub mod probe;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;
+pub mod wire;
 
 pub use activation::Activation;
 pub use load::{LoadGuard, LoadSample, LoadTracker};

@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use mecha_common::ShutdownSignal;
 use mecha_common::admin::Health;
 use mecha_common::routing::{ServiceKey, service_host, tag_host};
+use mecha_common::wire::{STATS_PATH, Stat};
 use prometheus::Registry;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -38,6 +39,8 @@ pub struct AdminState {
     pub logs: LogHub,
     pub gateway_port: u16,
     pub shutdown: ShutdownSignal,
+    /// Stats posted by sidecars in other processes, for the autoscaler.
+    pub stats: tokio::sync::mpsc::UnboundedSender<Stat>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +58,7 @@ pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
             "/api/v1/namespaces/{namespace}/services/{name}/logs",
             get(logs),
         )
+        .route(STATS_PATH, post(stats))
         .with_state(state);
     mecha_common::admin::router(health, registry).merge(api)
 }
@@ -121,6 +125,29 @@ async fn logs(
         Body::from_stream(history)
     };
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// `POST /api/v1/stats`: a JSON list of sidecar stats (see `mecha_common::wire`).
+async fn stats(State(state): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let stats: Vec<Stat> = match serde_json::from_slice(&body) {
+        Ok(stats) => stats,
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("a JSON list of stats is expected: {error}\n"),
+            )
+                .into_response();
+        }
+    };
+    for (i, stat) in stats.iter().enumerate() {
+        if let Err(error) = stat.validate() {
+            return (StatusCode::BAD_REQUEST, format!("stats[{i}].{error}\n")).into_response();
+        }
+    }
+    for stat in stats {
+        let _ = state.stats.send(stat);
+    }
+    StatusCode::ACCEPTED.into_response()
 }
 
 fn load(request: &FilesRequest) -> Result<Vec<Loaded>, Vec<LoadError>> {

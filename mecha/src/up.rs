@@ -98,6 +98,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &registry,
     );
     let scaling = controller.status_board();
+    let stats = controller.stats_intake();
     let gateway = Gateway::new(
         controller.routes(),
         supervisor.endpoints(),
@@ -123,6 +124,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             logs,
             gateway_port: gateway_addr.port(),
             shutdown: shutdown.signal(),
+            stats,
         },
         health.clone(),
         registry,

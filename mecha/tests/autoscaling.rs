@@ -158,3 +158,32 @@ fn min_scale_keeps_replicas_through_idle_windows() {
     assert!(alive(pid));
     assert_eq!(ready_and_desired(&mecha, "keeper"), (1, 1));
 }
+
+#[test]
+fn stats_posted_by_a_sidecar_drive_the_autoscaler() {
+    let dir = Workdir::new("remote-stats");
+    dir.write("config.yaml", FAST_CONFIG);
+    dir.write(
+        "svc.yaml",
+        &echo_service("remote", &[("initial-scale", "0")], "", "red"),
+    );
+    let mecha = Mecha::up(&[&dir.path]);
+    // No request ever reaches the gateway: only the reported load can scale the revision.
+    let stat = r#"[{"revision":"remote-00001","replica":"pod-a","concurrency":140,"requests":10,"seconds":1}]"#;
+    wait_until("the reported load to scale the revision to two", || {
+        assert_eq!(
+            support::post(mecha.admin, "/api/v1/stats", stat).status,
+            202
+        );
+        ready_and_desired(&mecha, "remote").1 >= 2
+    });
+    let bad = r#"[{"revision":"remote-00001","replica":"pod-a","concurrency":1,"requests":1,"seconds":0}]"#;
+    let response = support::post(mecha.admin, "/api/v1/stats", bad);
+    assert_eq!(response.status, 400);
+    assert!(
+        response
+            .body
+            .contains("stats[0].seconds: 0 must be a number > 0"),
+        "{response:?}"
+    );
+}

@@ -270,13 +270,23 @@ impl Response {
 
 /// A one-shot HTTP/1.1 GET over a fresh connection.
 pub fn http(addr: SocketAddr, host: &str, path: &str) -> Response {
+    request(addr, "GET", host, path, "")
+}
+
+/// A one-shot HTTP/1.1 POST of a JSON body over a fresh connection.
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> Response {
+    request(addr, "POST", "localhost", path, body)
+}
+
+fn request(addr: SocketAddr, method: &str, host: &str, path: &str, body: &str) -> Response {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut raw = Vec::new();
