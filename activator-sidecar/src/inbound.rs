@@ -4,7 +4,6 @@
 //! itself, answers Knative's `K-Network-Probe` requests, and keeps the time-weighted
 //! concurrency and request rate the autoscaler scales on (exported on `/metrics`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -30,6 +29,7 @@ use tokio::time::Instant;
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
 use crate::proxy::{Failure, Forwarder};
+use crate::settings::{self, ConfigError};
 
 /// Knative's queue depth per allowed concurrent request.
 pub const QUEUE_DEPTH_PER_SLOT: u32 = 10;
@@ -68,15 +68,6 @@ pub struct Report {
     pub replica: String,
 }
 
-/// A setting that could not be used, named as the user wrote it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{setting}={value:?}: {reason}")]
-pub struct ConfigError {
-    pub setting: &'static str,
-    pub value: String,
-    pub reason: String,
-}
-
 /// The running inbound proxy.
 #[derive(Debug, Clone)]
 pub struct Inbound {
@@ -101,37 +92,10 @@ struct Metrics {
 impl InboundConfig {
     /// Reads every setting through `get` (the environment, or a map in tests).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        fn parse<T: std::str::FromStr>(
-            get: &impl Fn(&str) -> Option<String>,
-            setting: &'static str,
-            default: T,
-            check: impl Fn(&T) -> Result<(), String>,
-        ) -> Result<T, ConfigError> {
-            let Some(value) = get(setting) else {
-                return Ok(default);
-            };
-            let error = |reason: String| ConfigError {
-                setting,
-                value: value.clone(),
-                reason,
-            };
-            let parsed = value
-                .trim()
-                .parse::<T>()
-                .map_err(|_| error("not a valid number".into()))?;
-            check(&parsed).map_err(error)?;
-            Ok(parsed)
-        }
-        let port = |p: &u16| {
-            if *p == 0 {
-                Err("must be a port between 1 and 65535".to_string())
-            } else {
-                Ok(())
-            }
-        };
-        let serving_port = parse(&get, "QUEUE_SERVING_PORT", 8012u16, port)?;
-        let admin_port = parse(&get, "QUEUE_ADMIN_PORT", 8022u16, port)?;
-        let user_port = parse(&get, "USER_PORT", 8080u16, port)?;
+        let port = settings::port;
+        let serving_port = settings::number(&get, "QUEUE_SERVING_PORT", 8012u16, port)?;
+        let admin_port = settings::number(&get, "QUEUE_ADMIN_PORT", 8022u16, port)?;
+        let user_port = settings::number(&get, "USER_PORT", 8080u16, port)?;
         for (setting, value) in [("QUEUE_ADMIN_PORT", admin_port), ("USER_PORT", user_port)] {
             if value == serving_port {
                 return Err(ConfigError {
@@ -141,14 +105,14 @@ impl InboundConfig {
                 });
             }
         }
-        let container_concurrency = parse(&get, "CONTAINER_CONCURRENCY", 0u32, |cc| {
+        let container_concurrency = settings::number(&get, "CONTAINER_CONCURRENCY", 0u32, |cc| {
             if *cc > 1000 {
                 Err("must be between 0 and 1000".into())
             } else {
                 Ok(())
             }
         })?;
-        let timeout = parse(&get, "REVISION_TIMEOUT_SECONDS", 300u64, |t| {
+        let timeout = settings::number(&get, "REVISION_TIMEOUT_SECONDS", 300u64, |t| {
             if (1..=600).contains(t) {
                 Ok(())
             } else {
@@ -167,27 +131,16 @@ impl InboundConfig {
         }
         let drain_timeout = match get("DRAIN_TIMEOUT") {
             None => Duration::from_secs(30),
-            Some(value) => {
-                mecha_common::duration::parse_go(&value).map_err(|reason| ConfigError {
-                    setting: "DRAIN_TIMEOUT",
-                    value,
-                    reason,
-                })?
-            }
+            Some(value) => settings::duration_value(&value).map_err(|reason| ConfigError {
+                setting: "DRAIN_TIMEOUT",
+                value,
+                reason,
+            })?,
         };
         let report = match get("AUTOSCALER_ADDR") {
             None => None,
             Some(addr) => {
-                let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
-                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-                });
-                if !valid {
-                    return Err(ConfigError {
-                        setting: "AUTOSCALER_ADDR",
-                        value: addr,
-                        reason: "must be host:port".into(),
-                    });
-                }
+                settings::host_port("AUTOSCALER_ADDR", &addr)?;
                 let revision = get("SERVING_REVISION")
                     .filter(|r| !r.is_empty())
                     .ok_or_else(|| ConfigError {
@@ -283,30 +236,7 @@ impl InboundConfig {
         args: &[String],
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let mut overrides = HashMap::new();
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let (flag, inline) = match flag.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_string())),
-                None => (flag.as_str(), None),
-            };
-            let Some((_, setting, _)) = Self::SETTINGS.iter().find(|(f, _, _)| *f == flag) else {
-                return Err(ConfigError {
-                    setting: "arguments",
-                    value: flag.to_string(),
-                    reason: "unknown flag (see --help)".into(),
-                });
-            };
-            let value = inline
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| ConfigError {
-                    setting,
-                    value: String::new(),
-                    reason: format!("{flag} needs a value"),
-                })?;
-            overrides.insert(*setting, value);
-        }
-        Self::from_env(|key| overrides.get(key).cloned().or_else(|| env(key)))
+        Self::from_env(settings::overlay(args, Self::SETTINGS, env)?)
     }
 }
 
@@ -577,6 +507,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs

@@ -5,6 +5,8 @@
 //! - **inbound** ([`inbound`]): Knative's queue-proxy role in front of one container —
 //!   `containerConcurrency`, readiness probing, load metrics; the `activator-sidecar` binary
 //!   runs it on its own;
+//! - **gateway in its own process** ([`discovery::serve_gateway`]): the same gateway, fed by
+//!   the autoscaler's stream of routes and endpoints instead of in-process tables;
 //! - **outbound** (the mesh client) will build on the same [`proxy`] forwarding.
 //!
 //! The stage order follows linkerd2-proxy: route → pick a target revision → wait (bounded)
@@ -13,11 +15,13 @@
 #![deny(unsafe_code)]
 
 pub mod body;
+pub mod discovery;
 pub mod error;
 pub mod gateway;
 pub mod inbound;
 pub mod proxy;
 pub mod server;
+pub mod settings;
 
 pub use error::ProxyError;
 pub use gateway::Gateway;

@@ -1,28 +1,33 @@
 //! `activator-sidecar ROLE [--flag value ...]`: one data-path role on its own.
 //!
 //! `inbound` is Knative's queue-proxy role, configured like it from the environment
-//! (`QUEUE_SERVING_PORT`, `USER_PORT`, `CONTAINER_CONCURRENCY`, …) or the equivalent flags. The
-//! gateway role runs inside `mecha up`; the outbound role is not built yet.
+//! (`QUEUE_SERVING_PORT`, `USER_PORT`, `CONTAINER_CONCURRENCY`, …) or the equivalent flags.
+//! `gateway` routes external traffic with routes and endpoints streamed from the autoscaler.
+//! The outbound role is not built yet.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use activator_sidecar::discovery::{GatewayConfig, serve_gateway};
 use activator_sidecar::inbound::{Inbound, InboundConfig};
+use activator_sidecar::settings;
 use mecha_common::Shutdown;
 use mecha_common::admin::Health;
 use mecha_common::telemetry::{LogFormat, init_tracing};
 use tokio::net::TcpListener;
 
 fn usage() -> String {
-    let mut text = String::from(
-        "usage: activator-sidecar inbound [--flag value ...]\n\nThe inbound role (Knative's queue-proxy): sits in front of one container, enforces\ncontainerConcurrency, probes the container, exports load metrics.\n\nflag                      environment               meaning\n",
-    );
-    for (flag, env, help) in InboundConfig::SETTINGS {
-        text.push_str(&format!("{flag:<25} {env:<25} {help}\n"));
-    }
-    text.push_str("\nLogs: MECHA_LOG (tracing filter), MECHA_LOG_FORMAT=json.\n");
-    text
+    format!(
+        "usage: activator-sidecar ROLE [--flag value ...]\n\n\
+         inbound: Knative's queue-proxy role in front of one container (containerConcurrency,\n\
+         readiness probing, load metrics and reports).\n\n{}\n\
+         gateway: external traffic routed by Host, with routes, endpoints and activation from\n\
+         the autoscaler (e.g. `mecha up`'s admin address).\n\n{}\n\
+         Logs: MECHA_LOG (tracing filter), MECHA_LOG_FORMAT=json.\n",
+        settings::help(InboundConfig::SETTINGS),
+        settings::help(GatewayConfig::SETTINGS)
+    )
 }
 
 // One thread: a sidecar runs next to every replica, where CPU per request matters more than
@@ -38,14 +43,13 @@ async fn main() -> ExitCode {
     init_tracing("MECHA_LOG", "info", format);
     match args.first().map(String::as_str) {
         Some("inbound") => run_inbound(&args[1..]).await,
+        Some("gateway") => run_gateway(&args[1..]).await,
         Some("-h" | "--help") | None => {
             print!("{}", usage());
             ExitCode::SUCCESS
         }
-        Some(role @ ("gateway" | "outbound")) => {
-            eprintln!(
-                "error: the {role} role does not run standalone yet (the gateway runs inside `mecha up`)"
-            );
+        Some("outbound") => {
+            eprintln!("error: the outbound role is not built yet");
             ExitCode::from(2)
         }
         Some(other) => {
@@ -131,5 +135,80 @@ async fn run_inbound(args: &[String]) -> ExitCode {
     let _ = server.await;
     let _ = admin_task.await;
     tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn run_gateway(args: &[String]) -> ExitCode {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        return ExitCode::SUCCESS;
+    }
+    let config = match GatewayConfig::from_args_and_env(args, |key| std::env::var(key).ok()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let bind = |port: u16, what: &'static str| async move {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        TcpListener::bind(addr).await.map_err(|error| {
+            eprintln!("error: cannot listen on {addr} for {what}: {error}");
+            ExitCode::from(1)
+        })
+    };
+    let listener = match bind(config.port, "external traffic (GATEWAY_PORT)").await {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let admin = match bind(
+        config.admin_port,
+        "the admin endpoints (GATEWAY_ADMIN_PORT)",
+    )
+    .await
+    {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let registry = prometheus::Registry::new();
+    let health = Health::default();
+    let shutdown = Shutdown::new();
+    let admin_router = mecha_common::admin::router(health.clone(), registry.clone());
+    let admin_shutdown = shutdown.signal();
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(admin, admin_router)
+            .with_graceful_shutdown(admin_shutdown.recv())
+            .await;
+    });
+    let signal = shutdown.signal();
+    let gateway = tokio::spawn(async move {
+        serve_gateway(
+            listener,
+            config.autoscaler,
+            config.domain,
+            config.name,
+            &registry,
+            signal,
+            config.drain_timeout,
+        )
+        .await;
+    });
+    health.set_ready(true);
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("draining");
+    health.set_ready(false);
+    shutdown.trigger();
+    let _ = gateway.await;
+    let _ = admin_task.await;
     ExitCode::SUCCESS
 }

@@ -14,7 +14,7 @@ use crate::load::{LoadGuard, LoadSample, LoadTracker};
 use crate::routing::BufferLimits;
 
 /// A request for an immediate decision: `waiting` requests are held for `revision`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Poke {
     pub revision: String,
     pub waiting: u32,
@@ -126,6 +126,11 @@ impl Activation {
             demand,
             bytes: body_bytes,
         })
+    }
+
+    /// Passes on a poke from a caller in another process.
+    pub fn poke(&self, poke: Poke) {
+        let _ = self.inner.pokes.send(poke);
     }
 
     /// Requests held right now for `revision`.

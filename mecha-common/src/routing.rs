@@ -30,7 +30,8 @@ pub struct RoutingTable {
 }
 
 /// Where requests for one host go.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Route {
     pub service: ServiceKey,
     /// The traffic tag this host belongs to, `None` for the Service's main host.
@@ -39,7 +40,8 @@ pub struct Route {
     pub targets: Vec<RouteTarget>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RouteTarget {
     pub revision: String,
     pub percent: u32,

@@ -18,7 +18,8 @@ use futures_util::StreamExt;
 use mecha_common::ShutdownSignal;
 use mecha_common::admin::Health;
 use mecha_common::routing::{ServiceKey, service_host, tag_host};
-use mecha_common::wire::{STATS_PATH, Stat};
+use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH};
+use mecha_common::{Activation, RoutingTable};
 use prometheus::Registry;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -41,6 +42,10 @@ pub struct AdminState {
     pub shutdown: ShutdownSignal,
     /// Stats posted by sidecars in other processes, for the autoscaler.
     pub stats: tokio::sync::mpsc::UnboundedSender<Stat>,
+    /// The routes the gateway serves, also streamed to sidecars in other processes.
+    pub routes: tokio::sync::watch::Receiver<Arc<RoutingTable>>,
+    /// Where pokes from callers in other processes go.
+    pub activation: Activation,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +64,8 @@ pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
             get(logs),
         )
         .route(STATS_PATH, post(stats))
+        .route(POKE_PATH, post(pokes))
+        .route(WATCH_PATH, get(watch_tables))
         .with_state(state);
     mecha_common::admin::router(health, registry).merge(api)
 }
@@ -148,6 +155,48 @@ async fn stats(State(state): State<AdminState>, body: axum::body::Bytes) -> Resp
         let _ = state.stats.send(stat);
     }
     StatusCode::ACCEPTED.into_response()
+}
+
+/// `POST /api/v1/pokes`: a JSON list of activation pokes from callers in other processes.
+async fn pokes(State(state): State<AdminState>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<Vec<Poke>>(&body) {
+        Ok(pokes) => {
+            for poke in pokes {
+                state.activation.poke(poke);
+            }
+            StatusCode::ACCEPTED.into_response()
+        }
+        Err(error) => (
+            StatusCode::BAD_REQUEST,
+            format!("a JSON list of pokes is expected: {error}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /api/v1/watch`: one JSON line with the routes and ready endpoints now, then one more
+/// whenever either changes, until the client goes away or `mecha up` stops.
+async fn watch_tables(State(state): State<AdminState>) -> Response {
+    let tables = (state.routes.clone(), state.supervisor.endpoints(), true);
+    let lines =
+        futures_util::stream::unfold(tables, |(mut routes, mut endpoints, first)| async move {
+            if !first {
+                tokio::select! {
+                    changed = routes.changed() => changed.ok()?,
+                    changed = endpoints.changed() => changed.ok()?,
+                }
+            }
+            let snapshot = {
+                let routes = routes.borrow_and_update();
+                let endpoints = endpoints.borrow_and_update();
+                Snapshot::from_tables(&routes, &endpoints)
+            };
+            let mut line = serde_json::to_vec(&snapshot).ok()?;
+            line.push(b'\n');
+            Some((Ok::<_, Infallible>(line), (routes, endpoints, false)))
+        });
+    let body = Body::from_stream(lines.take_until(state.shutdown.clone().recv()));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
 fn load(request: &FilesRequest) -> Result<Vec<Loaded>, Vec<LoadError>> {

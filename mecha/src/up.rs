@@ -102,10 +102,11 @@ pub async fn run(config: UpConfig) -> ExitCode {
     let gateway = Gateway::new(
         controller.routes(),
         supervisor.endpoints(),
-        activation,
+        activation.clone(),
         DOMAIN,
         &registry,
     );
+    let routes = controller.routes();
     let controller_task = tokio::spawn(controller.run(shutdown.signal()));
     let gateway_task = tokio::spawn(activator_sidecar::server::serve(
         gateway_listener,
@@ -125,6 +126,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
             gateway_port: gateway_addr.port(),
             shutdown: shutdown.signal(),
             stats,
+            routes,
+            activation,
         },
         health.clone(),
         registry,

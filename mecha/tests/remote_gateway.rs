@@ -1,0 +1,80 @@
+//! The gateway role in another process's place: routes and endpoints streamed from `mecha up`'s
+//! admin API, activation pokes and held load sent back to it over HTTP.
+
+mod support;
+
+use std::time::Duration;
+
+use mecha_common::Shutdown;
+use support::{Mecha, Workdir, echo_service, wait_until};
+
+const FAST_CONFIG: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: config-autoscaler
+  namespace: knative-serving
+data:
+  stable-window: 6s
+  scale-to-zero-grace-period: 1s
+  allow-zero-initial-scale: \"true\"
+";
+
+#[test]
+fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
+    let dir = Workdir::new("remote-gateway");
+    dir.write("config.yaml", FAST_CONFIG);
+    let warm = echo_service("warm", &[("min-scale", "1")], "", "red");
+    let cold = echo_service("cold", &[("initial-scale", "0")], "", "blue");
+    dir.write("svc.yaml", &format!("{warm}---\n{cold}"));
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("warm", 1);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let shutdown = Shutdown::new();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let gateway = listener.local_addr().expect("addr");
+    let signal = shutdown.signal();
+    let admin = mecha.admin.to_string();
+    let served = runtime.spawn(async move {
+        activator_sidecar::discovery::serve_gateway(
+            listener,
+            admin,
+            "localhost".into(),
+            "test-gateway".into(),
+            &prometheus::Registry::new(),
+            signal,
+            Duration::from_secs(1),
+        )
+        .await;
+    });
+
+    // Routes and endpoints arrive over the watch stream.
+    wait_until("the remote gateway to route warm", || {
+        support::http(gateway, "warm.default.localhost", "/").status == 200
+    });
+    assert_eq!(
+        support::http(gateway, "warm.default.localhost", "/")
+            .echo()
+            .0,
+        "warm-00001"
+    );
+    assert_eq!(
+        support::http(gateway, "nope.default.localhost", "/").status,
+        404
+    );
+
+    // A zero-scaled service: the held request pokes mecha over HTTP and is answered.
+    let response = support::http(gateway, "cold.default.localhost", "/");
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.echo().0, "cold-00001");
+    let metrics = support::http(mecha.admin, "localhost", "/metrics").body;
+    assert!(
+        metrics.contains("mecha_autoscaler_activations_total{revision=\"cold-00001\"} 1"),
+        "{metrics}"
+    );
+
+    shutdown.trigger();
+    runtime.block_on(served).expect("gateway stopped");
+}
