@@ -69,14 +69,64 @@ impl GatewayConfig {
         ("--pod-name", "POD_NAME", "this gateway's name in reports"),
     ];
 
+    /// The outbound (mesh client) role: the same gateway on a loopback port that the caller
+    /// uses as its HTTP proxy (`HTTP_PROXY=http://127.0.0.1:15001`).
+    pub const OUTBOUND_SETTINGS: settings::Table = &[
+        (
+            "--port",
+            "OUTBOUND_PORT",
+            "the caller's HTTP proxy, on 127.0.0.1 (15001)",
+        ),
+        (
+            "--admin-port",
+            "GATEWAY_ADMIN_PORT",
+            "/live, /ready, /metrics (8022)",
+        ),
+        (
+            "--autoscaler-addr",
+            "AUTOSCALER_ADDR",
+            "host:port of the autoscaler (required)",
+        ),
+        (
+            "--domain",
+            "GATEWAY_DOMAIN",
+            "services answer on {name}.{namespace}.DOMAIN (localhost)",
+        ),
+        (
+            "--drain-timeout",
+            "DRAIN_TIMEOUT",
+            "time for in-flight requests after SIGTERM (30s)",
+        ),
+        ("--pod-name", "POD_NAME", "this sidecar's name in reports"),
+    ];
+
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let port = settings::number(&get, "GATEWAY_PORT", 8080u16, settings::port)?;
+        Self::read(get, "GATEWAY_PORT", 8080)
+    }
+
+    pub fn outbound_from_args_and_env(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::read(
+            settings::overlay(args, Self::OUTBOUND_SETTINGS, env)?,
+            "OUTBOUND_PORT",
+            15001,
+        )
+    }
+
+    fn read(
+        get: impl Fn(&str) -> Option<String>,
+        port_setting: &'static str,
+        default_port: u16,
+    ) -> Result<Self, ConfigError> {
+        let port = settings::number(&get, port_setting, default_port, settings::port)?;
         let admin_port = settings::number(&get, "GATEWAY_ADMIN_PORT", 8022u16, settings::port)?;
         if admin_port == port {
             return Err(ConfigError {
                 setting: "GATEWAY_ADMIN_PORT",
                 value: admin_port.to_string(),
-                reason: "must differ from GATEWAY_PORT".into(),
+                reason: format!("must differ from {port_setting}"),
             });
         }
         let autoscaler = get("AUTOSCALER_ADDR").ok_or_else(|| ConfigError {
@@ -319,5 +369,15 @@ mod tests {
         ];
         let config = GatewayConfig::from_args_and_env(&args, |_| None).expect("ok");
         assert_eq!((config.port, config.domain.as_str()), (8080, "localhost"));
+        let outbound = GatewayConfig::outbound_from_args_and_env(&args, |_| None).expect("ok");
+        assert_eq!(outbound.port, 15001);
+        let error = GatewayConfig::outbound_from_args_and_env(&args, |k| {
+            (k == "OUTBOUND_PORT").then(|| "8022".to_string())
+        })
+        .expect_err("clash");
+        assert_eq!(
+            error.to_string(),
+            "GATEWAY_ADMIN_PORT=\"8022\": must differ from OUTBOUND_PORT"
+        );
     }
 }

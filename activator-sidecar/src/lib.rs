@@ -7,7 +7,7 @@
 //!   runs it on its own;
 //! - **gateway in its own process** ([`discovery::serve_gateway`]): the same gateway, fed by
 //!   the autoscaler's stream of routes and endpoints instead of in-process tables;
-//! - **outbound** (the mesh client) will build on the same [`proxy`] forwarding.
+//! - **outbound** (the mesh client): the same, on loopback, as the caller's HTTP proxy.
 //!
 //! The stage order follows linkerd2-proxy: route → pick a target revision → wait (bounded)
 //! for a ready endpoint → forward; one place ([`error::ProxyError`]) maps every failure to

@@ -2,8 +2,8 @@
 //!
 //! `inbound` is Knative's queue-proxy role, configured like it from the environment
 //! (`QUEUE_SERVING_PORT`, `USER_PORT`, `CONTAINER_CONCURRENCY`, …) or the equivalent flags.
-//! `gateway` routes external traffic with routes and endpoints streamed from the autoscaler.
-//! The outbound role is not built yet.
+//! `gateway` routes external traffic with routes and endpoints streamed from the autoscaler;
+//! `outbound` is the same on loopback, as a caller's HTTP proxy (the mesh client).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -24,9 +24,12 @@ fn usage() -> String {
          readiness probing, load metrics and reports).\n\n{}\n\
          gateway: external traffic routed by Host, with routes, endpoints and activation from\n\
          the autoscaler (e.g. `mecha up`'s admin address).\n\n{}\n\
+         outbound: the mesh client of one caller: the gateway on 127.0.0.1, used as the\n\
+         caller's HTTP proxy (HTTP_PROXY=http://127.0.0.1:15001).\n\n{}\n\
          Logs: MECHA_LOG (tracing filter), MECHA_LOG_FORMAT=json.\n",
         settings::help(InboundConfig::SETTINGS),
-        settings::help(GatewayConfig::SETTINGS)
+        settings::help(GatewayConfig::SETTINGS),
+        settings::help(GatewayConfig::OUTBOUND_SETTINGS)
     )
 }
 
@@ -43,15 +46,12 @@ async fn main() -> ExitCode {
     init_tracing("MECHA_LOG", "info", format);
     match args.first().map(String::as_str) {
         Some("inbound") => run_inbound(&args[1..]).await,
-        Some("gateway") => run_gateway(&args[1..]).await,
+        Some("gateway") => run_gateway(&args[1..], Role::Gateway).await,
         Some("-h" | "--help") | None => {
             print!("{}", usage());
             ExitCode::SUCCESS
         }
-        Some("outbound") => {
-            eprintln!("error: the outbound role is not built yet");
-            ExitCode::from(2)
-        }
+        Some("outbound") => run_gateway(&args[1..], Role::Outbound).await,
         Some(other) => {
             eprintln!("error: unknown role {other:?}\n\n{}", usage());
             ExitCode::from(2)
@@ -138,12 +138,25 @@ async fn run_inbound(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run_gateway(args: &[String]) -> ExitCode {
+/// The gateway serves everyone on all interfaces; the outbound role serves its own pod's
+/// caller on loopback only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Gateway,
+    Outbound,
+}
+
+async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     if args.iter().any(|a| a == "-h" || a == "--help") {
         print!("{}", usage());
         return ExitCode::SUCCESS;
     }
-    let config = match GatewayConfig::from_args_and_env(args, |key| std::env::var(key).ok()) {
+    let env = |key: &str| std::env::var(key).ok();
+    let config = match role {
+        Role::Gateway => GatewayConfig::from_args_and_env(args, env),
+        Role::Outbound => GatewayConfig::outbound_from_args_and_env(args, env),
+    };
+    let config = match config {
         Ok(config) => config,
         Err(error) => {
             eprintln!("error: {error}");
@@ -157,7 +170,17 @@ async fn run_gateway(args: &[String]) -> ExitCode {
             ExitCode::from(1)
         })
     };
-    let listener = match bind(config.port, "external traffic (GATEWAY_PORT)").await {
+    let listener = match role {
+        Role::Gateway => bind(config.port, "external traffic (GATEWAY_PORT)").await,
+        Role::Outbound => {
+            let addr = SocketAddr::from(([127, 0, 0, 1], config.port));
+            TcpListener::bind(addr).await.map_err(|error| {
+                eprintln!("error: cannot listen on {addr} for the caller (OUTBOUND_PORT): {error}");
+                ExitCode::from(1)
+            })
+        }
+    };
+    let listener = match listener {
         Ok(listener) => listener,
         Err(code) => return code,
     };

@@ -65,6 +65,18 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
         404
     );
 
+    // As a caller's HTTP proxy (the outbound role), requests name the service in absolute form.
+    let mut stream = std::net::TcpStream::connect(gateway).expect("connect");
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET http://warm.default.localhost/ HTTP/1.1\r\nHost: warm.default.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .expect("write");
+    let mut raw = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut raw).expect("read");
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("warm-00001"), "{raw}");
+
     // A zero-scaled service: the held request pokes mecha over HTTP and is answered.
     let response = support::http(gateway, "cold.default.localhost", "/");
     assert_eq!(response.status, 200, "{response:?}");
