@@ -1,9 +1,12 @@
-//! Gateway benchmark: the time from `mecha up` to the first 200 of the Python hello example,
-//! and the latency the gateway adds over calling the same replica directly, measured in the
-//! same run, interleaved request by request so both see the same machine noise.
+//! Warm-path benchmark: the time from `mecha up` to the first 200 of the Python hello example,
+//! and the latency each hop adds over calling the same replica directly — the gateway, and the
+//! inbound sidecar (`activator-sidecar inbound` started in front of the same replica) — measured
+//! in the same run, interleaved request by request so all paths see the same machine noise.
+//! With `--rate`, requests are sent open-loop at that many per second (all paths together).
 //!
-//! cargo build --release -p mecha -p loadtests
-//! target/release/gateway-latency [--requests 5000] [--mecha target/release/mecha] [--example examples/hello-python --service hello]
+//! cargo build --release -p mecha -p activator-sidecar -p loadtests
+//! target/release/gateway-latency [--requests 5000] [--rate 1000] [--mecha target/release/mecha]
+//!     [--sidecar target/release/activator-sidecar] [--example examples/hello-python --service hello]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,6 +15,8 @@ use loadtests::{Percentiles, Platform, client, get};
 
 struct Args {
     mecha: PathBuf,
+    sidecar: PathBuf,
+    rate: Option<f64>,
     example: PathBuf,
     service: String,
     requests: usize,
@@ -21,6 +26,8 @@ fn parse_args() -> Result<Args, String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut args = Args {
         mecha: root.join("target/release/mecha"),
+        sidecar: root.join("target/release/activator-sidecar"),
+        rate: None,
         example: root.join("examples/hello-python"),
         service: "hello".into(),
         requests: 5000,
@@ -30,6 +37,14 @@ fn parse_args() -> Result<Args, String> {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--mecha" => args.mecha = value.into(),
+            "--sidecar" => args.sidecar = value.into(),
+            "--rate" => {
+                args.rate = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("--rate: {value:?} is not a number"))?,
+                )
+            }
             "--example" => args.example = value.into(),
             "--service" => args.service = value,
             "--requests" => {
@@ -75,51 +90,121 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let replica = platform.replica_addr(&http, &args.service).await?;
 
-    // Warm both paths (connection pools, the replica's threads), then interleave.
+    // The inbound sidecar in front of the same replica, as it would sit in a pod.
+    let sidecar = Sidecar::start(&args.sidecar, replica.port())?;
+    let inbound = sidecar.serving;
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    while get(&http, inbound, &host, "/").await != Ok(200) {
+        if Instant::now() > ready_by {
+            return Err("the inbound sidecar did not become ready".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Warm every path (connection pools, the replica's threads), then interleave.
+    let paths = [replica, platform.gateway, inbound];
     for _ in 0..200 {
-        get(&http, replica, &host, "/").await?;
-        get(&http, platform.gateway, &host, "/").await?;
+        for addr in paths {
+            get(&http, addr, &host, "/").await?;
+        }
     }
-    let mut direct = Vec::with_capacity(args.requests);
-    let mut gateway = Vec::with_capacity(args.requests);
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    let interval = args.rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let start = Instant::now();
+    let mut sent = 0u32;
     for _ in 0..args.requests {
-        let t = Instant::now();
-        get(&http, replica, &host, "/").await?;
-        direct.push(t.elapsed());
-        let t = Instant::now();
-        get(&http, platform.gateway, &host, "/").await?;
-        gateway.push(t.elapsed());
+        for (path, addr) in paths.iter().enumerate() {
+            if let Some(interval) = interval {
+                // Open loop: each request leaves at its slot, however long the last one took.
+                tokio::time::sleep_until((start + interval * sent).into()).await;
+            }
+            sent += 1;
+            let t = Instant::now();
+            get(&http, *addr, &host, "/").await?;
+            samples[path].push(t.elapsed());
+        }
     }
+    let [mut direct, mut gateway, mut inbound] = samples;
     let d = Percentiles::of(&mut direct);
     let g = Percentiles::of(&mut gateway);
+    let i = Percentiles::of(&mut inbound);
     println!(
         "mecha up -> first 200 ({}): {:.1} ms",
         args.service,
         first_ok.as_secs_f64() * 1e3
     );
+    match args.rate {
+        Some(rate) => println!(
+            "{} requests per path, keep-alive, interleaved, open loop at {rate} requests/s in all",
+            args.requests
+        ),
+        None => println!(
+            "{} sequential requests per path, keep-alive, interleaved",
+            args.requests
+        ),
+    }
     println!(
-        "{} sequential requests per path, keep-alive, interleaved",
-        args.requests
-    );
-    println!(
-        "{:<22} {:>10} {:>10} {:>10}",
+        "{:<30} {:>10} {:>10} {:>10}",
         "latency (µs)", "p50", "p90", "p99"
     );
-    println!(
-        "{:<22} {:>10.1} {:>10.1} {:>10.1}",
-        "direct to replica", d.p50, d.p90, d.p99
+    let row = |name: &str, p: &Percentiles| {
+        println!("{name:<30} {:>10.1} {:>10.1} {:>10.1}", p.p50, p.p90, p.p99)
+    };
+    row("direct to replica", &d);
+    row("through the gateway", &g);
+    row("through the inbound sidecar", &i);
+    let added = |p: &Percentiles| Percentiles {
+        p50: p.p50 - d.p50,
+        p90: p.p90 - d.p90,
+        p99: p.p99 - d.p99,
+    };
+    row("added by the gateway", &added(&g));
+    row("added by the inbound sidecar", &added(&i));
+    let (ag, ai) = (added(&g), added(&i));
+    row(
+        "gateway + inbound (sum)",
+        &Percentiles {
+            p50: ag.p50 + ai.p50,
+            p90: ag.p90 + ai.p90,
+            p99: ag.p99 + ai.p99,
+        },
     );
-    println!(
-        "{:<22} {:>10.1} {:>10.1} {:>10.1}",
-        "through the gateway", g.p50, g.p90, g.p99
-    );
-    println!(
-        "{:<22} {:>10.1} {:>10.1} {:>10.1}",
-        "added by the gateway",
-        g.p50 - d.p50,
-        g.p90 - d.p90,
-        g.p99 - d.p99
-    );
-    println!("ratio gateway/direct at p50: {:.2}", g.p50 / d.p50);
     Ok(())
+}
+
+/// `activator-sidecar inbound` in front of one replica; killed on drop.
+struct Sidecar {
+    child: std::process::Child,
+    serving: std::net::SocketAddr,
+}
+
+impl Sidecar {
+    fn start(binary: &std::path::Path, user_port: u16) -> Result<Self, String> {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| e.to_string())
+        };
+        let (serving, admin) = (free()?, free()?);
+        let child = std::process::Command::new(binary)
+            .arg("inbound")
+            .env("QUEUE_SERVING_PORT", serving.to_string())
+            .env("QUEUE_ADMIN_PORT", admin.to_string())
+            .env("USER_PORT", user_port.to_string())
+            .env("MECHA_LOG", "warn")
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        Ok(Self {
+            child,
+            serving: std::net::SocketAddr::from(([127, 0, 0, 1], serving)),
+        })
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
