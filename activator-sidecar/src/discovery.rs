@@ -135,14 +135,7 @@ impl GatewayConfig {
             reason: "required: the gateway learns routes and endpoints from the autoscaler".into(),
         })?;
         settings::host_port("AUTOSCALER_ADDR", &autoscaler)?;
-        let drain_timeout = match get("DRAIN_TIMEOUT") {
-            None => Duration::from_secs(30),
-            Some(value) => settings::duration_value(&value).map_err(|reason| ConfigError {
-                setting: "DRAIN_TIMEOUT",
-                value,
-                reason,
-            })?,
-        };
+        let drain_timeout = settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?;
         Ok(Self {
             port,
             admin_port,

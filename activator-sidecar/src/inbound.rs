@@ -129,14 +129,7 @@ impl InboundConfig {
                 reason: "must start with '/'".into(),
             });
         }
-        let drain_timeout = match get("DRAIN_TIMEOUT") {
-            None => Duration::from_secs(30),
-            Some(value) => settings::duration_value(&value).map_err(|reason| ConfigError {
-                setting: "DRAIN_TIMEOUT",
-                value,
-                reason,
-            })?,
-        };
+        let drain_timeout = settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?;
         let report = match get("AUTOSCALER_ADDR") {
             None => None,
             Some(addr) => {

@@ -71,18 +71,21 @@ async fn run_inbound(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let bind = |port: u16, what: &'static str| async move {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        TcpListener::bind(addr).await.map_err(|error| {
-            eprintln!("error: cannot listen on {addr} for {what}: {error}");
-            ExitCode::from(1)
-        })
-    };
-    let serving = match bind(config.serving_port, "requests (QUEUE_SERVING_PORT)").await {
+    let serving = match bind(
+        all_interfaces(config.serving_port),
+        "requests (QUEUE_SERVING_PORT)",
+    )
+    .await
+    {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    let admin = match bind(config.admin_port, "the admin endpoints (QUEUE_ADMIN_PORT)").await {
+    let admin = match bind(
+        all_interfaces(config.admin_port),
+        "the admin endpoints (QUEUE_ADMIN_PORT)",
+    )
+    .await
+    {
         Ok(listener) => listener,
         Err(code) => return code,
     };
@@ -108,24 +111,10 @@ async fn run_inbound(args: &[String]) -> ExitCode {
         shutdown.signal(),
         drain_timeout,
     ));
-    let admin_shutdown = shutdown.signal();
-    let admin_router = mecha_common::admin::router(health.clone(), registry);
-    let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(admin, admin_router)
-            .with_graceful_shutdown(admin_shutdown.recv())
-            .await;
-    });
+    let admin_task = serve_admin(admin, health.clone(), registry, shutdown.signal());
 
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            eprintln!("error: cannot listen for SIGTERM: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    if let Err(code) = stop_signal().await {
+        return code;
     }
     tracing::info!("draining");
     // Unready first, so nothing new is routed here, then finish what is in flight.
@@ -163,21 +152,17 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let bind = |port: u16, what: &'static str| async move {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        TcpListener::bind(addr).await.map_err(|error| {
-            eprintln!("error: cannot listen on {addr} for {what}: {error}");
-            ExitCode::from(1)
-        })
-    };
     let listener = match role {
-        Role::Gateway => bind(config.port, "external traffic (GATEWAY_PORT)").await,
+        Role::Gateway => {
+            bind(
+                all_interfaces(config.port),
+                "external traffic (GATEWAY_PORT)",
+            )
+            .await
+        }
         Role::Outbound => {
-            let addr = SocketAddr::from(([127, 0, 0, 1], config.port));
-            TcpListener::bind(addr).await.map_err(|error| {
-                eprintln!("error: cannot listen on {addr} for the caller (OUTBOUND_PORT): {error}");
-                ExitCode::from(1)
-            })
+            let loopback = SocketAddr::from(([127, 0, 0, 1], config.port));
+            bind(loopback, "the caller (OUTBOUND_PORT)").await
         }
     };
     let listener = match listener {
@@ -185,7 +170,7 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
         Err(code) => return code,
     };
     let admin = match bind(
-        config.admin_port,
+        all_interfaces(config.admin_port),
         "the admin endpoints (GATEWAY_ADMIN_PORT)",
     )
     .await
@@ -196,13 +181,7 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     let registry = prometheus::Registry::new();
     let health = Health::default();
     let shutdown = Shutdown::new();
-    let admin_router = mecha_common::admin::router(health.clone(), registry.clone());
-    let admin_shutdown = shutdown.signal();
-    let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(admin, admin_router)
-            .with_graceful_shutdown(admin_shutdown.recv())
-            .await;
-    });
+    let admin_task = serve_admin(admin, health.clone(), registry.clone(), shutdown.signal());
     let signal = shutdown.signal();
     let gateway = tokio::spawn(async move {
         serve_gateway(
@@ -217,16 +196,8 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
         .await;
     });
     health.set_ready(true);
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            eprintln!("error: cannot listen for SIGTERM: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    if let Err(code) = stop_signal().await {
+        return code;
     }
     tracing::info!("draining");
     health.set_ready(false);
@@ -234,4 +205,44 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     let _ = gateway.await;
     let _ = admin_task.await;
     ExitCode::SUCCESS
+}
+
+fn all_interfaces(port: u16) -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], port))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|error| {
+        eprintln!("error: cannot listen on {addr} for {what}: {error}");
+        ExitCode::from(1)
+    })
+}
+
+/// `/live`, `/ready`, `/metrics` until shutdown.
+fn serve_admin(
+    listener: TcpListener,
+    health: Health,
+    registry: prometheus::Registry,
+    shutdown: mecha_common::ShutdownSignal,
+) -> tokio::task::JoinHandle<()> {
+    let router = mecha_common::admin::router(health, registry);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.recv())
+            .await;
+    })
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn stop_signal() -> Result<(), ExitCode> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|error| {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            ExitCode::from(1)
+        })?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
 }

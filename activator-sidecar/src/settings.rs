@@ -97,9 +97,20 @@ pub fn host_port(setting: &'static str, value: &str) -> Result<(), ConfigError> 
     }
 }
 
-/// A duration setting's value (`30s`, `1m`, `500ms`).
-pub fn duration_value(value: &str) -> Result<Duration, String> {
-    mecha_common::duration::parse_go(value)
+/// A duration setting (`30s`, `1m`, `500ms`), `default` when unset.
+pub fn duration(
+    get: &impl Fn(&str) -> Option<String>,
+    setting: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match get(setting) {
+        None => Ok(default),
+        Some(value) => mecha_common::duration::parse_go(&value).map_err(|reason| ConfigError {
+            setting,
+            value,
+            reason,
+        }),
+    }
 }
 
 /// Help text for a role's settings.

@@ -164,8 +164,6 @@ async fn a_restarted_replica_with_the_same_name_takes_the_retried_request() {
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
         endpoints_tx.send_replace(endpoints(vec![Endpoint::standalone("fn-00001-1", live)]));
-        // Keep the table alive for the rest of the test.
-        tokio::time::sleep(Duration::from_secs(30)).await;
     });
     let started = std::time::Instant::now();
     let (status, body) = get(addr, HOST).await;

@@ -6,18 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{Mecha, Workdir, alive, echo_service, wait_until};
-
-const FAST_CONFIG: &str = "apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: config-autoscaler
-  namespace: knative-serving
-data:
-  stable-window: 6s
-  scale-to-zero-grace-period: 1s
-  allow-zero-initial-scale: \"true\"
-";
+use support::{FAST_CONFIG, Mecha, Workdir, alive, echo_service, wait_until};
 
 fn ready_and_desired(mecha: &Mecha, service: &str) -> (u64, u64) {
     let services = mecha.services_json();

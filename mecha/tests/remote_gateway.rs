@@ -6,18 +6,7 @@ mod support;
 use std::time::Duration;
 
 use mecha_common::Shutdown;
-use support::{Mecha, Workdir, echo_service, wait_until};
-
-const FAST_CONFIG: &str = "apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: config-autoscaler
-  namespace: knative-serving
-data:
-  stable-window: 6s
-  scale-to-zero-grace-period: 1s
-  allow-zero-initial-scale: \"true\"
-";
+use support::{FAST_CONFIG, Mecha, Workdir, echo_service, wait_until};
 
 #[test]
 fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {

@@ -11,6 +11,19 @@ use std::time::{Duration, Instant};
 
 pub const ECHO: &str = include_str!("echo.py");
 
+/// A `config-autoscaler` with windows short enough for tests: a 6 s stable window, a 1 s grace
+/// period, and zero initial scale allowed.
+pub const FAST_CONFIG: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: config-autoscaler
+  namespace: knative-serving
+data:
+  stable-window: 6s
+  scale-to-zero-grace-period: 1s
+  allow-zero-initial-scale: \"true\"
+";
+
 /// A scratch directory with the echo function in it, removed on drop.
 pub struct Workdir {
     pub path: PathBuf,
