@@ -18,6 +18,26 @@ use hyper_util::rt::TokioExecutor;
 
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// A benchmark binary's `main`: bad arguments exit with 2, a failed run with 1, each with a
+/// message on stderr.
+pub async fn main_with<A, F, Fut>(parse_args: fn() -> Result<A, String>, run: F)
+where
+    F: FnOnce(A) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(error) = run(args).await {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+}
+
 /// A `mecha up` started for a benchmark; killed (with its replicas) on drop.
 #[derive(Debug)]
 pub struct Platform {

@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use support::{FAST_CONFIG, Mecha, Workdir, alive, echo_service, wait_until};
 
@@ -29,8 +28,13 @@ fn a_zero_scaled_service_wakes_on_a_request_and_returns_to_zero() {
         &echo_service("sleeper", &[("initial-scale", "0")], "", "red"),
     );
     let mecha = Mecha::up(&[&dir.path]);
-    // Nothing runs until the first request.
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing runs until the first request: the autoscaler has considered the revision and
+    // wants no replica.
+    wait_until("the autoscaler's first decision", || {
+        support::http(mecha.admin, "localhost", "/metrics")
+            .body
+            .contains("mecha_autoscaler_desired_replicas{revision=\"sleeper-00001\"} 0")
+    });
     assert_eq!(ready_and_desired(&mecha, "sleeper"), (0, 0));
     let response = mecha.get("sleeper.default.localhost", "/");
     assert_eq!(response.status, 200, "{response:?}");

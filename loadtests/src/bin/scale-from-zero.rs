@@ -52,17 +52,7 @@ fn parse_args() -> Result<Args, String> {
 
 #[tokio::main]
 async fn main() {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(error) => {
-            eprintln!("error: {error}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(error) = run(args).await {
-        eprintln!("error: {error}");
-        std::process::exit(1);
-    }
+    loadtests::main_with(parse_args, run).await;
 }
 
 fn service(name: &str, app: &Path, extra_annotations: &str) -> String {
