@@ -9,11 +9,13 @@
 pub mod autoscaling;
 pub mod config;
 pub mod error;
+pub mod eventing;
 pub mod load;
 pub mod meta;
 pub mod serving;
 
 pub use error::{FieldError, LoadError};
+pub use eventing::{Broker, Trigger};
 pub use load::{Loaded, Mode, Resource, Source, load_paths, load_str};
 pub use meta::ObjectMeta;
 pub use serving::Service;

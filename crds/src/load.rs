@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
+use crate::eventing::{self, Broker, Trigger};
 use crate::serving::{self, Service};
 
 /// Which runtime the resources are validated for.
@@ -40,6 +41,8 @@ pub enum Resource {
     Service(Service),
     /// The `config-autoscaler` ConfigMap in `knative-serving`.
     AutoscalerConfig(AutoscalerConfig),
+    Broker(Broker),
+    Trigger(Trigger),
 }
 
 /// A typed, validated resource and where it came from.
@@ -55,8 +58,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("serving.knative.dev/v1", "Configuration"),
     ("serving.knative.dev/v1", "Route"),
     ("serving.knative.dev/v1", "Revision"),
-    ("eventing.knative.dev/v1", "Broker"),
-    ("eventing.knative.dev/v1", "Trigger"),
     ("sources.knative.dev/v1", "PingSource"),
     ("sources.knative.dev/v1", "SinkBinding"),
     ("sources.knative.dev/v1", "ContainerSource"),
@@ -70,6 +71,8 @@ impl Resource {
         match self {
             Resource::Service(_) => serving::KIND,
             Resource::AutoscalerConfig(_) => "ConfigMap",
+            Resource::Broker(_) => eventing::BROKER_KIND,
+            Resource::Trigger(_) => eventing::TRIGGER_KIND,
         }
     }
 
@@ -77,6 +80,8 @@ impl Resource {
         match self {
             Resource::Service(s) => s.namespace(),
             Resource::AutoscalerConfig(_) => config::NAMESPACE,
+            Resource::Broker(b) => b.namespace(),
+            Resource::Trigger(t) => t.namespace(),
         }
     }
 
@@ -84,6 +89,8 @@ impl Resource {
         match self {
             Resource::Service(s) => &s.metadata.name,
             Resource::AutoscalerConfig(_) => config::NAME,
+            Resource::Broker(b) => &b.metadata.name,
+            Resource::Trigger(t) => &t.metadata.name,
         }
     }
 }
@@ -276,6 +283,14 @@ fn load_document(
                 Err(errors.into_iter().map(at).collect())
             }
         }
+        (eventing::API_VERSION, eventing::BROKER_KIND) => {
+            let broker: Broker = typed(value).map_err(|e| vec![at(e)])?;
+            valid(broker.validate(), Resource::Broker(broker), at)
+        }
+        (eventing::API_VERSION, eventing::TRIGGER_KIND) => {
+            let trigger: Trigger = typed(value).map_err(|e| vec![at(e)])?;
+            valid(trigger.validate(), Resource::Trigger(trigger), at)
+        }
         ("v1", "ConfigMap") => {
             let map: ConfigMap = typed(value).map_err(|e| vec![at(e)])?;
             if map.metadata.name != config::NAME || map.metadata.namespace() != config::NAMESPACE {
@@ -301,13 +316,28 @@ fn load_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
+                eventing::BROKER_KIND,
+                eventing::TRIGGER_KIND,
+                eventing::API_VERSION,
                 config::NAMESPACE,
                 config::NAME
             ),
         ))]),
+    }
+}
+
+fn valid(
+    errors: Vec<FieldError>,
+    resource: Resource,
+    at: impl Fn(FieldError) -> LoadError,
+) -> Result<Resource, Vec<LoadError>> {
+    if errors.is_empty() {
+        Ok(resource)
+    } else {
+        Err(errors.into_iter().map(at).collect())
     }
 }
 
@@ -433,9 +463,9 @@ spec:
             ),
             "{errors:?}"
         );
-        let errors = errors_of("apiVersion: eventing.knative.dev/v1\nkind: Broker\n");
+        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: PingSource\n");
         assert!(
-            errors[0].contains("Broker (eventing.knative.dev/v1) is not supported by Mecha yet")
+            errors[0].contains("PingSource (sources.knative.dev/v1) is not supported by Mecha yet")
         );
     }
 

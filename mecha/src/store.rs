@@ -5,14 +5,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use autoscaler::{Applied, ServingState};
 use crds::{LoadError, Loaded, Resource};
+use eventing_broker::{Change, EventingState};
 use mecha_common::routing::ServiceKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct LocalStore {
-    state: Mutex<ServingState>,
+    state: Mutex<(ServingState, EventingState)>,
     tx: watch::Sender<Arc<ServingState>>,
+    eventing: watch::Sender<Arc<EventingState>>,
 }
 
 /// What happened to one resource.
@@ -34,6 +36,7 @@ impl LocalStore {
         Self {
             state: Mutex::default(),
             tx: watch::channel(Arc::default()).0,
+            eventing: watch::channel(Arc::default()).0,
         }
     }
 
@@ -45,16 +48,31 @@ impl LocalStore {
         self.tx.borrow().clone()
     }
 
+    pub fn subscribe_eventing(&self) -> watch::Receiver<Arc<EventingState>> {
+        self.eventing.subscribe()
+    }
+
+    pub fn eventing(&self) -> Arc<EventingState> {
+        self.eventing.borrow().clone()
+    }
+
     /// Applies every resource in order, as successive `kubectl apply`s would. All or
     /// nothing: if any resource is refused, none is applied and every error is returned.
     pub fn apply(&self, resources: Vec<Loaded>) -> Result<Vec<Outcome>, Vec<LoadError>> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut next = state.clone();
+        let (mut next, mut eventing) = state.clone();
         let mut outcomes = Vec::new();
         let mut errors = Vec::new();
         for loaded in resources {
-            let service = match loaded.resource {
-                Resource::Service(service) => service,
+            let kind = loaded.resource.kind();
+            let (namespace, name) = (
+                loaded.resource.namespace().to_string(),
+                loaded.resource.name().to_string(),
+            );
+            let change = match loaded.resource {
+                Resource::Service(service) => Err(service),
+                Resource::Broker(broker) => Ok(eventing.apply_broker(broker)),
+                Resource::Trigger(trigger) => Ok(eventing.apply_trigger(trigger)),
                 Resource::AutoscalerConfig(config) => {
                     let action = if next.config() == &config {
                         "unchanged"
@@ -66,6 +84,24 @@ impl LocalStore {
                         kind: "ConfigMap".into(),
                         namespace: crds::config::NAMESPACE.into(),
                         name: crds::config::NAME.into(),
+                        action: action.into(),
+                        revision: None,
+                    });
+                    continue;
+                }
+            };
+            let service = match change {
+                Err(service) => service,
+                Ok(change) => {
+                    let action = match change {
+                        Change::Created => "created",
+                        Change::Configured => "configured",
+                        Change::Unchanged => "unchanged",
+                    };
+                    outcomes.push(Outcome {
+                        kind: kind.into(),
+                        namespace,
+                        name,
                         action: action.into(),
                         revision: None,
                     });
@@ -102,8 +138,13 @@ impl LocalStore {
         if !errors.is_empty() {
             return Err(errors);
         }
-        *state = next.clone();
+        *state = (next.clone(), eventing.clone());
         self.tx.send_replace(Arc::new(next));
+        self.eventing.send_if_modified(|current| {
+            let changed = **current != eventing;
+            *current = Arc::new(eventing);
+            changed
+        });
         Ok(outcomes)
     }
 
@@ -111,7 +152,7 @@ impl LocalStore {
     /// name does not matter).
     pub fn delete(&self, resources: &[Loaded]) -> Vec<Outcome> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut next = state.clone();
+        let (mut next, mut eventing) = state.clone();
         let outcomes = resources
             .iter()
             .map(|loaded| {
@@ -122,6 +163,14 @@ impl LocalStore {
                         next.set_config(None);
                         true
                     }
+                    Resource::Broker(_) => eventing
+                        .brokers
+                        .remove(&(key.namespace.clone(), key.name.clone()))
+                        .is_some(),
+                    Resource::Trigger(_) => eventing
+                        .triggers
+                        .remove(&(key.namespace.clone(), key.name.clone()))
+                        .is_some(),
                 };
                 Outcome {
                     kind: loaded.resource.kind().into(),
@@ -132,8 +181,9 @@ impl LocalStore {
                 }
             })
             .collect();
-        *state = next.clone();
+        *state = (next.clone(), eventing.clone());
         self.tx.send_replace(Arc::new(next));
+        self.eventing.send_replace(Arc::new(eventing));
         outcomes
     }
 }

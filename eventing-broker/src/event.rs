@@ -1,0 +1,568 @@
+//! CloudEvents 1.0: the event model, validation, and the HTTP binding (binary, structured and
+//! batched mode) in both directions.
+//!
+//! Attributes keep the CloudEvents type they arrived with (structured mode can carry Integer
+//! and Boolean extensions; binary-mode headers are always strings), because CESQL filters see
+//! those types. The log stores events in structured JSON, which keeps the types.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use cesql::Value;
+use http::{HeaderMap, HeaderValue, header};
+use serde_json::{Map, Value as Json};
+
+pub const STRUCTURED: &str = "application/cloudevents+json";
+pub const BATCH: &str = "application/cloudevents-batch+json";
+/// The TTL extension Knative's broker uses to stop reply loops.
+pub const TTL: &str = "knativebrokerttl";
+
+const REQUIRED: [&str; 4] = ["id", "source", "specversion", "type"];
+
+/// One CloudEvent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Context attributes and extensions, by name (`datacontenttype` included).
+    pub attributes: BTreeMap<String, Value>,
+    pub data: Option<Bytes>,
+}
+
+/// Why a request or a reply is not a valid CloudEvent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("{0}")]
+    Invalid(String),
+    /// A content type that is not a CloudEvents format Mecha reads (HTTP 415).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+// === impl Event ===
+
+impl Event {
+    pub fn new(id: &str, source: &str, kind: &str) -> Self {
+        let mut attributes = BTreeMap::new();
+        for (k, v) in [
+            ("specversion", "1.0"),
+            ("id", id),
+            ("source", source),
+            ("type", kind),
+        ] {
+            attributes.insert(k.to_string(), Value::String(v.to_string()));
+        }
+        Self {
+            attributes,
+            data: None,
+        }
+    }
+
+    pub fn string(&self, name: &str) -> Option<String> {
+        self.attributes.get(name).map(ToString::to_string)
+    }
+
+    pub fn set(&mut self, name: &str, value: impl Into<String>) {
+        self.attributes
+            .insert(name.to_string(), Value::String(value.into()));
+    }
+
+    pub fn id(&self) -> String {
+        self.string("id").unwrap_or_default()
+    }
+
+    /// Checks what CloudEvents 1.0 requires of every event.
+    pub fn validate(&self) -> Result<(), EventError> {
+        let invalid = |m: String| Err(EventError::Invalid(m));
+        for name in REQUIRED {
+            match self.attributes.get(name) {
+                None => return invalid(format!("the required attribute {name} is missing")),
+                Some(Value::String(s)) if s.is_empty() => {
+                    return invalid(format!("the attribute {name} must not be empty"));
+                }
+                Some(Value::String(_)) => {}
+                Some(other) => {
+                    return invalid(format!(
+                        "the attribute {name} must be a string, not {other}"
+                    ));
+                }
+            }
+        }
+        if self.string("specversion").as_deref() != Some("1.0") {
+            return invalid(format!(
+                "specversion {:?} is not supported; Mecha reads CloudEvents 1.0",
+                self.string("specversion").unwrap_or_default()
+            ));
+        }
+        if let Some(source) = self.string("source")
+            && source.chars().any(char::is_whitespace)
+        {
+            return invalid(format!("source {source:?} is not a URI-reference"));
+        }
+        if let Some(time) = self.string("time")
+            && !is_rfc3339(&time)
+        {
+            return invalid(format!("time {time:?} is not an RFC 3339 timestamp"));
+        }
+        for name in self.attributes.keys() {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            {
+                return invalid(format!(
+                    "attribute name {name:?} is invalid: CloudEvents attribute names are lower-case letters and digits"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn content_type(&self) -> Option<String> {
+        self.string("datacontenttype")
+    }
+
+    // --- structured JSON ---
+
+    /// The event as a structured-mode JSON object.
+    pub fn to_json(&self) -> Json {
+        let mut object = Map::new();
+        for (name, value) in &self.attributes {
+            object.insert(
+                name.clone(),
+                match value {
+                    Value::String(s) => Json::String(s.clone()),
+                    Value::Integer(i) => Json::from(*i),
+                    Value::Boolean(b) => Json::Bool(*b),
+                },
+            );
+        }
+        if let Some(data) = &self.data {
+            let content_type = self.content_type();
+            let json_data = is_json(content_type.as_deref())
+                .then(|| serde_json::from_slice::<Json>(data).ok())
+                .flatten();
+            match (json_data, std::str::from_utf8(data)) {
+                (Some(value), _) => {
+                    object.insert("data".into(), value);
+                }
+                (None, Ok(text)) if is_text(content_type.as_deref()) => {
+                    object.insert("data".into(), Json::String(text.to_string()));
+                }
+                _ => {
+                    object.insert("data_base64".into(), Json::String(BASE64.encode(data)));
+                }
+            }
+        }
+        Json::Object(object)
+    }
+
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_json()).unwrap_or_default()
+    }
+
+    /// Reads one structured-mode JSON object (not yet validated).
+    pub fn from_json(value: Json) -> Result<Self, EventError> {
+        let Json::Object(object) = value else {
+            return Err(EventError::Invalid(
+                "a structured CloudEvent must be a JSON object".into(),
+            ));
+        };
+        let mut attributes = BTreeMap::new();
+        let mut data = None;
+        let mut data_json = None;
+        for (name, value) in object {
+            match name.as_str() {
+                "data" => data_json = Some(value),
+                "data_base64" => {
+                    let Json::String(encoded) = value else {
+                        return Err(EventError::Invalid("data_base64 must be a string".into()));
+                    };
+                    data = Some(Bytes::from(BASE64.decode(encoded.as_bytes()).map_err(
+                        |e| EventError::Invalid(format!("data_base64 is not base64: {e}")),
+                    )?));
+                }
+                _ => {
+                    let value = match value {
+                        // A null attribute is an absent one.
+                        Json::Null => continue,
+                        Json::String(s) => Value::String(s),
+                        Json::Bool(b) => Value::Boolean(b),
+                        Json::Number(n) => Value::Integer(
+                            n.as_i64()
+                                .and_then(|n| i32::try_from(n).ok())
+                                .ok_or_else(|| {
+                                    EventError::Invalid(format!(
+                                        "attribute {name}: {n} is not a CloudEvents Integer (32-bit)"
+                                    ))
+                                })?,
+                        ),
+                        other => {
+                            return Err(EventError::Invalid(format!(
+                                "attribute {name} must be a string, integer or boolean, not {other}"
+                            )));
+                        }
+                    };
+                    attributes.insert(name, value);
+                }
+            }
+        }
+        if let Some(value) = data_json {
+            if data.is_some() {
+                return Err(EventError::Invalid(
+                    "an event carries data or data_base64, not both".into(),
+                ));
+            }
+            let content_type = attributes.get("datacontenttype").map(ToString::to_string);
+            data = match value {
+                Json::Null => None,
+                // Text data of a non-JSON content type travels as a JSON string.
+                Json::String(text) if !is_json(content_type.as_deref()) => {
+                    Some(Bytes::from(text.into_bytes()))
+                }
+                other => Some(Bytes::from(serde_json::to_vec(&other).unwrap_or_default())),
+            };
+            // Missing datacontenttype with JSON `data` means application/json.
+        }
+        Ok(Self { attributes, data })
+    }
+
+    // --- HTTP binding ---
+
+    /// Reads an HTTP message in binary, structured or batched mode. Returns the events (one,
+    /// except in batched mode), not yet validated.
+    pub fn from_http(headers: &HeaderMap, body: &Bytes) -> Result<Vec<Self>, EventError> {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let media = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if media.starts_with(BATCH) {
+            let value: Json = parse_json(body)?;
+            let Json::Array(items) = value else {
+                return Err(EventError::Invalid(
+                    "a batch must be a JSON array of events".into(),
+                ));
+            };
+            return items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    Self::from_json(item)
+                        .map_err(|e| EventError::Invalid(format!("event {i} of the batch: {e}")))
+                })
+                .collect();
+        }
+        if media.starts_with("application/cloudevents") {
+            if !media.starts_with(STRUCTURED) {
+                return Err(EventError::Unsupported(format!(
+                    "event format {media} is not supported; use {STRUCTURED}, {BATCH} or binary mode"
+                )));
+            }
+            return Ok(vec![Self::from_json(parse_json(body)?)?]);
+        }
+        Self::from_binary(headers, body).map(|e| vec![e])
+    }
+
+    fn from_binary(headers: &HeaderMap, body: &Bytes) -> Result<Self, EventError> {
+        let mut attributes = BTreeMap::new();
+        for (name, value) in headers {
+            let Some(attribute) = name.as_str().strip_prefix("ce-") else {
+                continue;
+            };
+            if attribute == "datacontenttype" {
+                return Err(EventError::Invalid(
+                    "ce-datacontenttype is not allowed in binary mode; use Content-Type".into(),
+                ));
+            }
+            let decoded = percent_decode(value.as_bytes())
+                .map_err(|why| EventError::Invalid(format!("header {name}: {why}")))?;
+            attributes.insert(attribute.to_string(), Value::String(decoded));
+        }
+        if attributes.is_empty() {
+            return Err(EventError::Invalid(
+                "not a CloudEvent: no ce-* headers (binary mode) and Content-Type is not application/cloudevents+json"
+                    .into(),
+            ));
+        }
+        if let Some(content_type) = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        {
+            attributes.insert(
+                "datacontenttype".into(),
+                Value::String(content_type.to_string()),
+            );
+        }
+        Ok(Self {
+            attributes,
+            data: (!body.is_empty()).then(|| body.clone()),
+        })
+    }
+
+    /// Headers and body of the event in binary mode.
+    pub fn to_binary(&self) -> (HeaderMap, Bytes) {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &self.attributes {
+            if name == "datacontenttype" {
+                if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+                    headers.insert(header::CONTENT_TYPE, v);
+                }
+                continue;
+            }
+            let Ok(header_name) = http::HeaderName::from_bytes(format!("ce-{name}").as_bytes())
+            else {
+                continue;
+            };
+            if let Ok(v) = HeaderValue::from_str(&percent_encode(&value.to_string())) {
+                headers.insert(header_name, v);
+            }
+        }
+        (headers, self.data.clone().unwrap_or_default())
+    }
+}
+
+fn parse_json(body: &Bytes) -> Result<Json, EventError> {
+    serde_json::from_slice(body)
+        .map_err(|e| EventError::Invalid(format!("the body is not valid JSON: {e}")))
+}
+
+fn is_json(content_type: Option<&str>) -> bool {
+    let Some(content_type) = content_type else {
+        return true;
+    };
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    media == "application/json" || media == "text/json" || media.ends_with("+json")
+}
+
+fn is_text(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|c| {
+        let c = c.to_ascii_lowercase();
+        c.starts_with("text/") || c.contains("xml") || c.contains("json")
+    })
+}
+
+/// Percent-encodes what the HTTP binding requires: space, `"`, `%`, and everything outside
+/// printable ASCII (as UTF-8 bytes).
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte == b' ' || byte == b'"' || byte == b'%' || !(0x21..=0x7e).contains(&byte) {
+            out.push_str(&format!("%{byte:02X}"));
+        } else {
+            out.push(byte as char);
+        }
+    }
+    out
+}
+
+/// Decodes `%XY` sequences once and requires the result to be UTF-8.
+pub fn percent_decode(value: &[u8]) -> Result<String, String> {
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        if value[i] == b'%' {
+            let hex = value
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("a % is not followed by two hex digits")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(value[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "the decoded value is not valid UTF-8".to_string())
+}
+
+/// RFC 3339 `date-time`: `2026-11-22T10:00:00Z`, optional fraction, `Z` or `±hh:mm`.
+pub fn is_rfc3339(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        b.get(range.clone())
+            .is_some_and(|s| s.iter().all(u8::is_ascii_digit))
+    };
+    let number = |range: std::ops::Range<usize>| -> u32 {
+        std::str::from_utf8(&b[range])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(99)
+    };
+    if b.len() < 20
+        || !digits(0..4)
+        || b[4] != b'-'
+        || !digits(5..7)
+        || b[7] != b'-'
+        || !digits(8..10)
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || !digits(11..13)
+        || b[13] != b':'
+        || !digits(14..16)
+        || b[16] != b':'
+        || !digits(17..19)
+    {
+        return false;
+    }
+    let (month, day, hour, minute, second) = (
+        number(5..7),
+        number(8..10),
+        number(11..13),
+        number(14..16),
+        number(17..19),
+    );
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return false;
+    }
+    let mut i = 19;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    match &b[i..] {
+        [b'Z' | b'z'] => true,
+        [sign, h1, h2, b':', m1, m2] if matches!(sign, b'+' | b'-') => {
+            [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit())
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binary(pairs: &[(&str, &str)], body: &str) -> Result<Vec<Event>, EventError> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        Event::from_http(&headers, &Bytes::from(body.to_string()))
+    }
+
+    #[test]
+    fn binary_mode_decodes_percent_encoding_and_round_trips() {
+        let events = binary(
+            &[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "1"),
+                ("ce-source", "/s"),
+                ("ce-type", "t"),
+                ("ce-note", "caf%C3%A9%20%25"),
+                ("content-type", "application/json"),
+            ],
+            "{\"a\":1}",
+        )
+        .expect("parses");
+        let event = &events[0];
+        event.validate().expect("valid");
+        assert_eq!(event.string("note").as_deref(), Some("café %"));
+        assert_eq!(
+            event.string("datacontenttype").as_deref(),
+            Some("application/json")
+        );
+        let (headers, body) = event.to_binary();
+        assert_eq!(headers["ce-note"], "caf%C3%A9%20%25");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(body, "{\"a\":1}");
+        assert!(binary(&[("ce-id", "%FF")], "").is_err(), "invalid UTF-8");
+        assert!(binary(&[("ce-id", "%4")], "").is_err(), "truncated escape");
+        assert!(binary(&[("ce-datacontenttype", "x")], "").is_err());
+        assert!(binary(&[], "hello").is_err(), "no ce- headers");
+    }
+
+    #[test]
+    fn structured_mode_keeps_types_and_data_forms() {
+        let json = serde_json::json!({
+            "specversion": "1.0", "id": "1", "source": "/s", "type": "t",
+            "count": 3, "flag": true, "data": {"x": 1}
+        });
+        let event = Event::from_json(json).expect("parses");
+        event.validate().expect("valid");
+        assert_eq!(event.attributes["count"], Value::Integer(3));
+        assert_eq!(event.attributes["flag"], Value::Boolean(true));
+        assert_eq!(event.data.as_deref(), Some(&b"{\"x\":1}"[..]));
+        let back = Event::from_json(event.to_json()).expect("round trip");
+        assert_eq!(back, event);
+
+        let text = serde_json::json!({
+            "specversion": "1.0", "id": "1", "source": "/s", "type": "t",
+            "datacontenttype": "text/plain", "data": "hello"
+        });
+        let event = Event::from_json(text).expect("parses");
+        assert_eq!(event.data.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(event.to_json()["data"], "hello");
+
+        let mut raw = Event::new("1", "/s", "t");
+        raw.set("datacontenttype", "application/octet-stream");
+        raw.data = Some(Bytes::from_static(&[0, 159, 255]));
+        let json = raw.to_json();
+        assert_eq!(json["data_base64"], "AJ//");
+        assert_eq!(Event::from_json(json).expect("parses"), raw);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let check = |json: serde_json::Value| {
+            Event::from_json(json)
+                .and_then(|e| e.validate())
+                .expect_err("invalid")
+                .to_string()
+        };
+        let base = |extra: &[(&str, serde_json::Value)]| {
+            let mut v =
+                serde_json::json!({"specversion": "1.0", "id": "1", "source": "/s", "type": "t"});
+            for (k, x) in extra {
+                v[*k] = x.clone();
+            }
+            v
+        };
+        assert!(
+            check(serde_json::json!({"specversion": "1.0", "source": "/s", "type": "t"}))
+                .contains("id is missing")
+        );
+        assert!(check(base(&[("specversion", "0.3".into())])).contains("specversion"));
+        assert!(check(base(&[("type", "".into())])).contains("type must not be empty"));
+        assert!(check(base(&[("time", "yesterday".into())])).contains("RFC 3339"));
+        assert!(check(base(&[("Bad_Name", "x".into())])).contains("lower-case"));
+        assert!(check(base(&[("big", serde_json::json!(5_000_000_000i64))])).contains("32-bit"));
+        Event::from_json(base(&[("time", "2026-11-22T10:00:00.5+01:00".into())]))
+            .expect("parses")
+            .validate()
+            .expect("valid time");
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert!(is_rfc3339("2018-04-26T14:48:09+02:00"));
+        assert!(is_rfc3339("2018-04-26T14:48:09.123Z"));
+        assert!(!is_rfc3339("2018-04-26 14:48"));
+        assert!(!is_rfc3339("2018-13-26T14:48:09Z"));
+        assert!(!is_rfc3339("2018-04-26T14:48:09"));
+    }
+}
