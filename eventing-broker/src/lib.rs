@@ -1,7 +1,9 @@
 //! The Knative Broker data plane.
 #![forbid(unsafe_code)]
 
+pub mod delivery;
 pub mod event;
+pub mod filter;
 pub mod log;
 pub mod state;
 
