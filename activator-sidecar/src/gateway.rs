@@ -330,7 +330,7 @@ fn two_choices<'a>(candidates: &[&'a Endpoint]) -> Option<&'a Endpoint> {
 }
 
 /// The host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
+pub fn request_host<B>(request: &Request<B>) -> Option<String> {
     let raw = match request.uri().authority() {
         Some(authority) => authority.as_str().to_string(),
         None => request

@@ -210,7 +210,7 @@ impl Trigger {
             errors.push(FieldError::new("spec.broker", why));
         }
         if let Some(filter) = &self.spec.filter {
-            for (key, _) in &filter.attributes {
+            for key in filter.attributes.keys() {
                 if !is_attribute_name(key) {
                     errors.push(FieldError::new(
                         format!("spec.filter.attributes.{key}"),

@@ -278,15 +278,18 @@ mod tests {
 
     use super::*;
 
+    /// A status to answer with and its `Retry-After`; status 0 is "no response".
+    type Step = (u16, Option<&'static str>);
+
     /// Answers with a scripted list of statuses and records when each attempt came.
     #[derive(Clone)]
     struct Script {
-        statuses: Arc<Mutex<Vec<(u16, Option<&'static str>)>>>,
+        statuses: Arc<Mutex<Vec<Step>>>,
         attempts: Arc<Mutex<Vec<Instant>>>,
     }
 
     impl Script {
-        fn new(statuses: &[(u16, Option<&'static str>)]) -> Self {
+        fn new(statuses: &[Step]) -> Self {
             Self {
                 statuses: Arc::new(Mutex::new(statuses.iter().rev().copied().collect())),
                 attempts: Arc::default(),

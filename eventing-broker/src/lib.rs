@@ -1,12 +1,22 @@
-//! The Knative Broker data plane.
+//! The Knative Broker data plane: CloudEvents ingress ([`ingress`]), the durable event log
+//! ([`log`]), Trigger filters ([`filter`]) and delivery with Knative's semantics
+//! ([`delivery`]), run together by [`EventBroker`].
+//!
+//! Local mode (`mecha up`) runs it in-process: the gateway hands requests for a bare host
+//! (`localhost:8080/{namespace}/{broker}`) to [`ingress::handle`], and Service subscribers are
+//! reached back through the gateway, which wakes zero-scaled functions.
 #![forbid(unsafe_code)]
 
 pub mod delivery;
 pub mod event;
 pub mod filter;
+pub mod ingress;
 pub mod log;
+pub mod metrics;
+pub mod runtime;
 pub mod state;
 
 pub use event::{Event, EventError};
 pub use log::{EventLog, LogError};
+pub use runtime::{BrokerConfig, EventBroker, IngestError};
 pub use state::{Change, EventingState};

@@ -25,7 +25,8 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{
-    ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView, ServiceView, TrafficView,
+    BrokerView, ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView, ServiceView,
+    TrafficView, TriggerView,
 };
 use crate::store::LocalStore;
 
@@ -46,6 +47,7 @@ pub struct AdminState {
     pub routes: tokio::sync::watch::Receiver<Arc<RoutingTable>>,
     /// Where pokes from callers in other processes go.
     pub activation: Activation,
+    pub broker: eventing_broker::EventBroker,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +59,8 @@ struct LogsQuery {
 pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
     let api = Router::new()
         .route("/api/v1/services", get(services))
+        .route("/api/v1/brokers", get(brokers))
+        .route("/api/v1/triggers", get(triggers))
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/delete", post(delete))
         .route(
@@ -77,6 +81,91 @@ async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {
         &state.scaling,
         state.gateway_port,
     ))
+}
+
+async fn brokers(State(state): State<AdminState>) -> Json<Vec<BrokerView>> {
+    Json(broker_views(&state.broker))
+}
+
+async fn triggers(State(state): State<AdminState>) -> Json<Vec<TriggerView>> {
+    Json(trigger_views(&state.broker, &state.store.snapshot()))
+}
+
+pub fn broker_views(broker: &eventing_broker::EventBroker) -> Vec<BrokerView> {
+    let eventing = broker.state();
+    eventing
+        .brokers
+        .keys()
+        .map(|(namespace, name)| BrokerView {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            address: broker.address(namespace, name),
+            ready: true,
+            triggers: eventing.triggers_of(namespace, name).count(),
+            waiting_events: u64::try_from(
+                broker
+                    .metrics()
+                    .log_events
+                    .with_label_values(&[namespace.as_str(), name.as_str()])
+                    .get(),
+            )
+            .unwrap_or(0),
+        })
+        .collect()
+}
+
+/// A trigger is ready when its broker exists and what its subscriber (and dead-letter sink)
+/// refer to exists.
+pub fn trigger_views(
+    broker: &eventing_broker::EventBroker,
+    serving: &ServingState,
+) -> Vec<TriggerView> {
+    let eventing = broker.state();
+    let missing = |destination: &crds::eventing::Destination, namespace: &str| {
+        let reference = destination.r#ref.as_ref()?;
+        let ns = reference.namespace.as_deref().unwrap_or(namespace);
+        let exists = if reference.kind == crds::eventing::BROKER_KIND {
+            eventing.broker(ns, &reference.name).is_some()
+        } else {
+            serving
+                .services()
+                .any(|r| r.key.namespace == ns && r.key.name == reference.name)
+        };
+        (!exists).then(|| format!("{} {ns}/{} not found", reference.kind, reference.name))
+    };
+    eventing
+        .triggers
+        .values()
+        .map(|trigger| {
+            let namespace = trigger.namespace();
+            let owner = eventing.broker(namespace, &trigger.spec.broker);
+            let dead_letter = trigger.delivery(owner).dead_letter_sink;
+            let reason = if owner.is_none() {
+                Some(format!(
+                    "Broker {namespace}/{} not found",
+                    trigger.spec.broker
+                ))
+            } else {
+                missing(&trigger.spec.subscriber, namespace).or_else(|| {
+                    dead_letter
+                        .as_ref()
+                        .and_then(|sink| missing(sink, namespace))
+                        .map(|why| format!("dead-letter sink: {why}"))
+                })
+            };
+            TriggerView {
+                namespace: namespace.to_string(),
+                name: trigger.metadata.name.clone(),
+                broker: trigger.spec.broker.clone(),
+                subscriber_uri: broker
+                    .resolve(&trigger.spec.subscriber, namespace)
+                    .ok()
+                    .map(|t| t.url),
+                ready: reason.is_none(),
+                reason,
+            }
+        })
+        .collect()
 }
 
 async fn apply(State(state): State<AdminState>, Json(request): Json<FilesRequest>) -> Response {

@@ -68,3 +68,31 @@ pub struct RevisionView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaler: Option<ScalingStatus>,
 }
+
+/// `GET /api/v1/brokers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerView {
+    pub namespace: String,
+    pub name: String,
+    /// Where to post events.
+    pub address: String,
+    pub ready: bool,
+    pub triggers: usize,
+    /// Events in the log that at least one trigger has not handled yet.
+    pub waiting_events: u64,
+}
+
+/// `GET /api/v1/triggers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerView {
+    pub namespace: String,
+    pub name: String,
+    pub broker: String,
+    pub subscriber_uri: Option<String>,
+    pub ready: bool,
+    /// Why the trigger is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

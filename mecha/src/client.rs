@@ -10,7 +10,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::api::{ErrorsResponse, FileContent, FilesRequest, OutcomesResponse, ServiceView};
+use crate::api::{
+    BrokerView, ErrorsResponse, FileContent, FilesRequest, OutcomesResponse, ServiceView,
+    TriggerView,
+};
 use crate::output;
 
 /// A client of one `mecha up` admin address.
@@ -92,9 +95,11 @@ impl AdminClient {
     }
 
     pub async fn services(&self) -> Result<Vec<ServiceView>, ClientError> {
-        let (_, bytes) = self
-            .call_bytes(Method::GET, "/api/v1/services", None)
-            .await?;
+        self.get_json("/api/v1/services").await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (_, bytes) = self.call_bytes(Method::GET, path, None).await?;
         serde_json::from_slice(&bytes).map_err(|e| self.protocol(e))
     }
 }
@@ -108,6 +113,151 @@ pub async fn get_services(client: &AdminClient, json: bool) -> Result<ExitCode, 
         output::print_services(&services);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mecha get brokers` and `mecha get triggers`.
+pub async fn get_eventing(
+    client: &AdminClient,
+    triggers: bool,
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    if triggers {
+        let views: Vec<TriggerView> = client.get_json("/api/v1/triggers").await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&views).map_err(|e| client.protocol(e))?
+            );
+        } else {
+            output::print_triggers(&views);
+        }
+    } else {
+        let views: Vec<BrokerView> = client.get_json("/api/v1/brokers").await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&views).map_err(|e| client.protocol(e))?
+            );
+        } else {
+            output::print_brokers(&views);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One event for `mecha send`.
+#[derive(Debug)]
+pub struct SendRequest {
+    pub broker: String,
+    pub kind: String,
+    pub source: String,
+    pub id: Option<String>,
+    pub data: Option<String>,
+    pub extensions: Vec<String>,
+}
+
+/// `mecha send`: posts one event in binary mode to the broker's ingress and prints the answer.
+pub async fn send_event(client: &AdminClient, send: SendRequest) -> Result<ExitCode, ClientError> {
+    let usage = |message: String| {
+        eprintln!("error: {message}");
+        Ok(ExitCode::from(2))
+    };
+    let Some((namespace, name)) = send.broker.split_once('/') else {
+        return usage(format!(
+            "--broker {:?}: use NAMESPACE/NAME, e.g. default/default",
+            send.broker
+        ));
+    };
+    let mut headers = vec![
+        ("ce-specversion".to_string(), "1.0".to_string()),
+        ("ce-type".to_string(), send.kind.clone()),
+        ("ce-source".to_string(), send.source.clone()),
+    ];
+    let id = send.id.clone().unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{nanos:x}-{:08x}", fastrand::u32(..))
+    });
+    headers.push(("ce-id".into(), id.clone()));
+    for extension in &send.extensions {
+        let Some((key, value)) = extension.split_once('=') else {
+            return usage(format!("--extension {extension:?}: use NAME=VALUE"));
+        };
+        if key.is_empty()
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return usage(format!(
+                "--extension {extension:?}: extension names are lower-case letters and digits"
+            ));
+        }
+        headers.push((
+            format!("ce-{key}"),
+            eventing_broker::event::percent_encode(value),
+        ));
+    }
+    let body = match send.data.as_deref() {
+        None => Vec::new(),
+        Some(data) => {
+            let (text, from) = match data.strip_prefix('@') {
+                Some(path) => match std::fs::read(path) {
+                    Ok(bytes) => (bytes, format!("file {path}")),
+                    Err(error) => return usage(format!("--data @{path}: cannot read: {error}")),
+                },
+                None => (data.as_bytes().to_vec(), "--data".to_string()),
+            };
+            if let Err(error) = serde_json::from_slice::<serde_json::Value>(&text) {
+                return usage(format!("{from} is not valid JSON: {error}"));
+            }
+            headers.push(("content-type".into(), "application/json".into()));
+            text
+        }
+    };
+    let brokers: Vec<BrokerView> = client.get_json("/api/v1/brokers").await?;
+    let Some(broker) = brokers
+        .iter()
+        .find(|b| b.namespace == namespace && b.name == name)
+    else {
+        eprintln!("error: broker {namespace}/{name} not found (see `mecha get brokers`)");
+        return Ok(ExitCode::from(1));
+    };
+    // The address names localhost; connect to the loopback address it stands for.
+    let target = broker.address.replacen("://localhost", "://127.0.0.1", 1);
+    let mut request = Request::builder().method(Method::POST).uri(&target);
+    for (k, v) in &headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| client.protocol(e))?;
+    let response =
+        client
+            .http
+            .request(request)
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                addr: target.clone(),
+                source,
+            })?;
+    let status = response.status();
+    let text = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| client.protocol(e))?
+        .to_bytes();
+    if status.is_success() {
+        println!("{status}: event {id} accepted by broker {namespace}/{name}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "{status}: broker {namespace}/{name} refused event {id}: {}",
+            String::from_utf8_lossy(&text).trim()
+        );
+        Ok(ExitCode::from(1))
+    }
 }
 
 /// `mecha apply -f` and `mecha delete -f`: the files are validated here first (so errors name

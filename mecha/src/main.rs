@@ -72,6 +72,12 @@ enum Command {
         /// How long stopping replicas may take to finish requests before SIGKILL.
         #[arg(long, default_value = "30s", value_parser = humantime_duration)]
         grace_period: Duration,
+        /// Largest event (request body) the broker ingress accepts, in bytes; at least 65536.
+        #[arg(long, default_value_t = 1 << 20, value_parser = event_size)]
+        max_event_size: usize,
+        /// Deliveries each trigger has in flight at once.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+        delivery_concurrency: u16,
     },
     /// Create or update resources from YAML files or directories; takes effect at once.
     Apply {
@@ -89,6 +95,27 @@ enum Command {
     Get {
         #[command(subcommand)]
         what: GetWhat,
+    },
+    /// Post one CloudEvent (binary mode) to a broker and print the answer.
+    Send {
+        /// The broker, as NAMESPACE/NAME.
+        #[arg(long)]
+        broker: String,
+        /// The event's type attribute.
+        #[arg(long = "type")]
+        kind: String,
+        /// The event's source attribute.
+        #[arg(long)]
+        source: String,
+        /// The event's id (default: a unique one).
+        #[arg(long)]
+        id: Option<String>,
+        /// JSON data, or @FILE to read it from a file.
+        #[arg(long)]
+        data: Option<String>,
+        /// An extension attribute NAME=VALUE (repeatable).
+        #[arg(long = "extension", short = 'e')]
+        extensions: Vec<String>,
     },
     /// Print a service's replica output (prefixed with [service/replica]).
     Logs {
@@ -110,10 +137,35 @@ enum GetWhat {
         #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Brokers with their ingress address and how many events wait in their log.
+    #[command(alias = "broker")]
+    Brokers {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Triggers with their broker, subscriber URI and readiness.
+    #[command(alias = "trigger")]
+    Triggers {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
 }
 
 fn humantime_duration(value: &str) -> Result<Duration, String> {
     crds::autoscaling::parse_go_duration(value)
+}
+
+fn event_size(value: &str) -> Result<usize, String> {
+    let size: usize = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of bytes"))?;
+    if size < eventing_broker::runtime::MIN_EVENT_SIZE {
+        return Err(format!(
+            "{size} is below the {} bytes the CloudEvents HTTP binding requires brokers to accept",
+            eventing_broker::runtime::MIN_EVENT_SIZE
+        ));
+    }
+    Ok(size)
 }
 
 #[tokio::main]
@@ -133,6 +185,8 @@ async fn main() -> ExitCode {
             bind,
             state_dir,
             grace_period,
+            max_event_size,
+            delivery_concurrency,
         } => {
             return up::run(up::UpConfig {
                 paths,
@@ -141,6 +195,8 @@ async fn main() -> ExitCode {
                 admin_port,
                 state_dir,
                 grace_period,
+                max_event_size,
+                delivery_concurrency: usize::from(delivery_concurrency),
             })
             .await;
         }
@@ -149,6 +205,33 @@ async fn main() -> ExitCode {
         Command::Get {
             what: GetWhat::Services { output },
         } => client::get_services(&client, matches!(output, OutputFormat::Json)).await,
+        Command::Get {
+            what: GetWhat::Brokers { output },
+        } => client::get_eventing(&client, false, matches!(output, OutputFormat::Json)).await,
+        Command::Get {
+            what: GetWhat::Triggers { output },
+        } => client::get_eventing(&client, true, matches!(output, OutputFormat::Json)).await,
+        Command::Send {
+            broker,
+            kind,
+            source,
+            id,
+            data,
+            extensions,
+        } => {
+            client::send_event(
+                &client,
+                client::SendRequest {
+                    broker,
+                    kind,
+                    source,
+                    id,
+                    data,
+                    extensions,
+                },
+            )
+            .await
+        }
         Command::Logs {
             service,
             namespace,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use crds::LoadError;
 
-use crate::api::ServiceView;
+use crate::api::{BrokerView, ServiceView, TriggerView};
 
 /// Prints every load error and returns the exit code for refused input.
 pub fn refuse(errors: &[LoadError]) -> ExitCode {
@@ -50,8 +50,26 @@ pub fn print_services(services: &[ServiceView]) {
             ]
         })
         .collect();
-    let header = ["SERVICE", "URL", "LATEST", "READY", "MODE", "TRAFFIC"];
-    let widths: Vec<usize> = (0..header.len())
+    print_table(
+        &["SERVICE", "URL", "LATEST", "READY", "MODE", "TRAFFIC"],
+        &rows,
+    );
+    for service in services {
+        for tagged in service.traffic.iter().filter(|t| t.tag.is_some()) {
+            println!(
+                "  tag {} of {} -> {} at {}",
+                tagged.tag.as_deref().unwrap_or(""),
+                service.name,
+                tagged.revision,
+                tagged.url.as_deref().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// Left-aligned columns, two spaces apart, as kubectl prints them.
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N)
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].len())
@@ -68,18 +86,53 @@ pub fn print_services(services: &[ServiceView]) {
         println!("{}", out.trim_end());
     };
     line(&header.map(String::from));
-    for row in &rows {
+    for row in rows {
         line(row);
     }
-    for service in services {
-        for tagged in service.traffic.iter().filter(|t| t.tag.is_some()) {
-            println!(
-                "  tag {} of {} -> {} at {}",
-                tagged.tag.as_deref().unwrap_or(""),
-                service.name,
-                tagged.revision,
-                tagged.url.as_deref().unwrap_or("")
-            );
-        }
+}
+
+pub fn print_brokers(brokers: &[BrokerView]) {
+    if brokers.is_empty() {
+        println!("No brokers.");
+        return;
     }
+    let rows: Vec<[String; 5]> = brokers
+        .iter()
+        .map(|b| {
+            [
+                format!("{}/{}", b.namespace, b.name),
+                b.address.clone(),
+                if b.ready { "True" } else { "False" }.to_string(),
+                b.triggers.to_string(),
+                b.waiting_events.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["BROKER", "ADDRESS", "READY", "TRIGGERS", "WAITING"],
+        &rows,
+    );
+}
+
+pub fn print_triggers(triggers: &[TriggerView]) {
+    if triggers.is_empty() {
+        println!("No triggers.");
+        return;
+    }
+    let rows: Vec<[String; 5]> = triggers
+        .iter()
+        .map(|t| {
+            [
+                format!("{}/{}", t.namespace, t.name),
+                t.broker.clone(),
+                t.subscriber_uri.clone().unwrap_or_else(|| "-".into()),
+                if t.ready { "True" } else { "False" }.to_string(),
+                t.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["TRIGGER", "BROKER", "SUBSCRIBER_URI", "READY", "REASON"],
+        &rows,
+    );
 }

@@ -12,6 +12,8 @@ use activator_sidecar::Gateway;
 use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
 use crds::Mode;
+use eventing_broker::{BrokerConfig, EventBroker, EventLog};
+use http_body_util::BodyExt;
 use mecha_common::admin::Health;
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
@@ -33,6 +35,10 @@ pub struct UpConfig {
     pub admin_port: u16,
     pub state_dir: PathBuf,
     pub grace_period: Duration,
+    /// Largest request body the broker ingress accepts.
+    pub max_event_size: usize,
+    /// Deliveries in flight per trigger.
+    pub delivery_concurrency: usize,
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
@@ -75,6 +81,17 @@ pub async fn run(config: UpConfig) -> ExitCode {
         return ExitCode::from(1);
     };
 
+    let log_path = config.state_dir.join("events.redb");
+    let log = match EventLog::open(&log_path) {
+        Ok(log) => log,
+        Err(error) => {
+            eprintln!(
+                "error: cannot open the event log {}: {error} (is another `mecha up` using this --state-dir?)",
+                log_path.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
     let registry = Registry::new();
     let health = Health::default();
     let shutdown = Shutdown::new();
@@ -107,12 +124,39 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &registry,
     );
     let routes = controller.routes();
+    let broker = EventBroker::new(
+        log,
+        store.subscribe_eventing(),
+        BrokerConfig {
+            max_event_size: config.max_event_size,
+            default_timeout: Duration::from_secs(60),
+            concurrency: config.delivery_concurrency,
+            ingress: gateway_addr,
+            domain: DOMAIN.to_string(),
+        },
+        &registry,
+    );
+    let broker_task = tokio::spawn(broker.clone().run(shutdown.signal()));
     let controller_task = tokio::spawn(controller.run(shutdown.signal()));
     let gateway_task = tokio::spawn(activator_sidecar::server::serve(
         gateway_listener,
-        move |request, peer| {
-            let gateway = gateway.clone();
-            async move { gateway.handle(request, peer).await }
+        {
+            let broker = broker.clone();
+            move |request, peer| {
+                let gateway = gateway.clone();
+                let broker = broker.clone();
+                async move {
+                    // A bare host (`localhost:8080/{namespace}/{broker}`) is the broker
+                    // ingress; service hosts go to the gateway.
+                    if is_ingress_host(&request) {
+                        eventing_broker::ingress::handle(&broker, request)
+                            .await
+                            .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+                    } else {
+                        gateway.handle(request, peer).await
+                    }
+                }
+            }
         },
         shutdown.signal(),
         config.grace_period,
@@ -128,6 +172,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             stats,
             routes,
             activation,
+            broker: broker.clone(),
         },
         health.clone(),
         registry,
@@ -158,6 +203,12 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &scaling,
         gateway_addr.port(),
     ));
+    if !store.eventing().brokers.is_empty() {
+        println!();
+        output::print_brokers(&admin::broker_views(&broker));
+        println!();
+        output::print_triggers(&admin::trigger_views(&broker, &store.snapshot()));
+    }
     println!();
     println!("Press Ctrl-C to stop.");
     health.set_ready(true);
@@ -178,6 +229,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
     let graceful = async {
         let _ = controller_task.await;
         let _ = gateway_task.await;
+        // Deliveries in flight stop here; their events stay in the log for the next start.
+        let _ = broker_task.await;
         supervisor.shutdown().await;
         let _ = admin_task.await;
     };
@@ -189,6 +242,18 @@ pub async fn run(config: UpConfig) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Requests without a service host — `localhost`, an IP address, or no Host at all — are for
+/// the broker ingress.
+fn is_ingress_host<B>(request: &hyper::Request<B>) -> bool {
+    match activator_sidecar::gateway::request_host(request) {
+        None => true,
+        Some(host) => {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            host == "localhost" || bare.parse::<IpAddr>().is_ok()
+        }
+    }
 }
 
 /// Every held or proxied request costs file descriptors (client and replica sockets); a burst

@@ -1,0 +1,170 @@
+//! The broker ingress: `POST /{namespace}/{broker}` with one CloudEvent (binary or structured
+//! mode) or a batch, answered `202` once the events are durably in the log.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+
+use crate::event::{Event, EventError};
+use crate::runtime::{EventBroker, IngestError};
+
+/// Handles one ingress request.
+pub async fn handle<B>(broker: &EventBroker, request: Request<B>) -> Response<Full<Bytes>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let path = request.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (namespace, name) = match segments.as_slice() {
+        [""] => {
+            return answer(
+                StatusCode::NOT_FOUND,
+                "no broker here: post events to /{namespace}/{broker}",
+            );
+        }
+        [namespace, name] if !namespace.is_empty() && !name.is_empty() => {
+            (namespace.to_string(), name.to_string())
+        }
+        _ => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "{path} is not a broker address: post events to /{{namespace}}/{{broker}}"
+                ),
+            );
+        }
+    };
+    let reject = |reason: &str| {
+        broker
+            .metrics()
+            .rejected
+            .with_label_values(&[namespace.as_str(), name.as_str(), reason])
+            .inc();
+    };
+    if request.method() == Method::OPTIONS {
+        // CloudEvents webhook abuse protection: any origin may deliver, at any rate.
+        let mut response = answer(StatusCode::OK, "");
+        let headers = response.headers_mut();
+        headers.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+        headers.insert("webhook-allowed-origin", HeaderValue::from_static("*"));
+        headers.insert("webhook-allowed-rate", HeaderValue::from_static("*"));
+        return response;
+    }
+    if request.method() != Method::POST {
+        reject("method");
+        let mut response = answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{} is not allowed: post events", request.method()),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+        return response;
+    }
+    if broker.state().broker(&namespace, &name).is_none() {
+        reject("unknown-broker");
+        return answer(
+            StatusCode::NOT_FOUND,
+            &format!("broker {namespace}/{name} not found"),
+        );
+    }
+    let limit = broker.config().max_event_size;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is larger than the {limit}-byte limit"),
+        )
+    };
+    if declared.is_some_and(|n| n > limit) {
+        reject("too-large");
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            reject("too-large");
+            return too_large();
+        }
+        Err(error) => {
+            reject("invalid");
+            return answer(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the body: {error}"),
+            );
+        }
+    };
+    let events = match Event::from_http(&parts.headers, &body) {
+        Ok(events) => events,
+        Err(EventError::Unsupported(why)) => {
+            reject("unsupported-format");
+            return answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, &why);
+        }
+        Err(EventError::Invalid(why)) => {
+            reject("invalid");
+            return answer(StatusCode::BAD_REQUEST, &why);
+        }
+    };
+    let batch = events.len() != 1;
+    for (i, event) in events.iter().enumerate() {
+        if let Err(error) = event.validate() {
+            reject("invalid");
+            let message = if batch {
+                format!("event {i} of the batch: {error}")
+            } else {
+                error.to_string()
+            };
+            return answer(StatusCode::BAD_REQUEST, &message);
+        }
+    }
+    match broker.ingest(&namespace, &name, events).await {
+        Ok(_) => answer(StatusCode::ACCEPTED, ""),
+        Err(IngestError::UnknownBroker(which)) => {
+            reject("unknown-broker");
+            answer(StatusCode::NOT_FOUND, &format!("broker {which} not found"))
+        }
+        Err(error @ (IngestError::Invalid(_) | IngestError::Expired)) => {
+            reject(if matches!(error, IngestError::Expired) {
+                "ttl"
+            } else {
+                "invalid"
+            });
+            answer(StatusCode::BAD_REQUEST, &error.to_string())
+        }
+        Err(IngestError::Log(error)) => {
+            reject("storage");
+            tracing::error!(%error, "cannot store events");
+            let mut response = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the event was not stored: {error}"),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+fn answer(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(if message.is_empty() {
+        String::new()
+    } else {
+        format!("{message}\n")
+    })));
+    *response.status_mut() = status;
+    if !message.is_empty() {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    }
+    response
+}
