@@ -102,15 +102,25 @@ impl Mecha {
     }
 
     pub fn up_with(paths: &[&Path], envs: &[(&str, &str)]) -> Self {
+        Self::start(paths, envs, &[], &Self::fresh_state_dir())
+    }
+
+    /// A state directory no other run uses.
+    pub fn fresh_state_dir() -> PathBuf {
         static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let state_dir =
-            std::env::temp_dir().join(format!("mecha-state-{}-{n}", std::process::id()));
+        std::env::temp_dir().join(format!("mecha-state-{}-{n}", std::process::id()))
+    }
+
+    /// `mecha up PATHS ARGS` with `envs`, keeping its state in `state_dir`.
+    pub fn start(paths: &[&Path], envs: &[(&str, &str)], args: &[&str], state_dir: &Path) -> Self {
+        let state_dir = state_dir.to_path_buf();
         let mut command = Command::new(mecha_bin());
         command
             .arg("up")
             .args(paths)
             .args(["--port", "0", "--admin-port", "0", "--grace-period", "3s"])
+            .args(args)
             .arg("--state-dir")
             .arg(&state_dir)
             .envs(envs.iter().copied())
@@ -215,6 +225,12 @@ impl Mecha {
             .flat_map(|r| r["replicas"].as_array().unwrap().clone())
             .filter_map(|r| r["pid"].as_u64().map(|p| p as u32))
             .collect()
+    }
+
+    /// SIGKILL, as a crash: nothing gets to clean up.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     pub fn signal(&self, signal: rustix::process::Signal) {

@@ -1,0 +1,655 @@
+//! Brokers and triggers end to end: the real `mecha` binary, real subscribers on real sockets.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{Mecha, Workdir, wait_until};
+
+/// One request a subscriber received.
+#[derive(Debug, Clone)]
+struct Received {
+    path: String,
+    headers: BTreeMap<String, String>,
+    body: String,
+    at: Instant,
+}
+
+type Answer = (u16, Vec<(String, String)>, String);
+type Behaviour = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
+
+/// A keep-alive HTTP/1.1 subscriber that records every request and answers as told.
+struct Subscriber {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Subscriber {
+    fn start(behaviour: impl Fn(&Received) -> Answer + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let behaviour: Behaviour = Arc::new(behaviour);
+        let log = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let (log, behaviour) = (log.clone(), behaviour.clone());
+                std::thread::spawn(move || serve(stream, &log, &behaviour));
+            }
+        });
+        Self { addr, received }
+    }
+
+    fn ok() -> Self {
+        Self::start(|_| (202, vec![], String::new()))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn count(&self, path: &str) -> usize {
+        self.all().iter().filter(|r| r.path == path).count()
+    }
+}
+
+fn serve(stream: TcpStream, log: &Mutex<Vec<Received>>, behaviour: &Behaviour) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let length = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let request = Received {
+            path,
+            headers,
+            body: String::from_utf8_lossy(&body).to_string(),
+            at: Instant::now(),
+        };
+        log.lock().unwrap().push(request.clone());
+        let (status, extra, body) = behaviour(&request);
+        let mut response = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in extra {
+            response.push_str(&format!("{k}: {v}\r\n"));
+        }
+        response.push_str("\r\n");
+        response.push_str(&body);
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One request to the ingress with the given headers; returns status, headers and body.
+fn ingress(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, BTreeMap<String, String>, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap_or(());
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn binary_event(id: &str, kind: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ce-specversion", "1.0".into()),
+        ("ce-id", id.into()),
+        ("ce-source", "/tests".into()),
+        ("ce-type", kind.into()),
+    ]
+}
+
+fn post_binary(mecha: &Mecha, id: &str, kind: &str, extra: &[(&str, &str)]) -> u16 {
+    let mut headers = binary_event(id, kind);
+    headers.extend(extra.iter().map(|(k, v)| (*k, (*v).to_string())));
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    ingress(mecha.gateway, "POST", "/default/default", &headers, "").0
+}
+
+const BROKER: &str =
+    "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n";
+
+fn trigger(name: &str, filter: &str, subscriber: &str, delivery: &str) -> String {
+    format!(
+        "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: {name}\nspec:\n  broker: default\n{filter}  subscriber:\n    uri: {subscriber}\n{delivery}"
+    )
+}
+
+fn type_filter(kind: &str) -> String {
+    format!("  filter:\n    attributes:\n      type: {kind}\n")
+}
+
+#[test]
+fn ingress_accepts_each_mode_and_refuses_bad_requests_with_reasons() {
+    let work = Workdir::new("ingress");
+    let sink = Subscriber::ok();
+    let yaml = format!("{BROKER}{}", trigger("all", "", &sink.url("/"), ""));
+    let file = work.write("broker.yaml", &yaml);
+    let mecha = Mecha::up(&[&file]);
+    let at = mecha.gateway;
+    let path = "/default/default";
+
+    // Binary mode, with a percent-encoded header value.
+    let mut headers = binary_event("b1", "t.binary");
+    headers.push(("ce-note", "caf%C3%A9".into()));
+    headers.push(("content-type", "application/json".into()));
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(ingress(at, "POST", path, &headers, "{\"n\":1}").0, 202);
+    // Structured mode.
+    let structured = r#"{"specversion":"1.0","id":"s1","source":"/tests","type":"t.structured","count":3,"data":{"n":2}}"#;
+    let ct = [(
+        "content-type",
+        "application/cloudevents+json; charset=utf-8",
+    )];
+    assert_eq!(ingress(at, "POST", path, &ct, structured).0, 202);
+    // Batched mode, and the empty batch.
+    let batch = r#"[{"specversion":"1.0","id":"m1","source":"/tests","type":"t.batch"},{"specversion":"1.0","id":"m2","source":"/tests","type":"t.batch"}]"#;
+    let ct = [("content-type", "application/cloudevents-batch+json")];
+    assert_eq!(ingress(at, "POST", path, &ct, batch).0, 202);
+    assert_eq!(ingress(at, "POST", path, &ct, "[]").0, 202);
+
+    wait_until("four events delivered", || sink.all().len() == 4);
+    let all = sink.all();
+    let binary = all
+        .iter()
+        .find(|r| r.headers.get("ce-id").map(String::as_str) == Some("b1"))
+        .unwrap();
+    assert_eq!(
+        binary.headers["ce-note"], "caf%C3%A9",
+        "re-encoded for delivery"
+    );
+    assert_eq!(binary.body, "{\"n\":1}");
+    assert_eq!(binary.headers["prefer"], "reply");
+    assert!(
+        !binary.headers.contains_key("ce-knativebrokerttl"),
+        "the TTL is the broker's own"
+    );
+    let structured = all
+        .iter()
+        .find(|r| r.headers.get("ce-id").map(String::as_str) == Some("s1"))
+        .unwrap();
+    assert_eq!(structured.headers["ce-count"], "3");
+    assert_eq!(structured.body, "{\"n\":2}");
+
+    // Refusals, each with its status and a message that names the problem.
+    let json = [("content-type", "application/cloudevents+json")];
+    let (status, _, body) = ingress(
+        at,
+        "POST",
+        path,
+        &json,
+        r#"{"specversion":"1.0","source":"/s","type":"t"}"#,
+    );
+    assert_eq!(
+        (status, body.contains("id is missing")),
+        (400, true),
+        "{body}"
+    );
+    let (status, _, body) = ingress(
+        at,
+        "POST",
+        path,
+        &json,
+        r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","time":"noon"}"#,
+    );
+    assert_eq!((status, body.contains("RFC 3339")), (400, true), "{body}");
+    let (status, _, body) = ingress(
+        at,
+        "POST",
+        path,
+        &json,
+        r#"{"specversion":"0.3","id":"1","source":"/s","type":"t"}"#,
+    );
+    assert_eq!(
+        (status, body.contains("specversion")),
+        (400, true),
+        "{body}"
+    );
+    let (status, _, body) = ingress(at, "POST", path, &[("content-type", "text/plain")], "hello");
+    assert_eq!(
+        (status, body.contains("not a CloudEvent")),
+        (400, true),
+        "{body}"
+    );
+    let (status, _, body) = ingress(
+        at,
+        "POST",
+        path,
+        &[("content-type", "application/cloudevents-batch+json")],
+        r#"[{"specversion":"1.0","id":"1","source":"/s","type":"t"},{"id":"2"}]"#,
+    );
+    assert_eq!(
+        (status, body.contains("event 1 of the batch")),
+        (400, true),
+        "{body}"
+    );
+    let (status, _, _) = ingress(
+        at,
+        "POST",
+        path,
+        &[("content-type", "application/cloudevents+xml")],
+        "<e/>",
+    );
+    assert_eq!(status, 415);
+    let big = "x".repeat((1 << 20) + 10);
+    let (status, _, body) = ingress(at, "POST", path, &headers, &big);
+    assert_eq!((status, body.contains("limit")), (413, true), "{body}");
+    let (status, h, _) = ingress(at, "GET", path, &[], "");
+    assert_eq!(
+        (status, h.get("allow").map(String::as_str)),
+        (405, Some("POST, OPTIONS"))
+    );
+    let (status, _, body) = ingress(at, "POST", "/default/nope", &headers, "");
+    assert_eq!(
+        (status, body.contains("broker default/nope not found")),
+        (404, true),
+        "{body}"
+    );
+    assert_eq!(ingress(at, "POST", "/a/b/c", &headers, "").0, 400);
+    assert_eq!(ingress(at, "POST", "/", &headers, "").0, 404);
+    let (status, h, _) = ingress(
+        at,
+        "OPTIONS",
+        path,
+        &[("webhook-request-origin", "example.com")],
+        "",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(h["webhook-allowed-origin"], "*");
+    assert_eq!(h["webhook-allowed-rate"], "*");
+    // An event whose TTL runs out is dropped.
+    assert_eq!(
+        post_binary(&mecha, "ttl", "t.ttl", &[("ce-knativebrokerttl", "1")]),
+        400
+    );
+
+    let metrics = support::http(mecha.admin, "localhost", "/metrics").body;
+    for reason in [
+        "invalid",
+        "too-large",
+        "method",
+        "unknown-broker",
+        "unsupported-format",
+        "ttl",
+    ] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "rejections by {reason} are counted"
+        );
+    }
+    assert!(
+        metrics.contains(
+            "mecha_broker_events_dropped_ttl_total{broker=\"default\",namespace=\"default\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert_eq!(sink.all().len(), 4, "nothing refused was delivered");
+}
+
+#[test]
+fn triggers_filter_retry_dead_letter_and_reply() {
+    let work = Workdir::new("triggers");
+    let sink = Subscriber::ok();
+    let dead = Subscriber::ok();
+    let failing = Subscriber::start(|_| (500, vec![], "boom".into()));
+    // Answers "ask" with a "reply" event, and "loop" with another "loop".
+    let replier = Subscriber::start(|r| {
+        let kind = match r.headers.get("ce-type").map(String::as_str) {
+            Some("ask") => "reply",
+            _ => "loop",
+        };
+        let id = format!("{}-r", r.headers.get("ce-id").cloned().unwrap_or_default());
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", &id),
+            ("ce-source", "/replier"),
+            ("ce-type", kind),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
+        (200, headers, String::new())
+    });
+    let retry = "  delivery:\n    retry: 2\n    backoffPolicy: linear\n    backoffDelay: PT0.05S\n    deadLetterSink:\n      uri: DEAD\n"
+        .replace("DEAD", &dead.url("/dead"));
+    let yaml = [
+        BROKER.to_string(),
+        trigger("orders", &type_filter("order.created"), &sink.url("/orders"), ""),
+        trigger("urgent", "  filters:\n    - cesql: \"INT(priority) > 5 AND type LIKE 'order.c%'\"\n", &sink.url("/urgent"), ""),
+        trigger("failing", &type_filter("order.created"), &failing.url("/"), &retry),
+        trigger("ask", &type_filter("ask"), &replier.url("/"), ""),
+        trigger("replies", &type_filter("reply"), &sink.url("/replies"), ""),
+        trigger("loop", &type_filter("loop"), &replier.url("/loop"), ""),
+        "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: to-nowhere\nspec:\n  broker: default\n  subscriber:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: missing\n".to_string(),
+    ]
+    .concat();
+    let file = work.write("triggers.yaml", &yaml);
+    let mecha = Mecha::up(&[&file]);
+
+    let send = |args: &[&str]| {
+        let mut all = vec!["send", "--broker", "default/default", "--source", "/tests"];
+        all.extend_from_slice(args);
+        let out = mecha.cli(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let printed = send(&[
+        "--type",
+        "order.created",
+        "--id",
+        "o1",
+        "-e",
+        "priority=7",
+        "--data",
+        "{\"total\":5}",
+    ]);
+    assert!(printed.contains("accepted"), "{printed}");
+    send(&["--type", "order.created", "--id", "o2", "-e", "priority=2"]);
+    send(&["--type", "order.paid", "--id", "p1", "-e", "priority=9"]);
+
+    wait_until("orders delivered", || sink.count("/orders") == 2);
+    wait_until("one urgent order", || sink.count("/urgent") == 1);
+    let urgent = sink
+        .all()
+        .into_iter()
+        .find(|r| r.path == "/urgent")
+        .unwrap();
+    assert_eq!(urgent.headers["ce-id"], "o1");
+    assert_eq!(urgent.body, "{\"total\":5}");
+
+    // retry 2 → three attempts each, the first retry at once, then 50 ms (linear).
+    wait_until("both orders dead-lettered", || dead.count("/dead") == 2);
+    let attempts: Vec<Received> = failing
+        .all()
+        .into_iter()
+        .filter(|r| r.headers["ce-id"] == "o1")
+        .collect();
+    assert_eq!(attempts.len(), 3);
+    let second_gap = attempts[2].at - attempts[1].at;
+    assert!(second_gap >= Duration::from_millis(45), "{second_gap:?}");
+    let letter = dead
+        .all()
+        .into_iter()
+        .find(|r| r.headers["ce-id"] == "o1")
+        .unwrap();
+    assert_eq!(letter.headers["ce-knativeerrordest"], failing.url("/"));
+    assert_eq!(letter.headers["ce-knativeerrorcode"], "500");
+    assert_eq!(
+        letter.headers["ce-knativeerrordata"], "Ym9vbQ==",
+        "base64 of the body"
+    );
+    assert_eq!(letter.headers["ce-type"], "order.created");
+
+    // A reply goes back into the broker and reaches the trigger that wants it.
+    send(&["--type", "ask", "--id", "q1"]);
+    wait_until("the reply delivered", || sink.count("/replies") == 1);
+    let reply = sink
+        .all()
+        .into_iter()
+        .find(|r| r.path == "/replies")
+        .unwrap();
+    assert_eq!(reply.headers["ce-id"], "q1-r");
+    assert_eq!(reply.headers["ce-source"], "/replier");
+
+    // A reply loop stops when the TTL runs out: 3 → stored with 2, reply stored with 1, the
+    // next reply would be 0 and is dropped.
+    send(&["--type", "loop", "--id", "l", "-e", "knativebrokerttl=3"]);
+    wait_until("the loop ran out", || {
+        support::http(mecha.admin, "localhost", "/metrics")
+            .body
+            .contains(
+                "mecha_broker_events_dropped_ttl_total{broker=\"default\",namespace=\"default\"} 1",
+            )
+    });
+    assert_eq!(replier.count("/loop"), 2);
+
+    let triggers: serde_json::Value =
+        serde_json::from_slice(&mecha.cli(&["get", "triggers", "-o", "json"]).stdout).unwrap();
+    let by_name = |name: &str| {
+        triggers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_name("orders")["ready"], true);
+    assert_eq!(by_name("orders")["subscriberUri"], sink.url("/orders"));
+    assert_eq!(by_name("to-nowhere")["ready"], false);
+    assert_eq!(
+        by_name("to-nowhere")["reason"],
+        "Service default/missing not found"
+    );
+    let brokers = String::from_utf8_lossy(&mecha.cli(&["get", "brokers"]).stdout).to_string();
+    assert!(
+        brokers.contains(&format!(
+            "http://localhost:{}/default/default",
+            mecha.gateway.port()
+        )),
+        "{brokers}"
+    );
+    let metrics = support::http(mecha.admin, "localhost", "/metrics").body;
+    assert!(
+        metrics.contains(
+            "mecha_broker_events_dead_lettered_total{namespace=\"default\",trigger=\"failing\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "mecha_broker_delivery_retries_total{namespace=\"default\",trigger=\"failing\"} 4"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mecha_broker_delivery_latency_seconds_count{namespace=\"default\",trigger=\"orders\"} 2"), "{metrics}");
+}
+
+#[test]
+fn a_slow_subscriber_does_not_delay_a_fast_one() {
+    let work = Workdir::new("slow");
+    let fast = Subscriber::ok();
+    let slow = Subscriber::start(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        (202, vec![], String::new())
+    });
+    let yaml = [
+        BROKER.to_string(),
+        trigger("fast", "", &fast.url("/"), ""),
+        trigger("slow", "", &slow.url("/"), ""),
+    ]
+    .concat();
+    let file = work.write("slow.yaml", &yaml);
+    let mecha = Mecha::start(
+        &[&file],
+        &[],
+        &["--delivery-concurrency", "1"],
+        &Mecha::fresh_state_dir(),
+    );
+    let started = Instant::now();
+    for i in 0..20 {
+        assert_eq!(post_binary(&mecha, &format!("e{i}"), "t", &[]), 202);
+    }
+    wait_until("the fast subscriber has everything", || {
+        fast.all().len() == 20
+    });
+    let slow_so_far = slow.all().len();
+    assert!(
+        slow_so_far < 10,
+        "the slow trigger took {slow_so_far} events in {:?}: it cannot have, one at a time",
+        started.elapsed()
+    );
+    wait_until("the slow subscriber catches up", || slow.all().len() >= 3);
+}
+
+#[test]
+fn every_accepted_event_survives_a_crash() {
+    let work = Workdir::new("crash");
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = down.clone();
+    let sink = Subscriber::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            (503, vec![], "down".into())
+        } else {
+            (202, vec![], String::new())
+        }
+    });
+    let delivery =
+        "  delivery:\n    retry: 1000\n    backoffPolicy: linear\n    backoffDelay: PT0.2S\n";
+    let yaml = format!("{BROKER}{}", trigger("all", "", &sink.url("/"), delivery));
+    let file = work.write("crash.yaml", &yaml);
+    let state = Mecha::fresh_state_dir();
+    let mut first = Mecha::start(&[&file], &[], &[], &state);
+
+    // Four clients post until the platform dies under them.
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let next = Arc::new(AtomicU16::new(0));
+    let gateway = first.gateway;
+    let posters: Vec<_> = (0..4)
+        .map(|_| {
+            let (accepted, next) = (accepted.clone(), next.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let id = format!("c{i}");
+                    let headers = binary_event(&id, "t.crash");
+                    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    let Ok(mut stream) = TcpStream::connect(gateway) else { return };
+                    let mut request = "POST /default/default HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n".to_string();
+                    for (k, v) in headers {
+                        request.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    request.push_str("\r\n");
+                    if stream.write_all(request.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut raw = String::new();
+                    if stream.read_to_string(&mut raw).is_err() || raw.is_empty() {
+                        return;
+                    }
+                    if raw.starts_with("HTTP/1.1 202") {
+                        accepted.lock().unwrap().push(id);
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until("some events accepted", || {
+        accepted.lock().unwrap().len() >= 150
+    });
+    first.kill();
+    for poster in posters {
+        poster.join().unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() >= 150);
+    assert!(sink.all().iter().all(|r| r.headers["ce-type"] == "t.crash"));
+
+    down.store(false, Ordering::SeqCst);
+    let second = Mecha::start(&[&file], &[], &[], &state);
+    wait_until("every accepted event delivered after the restart", || {
+        let delivered: std::collections::BTreeSet<String> = sink
+            .all()
+            .into_iter()
+            .filter(|r| r.headers.get("ce-id").is_some())
+            .map(|r| r.headers["ce-id"].clone())
+            .collect();
+        accepted.iter().all(|id| delivered.contains(id))
+    });
+    drop(second);
+    drop(first);
+}
+
+#[test]
+fn an_event_wakes_a_zero_scaled_service() {
+    let work = Workdir::new("wake");
+    work.write(
+        "sink.py",
+        "import http.server, os\n\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_POST(self):\n        body = self.rfile.read(int(self.headers.get('Content-Length', 0)))\n        with open('received.txt', 'a') as f:\n            f.write(self.headers.get('ce-id', '') + '\\n')\n        self.send_response(202)\n        self.send_header('Content-Length', '0')\n        self.end_headers()\n\n    def log_message(self, *args):\n        pass\n\nhttp.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n",
+    );
+    let yaml = format!(
+        "{}---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: sink\nspec:\n  template:\n    metadata:\n      annotations:\n        autoscaling.knative.dev/initial-scale: \"0\"\n    spec:\n      containers:\n        - command: [python3, sink.py]\n---\n{BROKER}---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: to-sink\nspec:\n  broker: default\n  subscriber:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: sink\n",
+        support::FAST_CONFIG
+    );
+    let file = work.write("wake.yaml", &yaml);
+    let mecha = Mecha::up(&[&file]);
+    assert!(mecha.pids("sink").is_empty(), "scaled to zero at start");
+    assert_eq!(post_binary(&mecha, "wake-1", "t.wake", &[]), 202);
+    let received = work.path.join("received.txt");
+    wait_until("the function received the event", || {
+        std::fs::read_to_string(&received).is_ok_and(|s| s.contains("wake-1"))
+    });
+    let triggers = String::from_utf8_lossy(&mecha.cli(&["get", "triggers"]).stdout).to_string();
+    assert!(
+        triggers.contains(&format!(
+            "http://sink.default.localhost:{}/",
+            mecha.gateway.port()
+        )),
+        "{triggers}"
+    );
+}
