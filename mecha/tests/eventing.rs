@@ -653,3 +653,38 @@ fn an_event_wakes_a_zero_scaled_service() {
         "{triggers}"
     );
 }
+
+#[test]
+fn the_events_example_displays_what_is_sent() {
+    let example = support::repo_root().join("examples/events");
+    let mecha = Mecha::up(&[&example]);
+    let out = mecha.cli(&[
+        "send",
+        "--broker",
+        "default/default",
+        "--type",
+        "order.created",
+        "--source",
+        "/shop",
+        "-e",
+        "priority=7",
+        "--data",
+        "{\"total\": 5}",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both triggers match: the display prints the event once for each.
+    wait_until("the display printed the event twice", || {
+        mecha
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("event:") && l.contains("\"type\": \"order.created\""))
+            .count()
+            == 2
+    });
+}
