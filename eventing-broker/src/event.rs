@@ -236,12 +236,7 @@ impl Event {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let media = content_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let media = media_type(content_type);
         if media.starts_with(BATCH) {
             let value: Json = parse_json(body)?;
             let Json::Array(items) = value else {
@@ -336,13 +331,18 @@ fn is_json(content_type: Option<&str>) -> bool {
     let Some(content_type) = content_type else {
         return true;
     };
-    let media = content_type
+    let media = media_type(content_type);
+    media == "application/json" || media == "text/json" || media.ends_with("+json")
+}
+
+/// The media type of a `Content-Type` value, lower-cased and without parameters.
+fn media_type(content_type: &str) -> String {
+    content_type
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
-        .to_ascii_lowercase();
-    media == "application/json" || media == "text/json" || media.ends_with("+json")
+        .to_ascii_lowercase()
 }
 
 fn is_text(content_type: Option<&str>) -> bool {
