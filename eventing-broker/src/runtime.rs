@@ -76,6 +76,8 @@ struct Inner {
     config: BrokerConfig,
     state: watch::Receiver<Arc<EventingState>>,
     sender: HttpSender,
+    /// How far each broker's log was last truncated, so an idle broker costs no writes.
+    truncated: Mutex<HashMap<String, u64>>,
 }
 
 /// A trigger's progress through its broker's log.
@@ -114,6 +116,7 @@ impl EventBroker {
                 config,
                 state,
                 sender: HttpSender::new(),
+                truncated: Mutex::default(),
             }),
         }
     }
@@ -339,18 +342,26 @@ impl EventBroker {
             *entry = (*entry).min(committed);
         }
         let mut truncate = Vec::new();
-        for (namespace, name) in state.brokers.keys() {
-            let key = broker_key(namespace, name);
-            let head = self.inner.log.head(&key);
-            // With no trigger, nobody will ever want these events.
-            let upto = low.get(key.as_str()).copied().unwrap_or(head).min(head);
-            self.inner
-                .metrics
-                .log_events
-                .with_label_values(&[namespace.as_str(), name.as_str()])
-                .set(i64::try_from(head - upto).unwrap_or(i64::MAX));
-            if upto > 0 {
-                truncate.push((key, upto));
+        {
+            let mut truncated = self
+                .inner
+                .truncated
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (namespace, name) in state.brokers.keys() {
+                let key = broker_key(namespace, name);
+                let head = self.inner.log.head(&key);
+                // With no trigger, nobody will ever want these events.
+                let upto = low.get(key.as_str()).copied().unwrap_or(head).min(head);
+                self.inner
+                    .metrics
+                    .log_events
+                    .with_label_values(&[namespace.as_str(), name.as_str()])
+                    .set(i64::try_from(head - upto).unwrap_or(i64::MAX));
+                if upto > truncated.get(&key).copied().unwrap_or(0) {
+                    truncated.insert(key.clone(), upto);
+                    truncate.push((key, upto));
+                }
             }
         }
         if set.is_empty() && removed.is_empty() && truncate.is_empty() {
