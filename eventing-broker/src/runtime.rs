@@ -203,28 +203,39 @@ impl EventBroker {
         Ok(count)
     }
 
-    /// Runs every trigger until `shutdown`, following changes to the resources.
-    pub async fn run(self, shutdown: ShutdownSignal) {
+    /// Starts every trigger of the current resources and records where each new one begins,
+    /// then keeps following changes until `shutdown` in a task of its own. Call it before the
+    /// ingress takes requests: a new trigger starts at its broker's head, so an event accepted
+    /// before the trigger started would never reach it.
+    pub async fn start(self, shutdown: ShutdownSignal) -> JoinHandle<()> {
         let mut state = self.inner.state.clone();
-        let mut running: HashMap<(String, String), Running> = HashMap::new();
+        let mut running = HashMap::new();
+        let snapshot = state.borrow_and_update().clone();
+        self.settle(&snapshot, &mut running).await;
+        tokio::spawn(self.run(state, running, shutdown))
+    }
+
+    async fn run(
+        self,
+        mut state: watch::Receiver<Arc<EventingState>>,
+        mut running: HashMap<(String, String), Running>,
+        shutdown: ShutdownSignal,
+    ) {
         let mut ticker = tokio::time::interval(CHECKPOINT_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = shutdown.recv();
         tokio::pin!(stop);
         loop {
-            let snapshot = state.borrow_and_update().clone();
-            let removed = self.reconcile(&snapshot, &mut running);
-            if !removed.is_empty() {
-                self.checkpoint(&snapshot, &mut running, removed).await;
-            }
             tokio::select! {
                 changed = state.changed() => {
                     if changed.is_err() {
                         break;
                     }
+                    let snapshot = state.borrow_and_update().clone();
+                    self.settle(&snapshot, &mut running).await;
                 }
                 _ = ticker.tick() => {
-                    self.checkpoint(&snapshot, &mut running, Vec::new()).await;
+                    self.checkpoint(&self.state(), &mut running, Vec::new()).await;
                 }
                 () = &mut stop => break,
             }
@@ -232,18 +243,32 @@ impl EventBroker {
         for run in running.values() {
             run.task.abort();
         }
-        let snapshot = self.state();
-        self.checkpoint(&snapshot, &mut running, Vec::new()).await;
+        self.checkpoint(&self.state(), &mut running, Vec::new())
+            .await;
         self.inner.log.close();
     }
 
+    /// Reconciles the trigger tasks with `snapshot`; when a trigger started or went away, its
+    /// cursor is recorded (or forgotten) durably before this returns.
+    async fn settle(
+        &self,
+        snapshot: &EventingState,
+        running: &mut HashMap<(String, String), Running>,
+    ) {
+        let (removed, started) = self.reconcile(snapshot, running);
+        if started || !removed.is_empty() {
+            self.checkpoint(snapshot, running, removed).await;
+        }
+    }
+
     /// Starts, restarts and stops trigger tasks to match `state`. Returns the cursor keys of
-    /// triggers that are gone.
+    /// triggers that are gone, and whether any task started.
     fn reconcile(
         &self,
         state: &EventingState,
         running: &mut HashMap<(String, String), Running>,
-    ) -> Vec<String> {
+    ) -> (Vec<String>, bool) {
+        let mut started = false;
         let mut removed = Vec::new();
         running.retain(|key, run| {
             let keep = state.triggers.get(key).is_some_and(|t| {
@@ -270,19 +295,20 @@ impl EventBroker {
             let Some(broker) = state.broker(trigger.namespace(), &trigger.spec.broker) else {
                 continue;
             };
-            match self.start(trigger, broker) {
+            match self.start_trigger(trigger, broker) {
                 Ok(run) => {
                     running.insert(key.clone(), run);
+                    started = true;
                 }
                 Err(error) => {
                     tracing::error!(trigger = %key.1, %error, "cannot start the trigger");
                 }
             }
         }
-        removed
+        (removed, started)
     }
 
-    fn start(&self, trigger: &Trigger, broker: &Broker) -> Result<Running, LogError> {
+    fn start_trigger(&self, trigger: &Trigger, broker: &Broker) -> Result<Running, LogError> {
         let namespace = trigger.namespace().to_string();
         let broker_key = broker_key(&namespace, &trigger.spec.broker);
         let cursor_key = cursor_key(trigger);

@@ -10,10 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::api::{
-    BrokerView, ErrorsResponse, FileContent, FilesRequest, OutcomesResponse, ServiceView,
-    TriggerView,
-};
+use crate::api::{BrokerView, ErrorsResponse, FileContent, FilesRequest, OutcomesResponse};
 use crate::output;
 
 /// A client of one `mecha up` admin address.
@@ -94,53 +91,25 @@ impl AdminClient {
         }
     }
 
-    pub async fn services(&self) -> Result<Vec<ServiceView>, ClientError> {
-        self.get_json("/api/v1/services").await
-    }
-
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let (_, bytes) = self.call_bytes(Method::GET, path, None).await?;
         serde_json::from_slice(&bytes).map_err(|e| self.protocol(e))
     }
 }
 
-pub async fn get_services(client: &AdminClient, json: bool) -> Result<ExitCode, ClientError> {
-    let services = client.services().await?;
+/// `mecha get services|brokers|triggers`: the admin API's list at `path`, as a table or JSON.
+pub async fn get<T: serde::de::DeserializeOwned + serde::Serialize>(
+    client: &AdminClient,
+    path: &str,
+    json: bool,
+    print_table: fn(&[T]),
+) -> Result<ExitCode, ClientError> {
+    let views: Vec<T> = client.get_json(path).await?;
     if json {
-        let text = serde_json::to_string_pretty(&services).map_err(|e| client.protocol(e))?;
+        let text = serde_json::to_string_pretty(&views).map_err(|e| client.protocol(e))?;
         println!("{text}");
     } else {
-        output::print_services(&services);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `mecha get brokers` and `mecha get triggers`.
-pub async fn get_eventing(
-    client: &AdminClient,
-    triggers: bool,
-    json: bool,
-) -> Result<ExitCode, ClientError> {
-    if triggers {
-        let views: Vec<TriggerView> = client.get_json("/api/v1/triggers").await?;
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&views).map_err(|e| client.protocol(e))?
-            );
-        } else {
-            output::print_triggers(&views);
-        }
-    } else {
-        let views: Vec<BrokerView> = client.get_json("/api/v1/brokers").await?;
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&views).map_err(|e| client.protocol(e))?
-            );
-        } else {
-            output::print_brokers(&views);
-        }
+        print_table(&views);
     }
     Ok(ExitCode::SUCCESS)
 }

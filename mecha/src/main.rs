@@ -50,6 +50,12 @@ enum OutputFormat {
     Json,
 }
 
+impl OutputFormat {
+    fn json(self) -> bool {
+        matches!(self, OutputFormat::Json)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load every YAML document under PATH... and run it all until Ctrl-C, then drain.
@@ -202,15 +208,35 @@ async fn main() -> ExitCode {
         }
         Command::Apply { files } => client::send_files(&client, &files, false).await,
         Command::Delete { files } => client::send_files(&client, &files, true).await,
-        Command::Get {
-            what: GetWhat::Services { output },
-        } => client::get_services(&client, matches!(output, OutputFormat::Json)).await,
-        Command::Get {
-            what: GetWhat::Brokers { output },
-        } => client::get_eventing(&client, false, matches!(output, OutputFormat::Json)).await,
-        Command::Get {
-            what: GetWhat::Triggers { output },
-        } => client::get_eventing(&client, true, matches!(output, OutputFormat::Json)).await,
+        Command::Get { what } => match what {
+            GetWhat::Services { output } => {
+                client::get(
+                    &client,
+                    "/api/v1/services",
+                    output.json(),
+                    output::print_services,
+                )
+                .await
+            }
+            GetWhat::Brokers { output } => {
+                client::get(
+                    &client,
+                    "/api/v1/brokers",
+                    output.json(),
+                    output::print_brokers,
+                )
+                .await
+            }
+            GetWhat::Triggers { output } => {
+                client::get(
+                    &client,
+                    "/api/v1/triggers",
+                    output.json(),
+                    output::print_triggers,
+                )
+                .await
+            }
+        },
         Command::Send {
             broker,
             kind,

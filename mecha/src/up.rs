@@ -136,7 +136,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
         },
         &registry,
     );
-    let broker_task = tokio::spawn(broker.clone().run(shutdown.signal()));
+    // Triggers run before the gateway (and with it the ingress) takes a request.
+    let broker_task = broker.clone().start(shutdown.signal()).await;
     let controller_task = tokio::spawn(controller.run(shutdown.signal()));
     let gateway_task = tokio::spawn(activator_sidecar::server::serve(
         gateway_listener,

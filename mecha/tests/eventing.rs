@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{Mecha, Workdir, wait_until};
@@ -114,7 +114,8 @@ fn serve(stream: TcpStream, log: &Mutex<Vec<Received>>, behaviour: &Behaviour) {
     }
 }
 
-/// One request to the ingress with the given headers; returns status, headers and body.
+/// One request to the ingress with the given headers; returns status, headers (names in
+/// lower case) and body.
 fn ingress(
     addr: SocketAddr,
     method: &str,
@@ -122,33 +123,13 @@ fn ingress(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, BTreeMap<String, String>, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    stream.write_all(request.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap_or(());
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw);
-    let raw = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+    let response = support::request_with(addr, method, "localhost", path, headers, body);
+    let headers = response
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
-    (status, headers, body.to_string())
+    (response.status, headers, response.body)
 }
 
 fn binary_event(id: &str, kind: &str) -> Vec<(&'static str, String)> {
@@ -233,81 +214,69 @@ fn ingress_accepts_each_mode_and_refuses_bad_requests_with_reasons() {
     assert_eq!(structured.body, "{\"n\":2}");
 
     // Refusals, each with its status and a message that names the problem.
+    let refused = |path: &str, headers: &[(&str, &str)], body: &str, status: u16, says: &str| {
+        let (got, _, text) = ingress(at, "POST", path, headers, body);
+        assert_eq!((got, text.contains(says)), (status, true), "{text}");
+    };
     let json = [("content-type", "application/cloudevents+json")];
-    let (status, _, body) = ingress(
-        at,
-        "POST",
+    let batch = [("content-type", "application/cloudevents-batch+json")];
+    refused(
         path,
         &json,
         r#"{"specversion":"1.0","source":"/s","type":"t"}"#,
+        400,
+        "id is missing",
     );
-    assert_eq!(
-        (status, body.contains("id is missing")),
-        (400, true),
-        "{body}"
-    );
-    let (status, _, body) = ingress(
-        at,
-        "POST",
+    refused(
         path,
         &json,
         r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","time":"noon"}"#,
+        400,
+        "RFC 3339",
     );
-    assert_eq!((status, body.contains("RFC 3339")), (400, true), "{body}");
-    let (status, _, body) = ingress(
-        at,
-        "POST",
+    refused(
         path,
         &json,
         r#"{"specversion":"0.3","id":"1","source":"/s","type":"t"}"#,
+        400,
+        "specversion",
     );
-    assert_eq!(
-        (status, body.contains("specversion")),
-        (400, true),
-        "{body}"
-    );
-    let (status, _, body) = ingress(at, "POST", path, &[("content-type", "text/plain")], "hello");
-    assert_eq!(
-        (status, body.contains("not a CloudEvent")),
-        (400, true),
-        "{body}"
-    );
-    let (status, _, body) = ingress(
-        at,
-        "POST",
+    refused(
         path,
-        &[("content-type", "application/cloudevents-batch+json")],
+        &[("content-type", "text/plain")],
+        "hello",
+        400,
+        "not a CloudEvent",
+    );
+    refused(
+        path,
+        &batch,
         r#"[{"specversion":"1.0","id":"1","source":"/s","type":"t"},{"id":"2"}]"#,
+        400,
+        "event 1 of the batch",
     );
-    assert_eq!(
-        (status, body.contains("event 1 of the batch")),
-        (400, true),
-        "{body}"
-    );
-    let (status, _, _) = ingress(
-        at,
-        "POST",
+    refused(
         path,
         &[("content-type", "application/cloudevents+xml")],
         "<e/>",
+        415,
+        "not supported",
     );
-    assert_eq!(status, 415);
-    let big = "x".repeat((1 << 20) + 10);
-    let (status, _, body) = ingress(at, "POST", path, &headers, &big);
-    assert_eq!((status, body.contains("limit")), (413, true), "{body}");
+    refused(path, &headers, &"x".repeat((1 << 20) + 10), 413, "limit");
+    refused(
+        "/default/nope",
+        &headers,
+        "",
+        404,
+        "broker default/nope not found",
+    );
+    refused("/a/b/c", &headers, "", 400, "not a broker address");
+    refused("/", &headers, "", 404, "no broker here");
     let (status, h, _) = ingress(at, "GET", path, &[], "");
     assert_eq!(
         (status, h.get("allow").map(String::as_str)),
         (405, Some("POST, OPTIONS"))
     );
-    let (status, _, body) = ingress(at, "POST", "/default/nope", &headers, "");
-    assert_eq!(
-        (status, body.contains("broker default/nope not found")),
-        (404, true),
-        "{body}"
-    );
-    assert_eq!(ingress(at, "POST", "/a/b/c", &headers, "").0, 400);
-    assert_eq!(ingress(at, "POST", "/", &headers, "").0, 404);
     let (status, h, _) = ingress(
         at,
         "OPTIONS",
@@ -514,8 +483,14 @@ fn triggers_filter_retry_dead_letter_and_reply() {
 fn a_slow_subscriber_does_not_delay_a_fast_one() {
     let work = Workdir::new("slow");
     let fast = Subscriber::ok();
-    let slow = Subscriber::start(|_| {
-        std::thread::sleep(Duration::from_millis(500));
+    // The slow subscriber holds every request until the gate opens.
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let held = gate.clone();
+    let slow = Subscriber::start(move |_| {
+        let (open, opened) = &*held;
+        let _open = opened
+            .wait_while(open.lock().unwrap(), |open| !*open)
+            .unwrap();
         (202, vec![], String::new())
     });
     let yaml = [
@@ -544,6 +519,8 @@ fn a_slow_subscriber_does_not_delay_a_fast_one() {
         "the slow trigger took {slow_so_far} events in {:?}: it cannot have, one at a time",
         started.elapsed()
     );
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
     wait_until("the slow subscriber catches up", || slow.all().len() >= 3);
 }
 

@@ -197,13 +197,6 @@ fn write_yaml(
     Ok(file)
 }
 
-async fn wait_listening(platform: &Platform) {
-    // The broker takes events as soon as the gateway listens; give the triggers a moment to
-    // start from the head before measuring.
-    let _ = platform;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-}
-
 async fn latency(
     mecha: &std::path::Path,
     dir: &std::path::Path,
@@ -214,7 +207,6 @@ async fn latency(
     let addr = receiver.start().await?;
     let file = write_yaml(dir, triggers, addr, "")?;
     let platform = Platform::start(mecha, &[file])?;
-    wait_listening(&platform).await;
     let uri = format!("http://{}/default/default", platform.gateway);
     let client = post_client();
     let total = args.rate * args.seconds;
@@ -265,7 +257,6 @@ async fn run(args: Args) -> Result<(), String> {
     let baseline = closed_loop(format!("http://{plain}/"), args.clients, args.seconds, 202).await?;
     let file = write_yaml(&dir, 0, plain, "")?;
     let platform = Platform::start(&mecha, &[file])?;
-    wait_listening(&platform).await;
     let ingest = closed_loop(
         format!("http://{}/default/default", platform.gateway),
         args.clients,
@@ -295,7 +286,6 @@ async fn run(args: Args) -> Result<(), String> {
         "  delivery:\n    retry: 100\n    backoffPolicy: linear\n    backoffDelay: PT10S\n",
     )?;
     let platform = Platform::start(&mecha, &[file])?;
-    wait_listening(&platform).await;
     let idle = platform.rss_kib();
     let client = post_client();
     let uri = format!("http://{}/default/default", platform.gateway);
@@ -317,7 +307,7 @@ async fn run(args: Args) -> Result<(), String> {
     for task in tasks {
         task.await.map_err(|e| e.to_string())?;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Every post was answered 202, so every event is in the log now.
     let loaded = platform.rss_kib();
     let log = std::fs::metadata(
         std::env::temp_dir().join(format!("mecha-bench-{}/events.redb", std::process::id())),
