@@ -63,11 +63,10 @@ impl ProxyError {
         }
     }
 
-    /// A plain-text response that says what went wrong.
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let status = self.status();
+    /// What went wrong, with every cause, ending in a newline: the body of the response.
+    pub fn message(&self) -> String {
         let mut message = self.to_string();
-        if let ProxyError::Upstream { source, .. } = &self {
+        if let ProxyError::Upstream { source, .. } = self {
             // hyper's outer error ("client error (Connect)") hides the useful cause.
             let mut cause = source.source();
             while let Some(inner) = cause {
@@ -76,6 +75,13 @@ impl ProxyError {
             }
         }
         message.push('\n');
+        message
+    }
+
+    /// A plain-text response that says what went wrong.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let message = self.message();
         let mut response = Response::new(full(message));
         *response.status_mut() = status;
         response.headers_mut().insert(

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
+use crate::h1::{self, Answer, Decision, Dispatch, codec::RequestHead};
 use crate::proxy::{Failure, Forwarder};
 use crate::settings::{self, ConfigError};
 
@@ -261,11 +262,7 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         // Knative's network probes ask the queue-proxy itself, not the container.
         if request.headers().contains_key("k-network-probe") {
-            let (status, body) = if self.health.is_ready() {
-                (StatusCode::OK, "queue")
-            } else {
-                (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-            };
+            let (status, body) = self.probe_answer();
             let mut response = Response::new(full(body));
             *response.status_mut() = status;
             return response;
@@ -279,6 +276,15 @@ impl Inbound {
             .with_label_values(&[response.status().as_str()])
             .inc();
         response
+    }
+
+    /// The answer to a `K-Network-Probe`: whether this sidecar (and its container) is ready.
+    fn probe_answer(&self) -> (StatusCode, &'static str) {
+        if self.health.is_ready() {
+            (StatusCode::OK, "queue")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        }
     }
 
     async fn forward(
@@ -407,6 +413,50 @@ impl Inbound {
 
     pub fn config(&self) -> &InboundConfig {
         &self.config
+    }
+}
+
+/// Plain HTTP/1.1 requests take the fast path: admitted like any other, relayed over one
+/// container connection per client connection.
+impl Dispatch for Inbound {
+    type Ticket = LoadGuard;
+
+    async fn dispatch(&self, head: &RequestHead, _retry: &[SocketAddr]) -> Decision<LoadGuard> {
+        if head.probe {
+            let (status, body) = self.probe_answer();
+            return Decision::Answer(Answer::new(status, body));
+        }
+        let deadline = Instant::now() + self.config.timeout;
+        match self.admit(deadline).await {
+            Ok(guard) => Decision::Forward {
+                addr: self.user.addr,
+                deadline,
+                ticket: guard,
+            },
+            Err(error) => Decision::Answer(Answer::from(&error)),
+        }
+    }
+
+    fn failed(&self, _guard: &LoadGuard, failure: h1::Failure) -> ProxyError {
+        let service = self.config.service.clone();
+        match failure {
+            h1::Failure::Timeout => ProxyError::Timeout {
+                service,
+                timeout: self.config.timeout,
+            },
+            h1::Failure::Connect(error) => ProxyError::Upstream {
+                service,
+                source: error.into(),
+            },
+            h1::Failure::Upstream(source) => ProxyError::Upstream { service, source },
+        }
+    }
+
+    fn finished(&self, _guard: Option<LoadGuard>, status: StatusCode) {
+        self.metrics
+            .requests
+            .with_label_values(&[status.as_str()])
+            .inc();
     }
 }
 

@@ -18,6 +18,7 @@ pub mod body;
 pub mod discovery;
 pub mod error;
 pub mod gateway;
+pub mod h1;
 pub mod inbound;
 pub mod proxy;
 pub mod server;

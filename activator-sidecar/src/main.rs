@@ -102,8 +102,9 @@ async fn run_inbound(args: &[String]) -> ExitCode {
     let inbound = Inbound::new(config, health.clone(), &registry);
     let shutdown = Shutdown::new();
     let background = tokio::spawn(inbound.clone().run_background());
-    let server = tokio::spawn(activator_sidecar::server::serve(
+    let server = tokio::spawn(activator_sidecar::server::serve_fast(
         serving,
+        std::sync::Arc::new(inbound.clone()),
         move |request, peer| {
             let inbound = inbound.clone();
             async move { inbound.handle(request, peer).await }

@@ -1,22 +1,29 @@
-//! Serving HTTP/1.1 and h2c (prior knowledge) on one listener, with upgrades, and a graceful
-//! drain: on shutdown the listener closes, idle connections close, and in-flight requests get
-//! until the drain timeout to finish.
+//! Serving the data path: HTTP/1.1 and h2c (prior knowledge) on one listener, with upgrades,
+//! and a graceful drain: on shutdown the listener closes, idle connections close, and
+//! in-flight requests get until the drain timeout to finish.
+//!
+//! [`serve`] answers every request through hyper. [`serve_fast`] first gives each connection
+//! to the HTTP/1.1 fast path ([`crate::h1`]), which hands it to hyper as soon as it sees a
+//! request it leaves to the general server.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use mecha_common::ShutdownSignal;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 use crate::body::ProxyBody;
+use crate::h1::{self, Dispatch};
 
 /// Accepts connections on `listener` and answers each request with `handler` until
 /// `shutdown`, then drains for at most `drain_timeout`.
@@ -29,9 +36,61 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let stop = shutdown.recv();
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    accept(
+        listener,
+        shutdown,
+        drain_timeout,
+        move |stream, peer, stop| serve_hyper(builder.clone(), stream, peer, handler.clone(), stop),
+    )
+    .await;
+}
+
+/// Like [`serve`], with plain HTTP/1.1 requests relayed by the fast path through `fast`;
+/// `handler` answers whatever the fast path hands over (h2c, upgrades, …).
+pub async fn serve_fast<D, H, F>(
+    listener: TcpListener,
+    fast: Arc<D>,
+    handler: H,
+    shutdown: ShutdownSignal,
+    drain_timeout: Duration,
+) where
+    D: Dispatch,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    accept(
+        listener,
+        shutdown,
+        drain_timeout,
+        move |stream, peer, stop| {
+            let fast = fast.clone();
+            let builder = builder.clone();
+            let handler = handler.clone();
+            async move {
+                if let Some(handover) = h1::serve(stream, peer, &*fast, &stop).await {
+                    serve_hyper(builder, handover.stream, peer, handler, stop).await;
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// The accept loop: one task per connection, each holding a drain token until it ends.
+async fn accept<C, Fut>(
+    listener: TcpListener,
+    shutdown: ShutdownSignal,
+    drain_timeout: Duration,
+    connection: C,
+) where
+    C: Fn(TcpStream, SocketAddr, ShutdownSignal) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    // Every connection task holds a sender; the drain is over when all are dropped.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let stop = shutdown.clone().recv();
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -47,26 +106,53 @@ pub async fn serve<H, F>(
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let response = handler(request, peer);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let token = open.clone();
+        let served = connection(stream, peer, shutdown.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
-            }
+            served.await;
+            drop(token);
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    drop(open);
+    if tokio::time::timeout(drain_timeout, all_closed.recv())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after {drain_timeout:?}; closing them");
+    }
+}
+
+/// One connection through hyper (HTTP/1.1 or h2c, with upgrades), shut down gracefully when
+/// `stop` fires: the request in flight finishes, then the connection closes.
+async fn serve_hyper<I, H, F>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: I,
+    peer: SocketAddr,
+    handler: H,
+    stop: ShutdownSignal,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    TokioIo<I>: Read + Write,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let response = handler(request, peer);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let stopped = stop.recv();
+    tokio::pin!(stopped);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = &mut stopped => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }

@@ -1,0 +1,593 @@
+//! The HTTP/1.1 fast path: one task per client connection that owns one kept-alive connection
+//! to the replica and relays each request and response through it — heads parsed and
+//! rewritten in place, bodies passed through in the framing they arrived in, no connection
+//! pool, no channel, no task per request.
+//!
+//! This is where the sidecar's CPU per request goes, so it does the least a proxy can: about
+//! four system calls per exchange (read the request, write it to the replica, read the
+//! response, write it back). Anything unusual — HTTP/2, upgrades, `Expect`, HTTP/1.0, an
+//! absolute target, a malformed head — hands the connection, with the bytes already read, to
+//! the general hyper server ([`crate::server`]), which keeps it from then on.
+
+pub mod codec;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+use mecha_common::ShutdownSignal;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::BoxError;
+use crate::error::ProxyError;
+use codec::{Framing, ParsedRequest, RequestHead};
+
+/// Read buffer of each side; grows only for larger heads.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// What a role decides for one request.
+#[derive(Debug)]
+pub enum Decision<T> {
+    /// Forward to the HTTP/1.1 replica at `addr` until `deadline`; `ticket` (which counts the
+    /// request against the replica) is held until the response has been relayed.
+    Forward {
+        addr: SocketAddr,
+        deadline: Instant,
+        ticket: T,
+    },
+    /// Answer it without forwarding (an error, a probe).
+    Answer(Answer),
+    /// Not for the fast path (an h2c replica): the general server takes the connection.
+    Fallback,
+}
+
+/// A response of the sidecar's own.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: String,
+    pub headers: Vec<(&'static str, &'static str)>,
+}
+
+/// Why a forwarded request got no response from the replica.
+#[derive(Debug)]
+pub enum Failure {
+    /// The replica could not be reached; it never saw the request.
+    Connect(io::Error),
+    /// The request's deadline passed before the response head.
+    Timeout,
+    /// The replica failed or sent something that is not HTTP/1.1.
+    Upstream(BoxError),
+}
+
+/// A role served by the fast path: the inbound sidecar, the gateway.
+pub trait Dispatch: Send + Sync + 'static {
+    /// Held while a request is forwarded.
+    type Ticket: Send;
+
+    /// Decides where `head` goes; may wait (admission, activation). `retry` lists replicas
+    /// that could not be reached for this request already.
+    fn dispatch(
+        &self,
+        head: &RequestHead,
+        retry: &[SocketAddr],
+    ) -> impl Future<Output = Decision<Self::Ticket>> + Send;
+
+    /// Whether a request without a body that could not reach its replica may be dispatched
+    /// again (to another replica) rather than failing.
+    fn may_retry(&self, _ticket: &Self::Ticket, _attempts: usize) -> bool {
+        false
+    }
+
+    /// The error a failure becomes.
+    fn failed(&self, ticket: &Self::Ticket, failure: Failure) -> ProxyError;
+
+    /// An exchange ended with `status` (the ticket is `None` for the role's own answers).
+    fn finished(&self, ticket: Option<Self::Ticket>, status: StatusCode);
+}
+
+/// A connection the fast path hands to the general server, with what it already read.
+#[derive(Debug)]
+pub struct Handover {
+    pub stream: Prefixed,
+}
+
+/// A TCP stream with bytes already read from it put back in front.
+#[derive(Debug)]
+pub struct Prefixed {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+/// The replica connection of one client connection.
+struct Upstream {
+    stream: TcpStream,
+    buf: BytesMut,
+    addr: SocketAddr,
+    /// Exchanges already completed on it (a reused connection may have been closed by the
+    /// replica meanwhile).
+    used: u64,
+}
+
+/// How one exchange ended.
+enum Exchanged {
+    /// Relayed; `keep_client`/`keep_upstream`: whether each connection can carry another.
+    Done {
+        status: u16,
+        keep_client: bool,
+        keep_upstream: bool,
+    },
+    /// No response came; nothing was written to the client yet.
+    Failed { failure: Failure, stale: bool },
+    /// The client went away, or the exchange broke after part of the response was written:
+    /// both connections close.
+    Broken { status: u16 },
+}
+
+/// Serves `stream` with the fast path until the client closes, shutdown, or a request the
+/// fast path leaves to the general server (then returned with what was read).
+pub async fn serve<D: Dispatch>(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dispatch: &D,
+    shutdown: &ShutdownSignal,
+) -> Option<Handover> {
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut request = Vec::with_capacity(1024);
+    let mut response = Vec::with_capacity(1024);
+    let mut upstream: Option<Upstream> = None;
+    'requests: loop {
+        request.clear();
+        let head = loop {
+            if !buf.is_empty() {
+                match codec::parse_request(&buf, peer.ip(), &mut request) {
+                    ParsedRequest::Head(head) => break head,
+                    ParsedRequest::Unsupported => return Some(handover(client, buf)),
+                    ParsedRequest::Partial => request.clear(),
+                }
+            }
+            buf.reserve(READ_BUFFER / 2);
+            let read = if buf.is_empty() {
+                // Idle between requests: this is where shutdown closes the connection.
+                tokio::select! {
+                    read = client.read_buf(&mut buf) => read,
+                    () = shutdown.clone().recv() => return None,
+                }
+            } else {
+                client.read_buf(&mut buf).await
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                return None;
+            }
+        };
+        let close = head.close || shutdown.is_triggered();
+        let (mut addr, mut deadline, mut ticket) = match dispatch.dispatch(&head, &[]).await {
+            Decision::Forward {
+                addr,
+                deadline,
+                ticket,
+            } => (addr, deadline, ticket),
+            Decision::Fallback => return Some(handover(client, buf)),
+            Decision::Answer(answer) => {
+                // A request whose body was not read cannot be followed by another.
+                let keep = !close && head.framing.is_done();
+                buf.advance(head.len);
+                let written = write_answer(&mut client, &mut response, &answer, !keep).await;
+                dispatch.finished(None, answer.status);
+                if written.is_err() || !keep {
+                    return None;
+                }
+                continue;
+            }
+        };
+        // The head goes out with as much of the body as has arrived, in one write.
+        buf.advance(head.len);
+        let mut framing = head.framing;
+        match framing.consume(&buf) {
+            Ok(n) => {
+                request.extend_from_slice(&buf[..n]);
+                buf.advance(n);
+            }
+            Err(error) => {
+                let answer = Answer::new(StatusCode::BAD_REQUEST, format!("{error}\n"));
+                let _ = write_answer(&mut client, &mut response, &answer, true).await;
+                dispatch.finished(Some(ticket), answer.status);
+                return None;
+            }
+        }
+        // Everything of the request is in `request`: it can be sent again.
+        let replayable = framing.is_done();
+        let mut failed: Vec<SocketAddr> = Vec::new();
+        let mut stale_retried = false;
+        let outcome = loop {
+            let mut responded = false;
+            let attempt = tokio::time::timeout_at(deadline, async {
+                let reused = match upstream.take() {
+                    Some(connection) if connection.addr == addr => connection,
+                    _ => Upstream::connect(addr)
+                        .await
+                        .map_err(|error| Exchanged::Failed {
+                            failure: Failure::Connect(error),
+                            stale: false,
+                        })?,
+                };
+                let connection = upstream.insert(reused);
+                Ok::<_, Exchanged>(
+                    exchange(
+                        &mut client,
+                        &mut buf,
+                        connection,
+                        &request,
+                        &mut framing,
+                        &head,
+                        close,
+                        &mut response,
+                        &mut responded,
+                    )
+                    .await,
+                )
+            })
+            .await;
+            let exchanged = match attempt {
+                Ok(Ok(exchanged) | Err(exchanged)) => exchanged,
+                Err(_) if responded => Exchanged::Broken { status: 504 },
+                Err(_) => Exchanged::Failed {
+                    failure: Failure::Timeout,
+                    stale: false,
+                },
+            };
+            let Exchanged::Failed { failure, stale } = exchanged else {
+                break exchanged;
+            };
+            // The replica connection is in an unknown state: never reuse it.
+            let used = upstream.take().is_some_and(|u| u.used > 0);
+            if stale && used && replayable && !stale_retried {
+                // A kept-alive connection the replica had closed: once more on a fresh one.
+                stale_retried = true;
+                continue;
+            }
+            if matches!(failure, Failure::Connect(_))
+                && replayable
+                && dispatch.may_retry(&ticket, failed.len())
+            {
+                failed.push(addr);
+                match dispatch.dispatch(&head, &failed).await {
+                    Decision::Forward {
+                        addr: next,
+                        deadline: next_deadline,
+                        ticket: next_ticket,
+                    } => {
+                        // Replacing the ticket stops counting the request on the failed one.
+                        (addr, deadline, ticket) = (next, next_deadline, next_ticket);
+                        continue;
+                    }
+                    Decision::Answer(answer) => {
+                        let _ = write_answer(&mut client, &mut response, &answer, true).await;
+                        dispatch.finished(None, answer.status);
+                        return None;
+                    }
+                    Decision::Fallback => {}
+                }
+            }
+            let error = dispatch.failed(&ticket, failure);
+            let answer = Answer::from(&error);
+            if error.status().is_server_error() {
+                tracing::warn!(%error, "request failed");
+            }
+            let keep = !close && replayable;
+            let written = write_answer(&mut client, &mut response, &answer, !keep).await;
+            dispatch.finished(Some(ticket), answer.status);
+            if written.is_err() || !keep {
+                return None;
+            }
+            continue 'requests;
+        };
+        match outcome {
+            Exchanged::Done {
+                status,
+                keep_client,
+                keep_upstream,
+            } => {
+                dispatch.finished(Some(ticket), status_code(status));
+                match (&mut upstream, keep_upstream) {
+                    (Some(connection), true) => connection.used += 1,
+                    _ => upstream = None,
+                }
+                if !keep_client {
+                    return None;
+                }
+            }
+            Exchanged::Broken { status } => {
+                dispatch.finished(Some(ticket), status_code(status));
+                return None;
+            }
+            Exchanged::Failed { .. } => return None,
+        }
+    }
+}
+
+/// One request and its response over `upstream`: the request (head and the start of its
+/// body) is written, the rest of the body relayed from the client while the response is
+/// read, and the response relayed back. `responded` turns true once anything of the final
+/// response was written to the client.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    client: &mut TcpStream,
+    client_buf: &mut BytesMut,
+    upstream: &mut Upstream,
+    request: &[u8],
+    framing: &mut Framing,
+    head: &RequestHead,
+    close: bool,
+    response: &mut Vec<u8>,
+    responded: &mut bool,
+) -> Exchanged {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.stream.split();
+    let upstream_buf = &mut upstream.buf;
+    let send = async {
+        upstream_write
+            .write_all(request)
+            .await
+            .map_err(|_| Side::Destination)?;
+        relay(&mut client_read, client_buf, &mut upstream_write, framing).await
+    };
+    let receive = async {
+        let mut received = false;
+        loop {
+            let response_head = loop {
+                if !upstream_buf.is_empty() {
+                    response.clear();
+                    match codec::parse_response(upstream_buf, head.head_method, close, response) {
+                        Ok(Some(response_head)) => break response_head,
+                        Ok(None) => {}
+                        Err(error) => {
+                            return Err(Received::Failed(Failure::Upstream(error.into()), false));
+                        }
+                    }
+                }
+                upstream_buf.reserve(READ_BUFFER / 2);
+                match upstream_read.read_buf(upstream_buf).await {
+                    Ok(0) => {
+                        let error = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the replica closed the connection without responding",
+                        );
+                        return Err(Received::Failed(Failure::Upstream(error.into()), !received));
+                    }
+                    Ok(_) => received = true,
+                    Err(error) => {
+                        let stale = !received && is_reset(&error);
+                        return Err(Received::Failed(Failure::Upstream(error.into()), stale));
+                    }
+                }
+            };
+            upstream_buf.advance(response_head.len);
+            let mut body = response_head.framing;
+            let n = body
+                .consume(upstream_buf)
+                .map_err(|error| Received::Failed(Failure::Upstream(error.into()), false))?;
+            response.extend_from_slice(&upstream_buf[..n]);
+            upstream_buf.advance(n);
+            if !response_head.interim {
+                *responded = true;
+            }
+            client_write
+                .write_all(response)
+                .await
+                .map_err(|_| Received::Broken(response_head.status))?;
+            if response_head.interim {
+                continue;
+            }
+            relay(
+                &mut upstream_read,
+                upstream_buf,
+                &mut client_write,
+                &mut body,
+            )
+            .await
+            .map_err(|_| Received::Broken(response_head.status))?;
+            return Ok(response_head);
+        }
+    };
+    tokio::pin!(send, receive);
+    let mut sent: Option<Result<(), Side>> = None;
+    let received = loop {
+        tokio::select! {
+            biased;
+            result = &mut send, if sent.is_none() => {
+                if let Err(Side::Source) = result {
+                    // The client went away in the middle of its request body.
+                    return Exchanged::Broken { status: 499 };
+                }
+                sent = Some(result);
+            }
+            result = &mut receive => break result,
+        }
+    };
+    match received {
+        Ok(response_head) => {
+            // A response before the whole request was sent leaves both connections in the
+            // middle of a message.
+            let complete = matches!(sent, Some(Ok(())));
+            Exchanged::Done {
+                status: response_head.status,
+                keep_client: complete && !close && response_head.framing != Framing::UntilEof,
+                keep_upstream: complete && !response_head.close,
+            }
+        }
+        Err(Received::Failed(failure, stale)) => Exchanged::Failed { failure, stale },
+        Err(Received::Broken(status)) => Exchanged::Broken { status },
+    }
+}
+
+/// Which end of a relay failed.
+enum Side {
+    Source,
+    Destination,
+}
+
+enum Received {
+    Failed(Failure, bool),
+    Broken(u16),
+}
+
+/// Copies the rest of a body from `src` (after what `buf` holds) to `dst` until `framing` says
+/// it ended; bytes after the end stay in `buf`.
+async fn relay<R, W>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    dst: &mut W,
+    framing: &mut Framing,
+) -> Result<(), Side>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while !framing.is_done() {
+        if buf.is_empty() {
+            buf.reserve(READ_BUFFER);
+            match src.read_buf(buf).await {
+                Ok(0) if framing.end_of_stream() => return Ok(()),
+                Ok(0) | Err(_) => return Err(Side::Source),
+                Ok(_) => {}
+            }
+        }
+        let n = framing.consume(buf).map_err(|_| Side::Source)?;
+        dst.write_all(&buf[..n])
+            .await
+            .map_err(|_| Side::Destination)?;
+        buf.advance(n);
+    }
+    Ok(())
+}
+
+fn is_reset(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn status_code(status: u16) -> StatusCode {
+    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    async fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            addr,
+            used: 0,
+        })
+    }
+}
+
+fn handover(stream: TcpStream, buf: BytesMut) -> Handover {
+    Handover {
+        stream: Prefixed {
+            prefix: buf.freeze(),
+            inner: stream,
+        },
+    }
+}
+
+async fn write_answer(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    answer: &Answer,
+    close: bool,
+) -> io::Result<()> {
+    out.clear();
+    codec::write_answer(
+        out,
+        answer.status,
+        &answer.headers,
+        answer.body.as_bytes(),
+        close,
+    );
+    stream.write_all(out).await
+}
+
+// === impl Answer ===
+
+impl Answer {
+    pub fn new(status: StatusCode, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: body.into(),
+            headers: vec![("content-type", "text/plain; charset=utf-8")],
+        }
+    }
+}
+
+impl From<&ProxyError> for Answer {
+    fn from(error: &ProxyError) -> Self {
+        let mut answer = Answer::new(error.status(), error.message());
+        if error.status() == StatusCode::SERVICE_UNAVAILABLE {
+            answer.headers.push(("retry-after", "1"));
+        }
+        answer
+    }
+}
+
+// === impl Prefixed ===
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,476 @@
+//! The inbound sidecar's HTTP/1.1 fast path, byte for byte: `activator-sidecar inbound` in
+//! front of a raw TCP upstream that answers in every framing (length, chunked, until close,
+//! interim 1xx), closes connections on purpose, and reports what it received; the client
+//! side is raw bytes too, so pipelining and connection reuse are visible.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use activator_sidecar::h1::codec::{Chunked, Framing, parse_response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Sidecar {
+    child: Child,
+    serving: SocketAddr,
+}
+
+impl Sidecar {
+    async fn start(user_port: u16) -> Self {
+        let (serving, admin) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
+            .arg("inbound")
+            .env("QUEUE_SERVING_PORT", serving.to_string())
+            .env("QUEUE_ADMIN_PORT", admin.to_string())
+            .env("USER_PORT", user_port.to_string())
+            .env("SERVING_SERVICE", "echo")
+            .env("MECHA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sidecar");
+        let serving = SocketAddr::from(([127, 0, 0, 1], serving));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(serving).await.is_err() {
+            assert!(Instant::now() < deadline, "the sidecar never listened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self { child, serving }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw HTTP/1.1 upstream. By path: `/eof` answers without a length and closes, `/close`
+/// answers with `Connection: close` and closes, `/chunked` answers in chunks, `/hints` sends a
+/// 103 first, `/early` answers 413 without reading the body and closes, `/drop` answers and
+/// then closes the kept-alive connection silently; anything else echoes the request line,
+/// headers and raw body. Counts the connections that carried requests.
+async fn upstream() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_upstream(stream, counter.clone()));
+        }
+    });
+    (port, connections)
+}
+
+/// Where a request head ends and how its body is framed, as any HTTP/1.1 server sees it.
+fn request_head(buf: &[u8]) -> Option<(usize, Framing)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(len) = request.parse(buf).expect("a valid request") else {
+        return None;
+    };
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).to_string())
+    };
+    let framing = if header("transfer-encoding").is_some() {
+        Framing::Chunked(Chunked::default())
+    } else {
+        match header("content-length").map(|v| v.parse::<u64>().expect("a length")) {
+            Some(n) if n > 0 => Framing::Length(n),
+            _ => Framing::Done,
+        }
+    };
+    Some((len, framing))
+}
+
+async fn serve_upstream(mut stream: TcpStream, connections: Arc<AtomicUsize>) {
+    let mut buf = Vec::new();
+    for served in 0.. {
+        let head = loop {
+            if let Some(head) = request_head(&buf) {
+                break head;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        if served == 0 {
+            // Counted once it carries a request: the sidecar's TCP readiness probes do not.
+            connections.fetch_add(1, Ordering::SeqCst);
+        }
+        let (len, mut framing) = head;
+        let text = String::from_utf8_lossy(&buf[..len]).to_string();
+        let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+        buf.drain(..len);
+        if path == "/early" {
+            let _ = stream
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig\n")
+                .await;
+            return;
+        }
+        let mut body = Vec::new();
+        loop {
+            let n = framing.consume(&buf).expect("valid body");
+            body.extend(buf.drain(..n));
+            if framing.is_done() {
+                break;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let echo = format!("{text}{}", String::from_utf8_lossy(&body));
+        let response = match path.as_str() {
+            "/eof" => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close")
+                    .await;
+                return;
+            }
+            "/close" => "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nclosed"
+                .to_string(),
+            "/chunked" => {
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
+                           5\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n"
+                    .to_string()
+            }
+            "/hints" => "HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n\
+                         HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints"
+                .to_string(),
+            "/head" => "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".to_string(),
+            _ => format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n{echo}",
+                echo.len()
+            ),
+        };
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+        if path == "/close" || path == "/drop" {
+            return;
+        }
+    }
+}
+
+/// A raw client connection that reads whole responses (framed with the same codec).
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, raw: &str) {
+        self.stream.write_all(raw.as_bytes()).await.expect("send");
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+            .await
+            .expect("a response within 10 s");
+        match read {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// The next complete response; `head_method` when it answers a HEAD request.
+    async fn reply(&mut self, head_method: bool) -> Reply {
+        let mut scratch = Vec::new();
+        let parsed = loop {
+            if let Some(parsed) =
+                parse_response(&self.buf, head_method, false, &mut scratch).expect("valid head")
+            {
+                break parsed;
+            }
+            assert!(
+                self.fill().await,
+                "connection closed before a response head"
+            );
+            scratch.clear();
+        };
+        let head = String::from_utf8_lossy(&self.buf[..parsed.len]).to_string();
+        self.buf.drain(..parsed.len);
+        let mut framing = parsed.framing;
+        let mut body = Vec::new();
+        loop {
+            let n = framing.consume(&self.buf).expect("valid body");
+            body.extend(self.buf.drain(..n));
+            if framing.is_done() {
+                break;
+            }
+            if !self.fill().await {
+                assert!(framing.end_of_stream(), "body cut short: {head}");
+                break;
+            }
+        }
+        Reply {
+            status: parsed.status,
+            head,
+            body: String::from_utf8_lossy(&body).to_string(),
+        }
+    }
+
+    /// Whether the sidecar closed the connection (after everything sent was read).
+    async fn closed(&mut self) -> bool {
+        !self.fill().await && self.buf.is_empty()
+    }
+}
+
+#[tokio::test]
+async fn requests_and_bodies_share_one_upstream_connection() {
+    let (port, connections) = upstream().await;
+    let sidecar = Sidecar::start(port).await;
+    let mut client = Client::connect(sidecar.serving).await;
+
+    client
+        .send("GET /a?b=1 HTTP/1.1\r\nHost: echo\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\nTE: trailers\r\n\r\n")
+        .await;
+    let reply = client.reply(false).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        reply.body.starts_with("GET /a?b=1 HTTP/1.1\r\n"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.body.contains("x-forwarded-for: 127.0.0.1\r\n"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.body.contains("x-forwarded-proto: http\r\n"),
+        "{reply:?}"
+    );
+    for hop in ["x-secret", "TE:", "Connection"] {
+        assert!(!reply.body.contains(hop), "{hop} was forwarded: {reply:?}");
+    }
+    // The replica's own hop-by-hop headers do not reach the client either.
+    assert!(!reply.head.contains("Keep-Alive"), "{reply:?}");
+
+    // A body by length, then a chunked body sent in pieces, then a pipelined pair.
+    client
+        .send("POST /len HTTP/1.1\r\nHost: echo\r\nContent-Length: 11\r\n\r\nhello world")
+        .await;
+    let reply = client.reply(false).await;
+    assert!(reply.body.ends_with("\r\n\r\nhello world"), "{reply:?}");
+
+    client
+        .send("POST /chunks HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki")
+        .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    client.send("\r\n5\r\npedia\r\n0\r\n\r\n").await;
+    let reply = client.reply(false).await;
+    assert!(
+        reply
+            .body
+            .ends_with("\r\n\r\n4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n"),
+        "chunks relayed as sent: {reply:?}"
+    );
+
+    client
+        .send("GET /one HTTP/1.1\r\nHost: echo\r\n\r\nGET /two HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert!(client.reply(false).await.body.starts_with("GET /one "));
+    assert!(client.reply(false).await.body.starts_with("GET /two "));
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one replica connection"
+    );
+
+    // Connection: close from the client is honoured after the response.
+    client
+        .send("GET /last HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+        .await;
+    let reply = client.reply(false).await;
+    assert!(reply.head.contains("connection: close"), "{reply:?}");
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn every_response_framing_reaches_the_client() {
+    let (port, connections) = upstream().await;
+    let sidecar = Sidecar::start(port).await;
+    let mut client = Client::connect(sidecar.serving).await;
+
+    client
+        .send("GET /chunked HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    let reply = client.reply(false).await;
+    assert!(
+        reply.head.contains("Transfer-Encoding: chunked"),
+        "{reply:?}"
+    );
+    assert_eq!(
+        reply.body,
+        "5\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n"
+    );
+
+    client
+        .send("HEAD /head HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    let reply = client.reply(true).await;
+    assert!(reply.head.contains("Content-Length: 100"), "{reply:?}");
+    assert_eq!(reply.body, "");
+
+    client
+        .send("GET /hints HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    let interim = client.reply(false).await;
+    assert_eq!(interim.status, 103, "{interim:?}");
+    let reply = client.reply(false).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "hints"));
+
+    // The replica closes after this one; the client's connection stays.
+    client
+        .send("GET /close HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    let reply = client.reply(false).await;
+    assert_eq!(reply.body, "closed");
+    assert!(
+        !reply.head.to_lowercase().contains("connection"),
+        "{reply:?}"
+    );
+    client
+        .send("GET /after HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert!(client.reply(false).await.body.starts_with("GET /after "));
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+
+    // No length: relayed until the replica closes, and the client is told it closes too.
+    client.send("GET /eof HTTP/1.1\r\nHost: echo\r\n\r\n").await;
+    let reply = client.reply(false).await;
+    assert_eq!(reply.body, "until-close");
+    assert!(reply.head.contains("connection: close"), "{reply:?}");
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn a_replica_connection_closed_while_idle_is_replaced_transparently() {
+    let (port, connections) = upstream().await;
+    let sidecar = Sidecar::start(port).await;
+    let mut client = Client::connect(sidecar.serving).await;
+    // `/drop` answers as if keeping the connection alive, then closes it.
+    client
+        .send("GET /drop HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert_eq!(client.reply(false).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client
+        .send("GET /next HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    let reply = client.reply(false).await;
+    assert_eq!(reply.status, 200, "retried on a new connection: {reply:?}");
+    assert!(reply.body.starts_with("GET /next "));
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_early_response_is_relayed_and_both_connections_close() {
+    let (port, _) = upstream().await;
+    let sidecar = Sidecar::start(port).await;
+    let mut client = Client::connect(sidecar.serving).await;
+    client
+        .send("POST /early HTTP/1.1\r\nHost: echo\r\nContent-Length: 1000000\r\n\r\nstart")
+        .await;
+    let reply = client.reply(false).await;
+    assert_eq!((reply.status, reply.body.as_str()), (413, "big\n"));
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn unreachable_container_is_a_502_and_the_connection_stays() {
+    let sidecar = Sidecar::start(free_port()).await;
+    let mut client = Client::connect(sidecar.serving).await;
+    for _ in 0..2 {
+        client.send("GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await;
+        let reply = client.reply(false).await;
+        assert_eq!(reply.status, 502, "{reply:?}");
+        assert!(
+            reply.body.starts_with("service default/echo failed: "),
+            "{reply:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unusual_requests_are_served_by_the_general_server() {
+    let (port, _) = upstream().await;
+    let sidecar = Sidecar::start(port).await;
+
+    // HTTP/1.0, after a fast-path request on the same connection.
+    let mut client = Client::connect(sidecar.serving).await;
+    client
+        .send("GET /fast HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert_eq!(client.reply(false).await.status, 200);
+    client.send("GET /old HTTP/1.0\r\nHost: echo\r\n\r\n").await;
+    let reply = client.reply(false).await;
+    assert!(reply.body.starts_with("GET /old HTTP/1.1"), "{reply:?}");
+
+    // Expect: 100-continue gets its interim answer before the body is sent.
+    let mut client = Client::connect(sidecar.serving).await;
+    client
+        .send("POST /expect HTTP/1.1\r\nHost: echo\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        .await;
+    assert_eq!(client.reply(false).await.status, 100);
+    client.send("body").await;
+    let reply = client.reply(false).await;
+    assert!(reply.body.ends_with("body"), "{reply:?}");
+
+    // h2c with prior knowledge.
+    let stream = TcpStream::connect(sidecar.serving).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::get("http://echo/h2")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("h2 response");
+    assert_eq!(response.status(), 200);
+
+    // A malformed head gets hyper's 400.
+    let mut client = Client::connect(sidecar.serving).await;
+    client.send("GET / HTTP/1.1\r\nBad Header\r\n\r\n").await;
+    assert_eq!(client.reply(false).await.status, 400);
+}
