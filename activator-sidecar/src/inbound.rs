@@ -22,7 +22,7 @@ use mecha_common::probe::{ProbeKind, ProbeSpec};
 use mecha_common::routing::{ServiceKey, UpstreamProtocol};
 use mecha_common::wire::{STATS_PATH, Stat};
 use mecha_common::{Endpoint, LoadGuard};
-use prometheus::{Gauge, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -56,6 +56,9 @@ pub struct InboundConfig {
     pub drain_timeout: Duration,
     /// `SERVING_NAMESPACE`, `SERVING_SERVICE`: named in error messages.
     pub service: ServiceKey,
+    /// `SIDECAR_THREADS` (the CPUs this process may use): threads serving requests, each
+    /// with connections of its own.
+    pub threads: usize,
     /// `AUTOSCALER_ADDR` (`host:port`): where to post the load every second; with it,
     /// `SERVING_REVISION` is required and `POD_NAME` names this replica.
     pub report: Option<Report>,
@@ -84,6 +87,8 @@ pub struct Inbound {
 #[derive(Debug, Clone)]
 struct Metrics {
     requests: IntCounterVec,
+    /// `requests` for 200, looked up once: most answers are.
+    ok: IntCounter,
     concurrency: Gauge,
     rps: Gauge,
 }
@@ -131,6 +136,14 @@ impl InboundConfig {
             });
         }
         let drain_timeout = settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = settings::number(&get, "SIDECAR_THREADS", cpus, |t| {
+            if (1..=256).contains(t) {
+                Ok(())
+            } else {
+                Err("must be between 1 and 256".into())
+            }
+        })?;
         let report = match get("AUTOSCALER_ADDR") {
             None => None,
             Some(addr) => {
@@ -162,6 +175,7 @@ impl InboundConfig {
             timeout: Duration::from_secs(timeout),
             readiness_path,
             drain_timeout,
+            threads,
             service: ServiceKey::new(
                 get("SERVING_NAMESPACE").unwrap_or_else(|| "default".into()),
                 get("SERVING_SERVICE").unwrap_or_else(|| "unknown".into()),
@@ -205,6 +219,11 @@ impl InboundConfig {
             "--drain-timeout",
             "DRAIN_TIMEOUT",
             "time for in-flight requests after SIGTERM (30s)",
+        ),
+        (
+            "--threads",
+            "SIDECAR_THREADS",
+            "threads serving requests (one per CPU)",
         ),
         (
             "--autoscaler-addr",
@@ -271,10 +290,7 @@ impl Inbound {
             Ok(response) => response,
             Err(error) => error.into_response(),
         };
-        self.metrics
-            .requests
-            .with_label_values(&[response.status().as_str()])
-            .inc();
+        self.metrics.count(response.status());
         response
     }
 
@@ -421,6 +437,8 @@ impl Inbound {
 impl Dispatch for Inbound {
     type Ticket = LoadGuard;
 
+    const NEEDS_HOST: bool = false;
+
     async fn dispatch(&self, head: &RequestHead, _retry: &[SocketAddr]) -> Decision<LoadGuard> {
         if head.probe {
             let (status, body) = self.probe_answer();
@@ -453,10 +471,7 @@ impl Dispatch for Inbound {
     }
 
     fn finished(&self, _guard: Option<LoadGuard>, status: StatusCode) {
-        self.metrics
-            .requests
-            .with_label_values(&[status.as_str()])
-            .inc();
+        self.metrics.count(status);
     }
 }
 
@@ -517,6 +532,14 @@ impl Reporter {
 // === impl Metrics ===
 
 impl Metrics {
+    fn count(&self, status: StatusCode) {
+        if status == StatusCode::OK {
+            self.ok.inc();
+        } else {
+            self.requests.with_label_values(&[status.as_str()]).inc();
+        }
+    }
+
     fn register(registry: &Registry) -> Self {
         let requests = IntCounterVec::new(
             Opts::new(
@@ -540,6 +563,7 @@ impl Metrics {
         let _ = registry.register(Box::new(concurrency.clone()));
         let _ = registry.register(Box::new(rps.clone()));
         Self {
+            ok: requests.with_label_values(&["200"]),
             requests,
             concurrency,
             rps,
@@ -586,6 +610,8 @@ mod tests {
         assert_eq!(error.setting, "USER_PORT");
         let error = InboundConfig::from_env(env(&[("DRAIN_TIMEOUT", "soon")])).expect_err("bad");
         assert_eq!(error.setting, "DRAIN_TIMEOUT");
+        let error = InboundConfig::from_env(env(&[("SIDECAR_THREADS", "0")])).expect_err("bad");
+        assert_eq!(error.setting, "SIDECAR_THREADS");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use activator_sidecar::discovery::{GatewayConfig, serve_gateway};
 use activator_sidecar::inbound::{Inbound, InboundConfig};
+use activator_sidecar::server::Workers;
 use activator_sidecar::settings;
 use mecha_common::Shutdown;
 use mecha_common::admin::Health;
@@ -97,8 +98,19 @@ async fn run_inbound(args: &[String]) -> ExitCode {
         admin = config.admin_port,
         user = config.user_port,
         container_concurrency = config.container_concurrency,
+        threads = config.threads,
         "inbound sidecar starting"
     );
+    let workers = match Workers::start(config.threads) {
+        Ok(workers) => workers,
+        Err(error) => {
+            eprintln!(
+                "error: cannot start {} threads (SIDECAR_THREADS): {error}",
+                config.threads
+            );
+            return ExitCode::from(1);
+        }
+    };
     let inbound = Inbound::new(config, health.clone(), &registry);
     let shutdown = Shutdown::new();
     let background = tokio::spawn(inbound.clone().run_background());
@@ -109,6 +121,7 @@ async fn run_inbound(args: &[String]) -> ExitCode {
             let inbound = inbound.clone();
             async move { inbound.handle(request, peer).await }
         },
+        workers,
         shutdown.signal(),
         drain_timeout,
     ));

@@ -4,12 +4,14 @@
 //!
 //! [`serve`] answers every request through hyper. [`serve_fast`] first gives each connection
 //! to the HTTP/1.1 fast path ([`crate::h1`]), which hands it to hyper as soon as it sees a
-//! request it leaves to the general server.
+//! request it leaves to the general server, and spreads connections over [`Workers`]: one
+//! single-threaded runtime per core, each connection living on one thread for its whole life.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -20,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mecha_common::ShutdownSignal;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::body::ProxyBody;
@@ -39,6 +42,7 @@ pub async fn serve<H, F>(
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     accept(
         listener,
+        &Workers::current(),
         shutdown,
         drain_timeout,
         move |stream, peer, stop| serve_hyper(builder.clone(), stream, peer, handler.clone(), stop),
@@ -52,6 +56,7 @@ pub async fn serve_fast<D, H, F>(
     listener: TcpListener,
     fast: Arc<D>,
     handler: H,
+    workers: Workers,
     shutdown: ShutdownSignal,
     drain_timeout: Duration,
 ) where
@@ -62,6 +67,7 @@ pub async fn serve_fast<D, H, F>(
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     accept(
         listener,
+        &workers,
         shutdown,
         drain_timeout,
         move |stream, peer, stop| {
@@ -78,14 +84,86 @@ pub async fn serve_fast<D, H, F>(
     .await;
 }
 
+/// Single-threaded runtimes that serve connections: the calling one, and one more per extra
+/// core. A connection stays on the runtime it was given (no work stealing, no cross-thread
+/// wakeups), which keeps the CPU per request of one thread while using every core.
+#[derive(Debug, Clone)]
+pub struct Workers {
+    handles: Arc<[Handle]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Workers {
+    /// Only the calling runtime.
+    pub fn current() -> Self {
+        Self {
+            handles: Arc::new([Handle::current()]),
+            next: Arc::default(),
+        }
+    }
+
+    /// `threads` in all, counting the calling runtime; the others run on threads of their
+    /// own until the process exits.
+    pub fn start(threads: usize) -> std::io::Result<Self> {
+        let mut handles = vec![Handle::current()];
+        for index in 1..threads {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("data-path-{index}"))
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Self {
+            handles: handles.into(),
+            next: Arc::default(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Runs the connection `serve` makes of `stream` on the next worker, round robin.
+    fn spawn<C, Fut>(&self, stream: TcpStream, connection: C)
+    where
+        C: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        if index == 0 {
+            tokio::spawn(connection(stream));
+            return;
+        }
+        // A socket belongs to the reactor that registered it: move it to the worker's.
+        match stream.into_std() {
+            Ok(stream) => {
+                self.handles[index].spawn(async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => connection(stream).await,
+                        Err(error) => tracing::warn!(%error, "cannot hand a connection over"),
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, "cannot hand a connection over"),
+        }
+    }
+}
+
 /// The accept loop: one task per connection, each holding a drain token until it ends.
 async fn accept<C, Fut>(
     listener: TcpListener,
+    workers: &Workers,
     shutdown: ShutdownSignal,
     drain_timeout: Duration,
     connection: C,
 ) where
-    C: Fn(TcpStream, SocketAddr, ShutdownSignal) -> Fut,
+    C: Fn(TcpStream, SocketAddr, ShutdownSignal) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     // Every connection task holds a sender; the drain is over when all are dropped.
@@ -107,9 +185,9 @@ async fn accept<C, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let token = open.clone();
-        let served = connection(stream, peer, shutdown.clone());
-        tokio::spawn(async move {
-            served.await;
+        let (connection, stop) = (connection.clone(), shutdown.clone());
+        workers.spawn(stream, move |stream| async move {
+            connection(stream, peer, stop).await;
             drop(token);
         });
     }

@@ -27,6 +27,10 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(user_port: u16) -> Self {
+        Self::start_with(user_port, &[]).await
+    }
+
+    async fn start_with(user_port: u16, extra: &[(&str, &str)]) -> Self {
         let (serving, admin) = (free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
             .arg("inbound")
@@ -35,6 +39,7 @@ impl Sidecar {
             .env("USER_PORT", user_port.to_string())
             .env("SERVING_SERVICE", "echo")
             .env("MECHA_LOG", "warn")
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -59,7 +64,7 @@ impl Drop for Sidecar {
 /// A raw HTTP/1.1 upstream. By path: `/eof` answers without a length and closes, `/close`
 /// answers with `Connection: close` and closes, `/chunked` answers in chunks, `/hints` sends a
 /// 103 first, `/early` answers 413 without reading the body and closes, `/drop` answers and
-/// then closes the kept-alive connection silently; anything else echoes the request line,
+/// then closes the kept-alive connection silently, `/hang` never answers; anything else echoes the request line,
 /// headers and raw body. Counts the connections that carried requests.
 async fn upstream() -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -138,6 +143,10 @@ async fn serve_upstream(mut stream: TcpStream, connections: Arc<AtomicUsize>) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
+        }
+        if path == "/hang" {
+            // Holds the request and never answers.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
         }
         let echo = format!("{text}{}", String::from_utf8_lossy(&body));
         let response = match path.as_str() {
@@ -473,4 +482,37 @@ async fn unusual_requests_are_served_by_the_general_server() {
     let mut client = Client::connect(sidecar.serving).await;
     client.send("GET / HTTP/1.1\r\nBad Header\r\n\r\n").await;
     assert_eq!(client.reply(false).await.status, 400);
+}
+
+#[tokio::test]
+async fn a_replica_that_never_answers_times_out_with_504() {
+    let (port, _) = upstream().await;
+    let sidecar = Sidecar::start_with(port, &[("REVISION_TIMEOUT_SECONDS", "1")]).await;
+    let mut client = Client::connect(sidecar.serving).await;
+    // A quick exchange first: the connection's timer must still catch the slow one after it.
+    client
+        .send("GET /quick HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert_eq!(client.reply(false).await.status, 200);
+    let started = Instant::now();
+    client
+        .send("GET /hang HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    let reply = client.reply(false).await;
+    let waited = started.elapsed();
+    assert_eq!(reply.status, 504, "{reply:?}");
+    assert_eq!(
+        reply.body,
+        "service default/echo did not answer within its timeout of 1s\n"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+    // The next request, on a new connection, is answered normally.
+    let mut client = Client::connect(sidecar.serving).await;
+    client
+        .send("GET /again HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert_eq!(client.reply(false).await.status, 200);
 }

@@ -249,9 +249,15 @@ fn hex(byte: u8) -> Option<u8> {
 
 /// Parses the request head at the start of `input`. When it is complete and supported, writes
 /// the head to forward into `out`: the same method, target and headers, minus hop-by-hop
-/// headers, with `peer` appended to `X-Forwarded-For` and `X-Forwarded-Proto: http` unless
-/// the client sent one.
-pub fn parse_request(input: &[u8], peer: IpAddr, out: &mut Vec<u8>) -> ParsedRequest {
+/// headers, with `peer` (the client's address, see [`peer_ip`]) appended to
+/// `X-Forwarded-For` and `X-Forwarded-Proto: http` unless the client sent one. `want_host`:
+/// fill in [`RequestHead::host`].
+pub fn parse_request(
+    input: &[u8],
+    peer: &[u8],
+    want_host: bool,
+    out: &mut Vec<u8>,
+) -> ParsedRequest {
     let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(input) {
@@ -290,7 +296,7 @@ pub fn parse_request(input: &[u8], peer: IpAddr, out: &mut Vec<u8>) -> ParsedReq
             chunked = true;
         } else if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("expect") {
             return ParsedRequest::Unsupported;
-        } else if name.eq_ignore_ascii_case("host") {
+        } else if want_host && name.eq_ignore_ascii_case("host") {
             let Ok(value) = std::str::from_utf8(header.value) else {
                 return ParsedRequest::Unsupported;
             };
@@ -326,7 +332,7 @@ pub fn parse_request(input: &[u8], peer: IpAddr, out: &mut Vec<u8>) -> ParsedReq
         out.extend_from_slice(existing);
         out.extend_from_slice(b", ");
     }
-    push_ip(out, peer);
+    out.extend_from_slice(peer);
     out.extend_from_slice(b"\r\n");
     if !forwarded_proto {
         out.extend_from_slice(b"x-forwarded-proto: http\r\n");
@@ -502,7 +508,9 @@ impl<'a> Connection<'a> {
 
     /// Whether a header named `name` stays on this hop.
     fn drops(&self, name: &str) -> bool {
-        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        HOP_BY_HOP
+            .iter()
+            .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
             || self
                 .named
                 .iter()
@@ -517,9 +525,9 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    use std::io::Write;
-    let _ = write!(out, "{ip}");
+/// A client address as it goes into `X-Forwarded-For` (formatted once per connection).
+pub fn peer_ip(ip: IpAddr) -> Vec<u8> {
+    ip.to_string().into_bytes()
 }
 
 /// A `Content-Length` value: digits only (no sign, no spaces inside, no list).
@@ -549,7 +557,7 @@ mod tests {
 
     fn request(input: &str) -> (ParsedRequest, String) {
         let mut out = Vec::new();
-        let parsed = parse_request(input.as_bytes(), PEER, &mut out);
+        let parsed = parse_request(input.as_bytes(), &peer_ip(PEER), true, &mut out);
         (parsed, String::from_utf8(out).expect("utf-8"))
     }
 

@@ -16,6 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
@@ -70,6 +71,9 @@ pub enum Failure {
 pub trait Dispatch: Send + Sync + 'static {
     /// Held while a request is forwarded.
     type Ticket: Send;
+
+    /// Whether [`RequestHead::host`] is needed (routing by host).
+    const NEEDS_HOST: bool;
 
     /// Decides where `head` goes; may wait (admission, activation). `retry` lists replicas
     /// that could not be reached for this request already.
@@ -142,11 +146,19 @@ pub async fn serve<D: Dispatch>(
     let mut request = Vec::with_capacity(1024);
     let mut response = Vec::with_capacity(1024);
     let mut upstream: Option<Upstream> = None;
+    let peer_ip = codec::peer_ip(peer.ip());
+    // Registered once per connection, not once per request.
+    let stop = shutdown.clone().recv();
+    tokio::pin!(stop);
+    // One timer per connection: it only moves when it fires before the current request's
+    // deadline, or when a request's deadline is earlier than where it stands.
+    let timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(timer);
     'requests: loop {
         request.clear();
         let head = loop {
             if !buf.is_empty() {
-                match codec::parse_request(&buf, peer.ip(), &mut request) {
+                match codec::parse_request(&buf, &peer_ip, D::NEEDS_HOST, &mut request) {
                     ParsedRequest::Head(head) => break head,
                     ParsedRequest::Unsupported => return Some(handover(client, buf)),
                     ParsedRequest::Partial => request.clear(),
@@ -157,7 +169,7 @@ pub async fn serve<D: Dispatch>(
                 // Idle between requests: this is where shutdown closes the connection.
                 tokio::select! {
                     read = client.read_buf(&mut buf) => read,
-                    () = shutdown.clone().recv() => return None,
+                    () = &mut stop => return None,
                 }
             } else {
                 client.read_buf(&mut buf).await
@@ -207,37 +219,54 @@ pub async fn serve<D: Dispatch>(
         let mut stale_retried = false;
         let outcome = loop {
             let mut responded = false;
-            let attempt = tokio::time::timeout_at(deadline, async {
-                let reused = match upstream.take() {
-                    Some(connection) if connection.addr == addr => connection,
-                    _ => Upstream::connect(addr)
-                        .await
-                        .map_err(|error| Exchanged::Failed {
-                            failure: Failure::Connect(error),
-                            stale: false,
-                        })?,
-                };
-                let connection = upstream.insert(reused);
-                Ok::<_, Exchanged>(
-                    exchange(
-                        &mut client,
-                        &mut buf,
-                        connection,
-                        &request,
-                        &mut framing,
-                        &head,
-                        close,
-                        &mut response,
-                        &mut responded,
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
+            let attempted = {
+                let attempt = async {
+                    let reused = match upstream.take() {
+                        Some(connection) if connection.addr == addr => connection,
+                        _ => Upstream::connect(addr)
+                            .await
+                            .map_err(|error| Exchanged::Failed {
+                                failure: Failure::Connect(error),
+                                stale: false,
+                            })?,
+                    };
+                    let connection = upstream.insert(reused);
+                    Ok::<_, Exchanged>(
+                        exchange(
+                            &mut client,
+                            &mut buf,
+                            connection,
+                            &request,
+                            &mut framing,
+                            &head,
+                            close,
+                            &mut response,
+                            &mut responded,
+                        )
+                        .await,
                     )
-                    .await,
-                )
-            })
-            .await;
-            let exchanged = match attempt {
-                Ok(Ok(exchanged) | Err(exchanged)) => exchanged,
-                Err(_) if responded => Exchanged::Broken { status: 504 },
-                Err(_) => Exchanged::Failed {
+                };
+                tokio::pin!(attempt);
+                loop {
+                    tokio::select! {
+                        biased;
+                        attempted = &mut attempt => break Some(attempted),
+                        () = &mut timer => {
+                            if Instant::now() >= deadline {
+                                break None;
+                            }
+                            timer.as_mut().reset(deadline);
+                        }
+                    }
+                }
+            };
+            let exchanged = match attempted {
+                Some(Ok(exchanged) | Err(exchanged)) => exchanged,
+                None if responded => Exchanged::Broken { status: 504 },
+                None => Exchanged::Failed {
                     failure: Failure::Timeout,
                     stale: false,
                 },
