@@ -334,12 +334,14 @@ pub async fn serve_gateway(
     ));
     let local: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?local, "gateway serving");
-    crate::server::serve(
+    crate::server::serve_fast(
         listener,
+        Arc::new(gateway.clone()),
         move |request, peer| {
             let gateway = gateway.clone();
             async move { gateway.handle(request, peer).await }
         },
+        crate::server::Workers::current(),
         shutdown,
         drain_timeout,
     )

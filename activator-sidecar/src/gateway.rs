@@ -17,7 +17,7 @@ use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use mecha_common::activation::{BufferFull, Waiting};
-use mecha_common::routing::{ServiceKey, normalize_host};
+use mecha_common::routing::{ServiceKey, UpstreamProtocol, normalize_host};
 use mecha_common::{
     Activation, Endpoint, EndpointTable, LoadGuard, Route, RouteTarget, RoutingTable,
 };
@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::h1::{self, Answer, Decision, Dispatch, codec::RequestHead};
 use crate::proxy::{Failure, Forwarder, RequestBody};
 
 /// Attempts on other replicas when a body-less request could not connect (the replica died
@@ -84,40 +85,36 @@ impl Gateway {
         let (service, response) = match self.route(request, peer).await {
             Ok((service, response)) => (service.to_string(), response),
             Err((service, error)) => {
-                let status = error.status();
-                if status.is_server_error() {
-                    tracing::warn!(%error, %status, "request failed");
-                } else {
-                    tracing::debug!(%error, %status, "request refused");
-                }
-                (
-                    service.map_or_else(|| "-".to_string(), |s| s.to_string()),
-                    error.into_response(),
-                )
+                log_refusal(&error);
+                (label(service.as_ref()), error.into_response())
             }
         };
-        self.metrics
-            .requests
-            .with_label_values(&[&service, response.status().as_str()])
-            .inc();
-        self.metrics
-            .duration
-            .with_label_values(&[&service])
-            .observe(started.elapsed().as_secs_f64());
+        self.record(&service, response.status(), started);
         response
     }
 
-    async fn route(
+    /// Counts an answered request and its duration under its service (`-` for none).
+    fn record(&self, service: &str, status: http::StatusCode, started: Instant) {
+        self.metrics
+            .requests
+            .with_label_values(&[service, status.as_str()])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[service])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The service and revision a host reaches.
+    fn target(
         &self,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Result<(ServiceKey, Response<ProxyBody>), (Option<ServiceKey>, ProxyError)> {
-        let host = request_host(&request).ok_or((None, ProxyError::MissingHost))?;
-        let route: Arc<Route> = self.routes.borrow().lookup(&host).cloned().ok_or_else(|| {
+        host: &str,
+    ) -> Result<(ServiceKey, RouteTarget), (Option<ServiceKey>, ProxyError)> {
+        let route: Arc<Route> = self.routes.borrow().lookup(host).cloned().ok_or_else(|| {
             (
                 None,
                 ProxyError::UnknownHost {
-                    host: host.clone(),
+                    host: host.to_string(),
                     domain: self.domain.to_string(),
                 },
             )
@@ -129,6 +126,16 @@ impl Gateway {
                 no_replica(&service, "-", Duration::ZERO),
             )
         })?;
+        Ok((service, target))
+    }
+
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<(ServiceKey, Response<ProxyBody>), (Option<ServiceKey>, ProxyError)> {
+        let host = request_host(&request).ok_or((None, ProxyError::MissingHost))?;
+        let (service, target) = self.target(&host)?;
         self.forward(request, &service, &target, peer)
             .await
             .map(|response| (service.clone(), response))
@@ -159,7 +166,7 @@ impl Gateway {
                 Either::Left(body)
             },
         ));
-        let mut failed: Vec<Endpoint> = Vec::new();
+        let mut failed: Vec<SocketAddr> = Vec::new();
         loop {
             let (endpoint, guard) = self
                 .ready_endpoint(service, target, &failed, declared_bytes, deadline)
@@ -187,7 +194,7 @@ impl Gateway {
                     if replay.is_some() && failed.len() < CONNECT_RETRIES =>
                 {
                     tracing::debug!(replica = %endpoint.replica, %source, "connect failed; retrying elsewhere");
-                    failed.push(endpoint);
+                    failed.push(endpoint.addr);
                 }
                 Err(Failure::Connect(source) | Failure::Other(source)) => {
                     return Err(ProxyError::Upstream {
@@ -200,14 +207,15 @@ impl Gateway {
     }
 
     /// A ready replica of the target revision with room for one more request (its
-    /// `containerConcurrency`), other than those in `exclude`, counted busy from here on.
+    /// `containerConcurrency`), other than those at the addresses in `exclude`, counted busy
+    /// from here on.
     /// Without one, the request is held — within the revision's buffer limits, which pokes the
     /// autoscaler — until a replica becomes ready or finishes a request, or until `deadline`.
     async fn ready_endpoint(
         &self,
         service: &ServiceKey,
         target: &RouteTarget,
-        exclude: &[Endpoint],
+        exclude: &[SocketAddr],
         declared_bytes: u64,
         deadline: Instant,
     ) -> Result<(Endpoint, LoadGuard), ProxyError> {
@@ -224,7 +232,7 @@ impl Gateway {
                 let candidates: Vec<&Endpoint> = table
                     .ready(&target.revision)
                     .iter()
-                    .filter(|e| !exclude.iter().any(|x| x.same(e)))
+                    .filter(|e| !exclude.contains(&e.addr))
                     .collect();
                 pick(&candidates, target.container_concurrency)
             };
@@ -265,6 +273,99 @@ impl Gateway {
             }
         }
     }
+}
+
+/// What the fast path holds while a request is at a replica.
+#[derive(Debug)]
+pub struct Forwarded {
+    service: ServiceKey,
+    timeout: Duration,
+    started: Instant,
+    _guard: LoadGuard,
+}
+
+/// Plain HTTP/1.1 requests to HTTP/1.1 revisions take the fast path: the same routing, holding
+/// and replica choice, then relayed over the client connection's own replica connection.
+impl Dispatch for Gateway {
+    type Ticket = Forwarded;
+
+    const NEEDS_HOST: bool = true;
+
+    async fn dispatch(&self, head: &RequestHead, retry: &[SocketAddr]) -> Decision<Forwarded> {
+        let started = Instant::now();
+        let refuse = |service: Option<&ServiceKey>, error: ProxyError| {
+            log_refusal(&error);
+            self.record(&label(service), error.status(), started);
+            Decision::Answer(Answer::from(&error))
+        };
+        let Some(host) = head.host.as_deref().filter(|h| !h.is_empty()) else {
+            return refuse(None, ProxyError::MissingHost);
+        };
+        let (service, target) = match self.target(host) {
+            Ok(found) => found,
+            Err((service, error)) => return refuse(service.as_ref(), error),
+        };
+        if target.protocol != UpstreamProtocol::Http1 {
+            return Decision::Fallback;
+        }
+        let deadline = started + target.timeout;
+        match self
+            .ready_endpoint(&service, &target, retry, head.content_length, deadline)
+            .await
+        {
+            Ok((endpoint, guard)) => Decision::Forward {
+                addr: endpoint.addr,
+                deadline,
+                ticket: Forwarded {
+                    service,
+                    timeout: target.timeout,
+                    started,
+                    _guard: guard,
+                },
+            },
+            Err(error) => refuse(Some(&service), error),
+        }
+    }
+
+    fn may_retry(&self, _ticket: &Forwarded, attempts: usize) -> bool {
+        attempts < CONNECT_RETRIES
+    }
+
+    fn failed(&self, ticket: &Forwarded, failure: h1::Failure) -> ProxyError {
+        let service = ticket.service.clone();
+        match failure {
+            h1::Failure::Timeout => ProxyError::Timeout {
+                service,
+                timeout: ticket.timeout,
+            },
+            h1::Failure::Connect(error) => ProxyError::Upstream {
+                service,
+                source: error.into(),
+            },
+            h1::Failure::Upstream(source) => ProxyError::Upstream { service, source },
+        }
+    }
+
+    fn finished(&self, ticket: Option<Forwarded>, status: http::StatusCode) {
+        // The gateway's own answers were counted where they were decided.
+        if let Some(ticket) = ticket {
+            self.record(&ticket.service.to_string(), status, ticket.started);
+        }
+    }
+}
+
+/// Server errors are warnings; refusals (unknown host, full buffer) are the client's business.
+fn log_refusal(error: &ProxyError) {
+    let status = error.status();
+    if status.is_server_error() {
+        tracing::warn!(%error, %status, "request failed");
+    } else {
+        tracing::debug!(%error, %status, "request refused");
+    }
+}
+
+fn label(service: Option<&ServiceKey>) -> String {
+    service.map_or_else(|| "-".to_string(), ToString::to_string)
 }
 
 /// Counts a request in `mecha_gateway_buffered_requests` while it is held.

@@ -8,12 +8,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use activator_sidecar::Gateway;
+use activator_sidecar::h1::codec::RequestHead;
+use activator_sidecar::h1::{Decision, Dispatch, Failure};
+use activator_sidecar::{Gateway, ProxyError};
 use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
 use crds::Mode;
 use eventing_broker::{BrokerConfig, EventBroker, EventLog};
 use http_body_util::BodyExt;
+use hyper::StatusCode;
 use mecha_common::admin::Health;
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
@@ -139,8 +142,9 @@ pub async fn run(config: UpConfig) -> ExitCode {
     // Triggers run before the gateway (and with it the ingress) takes a request.
     let broker_task = broker.clone().start(shutdown.signal()).await;
     let controller_task = tokio::spawn(controller.run(shutdown.signal()));
-    let gateway_task = tokio::spawn(activator_sidecar::server::serve(
+    let gateway_task = tokio::spawn(activator_sidecar::server::serve_fast(
         gateway_listener,
+        Arc::new(Front(gateway.clone())),
         {
             let broker = broker.clone();
             move |request, peer| {
@@ -159,6 +163,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
                 }
             }
         },
+        activator_sidecar::server::Workers::current(),
         shutdown.signal(),
         config.grace_period,
     ));
@@ -248,12 +253,42 @@ pub async fn run(config: UpConfig) -> ExitCode {
 /// Requests without a service host — `localhost`, an IP address, or no Host at all — are for
 /// the broker ingress.
 fn is_ingress_host<B>(request: &hyper::Request<B>) -> bool {
-    match activator_sidecar::gateway::request_host(request) {
-        None => true,
-        Some(host) => {
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            host == "localhost" || bare.parse::<IpAddr>().is_ok()
+    activator_sidecar::gateway::request_host(request).is_none_or(|host| is_bare_host(&host))
+}
+
+/// `localhost` or an IP address: no service's host.
+fn is_bare_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || bare.parse::<IpAddr>().is_ok()
+}
+
+/// The gateway port's fast path: service hosts are relayed by the gateway; bare hosts (the
+/// broker ingress) and requests without a host go to the general server.
+#[derive(Debug)]
+struct Front(Gateway);
+
+impl Dispatch for Front {
+    type Ticket = <Gateway as Dispatch>::Ticket;
+
+    const NEEDS_HOST: bool = true;
+
+    async fn dispatch(&self, head: &RequestHead, retry: &[SocketAddr]) -> Decision<Self::Ticket> {
+        if head.host.as_deref().is_none_or(is_bare_host) {
+            return Decision::Fallback;
         }
+        self.0.dispatch(head, retry).await
+    }
+
+    fn may_retry(&self, ticket: &Self::Ticket, attempts: usize) -> bool {
+        self.0.may_retry(ticket, attempts)
+    }
+
+    fn failed(&self, ticket: &Self::Ticket, failure: Failure) -> ProxyError {
+        self.0.failed(ticket, failure)
+    }
+
+    fn finished(&self, ticket: Option<Self::Ticket>, status: StatusCode) {
+        self.0.finished(ticket, status);
     }
 }
 
