@@ -105,26 +105,23 @@ impl Gateway {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// The service and revision a host reaches.
-    fn target(
-        &self,
-        host: &str,
-    ) -> Result<(ServiceKey, RouteTarget), (Option<ServiceKey>, ProxyError)> {
+    /// The service and revision a host reaches; the refusal names the service when known.
+    fn target(&self, host: &str) -> Result<(ServiceKey, RouteTarget), Refusal> {
         let route: Arc<Route> = self.routes.borrow().lookup(host).cloned().ok_or_else(|| {
-            (
+            Box::new((
                 None,
                 ProxyError::UnknownHost {
                     host: host.to_string(),
                     domain: self.domain.to_string(),
                 },
-            )
+            ))
         })?;
         let service = route.service.clone();
         let target = route.pick(fastrand::u32(0..100)).cloned().ok_or_else(|| {
-            (
+            Box::new((
                 Some(service.clone()),
                 no_replica(&service, "-", Duration::ZERO),
-            )
+            ))
         })?;
         Ok((service, target))
     }
@@ -135,7 +132,7 @@ impl Gateway {
         peer: SocketAddr,
     ) -> Result<(ServiceKey, Response<ProxyBody>), (Option<ServiceKey>, ProxyError)> {
         let host = request_host(&request).ok_or((None, ProxyError::MissingHost))?;
-        let (service, target) = self.target(&host)?;
+        let (service, target) = self.target(&host).map_err(|refusal| *refusal)?;
         self.forward(request, &service, &target, peer)
             .await
             .map(|response| (service.clone(), response))
@@ -275,6 +272,10 @@ impl Gateway {
     }
 }
 
+/// Why a request is answered without a replica, and the service it named if any (boxed: the
+/// happy path stays small).
+type Refusal = Box<(Option<ServiceKey>, ProxyError)>;
+
 /// What the fast path holds while a request is at a replica.
 #[derive(Debug)]
 pub struct Forwarded {
@@ -303,7 +304,10 @@ impl Dispatch for Gateway {
         };
         let (service, target) = match self.target(host) {
             Ok(found) => found,
-            Err((service, error)) => return refuse(service.as_ref(), error),
+            Err(refusal) => {
+                let (service, error) = *refusal;
+                return refuse(service.as_ref(), error);
+            }
         };
         if target.protocol != UpstreamProtocol::Http1 {
             return Decision::Fallback;
