@@ -2,13 +2,16 @@
 # Proxy throughput: the inbound sidecar (activator-sidecar inbound) next to nginx as a reverse
 # proxy, both in front of the same upstream (nginx serving a static 200), loaded by the same
 # wrk in the same run. Reports requests/s, latency p50/p99, CPU per request of the proxy, and
-# the sidecar's idle RSS. Installs nginx and wrk from Debian when missing.
+# the sidecar's idle RSS. The two alternate for several rounds (a shared VM drifts by tens of
+# percent within a minute) and the ratio reported is the median of the per-round ratios.
+# Installs nginx and wrk from Debian when missing.
 #
-#   cargo build --release -p activator-sidecar && loadtests/proxy-throughput.sh [seconds] [connections]
+#   cargo build --release -p activator-sidecar && loadtests/proxy-throughput.sh [seconds] [connections] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10}"
 connections="${2:-64}"
+rounds="${3:-3}"
 sidecar_bin="${SIDECAR:-target/release/activator-sidecar}"
 
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
@@ -68,7 +71,6 @@ ticks() {
 hz=$(getconf CLK_TCK)
 
 run() { # name port pid
-  wrk -t2 -c"$connections" -d2s "http://127.0.0.1:$2/" >/dev/null   # warm-up
   local before after out rps p50 p99 requests
   before=$(ticks "$3")
   out=$(wrk -t2 -c"$connections" -d"${duration}s" --latency "http://127.0.0.1:$2/")
@@ -83,10 +85,19 @@ run() { # name port pid
   echo "$rps" > "$work/$1.rps"
 }
 
-echo "wrk -t2 -c$connections -d${duration}s, upstream nginx returning a static 200"
+echo "wrk -t2 -c$connections -d${duration}s per round, $rounds rounds, upstream nginx returning a static 200"
+for port in "$nginx_proxy" "$serving"; do   # warm-up
+  wrk -t2 -c"$connections" -d2s "http://127.0.0.1:$port/" >/dev/null
+done
 printf '%-28s %12s %10s %10s %14s\n' "proxy" "requests/s" "p50" "p99" "CPU µs/request"
-run nginx-reverse-proxy "$nginx_proxy" "$proxy_master"
-run mecha-inbound-sidecar "$serving" "$sidecar"
-awk -v s="$(cat "$work/mecha-inbound-sidecar.rps")" -v n="$(cat "$work/nginx-reverse-proxy.rps")" \
-  'BEGIN { printf "throughput ratio sidecar/nginx: %.2f\n", s / n }'
+ratios=()
+for round in $(seq "$rounds"); do
+  run nginx-reverse-proxy "$nginx_proxy" "$proxy_master"
+  run mecha-inbound-sidecar "$serving" "$sidecar"
+  ratios+=("$(awk -v s="$(cat "$work/mecha-inbound-sidecar.rps")" -v n="$(cat "$work/nginx-reverse-proxy.rps")" \
+    'BEGIN { printf "%.2f", s / n }')")
+  echo "round $round: sidecar/nginx ${ratios[-1]}"
+done
+median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+echo "throughput ratio sidecar/nginx: $median (median of ${ratios[*]})"
 echo "sidecar idle RSS: $((idle_rss_kb / 1024)) MiB ($idle_rss_kb KiB)"
