@@ -4,7 +4,6 @@
 //! side is raw bytes too, so pipelining and connection reuse are visible.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,53 +12,9 @@ use activator_sidecar::h1::codec::{Chunked, Framing, parse_response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+mod support;
 
-struct Sidecar {
-    child: Child,
-    serving: SocketAddr,
-}
-
-impl Sidecar {
-    async fn start(user_port: u16) -> Self {
-        Self::start_with(user_port, &[]).await
-    }
-
-    async fn start_with(user_port: u16, extra: &[(&str, &str)]) -> Self {
-        let (serving, admin) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
-            .arg("inbound")
-            .env("QUEUE_SERVING_PORT", serving.to_string())
-            .env("QUEUE_ADMIN_PORT", admin.to_string())
-            .env("USER_PORT", user_port.to_string())
-            .env("SERVING_SERVICE", "echo")
-            .env("MECHA_LOG", "warn")
-            .envs(extra.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sidecar");
-        let serving = SocketAddr::from(([127, 0, 0, 1], serving));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(serving).await.is_err() {
-            assert!(Instant::now() < deadline, "the sidecar never listened");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self { child, serving }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{Sidecar, free_port};
 
 /// A raw HTTP/1.1 upstream. By path: `/eof` answers without a length and closes, `/close`
 /// answers with `Connection: close` and closes, `/chunked` answers in chunks, `/hints` sends a
@@ -266,7 +221,7 @@ impl Client {
 #[tokio::test]
 async fn requests_and_bodies_share_one_upstream_connection() {
     let (port, connections) = upstream().await;
-    let sidecar = Sidecar::start(port).await;
+    let sidecar = Sidecar::start(port, &[]).listening().await;
     let mut client = Client::connect(sidecar.serving).await;
 
     client
@@ -335,7 +290,7 @@ async fn requests_and_bodies_share_one_upstream_connection() {
 #[tokio::test]
 async fn every_response_framing_reaches_the_client() {
     let (port, connections) = upstream().await;
-    let sidecar = Sidecar::start(port).await;
+    let sidecar = Sidecar::start(port, &[]).listening().await;
     let mut client = Client::connect(sidecar.serving).await;
 
     client
@@ -393,7 +348,7 @@ async fn every_response_framing_reaches_the_client() {
 #[tokio::test]
 async fn a_replica_connection_closed_while_idle_is_replaced_transparently() {
     let (port, connections) = upstream().await;
-    let sidecar = Sidecar::start(port).await;
+    let sidecar = Sidecar::start(port, &[]).listening().await;
     let mut client = Client::connect(sidecar.serving).await;
     // `/drop` answers as if keeping the connection alive, then closes it.
     client
@@ -413,7 +368,7 @@ async fn a_replica_connection_closed_while_idle_is_replaced_transparently() {
 #[tokio::test]
 async fn an_early_response_is_relayed_and_both_connections_close() {
     let (port, _) = upstream().await;
-    let sidecar = Sidecar::start(port).await;
+    let sidecar = Sidecar::start(port, &[]).listening().await;
     let mut client = Client::connect(sidecar.serving).await;
     client
         .send("POST /early HTTP/1.1\r\nHost: echo\r\nContent-Length: 1000000\r\n\r\nstart")
@@ -425,7 +380,7 @@ async fn an_early_response_is_relayed_and_both_connections_close() {
 
 #[tokio::test]
 async fn unreachable_container_is_a_502_and_the_connection_stays() {
-    let sidecar = Sidecar::start(free_port()).await;
+    let sidecar = Sidecar::start(free_port(), &[]).listening().await;
     let mut client = Client::connect(sidecar.serving).await;
     for _ in 0..2 {
         client.send("GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await;
@@ -441,7 +396,7 @@ async fn unreachable_container_is_a_502_and_the_connection_stays() {
 #[tokio::test]
 async fn unusual_requests_are_served_by_the_general_server() {
     let (port, _) = upstream().await;
-    let sidecar = Sidecar::start(port).await;
+    let sidecar = Sidecar::start(port, &[]).listening().await;
 
     // HTTP/1.0, after a fast-path request on the same connection.
     let mut client = Client::connect(sidecar.serving).await;
@@ -487,7 +442,9 @@ async fn unusual_requests_are_served_by_the_general_server() {
 #[tokio::test]
 async fn a_replica_that_never_answers_times_out_with_504() {
     let (port, _) = upstream().await;
-    let sidecar = Sidecar::start_with(port, &[("REVISION_TIMEOUT_SECONDS", "1")]).await;
+    let sidecar = Sidecar::start(port, &[("REVISION_TIMEOUT_SECONDS", "1")])
+        .listening()
+        .await;
     let mut client = Client::connect(sidecar.serving).await;
     // A quick exchange first: the connection's timer must still catch the slow one after it.
     client

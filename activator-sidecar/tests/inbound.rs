@@ -1,7 +1,7 @@
 //! The `activator-sidecar inbound` binary against a real upstream on 127.0.0.1.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -9,47 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+mod support;
 
-struct Sidecar {
-    child: Child,
-    serving: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Sidecar {
-    fn start(user_port: u16, extra: &[(&str, &str)]) -> Self {
-        let (serving, admin) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
-            .arg("inbound")
-            .env("QUEUE_SERVING_PORT", serving.to_string())
-            .env("QUEUE_ADMIN_PORT", admin.to_string())
-            .env("USER_PORT", user_port.to_string())
-            .env("SERVING_SERVICE", "probe-me")
-            .envs(extra.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sidecar");
-        Self {
-            child,
-            serving: SocketAddr::from(([127, 0, 0, 1], serving)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{Sidecar, free_port};
 
 async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -153,10 +115,7 @@ async fn enforces_container_concurrency_with_a_bounded_queue() {
             200 => ok += 1,
             503 => {
                 assert!(raw.to_ascii_lowercase().contains("retry-after: 1"), "{raw}");
-                assert!(
-                    raw.contains("service default/probe-me is overloaded"),
-                    "{raw}"
-                );
+                assert!(raw.contains("service default/echo is overloaded"), "{raw}");
                 rejected += 1;
             }
             other => panic!("unexpected {other}: {raw}"),
