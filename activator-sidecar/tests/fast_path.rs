@@ -473,3 +473,29 @@ async fn a_replica_that_never_answers_times_out_with_504() {
         .await;
     assert_eq!(client.reply(false).await.status, 200);
 }
+
+#[tokio::test]
+async fn large_bodies_stream_through_in_both_directions() {
+    let (port, connections) = upstream().await;
+    let sidecar = Sidecar::start(port, &[]).listening().await;
+    let mut client = Client::connect(sidecar.serving).await;
+    let body: String = (0..4_000_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    for _ in 0..2 {
+        client
+            .send(&format!(
+                "POST /big HTTP/1.1\r\nHost: echo\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            ))
+            .await;
+        // Sent in pieces, as a client streaming an upload would.
+        for piece in body.as_bytes().chunks(1 << 20) {
+            client.stream.write_all(piece).await.expect("send a piece");
+        }
+        let reply = client.reply(false).await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.ends_with(&body), "the whole body came back");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+}
