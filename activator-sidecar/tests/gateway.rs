@@ -1,4 +1,5 @@
-//! The gateway over real sockets, with routing and endpoint tables fed by hand.
+//! The gateway over real sockets, with routing and endpoint tables fed by hand, served as
+//! `mecha up` serves it (HTTP/1.1 fast path first).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -104,12 +105,14 @@ async fn gateway_with(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = Shutdown::new();
-    tokio::spawn(activator_sidecar::server::serve(
+    tokio::spawn(activator_sidecar::server::serve_fast(
         listener,
+        Arc::new(gateway.clone()),
         move |request, peer| {
             let gateway = gateway.clone();
             async move { gateway.handle(request, peer).await }
         },
+        activator_sidecar::server::Workers::current(),
         shutdown.signal(),
         Duration::from_secs(1),
     ));
@@ -293,5 +296,86 @@ async fn container_concurrency_one_queues_requests_until_the_replica_is_free() {
         started.elapsed() >= Duration::from_millis(290),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// An upstream answering `body` that counts the connections it accepted.
+async fn counting_upstream(
+    body: &'static str,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(response.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn one_client_connection_reuses_a_connection_per_replica() {
+    let (a, accepted_a) = counting_upstream("a").await;
+    let (b, accepted_b) = counting_upstream("b").await;
+    let running = gateway_with(
+        Duration::from_secs(5),
+        0,
+        BufferLimits::default(),
+        Vec::new(),
+    )
+    .await;
+    let released = running.activation.released("fn-00001");
+    let _ = running.endpoints.send(endpoints(vec![
+        Endpoint::new("fn-00001-a", a, released.clone()),
+        Endpoint::new("fn-00001-b", b, released),
+    ]));
+    let mut stream = tokio::net::TcpStream::connect(running.addr)
+        .await
+        .expect("connect");
+    let mut answered = String::new();
+    for _ in 0..40 {
+        stream
+            .write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\na") && !response.ends_with(b"\r\n\r\nb") {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "the gateway closed the connection");
+            response.extend_from_slice(&chunk[..n]);
+        }
+        answered.push(char::from(*response.last().expect("a body")));
+    }
+    // Both replicas served (power of two choices spreads the requests) ...
+    assert!(
+        answered.contains('a') && answered.contains('b'),
+        "{answered}"
+    );
+    // ... each over the one connection this client connection keeps to it.
+    use std::sync::atomic::Ordering;
+    assert_eq!(
+        (
+            accepted_a.load(Ordering::SeqCst),
+            accepted_b.load(Ordering::SeqCst)
+        ),
+        (1, 1)
     );
 }

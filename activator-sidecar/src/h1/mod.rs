@@ -1,7 +1,7 @@
-//! The HTTP/1.1 fast path: one task per client connection that owns one kept-alive connection
-//! to the replica and relays each request and response through it — heads parsed and
-//! rewritten in place, bodies passed through in the framing they arrived in, no connection
-//! pool, no channel, no task per request.
+//! The HTTP/1.1 fast path: one task per client connection owns that connection's kept-alive
+//! connections to replicas (the one in use and a few idle) and relays each request and
+//! response through them — heads parsed and rewritten in place, bodies passed through in the
+//! framing they arrived in, no shared pool, no channel, no task per request.
 //!
 //! This is where the sidecar's CPU per request goes, so it does the least a proxy can: about
 //! four system calls per exchange (read the request, write it to the replica, read the
@@ -31,6 +31,9 @@ use codec::{Framing, ParsedRequest, RequestHead};
 
 /// Read buffer of each side; grows only for larger heads.
 const READ_BUFFER: usize = 16 * 1024;
+/// Replica connections a client connection keeps besides the one in use: the gateway spreads
+/// one client's requests over the replicas, and each switch should not cost a connect.
+const IDLE_UPSTREAMS: usize = 3;
 
 /// What a role decides for one request.
 #[derive(Debug)]
@@ -146,6 +149,7 @@ pub async fn serve<D: Dispatch>(
     let mut request = Vec::with_capacity(1024);
     let mut response = Vec::with_capacity(1024);
     let mut upstream: Option<Upstream> = None;
+    let mut idle: Vec<Upstream> = Vec::new();
     let peer_ip = codec::peer_ip(peer.ip());
     // Registered once per connection, not once per request.
     let stop = shutdown.clone().recv();
@@ -219,6 +223,19 @@ pub async fn serve<D: Dispatch>(
         let mut stale_retried = false;
         let outcome = loop {
             let mut responded = false;
+            if upstream.as_ref().is_some_and(|u| u.addr != addr)
+                && let Some(other) = upstream.take()
+            {
+                if idle.len() >= IDLE_UPSTREAMS {
+                    idle.remove(0);
+                }
+                idle.push(other);
+            }
+            if upstream.is_none()
+                && let Some(index) = idle.iter().position(|u| u.addr == addr)
+            {
+                upstream = Some(idle.swap_remove(index));
+            }
             if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
             }
