@@ -6,6 +6,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use mecha_common::routing::ServiceKey;
 
 use crate::body::{ProxyBody, full};
+use crate::h1::Failure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -60,6 +61,18 @@ impl ProxyError {
             ProxyError::BufferFull { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+        }
+    }
+
+    /// What a fast-path exchange that got no response becomes, for `service` with `timeout`.
+    pub fn from_failure(service: ServiceKey, timeout: Duration, failure: Failure) -> Self {
+        match failure {
+            Failure::Timeout => ProxyError::Timeout { service, timeout },
+            Failure::Connect(error) => ProxyError::Upstream {
+                service,
+                source: error.into(),
+            },
+            Failure::Upstream(source) => ProxyError::Upstream { service, source },
         }
     }
 

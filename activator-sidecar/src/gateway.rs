@@ -336,18 +336,7 @@ impl Dispatch for Gateway {
     }
 
     fn failed(&self, ticket: &Forwarded, failure: h1::Failure) -> ProxyError {
-        let service = ticket.service.clone();
-        match failure {
-            h1::Failure::Timeout => ProxyError::Timeout {
-                service,
-                timeout: ticket.timeout,
-            },
-            h1::Failure::Connect(error) => ProxyError::Upstream {
-                service,
-                source: error.into(),
-            },
-            h1::Failure::Upstream(source) => ProxyError::Upstream { service, source },
-        }
+        ProxyError::from_failure(ticket.service.clone(), ticket.timeout, failure)
     }
 
     fn finished(&self, ticket: Option<Forwarded>, status: http::StatusCode) {

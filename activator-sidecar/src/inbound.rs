@@ -456,18 +456,7 @@ impl Dispatch for Inbound {
     }
 
     fn failed(&self, _guard: &LoadGuard, failure: h1::Failure) -> ProxyError {
-        let service = self.config.service.clone();
-        match failure {
-            h1::Failure::Timeout => ProxyError::Timeout {
-                service,
-                timeout: self.config.timeout,
-            },
-            h1::Failure::Connect(error) => ProxyError::Upstream {
-                service,
-                source: error.into(),
-            },
-            h1::Failure::Upstream(source) => ProxyError::Upstream { service, source },
-        }
+        ProxyError::from_failure(self.config.service.clone(), self.config.timeout, failure)
     }
 
     fn finished(&self, _guard: Option<LoadGuard>, status: StatusCode) {

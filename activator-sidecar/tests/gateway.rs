@@ -20,28 +20,7 @@ const HOST: &str = "fn.default.localhost";
 
 /// An upstream that answers every request on every connection with `body`.
 async fn upstream(body: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if stream.write_all(response.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    counting_upstream(body).await.0
 }
 
 async fn closed_port() -> SocketAddr {
@@ -299,7 +278,8 @@ async fn container_concurrency_one_queues_requests_until_the_replica_is_free() {
     );
 }
 
-/// An upstream answering `body` that counts the connections it accepted.
+/// An upstream answering `body` on every request of every connection; counts the
+/// connections it accepted.
 async fn counting_upstream(
     body: &'static str,
 ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
