@@ -75,13 +75,21 @@ pub async fn serve_fast<D, H, F>(
             let builder = builder.clone();
             let handler = handler.clone();
             async move {
-                if let Some(handover) = h1::serve(stream, peer, &*fast, &stop).await {
+                // The pool of the thread the connection starts on: a replica connection is
+                // driven by the reactor of the runtime that opened it.
+                let pool = REPLICA_CONNECTIONS.with(Arc::clone);
+                if let Some(handover) = h1::serve(stream, peer, &*fast, &pool, &stop).await {
                     serve_hyper(builder, handover.stream, peer, handler, stop).await;
                 }
             }
         },
     )
     .await;
+}
+
+thread_local! {
+    /// Replica connections of the fast path, one pool per thread (per worker runtime).
+    static REPLICA_CONNECTIONS: Arc<h1::pool::Pool> = Arc::default();
 }
 
 /// Single-threaded runtimes that serve connections: the calling one, and one more per extra

@@ -7,6 +7,12 @@ the broker the event was handled and that there is no reply event.
 import http.server
 import json
 import os
+import sys
+import threading
+
+# Events arrive concurrently (one thread per connection); one locked write per event keeps
+# each on a line of its own (print() writes its pieces separately).
+printing = threading.Lock()
 
 
 class Display(http.server.BaseHTTPRequestHandler):
@@ -17,7 +23,9 @@ class Display(http.server.BaseHTTPRequestHandler):
         else:
             event = {k[3:]: v for k, v in self.headers.items() if k.lower().startswith("ce-")}
             event["data"] = body.decode("utf-8", "replace")
-        print("event:", json.dumps(event, sort_keys=True), flush=True)
+        with printing:
+            sys.stdout.write(f"event: {json.dumps(event, sort_keys=True)}\n")
+            sys.stdout.flush()
         self.send_response(202)
         self.send_header("Content-Length", "0")
         self.end_headers()

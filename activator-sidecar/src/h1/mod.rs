@@ -1,7 +1,7 @@
-//! The HTTP/1.1 fast path: one task per client connection owns that connection's kept-alive
-//! connections to replicas (the one in use and a few idle) and relays each request and
-//! response through them — heads parsed and rewritten in place, bodies passed through in the
-//! framing they arrived in, no shared pool, no channel, no task per request.
+//! The HTTP/1.1 fast path: one task per client connection relays each request and response
+//! over a kept-alive replica connection taken from the server's [`pool::Pool`] for the
+//! exchange — heads parsed and rewritten in place, bodies passed through in the framing they
+//! arrived in, no channel, no task per request.
 //!
 //! This is where the sidecar's CPU per request goes, so it does the least a proxy can: about
 //! four system calls per exchange (read the request, write it to the replica, read the
@@ -10,11 +10,13 @@
 //! the general hyper server ([`crate::server`]), which keeps it from then on.
 
 pub mod codec;
+pub mod pool;
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,17 +25,16 @@ use http::StatusCode;
 use mecha_common::ShutdownSignal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 use tokio::time::Instant;
 
 use crate::body::BoxError;
 use crate::error::ProxyError;
 use codec::{Framing, ParsedRequest, RequestHead};
+use pool::{Pool, Upstream};
 
 /// Read buffer of each side; grows only for larger heads.
 const READ_BUFFER: usize = 16 * 1024;
-/// Replica connections a client connection keeps besides the one in use: the gateway spreads
-/// one client's requests over the replicas, and each switch should not cost a connect.
-const IDLE_UPSTREAMS: usize = 3;
 
 /// What a role decides for one request.
 #[derive(Debug)]
@@ -112,16 +113,6 @@ pub struct Prefixed {
     inner: TcpStream,
 }
 
-/// The replica connection of one client connection.
-struct Upstream {
-    stream: TcpStream,
-    buf: BytesMut,
-    addr: SocketAddr,
-    /// Exchanges already completed on it (a reused connection may have been closed by the
-    /// replica meanwhile).
-    used: u64,
-}
-
 /// How one exchange ended.
 enum Exchanged {
     /// Relayed; `keep_client`/`keep_upstream`: whether each connection can carry another.
@@ -143,13 +134,13 @@ pub async fn serve<D: Dispatch>(
     mut client: TcpStream,
     peer: SocketAddr,
     dispatch: &D,
+    pool: &Arc<Pool>,
     shutdown: &ShutdownSignal,
 ) -> Option<Handover> {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut request = Vec::with_capacity(1024);
     let mut response = Vec::with_capacity(1024);
     let mut upstream: Option<Upstream> = None;
-    let mut idle: Vec<Upstream> = Vec::new();
     let peer_ip = codec::peer_ip(peer.ip());
     // Registered once per connection, not once per request.
     let stop = shutdown.clone().recv();
@@ -223,34 +214,19 @@ pub async fn serve<D: Dispatch>(
         let mut stale_retried = false;
         let outcome = loop {
             let mut responded = false;
-            if upstream.as_ref().is_some_and(|u| u.addr != addr)
-                && let Some(other) = upstream.take()
-            {
-                if idle.len() >= IDLE_UPSTREAMS {
-                    idle.remove(0);
-                }
-                idle.push(other);
-            }
-            if upstream.is_none()
-                && let Some(index) = idle.iter().position(|u| u.addr == addr)
-            {
-                upstream = Some(idle.swap_remove(index));
-            }
             if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
             }
             let attempted = {
                 let attempt = async {
-                    let reused = match upstream.take() {
-                        Some(connection) if connection.addr == addr => connection,
-                        _ => Upstream::connect(addr)
-                            .await
-                            .map_err(|error| Exchanged::Failed {
-                                failure: Failure::Connect(error),
-                                stale: false,
-                            })?,
-                    };
-                    let connection = upstream.insert(reused);
+                    // After a kept-alive connection turned out closed, a new one.
+                    let taken = pool.take(addr, stale_retried).await.map_err(|error| {
+                        Exchanged::Failed {
+                            failure: Failure::Connect(error),
+                            stale: false,
+                        }
+                    })?;
+                    let connection = upstream.insert(taken);
                     Ok::<_, Exchanged>(
                         exchange(
                             &mut client,
@@ -341,9 +317,10 @@ pub async fn serve<D: Dispatch>(
                 keep_upstream,
             } => {
                 dispatch.finished(Some(ticket), status_code(status));
-                match (&mut upstream, keep_upstream) {
-                    (Some(connection), true) => connection.used += 1,
-                    _ => upstream = None,
+                if let Some(connection) = upstream.take()
+                    && keep_upstream
+                {
+                    pool.give_back(connection);
                 }
                 if !keep_client {
                     return None;
@@ -382,7 +359,14 @@ async fn exchange(
             .write_all(request)
             .await
             .map_err(|_| Side::Destination)?;
-        relay(&mut client_read, client_buf, &mut upstream_write, framing).await
+        relay(
+            &mut client_read,
+            client_buf,
+            &mut upstream_write,
+            framing,
+            |_| {},
+        )
+        .await
     };
     let receive = async {
         let mut received = false;
@@ -397,6 +381,10 @@ async fn exchange(
                             return Err(Received::Failed(Failure::Upstream(error.into()), false));
                         }
                     }
+                }
+                if received {
+                    // Part of a head arrived and the rest may be held back.
+                    ack_now(&upstream_read);
                 }
                 upstream_buf.reserve(READ_BUFFER / 2);
                 match upstream_read.read_buf(upstream_buf).await {
@@ -436,6 +424,7 @@ async fn exchange(
                 upstream_buf,
                 &mut client_write,
                 &mut body,
+                ack_now,
             )
             .await
             .map_err(|_| Received::Broken(response_head.status))?;
@@ -485,24 +474,30 @@ enum Received {
 }
 
 /// Copies the rest of a body from `src` (after what `buf` holds) to `dst` until `framing` says
-/// it ended; bytes after the end stay in `buf`.
+/// it ended; bytes after the end stay in `buf`. `before_read` runs before each read that
+/// follows a short one (or starts the loop): see [`ack_now`].
 async fn relay<R, W>(
     src: &mut R,
     buf: &mut BytesMut,
     dst: &mut W,
     framing: &mut Framing,
+    before_read: impl Fn(&R),
 ) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut short = true;
     while !framing.is_done() {
         if buf.is_empty() {
+            if short {
+                before_read(src);
+            }
             buf.reserve(READ_BUFFER);
             match src.read_buf(buf).await {
                 Ok(0) if framing.end_of_stream() => return Ok(()),
                 Ok(0) | Err(_) => return Err(Side::Source),
-                Ok(_) => {}
+                Ok(n) => short = n < SHORT_READ,
             }
         }
         let n = framing.consume(buf).map_err(|_| Side::Source)?;
@@ -512,6 +507,21 @@ where
         buf.advance(n);
     }
     Ok(())
+}
+
+/// A read below this suggests the sender wrote a small piece and may be holding the next.
+const SHORT_READ: usize = 4096;
+
+/// Acknowledges what the replica sent so far at once. A replica that writes a response in
+/// pieces with Nagle's algorithm on (Python's `http.server` writes the head, then the body)
+/// holds the second piece until the first is acknowledged, and on a kept-alive connection
+/// Linux delays that acknowledgement by up to 40 ms; this sends it now. Only called when a
+/// response is incomplete after a short read, so whole responses cost nothing.
+fn ack_now(upstream: &ReadHalf<'_>) {
+    #[cfg(target_os = "linux")]
+    let _ = upstream.as_ref().set_quickack(true);
+    #[cfg(not(target_os = "linux"))]
+    let _ = upstream;
 }
 
 fn is_reset(error: &io::Error) -> bool {
@@ -525,21 +535,6 @@ fn is_reset(error: &io::Error) -> bool {
 
 fn status_code(status: u16) -> StatusCode {
     StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
-}
-
-// === impl Upstream ===
-
-impl Upstream {
-    async fn connect(addr: SocketAddr) -> io::Result<Self> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
-            stream,
-            buf: BytesMut::with_capacity(READ_BUFFER),
-            addr,
-            used: 0,
-        })
-    }
 }
 
 fn handover(stream: TcpStream, buf: BytesMut) -> Handover {
