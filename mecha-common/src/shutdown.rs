@@ -2,18 +2,25 @@
 //! handed to library entry points (the mini-redis pattern: libraries take a shutdown future,
 //! only binaries handle OS signals).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::watch;
 
 /// The sending side, held by whoever decides when to stop (a binary's signal handler, a test).
 #[derive(Debug)]
 pub struct Shutdown {
     tx: watch::Sender<bool>,
+    triggered: Arc<AtomicBool>,
 }
 
 /// A cloneable future source that resolves once shutdown has been requested.
 #[derive(Debug, Clone)]
 pub struct ShutdownSignal {
     rx: watch::Receiver<bool>,
+    /// The same fact as the channel's value, readable without its lock (the data path asks
+    /// once per request, from every thread).
+    triggered: Arc<AtomicBool>,
 }
 
 // === impl Shutdown ===
@@ -21,17 +28,22 @@ pub struct ShutdownSignal {
 impl Shutdown {
     pub fn new() -> Self {
         let (tx, _) = watch::channel(false);
-        Self { tx }
+        Self {
+            tx,
+            triggered: Arc::default(),
+        }
     }
 
     pub fn signal(&self) -> ShutdownSignal {
         ShutdownSignal {
             rx: self.tx.subscribe(),
+            triggered: self.triggered.clone(),
         }
     }
 
     /// Asks every holder of a [`ShutdownSignal`] to stop. Idempotent.
     pub fn trigger(&self) {
+        self.triggered.store(true, Ordering::Release);
         self.tx.send_replace(true);
     }
 }
@@ -50,11 +62,14 @@ impl ShutdownSignal {
         let (tx, rx) = watch::channel(false);
         // Leaking one sender keeps the channel open forever so `recv` never resolves.
         std::mem::forget(tx);
-        Self { rx }
+        Self {
+            rx,
+            triggered: Arc::default(),
+        }
     }
 
     pub fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
+        self.triggered.load(Ordering::Acquire)
     }
 
     /// Resolves once shutdown is requested (or the [`Shutdown`] was dropped, which means the
