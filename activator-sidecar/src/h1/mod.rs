@@ -1,5 +1,5 @@
 //! The HTTP/1.1 fast path: one task per client connection relays each request and response
-//! over a kept-alive replica connection taken from the server's [`pool::Pool`] for the
+//! over a kept-alive replica connection taken from its thread's [`pool::Pool`] for the
 //! exchange — heads parsed and rewritten in place, bodies passed through in the framing they
 //! arrived in, no channel, no task per request.
 //!
