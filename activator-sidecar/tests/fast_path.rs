@@ -59,6 +59,9 @@ fn request_head(buf: &[u8]) -> Option<(usize, Framing)> {
     Some((len, framing))
 }
 
+/// Connections the upstream closed after answering `/drop` (one test uses it).
+static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
 async fn serve_upstream(mut stream: TcpStream, connections: Arc<AtomicUsize>) {
     let mut buf = Vec::new();
     for served in 0.. {
@@ -101,7 +104,7 @@ async fn serve_upstream(mut stream: TcpStream, connections: Arc<AtomicUsize>) {
         }
         if path == "/hang" {
             // Holds the request and never answers.
-            tokio::time::sleep(Duration::from_secs(3600)).await;
+            std::future::pending::<()>().await;
         }
         let echo = format!("{text}{}", String::from_utf8_lossy(&body));
         let response = match path.as_str() {
@@ -130,7 +133,12 @@ async fn serve_upstream(mut stream: TcpStream, connections: Arc<AtomicUsize>) {
         if stream.write_all(response.as_bytes()).await.is_err() {
             return;
         }
-        if path == "/close" || path == "/drop" {
+        if path == "/close" {
+            return;
+        }
+        if path == "/drop" {
+            drop(stream);
+            DROPPED.fetch_add(1, Ordering::SeqCst);
             return;
         }
     }

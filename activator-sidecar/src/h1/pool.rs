@@ -137,8 +137,15 @@ impl Pool {
         }
     }
 
-    /// Connections idle right now (for tests and metrics).
-    pub fn idle(&self, addr: SocketAddr) -> usize {
+    /// Exchanges waiting for a connection to `addr` right now (for tests).
+    #[cfg(test)]
+    fn waiting(&self, addr: SocketAddr) -> usize {
+        self.lock().replicas.get(&addr).map_or(0, |r| r.waiting)
+    }
+
+    /// Connections idle to `addr` right now (for tests).
+    #[cfg(test)]
+    fn idle(&self, addr: SocketAddr) -> usize {
         self.lock().replicas.get(&addr).map_or(0, |r| r.idle.len())
     }
 }
@@ -225,7 +232,12 @@ mod tests {
             let pool = pool.clone();
             async move { pool.take(addr, false).await.map(|u| u.used) }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Registered as waiting (its dial started) before a connection is given back.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.waiting(addr) == 0 {
+            assert!(Instant::now() < deadline, "the waiter never started");
+            tokio::task::yield_now().await;
+        }
         assert!(
             !waiter.is_finished(),
             "the dial should be stuck behind the full backlog"
