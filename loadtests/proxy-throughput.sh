@@ -83,6 +83,7 @@ run() { # name port pid
   cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
   printf '%-28s %12s %10s %10s %14s\n' "$1" "$rps" "$p50" "$p99" "$cpu_us"
   echo "$rps" > "$work/$1.rps"
+  echo "$cpu_us" > "$work/$1.cpu"
 }
 
 echo "wrk -t2 -c$connections -d${duration}s per round, $rounds rounds, upstream nginx returning a static 200"
@@ -91,13 +92,18 @@ for port in "$nginx_proxy" "$serving"; do   # warm-up
 done
 printf '%-28s %12s %10s %10s %14s\n' "proxy" "requests/s" "p50" "p99" "CPU µs/request"
 ratios=()
+capacities=()
 for round in $(seq "$rounds"); do
   run nginx-reverse-proxy "$nginx_proxy" "$proxy_master"
   run mecha-inbound-sidecar "$serving" "$sidecar"
   ratios+=("$(awk -v s="$(cat "$work/mecha-inbound-sidecar.rps")" -v n="$(cat "$work/nginx-reverse-proxy.rps")" \
     'BEGIN { printf "%.2f", s / n }')")
-  echo "round $round: sidecar/nginx ${ratios[-1]}"
+  # Requests per CPU-second of the proxy itself: the ratio a proxy with cores of its own sees.
+  capacities+=("$(awk -v s="$(cat "$work/mecha-inbound-sidecar.cpu")" -v n="$(cat "$work/nginx-reverse-proxy.cpu")" \
+    'BEGIN { printf "%.2f", n / s }')")
+  echo "round $round: sidecar/nginx ${ratios[-1]} (requests per proxy CPU-second: ${capacities[-1]})"
 done
-median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
-echo "throughput ratio sidecar/nginx: $median (median of ${ratios[*]})"
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo "throughput ratio sidecar/nginx: $(median "${ratios[@]}") (median of ${ratios[*]})"
+echo "requests per proxy CPU-second, sidecar/nginx: $(median "${capacities[@]}") (median of ${capacities[*]})"
 echo "sidecar idle RSS: $((idle_rss_kb / 1024)) MiB ($idle_rss_kb KiB)"

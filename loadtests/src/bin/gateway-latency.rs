@@ -91,14 +91,31 @@ async fn run(args: Args) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
+    // nginx as a reverse proxy in front of the same replica, when installed: the reference for
+    // what one well-built proxy hop costs on this machine.
+    let nginx = match which("nginx") {
+        Some(binary) => Some(Nginx::start(&binary, replica)?),
+        None => None,
+    };
+    let mut paths = vec![replica, platform.gateway, inbound];
+    if let Some(nginx) = &nginx {
+        let ready_by = Instant::now() + Duration::from_secs(10);
+        while get(&http, nginx.listen, &host, "/").await != Ok(200) {
+            if Instant::now() > ready_by {
+                return Err("nginx did not start".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        paths.push(nginx.listen);
+    }
+
     // Warm every path (connection pools, the replica's threads), then interleave.
-    let paths = [replica, platform.gateway, inbound];
     for _ in 0..200 {
-        for addr in paths {
+        for &addr in &paths {
             get(&http, addr, &host, "/").await?;
         }
     }
-    let mut samples: [Vec<Duration>; 3] = Default::default();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
     let interval = args.rate.map(|r| Duration::from_secs_f64(1.0 / r));
     let start = Instant::now();
     let mut sent = 0u32;
@@ -114,10 +131,12 @@ async fn run(args: Args) -> Result<(), String> {
             samples[path].push(t.elapsed());
         }
     }
-    let [mut direct, mut gateway, mut inbound] = samples;
-    let d = Percentiles::of(&mut direct);
-    let g = Percentiles::of(&mut gateway);
-    let i = Percentiles::of(&mut inbound);
+    let mut percentiles = samples.iter_mut().map(|s| Percentiles::of(s));
+    let (Some(d), Some(g), Some(i)) = (percentiles.next(), percentiles.next(), percentiles.next())
+    else {
+        unreachable!("three paths at least");
+    };
+    let n = percentiles.next();
     println!(
         "mecha up -> first 200 ({}): {:.1} ms",
         args.service,
@@ -143,6 +162,9 @@ async fn run(args: Args) -> Result<(), String> {
     row("direct to replica", &d);
     row("through the gateway", &g);
     row("through the inbound sidecar", &i);
+    if let Some(n) = &n {
+        row("through nginx (reference)", n);
+    }
     let added = |p: &Percentiles| Percentiles {
         p50: p.p50 - d.p50,
         p90: p.p90 - d.p90,
@@ -150,6 +172,9 @@ async fn run(args: Args) -> Result<(), String> {
     };
     row("added by the gateway", &added(&g));
     row("added by the inbound sidecar", &added(&i));
+    if let Some(n) = &n {
+        row("added by nginx (reference)", &added(n));
+    }
     let (ag, ai) = (added(&g), added(&i));
     row(
         "gateway + inbound (sum)",
@@ -196,5 +221,60 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The first executable named `name` on `PATH`.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}
+
+/// nginx as a keep-alive reverse proxy in front of one replica (one worker per CPU, like the
+/// sidecar's threads); stopped on drop.
+struct Nginx {
+    child: std::process::Child,
+    listen: std::net::SocketAddr,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(binary: &std::path::Path, replica: std::net::SocketAddr) -> Result<Self, String> {
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!("mecha-bench-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process on;\nworker_processes auto;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+             http {{ access_log off; keepalive_requests 1000000;\n\
+             upstream app {{ server {replica}; keepalive 64; }}\n\
+             server {{ listen {listen}; location / {{ proxy_pass http://app; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).map_err(|e| format!("{}: {e}", path.display()))?;
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(&dir)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        Ok(Self { child, listen, dir })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the master stop its workers; a bare kill would leave them running.
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
