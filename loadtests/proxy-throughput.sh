@@ -3,7 +3,8 @@
 # proxy, both in front of the same upstream (nginx serving a static 200), loaded by the same
 # wrk in the same run. Reports requests/s, latency p50/p99, CPU per request of the proxy, and
 # the sidecar's idle RSS. The two alternate for several rounds (a shared VM drifts by tens of
-# percent within a minute) and the ratio reported is the median of the per-round ratios.
+# percent within a minute) and the ratio reported is the median of the per-round ratios; so is
+# the ratio of requests per CPU-second of each proxy (what it would serve with cores of its own).
 # Installs nginx and wrk from Debian when missing.
 #
 #   cargo build --release -p activator-sidecar && loadtests/proxy-throughput.sh [seconds] [connections] [rounds]

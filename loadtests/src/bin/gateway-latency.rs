@@ -1,7 +1,8 @@
 //! Warm-path benchmark: the time from `mecha up` to the first 200 of the Python hello example,
 //! and the latency each hop adds over calling the same replica directly — the gateway, and the
-//! inbound sidecar (`activator-sidecar inbound` started in front of the same replica) — measured
-//! in the same run, interleaved request by request so all paths see the same machine noise.
+//! inbound sidecar (`activator-sidecar inbound` started in front of the same replica), and nginx
+//! as a reverse proxy in front of it when installed (the reference hop) — measured in the same
+//! run, interleaved request by request so all paths see the same machine noise.
 //! With `--rate`, requests are sent open-loop at that many per second (all paths together).
 //!
 //! cargo build --release -p mecha -p activator-sidecar -p loadtests
