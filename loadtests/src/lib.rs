@@ -38,6 +38,14 @@ where
     }
 }
 
+/// A port on 127.0.0.1 that was free a moment ago, for a process the benchmark starts.
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
 /// A `mecha up` started for a benchmark; killed (with its replicas) on drop.
 #[derive(Debug)]
 pub struct Platform {

@@ -33,6 +33,11 @@ use crate::error::ProxyError;
 use codec::{Framing, ParsedRequest, RequestHead};
 use pool::{Pool, Upstream};
 
+/// Where a connection's timer starts, before its first request: far off, so the first
+/// request's (earlier) deadline replaces it. It is not a wait; after that the timer only moves
+/// when it fires before the current request's deadline.
+const TIMER_PARKED: Duration = Duration::from_secs(3600);
+
 /// Read buffer of each side; grows only for larger heads.
 const READ_BUFFER: usize = 16 * 1024;
 
@@ -147,7 +152,7 @@ pub async fn serve<D: Dispatch>(
     tokio::pin!(stop);
     // One timer per connection: it only moves when it fires before the current request's
     // deadline, or when a request's deadline is earlier than where it stands.
-    let timer = tokio::time::sleep(Duration::from_secs(3600));
+    let timer = tokio::time::sleep(TIMER_PARKED);
     tokio::pin!(timer);
     'requests: loop {
         request.clear();

@@ -10,7 +10,7 @@
 //! target/release/scale-from-zero [--runs 10] [--burst 1000] [--mecha target/release/mecha]
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -218,10 +218,7 @@ async fn run(args: Args) -> Result<(), String> {
 /// Spawns the function as `mecha` would (same command, directory and PORT) and returns the
 /// time until its port accepts a connection, polled every 100 µs.
 fn spawn_to_listening(example: &Path) -> Result<Duration, String> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
+    let port = loadtests::free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let started = Instant::now();
     let mut child = Command::new("python3")
