@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod support;
 
-use support::{Sidecar, free_port};
+use support::{Sidecar, reserve_port};
 
 /// A raw HTTP/1.1 upstream. By path: `/eof` answers without a length and closes, `/close`
 /// answers with `Connection: close` and closes, `/chunked` answers in chunks, `/hints` sends a
@@ -388,7 +388,8 @@ async fn an_early_response_is_relayed_and_both_connections_close() {
 
 #[tokio::test]
 async fn unreachable_container_is_a_502_and_the_connection_stays() {
-    let sidecar = Sidecar::start(free_port(), &[]).listening().await;
+    let container = reserve_port();
+    let sidecar = Sidecar::start(container.number, &[]).listening().await;
     let mut client = Client::connect(sidecar.serving).await;
     for _ in 0..2 {
         client.send("GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await;

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 mod support;
 
-use support::{Sidecar, free_port};
+use support::{Sidecar, reserve_port};
 
 async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -86,17 +86,17 @@ fn bad_configuration_exits_naming_the_setting() {
 
 #[tokio::test]
 async fn enforces_container_concurrency_with_a_bounded_queue() {
-    let user_port = free_port();
-    let sidecar = Sidecar::start(user_port, &[("CONTAINER_CONCURRENCY", "1")]);
+    // Held, not picked and released: a released port can go to another socket (another
+    // sidecar's serving port, say) whose answers would make this sidecar ready too early.
+    let user_port = reserve_port();
+    let sidecar = Sidecar::start(user_port.number, &[("CONTAINER_CONCURRENCY", "1")]);
     // Not ready until the container listens.
     wait_for("the admin port", async || {
         get(sidecar.admin, "/live").await.is_some()
     })
     .await;
     assert_eq!(get(sidecar.admin, "/ready").await.map(|r| r.0), Some(503));
-    let listener = TcpListener::bind(("127.0.0.1", user_port))
-        .await
-        .expect("bind user port");
+    let listener = user_port.listen();
     let max_seen = slow_upstream(listener, Duration::from_millis(100)).await;
     wait_for("readiness", async || {
         get(sidecar.admin, "/ready").await.map(|r| r.0) == Some(200)

@@ -6,11 +6,30 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// A port held for the test: bound with `SO_REUSEADDR` but not listening. Nobody else's
+/// `bind(0)` is handed it while it is held (a port that is picked and released can be, even to
+/// the very next `bind(0)`), connections to it are refused, and a child that binds it with
+/// `SO_REUSEADDR` (as tokio does) can still listen on it.
+pub struct Port {
+    socket: tokio::net::TcpSocket,
+    pub number: u16,
+}
+
+pub fn reserve_port() -> Port {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0");
+    let number = socket.local_addr().expect("local address").port();
+    Port { socket, number }
+}
+
+impl Port {
+    /// Starts listening on the held port (the test plays the container).
+    pub fn listen(self) -> tokio::net::TcpListener {
+        self.socket.listen(64).expect("listen on a held port")
+    }
 }
 
 /// The inbound sidecar in front of `127.0.0.1:user_port`, serving service `default/echo`
@@ -19,11 +38,14 @@ pub struct Sidecar {
     pub child: Child,
     pub serving: SocketAddr,
     pub admin: SocketAddr,
+    /// Held for the sidecar's lifetime, so no other socket of the test process takes them.
+    _ports: [Port; 2],
 }
 
 impl Sidecar {
     pub fn start(user_port: u16, extra: &[(&str, &str)]) -> Self {
-        let (serving, admin) = (free_port(), free_port());
+        let ports = [reserve_port(), reserve_port()];
+        let (serving, admin) = (ports[0].number, ports[1].number);
         let child = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
             .arg("inbound")
             .env("QUEUE_SERVING_PORT", serving.to_string())
@@ -40,6 +62,7 @@ impl Sidecar {
             child,
             serving: SocketAddr::from(([127, 0, 0, 1], serving)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            _ports: ports,
         }
     }
 
