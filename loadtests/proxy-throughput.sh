@@ -26,8 +26,13 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-upstream=$(free_port); nginx_proxy=$(free_port); serving=$(free_port); admin=$(free_port)
+# Four distinct free ports, all held until all are picked (a released port can come back from
+# the very next bind).
+read -r upstream nginx_proxy serving admin < <(python3 -c '
+import socket
+held = [socket.socket() for _ in range(4)]
+for s in held: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))')
 
 nginx_conf() { # name workers server-block
   mkdir -p "$work/$1"

@@ -38,12 +38,22 @@ where
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago, for a process the benchmark starts.
-pub fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
+/// `N` distinct ports on 127.0.0.1 that were free a moment ago, for processes the benchmark
+/// starts. All `N` are held until all are picked: a port picked and released can be handed
+/// out again by the very next `bind(0)`.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], String> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot find a free port: {e}"))?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&held) {
+        *port = listener
+            .local_addr()
+            .map_err(|e| format!("cannot find a free port: {e}"))?
+            .port();
+    }
+    Ok(ports)
 }
 
 /// A `mecha up` started for a benchmark; killed (with its replicas) on drop.

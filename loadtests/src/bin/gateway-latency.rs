@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use loadtests::{Percentiles, Platform, client, free_port, get};
+use loadtests::{Percentiles, Platform, client, free_ports, get};
 
 struct Args {
     mecha: PathBuf,
@@ -196,7 +196,7 @@ struct Sidecar {
 
 impl Sidecar {
     fn start(binary: &std::path::Path, user_port: u16) -> Result<Self, String> {
-        let (serving, admin) = (free_port()?, free_port()?);
+        let [serving, admin] = free_ports()?;
         let child = std::process::Command::new(binary)
             .arg("inbound")
             .env("QUEUE_SERVING_PORT", serving.to_string())
@@ -236,7 +236,8 @@ struct Nginx {
 
 impl Nginx {
     fn start(binary: &std::path::Path, replica: std::net::SocketAddr) -> Result<Self, String> {
-        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let [port] = free_ports()?;
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let dir = std::env::temp_dir().join(format!("mecha-bench-nginx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let d = dir.display();

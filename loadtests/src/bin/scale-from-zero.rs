@@ -218,7 +218,7 @@ async fn run(args: Args) -> Result<(), String> {
 /// Spawns the function as `mecha` would (same command, directory and PORT) and returns the
 /// time until its port accepts a connection, polled every 100 µs.
 fn spawn_to_listening(example: &Path) -> Result<Duration, String> {
-    let port = loadtests::free_port()?;
+    let [port] = loadtests::free_ports()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let started = Instant::now();
     let mut child = Command::new("python3")
