@@ -59,6 +59,8 @@ struct Inner {
     endpoints: watch::Sender<Arc<EndpointTable>>,
     revisions: Mutex<HashMap<String, RevisionRunner>>,
     ever_ready: Mutex<HashSet<String>>,
+    /// `PORT`s handed to replica processes that have not exited yet (see [`PortLease`]).
+    ports: Arc<Mutex<HashSet<u16>>>,
     /// Replica tasks still running; shutdown waits for zero.
     live: watch::Sender<usize>,
     metrics: Metrics,
@@ -148,6 +150,7 @@ impl Supervisor {
                 endpoints: watch::channel(Arc::default()).0,
                 revisions: Mutex::default(),
                 ever_ready: Mutex::default(),
+                ports: Arc::default(),
                 live: watch::channel(0).0,
                 metrics: Metrics::register(registry),
             }),
@@ -324,9 +327,9 @@ impl Inner {
                 break;
             }
             let started = Instant::now();
-            let spawned = free_port().and_then(|port| {
-                let addr = SocketAddr::from(([127, 0, 0, 1], port));
-                spawn_process(&spec, &replica.name, port).map(|child| (child, addr))
+            let spawned = PortLease::take(&self.ports, free_port).and_then(|lease| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], lease.port));
+                spawn_process(&spec, &replica.name, lease.port).map(|child| (child, addr, lease))
             });
             let outcome = match spawned {
                 Err(error) => {
@@ -339,7 +342,8 @@ impl Inner {
                     );
                     Outcome::Exited(Err(error))
                 }
-                Ok((mut child, addr)) => {
+                // The lease is held until the process has exited.
+                Ok((mut child, addr, _lease)) => {
                     // One endpoint per process: its in-flight count outlives readiness flaps,
                     // and a restart is a new endpoint that callers have not given up on.
                     let endpoint = Endpoint::new(
@@ -592,6 +596,48 @@ fn free_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// A replica's `PORT`, kept out of other replicas' hands until its process has exited.
+///
+/// A port is found free by binding port 0 and closing it, and the kernel may hand the same
+/// port to the very next `bind(0)` — for example for the next replica of a scale-out, while
+/// the first is still starting and has not bound it. Two replicas with one port would make one
+/// fail to start and, worse, let the second replica's readiness probe reach the first.
+#[derive(Debug)]
+struct PortLease {
+    ports: Arc<Mutex<HashSet<u16>>>,
+    port: u16,
+}
+
+impl PortLease {
+    /// How many ports in a row may turn out to be leased before giving up.
+    const ATTEMPTS: usize = 64;
+
+    fn take(
+        ports: &Arc<Mutex<HashSet<u16>>>,
+        mut free_port: impl FnMut() -> std::io::Result<u16>,
+    ) -> std::io::Result<Self> {
+        for _ in 0..Self::ATTEMPTS {
+            let port = free_port()?;
+            if lock(ports).insert(port) {
+                return Ok(Self {
+                    ports: ports.clone(),
+                    port,
+                });
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "no free port: {} in a row were already given to other replicas",
+            Self::ATTEMPTS
+        )))
+    }
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        lock(&self.ports).remove(&self.port);
+    }
+}
+
 fn spawn_process(spec: &RevisionSpec, replica: &str, port: u16) -> std::io::Result<Child> {
     let container = &spec.container;
     let (program, command_args) = container
@@ -655,4 +701,33 @@ fn signal_group(pid: u32, signal: Signal) {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leased_port_is_not_given_to_another_replica_until_released() {
+        let ports = Arc::default();
+        // The kernel handing out the same port twice in a row, then another one.
+        let mut offered = [40_001, 40_001, 40_003].into_iter();
+        let mut next = || Ok(offered.next().expect("asked for more ports than offered"));
+        let first = PortLease::take(&ports, &mut next).expect("first");
+        let second = PortLease::take(&ports, &mut next).expect("second");
+        assert_eq!((first.port, second.port), (40_001, 40_003));
+
+        drop(first);
+        let again = PortLease::take(&ports, || Ok(40_001)).expect("released port");
+        assert_eq!(again.port, 40_001);
+        let error = PortLease::take(&ports, || Ok(40_003)).expect_err("always leased");
+        assert!(
+            error
+                .to_string()
+                .contains("already given to other replicas"),
+            "{error}"
+        );
+        drop((again, second));
+        assert!(lock(&ports).is_empty());
+    }
 }
