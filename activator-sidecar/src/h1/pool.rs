@@ -32,8 +32,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 #[derive(Debug, Default)]
 pub struct Pool {
     state: Mutex<State>,
-    /// Wakes exchanges waiting for a connection to a replica.
-    available: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +45,9 @@ struct Replica {
     idle: Vec<Upstream>,
     /// Exchanges waiting for a connection.
     waiting: usize,
+    /// Wakes one of them when a connection is given back. One per replica: a connection given
+    /// back to one replica must not use up the wake-up of an exchange waiting for another.
+    available: Arc<Notify>,
 }
 
 /// One connection to a replica, with its read buffer.
@@ -71,7 +72,7 @@ impl Pool {
     /// whichever comes first. `fresh`: only a new one, and the idle ones are closed (after a
     /// kept-alive connection turned out closed, its idle siblings likely are too).
     pub async fn take(self: &Arc<Self>, addr: SocketAddr, fresh: bool) -> io::Result<Upstream> {
-        {
+        let available = {
             let mut state = self.lock();
             state.sweep(Instant::now());
             let replica = state.replicas.entry(addr).or_default();
@@ -81,11 +82,13 @@ impl Pool {
                 return Ok(upstream);
             }
             replica.waiting += 1;
-        }
+            // The replica's entry, and so this, stays while it has a waiter.
+            replica.available.clone()
+        };
         let _waiting = Waiting { pool: self, addr };
         let mut dial = Box::pin(Upstream::connect(addr));
         loop {
-            let given_back = self.available.notified();
+            let given_back = available.notified();
             tokio::pin!(given_back);
             given_back.as_mut().enable();
             if !fresh && let Some(upstream) = self.pop_idle(addr) {
@@ -130,10 +133,8 @@ impl Pool {
         if replica.idle.len() < IDLE_PER_REPLICA {
             replica.idle.push(upstream);
         }
-        let waiting = replica.waiting > 0;
-        drop(state);
-        if waiting {
-            self.available.notify_one();
+        if replica.waiting > 0 {
+            replica.available.notify_one();
         }
     }
 
@@ -209,16 +210,22 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    #[tokio::test]
-    async fn a_waiting_exchange_takes_a_connection_given_back_before_its_own_dial() {
-        // A replica whose listen backlog is full: new dials hang in SYN retransmits.
+    /// A replica whose listen backlog is full, so new dials hang in SYN retransmits, and the
+    /// one connection that got through.
+    struct Stuck {
+        addr: SocketAddr,
+        first: Upstream,
+        _listener: TcpListener,
+        _backlog: Vec<TcpStream>,
+    }
+
+    async fn stuck_replica(pool: &Arc<Pool>) -> Stuck {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket
             .bind("127.0.0.1:0".parse().expect("addr"))
             .expect("bind");
         let listener = socket.listen(1).expect("listen");
         let addr = listener.local_addr().expect("addr");
-        let pool = Arc::new(Pool::default());
         let first = pool.take(addr, false).await.expect("first dial");
         let mut backlog = Vec::new();
         for _ in 0..8 {
@@ -228,13 +235,24 @@ mod tests {
                 backlog.push(stream);
             }
         }
+        Stuck {
+            addr,
+            first,
+            _listener: listener,
+            _backlog: backlog,
+        }
+    }
+
+    /// Starts an exchange waiting for a connection to `addr` and returns once it is
+    /// registered as waiting (its dial started, stuck behind the backlog).
+    async fn waiter(pool: &Arc<Pool>, addr: SocketAddr) -> tokio::task::JoinHandle<u64> {
+        let before = pool.waiting(addr);
         let waiter = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.take(addr, false).await.map(|u| u.used) }
+            async move { pool.take(addr, false).await.expect("a connection").used }
         });
-        // Registered as waiting (its dial started) before a connection is given back.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while pool.waiting(addr) == 0 {
+        while pool.waiting(addr) == before {
             assert!(Instant::now() < deadline, "the waiter never started");
             tokio::task::yield_now().await;
         }
@@ -242,14 +260,45 @@ mod tests {
             !waiter.is_finished(),
             "the dial should be stuck behind the full backlog"
         );
-        pool.give_back(first);
-        let used = tokio::time::timeout(Duration::from_millis(500), waiter)
+        waiter
+    }
+
+    async fn served_at_once(waiter: tokio::task::JoinHandle<u64>) -> u64 {
+        tokio::time::timeout(Duration::from_millis(500), waiter)
             .await
             .expect("served by the connection given back, not after SYN retransmits")
             .expect("joined")
-            .expect("a connection");
-        assert_eq!(used, 1, "the connection given back");
-        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_exchange_takes_a_connection_given_back_before_its_own_dial() {
+        let pool = Arc::new(Pool::default());
+        let replica = stuck_replica(&pool).await;
+        let waiter = waiter(&pool, replica.addr).await;
+        pool.give_back(replica.first);
+        assert_eq!(served_at_once(waiter).await, 1, "the connection given back");
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_wakes_an_exchange_waiting_for_its_own_replica() {
+        let pool = Arc::new(Pool::default());
+        let (a, b) = (stuck_replica(&pool).await, stuck_replica(&pool).await);
+        // The exchange for `a` has waited longer; a connection to `b` is still not for it.
+        let waiting_for_a = waiter(&pool, a.addr).await;
+        let waiting_for_b = waiter(&pool, b.addr).await;
+        pool.give_back(b.first);
+        assert_eq!(
+            served_at_once(waiting_for_b).await,
+            1,
+            "the connection to b"
+        );
+        assert!(!waiting_for_a.is_finished());
+        pool.give_back(a.first);
+        assert_eq!(
+            served_at_once(waiting_for_a).await,
+            1,
+            "the connection to a"
+        );
     }
 
     #[tokio::test]
