@@ -129,14 +129,6 @@ impl Workers {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Runs the connection `serve` makes of `stream` on the next worker, round robin.
     fn spawn<C, Fut>(&self, stream: TcpStream, connection: C)
     where
