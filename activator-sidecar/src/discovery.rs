@@ -41,6 +41,12 @@ pub struct GatewayConfig {
     pub drain_timeout: Duration,
     /// `POD_NAME`: this gateway's name in its reports.
     pub name: String,
+    /// `SIDECAR_TRUSTED_PROXIES` (`none`): proxies in front whose forwarding headers are
+    /// believed; the gateway and the outbound role are where requests enter, so nobody's.
+    pub trusted_proxies: crate::rules::TrustedProxies,
+    /// `SIDECAR_FAST_PATH` (`true`): relay plain HTTP/1.1 on the fast path, or all through
+    /// hyper.
+    pub fast_path: bool,
 }
 
 impl GatewayConfig {
@@ -67,6 +73,16 @@ impl GatewayConfig {
             "time for in-flight requests after SIGTERM (30s)",
         ),
         ("--pod-name", "POD_NAME", "this gateway's name in reports"),
+        (
+            "--trusted-proxies",
+            "SIDECAR_TRUSTED_PROXIES",
+            "address[/prefix],... whose forwarding headers are believed; none; private (none)",
+        ),
+        (
+            "--fast-path",
+            "SIDECAR_FAST_PATH",
+            "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
+        ),
     ];
 
     /// The outbound (mesh client) role: the same gateway on a loopback port that the caller
@@ -98,6 +114,16 @@ impl GatewayConfig {
             "time for in-flight requests after SIGTERM (30s)",
         ),
         ("--pod-name", "POD_NAME", "this sidecar's name in reports"),
+        (
+            "--trusted-proxies",
+            "SIDECAR_TRUSTED_PROXIES",
+            "address[/prefix],... whose forwarding headers are believed; none; private (none)",
+        ),
+        (
+            "--fast-path",
+            "SIDECAR_FAST_PATH",
+            "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
+        ),
     ];
 
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
@@ -143,6 +169,8 @@ impl GatewayConfig {
             domain: get("GATEWAY_DOMAIN").unwrap_or_else(|| "localhost".into()),
             drain_timeout,
             name: get("POD_NAME").unwrap_or_else(|| format!("gateway-{}", std::process::id())),
+            trusted_proxies: settings::trusted_proxies(&get, crate::rules::TrustedProxies::none())?,
+            fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
         })
     }
 
@@ -297,16 +325,14 @@ pub async fn report_activation(
 }
 
 /// The gateway role in its own process: serves `listener`, routes and endpoints from the
-/// autoscaler at `autoscaler`, activation through it. Returns once shutdown has drained.
+/// autoscaler `config` names, activation through it. Returns once shutdown has drained.
 pub async fn serve_gateway(
     listener: TcpListener,
-    autoscaler: String,
-    domain: String,
-    name: String,
+    config: &GatewayConfig,
     registry: &Registry,
     shutdown: ShutdownSignal,
-    drain_timeout: Duration,
 ) {
+    let (autoscaler, name) = (config.autoscaler.clone(), config.name.clone());
     let (activation, pokes) = Activation::new();
     let (routes_tx, routes_rx) = watch::channel(Arc::<RoutingTable>::default());
     let (endpoints_tx, endpoints_rx) = watch::channel(Arc::<EndpointTable>::default());
@@ -314,9 +340,10 @@ pub async fn serve_gateway(
         routes_rx.clone(),
         endpoints_rx,
         activation.clone(),
-        &domain,
+        &config.domain,
         registry,
-    );
+    )
+    .with_trusted_proxies(config.trusted_proxies.clone());
     let watcher = tokio::spawn(watch(
         autoscaler.clone(),
         activation.clone(),
@@ -334,16 +361,15 @@ pub async fn serve_gateway(
     ));
     let local: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?local, "gateway serving");
-    crate::server::serve_fast(
+    crate::server::serve(
         listener,
-        Arc::new(gateway.clone()),
-        move |request, peer| {
-            let gateway = gateway.clone();
-            async move { gateway.handle(request, peer).await }
-        },
+        Arc::new(gateway),
         crate::server::Workers::current(),
         shutdown,
-        drain_timeout,
+        crate::server::ServeOptions {
+            fast_path: config.fast_path,
+            drain_timeout: config.drain_timeout,
+        },
     )
     .await;
     let _ = watcher.await;

@@ -5,11 +5,28 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode, header};
 use mecha_common::routing::ServiceKey;
 
+use crate::body::BoxError;
 use crate::body::{ProxyBody, full};
-use crate::h1::Failure;
+use crate::rules::Refusal;
+
+/// Why a forwarded request got no response from the replica, on either path.
+#[derive(Debug)]
+pub enum Failure {
+    /// The replica could not be reached; it never saw the request.
+    Connect(BoxError),
+    /// The request's deadline passed before the response head.
+    Timeout,
+    /// The replica failed or sent something that is not HTTP.
+    Upstream(BoxError),
+    /// The request breaks the hop rules (found when it was prepared).
+    Refused(Refusal),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The request breaks the data path's HTTP rules ([`crate::rules`]).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("the request names no host")]
     MissingHost,
     #[error(
@@ -52,6 +69,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Refused(refusal) => refusal.status(),
             ProxyError::MissingHost => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoReadyReplica { .. } | ProxyError::Timeout { .. } => {
@@ -68,11 +86,10 @@ impl ProxyError {
     pub fn from_failure(service: ServiceKey, timeout: Duration, failure: Failure) -> Self {
         match failure {
             Failure::Timeout => ProxyError::Timeout { service, timeout },
-            Failure::Connect(error) => ProxyError::Upstream {
-                service,
-                source: error.into(),
-            },
-            Failure::Upstream(source) => ProxyError::Upstream { service, source },
+            Failure::Connect(source) | Failure::Upstream(source) => {
+                ProxyError::Upstream { service, source }
+            }
+            Failure::Refused(refusal) => ProxyError::Refused(refusal),
         }
     }
 

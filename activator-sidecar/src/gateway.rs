@@ -26,9 +26,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
+use crate::error::Failure;
 use crate::error::ProxyError;
-use crate::h1::{self, Answer, Decision, Dispatch, codec::RequestHead};
-use crate::proxy::{Failure, Forwarder, RequestBody};
+use crate::h1::{Answer, Decision, Role, codec::RequestHead};
+use crate::proxy::{Forwarder, RequestBody};
+use crate::rules::{HopPolicy, TrustedProxies};
 
 /// Attempts on other replicas when a body-less request could not connect (the replica died
 /// between being picked and being dialled).
@@ -42,6 +44,7 @@ pub struct Gateway {
     activation: Activation,
     forwarder: Forwarder,
     domain: Arc<str>,
+    policy: Arc<HopPolicy>,
     metrics: Metrics,
 }
 
@@ -71,8 +74,22 @@ impl Gateway {
             activation,
             forwarder: Forwarder::new(),
             domain: domain.into(),
+            policy: Arc::new(HopPolicy {
+                trusted: TrustedProxies::none(),
+                start_trace: true,
+            }),
             metrics: Metrics::register(registry),
         }
+    }
+
+    /// Believes the forwarding headers of these proxies (by default, nobody's: the gateway is
+    /// where requests enter, so it describes the client as it saw it).
+    pub fn with_trusted_proxies(mut self, trusted: TrustedProxies) -> Self {
+        self.policy = Arc::new(HopPolicy {
+            trusted,
+            start_trace: true,
+        });
+        self
     }
 
     /// Serves one request; every failure becomes a response with a status and a message.
@@ -177,8 +194,15 @@ impl Gateway {
             };
             let forwarded = tokio::time::timeout_at(
                 deadline,
-                self.forwarder
-                    .forward(attempt, &endpoint, guard, target.protocol, peer, deadline),
+                self.forwarder.forward(
+                    attempt,
+                    &endpoint,
+                    guard,
+                    target.protocol,
+                    peer,
+                    &self.policy,
+                    deadline,
+                ),
             )
             .await
             .map_err(|_| ProxyError::Timeout {
@@ -193,11 +217,12 @@ impl Gateway {
                     tracing::debug!(replica = %endpoint.replica, %source, "connect failed; retrying elsewhere");
                     failed.push(endpoint.addr);
                 }
-                Err(Failure::Connect(source) | Failure::Other(source)) => {
-                    return Err(ProxyError::Upstream {
-                        service: service.clone(),
-                        source,
-                    });
+                Err(failure) => {
+                    return Err(ProxyError::from_failure(
+                        service.clone(),
+                        target.timeout,
+                        failure,
+                    ));
                 }
             }
         }
@@ -287,10 +312,18 @@ pub struct Forwarded {
 
 /// Plain HTTP/1.1 requests to HTTP/1.1 revisions take the fast path: the same routing, holding
 /// and replica choice, then relayed over the client connection's own replica connection.
-impl Dispatch for Gateway {
+impl Role for Gateway {
     type Ticket = Forwarded;
 
     const NEEDS_HOST: bool = true;
+
+    fn policy(&self) -> &HopPolicy {
+        &self.policy
+    }
+
+    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        Gateway::handle(self, request, peer).await
+    }
 
     async fn dispatch(&self, head: &RequestHead, retry: &[SocketAddr]) -> Decision<Forwarded> {
         let started = Instant::now();
@@ -335,7 +368,7 @@ impl Dispatch for Gateway {
         attempts < CONNECT_RETRIES
     }
 
-    fn failed(&self, ticket: &Forwarded, failure: h1::Failure) -> ProxyError {
+    fn failed(&self, ticket: &Forwarded, failure: Failure) -> ProxyError {
         ProxyError::from_failure(ticket.service.clone(), ticket.timeout, failure)
     }
 

@@ -27,9 +27,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::body::{ProxyBody, full};
+use crate::error::Failure;
 use crate::error::ProxyError;
-use crate::h1::{self, Answer, Decision, Dispatch, codec::RequestHead};
-use crate::proxy::{Failure, Forwarder};
+use crate::h1::{Answer, Decision, Role, codec::RequestHead};
+use crate::proxy::Forwarder;
+use crate::rules::{HopPolicy, TrustedProxies};
 use crate::settings::{self, ConfigError};
 
 /// Knative's queue depth per allowed concurrent request.
@@ -62,6 +64,13 @@ pub struct InboundConfig {
     /// `AUTOSCALER_ADDR` (`host:port`): where to post the load every second; with it,
     /// `SERVING_REVISION` is required and `POD_NAME` names this replica.
     pub report: Option<Report>,
+    /// `SIDECAR_TRUSTED_PROXIES` (`private`): peers whose forwarding headers are extended
+    /// rather than replaced. The inbound role sits behind the gateway or a meshed caller, in
+    /// the cluster's own networks, so by default it believes loopback and private addresses.
+    pub trusted_proxies: TrustedProxies,
+    /// `SIDECAR_FAST_PATH` (`true`): relay plain HTTP/1.1 on the fast path, or every request
+    /// through hyper.
+    pub fast_path: bool,
 }
 
 /// Where and as what the sidecar reports its load.
@@ -80,6 +89,7 @@ pub struct Inbound {
     released: Arc<Notify>,
     queued: Arc<AtomicU32>,
     forwarder: Forwarder,
+    policy: Arc<HopPolicy>,
     health: Health,
     metrics: Metrics,
 }
@@ -166,8 +176,12 @@ impl InboundConfig {
                 })
             }
         };
+        let trusted_proxies = settings::trusted_proxies(&get, TrustedProxies::private())?;
+        let fast_path = settings::flag(&get, "SIDECAR_FAST_PATH", true)?;
         Ok(Self {
             report,
+            trusted_proxies,
+            fast_path,
             serving_port,
             admin_port,
             user_port,
@@ -237,6 +251,16 @@ impl InboundConfig {
         ),
         ("--pod-name", "POD_NAME", "this replica's name in reports"),
         (
+            "--trusted-proxies",
+            "SIDECAR_TRUSTED_PROXIES",
+            "address[/prefix],... whose forwarding headers are believed; none; private (private)",
+        ),
+        (
+            "--fast-path",
+            "SIDECAR_FAST_PATH",
+            "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
+        ),
+        (
             "--namespace",
             "SERVING_NAMESPACE",
             "named in errors (default)",
@@ -263,12 +287,17 @@ impl Inbound {
             SocketAddr::from(([127, 0, 0, 1], config.user_port)),
             released.clone(),
         );
+        let policy = Arc::new(HopPolicy {
+            trusted: config.trusted_proxies.clone(),
+            start_trace: false,
+        });
         Self {
             config: Arc::new(config),
             user,
             released,
             queued: Arc::default(),
             forwarder: Forwarder::new(),
+            policy,
             health,
             metrics: Metrics::register(registry),
         }
@@ -321,6 +350,7 @@ impl Inbound {
                 guard,
                 UpstreamProtocol::Http1,
                 peer,
+                &self.policy,
                 deadline,
             ),
         )
@@ -329,11 +359,8 @@ impl Inbound {
             service: service.clone(),
             timeout: self.config.timeout,
         })?;
-        forwarded.map_err(|(Failure::Connect(source) | Failure::Other(source))| {
-            ProxyError::Upstream {
-                service: service.clone(),
-                source,
-            }
+        forwarded.map_err(|failure| {
+            ProxyError::from_failure(service.clone(), self.config.timeout, failure)
         })
     }
 
@@ -434,10 +461,18 @@ impl Inbound {
 
 /// Plain HTTP/1.1 requests take the fast path: admitted like any other, relayed over one
 /// container connection per client connection.
-impl Dispatch for Inbound {
+impl Role for Inbound {
     type Ticket = LoadGuard;
 
     const NEEDS_HOST: bool = false;
+
+    fn policy(&self) -> &HopPolicy {
+        &self.policy
+    }
+
+    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        Inbound::handle(self, request, peer).await
+    }
 
     async fn dispatch(&self, head: &RequestHead, _retry: &[SocketAddr]) -> Decision<LoadGuard> {
         if head.probe {
@@ -455,7 +490,7 @@ impl Dispatch for Inbound {
         }
     }
 
-    fn failed(&self, _guard: &LoadGuard, failure: h1::Failure) -> ProxyError {
+    fn failed(&self, _guard: &LoadGuard, failure: Failure) -> ProxyError {
         ProxyError::from_failure(self.config.service.clone(), self.config.timeout, failure)
     }
 

@@ -21,6 +21,7 @@ pub mod gateway;
 pub mod h1;
 pub mod inbound;
 pub mod proxy;
+pub mod rules;
 pub mod server;
 pub mod settings;
 

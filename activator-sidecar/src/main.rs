@@ -114,16 +114,16 @@ async fn run_inbound(args: &[String]) -> ExitCode {
     let inbound = Inbound::new(config, health.clone(), &registry);
     let shutdown = Shutdown::new();
     let background = tokio::spawn(inbound.clone().run_background());
-    let server = tokio::spawn(activator_sidecar::server::serve_fast(
+    let options = activator_sidecar::server::ServeOptions {
+        fast_path: inbound.config().fast_path,
+        drain_timeout,
+    };
+    let server = tokio::spawn(activator_sidecar::server::serve(
         serving,
         std::sync::Arc::new(inbound.clone()),
-        move |request, peer| {
-            let inbound = inbound.clone();
-            async move { inbound.handle(request, peer).await }
-        },
         workers,
         shutdown.signal(),
-        drain_timeout,
+        options,
     ));
     let admin_task = serve_admin(admin, health.clone(), registry, shutdown.signal());
 
@@ -198,16 +198,7 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     let admin_task = serve_admin(admin, health.clone(), registry.clone(), shutdown.signal());
     let signal = shutdown.signal();
     let gateway = tokio::spawn(async move {
-        serve_gateway(
-            listener,
-            config.autoscaler,
-            config.domain,
-            config.name,
-            &registry,
-            signal,
-            config.drain_timeout,
-        )
-        .await;
+        serve_gateway(listener, &config, &registry, signal).await;
     });
     health.set_ready(true);
     if let Err(code) = stop_signal().await {

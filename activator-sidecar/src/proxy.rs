@@ -1,11 +1,12 @@
-//! Forwarding one request to one replica: HTTP/1.1 or h2c upstream, hop-by-hop headers
-//! removed, `X-Forwarded-*` added, bodies streamed both ways, and protocol upgrades
-//! (WebSocket) spliced through.
+//! Forwarding one request that hyper parsed to one replica: HTTP/1.1 or h2c upstream, the
+//! hop rules of [`crate::rules`] applied to both heads, bodies streamed both ways, and
+//! protocol upgrades (WebSocket) spliced through.
 
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
@@ -16,25 +17,9 @@ use mecha_common::routing::UpstreamProtocol;
 use mecha_common::{Endpoint, LoadGuard};
 use tokio::time::Instant;
 
-use crate::body::{BoxError, ProxyBody, Streamed, empty};
-
-/// Headers that describe one connection, not the request: never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Why a forward failed; [`Failure::Connect`] means the replica never saw the request.
-#[derive(Debug)]
-pub enum Failure {
-    Connect(BoxError),
-    Other(BoxError),
-}
+use crate::body::{ProxyBody, Streamed, empty};
+use crate::error::Failure;
+use crate::rules::{self, HopPolicy, Peer};
 
 /// A request body on its way to a replica: streamed from the client, or empty — an empty
 /// request can be sent again to another replica when the first one could not be reached.
@@ -64,19 +49,24 @@ impl Forwarder {
     }
 
     /// Sends `request` to `endpoint` and returns its response with a body that streams until
-    /// `deadline`.
+    /// `deadline`; `peer` and `policy` give the forwarding headers.
     /// `guard` counts the request against the endpoint for the whole exchange, body included.
+    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
-        mut request: Request<RequestBody>,
+        request: Request<RequestBody>,
         endpoint: &Endpoint,
         guard: LoadGuard,
         protocol: UpstreamProtocol,
         peer: SocketAddr,
+        policy: &HopPolicy,
         deadline: Instant,
     ) -> Result<Response<ProxyBody>, Failure> {
         let upgrade = is_upgrade(request.headers());
-        prepare_request(&mut request, endpoint.addr, peer, protocol, upgrade);
+        let (mut parts, body) = request.into_parts();
+        prepare_request(&mut parts, endpoint.addr, peer, policy, protocol, upgrade)
+            .map_err(Failure::Refused)?;
+        let request = Request::from_parts(parts, body);
         if upgrade && protocol == UpstreamProtocol::Http1 {
             return forward_upgrade(request, endpoint.addr, guard, deadline).await;
         }
@@ -88,11 +78,11 @@ impl Forwarder {
             if error.is_connect() {
                 Failure::Connect(error.into())
             } else {
-                Failure::Other(error.into())
+                Failure::Upstream(error.into())
             }
         })?;
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        response_hop(&mut parts.headers);
         let body = Streamed::new(body, Some(guard), deadline);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
@@ -115,69 +105,99 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Applies the hop rules to a request head for `addr`: the host (an absolute target's
+/// authority replaces `Host`), hop-by-hop headers out (an upgrade keeps `Connection` and
+/// `Upgrade`), forwarding headers in; the target becomes what the upstream client needs.
 fn prepare_request(
-    request: &mut Request<RequestBody>,
+    parts: &mut Parts,
     addr: SocketAddr,
     peer: SocketAddr,
+    policy: &HopPolicy,
     protocol: UpstreamProtocol,
     upgrade: bool,
-) {
-    // HTTP/2 clients send the host as :authority; HTTP/1.1 replicas expect a Host header.
-    if !request.headers().contains_key(header::HOST)
-        && let Some(authority) = request.uri().authority()
+) -> Result<(), rules::Refusal> {
+    if let Some(authority) = parts.uri.authority()
         && let Ok(value) = HeaderValue::from_str(authority.as_str())
     {
-        request.headers_mut().insert(header::HOST, value);
+        parts.headers.insert(header::HOST, value);
     }
-    let path = request
-        .uri()
+    let version = u8::from(parts.version != Version::HTTP_10);
+    let peer = Peer::new(peer.ip(), policy);
+    let (drop, add) = {
+        let facts = rules::check_request(
+            parts.method.as_str(),
+            version,
+            parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes())),
+        )?;
+        let drop: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|name| {
+                !rules::forwards(name.as_str(), &facts.connection)
+                    && !(upgrade && (*name == header::CONNECTION || *name == header::UPGRADE))
+            })
+            .cloned()
+            .collect();
+        let mut add: Vec<(&'static str, HeaderValue)> = Vec::with_capacity(4);
+        rules::forwarding_headers(&facts, &peer, policy, facts.host, |name, value| {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                add.push((name, value));
+            }
+        });
+        (drop, add)
+    };
+    for name in drop {
+        parts.headers.remove(name);
+    }
+    for (name, value) in add {
+        parts.headers.insert(name, value);
+    }
+    let path = parts
+        .uri
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    *request.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(addr.to_string())
-        .path_and_query(path)
-        .build()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    *request.version_mut() = match protocol {
+    // The pooled client wants an absolute URI (it picks the connection by it); an upgrade's
+    // own connection sends the target as the replica must see it: origin form.
+    parts.uri = if upgrade {
+        Uri::try_from(path).ok()
+    } else {
+        Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query(path)
+            .build()
+            .ok()
+    }
+    .unwrap_or_else(|| Uri::from_static("/"));
+    parts.version = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2c => Version::HTTP_2,
     };
-    let headers = request.headers_mut();
-    if !upgrade {
-        strip_hop_by_hop(headers);
-    }
     if protocol == UpstreamProtocol::H2c {
-        headers.remove(header::HOST);
+        parts.headers.remove(header::HOST);
     }
-    let peer_ip = peer.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {peer_ip}"),
-        None => peer_ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
-    }
-    headers
-        .entry("x-forwarded-proto")
-        .or_insert(HeaderValue::from_static("http"));
+    Ok(())
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
+/// Applies the hop rules to a response head: hop-by-hop headers, and those its `Connection`
+/// names, stay behind.
+fn response_hop(headers: &mut HeaderMap) {
+    let drop: Vec<HeaderName> = {
+        let facts = rules::check_response(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())))
+            .unwrap_or_default();
+        headers
+            .keys()
+            .filter(|name| !rules::forwards_response(name.as_str(), &facts.connection))
+            .cloned()
+            .collect()
+    };
+    for name in drop {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// An upgrade gets a connection of its own (it is never returned to a pool): send the
@@ -204,10 +224,10 @@ async fn forward_upgrade(
     let mut response = sender
         .send_request(request)
         .await
-        .map_err(|e| Failure::Other(e.into()))?;
+        .map_err(|e| Failure::Upstream(e.into()))?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        response_hop(&mut parts.headers);
         let body = Streamed::new(body, Some(guard), deadline);
         return Ok(Response::from_parts(parts, body.boxed_unsync()));
     }
@@ -232,23 +252,92 @@ async fn forward_upgrade(
 mod tests {
     use super::*;
 
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut request = Request::builder().uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).expect("request").into_parts().0
+    }
+
     #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
+    fn requests_follow_the_hop_rules() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let peer: SocketAddr = "10.0.0.7:5555".parse().expect("peer");
+        let mut head = parts(
+            "/a?b",
+            &[
+                ("host", "a.b"),
+                ("connection", "keep-alive, x-private"),
+                ("x-private", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("x-forwarded-proto", "https"),
+                ("x-kept", "1"),
+                ("x-kept", "2"),
+            ],
         );
-        headers.insert("x-private", HeaderValue::from_static("1"));
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
+        let policy = HopPolicy::default();
+        prepare_request(
+            &mut head,
+            addr,
+            peer,
+            &policy,
+            UpstreamProtocol::Http1,
+            false,
+        )
+        .expect("valid");
+        assert_eq!(head.uri, "http://127.0.0.1:9/a?b");
+        let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "host",
+                "x-kept",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "forwarded"
+            ]
         );
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key("x-kept"));
+        assert_eq!(head.headers.get_all("x-kept").iter().count(), 2);
+        assert_eq!(head.headers["x-forwarded-proto"], "http");
+        assert_eq!(
+            head.headers["forwarded"],
+            "for=10.0.0.7;proto=http;host=a.b"
+        );
+        // An absolute target's authority is the host; an upgrade keeps origin form.
+        let mut head = parts(
+            "http://c.d:8080/ws",
+            &[
+                ("host", "a.b"),
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+            ],
+        );
+        prepare_request(
+            &mut head,
+            addr,
+            peer,
+            &policy,
+            UpstreamProtocol::Http1,
+            true,
+        )
+        .expect("valid");
+        assert_eq!(head.uri, "/ws");
+        assert_eq!(head.headers["host"], "c.d:8080");
+        assert_eq!(head.headers["upgrade"], "websocket");
+        let mut head = parts("/", &[("host", "a.b"), ("connection", "content-length")]);
+        assert!(
+            prepare_request(
+                &mut head,
+                addr,
+                peer,
+                &policy,
+                UpstreamProtocol::Http1,
+                false
+            )
+            .is_err()
+        );
     }
 
     #[test]

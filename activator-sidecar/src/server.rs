@@ -1,22 +1,22 @@
-//! Serving the data path: HTTP/1.1 and h2c (prior knowledge) on one listener, with upgrades,
-//! and a graceful drain: on shutdown the listener closes, idle connections close, and
-//! in-flight requests get until the drain timeout to finish.
-//!
-//! [`serve`] answers every request through hyper. [`serve_fast`] first gives each connection
-//! to the HTTP/1.1 fast path ([`crate::h1`]), which hands it to hyper as soon as it sees a
-//! request it leaves to the general server, and spreads connections over [`Workers`]: one
-//! single-threaded runtime per core, each connection living on one thread for its whole life.
+//! Serving the data path: every connection of a role's listener starts on the HTTP/1.1 fast
+//! path ([`crate::h1`]), which reads and checks every request head against
+//! [`crate::rules`]; hyper answers what the fast path hands it — one request at a time, the
+//! connection coming back afterwards — and HTTP/2 connections whole. Connections are spread
+//! over [`Workers`] (one single-threaded runtime per core), and drained gracefully: on shutdown
+//! the listener closes, idle connections close, and in-flight requests get until the drain
+//! timeout to finish.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::rt::{Read, Write};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -26,60 +26,61 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::body::ProxyBody;
-use crate::h1::{self, Dispatch};
+use crate::h1::guard::Guarded;
+use crate::h1::{self, Handover, Role, codec};
+use crate::rules;
 
-/// Accepts connections on `listener` and answers each request with `handler` until
-/// `shutdown`, then drains for at most `drain_timeout`.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    handler: H,
-    shutdown: ShutdownSignal,
-    drain_timeout: Duration,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    accept(
-        listener,
-        &Workers::current(),
-        shutdown,
-        drain_timeout,
-        move |stream, peer, stop| serve_hyper(builder.clone(), stream, peer, handler.clone(), stop),
-    )
-    .await;
+/// How a role's listener serves.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Relay plain HTTP/1.1 requests on the fast path (`true`, the default) or hand every
+    /// request to hyper (`SIDECAR_FAST_PATH=false`): same rules, same answers, more CPU.
+    pub fast_path: bool,
+    /// How long in-flight requests may take after shutdown.
+    pub drain_timeout: Duration,
 }
 
-/// Like [`serve`], with plain HTTP/1.1 requests relayed by the fast path through `fast`;
-/// `handler` answers whatever the fast path hands over (h2c, upgrades, …).
-pub async fn serve_fast<D, H, F>(
+/// Accepts connections on `listener` and serves `role` on them until `shutdown`, then drains
+/// for at most the drain timeout.
+pub async fn serve<R: Role>(
     listener: TcpListener,
-    fast: Arc<D>,
-    handler: H,
+    role: Arc<R>,
     workers: Workers,
     shutdown: ShutdownSignal,
-    drain_timeout: Duration,
-) where
-    D: Dispatch,
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    options: ServeOptions,
+) {
+    let fast = options.fast_path;
     accept(
         listener,
         &workers,
         shutdown,
-        drain_timeout,
+        options.drain_timeout,
         move |stream, peer, stop| {
-            let fast = fast.clone();
-            let builder = builder.clone();
-            let handler = handler.clone();
+            let role = role.clone();
             async move {
                 // The pool of the thread the connection starts on: a replica connection is
                 // driven by the reactor of the runtime that opened it.
                 let pool = REPLICA_CONNECTIONS.with(Arc::clone);
-                if let Some(handover) = h1::serve(stream, peer, &*fast, &pool, &stop).await {
-                    serve_hyper(builder, handover.stream, peer, handler, stop).await;
+                let (mut stream, mut buf) = (stream, BytesMut::new());
+                loop {
+                    let handover = h1::serve(stream, buf, peer, &*role, &pool, &stop, fast).await;
+                    match handover {
+                        None => return,
+                        Some(Handover::Connection(io)) => {
+                            return serve_http2(io, peer, role, stop).await;
+                        }
+                        Some(Handover::Request {
+                            stream: s,
+                            buf: b,
+                            close,
+                            upgrade,
+                        }) => match one_request(s, b, upgrade, peer, role.clone()).await {
+                            Some(back) if !close && !upgrade && !stop.is_triggered() => {
+                                (stream, buf) = back;
+                            }
+                            _ => return,
+                        },
+                    }
                 }
             }
         },
@@ -201,25 +202,90 @@ async fn accept<C, Fut>(
     }
 }
 
-/// One connection through hyper (HTTP/1.1 or h2c, with upgrades), shut down gracefully when
-/// `stop` fires: the request in flight finishes, then the connection closes.
-async fn serve_hyper<I, H, F>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    io: I,
+/// Hyper answers the one request at the start of `buf`; the connection comes back, with the
+/// bytes after the request, unless it closed (or was upgraded).
+async fn one_request<R: Role>(
+    stream: TcpStream,
+    buf: BytesMut,
+    upgrade: bool,
     peer: SocketAddr,
-    handler: H,
+    role: Arc<R>,
+) -> Option<(TcpStream, BytesMut)> {
+    let (head_len, body) = codec::request_extent(&buf)?;
+    let mut io = Guarded::new(stream, buf, head_len, body);
+    if upgrade {
+        io = io.then_open();
+    }
+    let answered = Arc::new(AtomicBool::new(false));
+    let service = {
+        let answered = answered.clone();
+        service_fn(move |request: Request<Incoming>| {
+            let (role, answered) = (role.clone(), answered.clone());
+            Box::pin(async move {
+                let response = answer(&*role, request, peer).await;
+                answered.store(true, Ordering::Release);
+                Ok::<_, Infallible>(response)
+            })
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.max_buf_size(rules::MAX_HEAD.max(8192) * 2);
+    if upgrade {
+        // A refused upgrade closes the connection: hyper would read the next request itself.
+        builder.keep_alive(false);
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, %peer, "upgraded connection ended with an error");
+        }
+        return None;
+    }
+    let mut connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut stopping = false;
+    let done = std::future::poll_fn(|cx| {
+        loop {
+            let polled = connection.poll_without_shutdown(cx);
+            // Once the response head is out (the handler returned), keep-alive is turned off
+            // so hyper stops after this response instead of reading the next request; the
+            // head already went out with the connection kept alive.
+            if polled.is_pending() && !stopping && answered.load(Ordering::Acquire) {
+                stopping = true;
+                Pin::new(&mut connection).graceful_shutdown();
+                continue;
+            }
+            return polled;
+        }
+    })
+    .await;
+    if let Err(error) = done {
+        tracing::debug!(%error, %peer, "connection ended with an error");
+        return None;
+    }
+    let parts = connection.into_parts();
+    let (stream, pending) = parts.io.into_inner().into_parts();
+    let mut rest = BytesMut::from(&parts.read_buf[..]);
+    rest.extend_from_slice(&pending);
+    Some((stream, rest))
+}
+
+/// An HTTP/2 connection (h2c with prior knowledge), whole, through hyper; shut down gracefully
+/// when `stop` fires.
+async fn serve_http2<R: Role>(
+    io: h1::Prefixed,
+    peer: SocketAddr,
+    role: Arc<R>,
     stop: ShutdownSignal,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    TokioIo<I>: Read + Write,
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    let service = service_fn(move |request| {
-        let response = handler(request, peer);
-        async move { Ok::<_, Infallible>(response.await) }
+) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let role = role.clone();
+        async move { Ok::<_, Infallible>(answer(&*role, request, peer).await) }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(rules::MAX_HEAD).unwrap_or(u32::MAX));
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let stopped = stop.recv();
     tokio::pin!(stopped);
@@ -233,4 +299,18 @@ async fn serve_hyper<I, H, F>(
     if let Err(error) = result {
         tracing::debug!(%error, %peer, "connection ended with an error");
     }
+}
+
+/// The general server's answer: the rules' checks (HTTP/2 requests were not read by the fast
+/// path), then the role.
+async fn answer<R: Role>(
+    role: &R,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    if let Err(refusal) = rules::check_parsed(&request) {
+        tracing::debug!(%refusal, %peer, "request refused");
+        return crate::error::ProxyError::Refused(refusal).into_response();
+    }
+    role.handle(request, peer).await
 }

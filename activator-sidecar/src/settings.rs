@@ -121,3 +121,36 @@ pub fn help(table: Table) -> String {
     }
     text
 }
+
+/// `SIDECAR_TRUSTED_PROXIES`: `none`, `private`, or `address[/prefix],...`.
+pub fn trusted_proxies(
+    get: &impl Fn(&str) -> Option<String>,
+    default: crate::rules::TrustedProxies,
+) -> Result<crate::rules::TrustedProxies, ConfigError> {
+    match get("SIDECAR_TRUSTED_PROXIES") {
+        None => Ok(default),
+        Some(value) => crate::rules::TrustedProxies::parse(&value).map_err(|reason| ConfigError {
+            setting: "SIDECAR_TRUSTED_PROXIES",
+            value,
+            reason,
+        }),
+    }
+}
+
+/// A `true`/`false` setting, `default` when unset.
+pub fn flag(
+    get: &impl Fn(&str) -> Option<String>,
+    setting: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(setting).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "on") => Ok(true),
+        Some("false" | "0" | "off") => Ok(false),
+        Some(other) => Err(ConfigError {
+            setting,
+            value: other.to_string(),
+            reason: "must be true or false".into(),
+        }),
+    }
+}

@@ -84,16 +84,15 @@ async fn gateway_with(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = Shutdown::new();
-    tokio::spawn(activator_sidecar::server::serve_fast(
+    tokio::spawn(activator_sidecar::server::serve(
         listener,
-        Arc::new(gateway.clone()),
-        move |request, peer| {
-            let gateway = gateway.clone();
-            async move { gateway.handle(request, peer).await }
-        },
+        Arc::new(gateway),
         activator_sidecar::server::Workers::current(),
         shutdown.signal(),
-        Duration::from_secs(1),
+        activator_sidecar::server::ServeOptions {
+            fast_path: true,
+            drain_timeout: Duration::from_secs(1),
+        },
     ));
     Running {
         addr,

@@ -8,8 +8,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use activator_sidecar::body::ProxyBody;
 use activator_sidecar::h1::codec::RequestHead;
-use activator_sidecar::h1::{Decision, Dispatch, Failure};
+use activator_sidecar::h1::{Decision, Failure, Role};
+use activator_sidecar::rules::HopPolicy;
 use activator_sidecar::{Gateway, ProxyError};
 use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
@@ -142,30 +144,18 @@ pub async fn run(config: UpConfig) -> ExitCode {
     // Triggers run before the gateway (and with it the ingress) takes a request.
     let broker_task = broker.clone().start(shutdown.signal()).await;
     let controller_task = tokio::spawn(controller.run(shutdown.signal()));
-    let gateway_task = tokio::spawn(activator_sidecar::server::serve_fast(
+    let gateway_task = tokio::spawn(activator_sidecar::server::serve(
         gateway_listener,
-        Arc::new(Front(gateway.clone())),
-        {
-            let broker = broker.clone();
-            move |request, peer| {
-                let gateway = gateway.clone();
-                let broker = broker.clone();
-                async move {
-                    // A bare host (`localhost:8080/{namespace}/{broker}`) is the broker
-                    // ingress; service hosts go to the gateway.
-                    if is_ingress_host(&request) {
-                        eventing_broker::ingress::handle(&broker, request)
-                            .await
-                            .map(|body| body.map_err(|never| match never {}).boxed_unsync())
-                    } else {
-                        gateway.handle(request, peer).await
-                    }
-                }
-            }
-        },
+        Arc::new(Front {
+            gateway: gateway.clone(),
+            broker: broker.clone(),
+        }),
         activator_sidecar::server::Workers::current(),
         shutdown.signal(),
-        config.grace_period,
+        activator_sidecar::server::ServeOptions {
+            fast_path: true,
+            drain_timeout: config.grace_period,
+        },
     ));
     let admin_router = admin::router(
         AdminState {
@@ -262,33 +252,55 @@ fn is_bare_host(host: &str) -> bool {
     host == "localhost" || bare.parse::<IpAddr>().is_ok()
 }
 
-/// The gateway port's fast path: service hosts are relayed by the gateway; bare hosts (the
-/// broker ingress) and requests without a host go to the general server.
+/// The gateway port: service hosts are the gateway's; bare hosts (the broker ingress,
+/// `localhost:8080/{namespace}/{broker}`) and requests without a host are the broker's, which
+/// the general server answers.
 #[derive(Debug)]
-struct Front(Gateway);
+struct Front {
+    gateway: Gateway,
+    broker: eventing_broker::EventBroker,
+}
 
-impl Dispatch for Front {
-    type Ticket = <Gateway as Dispatch>::Ticket;
+impl Role for Front {
+    type Ticket = <Gateway as Role>::Ticket;
 
     const NEEDS_HOST: bool = true;
+
+    fn policy(&self) -> &HopPolicy {
+        self.gateway.policy()
+    }
+
+    async fn handle(
+        &self,
+        request: hyper::Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+    ) -> hyper::Response<ProxyBody> {
+        if is_ingress_host(&request) {
+            eventing_broker::ingress::handle(&self.broker, request)
+                .await
+                .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+        } else {
+            self.gateway.handle(request, peer).await
+        }
+    }
 
     async fn dispatch(&self, head: &RequestHead, retry: &[SocketAddr]) -> Decision<Self::Ticket> {
         if head.host.as_deref().is_none_or(is_bare_host) {
             return Decision::Fallback;
         }
-        self.0.dispatch(head, retry).await
+        self.gateway.dispatch(head, retry).await
     }
 
     fn may_retry(&self, ticket: &Self::Ticket, attempts: usize) -> bool {
-        self.0.may_retry(ticket, attempts)
+        self.gateway.may_retry(ticket, attempts)
     }
 
     fn failed(&self, ticket: &Self::Ticket, failure: Failure) -> ProxyError {
-        self.0.failed(ticket, failure)
+        self.gateway.failed(ticket, failure)
     }
 
     fn finished(&self, ticket: Option<Self::Ticket>, status: StatusCode) {
-        self.0.finished(ticket, status);
+        self.gateway.finished(ticket, status);
     }
 }
 

@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use mecha_common::Shutdown;
 use support::{FAST_CONFIG, Mecha, Workdir, echo_service, wait_until};
 
@@ -27,14 +25,23 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
     let signal = shutdown.signal();
     let admin = mecha.admin.to_string();
     let served = runtime.spawn(async move {
+        let config = activator_sidecar::discovery::GatewayConfig::from_args_and_env(
+            &[
+                "--autoscaler-addr".to_string(),
+                admin,
+                "--pod-name".into(),
+                "test-gateway".into(),
+                "--drain-timeout".into(),
+                "1s".into(),
+            ],
+            |_| None,
+        )
+        .expect("gateway settings");
         activator_sidecar::discovery::serve_gateway(
             listener,
-            admin,
-            "localhost".into(),
-            "test-gateway".into(),
+            &config,
             &prometheus::Registry::new(),
             signal,
-            Duration::from_secs(1),
         )
         .await;
     });

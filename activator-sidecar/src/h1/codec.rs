@@ -5,28 +5,8 @@
 //! Everything here is pure: bytes in, bytes and decisions out.
 
 use std::mem::MaybeUninit;
-use std::net::IpAddr;
 
-/// Longest request or response head the fast path reads; a longer request head goes to the
-/// general server (which answers 431), a longer response head is a replica failure.
-pub const MAX_HEAD: usize = 64 * 1024;
-/// Headers per request the fast path parses; more go to the general server.
-const MAX_REQUEST_HEADERS: usize = 64;
-/// Headers per response (hyper's limit too).
-const MAX_RESPONSE_HEADERS: usize = 100;
-
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1). The fast path
-/// keeps `Transfer-Encoding`: bodies are relayed in the framing they arrived in.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
+use crate::rules::{self, HopPolicy, MAX_HEAD, MAX_HEADERS, Peer, Refusal, is_tchar};
 
 /// How a message body is delimited, and how much of it is still to come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +21,9 @@ pub enum Framing {
     Done,
 }
 
-/// Where a chunked body's decoder stands.
+/// Where a chunked body's decoder stands (RFC 9112 §7.1, strictly: a size is 1 to 16 hex
+/// digits and nothing else, whitespace may only precede an extension or the CR, extensions
+/// are tokens and quoted strings, every line ends in CRLF).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Chunked {
     /// Reading the hex size; `digits` so far.
@@ -51,9 +33,16 @@ pub enum Chunked {
         size: u64,
         digits: u8,
     },
-    /// After the size: whitespace or a `;extension` up to CR.
+    /// Whitespace after the size: only more of it, `;` or CR may follow.
+    SizeWs {
+        size: u64,
+    },
+    /// In `;name=value` extensions, up to CR; `len` bytes so far.
     Extension {
         size: u64,
+        quoted: bool,
+        escaped: bool,
+        len: u16,
     },
     /// Saw the CR ending the size line.
     SizeLf {
@@ -64,13 +53,23 @@ pub enum Chunked {
     },
     DataCr,
     DataLf,
-    /// At the start of a trailer line, or of the final empty line.
-    TrailerStart,
-    TrailerLine,
+    /// At the start of a trailer line, or of the final empty line; `len`: trailer bytes so far.
+    TrailerStart {
+        len: u32,
+    },
+    TrailerLine {
+        len: u32,
+    },
+    TrailerLf {
+        len: u32,
+    },
     EndLf,
     /// After the final CRLF.
     End,
 }
+
+/// Longest chunk extension on one size line.
+const MAX_CHUNK_EXTENSION: u16 = 4096;
 
 /// A body that is not framed the way it says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,12 +86,15 @@ pub struct RequestHead {
     pub close: bool,
     /// `HEAD`: the response has no body whatever its headers say.
     pub head_method: bool,
-    /// The `Host` header, lowercase, without port.
+    /// The host (the `Host` header, or an absolute target's authority), lowercase, without
+    /// port; only when the role asked for it.
     pub host: Option<String>,
     /// A Knative network probe (`K-Network-Probe`), answered by the sidecar itself.
     pub probe: bool,
     /// The declared `Content-Length`, for buffer accounting.
     pub content_length: u64,
+    /// `Expect: 100-continue`: the client waits for `100 Continue` before its body.
+    pub expect_continue: bool,
 }
 
 /// The outcome of parsing what has arrived of a request.
@@ -102,10 +104,13 @@ pub enum ParsedRequest {
     Partial,
     /// A head the fast path forwards; its rewritten form was written to the output.
     Head(RequestHead),
-    /// Something the fast path leaves to the general server: HTTP/1.0, `CONNECT`, an absolute
-    /// or `*` target, `Upgrade`, `Expect`, unusual framing, too many headers, HTTP/2's
-    /// preface, or a malformed head (which the general server answers with 400).
-    Unsupported,
+    /// A valid request the general server answers: HTTP/1.0, `OPTIONS *`, an upgrade.
+    /// `close`: the connection ends after it; `upgrade`: it asks to switch protocols.
+    General { close: bool, upgrade: bool },
+    /// HTTP/2's connection preface: the connection is the general server's.
+    Http2,
+    /// A request the rules refuse; answered with its status, then the connection closes.
+    Refused(Refusal),
 }
 
 /// What the fast path learned from a response head.
@@ -194,51 +199,109 @@ impl Chunked {
             }
             let byte = data[i];
             i += 1;
-            *self = match (*self, byte) {
-                (Chunked::Start, _) => match hex(byte) {
-                    Some(d) => Chunked::Size {
-                        size: u64::from(d),
-                        digits: 1,
-                    },
-                    None => return Err(FramingError("chunk size expected")),
-                },
-                (Chunked::Size { size, digits }, _) => match hex(byte) {
-                    Some(_) if digits >= 15 => return Err(FramingError("chunk size too large")),
-                    Some(d) => Chunked::Size {
-                        size: size << 4 | u64::from(d),
-                        digits: digits + 1,
-                    },
-                    None => after_size(size, byte)?,
-                },
-                (Chunked::Extension { size }, _) => after_size(size, byte)?,
-                (Chunked::SizeLf { size: 0 }, b'\n') => Chunked::TrailerStart,
-                (Chunked::SizeLf { size }, b'\n') => Chunked::Data { remaining: size },
-                (Chunked::DataCr, b'\r') => Chunked::DataLf,
-                (Chunked::DataLf, b'\n') => Chunked::Start,
-                (Chunked::TrailerStart, b'\r') => Chunked::EndLf,
-                (Chunked::TrailerStart, b'\n') => {
-                    return Err(FramingError("bare LF in trailers"));
-                }
-                (Chunked::TrailerLine, b'\n') => Chunked::TrailerStart,
-                (Chunked::TrailerStart | Chunked::TrailerLine, _) => Chunked::TrailerLine,
-                (Chunked::EndLf, b'\n') => Chunked::End,
-                (Chunked::SizeLf { .. } | Chunked::DataLf | Chunked::EndLf, _) => {
-                    return Err(FramingError("LF expected"));
-                }
-                (Chunked::DataCr, _) => return Err(FramingError("CRLF expected after chunk data")),
-                (Chunked::Data { .. } | Chunked::End, _) => unreachable!("handled above"),
-            };
+            *self = self.step(byte)?;
         }
         Ok(i)
+    }
+
+    fn step(self, byte: u8) -> Result<Chunked, FramingError> {
+        Ok(match (self, byte) {
+            (Chunked::Start, _) => match hex(byte) {
+                Some(d) => Chunked::Size {
+                    size: u64::from(d),
+                    digits: 1,
+                },
+                None => return Err(FramingError("chunk size expected")),
+            },
+            (Chunked::Size { size, digits }, _) => match hex(byte) {
+                Some(_) if digits >= 16 => return Err(FramingError("chunk size too long")),
+                Some(d) => Chunked::Size {
+                    size: size << 4 | u64::from(d),
+                    digits: digits + 1,
+                },
+                None => after_size(size, byte)?,
+            },
+            (Chunked::SizeWs { size }, _) => after_size(size, byte)?,
+            (
+                Chunked::Extension {
+                    size,
+                    quoted,
+                    escaped,
+                    len,
+                },
+                _,
+            ) => {
+                if len >= MAX_CHUNK_EXTENSION {
+                    return Err(FramingError("chunk extension too long"));
+                }
+                let len = len + 1;
+                let visible = byte == b'\t' || byte == b' ' || (byte >= 0x21 && byte != 0x7f);
+                match (quoted, escaped, byte) {
+                    (false, _, b'\r') => Chunked::SizeLf { size },
+                    (false, _, b'"') => extension(size, true, false, len),
+                    (false, _, b';' | b'=' | b' ' | b'\t') => extension(size, false, false, len),
+                    (false, _, _) if is_tchar(byte) => extension(size, false, false, len),
+                    (true, true, _) if visible => extension(size, true, false, len),
+                    (true, false, b'\\') => extension(size, true, true, len),
+                    (true, false, b'"') => extension(size, false, false, len),
+                    (true, false, _) if visible => extension(size, true, false, len),
+                    _ => return Err(FramingError("invalid chunk extension")),
+                }
+            }
+            (Chunked::SizeLf { size: 0 }, b'\n') => Chunked::TrailerStart { len: 0 },
+            (Chunked::SizeLf { size }, b'\n') => Chunked::Data { remaining: size },
+            (Chunked::DataCr, b'\r') => Chunked::DataLf,
+            (Chunked::DataLf, b'\n') => Chunked::Start,
+            (Chunked::TrailerStart { .. }, b'\r') => Chunked::EndLf,
+            (Chunked::TrailerStart { len } | Chunked::TrailerLine { len }, _)
+                if len as usize >= MAX_HEAD =>
+            {
+                return Err(FramingError("trailers too large"));
+            }
+            (Chunked::TrailerLine { len }, b'\r') => Chunked::TrailerLf { len: len + 1 },
+            (Chunked::TrailerStart { len } | Chunked::TrailerLine { len }, _)
+                if byte == b'\t' || byte >= 0x20 && byte != 0x7f =>
+            {
+                Chunked::TrailerLine { len: len + 1 }
+            }
+            (Chunked::TrailerLf { len }, b'\n') => Chunked::TrailerStart { len: len + 1 },
+            (Chunked::TrailerStart { .. } | Chunked::TrailerLine { .. }, _) => {
+                return Err(FramingError("invalid byte in trailers"));
+            }
+            (Chunked::EndLf, b'\n') => Chunked::End,
+            (
+                Chunked::SizeLf { .. }
+                | Chunked::DataLf
+                | Chunked::EndLf
+                | Chunked::TrailerLf { .. },
+                _,
+            ) => {
+                return Err(FramingError("LF expected after CR"));
+            }
+            (Chunked::DataCr, _) => return Err(FramingError("CRLF expected after chunk data")),
+            (Chunked::Data { .. } | Chunked::End, _) => {
+                return Err(FramingError("internal: no byte expected"));
+            }
+        })
+    }
+}
+
+fn extension(size: u64, quoted: bool, escaped: bool, len: u16) -> Chunked {
+    Chunked::Extension {
+        size,
+        quoted,
+        escaped,
+        len,
     }
 }
 
 fn after_size(size: u64, byte: u8) -> Result<Chunked, FramingError> {
     match byte {
         b'\r' => Ok(Chunked::SizeLf { size }),
+        b' ' | b'\t' => Ok(Chunked::SizeWs { size }),
+        b';' => Ok(extension(size, false, false, 1)),
         b'\n' => Err(FramingError("bare LF after chunk size")),
-        // Whitespace before an extension, and the extension itself, are skipped.
-        _ => Ok(Chunked::Extension { size }),
+        _ => Err(FramingError("invalid chunk size")),
     }
 }
 
@@ -248,112 +311,142 @@ fn hex(byte: u8) -> Option<u8> {
 
 // === requests ===
 
-/// Parses the request head at the start of `input`. When it is complete and supported, writes
-/// the head to forward into `out`: the same method, target and headers, minus hop-by-hop
-/// headers, with `peer` (the client's address, see [`peer_ip`]) appended to
-/// `X-Forwarded-For` and `X-Forwarded-Proto: http` unless the client sent one. `want_host`:
-/// fill in [`RequestHead::host`].
+/// The start of HTTP/2's connection preface (h2c with prior knowledge).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Parses the request head at the start of `input` and checks it against [`rules`]. When the
+/// fast path relays it, writes the head to forward into `out`: the same method and target
+/// (an absolute-form target in origin form, its authority as `Host`), the headers minus
+/// hop-by-hop ones, and the forwarding headers of `policy` for `peer`. `want_host`: fill in
+/// [`RequestHead::host`].
 pub fn parse_request(
     input: &[u8],
-    peer: &[u8],
+    peer: &Peer,
+    policy: &HopPolicy,
     want_host: bool,
     out: &mut Vec<u8>,
 ) -> ParsedRequest {
+    if input.starts_with(&H2_PREFACE[..input.len().min(H2_PREFACE.len())]) {
+        return if input.len() >= H2_PREFACE.len() {
+            ParsedRequest::Http2
+        } else {
+            ParsedRequest::Partial
+        };
+    }
     // Left uninitialized: only the headers found are written (no 2 KB fill per request).
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let len = match request.parse_with_uninit_headers(input, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if input.len() < MAX_HEAD => return ParsedRequest::Partial,
-        Ok(httparse::Status::Partial) | Err(_) => return ParsedRequest::Unsupported,
+        Ok(httparse::Status::Partial) => return ParsedRequest::Refused(Refusal::HeadTooLarge),
+        Err(error) => return ParsedRequest::Refused(Refusal::from_parse(error)),
     };
-    let (Some(method), Some(path), Some(1)) = (request.method, request.path, request.version)
+    if len > MAX_HEAD {
+        return ParsedRequest::Refused(Refusal::HeadTooLarge);
+    }
+    let (Some(method), Some(target), Some(version)) =
+        (request.method, request.path, request.version)
     else {
-        return ParsedRequest::Unsupported;
+        return ParsedRequest::Refused(Refusal::Malformed("incomplete request line"));
     };
-    if method == "CONNECT" || !path.starts_with('/') {
-        return ParsedRequest::Unsupported;
+    let facts = match rules::check_request(
+        method,
+        version,
+        request.headers.iter().map(|h| (h.name, h.value)),
+    ) {
+        Ok(facts) => facts,
+        Err(refusal) => return ParsedRequest::Refused(refusal),
+    };
+    let close = facts.close || (version == 0 && !facts.keep_alive);
+    if facts.upgrade {
+        // The connection becomes the upgraded protocol's: the general server splices it.
+        return ParsedRequest::General {
+            close: true,
+            upgrade: true,
+        };
     }
-    let connection = Connection::of(request.headers);
-    let mut content_length: Option<u64> = None;
-    let mut chunked = false;
-    let mut host = None;
-    let mut probe = false;
-    let mut forwarded_for: Option<&[u8]> = None;
-    let mut forwarded_proto = false;
-    for header in request.headers.iter() {
-        let name = header.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let Some(n) = parse_length(header.value) else {
-                return ParsedRequest::Unsupported;
-            };
-            if content_length.is_some_and(|seen| seen != n) {
-                return ParsedRequest::Unsupported;
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return ParsedRequest::Unsupported;
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("expect") {
-            return ParsedRequest::Unsupported;
-        } else if want_host && name.eq_ignore_ascii_case("host") {
-            let Ok(value) = std::str::from_utf8(header.value) else {
-                return ParsedRequest::Unsupported;
-            };
-            host = Some(mecha_common::routing::normalize_host(value));
-        } else if name.eq_ignore_ascii_case("k-network-probe") {
-            probe = true;
-        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
-            if forwarded_for.is_some() {
-                // Several X-Forwarded-For lines: leave joining them to the general server.
-                return ParsedRequest::Unsupported;
-            }
-            forwarded_for = Some(header.value);
-        } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
-            forwarded_proto = true;
-        }
-    }
-    if chunked && content_length.is_some() {
-        // Both framings at once is how requests are smuggled; the general server refuses it.
-        return ParsedRequest::Unsupported;
+    let (host, path): (&[u8], &str) = if target.starts_with('/') {
+        (facts.host, target)
+    } else if let Some((authority, path)) = rules::authority(target) {
+        (authority.as_bytes(), path)
+    } else if target == "*" && method == "OPTIONS" {
+        return ParsedRequest::General {
+            close,
+            upgrade: false,
+        };
+    } else {
+        return ParsedRequest::Refused(Refusal::Malformed("unsupported request target"));
+    };
+    if version == 0 {
+        // HTTP/1.0's keep-alive rules and bodies without length: the general server's job.
+        return ParsedRequest::General {
+            close,
+            upgrade: false,
+        };
     }
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !host.is_empty() {
+        push_header(out, b"host", host);
+    }
     for header in request.headers.iter() {
-        if header.name.eq_ignore_ascii_case("x-forwarded-for") || connection.drops(header.name) {
+        if header.name.eq_ignore_ascii_case("host")
+            || !rules::forwards(header.name, &facts.connection)
+        {
             continue;
         }
         push_header(out, header.name.as_bytes(), header.value);
     }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(existing) = forwarded_for {
-        out.extend_from_slice(existing);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(peer);
+    rules::forwarding_headers(&facts, peer, policy, host, |name, value| {
+        push_header(out, name.as_bytes(), value);
+    });
     out.extend_from_slice(b"\r\n");
-    if !forwarded_proto {
-        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    let framing = match (chunked, content_length) {
+    let framing = match (facts.chunked, facts.content_length) {
         (true, _) => Framing::Chunked(Chunked::Start),
         (false, Some(n)) if n > 0 => Framing::Length(n),
         _ => Framing::Done,
     };
+    let host = match std::str::from_utf8(host) {
+        Ok(host) if want_host => Some(mecha_common::routing::normalize_host(host)),
+        _ => None,
+    };
     ParsedRequest::Head(RequestHead {
         len,
         framing,
-        close: connection.close,
+        close,
         head_method: method == "HEAD",
         host,
-        probe,
-        content_length: content_length.unwrap_or(0),
+        probe: facts.probe,
+        content_length: facts.content_length.unwrap_or(0),
+        expect_continue: facts.expect,
     })
+}
+
+/// How far the request at the start of `input` (checked by [`parse_request`]) reaches: its
+/// head's length and its body's framing, for the general server's [`crate::h1::Guarded`].
+pub fn request_extent(input: &[u8]) -> Option<(usize, Framing)> {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let Ok(httparse::Status::Complete(len)) =
+        request.parse_with_uninit_headers(input, &mut headers)
+    else {
+        return None;
+    };
+    let facts = rules::check_request(
+        request.method?,
+        request.version?,
+        request.headers.iter().map(|h| (h.name, h.value)),
+    )
+    .ok()?;
+    let framing = match (facts.chunked, facts.content_length) {
+        (true, _) => Framing::Chunked(Chunked::Start),
+        (false, Some(n)) if n > 0 => Framing::Length(n),
+        _ => Framing::Done,
+    };
+    Some((len, framing))
 }
 
 // === responses ===
@@ -367,7 +460,7 @@ pub fn parse_response(
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, ResponseError> {
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut response,
@@ -385,29 +478,10 @@ pub fn parse_response(
     if status == 101 {
         return Err(ResponseError::UnexpectedUpgrade);
     }
-    let connection = Connection::of(response.headers);
-    let mut content_length = None;
-    let mut transfer_encoding: Option<bool> = None;
-    for header in response.headers.iter() {
-        if header.name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(header.value)
-                .ok_or_else(|| ResponseError::Malformed("invalid Content-Length".into()))?;
-            if content_length.is_some_and(|seen| seen != n) {
-                return Err(ResponseError::Malformed(
-                    "conflicting Content-Length".into(),
-                ));
-            }
-            content_length = Some(n);
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Chunked only counts as the framing when it is the last coding.
-            let last = header
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .unwrap_or_default();
-            transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        }
-    }
+    let facts = rules::check_response(response.headers.iter().map(|h| (h.name, h.value)))
+        .map_err(|reason| ResponseError::Malformed(reason.into()))?;
+    let transfer_encoding = facts.chunked;
+    let content_length = facts.content_length;
     let interim = (100..200).contains(&status);
     let framing = if interim || head_method || status == 204 || status == 304 {
         Framing::Done
@@ -421,7 +495,11 @@ pub fn parse_response(
         }
     };
     // HTTP/1.0 replicas close unless they say otherwise.
-    let upstream_close = connection.close || (version == 0 && !connection.keep_alive);
+    // Both framings at once is faulty framing (RFC 9112 §6.3): relay it as chunked, then
+    // never reuse the connection.
+    let upstream_close = facts.close
+        || (version == 0 && !facts.keep_alive)
+        || (transfer_encoding.is_some() && content_length.is_some());
     let close_client = close || framing == Framing::UntilEof;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(status).as_slice());
@@ -430,8 +508,7 @@ pub fn parse_response(
     out.extend_from_slice(b"\r\n");
     for header in response.headers.iter() {
         let name = header.name;
-        let transfer = name.eq_ignore_ascii_case("transfer-encoding");
-        if (connection.drops(name) && !transfer)
+        if !rules::forwards_response(name, &facts.connection)
             || (transfer_encoding.is_some() && name.eq_ignore_ascii_case("content-length"))
         {
             continue;
@@ -479,70 +556,11 @@ pub fn write_answer(
 
 // === helpers ===
 
-/// What the `Connection` headers of a message say.
-struct Connection<'a> {
-    close: bool,
-    keep_alive: bool,
-    /// Further headers the sender named as hop-by-hop.
-    named: Vec<&'a [u8]>,
-}
-
-impl<'a> Connection<'a> {
-    fn of(headers: &[httparse::Header<'a>]) -> Self {
-        let mut connection = Connection {
-            close: false,
-            keep_alive: false,
-            named: Vec::new(),
-        };
-        for header in headers {
-            if !header.name.eq_ignore_ascii_case("connection") {
-                continue;
-            }
-            for token in header.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    connection.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    connection.keep_alive = true;
-                } else if !token.is_empty() {
-                    connection.named.push(token);
-                }
-            }
-        }
-        connection
-    }
-
-    /// Whether a header named `name` stays on this hop.
-    fn drops(&self, name: &str) -> bool {
-        HOP_BY_HOP
-            .iter()
-            .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
-            || self
-                .named
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
-    }
-}
-
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-/// A client address as it goes into `X-Forwarded-For` (formatted once per connection).
-pub fn peer_ip(ip: IpAddr) -> Vec<u8> {
-    ip.to_string().into_bytes()
-}
-
-/// A `Content-Length` value: digits only (no sign, no spaces inside, no list).
-fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 fn itoa3(status: u16) -> [u8; 3] {
@@ -557,13 +575,12 @@ fn itoa3(status: u16) -> [u8; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
-
-    const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
 
     fn request(input: &str) -> (ParsedRequest, String) {
         let mut out = Vec::new();
-        let parsed = parse_request(input.as_bytes(), &peer_ip(PEER), true, &mut out);
+        let policy = HopPolicy::default();
+        let peer = Peer::new("10.0.0.7".parse().expect("ip"), &policy);
+        let parsed = parse_request(input.as_bytes(), &peer, &policy, true, &mut out);
         (parsed, String::from_utf8(out).expect("utf-8"))
     }
 
@@ -583,12 +600,13 @@ mod tests {
         let (head, out) = head(
             "GET /a?b=1 HTTP/1.1\r\nHost: Hello.Default.localhost:8080\r\n\
              Connection: keep-alive, x-secret\r\nx-secret: 1\r\nKeep-Alive: timeout=5\r\n\
-             TE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\n\r\nNEXT",
+             TE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\nAccept: a/b\r\n\r\nNEXT",
         );
         assert_eq!(
             out,
-            "GET /a?b=1 HTTP/1.1\r\nHost: Hello.Default.localhost:8080\r\nAccept: */*\r\n\
-             x-forwarded-for: 1.2.3.4, 10.0.0.7\r\nx-forwarded-proto: http\r\n\r\n"
+            "GET /a?b=1 HTTP/1.1\r\nhost: Hello.Default.localhost:8080\r\nAccept: */*\r\n\
+             Accept: a/b\r\nx-forwarded-for: 10.0.0.7\r\nx-forwarded-proto: http\r\n\
+             forwarded: for=10.0.0.7;proto=http;host=\"Hello.Default.localhost:8080\"\r\n\r\n"
         );
         assert_eq!(head.host.as_deref(), Some("hello.default.localhost"));
         assert_eq!(head.framing, Framing::Done);
@@ -596,44 +614,123 @@ mod tests {
     }
 
     #[test]
+    fn an_absolute_target_is_forwarded_in_origin_form_with_its_authority_as_host() {
+        let (head, out) = head("GET http://b.default.localhost/x?y HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(
+            out.starts_with("GET /x?y HTTP/1.1\r\nhost: b.default.localhost\r\nx-forwarded-for"),
+            "{out}"
+        );
+        assert_eq!(head.host.as_deref(), Some("b.default.localhost"));
+    }
+
+    #[test]
     fn request_framing() {
-        let (h, _) = head("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
+        let (h, _) = head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(5));
         assert_eq!(h.content_length, 5);
-        let (h, out) =
-            head("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+        let (h, out) = head(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        );
         assert_eq!(h.framing, Framing::Chunked(Chunked::Start));
         assert!(h.close);
         assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
         assert!(!out.contains("Connection"), "{out}");
-        let (h, _) = head("HEAD / HTTP/1.1\r\nK-Network-Probe: queue\r\n\r\n");
+        let (h, _) = head("HEAD / HTTP/1.1\r\nHost: a\r\nK-Network-Probe: queue\r\n\r\n");
         assert!(h.head_method && h.probe);
+        let (h, _) =
+            head("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(3));
     }
 
     #[test]
-    fn unusual_requests_go_to_the_general_server() {
+    fn requests_for_the_general_server_and_refusals() {
         for input in [
             "GET / HTTP/1.0\r\n\r\n",
-            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            "CONNECT example.com:443 HTTP/1.1\r\n\r\n",
-            "GET http://example.com/ HTTP/1.1\r\n\r\n",
-            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            "GET / HTTP/1.1\r\nX-Forwarded-For: a\r\nX-Forwarded-For: b\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
-            assert_eq!(request(input).0, ParsedRequest::Unsupported, "{input}");
+            assert!(
+                matches!(
+                    request(input).0,
+                    ParsedRequest::General { upgrade: false, .. }
+                ),
+                "{input}"
+            );
+        }
+        assert_eq!(
+            request(
+                "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+            )
+            .0,
+            ParsedRequest::General {
+                close: true,
+                upgrade: true
+            }
+        );
+        assert_eq!(
+            request("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").0,
+            ParsedRequest::Http2
+        );
+        assert_eq!(request("PRI * HTTP/2.0\r\n").0, ParsedRequest::Partial);
+        for (input, status) in [
+            (
+                "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+                405,
+            ),
+            ("GET https://example.com/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                400,
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\n\r\n", 400),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\n\r\n",
+                400,
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n", 400),
+        ] {
+            match request(input).0 {
+                ParsedRequest::Refused(refusal) => {
+                    assert_eq!(refusal.status(), status, "{input:?}: {refusal}");
+                }
+                other => panic!("{input:?}: expected a refusal, got {other:?}"),
+            }
         }
         assert_eq!(
             request("GET / HTTP/1.1\r\nHost: a").0,
             ParsedRequest::Partial
         );
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
-        assert_eq!(request(&huge).0, ParsedRequest::Unsupported);
+        assert_eq!(
+            request(&huge).0,
+            ParsedRequest::Refused(Refusal::HeadTooLarge)
+        );
+        let many = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "X: 1\r\n".repeat(MAX_HEADERS)
+        );
+        assert_eq!(
+            request(&many).0,
+            ParsedRequest::Refused(Refusal::TooManyHeaders)
+        );
     }
 
     fn response(input: &str, head_method: bool, close: bool) -> (ResponseHead, String) {
@@ -765,7 +862,7 @@ mod tests {
 
     #[test]
     fn chunked_framing_finds_the_end_in_any_split() {
-        let body = b"5\r\nhello\r\nA;ext=1\r\n0123456789\r\n0\r\n\r\nGET / HTTP/1.1";
+        let body = b"5\r\nhello\r\nA;ext=1\r\n0123456789\r\n3 ; a=\"q\\\"; x\" ;b\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1";
         assert_eq!(chunked_end(body), Ok(body.len() - "GET / HTTP/1.1".len()));
         let trailers = b"3\r\nabc\r\n0\r\nx-sum: 1\r\ny: 2\r\n\r\nnext";
         assert_eq!(chunked_end(trailers), Ok(trailers.len() - 4));
@@ -778,7 +875,21 @@ mod tests {
             b"5\nhello\r\n",
             b"5\r\nhelloXX",
             b"1234567890abcdef0\r\n",
+            b"00000000000000005\r\n",
             b"0\r\n\n",
+            b"5x\r\nhello\r\n",
+            b"0x5\r\nhello\r\n",
+            b"1_0\r\n",
+            b"-1\r\n",
+            b" 5\r\n",
+            b"5 x\r\n",
+            b"5;a\0b\r\n",
+            b"5;a\nb\r\n",
+            b"5;a=\"b\r\n",
+            b"5;a\rb\r\n",
+            b"5;a@b\r\nhello\r\n",
+            b"0\r\nx: 1\nmore\r\n\r\n",
+            b"0\r\nx: 1\r\r\n",
         ] {
             let mut framing = Framing::Chunked(Chunked::Start);
             assert!(

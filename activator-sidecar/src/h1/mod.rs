@@ -5,11 +5,17 @@
 //!
 //! This is where the sidecar's CPU per request goes, so it does the least a proxy can: about
 //! four system calls per exchange (read the request, write it to the replica, read the
-//! response, write it back). Anything unusual — HTTP/2, upgrades, `Expect`, HTTP/1.0, an
-//! absolute target, a malformed head — hands the connection, with the bytes already read, to
-//! the general hyper server ([`crate::server`]), which keeps it from then on.
+//! response, write it back).
+//!
+//! Every HTTP/1.x request head on a connection is read and checked here, against
+//! [`crate::rules`], whichever path then answers it: a request the rules refuse is answered
+//! here; one the general hyper server answers (HTTP/1.0, `OPTIONS *`, an h2c replica, a role's
+//! own non-proxy routes, or every request when the fast path is off) is handed over alone,
+//! with the connection coming back afterwards ([`Handover::Request`]); HTTP/2 and upgrades
+//! hand the whole connection over.
 
 pub mod codec;
+pub mod guard;
 pub mod pool;
 
 use std::future::Future;
@@ -21,15 +27,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::StatusCode;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 use mecha_common::ShutdownSignal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 use tokio::time::Instant;
 
-use crate::body::BoxError;
+use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::rules::{HopPolicy, Peer};
 use codec::{Framing, ParsedRequest, RequestHead};
 use pool::{Pool, Upstream};
 
@@ -65,24 +73,27 @@ pub struct Answer {
     pub headers: Vec<(&'static str, &'static str)>,
 }
 
-/// Why a forwarded request got no response from the replica.
-#[derive(Debug)]
-pub enum Failure {
-    /// The replica could not be reached; it never saw the request.
-    Connect(io::Error),
-    /// The request's deadline passed before the response head.
-    Timeout,
-    /// The replica failed or sent something that is not HTTP/1.1.
-    Upstream(BoxError),
-}
+pub use crate::error::Failure;
 
-/// A role served by the fast path: the inbound sidecar, the gateway.
-pub trait Dispatch: Send + Sync + 'static {
+/// A role of the data path (the inbound sidecar, the gateway and its outbound and `mecha up`
+/// forms): how it decides for the fast path, and how it answers what the general server
+/// parsed. One implementation per role serves both paths, so they cannot disagree.
+pub trait Role: Send + Sync + 'static {
     /// Held while a request is forwarded.
     type Ticket: Send;
 
     /// Whether [`RequestHead::host`] is needed (routing by host).
     const NEEDS_HOST: bool;
+
+    /// What this role does to forwarding headers.
+    fn policy(&self) -> &HopPolicy;
+
+    /// Answers a request the general server parsed (checked by the rules already).
+    fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send;
 
     /// Decides where `head` goes; may wait (admission, activation). `retry` lists replicas
     /// that could not be reached for this request already.
@@ -105,10 +116,19 @@ pub trait Dispatch: Send + Sync + 'static {
     fn finished(&self, ticket: Option<Self::Ticket>, status: StatusCode);
 }
 
-/// A connection the fast path hands to the general server, with what it already read.
+/// What the fast path hands to the general server.
 #[derive(Debug)]
-pub struct Handover {
-    pub stream: Prefixed,
+pub enum Handover {
+    /// One request (at the start of `buf`, checked); the connection comes back after it
+    /// unless `close`. `upgrade`: it asks to switch protocols, so it never comes back.
+    Request {
+        stream: TcpStream,
+        buf: BytesMut,
+        close: bool,
+        upgrade: bool,
+    },
+    /// HTTP/2: the whole connection.
+    Connection(Prefixed),
 }
 
 /// A TCP stream with bytes already read from it put back in front.
@@ -131,22 +151,28 @@ enum Exchanged {
     /// The client went away, or the exchange broke after part of the response was written:
     /// both connections close.
     Broken { status: u16 },
+    /// The request body broke its framing.
+    Malformed,
 }
 
-/// Serves `stream` with the fast path until the client closes, shutdown, or a request the
-/// fast path leaves to the general server (then returned with what was read).
-pub async fn serve<D: Dispatch>(
+/// Serves `stream` (with `buf` already read from it) until the client closes, shutdown, or a
+/// request for the general server (then returned with what was read). `fast`: relay requests
+/// here; otherwise every request is handed over.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<D: Role>(
     mut client: TcpStream,
+    mut buf: BytesMut,
     peer: SocketAddr,
     dispatch: &D,
     pool: &Arc<Pool>,
     shutdown: &ShutdownSignal,
+    fast: bool,
 ) -> Option<Handover> {
-    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    buf.reserve(READ_BUFFER);
     let mut request = Vec::with_capacity(1024);
     let mut response = Vec::with_capacity(1024);
     let mut upstream: Option<Upstream> = None;
-    let peer_ip = codec::peer_ip(peer.ip());
+    let peer_info = Peer::new(peer.ip(), dispatch.policy());
     // Registered once per connection, not once per request.
     let stop = shutdown.clone().recv();
     tokio::pin!(stop);
@@ -158,9 +184,28 @@ pub async fn serve<D: Dispatch>(
         request.clear();
         let head = loop {
             if !buf.is_empty() {
-                match codec::parse_request(&buf, &peer_ip, D::NEEDS_HOST, &mut request) {
-                    ParsedRequest::Head(head) => break head,
-                    ParsedRequest::Unsupported => return Some(handover(client, buf)),
+                match codec::parse_request(
+                    &buf,
+                    &peer_info,
+                    dispatch.policy(),
+                    D::NEEDS_HOST,
+                    &mut request,
+                ) {
+                    ParsedRequest::Head(head) if fast => break head,
+                    ParsedRequest::Head(head) => {
+                        return Some(one_request(client, buf, head.close, false));
+                    }
+                    ParsedRequest::General { close, upgrade } => {
+                        return Some(one_request(client, buf, close, upgrade));
+                    }
+                    ParsedRequest::Http2 => return Some(handover(client, buf)),
+                    ParsedRequest::Refused(refusal) => {
+                        tracing::debug!(%refusal, %peer, "request refused");
+                        let answer = Answer::new(refusal.status(), format!("{refusal}\n"));
+                        let _ = write_answer(&mut client, &mut response, &answer, true).await;
+                        dispatch.finished(None, answer.status);
+                        return None;
+                    }
                     ParsedRequest::Partial => request.clear(),
                 }
             }
@@ -185,7 +230,7 @@ pub async fn serve<D: Dispatch>(
                 deadline,
                 ticket,
             } => (addr, deadline, ticket),
-            Decision::Fallback => return Some(handover(client, buf)),
+            Decision::Fallback => return Some(one_request(client, buf, head.close, false)),
             Decision::Answer(answer) => {
                 // A request whose body was not read cannot be followed by another.
                 let keep = !close && head.framing.is_done();
@@ -198,6 +243,17 @@ pub async fn serve<D: Dispatch>(
                 continue;
             }
         };
+        // The hop that wants the body asks for it (the replica never sees `Expect`).
+        if head.expect_continue
+            && !head.framing.is_done()
+            && client
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            dispatch.finished(Some(ticket), status_code(499));
+            return None;
+        }
         // The head goes out with as much of the body as has arrived, in one write.
         buf.advance(head.len);
         let mut framing = head.framing;
@@ -217,8 +273,10 @@ pub async fn serve<D: Dispatch>(
         let replayable = framing.is_done();
         let mut failed: Vec<SocketAddr> = Vec::new();
         let mut stale_retried = false;
+        // Whether anything of the final response reached the client, for the last attempt.
+        let mut responded;
         let outcome = loop {
-            let mut responded = false;
+            responded = false;
             if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
             }
@@ -227,7 +285,7 @@ pub async fn serve<D: Dispatch>(
                     // After a kept-alive connection turned out closed, a new one.
                     let taken = pool.take(addr, stale_retried).await.map_err(|error| {
                         Exchanged::Failed {
-                            failure: Failure::Connect(error),
+                            failure: Failure::Connect(error.into()),
                             stale: false,
                         }
                     })?;
@@ -322,8 +380,11 @@ pub async fn serve<D: Dispatch>(
                 keep_upstream,
             } => {
                 dispatch.finished(Some(ticket), status_code(status));
+                // Only a connection whose bytes matched the framing exactly is reused: anything
+                // the replica sent past its response would reach the next request's client.
                 if let Some(connection) = upstream.take()
                     && keep_upstream
+                    && connection.buf.is_empty()
                 {
                     pool.give_back(connection);
                 }
@@ -333,6 +394,17 @@ pub async fn serve<D: Dispatch>(
             }
             Exchanged::Broken { status } => {
                 dispatch.finished(Some(ticket), status_code(status));
+                return None;
+            }
+            Exchanged::Malformed => {
+                // The replica saw part of a request: its connection is never reused.
+                drop(upstream.take());
+                let status = StatusCode::BAD_REQUEST;
+                if !responded {
+                    let answer = Answer::new(status, "malformed request body framing\n");
+                    let _ = write_answer(&mut client, &mut response, &answer, true).await;
+                }
+                dispatch.finished(Some(ticket), status);
                 return None;
             }
             Exchanged::Failed { .. } => return None,
@@ -442,9 +514,11 @@ async fn exchange(
         tokio::select! {
             biased;
             result = &mut send, if sent.is_none() => {
-                if let Err(Side::Source) = result {
+                match result {
                     // The client went away in the middle of its request body.
-                    return Exchanged::Broken { status: 499 };
+                    Err(Side::Source) => return Exchanged::Broken { status: 499 },
+                    Err(Side::Malformed) => return Exchanged::Malformed,
+                    _ => {}
                 }
                 sent = Some(result);
             }
@@ -471,6 +545,8 @@ async fn exchange(
 enum Side {
     Source,
     Destination,
+    /// The source broke the body's framing.
+    Malformed,
 }
 
 enum Received {
@@ -505,7 +581,7 @@ where
                 Ok(n) => short = n < SHORT_READ,
             }
         }
-        let n = framing.consume(buf).map_err(|_| Side::Source)?;
+        let n = framing.consume(buf).map_err(|_| Side::Malformed)?;
         dst.write_all(&buf[..n])
             .await
             .map_err(|_| Side::Destination)?;
@@ -543,11 +619,18 @@ fn status_code(status: u16) -> StatusCode {
 }
 
 fn handover(stream: TcpStream, buf: BytesMut) -> Handover {
-    Handover {
-        stream: Prefixed {
-            prefix: buf.freeze(),
-            inner: stream,
-        },
+    Handover::Connection(Prefixed {
+        prefix: buf.freeze(),
+        inner: stream,
+    })
+}
+
+fn one_request(stream: TcpStream, buf: BytesMut, close: bool, upgrade: bool) -> Handover {
+    Handover::Request {
+        stream,
+        buf,
+        close,
+        upgrade,
     }
 }
 
