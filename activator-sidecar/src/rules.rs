@@ -423,6 +423,9 @@ pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
 // === impl Refusal ===
 
 impl Refusal {
+    /// A body that breaks its framing, or ends before it.
+    pub const BAD_BODY: Refusal = Refusal::Malformed("incomplete or malformed request body");
+
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::Malformed(_) => StatusCode::BAD_REQUEST,

@@ -26,9 +26,11 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use crate::body::ProxyBody;
+use crate::error::ProxyError;
 use crate::h1::guard::Guarded;
 use crate::h1::{self, Handover, Role, codec};
 use crate::rules;
+use crate::rules::Refusal;
 
 /// How a role's listener serves.
 #[derive(Debug, Clone)]
@@ -217,12 +219,22 @@ async fn one_request<R: Role>(
         io = io.then_open();
     }
     let answered = Arc::new(AtomicBool::new(false));
+    let broken = io.broken();
     let service = {
-        let answered = answered.clone();
+        let (answered, broken) = (answered.clone(), broken.clone());
         service_fn(move |request: Request<Incoming>| {
-            let (role, answered) = (role.clone(), answered.clone());
+            let (role, answered, broken) = (role.clone(), answered.clone(), broken.clone());
             Box::pin(async move {
-                let response = answer(&*role, request, peer).await;
+                let mut response = answer(&*role, request, peer).await;
+                if broken.load(Ordering::Acquire) {
+                    // Whatever forwarding made of it, a broken body is the client's error, as
+                    // on the fast path, and the connection ends with it.
+                    response = ProxyError::Refused(Refusal::BAD_BODY).into_response();
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 answered.store(true, Ordering::Release);
                 Ok::<_, Infallible>(response)
             })
@@ -260,6 +272,9 @@ async fn one_request<R: Role>(
     .await;
     if let Err(error) = done {
         tracing::debug!(%error, %peer, "connection ended with an error");
+        return None;
+    }
+    if broken.load(Ordering::Acquire) {
         return None;
     }
     let parts = connection.into_parts();
@@ -310,7 +325,7 @@ async fn answer<R: Role>(
 ) -> Response<ProxyBody> {
     if let Err(refusal) = rules::check_parsed(&request) {
         tracing::debug!(%refusal, %peer, "request refused");
-        return crate::error::ProxyError::Refused(refusal).into_response();
+        return ProxyError::Refused(refusal).into_response();
     }
     role.handle(request, peer).await
 }

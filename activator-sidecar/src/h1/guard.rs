@@ -7,6 +7,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -27,6 +29,8 @@ pub struct Guarded {
     body: Framing,
     /// Let reads pass unchecked once the request is complete (an upgrade's new protocol).
     then_open: bool,
+    /// Set when the body broke its framing or the client stopped before its end.
+    broken: Arc<AtomicBool>,
 }
 
 /// Socket reads of the general server's requests.
@@ -44,7 +48,14 @@ impl Guarded {
             head_left: head_len,
             body,
             then_open: false,
+            broken: Arc::default(),
         }
+    }
+
+    /// Turns true when the request's body broke its framing or ended early: the answer to such
+    /// a request is a 400, whatever forwarding it made of it.
+    pub fn broken(&self) -> Arc<AtomicBool> {
+        self.broken.clone()
     }
 
     /// After the request, bytes flow unchecked (for a protocol upgrade).
@@ -79,6 +90,9 @@ impl AsyncRead for Guarded {
             let mut read = ReadBuf::new(&mut chunk);
             std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             if read.filled().is_empty() {
+                if !this.complete() {
+                    this.broken.store(true, Ordering::Release);
+                }
                 return Poll::Ready(Ok(()));
             }
             this.pending.extend_from_slice(read.filled());
@@ -91,9 +105,10 @@ impl AsyncRead for Guarded {
             this.head_left -= n;
             n
         } else {
-            this.body
-                .consume(&this.pending[..room])
-                .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?
+            this.body.consume(&this.pending[..room]).map_err(|error| {
+                this.broken.store(true, Ordering::Release);
+                io::Error::new(io::ErrorKind::InvalidData, error)
+            })?
         };
         buf.put_slice(&this.pending[..n]);
         this.pending.advance(n);

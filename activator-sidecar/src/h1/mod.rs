@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::rules::{HopPolicy, Peer};
+use crate::rules::{HopPolicy, Peer, Refusal};
 use codec::{Framing, ParsedRequest, RequestHead};
 use pool::{Pool, Upstream};
 
@@ -151,7 +151,7 @@ enum Exchanged {
     /// The client went away, or the exchange broke after part of the response was written:
     /// both connections close.
     Broken { status: u16 },
-    /// The request body broke its framing.
+    /// The request body broke its framing, or the client stopped before its end.
     Malformed,
 }
 
@@ -262,8 +262,8 @@ pub async fn serve<D: Role>(
                 request.extend_from_slice(&buf[..n]);
                 buf.advance(n);
             }
-            Err(error) => {
-                let answer = Answer::new(StatusCode::BAD_REQUEST, format!("{error}\n"));
+            Err(_) => {
+                let answer = Answer::from(&ProxyError::Refused(Refusal::BAD_BODY));
                 let _ = write_answer(&mut client, &mut response, &answer, true).await;
                 dispatch.finished(Some(ticket), answer.status);
                 return None;
@@ -399,9 +399,10 @@ pub async fn serve<D: Role>(
             Exchanged::Malformed => {
                 // The replica saw part of a request: its connection is never reused.
                 drop(upstream.take());
-                let status = StatusCode::BAD_REQUEST;
+                let error = ProxyError::Refused(Refusal::BAD_BODY);
+                let status = error.status();
                 if !responded {
-                    let answer = Answer::new(status, "malformed request body framing\n");
+                    let answer = Answer::from(&error);
                     let _ = write_answer(&mut client, &mut response, &answer, true).await;
                 }
                 dispatch.finished(Some(ticket), status);
@@ -514,11 +515,9 @@ async fn exchange(
         tokio::select! {
             biased;
             result = &mut send, if sent.is_none() => {
-                match result {
-                    // The client went away in the middle of its request body.
-                    Err(Side::Source) => return Exchanged::Broken { status: 499 },
-                    Err(Side::Malformed) => return Exchanged::Malformed,
-                    _ => {}
+                if let Err(Side::Source | Side::Malformed) = result {
+                    // The client stopped in the middle of its body, or broke its framing.
+                    return Exchanged::Malformed;
                 }
                 sent = Some(result);
             }
