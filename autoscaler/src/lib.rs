@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod controller;
+pub mod guard;
 pub mod kpa;
 pub mod logs;
 pub mod probe;

@@ -9,6 +9,8 @@
 //!
 //! Every replica runs in its own process group, so stopping it stops whatever it spawned, and
 //! with `PR_SET_PDEATHSIG` so the kernel kills it if Mecha itself dies without cleaning up.
+//! With [`SupervisorConfig::guard`] set (as `mecha up` does), each replica runs under the
+//! [`crate::guard`], which also stops its grandchildren when Mecha is SIGKILLed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
@@ -43,6 +45,10 @@ pub struct SupervisorConfig {
     /// Wait before the first restart of a crashed replica; doubled on every crash after that.
     pub restart_backoff: Duration,
     pub max_restart_backoff: Duration,
+    /// A program that runs [`crate::guard`] (`mecha` itself): each replica's command is started
+    /// under it. Without one, replicas are started directly and a grandchild can outlive a
+    /// SIGKILLed Mecha.
+    pub guard: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +135,7 @@ impl Default for SupervisorConfig {
             grace_period: Duration::from_secs(30),
             restart_backoff: Duration::from_millis(100),
             max_restart_backoff: Duration::from_secs(30),
+            guard: None,
         }
     }
 }
@@ -197,7 +204,11 @@ impl Supervisor {
         let runner = revisions.get(revision)?;
         Some(RevisionStatus {
             desired: runner.desired,
-            replicas: runner.replicas.iter().map(|r| r.status()).collect(),
+            replicas: runner
+                .replicas
+                .iter()
+                .map(|r| r.status(self.inner.config.guard.is_some()))
+                .collect(),
         })
     }
 
@@ -243,7 +254,7 @@ impl Inner {
                 });
                 runner.replicas.push(replica.clone());
                 self.live.send_modify(|n| *n += 1);
-                tokio::spawn(self.clone().run_replica(runner.spec.clone(), replica));
+                tokio::spawn(self.clone().watch_replica(runner.spec.clone(), replica));
             }
         } else if running.len() > desired {
             // Stop the replicas that cost least to lose: not ready first, then the least
@@ -317,6 +328,52 @@ impl Inner {
         self.logs.push(service, replica, line);
     }
 
+    /// Runs [`Self::run_replica`] in a task of its own and cleans up after it if it panics: the
+    /// replica's processes are killed, it leaves the revision (so the next apply starts a
+    /// replacement) and shutdown does not wait for it forever.
+    async fn watch_replica(self: Arc<Self>, spec: Arc<RevisionSpec>, replica: Arc<Replica>) {
+        let task = tokio::spawn(self.clone().run_replica(spec.clone(), replica.clone()));
+        // Cancelled only when the runtime itself stops: nothing is left to clean up for.
+        let Err(error) = task.await else {
+            return;
+        };
+        if !error.is_panic() {
+            return;
+        }
+        let panic = error.into_panic();
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(replica = %replica.name, reason = %why, "the task running this replica panicked; its processes are killed and it is replaced");
+        self.log(
+            &spec.service,
+            &replica.name,
+            &format!("mecha: the task running this replica failed ({why}); replacing it"),
+        );
+        let pid = {
+            let mut state = lock(&replica.state);
+            state.endpoint = None;
+            state.pid.take()
+        };
+        if let Some(pid) = pid {
+            signal_group(pid, Signal::KILL);
+        }
+        self.metrics.restarts.with_label_values(&[&spec.name]).inc();
+        tokio::time::sleep(self.config.restart_backoff).await;
+        {
+            let mut revisions = lock(&self.revisions);
+            if let Some(runner) = revisions.get_mut(&spec.name) {
+                runner.replicas.retain(|r| !Arc::ptr_eq(r, &replica));
+                self.publish(runner);
+                self.scale(runner);
+            }
+            self.forget_idle(&mut revisions);
+        }
+        self.live.send_modify(|n| *n -= 1);
+    }
+
     /// One replica from first start to final exit.
     async fn run_replica(self: Arc<Self>, spec: Arc<RevisionSpec>, replica: Arc<Replica>) {
         let probe = crate::probe::for_container(&spec.container);
@@ -329,7 +386,13 @@ impl Inner {
             let started = Instant::now();
             let spawned = PortLease::take(&self.ports, free_port).and_then(|lease| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], lease.port));
-                spawn_process(&spec, &replica.name, lease.port).map(|child| (child, addr, lease))
+                spawn_process(
+                    &spec,
+                    &replica.name,
+                    lease.port,
+                    self.config.guard.as_deref(),
+                )
+                .map(|child| (child, addr, lease))
             });
             let outcome = match spawned {
                 Err(error) => {
@@ -517,11 +580,15 @@ impl Replica {
         *self.stop.borrow()
     }
 
-    fn status(&self) -> ReplicaStatus {
+    /// `guarded`: the pid kept is the guard's; the one shown is the command's, the process
+    /// users know (it answers their requests, it is in their logs).
+    fn status(&self, guarded: bool) -> ReplicaStatus {
         let state = lock(&self.state);
         ReplicaStatus {
             name: self.name.to_string(),
-            pid: state.pid,
+            pid: state
+                .pid
+                .map(|pid| if guarded { guarded_pid(pid) } else { pid }),
             addr: state.addr,
             ready: state.endpoint.is_some(),
             stopping: self.is_stopping(),
@@ -638,7 +705,12 @@ impl Drop for PortLease {
     }
 }
 
-fn spawn_process(spec: &RevisionSpec, replica: &str, port: u16) -> std::io::Result<Child> {
+fn spawn_process(
+    spec: &RevisionSpec,
+    replica: &str,
+    port: u16,
+    guard: Option<&std::path::Path>,
+) -> std::io::Result<Child> {
     let container = &spec.container;
     let (program, command_args) = container
         .command
@@ -650,10 +722,22 @@ fn spawn_process(spec: &RevisionSpec, replica: &str, port: u16) -> std::io::Resu
     } else {
         program.into()
     };
-    let mut command = Command::new(program);
+    let mut command = match guard {
+        Some(guard) => {
+            let mut line = vec![program];
+            line.extend(command_args.iter().map(Into::into));
+            line.extend(container.args.iter().map(Into::into));
+            let mut command = Command::new(guard);
+            command.args(crate::guard::args(std::process::id(), &line));
+            command
+        }
+        None => {
+            let mut command = Command::new(program);
+            command.args(command_args).args(&container.args);
+            command
+        }
+    };
     command
-        .args(command_args)
-        .args(&container.args)
         .current_dir(&spec.workdir)
         .envs(container.env.iter().map(|e| (&e.name, &e.value)))
         .env("PORT", port.to_string())
@@ -666,20 +750,29 @@ fn spawn_process(spec: &RevisionSpec, replica: &str, port: u16) -> std::io::Resu
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    die_with_parent(&mut command);
+    // The guard must hear of Mecha's death with a signal it can act on; a bare replica is
+    // simply killed.
+    die_with_parent(
+        &mut command,
+        if guard.is_some() {
+            Signal::TERM
+        } else {
+            Signal::KILL
+        },
+    );
     command.spawn()
 }
 
-/// Has the kernel SIGKILL the replica when Mecha dies, even by SIGKILL.
+/// Has the kernel send `signal` to the replica when Mecha dies, even by SIGKILL.
 #[allow(unsafe_code)]
-fn die_with_parent(command: &mut Command) {
+fn die_with_parent(command: &mut Command, signal: Signal) {
     let parent = rustix::process::getpid();
     // SAFETY: the closure runs in the forked child before exec. It only makes the prctl and
     // getppid system calls, which are async-signal-safe, and allocates nothing (errors are
     // raw OS errors).
     unsafe {
         command.pre_exec(move || {
-            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            rustix::process::set_parent_process_death_signal(Some(signal))?;
             // The parent may have died between fork and prctl: then nobody would kill us.
             if rustix::process::getppid() != Some(parent) {
                 return Err(std::io::Error::from_raw_os_error(
@@ -689,6 +782,18 @@ fn die_with_parent(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// The command a guard runs: the guard's first child, or the guard itself while it has none.
+fn guarded_pid(guard: u32) -> u32 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{guard}/task")) else {
+        return guard;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .find_map(|children| children.split_whitespace().next()?.parse().ok())
+        .unwrap_or(guard)
 }
 
 /// Signals a replica's whole process group (its pid is the group id); a group that is already

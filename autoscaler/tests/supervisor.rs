@@ -57,6 +57,7 @@ fn new_supervisor(grace: Duration) -> (Supervisor, LogHub) {
         grace_period: grace,
         restart_backoff: Duration::from_millis(50),
         max_restart_backoff: Duration::from_millis(400),
+        guard: None,
     };
     (
         Supervisor::new(

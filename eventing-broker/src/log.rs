@@ -10,18 +10,26 @@
 //! kept per broker, so they survive retention emptying the log). A trigger's cursor is the
 //! highest sequence below which it has handled everything.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError,
+    TableDefinition,
+};
 use tokio::sync::{oneshot, watch};
 
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 const HEADS: TableDefinition<&str, u64> = TableDefinition::new("heads");
+/// Plain cursors, as logs written before [`Progress`] existed hold them; read, then replaced.
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// A trigger's [`Progress`], encoded by [`Progress::encode`].
+const PROGRESS: TableDefinition<&str, &[u8]> = TableDefinition::new("progress");
 
 /// Most operations folded into one commit.
 const MAX_BATCH: usize = 4096;
@@ -32,6 +40,45 @@ pub enum LogError {
     Storage(String),
     #[error("the event log is shut down")]
     Closed,
+    /// Only said when the lock really is held: a damaged file is not another process's fault.
+    #[error(
+        "the event log {} is in use by another process (is another `mecha up` using this --state-dir?)",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error(
+        "the event log {p} is damaged ({detail}): move it aside (for example `mv {p} {p}.damaged`) to start with an empty log; the events accepted into it and not yet delivered are then lost",
+        p = path.display()
+    )]
+    Damaged { path: PathBuf, detail: String },
+    #[error(
+        "the event log writer has stopped ({0}): nothing can be stored until `mecha up` restarts"
+    )]
+    WriterStopped(String),
+}
+
+/// How far a trigger got: everything up to `read_upto` was handled except the sequences in
+/// `pending`, which were being delivered. Recording `pending` (at most the delivery concurrency)
+/// instead of only "lowest pending − 1" keeps one slow event from making a crash redeliver
+/// everything delivered after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub read_upto: u64,
+    pub pending: Vec<u64>,
+}
+
+/// A failure to inject, for tests of what the broker does when its store misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[doc(hidden)]
+pub enum Fault {
+    None = 0,
+    /// Reads fail with a storage error.
+    ReadError = 1,
+    /// Reads panic, as redb does on some corrupted pages.
+    ReadPanic = 2,
+    /// The writer panics on its next batch.
+    WriterPanic = 3,
 }
 
 /// A handle to the log; cheap to clone.
@@ -47,6 +94,12 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The last sequence appended, per broker, for dispatchers to wait on.
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// What is wrong right now, by what failed ("write", "read {broker}"); cleared by the next
+    /// success of the same kind. Readiness reports it.
+    problems: Mutex<BTreeMap<String, String>>,
+    /// Why the writer thread stopped, if it did.
+    writer_stopped: Mutex<Option<String>>,
+    fault: AtomicU8,
 }
 
 enum Op {
@@ -56,12 +109,48 @@ enum Op {
         done: oneshot::Sender<Result<u64, String>>,
     },
     Cursors {
-        set: Vec<(String, u64)>,
+        set: Vec<(String, Progress)>,
         remove: Vec<String>,
         /// Delete a broker's events up to and including this sequence.
         truncate: Vec<(String, u64)>,
         done: oneshot::Sender<Result<u64, String>>,
     },
+}
+
+// === impl Progress ===
+
+impl Progress {
+    /// Little-endian `read_upto`, then each pending sequence.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * (1 + self.pending.len()));
+        out.extend_from_slice(&self.read_upto.to_le_bytes());
+        for seq in &self.pending {
+            out.extend_from_slice(&seq.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(8) {
+            return None;
+        }
+        let mut words = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+        let read_upto = words.next()?;
+        Some(Self {
+            read_upto,
+            pending: words.collect(),
+        })
+    }
+
+    /// The highest sequence below which everything was handled.
+    pub fn cursor(&self) -> u64 {
+        self.pending
+            .iter()
+            .min()
+            .map_or(self.read_upto, |first| first - 1)
+    }
 }
 
 // === impl EventLog ===
@@ -75,9 +164,40 @@ impl std::fmt::Debug for EventLog {
 }
 
 impl EventLog {
-    /// Opens (or creates) the log at `path` and starts its writer thread.
+    /// Opens (or creates) the log at `path`, checks its integrity, and starts its writer
+    /// thread. A damaged file is refused with [`LogError::Damaged`], a file another process
+    /// holds with [`LogError::InUse`].
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let db = Database::create(path).map_err(storage)?;
+        let repaired = Arc::new(AtomicBool::new(false));
+        let db = {
+            let repaired = repaired.clone();
+            // redb checks every page's checksum on open, which reads the whole file once: a
+            // file damaged outside redb is refused here instead of panicking a trigger later.
+            // Debug builds of redb panic on some impossible states instead of returning
+            // `Corrupted`, hence the catch.
+            let opened = catch_unwind(AssertUnwindSafe(|| {
+                Builder::new()
+                    .set_check_integrity_on_open(true)
+                    .set_repair_callback(move |_| repaired.store(true, Ordering::Relaxed))
+                    .create(path)
+            }));
+            match opened {
+                Ok(Ok(db)) => db,
+                Ok(Err(error)) => return Err(open_error(path, error)),
+                Err(panic) => {
+                    return Err(LogError::Damaged {
+                        path: path.to_path_buf(),
+                        detail: format!(
+                            "the store panicked reading it: {}",
+                            panic_message(&*panic)
+                        ),
+                    });
+                }
+            }
+        };
+        if repaired.load(Ordering::Relaxed) {
+            tracing::warn!(path = %path.display(), "the event log was not closed cleanly or was damaged, and has been repaired to its last intact commit");
+        }
         let db = Arc::new(db);
         {
             // Create the tables so that readers never meet a missing one.
@@ -85,6 +205,7 @@ impl EventLog {
             txn.open_table(EVENTS).map_err(storage)?;
             txn.open_table(HEADS).map_err(storage)?;
             txn.open_table(CURSORS).map_err(storage)?;
+            txn.open_table(PROGRESS).map_err(storage)?;
             txn.commit().map_err(storage)?;
         }
         let (tx, rx) = mpsc::channel();
@@ -94,13 +215,29 @@ impl EventLog {
             ops: Mutex::new(Some(tx)),
             writer: Mutex::default(),
             heads: Mutex::default(),
+            problems: Mutex::default(),
+            writer_stopped: Mutex::default(),
+            fault: AtomicU8::new(Fault::None as u8),
         });
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
             .name("event-log-writer".into())
-            .spawn(move || writer(&db, &rx, &weak))
+            .spawn(move || {
+                // The writer survives a panic in a batch (see `writer`); this catches anything
+                // else, so that a dead writer is reported instead of leaving appends hanging.
+                let died = catch_unwind(AssertUnwindSafe(|| writer(&db, &rx, &weak)));
+                if let Err(panic) = died {
+                    let why = format!("panicked: {}", panic_message(&*panic));
+                    tracing::error!(reason = %why, "the event log writer stopped");
+                    if let Some(inner) = weak.upgrade() {
+                        *lock(&inner.writer_stopped) = Some(why.clone());
+                        lock(&inner.problems)
+                            .insert("write".into(), format!("the writer stopped: {why}"));
+                    }
+                }
+            })
             .map_err(|e| LogError::Storage(format!("cannot start the writer: {e}")))?;
-        *inner.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        *lock(&inner.writer) = Some(handle);
         Ok(Self { inner })
     }
 
@@ -114,15 +251,15 @@ impl EventLog {
             done,
         })?;
         rx.await
-            .map_err(|_| LogError::Closed)?
+            .map_err(|_| self.writer_gone())?
             .map_err(LogError::Storage)
     }
 
-    /// Records trigger cursors, forgets removed triggers' cursors and deletes handled events,
+    /// Records trigger progress, forgets removed triggers' cursors and deletes handled events,
     /// in one commit.
     pub async fn checkpoint(
         &self,
-        set: Vec<(String, u64)>,
+        set: Vec<(String, Progress)>,
         remove: Vec<String>,
         truncate: Vec<(String, u64)>,
     ) -> Result<(), LogError> {
@@ -134,39 +271,58 @@ impl EventLog {
             done,
         })?;
         rx.await
-            .map_err(|_| LogError::Closed)?
+            .map_err(|_| self.writer_gone())?
             .map(|_| ())
             .map_err(LogError::Storage)
     }
 
     fn send(&self, op: Op) -> Result<(), LogError> {
-        let ops = self
-            .inner
-            .ops
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let ops = lock(&self.inner.ops);
         ops.as_ref()
             .ok_or(LogError::Closed)?
             .send(op)
-            .map_err(|_| LogError::Closed)
+            .map_err(|_| self.writer_gone())
+    }
+
+    /// Why an operation got no answer: the writer stopped (and why), or the log was closed.
+    fn writer_gone(&self) -> LogError {
+        match lock(&self.inner.writer_stopped).clone() {
+            Some(why) => LogError::WriterStopped(why),
+            None => LogError::Closed,
+        }
     }
 
     /// Stops accepting writes and waits for the writer to commit what is queued and exit.
     pub fn close(&self) {
-        self.inner
-            .ops
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let handle = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        lock(&self.inner.ops).take();
+        let handle = lock(&self.inner.writer).take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
+    }
+
+    /// What is wrong with the log right now (a failed commit, a broker's log that cannot be
+    /// read, a stopped writer), or `None`.
+    pub fn problem(&self) -> Option<String> {
+        let problems = lock(&self.inner.problems);
+        if problems.is_empty() {
+            return None;
+        }
+        let all: Vec<String> = problems.values().cloned().collect();
+        Some(format!(
+            "event log {}: {}",
+            self.inner.path.display(),
+            all.join("; ")
+        ))
+    }
+
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        self.inner.fault.store(fault as u8, Ordering::Relaxed);
+    }
+
+    fn fault(&self) -> u8 {
+        self.inner.fault.load(Ordering::Relaxed)
     }
 
     /// Up to `limit` events of `broker` with sequence above `after`, in order.
@@ -176,6 +332,41 @@ impl EventLog {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Bytes)>, LogError> {
+        // A panic inside the store (redb on a damaged page) becomes an error the trigger
+        // reports, instead of unwinding through the dispatcher.
+        let read = catch_unwind(AssertUnwindSafe(|| self.read_inner(broker, after, limit)))
+            .unwrap_or_else(|panic| {
+                Err(LogError::Storage(format!(
+                    "the store panicked: {}",
+                    panic_message(&*panic)
+                )))
+            });
+        let key = format!("read {broker}");
+        match &read {
+            Ok(_) => {
+                let mut problems = lock(&self.inner.problems);
+                if problems.contains_key(&key) {
+                    problems.remove(&key);
+                }
+            }
+            Err(error) => {
+                lock(&self.inner.problems).insert(key, format!("cannot read {broker}: {error}"));
+            }
+        }
+        read
+    }
+
+    fn read_inner(
+        &self,
+        broker: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, LogError> {
+        match self.fault() {
+            1 => return Err(LogError::Storage("injected read failure".into())),
+            2 => panic!("injected read panic"),
+            _ => {}
+        }
         let txn = self.inner.db.begin_read().map_err(storage)?;
         let table = txn.open_table(EVENTS).map_err(storage)?;
         let range = table
@@ -189,6 +380,16 @@ impl EventLog {
         Ok(out)
     }
 
+    /// The event stored at `seq`, if it still is.
+    pub fn read_one(&self, broker: &str, seq: u64) -> Result<Option<Bytes>, LogError> {
+        let found = self.read(broker, seq.saturating_sub(1), 1)?;
+        Ok(found
+            .into_iter()
+            .next()
+            .filter(|(at, _)| *at == seq)
+            .map(|(_, bytes)| bytes))
+    }
+
     /// The last sequence given out for `broker` (0 when none).
     pub fn head(&self, broker: &str) -> u64 {
         *self.subscribe(broker).borrow()
@@ -196,11 +397,7 @@ impl EventLog {
 
     /// Watches `broker`'s head: changes on every committed append.
     pub fn subscribe(&self, broker: &str) -> watch::Receiver<u64> {
-        let mut heads = self
-            .inner
-            .heads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut heads = lock(&self.inner.heads);
         if let Some(head) = heads.get(broker) {
             return head.subscribe();
         }
@@ -218,9 +415,23 @@ impl EventLog {
 
     /// A trigger's stored cursor.
     pub fn cursor(&self, trigger: &str) -> Result<Option<u64>, LogError> {
+        Ok(self.progress(trigger)?.map(|p| p.cursor()))
+    }
+
+    /// A trigger's stored progress.
+    pub fn progress(&self, trigger: &str) -> Result<Option<Progress>, LogError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(PROGRESS).map_err(storage)?;
+        if let Some(value) = table.get(trigger).map_err(storage)? {
+            return Progress::decode(value.value()).map(Some).ok_or_else(|| {
+                LogError::Storage(format!("the progress of {trigger} is unreadable"))
+            });
+        }
         let table = txn.open_table(CURSORS).map_err(storage)?;
-        Ok(table.get(trigger).map_err(storage)?.map(|v| v.value()))
+        Ok(table.get(trigger).map_err(storage)?.map(|v| Progress {
+            read_upto: v.value(),
+            pending: Vec::new(),
+        }))
     }
 
     /// Events stored for `broker` right now.
@@ -241,7 +452,7 @@ impl EventLog {
 }
 
 fn publish(inner: &Inner, broker: &str, head: u64) {
-    let mut heads = inner.heads.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut heads = lock(&inner.heads);
     match heads.get(broker) {
         Some(tx) => {
             tx.send_replace(head);
@@ -256,7 +467,113 @@ fn storage(error: impl std::fmt::Display) -> LogError {
     LogError::Storage(error.to_string())
 }
 
-/// The writer thread: drains the queue into one transaction per round.
+/// What went wrong opening the file, said so that the user knows what to do.
+fn open_error(path: &Path, error: DatabaseError) -> LogError {
+    let damaged = |detail: String| LogError::Damaged {
+        path: path.to_path_buf(),
+        detail,
+    };
+    match error {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            LogError::InUse(path.to_path_buf())
+        }
+        DatabaseError::RepairAborted => damaged("it could not be repaired".into()),
+        DatabaseError::Storage(StorageError::Corrupted(detail)) => damaged(detail),
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            damaged(format!("it is truncated: {io}"))
+        }
+        DatabaseError::UpgradeRequired(version) => LogError::Storage(format!(
+            "{} was written in redb file format {version}, which this Mecha cannot read",
+            path.display()
+        )),
+        other => LogError::Storage(format!("cannot open {}: {other}", path.display())),
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One round's transaction: applies every op, returns each op's result.
+fn apply_batch(
+    db: &Database,
+    batch: &[Op],
+    heads: &mut HashMap<String, u64>,
+    touched: &mut Vec<(String, u64)>,
+) -> Result<Vec<u64>, redb::Error> {
+    let mut results: Vec<u64> = Vec::with_capacity(batch.len());
+    let txn = db.begin_write()?;
+    {
+        let mut events = txn.open_table(EVENTS)?;
+        let mut head_table = txn.open_table(HEADS)?;
+        let mut cursors = txn.open_table(CURSORS)?;
+        let mut progress = txn.open_table(PROGRESS)?;
+        for op in batch {
+            match op {
+                Op::Append {
+                    broker,
+                    events: new,
+                    ..
+                } => {
+                    let head = match heads.get(broker) {
+                        Some(h) => *h,
+                        None => head_table.get(broker.as_str())?.map_or(0, |v| v.value()),
+                    };
+                    let mut seq = head;
+                    for event in new {
+                        seq += 1;
+                        events.insert((broker.as_str(), seq), event.as_slice())?;
+                    }
+                    head_table.insert(broker.as_str(), seq)?;
+                    heads.insert(broker.clone(), seq);
+                    touched.push((broker.clone(), seq));
+                    results.push(seq);
+                }
+                Op::Cursors {
+                    set,
+                    remove,
+                    truncate,
+                    ..
+                } => {
+                    for (trigger, at) in set {
+                        progress.insert(trigger.as_str(), at.encode().as_slice())?;
+                        cursors.remove(trigger.as_str())?;
+                    }
+                    for trigger in remove {
+                        progress.remove(trigger.as_str())?;
+                        cursors.remove(trigger.as_str())?;
+                    }
+                    for (broker, upto) in truncate {
+                        let doomed: Vec<u64> = events
+                            .range((broker.as_str(), 0)..=(broker.as_str(), *upto))?
+                            .map(|entry| entry.map(|(k, _)| k.value().1))
+                            .collect::<Result<_, _>>()?;
+                        for seq in doomed {
+                            events.remove((broker.as_str(), seq))?;
+                        }
+                    }
+                    results.push(0);
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(results)
+}
+
+/// The writer thread: drains the queue into one transaction per round. A round that fails —
+/// an error or a panic inside the store — answers each of its waiters with the reason and the
+/// writer goes on with the next round, so a transient failure heals by itself.
 fn writer(db: &Database, rx: &mpsc::Receiver<Op>, inner: &std::sync::Weak<Inner>) {
     let mut heads: HashMap<String, u64> = HashMap::new();
     while let Ok(first) = rx.recv() {
@@ -267,69 +584,24 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Op>, inner: &std::sync::Weak<Inner>
                 Err(_) => break,
             }
         }
-        let mut results: Vec<u64> = Vec::with_capacity(batch.len());
         let mut touched: Vec<(String, u64)> = Vec::new();
-        let outcome = (|| -> Result<(), redb::Error> {
-            let txn = db.begin_write()?;
-            {
-                let mut events = txn.open_table(EVENTS)?;
-                let mut head_table = txn.open_table(HEADS)?;
-                let mut cursors = txn.open_table(CURSORS)?;
-                for op in &batch {
-                    match op {
-                        Op::Append {
-                            broker,
-                            events: new,
-                            ..
-                        } => {
-                            let head = match heads.get(broker) {
-                                Some(h) => *h,
-                                None => head_table.get(broker.as_str())?.map_or(0, |v| v.value()),
-                            };
-                            let mut seq = head;
-                            for event in new {
-                                seq += 1;
-                                events.insert((broker.as_str(), seq), event.as_slice())?;
-                            }
-                            head_table.insert(broker.as_str(), seq)?;
-                            heads.insert(broker.clone(), seq);
-                            touched.push((broker.clone(), seq));
-                            results.push(seq);
-                        }
-                        Op::Cursors {
-                            set,
-                            remove,
-                            truncate,
-                            ..
-                        } => {
-                            for (trigger, cursor) in set {
-                                cursors.insert(trigger.as_str(), *cursor)?;
-                            }
-                            for trigger in remove {
-                                cursors.remove(trigger.as_str())?;
-                            }
-                            for (broker, upto) in truncate {
-                                let doomed: Vec<u64> = events
-                                    .range((broker.as_str(), 0)..=(broker.as_str(), *upto))?
-                                    .map(|entry| entry.map(|(k, _)| k.value().1))
-                                    .collect::<Result<_, _>>()?;
-                                for seq in doomed {
-                                    events.remove((broker.as_str(), seq))?;
-                                }
-                            }
-                            results.push(0);
-                        }
-                    }
-                }
+        let inject = inner
+            .upgrade()
+            .is_some_and(|i| i.fault.load(Ordering::Relaxed) == Fault::WriterPanic as u8);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if inject {
+                panic!("injected writer panic");
             }
-            txn.commit()?;
-            Ok(())
-        })();
+            apply_batch(db, &batch, &mut heads, &mut touched).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|panic| Err(format!("the store panicked: {}", panic_message(&*panic))));
+        let inner = inner.upgrade();
         match outcome {
-            Ok(()) => {
-                if let Some(inner) = inner.upgrade() {
+            Ok(results) => {
+                if let Some(inner) = &inner {
+                    lock(&inner.problems).remove("write");
                     for (broker, head) in &touched {
-                        publish(&inner, broker, *head);
+                        publish(inner, broker, *head);
                     }
                 }
                 for (op, result) in batch.into_iter().zip(results) {
@@ -341,13 +613,16 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Op>, inner: &std::sync::Weak<Inner>
             }
             Err(error) => {
                 tracing::error!(%error, "event log commit failed");
+                if let Some(inner) = &inner {
+                    lock(&inner.problems).insert("write".into(), format!("cannot write: {error}"));
+                }
                 // The transaction was rolled back: forget the sequences it gave out.
                 heads.clear();
                 for op in batch {
                     let done = match op {
                         Op::Append { done, .. } | Op::Cursors { done, .. } => done,
                     };
-                    let _ = done.send(Err(error.to_string()));
+                    let _ = done.send(Err(error.clone()));
                 }
             }
         }
@@ -395,7 +670,13 @@ mod tests {
             let values: Vec<_> = read.iter().map(|(s, v)| (*s, v.clone())).collect();
             assert_eq!(values, [(2, Bytes::from("b")), (3, Bytes::from("c"))]);
             log.checkpoint(
-                vec![("t1".into(), 2)],
+                vec![(
+                    "t1".into(),
+                    Progress {
+                        read_upto: 3,
+                        pending: vec![3],
+                    },
+                )],
                 vec![],
                 vec![("default/b".into(), 2)],
             )
@@ -441,5 +722,116 @@ mod tests {
             "every append got its own sequence"
         );
         assert_eq!(log.len("ns/b").expect("len"), 200);
+    }
+
+    /// A log with some events in it, closed; returns its path and file size.
+    async fn filled(name: &str) -> (PathBuf, u64) {
+        let path = temp(name);
+        let log = EventLog::open(&path).expect("open");
+        for i in 0..50u32 {
+            log.append("ns/b", vec![vec![b'e'; 1000 + i as usize]])
+                .await
+                .expect("append");
+        }
+        log.close();
+        drop(log);
+        let size = std::fs::metadata(&path).expect("size").len();
+        (path, size)
+    }
+
+    fn refused(path: &Path) -> String {
+        let error = EventLog::open(path).expect_err("a damaged log must be refused");
+        assert!(matches!(error, LogError::Damaged { .. }), "{error:?}");
+        error.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_damaged_or_truncated_log_is_refused_with_what_to_do() {
+        // Garbage over the pages after the header.
+        let (path, size) = filled("garbage").await;
+        let mut bytes = std::fs::read(&path).expect("read");
+        let end = usize::try_from(size).expect("size").min(4096 + 4096 * 8);
+        for (i, b) in bytes[4096..end].iter_mut().enumerate() {
+            *b = (i * 7 + 13) as u8;
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let message = refused(&path);
+        assert!(message.contains("is damaged"), "{message}");
+        assert!(message.contains("move it aside"), "{message}");
+        assert!(
+            !message.contains("another"),
+            "not a lock problem: {message}"
+        );
+
+        // Cut short.
+        let (path, size) = filled("truncated").await;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        file.set_len(size / 3).expect("truncate");
+        let message = refused(&path);
+        assert!(!message.contains("another"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_log_held_by_another_handle_says_so() {
+        let path = temp("locked");
+        let _held = EventLog::open(&path).expect("open");
+        let error = EventLog::open(&path).expect_err("locked");
+        assert!(matches!(error, LogError::InUse(_)), "{error:?}");
+        assert!(error.to_string().contains("another `mecha up`"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_writer_answers_every_append_with_the_reason_and_recovers() {
+        let log = EventLog::open(&temp("writer-panic")).expect("open");
+        log.inject_fault(Fault::WriterPanic);
+        let error = log
+            .append("ns/b", vec![b"x".to_vec()])
+            .await
+            .expect_err("the commit failed");
+        assert!(
+            error.to_string().contains("injected writer panic"),
+            "{error}"
+        );
+        let problem = log.problem().expect("reported");
+        assert!(problem.contains("cannot write"), "{problem}");
+
+        log.inject_fault(Fault::None);
+        assert_eq!(
+            log.append("ns/b", vec![b"y".to_vec()])
+                .await
+                .expect("append"),
+            1,
+            "the failed append gave out no sequence"
+        );
+        assert_eq!(log.problem(), None);
+
+        log.inject_fault(Fault::ReadPanic);
+        let error = log.read("ns/b", 0, 10).expect_err("read fails");
+        assert!(error.to_string().contains("panicked"), "{error}");
+        assert!(
+            log.problem()
+                .expect("reported")
+                .contains("cannot read ns/b")
+        );
+        log.inject_fault(Fault::None);
+        assert_eq!(log.read("ns/b", 0, 10).expect("read").len(), 1);
+        assert_eq!(log.problem(), None);
+        log.close();
+        let error = log.append("ns/b", vec![]).await.expect_err("closed");
+        assert!(matches!(error, LogError::Closed), "{error:?}");
+    }
+
+    #[test]
+    fn progress_round_trips_and_its_cursor_is_below_the_first_pending() {
+        let progress = Progress {
+            read_upto: 90,
+            pending: vec![70, 85],
+        };
+        assert_eq!(Progress::decode(&progress.encode()), Some(progress.clone()));
+        assert_eq!(progress.cursor(), 69);
+        assert_eq!(Progress::decode(&[1, 2, 3]), None);
     }
 }

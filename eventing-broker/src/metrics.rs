@@ -17,6 +17,8 @@ pub struct Metrics {
     pub latency: HistogramVec,
     pub log_events: IntGaugeVec,
     pub log_bytes: IntGauge,
+    pub trigger_ready: IntGaugeVec,
+    pub trigger_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -92,6 +94,16 @@ impl Metrics {
                 "mecha_broker_log_events",
                 "Events held in a broker's log, waiting for at least one trigger.",
                 broker,
+            ),
+            trigger_ready: gauge(
+                "mecha_broker_trigger_ready",
+                "1 while a trigger delivers, 0 while it cannot start or its task failed and is being retried.",
+                trigger,
+            ),
+            trigger_failures: counter(
+                "mecha_broker_trigger_failures_total",
+                "Times a trigger turned not ready (its task failed, or it could not start).",
+                trigger,
             ),
             log_bytes: {
                 let g = IntGauge::new("mecha_broker_log_bytes", "Size of the event log file.")

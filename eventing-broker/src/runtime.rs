@@ -6,6 +6,10 @@
 //! trigger. The cursor it records is the highest sequence below which every event was handled
 //! (delivered, dead-lettered or given up on); after a crash delivery resumes there, so an event
 //! can be delivered twice but never lost (at-least-once).
+//!
+//! A trigger's task that fails — the log cannot be read, or something it calls panics — is
+//! caught by a supervisor of its own: the trigger turns not ready with the reason, and the task
+//! is started again after a backoff (100 ms doubling to 30 s) from where it got.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -16,14 +20,14 @@ use crds::eventing::{Delivery, Destination};
 use crds::{Broker, Trigger};
 use mecha_common::ShutdownSignal;
 use prometheus::Registry;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::delivery::{self, HttpSender, Outcome, Target};
 use crate::event::{Event, TTL};
 use crate::filter::Filter;
-use crate::log::{EventLog, LogError};
+use crate::log::{EventLog, LogError, Progress, panic_message};
 use crate::metrics::Metrics;
 use crate::state::EventingState;
 
@@ -33,6 +37,13 @@ pub const DEFAULT_TTL: i32 = 255;
 const READ_BATCH: usize = 256;
 /// How often cursors are recorded and handled events removed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// A trigger that has finished this many events since its last checkpoint asks for one at
+/// once, so that under load checkpoints keep pace by count, not only by time; with the time
+/// rule this bounds what a crash redelivers (see the crate's docs in docs/architecture.md).
+pub const CHECKPOINT_COUNT: usize = 256;
+/// Wait before restarting a failed trigger task; doubled on each failure in a row.
+const TRIGGER_RETRY: Duration = Duration::from_millis(100);
+const MAX_TRIGGER_RETRY: Duration = Duration::from_secs(30);
 /// The smallest body limit the HTTP binding allows an intermediary.
 pub const MIN_EVENT_SIZE: usize = 64 * 1024;
 
@@ -78,6 +89,12 @@ struct Inner {
     sender: HttpSender,
     /// How far each broker's log was last truncated, so an idle broker costs no writes.
     truncated: Mutex<HashMap<String, u64>>,
+    /// Why a trigger is not working, by `(namespace, name)`; absent when it is.
+    problems: Mutex<HashMap<(String, String), String>>,
+    /// Wakes the checkpointer before its tick (a trigger reached [`CHECKPOINT_COUNT`]).
+    checkpoint_now: Notify,
+    /// Tests: every delivery panics, as a broken dependency would.
+    panic_deliveries: std::sync::atomic::AtomicBool,
 }
 
 /// A trigger's progress through its broker's log.
@@ -87,6 +104,8 @@ struct Tracker {
     read_upto: u64,
     /// Dispatched and not finished.
     pending: BTreeSet<u64>,
+    /// Events finished since the last checkpoint took a snapshot.
+    unchecked: usize,
 }
 
 /// One running trigger.
@@ -97,7 +116,8 @@ struct Running {
     cursor_key: String,
     tracker: Arc<Mutex<Tracker>>,
     task: JoinHandle<()>,
-    saved: u64,
+    /// What the last checkpoint recorded; `None` forces the next one to record.
+    saved: Option<Progress>,
 }
 
 // === impl EventBroker ===
@@ -117,6 +137,9 @@ impl EventBroker {
                 state,
                 sender: HttpSender::new(),
                 truncated: Mutex::default(),
+                problems: Mutex::default(),
+                checkpoint_now: Notify::new(),
+                panic_deliveries: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -135,6 +158,63 @@ impl EventBroker {
 
     pub fn state(&self) -> Arc<EventingState> {
         self.inner.state.borrow().clone()
+    }
+
+    /// Why the trigger `namespace/name` is not working (cannot start, its task failed and is
+    /// being retried), or `None` when it runs.
+    pub fn trigger_problem(&self, namespace: &str, name: &str) -> Option<String> {
+        lock(&self.inner.problems)
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    #[doc(hidden)]
+    pub fn inject_delivery_panics(&self, on: bool) {
+        self.inner
+            .panic_deliveries
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What keeps the broker from working as a whole (its log cannot be read or written).
+    pub fn problem(&self) -> Option<String> {
+        self.inner.log.problem()
+    }
+
+    /// Records (or clears) a trigger's problem; returns whether it changed.
+    fn set_trigger_problem(&self, key: &(String, String), problem: Option<String>) -> bool {
+        let mut problems = lock(&self.inner.problems);
+        let labels = [key.0.as_str(), key.1.as_str()];
+        self.inner
+            .metrics
+            .trigger_ready
+            .with_label_values(&labels)
+            .set(i64::from(problem.is_none()));
+        match problem {
+            Some(why) => {
+                if problems.get(key) == Some(&why) {
+                    return false;
+                }
+                self.inner
+                    .metrics
+                    .trigger_failures
+                    .with_label_values(&labels)
+                    .inc();
+                problems.insert(key.clone(), why);
+                true
+            }
+            None => problems.remove(key).is_some(),
+        }
+    }
+
+    /// Forgets a trigger that is gone: its problem and its readiness series.
+    fn forget_trigger(&self, key: &(String, String)) {
+        lock(&self.inner.problems).remove(key);
+        let labels = [key.0.as_str(), key.1.as_str()];
+        let _ = self
+            .inner
+            .metrics
+            .trigger_ready
+            .remove_label_values(&labels);
     }
 
     /// The URL users post events to.
@@ -235,6 +315,12 @@ impl EventBroker {
                     self.settle(&snapshot, &mut running).await;
                 }
                 _ = ticker.tick() => {
+                    // Also retries triggers that could not start.
+                    let snapshot = self.state();
+                    self.settle(&snapshot, &mut running).await;
+                    self.checkpoint(&snapshot, &mut running, Vec::new()).await;
+                }
+                () = self.inner.checkpoint_now.notified() => {
                     self.checkpoint(&self.state(), &mut running, Vec::new()).await;
                 }
                 () = &mut stop => break,
@@ -278,6 +364,9 @@ impl EventBroker {
             });
             if !keep {
                 run.task.abort();
+                if !state.triggers.contains_key(key) {
+                    self.forget_trigger(key);
+                }
                 let still_same_cursor = state.triggers.get(key).is_some_and(|t| {
                     cursor_key(t) == run.cursor_key
                         && state.broker(t.namespace(), &t.spec.broker).is_some()
@@ -295,35 +384,52 @@ impl EventBroker {
             let Some(broker) = state.broker(trigger.namespace(), &trigger.spec.broker) else {
                 continue;
             };
-            match self.start_trigger(trigger, broker) {
+            match self.start_trigger(key, trigger, broker) {
                 Ok(run) => {
                     running.insert(key.clone(), run);
                     started = true;
                 }
                 Err(error) => {
-                    tracing::error!(trigger = %key.1, %error, "cannot start the trigger");
+                    // Retried on every checkpoint tick; said once per reason.
+                    let why = format!("cannot start: {error}");
+                    if self.set_trigger_problem(key, Some(why)) {
+                        tracing::error!(trigger = %key.1, %error, "cannot start the trigger; retrying");
+                    }
                 }
             }
         }
         (removed, started)
     }
 
-    fn start_trigger(&self, trigger: &Trigger, broker: &Broker) -> Result<Running, LogError> {
+    fn start_trigger(
+        &self,
+        key: &(String, String),
+        trigger: &Trigger,
+        broker: &Broker,
+    ) -> Result<Running, LogError> {
         let namespace = trigger.namespace().to_string();
         let broker_key = broker_key(&namespace, &trigger.spec.broker);
         let cursor_key = cursor_key(trigger);
-        // A new trigger sees events from now on, as in Knative; a known one resumes.
-        let cursor = match self.inner.log.cursor(&cursor_key)? {
-            Some(cursor) => cursor,
-            None => self.inner.log.head(&broker_key),
+        // A new trigger sees events from now on, as in Knative; a known one resumes, and
+        // first redelivers what was in flight when it last stopped.
+        let progress = match self.inner.log.progress(&cursor_key)? {
+            Some(progress) => progress,
+            None => Progress {
+                read_upto: self.inner.log.head(&broker_key),
+                pending: Vec::new(),
+            },
         };
+        let cursor = progress.cursor();
         let tracker = Arc::new(Mutex::new(Tracker {
-            read_upto: cursor,
-            pending: BTreeSet::new(),
+            read_upto: progress.read_upto,
+            pending: progress.pending.into_iter().collect(),
+            unchecked: 0,
         }));
         let delivery = trigger.delivery(Some(broker));
-        let task = tokio::spawn(dispatch(
+        self.set_trigger_problem(key, None);
+        let task = tokio::spawn(supervise(
             self.clone(),
+            key.clone(),
             trigger.clone(),
             delivery.clone(),
             broker_key.clone(),
@@ -338,7 +444,7 @@ impl EventBroker {
             tracker,
             task,
             // Forces the first checkpoint to record the starting cursor.
-            saved: u64::MAX,
+            saved: None,
         })
     }
 
@@ -353,16 +459,18 @@ impl EventBroker {
         let mut set = Vec::new();
         let mut low: HashMap<&str, u64> = HashMap::new();
         for run in running.values_mut() {
-            let committed = {
-                let tracker = run.tracker.lock().unwrap_or_else(PoisonError::into_inner);
-                match tracker.pending.first() {
-                    Some(first) => first - 1,
-                    None => tracker.read_upto,
+            let progress = {
+                let mut tracker = lock(&run.tracker);
+                tracker.unchecked = 0;
+                Progress {
+                    read_upto: tracker.read_upto,
+                    pending: tracker.pending.iter().copied().collect(),
                 }
             };
-            if committed != run.saved {
-                set.push((run.cursor_key.clone(), committed));
-                run.saved = committed;
+            let committed = progress.cursor();
+            if run.saved.as_ref() != Some(&progress) {
+                set.push((run.cursor_key.clone(), progress.clone()));
+                run.saved = Some(progress);
             }
             let entry = low.entry(run.broker_key.as_str()).or_insert(u64::MAX);
             *entry = (*entry).min(committed);
@@ -393,8 +501,21 @@ impl EventBroker {
         if set.is_empty() && removed.is_empty() && truncate.is_empty() {
             return;
         }
+        let recorded: Vec<String> = set.iter().map(|(key, _)| key.clone()).collect();
+        let truncating: Vec<String> = truncate.iter().map(|(key, _)| key.clone()).collect();
         if let Err(error) = self.inner.log.checkpoint(set, removed, truncate).await {
+            // Nothing of it was written: make the next checkpoint try all of it again. The
+            // log reports the failure to readiness.
             tracing::warn!(%error, "cannot record trigger cursors");
+            for run in running.values_mut() {
+                if recorded.contains(&run.cursor_key) {
+                    run.saved = None;
+                }
+            }
+            let mut truncated = lock(&self.inner.truncated);
+            for key in truncating {
+                truncated.remove(&key);
+            }
         }
         self.inner
             .metrics
@@ -453,110 +574,215 @@ fn cursor_key(trigger: &Trigger) -> String {
     )
 }
 
-/// One trigger's dispatch loop: read, filter, deliver with bounded concurrency.
-async fn dispatch(
+/// Runs a trigger's dispatch loop in a task of its own and starts it again when it fails (an
+/// error it returns, or a panic anywhere under it): the trigger is not ready, with the reason,
+/// until the loop reads the log again. Aborting this task aborts the loop and its deliveries
+/// (a `JoinSet` aborts what it holds when dropped).
+async fn supervise(
     broker: EventBroker,
+    key: (String, String),
     trigger: Trigger,
     delivery: Delivery,
     broker_key: String,
     tracker: Arc<Mutex<Tracker>>,
 ) {
+    let mut backoff = TRIGGER_RETRY;
+    loop {
+        let mut task = JoinSet::new();
+        task.spawn(dispatch(
+            broker.clone(),
+            key.clone(),
+            trigger.clone(),
+            delivery.clone(),
+            broker_key.clone(),
+            tracker.clone(),
+        ));
+        let why = match task.join_next().await {
+            // The log went away: `mecha up` is stopping.
+            None | Some(Ok(Ok(()))) => return,
+            Some(Ok(Err(why))) => why,
+            Some(Err(error)) if error.is_panic() => format!(
+                "its delivery task panicked: {}",
+                panic_message(&*error.into_panic())
+            ),
+            Some(Err(_)) => return,
+        };
+        // A failure after a healthy run starts the backoff afresh.
+        if broker.trigger_problem(&key.0, &key.1).is_none() {
+            backoff = TRIGGER_RETRY;
+        }
+        broker.set_trigger_problem(&key, Some(why.clone()));
+        tracing::error!(trigger = %format!("{}/{}", key.0, key.1), reason = %why, "trigger failed; retrying in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_TRIGGER_RETRY);
+    }
+}
+
+/// One trigger's dispatch loop: redeliver what was in flight when it last stopped, then read,
+/// filter, deliver with bounded concurrency. Returns an error when it cannot go on.
+async fn dispatch(
+    broker: EventBroker,
+    key: (String, String),
+    trigger: Trigger,
+    delivery: Delivery,
+    broker_key: String,
+    tracker: Arc<Mutex<Tracker>>,
+) -> Result<(), String> {
     let namespace = trigger.namespace().to_string();
     let name = trigger.metadata.name.clone();
     let filter = Filter::for_trigger(&trigger);
-    let target = match broker.resolve(&trigger.spec.subscriber, &namespace) {
-        Ok(target) => Arc::new(target),
-        Err(error) => {
-            tracing::error!(trigger = %name, %error, "cannot resolve the subscriber");
-            return;
-        }
-    };
+    let target = broker
+        .resolve(&trigger.spec.subscriber, &namespace)
+        .map(Arc::new)
+        .map_err(|error| format!("cannot resolve the subscriber: {error}"))?;
     let dead_letter = delivery
         .dead_letter_sink
         .as_ref()
         .and_then(|sink| broker.resolve(sink, &namespace).ok())
         .map(Arc::new);
-    let delivery = Arc::new(delivery);
+    let job = Job {
+        broker: broker.clone(),
+        namespace: namespace.clone(),
+        trigger: name.clone(),
+        broker_name: trigger.spec.broker.clone(),
+        target,
+        dead_letter,
+        delivery: Arc::new(delivery),
+    };
     let permits = Arc::new(Semaphore::new(broker.inner.config.concurrency.max(1)));
     let mut head = broker.inner.log.subscribe(&broker_key);
     let mut deliveries = JoinSet::new();
-    let mut next = tracker
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .read_upto;
-    loop {
-        while deliveries.try_join_next().is_some() {}
-        head.borrow_and_update();
-        let batch = match broker.inner.log.read(&broker_key, next, READ_BATCH) {
-            Ok(batch) => batch,
-            Err(error) => {
-                tracing::error!(trigger = %name, %error, "cannot read the event log");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
+    // Whatever was pending is not in flight any more (a crash, or the previous task failed):
+    // deliver it again first.
+    let (redo, mut next) = {
+        let tracker = lock(&tracker);
+        (
+            tracker.pending.iter().copied().collect::<Vec<u64>>(),
+            tracker.read_upto,
+        )
+    };
+    for seq in redo {
+        let bytes = broker
+            .inner
+            .log
+            .read_one(&broker_key, seq)
+            .map_err(|error| format!("cannot read the event log: {error}"))?;
+        let event =
+            bytes.and_then(|bytes| decode(&name, seq, &bytes).filter(|e| filter.matches(e)));
+        let Some(event) = event else {
+            lock(&tracker).pending.remove(&seq);
+            continue;
         };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        spawn_delivery(&mut deliveries, &broker, &job, &tracker, seq, event, permit);
+    }
+    let mut healthy = false;
+    loop {
+        while let Some(finished) = deliveries.try_join_next() {
+            delivery_failed(finished)?;
+        }
+        head.borrow_and_update();
+        let batch = broker
+            .inner
+            .log
+            .read(&broker_key, next, READ_BATCH)
+            .map_err(|error| format!("cannot read the event log: {error}"))?;
+        if !healthy {
+            // Reading works: whatever made the trigger fail before has gone away.
+            healthy = true;
+            if broker.set_trigger_problem(&key, None) {
+                tracing::info!(trigger = %format!("{namespace}/{name}"), "trigger recovered");
+            }
+        }
         if batch.is_empty() {
             tokio::select! {
-                changed = head.changed() => if changed.is_err() { return },
-                Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
+                changed = head.changed() => if changed.is_err() { return Ok(()) },
+                Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
+                    delivery_failed(finished)?;
+                }
             }
             continue;
         }
         for (seq, bytes) in batch {
             next = seq;
-            let event = serde_json::from_slice(&bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|json| Event::from_json(json).map_err(|e| e.to_string()));
-            let event = match event {
-                Ok(event) if filter.matches(&event) => event,
-                Ok(_) => {
-                    tracker
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .read_upto = seq;
-                    continue;
-                }
-                Err(error) => {
-                    tracing::error!(trigger = %name, seq, %error, "skipping an unreadable event in the log");
-                    tracker
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .read_upto = seq;
-                    continue;
-                }
+            let Some(event) = decode(&name, seq, &bytes).filter(|e| filter.matches(e)) else {
+                lock(&tracker).read_upto = seq;
+                continue;
             };
             let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
+                return Ok(());
             };
             {
-                let mut t = tracker.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut t = lock(&tracker);
                 t.pending.insert(seq);
                 t.read_upto = seq;
             }
-            let job = Job {
-                broker: broker.clone(),
-                namespace: namespace.clone(),
-                trigger: name.clone(),
-                broker_name: trigger.spec.broker.clone(),
-                target: target.clone(),
-                dead_letter: dead_letter.clone(),
-                delivery: delivery.clone(),
-            };
-            let tracker = tracker.clone();
-            deliveries.spawn(async move {
-                job.run(event).await;
-                tracker
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .pending
-                    .remove(&seq);
-                drop(permit);
-            });
+            spawn_delivery(&mut deliveries, &broker, &job, &tracker, seq, event, permit);
         }
     }
 }
 
+/// A delivery that panicked fails the whole trigger task: its event would otherwise stay
+/// pending for ever and hold the cursor back without anyone knowing.
+fn delivery_failed(finished: Result<(), tokio::task::JoinError>) -> Result<(), String> {
+    match finished {
+        Err(error) if error.is_panic() => Err(format!(
+            "a delivery panicked: {}",
+            panic_message(&*error.into_panic())
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// An event as stored; an unreadable one is logged and skipped (it can never be delivered).
+fn decode(trigger: &str, seq: u64, bytes: &[u8]) -> Option<Event> {
+    let event = serde_json::from_slice(bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|json| Event::from_json(json).map_err(|e| e.to_string()));
+    match event {
+        Ok(event) => Some(event),
+        Err(error) => {
+            tracing::error!(%trigger, seq, %error, "skipping an unreadable event in the log");
+            None
+        }
+    }
+}
+
+/// Delivers `seq` (already in the tracker's pending set) and marks it finished; asks for a
+/// checkpoint once enough have finished since the last one.
+fn spawn_delivery(
+    deliveries: &mut JoinSet<()>,
+    broker: &EventBroker,
+    job: &Job,
+    tracker: &Arc<Mutex<Tracker>>,
+    seq: u64,
+    event: Event,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (job, tracker, broker) = (job.clone(), tracker.clone(), broker.clone());
+    deliveries.spawn(async move {
+        job.run(event).await;
+        let due = {
+            let mut t = lock(&tracker);
+            t.pending.remove(&seq);
+            t.unchecked += 1;
+            t.unchecked >= CHECKPOINT_COUNT
+        };
+        if due {
+            broker.inner.checkpoint_now.notify_one();
+        }
+        drop(permit);
+    });
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Everything one delivery needs.
+#[derive(Clone)]
 struct Job {
     broker: EventBroker,
     namespace: String,
@@ -570,6 +796,12 @@ struct Job {
 impl Job {
     async fn run(self, mut event: Event) {
         let inner = &self.broker.inner;
+        assert!(
+            !inner
+                .panic_deliveries
+                .load(std::sync::atomic::Ordering::Relaxed),
+            "injected delivery panic"
+        );
         let labels = [self.namespace.as_str(), self.trigger.as_str()];
         let started = Instant::now();
         // The TTL is the broker's business: taken off for the subscriber, put back on its reply.
@@ -633,5 +865,193 @@ impl Job {
             tracing::warn!(trigger = %self.trigger, id = %event.id(), "the dead-letter sink failed too; the event is dropped");
             inner.metrics.failed.with_label_values(&labels).inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+    use crate::log::Fault;
+
+    /// A keep-alive subscriber that answers 202 and counts what it got.
+    async fn subscriber() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    loop {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            let lower = line.to_ascii_lowercase();
+                            if let Some(v) = lower.strip_prefix("content-length:") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if stream.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
+                        if stream.get_mut().write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    fn state(subscriber: SocketAddr) -> EventingState {
+        let yaml = format!(
+            "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b\n---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: t\nspec:\n  broker: b\n  subscriber:\n    uri: http://{subscriber}/\n"
+        );
+        let (loaded, errors) = crds::load_str(Path::new("/tmp/t.yaml"), &yaml, crds::Mode::Local);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut state = EventingState::default();
+        for loaded in loaded {
+            match loaded.resource {
+                crds::Resource::Broker(b) => {
+                    state.apply_broker(b);
+                }
+                crds::Resource::Trigger(t) => {
+                    state.apply_trigger(t);
+                }
+                _ => {}
+            }
+        }
+        state
+    }
+
+    fn event(id: &str) -> Event {
+        let json = serde_json::json!({"specversion": "1.0", "id": id, "source": "/t", "type": "t"});
+        Event::from_json(json).expect("event")
+    }
+
+    async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_trigger_is_not_ready_with_the_reason_and_recovers() {
+        let dir = std::env::temp_dir().join(format!("mecha-runtime-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = EventLog::open(&dir.join("events.redb")).expect("open");
+        let (addr, received) = subscriber().await;
+        let (_state_tx, state_rx) = watch::channel(Arc::new(state(addr)));
+        let registry = Registry::new();
+        let broker = EventBroker::new(
+            log.clone(),
+            state_rx,
+            BrokerConfig {
+                max_event_size: MIN_EVENT_SIZE,
+                default_timeout: Duration::from_secs(5),
+                concurrency: 4,
+                ingress: addr,
+                domain: "localhost".into(),
+            },
+            &registry,
+        );
+        let shutdown = mecha_common::Shutdown::new();
+        let task = broker.clone().start(shutdown.signal()).await;
+        let ready = || {
+            broker
+                .metrics()
+                .trigger_ready
+                .with_label_values(&["default", "t"])
+                .get()
+        };
+        broker
+            .ingest("default", "b", vec![event("1")])
+            .await
+            .expect("ingest");
+        until("the first event", || received.load(Ordering::SeqCst) == 1).await;
+        assert_eq!(broker.trigger_problem("default", "t"), None);
+
+        // A dependency of delivery panics: the trigger says so, and delivers once it stops.
+        broker.inject_delivery_panics(true);
+        broker
+            .ingest("default", "b", vec![event("2")])
+            .await
+            .expect("ingest");
+        until("the trigger to report the panic", || {
+            broker
+                .trigger_problem("default", "t")
+                .is_some_and(|p| p.contains("injected delivery panic"))
+        })
+        .await;
+        assert_eq!(ready(), 0);
+        broker.inject_delivery_panics(false);
+        until("the event delivered after recovery", || {
+            received.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        until("the trigger ready again", || {
+            broker.trigger_problem("default", "t").is_none()
+        })
+        .await;
+        assert_eq!(ready(), 1);
+
+        // The log cannot be read: the trigger and the broker both say so, until it can.
+        log.inject_fault(Fault::ReadError);
+        broker
+            .ingest("default", "b", vec![event("3")])
+            .await
+            .expect("the writer still works");
+        until("the read failure reported", || {
+            broker
+                .trigger_problem("default", "t")
+                .is_some_and(|p| p.contains("cannot read the event log"))
+        })
+        .await;
+        assert!(
+            broker
+                .problem()
+                .is_some_and(|p| p.contains("cannot read default/b")),
+            "{:?}",
+            broker.problem()
+        );
+        log.inject_fault(Fault::None);
+        until("the event delivered after the log heals", || {
+            received.load(Ordering::SeqCst) == 3
+        })
+        .await;
+        until("everything ready again", || {
+            broker.trigger_problem("default", "t").is_none() && broker.problem().is_none()
+        })
+        .await;
+        let failures = broker
+            .metrics()
+            .trigger_failures
+            .with_label_values(&["default", "t"])
+            .get();
+        assert_eq!(failures, 2);
+        shutdown.trigger();
+        task.await.expect("broker task");
     }
 }

@@ -1,7 +1,8 @@
 //! The admin endpoints every long-running component serves: `/live`, `/ready`, `/metrics`.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::State;
@@ -11,10 +12,25 @@ use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 /// Readiness as the component itself judges it: not ready until started, and not ready again
-/// once draining, so load balancers stop sending before the listeners close.
-#[derive(Debug, Clone, Default)]
+/// once draining, so load balancers stop sending before the listeners close. Parts of the
+/// component report what is wrong with them (a check run on every `/ready`, or a problem set
+/// when a task dies); any problem makes `/ready` answer 503 with the reasons.
+#[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    problems: Arc<Mutex<BTreeMap<String, String>>>,
+    checks: Arc<Mutex<Vec<Check>>>,
+}
+
+type Check = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("ready", &self.is_ready())
+            .field("problems", &self.problems())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -30,8 +46,44 @@ impl Health {
         self.ready.store(ready, Ordering::Release);
     }
 
+    /// Started, not draining, and nothing reports a problem.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.problems().is_empty()
+    }
+
+    /// Records that `part` is broken (`Some(reason)`) or fine again (`None`).
+    pub fn set_problem(&self, part: &str, problem: Option<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        match problem {
+            Some(why) => problems.insert(part.to_string(), why),
+            None => problems.remove(part),
+        };
+    }
+
+    /// Adds a check asked on every readiness question: `Some(reason)` while something is wrong.
+    pub fn add_check(&self, check: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.checks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::new(check));
+    }
+
+    /// Everything wrong right now, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .problems
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(part, why)| format!("{part}: {why}"))
+            .collect();
+        let checks = self
+            .checks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        all.extend(checks.iter().filter_map(|check| check()));
+        all
     }
 }
 
@@ -45,10 +97,18 @@ pub fn router(health: Health, registry: Registry) -> Router {
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.health.is_ready() {
-        (StatusCode::OK, "ready\n")
+    let problems = state.health.problems();
+    if !problems.is_empty() {
+        let mut body = String::from("not ready:\n");
+        for problem in problems {
+            body.push_str(&format!("  {problem}\n"));
+        }
+        return (StatusCode::SERVICE_UNAVAILABLE, body);
+    }
+    if state.health.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
     }
 }
 
@@ -112,6 +172,23 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         health.set_ready(true);
+        assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::OK);
+
+        // A problem, set or checked, makes it not ready with the reason, until it goes away.
+        health.set_problem("controller", Some("stopped: boom".into()));
+        let failing = Arc::new(AtomicBool::new(true));
+        let check = failing.clone();
+        health.add_check(move || {
+            check
+                .load(Ordering::Relaxed)
+                .then(|| "log unreadable".into())
+        });
+        let (status, body) = get(app.clone(), "/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("controller: stopped: boom"), "{body}");
+        assert!(body.contains("log unreadable"), "{body}");
+        health.set_problem("controller", None);
+        failing.store(false, Ordering::Relaxed);
         assert_eq!(get(app.clone(), "/ready").await.0, StatusCode::OK);
         let (status, body) = get(app, "/metrics").await;
         assert_eq!(status, StatusCode::OK);

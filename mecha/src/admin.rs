@@ -100,7 +100,7 @@ pub fn broker_views(broker: &eventing_broker::EventBroker) -> Vec<BrokerView> {
             namespace: namespace.clone(),
             name: name.clone(),
             address: broker.address(namespace, name),
-            ready: true,
+            ready: broker.problem().is_none(),
             triggers: eventing.triggers_of(namespace, name).count(),
             waiting_events: u64::try_from(
                 broker
@@ -114,8 +114,8 @@ pub fn broker_views(broker: &eventing_broker::EventBroker) -> Vec<BrokerView> {
         .collect()
 }
 
-/// A trigger is ready when its broker exists and what its subscriber (and dead-letter sink)
-/// refer to exists.
+/// A trigger is ready when its broker exists, what its subscriber (and dead-letter sink)
+/// refer to exists, and its delivery task runs.
 pub fn trigger_views(
     broker: &eventing_broker::EventBroker,
     serving: &ServingState,
@@ -146,12 +146,15 @@ pub fn trigger_views(
                     trigger.spec.broker
                 ))
             } else {
-                missing(&trigger.spec.subscriber, namespace).or_else(|| {
-                    dead_letter
-                        .as_ref()
-                        .and_then(|sink| missing(sink, namespace))
-                        .map(|why| format!("dead-letter sink: {why}"))
-                })
+                missing(&trigger.spec.subscriber, namespace)
+                    .or_else(|| {
+                        dead_letter
+                            .as_ref()
+                            .and_then(|sink| missing(sink, namespace))
+                            .map(|why| format!("dead-letter sink: {why}"))
+                    })
+                    // What the broker itself found: the trigger's task failed or cannot start.
+                    .or_else(|| broker.trigger_problem(namespace, &trigger.metadata.name))
             };
             TriggerView {
                 namespace: namespace.to_string(),

@@ -176,6 +176,12 @@ fn event_size(value: &str) -> Result<usize, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // The replica guard is this binary too, so that `mecha up` needs no other program; it is
+    // not a user command, hence not in the CLI's help.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = autoscaler::guard::from_args(&args).await {
+        return code;
+    }
     let cli = Cli::parse();
     let format = match cli.log_format {
         LogFormatArg::Text => LogFormat::Text,

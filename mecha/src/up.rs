@@ -90,10 +90,9 @@ pub async fn run(config: UpConfig) -> ExitCode {
     let log = match EventLog::open(&log_path) {
         Ok(log) => log,
         Err(error) => {
-            eprintln!(
-                "error: cannot open the event log {}: {error} (is another `mecha up` using this --state-dir?)",
-                log_path.display()
-            );
+            // The error says what is wrong and what to do; it blames another process only
+            // when the file's lock really is held.
+            eprintln!("error: {error}");
             return ExitCode::from(1);
         }
     };
@@ -105,6 +104,13 @@ pub async fn run(config: UpConfig) -> ExitCode {
     let supervisor = Supervisor::new(
         SupervisorConfig {
             grace_period: config.grace_period,
+            // Replicas run under this very binary's `__replica-guard`, so that nothing they
+            // start outlives a SIGKILLed `mecha up` (see `autoscaler::guard`).
+            guard: std::env::current_exe()
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "cannot find the mecha binary to guard replicas with; a replica's children may outlive a crash of mecha up");
+                })
+                .ok(),
             ..SupervisorConfig::default()
         },
         logs.clone(),
@@ -141,22 +147,42 @@ pub async fn run(config: UpConfig) -> ExitCode {
         },
         &registry,
     );
+    // A broker whose log cannot be read or written makes the whole of `mecha up` not ready.
+    health.add_check({
+        let broker = broker.clone();
+        move || broker.problem().map(|why| format!("broker: {why}"))
+    });
     // Triggers run before the gateway (and with it the ingress) takes a request.
-    let broker_task = broker.clone().start(shutdown.signal()).await;
-    let controller_task = tokio::spawn(controller.run(shutdown.signal()));
-    let gateway_task = tokio::spawn(activator_sidecar::server::serve(
-        gateway_listener,
-        Arc::new(Front {
-            gateway: gateway.clone(),
-            broker: broker.clone(),
-        }),
-        activator_sidecar::server::Workers::current(),
-        shutdown.signal(),
-        activator_sidecar::server::ServeOptions {
-            fast_path: true,
-            drain_timeout: config.grace_period,
-        },
-    ));
+    let broker_task = watch_task(
+        &health,
+        &shutdown,
+        "broker (trigger checkpoints and retention)",
+        broker.clone().start(shutdown.signal()).await,
+    );
+    let controller_task = watch_task(
+        &health,
+        &shutdown,
+        "controller",
+        tokio::spawn(controller.run(shutdown.signal())),
+    );
+    let gateway_task = watch_task(
+        &health,
+        &shutdown,
+        "gateway",
+        tokio::spawn(activator_sidecar::server::serve(
+            gateway_listener,
+            Arc::new(Front {
+                gateway: gateway.clone(),
+                broker: broker.clone(),
+            }),
+            activator_sidecar::server::Workers::current(),
+            shutdown.signal(),
+            activator_sidecar::server::ServeOptions {
+                fast_path: true,
+                drain_timeout: config.grace_period,
+            },
+        )),
+    );
     let admin_router = admin::router(
         AdminState {
             store: store.clone(),
@@ -174,14 +200,19 @@ pub async fn run(config: UpConfig) -> ExitCode {
         registry,
     );
     let admin_shutdown = shutdown.signal();
-    let admin_task = tokio::spawn(async move {
-        let served = axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(admin_shutdown.recv())
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "admin API failed");
-        }
-    });
+    let admin_task = watch_task(
+        &health,
+        &shutdown,
+        "admin API",
+        tokio::spawn(async move {
+            let served = axum::serve(admin_listener, admin_router)
+                .with_graceful_shutdown(admin_shutdown.recv())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "admin API failed");
+            }
+        }),
+    );
 
     println!("Mecha is running in local mode.");
     println!(
@@ -208,12 +239,17 @@ pub async fn run(config: UpConfig) -> ExitCode {
     println!();
     println!("Press Ctrl-C to stop.");
     health.set_ready(true);
-    tokio::spawn(report_readiness(
-        store.clone(),
-        supervisor.clone(),
-        gateway_addr,
-        shutdown.signal(),
-    ));
+    watch_task(
+        &health,
+        &shutdown,
+        "readiness reporter",
+        tokio::spawn(report_readiness(
+            store.clone(),
+            supervisor.clone(),
+            gateway_addr,
+            shutdown.signal(),
+        )),
+    );
 
     let mut signals = Signals::new();
     signals.next().await;
@@ -238,6 +274,36 @@ pub async fn run(config: UpConfig) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Watches a background task that should run until shutdown: if it ends before (returns, or
+/// panics), `mecha up` turns not ready with the reason and logs why, instead of going on
+/// silently without it. The returned handle finishes when the task does.
+fn watch_task<T: Send + 'static>(
+    health: &Health,
+    shutdown: &Shutdown,
+    name: &'static str,
+    task: tokio::task::JoinHandle<T>,
+) -> tokio::task::JoinHandle<()> {
+    let (health, stopping) = (health.clone(), shutdown.signal());
+    tokio::spawn(async move {
+        let why = match task.await {
+            Ok(_) if stopping.is_triggered() => return,
+            Ok(_) => "stopped unexpectedly".to_string(),
+            Err(error) if error.is_panic() => {
+                let panic = error.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("panicked: {message}")
+            }
+            Err(error) => format!("stopped: {error}"),
+        };
+        tracing::error!(task = name, reason = %why, "a background task of mecha up stopped; mecha up is not ready");
+        health.set_problem(name, Some(why));
+    })
 }
 
 /// Requests without a service host — `localhost`, an IP address, or no Host at all — are for

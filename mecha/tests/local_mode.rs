@@ -431,3 +431,113 @@ fn response_bodies_stream_through_the_gateway() {
     stream.read_to_end(&mut received).unwrap();
     assert!(String::from_utf8_lossy(&received).contains("last"));
 }
+
+/// `(ppid, pgrp)` of a live process, from `/proc/PID/stat`.
+fn parent_and_group(pid: u32) -> Option<(u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(1);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// Live processes in process group `group`.
+fn group_members(group: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| alive(pid) && parent_and_group(pid).is_some_and(|(_, g)| g == group))
+        .collect()
+}
+
+#[test]
+fn no_process_a_replica_started_outlives_a_sigkilled_mecha() {
+    let dir = Workdir::new("grandchild");
+    // A shell that does not exec: Python is its child, and Python starts a grandchild that
+    // leaves the process group and the session (`setsid`), as a daemon would.
+    dir.write(
+        "svc.yaml",
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: tree\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"sleep 600 & echo $! > sleeper.pid; python3 -c 'import os,subprocess; subprocess.Popen([\\\"sleep\\\", \\\"601\\\"], start_new_session=True); open(\\\"python.pid\\\", \\\"w\\\").write(str(os.getpid())); exec(open(\\\"echo.py\\\").read())'; echo after\"]\n",
+    );
+    let mut mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("tree", 1);
+    let read_pid = |name: &str| -> u32 {
+        let path = dir.path.join(name);
+        wait_until(&format!("{name} written"), || {
+            std::fs::read_to_string(&path).is_ok_and(|s| !s.trim().is_empty())
+        });
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let python = read_pid("python.pid");
+    let sleeper = read_pid("sleeper.pid");
+    let (_, group) = parent_and_group(python).expect("python runs");
+    let members = group_members(group);
+    assert!(members.len() >= 3, "guard, sh, python, sleep: {members:?}");
+    // The daemon-like grandchild: the sleep 601 child of python.
+    let daemon = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| parent_and_group(pid).is_some_and(|(parent, _)| parent == python))
+        .expect("python's child");
+
+    mecha.signal(Signal::KILL);
+    mecha.wait_exit(Duration::from_secs(5));
+    wait_until("every process of the replica to die with mecha", || {
+        !alive(python) && !alive(sleeper) && !alive(daemon) && group_members(group).is_empty()
+    });
+}
+
+#[test]
+fn ten_thousand_env_vars_all_arrive_and_start_about_as_fast_as_a_hundred() {
+    // The interpreter itself, not a shim: pyenv's `python3` is a bash script, and bash takes
+    // time quadratic in the size of its environment (0.5 s per bash for 10,000 variables),
+    // which would measure bash, not Mecha.
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(python.stdout).unwrap().trim().to_string();
+    let dir = Workdir::new("env");
+    dir.write(
+        "env.py",
+        "import http.server, os\nn = int(os.environ['COUNT'])\nok = all(os.environ.get(f'V{i}') == f'x{i}' for i in range(n))\nbody = f'{n} {ok}'.encode()\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        self.send_response(200)\n        self.send_header('Content-Length', str(len(body)))\n        self.end_headers()\n        self.wfile.write(body)\n    def log_message(self, *a):\n        pass\nhttp.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n",
+    );
+    let service = |n: usize| {
+        let vars: String = (0..n)
+            .map(|i| format!("            - {{name: V{i}, value: x{i}}}\n"))
+            .collect();
+        format!(
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: env{n}\nspec:\n  template:\n    spec:\n      containers:\n        - command: [\"{python}\", env.py]\n          env:\n            - {{name: COUNT, value: \"{n}\"}}\n{vars}"
+        )
+    };
+    dir.write("few.yaml", &service(100));
+    dir.write("many.yaml", &service(10_000));
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("env100", 1);
+    mecha.wait_ready("env10000", 1);
+    let body = mecha.get("env10000.default.localhost", "/").body;
+    assert_eq!(body, "10000 True", "every variable arrives with its value");
+    assert_eq!(mecha.get("env100.default.localhost", "/").body, "100 True");
+    // Both start together; "ready: … after N ms" is printed for each.
+    let after = |service: &str| -> u64 {
+        let lines = mecha.stdout.lock().unwrap();
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("ready: default/{service} ")))
+            .unwrap_or_else(|| panic!("no ready line for {service}: {lines:?}"));
+        let ms = line.rsplit("after ").next().unwrap();
+        ms.trim_end_matches(" ms").parse().unwrap()
+    };
+    let (few, many) = (after("env100"), after("env10000"));
+    eprintln!("env: 100 variables ready after {few} ms, 10,000 after {many} ms");
+    // Twice as long, plus room for a busy two-core machine; the quadratic step took 13 s.
+    assert!(
+        many <= 2 * few + 1_000,
+        "10,000 variables took {many} ms against {few} ms for 100"
+    );
+}
