@@ -1,5 +1,8 @@
 //! The loopback admin API of `mecha up`: what `mecha get/apply/delete/logs` talk to, next to
 //! `/live`, `/ready` and `/metrics`.
+//!
+//! Every route answers only to a loopback `Host`, and every route but `/live`, `/ready` and
+//! `/metrics` needs the credential (`mecha_common::auth`): applying a Service runs its command.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -17,6 +20,7 @@ use crds::{LoadError, Loaded, Mode};
 use futures_util::StreamExt;
 use mecha_common::ShutdownSignal;
 use mecha_common::admin::Health;
+use mecha_common::auth::{self, Credential};
 use mecha_common::routing::{ServiceKey, service_host, tag_host};
 use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH};
 use mecha_common::{Activation, RoutingTable};
@@ -56,7 +60,12 @@ struct LogsQuery {
     follow: bool,
 }
 
-pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
+pub fn router(
+    state: AdminState,
+    health: Health,
+    registry: Registry,
+    credential: Credential,
+) -> Router {
     let api = Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/brokers", get(brokers))
@@ -70,8 +79,16 @@ pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
         .route(STATS_PATH, post(stats))
         .route(POKE_PATH, post(pokes))
         .route(WATCH_PATH, get(watch_tables))
-        .with_state(state);
-    mecha_common::admin::router(health, registry).merge(api)
+        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(
+            credential,
+            auth::require_credential,
+        ));
+    // The Host rule covers the open routes too: they are harmless to a local process, but
+    // through DNS rebinding `/metrics` would show a web page every service's name.
+    mecha_common::admin::router(health, registry)
+        .merge(api)
+        .layer(axum::middleware::from_fn(auth::require_loopback_host))
 }
 
 async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {

@@ -18,6 +18,7 @@ use eventing_broker::{BrokerConfig, EventBroker, EventLog};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use mecha_common::admin::Health;
+use mecha_common::auth::{self, Credential};
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -55,13 +56,25 @@ pub async fn run(config: UpConfig) -> ExitCode {
         return output::refuse(&errors);
     }
     raise_open_files_limit();
-    if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
-        eprintln!(
-            "error: cannot create the state directory {}: {error}",
-            config.state_dir.display()
-        );
-        return ExitCode::from(1);
-    }
+    // The credential exists before the admin API listens, so no request is ever unguarded.
+    let token = match auth::load_or_create(&config.state_dir) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("error: the admin API's credential: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let token_path = auth::token_path(&config.state_dir);
+    let credential = Credential::new(
+        token,
+        format!(
+            "run mecha commands from the directory `mecha up` runs in, or pass --state-dir; they read the token from {} (or pass --token / {}; sidecars: AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE)",
+            std::path::absolute(&token_path)
+                .unwrap_or_else(|_| token_path.clone())
+                .display(),
+            auth::TOKEN_ENV,
+        ),
+    );
     let gateway_listener = match bind(config.bind, config.port, "the gateway", "--port").await {
         Ok(listener) => listener,
         Err(code) => return code,
@@ -182,6 +195,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         },
         health.clone(),
         registry,
+        credential,
     );
     let admin_shutdown = shutdown.signal();
     let admin_task = tokio::spawn(async move {
@@ -202,6 +216,10 @@ pub async fn run(config: UpConfig) -> ExitCode {
         "  admin    http://{admin_addr}  (/metrics, /live, /ready; MECHA_ADMIN_ADDR={admin_addr})"
     );
     println!("  state    {}", config.state_dir.display());
+    println!(
+        "  token    {}  (the admin API's credential; mecha commands read it from here)",
+        token_path.display()
+    );
     println!();
     output::print_services(&admin::service_views(
         &store.snapshot(),
