@@ -25,6 +25,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use prometheus::{IntCounterVec, Opts, Registry};
 
 /// Where `mecha up` keeps its state, and so where the client looks for the credential, when
 /// neither `--state-dir` nor `MECHA_STATE_DIR` says otherwise.
@@ -88,7 +89,13 @@ pub struct Credential {
     token: AdminToken,
     /// Where a client finds the token, for the error answer.
     hint: Arc<str>,
+    refusals: Refusals,
 }
+
+/// `mecha_admin_refused_requests_total{reason}`: refused requests show up in metrics, so a
+/// misconfigured sidecar or a probing process is seen, not only felt.
+#[derive(Debug, Clone)]
+pub struct Refusals(IntCounterVec);
 
 // === impl AdminToken ===
 
@@ -156,14 +163,17 @@ impl PartialEq for AdminToken {
     }
 }
 
+impl Eq for AdminToken {}
+
 // === impl Credential ===
 
 impl Credential {
     /// `hint` tells a refused client where the token is (e.g. the token file's path).
-    pub fn new(token: AdminToken, hint: impl Into<Arc<str>>) -> Self {
+    pub fn new(token: AdminToken, hint: impl Into<Arc<str>>, refusals: Refusals) -> Self {
         Self {
             token,
             hint: hint.into(),
+            refusals,
         }
     }
 
@@ -199,27 +209,58 @@ pub async fn require_credential(
 ) -> Response {
     match credential.check(request.headers()) {
         Ok(()) => next.run(request).await,
-        Err(problem) => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer realm=\"mecha\"")],
-            format!("{problem}: {}\n", credential.hint),
-        )
-            .into_response(),
+        Err(problem) => {
+            credential.refusals.count("credential");
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"mecha\"")],
+                format!("{problem}: {}\n", credential.hint),
+            )
+                .into_response()
+        }
     }
 }
 
 /// Middleware for every route of a loopback-only API: 403 unless the request names a loopback
 /// host, which defeats DNS rebinding.
-pub async fn require_loopback_host(request: Request, next: Next) -> Response {
+pub async fn require_loopback_host(
+    State(refusals): State<Refusals>,
+    request: Request,
+    next: Next,
+) -> Response {
     match request_names_loopback(&request) {
         Ok(()) => next.run(request).await,
-        Err(problem) => (
+        Err(problem) => {
+            refusals.count("host");
+            (
             StatusCode::FORBIDDEN,
             format!(
                 "{problem}: this API answers only to localhost, 127.0.0.1 or [::1] (a request naming another host may come from a web page through DNS rebinding)\n"
             ),
         )
-            .into_response(),
+            .into_response()
+        }
+    }
+}
+
+// === impl Refusals ===
+
+impl Refusals {
+    pub fn register(registry: &Registry) -> Self {
+        let counter = IntCounterVec::new(
+            Opts::new(
+                "mecha_admin_refused_requests_total",
+                "Admin API requests refused, by reason: credential (missing or wrong) or host (not loopback)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(counter.clone()));
+        Self(counter)
+    }
+
+    fn count(&self, reason: &str) {
+        self.0.with_label_values(&[reason]).inc();
     }
 }
 
@@ -608,7 +649,13 @@ mod tests {
     #[tokio::test]
     async fn the_middleware_refuses_before_the_route_runs() {
         let token = AdminToken::generate().expect("random");
-        let credential = Credential::new(token.clone(), "read it from .mecha/admin-token");
+        let registry = Registry::new();
+        let refusals = Refusals::register(&registry);
+        let credential = Credential::new(
+            token.clone(),
+            "read it from .mecha/admin-token",
+            refusals.clone(),
+        );
         let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = ran.clone();
         let app = Router::new()
@@ -624,7 +671,10 @@ mod tests {
                 require_credential,
             ))
             .route("/live", get(|| async { "ok" }))
-            .layer(axum::middleware::from_fn(require_loopback_host));
+            .layer(axum::middleware::from_fn_with_state(
+                refusals.clone(),
+                require_loopback_host,
+            ));
         let bearer = format!("Bearer {}", token.as_str());
         let post = |host: &str| axum::http::Request::post("/api").header(header::HOST, host);
 

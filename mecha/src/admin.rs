@@ -20,7 +20,7 @@ use crds::{LoadError, Loaded, Mode};
 use futures_util::StreamExt;
 use mecha_common::ShutdownSignal;
 use mecha_common::admin::Health;
-use mecha_common::auth::{self, Credential};
+use mecha_common::auth::{self, Credential, Refusals};
 use mecha_common::routing::{ServiceKey, service_host, tag_host};
 use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH};
 use mecha_common::{Activation, RoutingTable};
@@ -65,6 +65,7 @@ pub fn router(
     health: Health,
     registry: Registry,
     credential: Credential,
+    refusals: Refusals,
 ) -> Router {
     let api = Router::new()
         .route("/api/v1/services", get(services))
@@ -88,7 +89,10 @@ pub fn router(
     // through DNS rebinding `/metrics` would show a web page every service's name.
     mecha_common::admin::router(health, registry)
         .merge(api)
-        .layer(axum::middleware::from_fn(auth::require_loopback_host))
+        .layer(axum::middleware::from_fn_with_state(
+            refusals,
+            auth::require_loopback_host,
+        ))
 }
 
 async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {

@@ -18,7 +18,7 @@ use eventing_broker::{BrokerConfig, EventBroker, EventLog};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use mecha_common::admin::Health;
-use mecha_common::auth::{self, Credential};
+use mecha_common::auth::{self, Credential, Refusals};
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -65,15 +65,14 @@ pub async fn run(config: UpConfig) -> ExitCode {
         }
     };
     let token_path = auth::token_path(&config.state_dir);
-    let credential = Credential::new(
-        token,
-        format!(
-            "run mecha commands from the directory `mecha up` runs in, or pass --state-dir; they read the token from {} (or pass --token / {}; sidecars: AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE)",
-            std::path::absolute(&token_path)
-                .unwrap_or_else(|_| token_path.clone())
-                .display(),
-            auth::TOKEN_ENV,
-        ),
+    let hint = format!(
+        "run mecha commands from the directory `mecha up` runs in, or pass --state-dir; \
+         they read the token from {} (or pass --token / {}; sidecars: AUTOSCALER_TOKEN or \
+         AUTOSCALER_TOKEN_FILE)",
+        std::path::absolute(&token_path)
+            .unwrap_or_else(|_| token_path.clone())
+            .display(),
+        auth::TOKEN_ENV,
     );
     let gateway_listener = match bind(config.bind, config.port, "the gateway", "--port").await {
         Ok(listener) => listener,
@@ -109,6 +108,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         }
     };
     let registry = Registry::new();
+    let refusals = Refusals::register(&registry);
     let health = Health::default();
     let shutdown = Shutdown::new();
     let logs = LogHub::new(true);
@@ -194,8 +194,9 @@ pub async fn run(config: UpConfig) -> ExitCode {
             broker: broker.clone(),
         },
         health.clone(),
-        registry,
-        credential,
+        registry.clone(),
+        Credential::new(token, hint, refusals.clone()),
+        refusals,
     );
     let admin_shutdown = shutdown.signal();
     let admin_task = tokio::spawn(async move {
