@@ -224,10 +224,6 @@ impl ControlPlane {
         }
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// A request for `path` on the autoscaler, with the credential.
     fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
         let request = Request::builder()

@@ -70,7 +70,7 @@ pub enum TokenError {
         ours: u32,
     },
     #[error(
-        "the state directory {} can be written by other users (mode {mode:04o}): choose another --state-dir or `chmod go-w` it",
+        "the state directory {} can be written by every user (mode {mode:04o}): choose another --state-dir or `chmod o-w` it",
         path.display()
     )]
     UnsafeDirectory { path: PathBuf, mode: u32 },
@@ -420,9 +420,11 @@ pub fn read(path: &Path) -> Result<AdminToken, TokenError> {
     })
 }
 
-/// Creates `dir` (mode 0700) or checks the one there: ours, and not writable by others (who
-/// could otherwise swap the files in it). An existing directory's read bits are left alone:
-/// the token file's own mode keeps it private.
+/// Creates `dir` (mode 0700) or checks the one there: ours, and not writable by every user
+/// (who could delete or swap the files in it). An existing directory's mode is otherwise left
+/// alone: the token file's own checks (ours, 0600, no link, created exclusively) keep the
+/// token private, and a group-writable directory is what `create_dir_all` makes under the
+/// usual umask 002 of user-private groups (every `.mecha` made before the credential was).
 fn private_dir(dir: &Path) -> Result<(), TokenError> {
     let io = |action| {
         move |source| TokenError::Io {
@@ -446,7 +448,7 @@ fn private_dir(dir: &Path) -> Result<(), TokenError> {
         Ok(meta) => {
             owned_by_us(dir, &meta)?;
             let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o022 != 0 {
+            if mode & 0o002 != 0 {
                 return Err(TokenError::UnsafeDirectory {
                     path: dir.to_path_buf(),
                     mode,
@@ -624,8 +626,8 @@ mod tests {
             "{error}"
         );
         assert!(!token_path(&scratch.0).exists());
-        // A directory others may only read is used as it is.
-        fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o755)).expect("chmod");
+        // A directory others may only read, or the user's group write, is used as it is.
+        fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o775)).expect("chmod");
         load_or_create(&scratch.0).expect("created");
     }
 
