@@ -244,12 +244,16 @@ impl ControlPlane {
             .await
             .map(|body| String::from_utf8_lossy(&body.to_bytes()).trim().to_string())
             .unwrap_or_default();
+        // The autoscaler's hint is written for the CLI; a sidecar's own says what to set.
+        let problem = said
+            .split_once(':')
+            .map_or(said.as_str(), |(first, _)| first);
         match (status, &self.token) {
             (StatusCode::UNAUTHORIZED, None) => format!(
-                "the autoscaler wants a credential and this sidecar has none ({status}: {said}); set AUTOSCALER_TOKEN_FILE to mecha up's STATE_DIR/admin-token, or AUTOSCALER_TOKEN"
+                "the autoscaler wants a credential and this sidecar has none ({status}: {problem}); set AUTOSCALER_TOKEN_FILE to mecha up's STATE_DIR/admin-token, or AUTOSCALER_TOKEN"
             ),
             (StatusCode::UNAUTHORIZED, Some(_)) => format!(
-                "the autoscaler refused this sidecar's credential ({status}: {said}); AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE must hold the token of the mecha up at {}",
+                "the autoscaler refused this sidecar's credential ({status}: {problem}); AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE must hold the token of the mecha up at {}",
                 self.addr
             ),
             _ if said.is_empty() => format!("answered {status}"),
