@@ -36,7 +36,8 @@ struct Cli {
     /// `admin-token`); the other commands read the credential from here.
     #[arg(long, global = true, env = "MECHA_STATE_DIR", default_value = auth::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// The admin API's credential, instead of reading STATE_DIR/admin-token.
+    /// The admin API's credential, instead of reading STATE_DIR/admin-token (a flag shows in
+    /// every user's process list: prefer MECHA_ADMIN_TOKEN).
     #[arg(long, global = true, env = auth::TOKEN_ENV, hide_env_values = true)]
     token: Option<String>,
     /// Log format on stderr (the filter is read from MECHA_LOG, e.g. MECHA_LOG=debug).
