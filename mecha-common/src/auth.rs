@@ -128,6 +128,8 @@ impl AdminToken {
 
     /// The `Authorization` header that presents this token.
     pub fn header_value(&self) -> HeaderValue {
+        // Every token is printable ASCII (`generate`, `parse`), so the fallback never happens;
+        // if it did, the server would answer that the credential is missing.
         let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0))
             .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
         value.set_sensitive(true);
@@ -232,13 +234,9 @@ pub async fn require_loopback_host(
         Ok(()) => next.run(request).await,
         Err(problem) => {
             refusals.count("host");
-            (
-            StatusCode::FORBIDDEN,
-            format!(
-                "{problem}: this API answers only to localhost, 127.0.0.1 or [::1] (a request naming another host may come from a web page through DNS rebinding)\n"
-            ),
-        )
-            .into_response()
+            let why = "this API answers only to localhost, 127.0.0.1 or [::1] (a request \
+                       naming another host may come from a web page through DNS rebinding)";
+            (StatusCode::FORBIDDEN, format!("{problem}: {why}\n")).into_response()
         }
     }
 }
@@ -318,7 +316,7 @@ pub fn token_path(state_dir: &Path) -> PathBuf {
 }
 
 /// The token of `mecha up` with state in `state_dir`: the one made on an earlier start, or a
-/// new one. Creates the directory (mode 0700) if needed and refuses one that other users can
+/// new one. Creates the directory (mode 0700) if needed and refuses one that every user can
 /// write, a token file that other users can read, and one that belongs to someone else.
 pub fn load_or_create(state_dir: &Path) -> Result<AdminToken, TokenError> {
     private_dir(state_dir)?;
