@@ -3,6 +3,9 @@
 //! ([`report_activation`]). If the autoscaler is unreachable, the last known tables stay in
 //! force, so warm traffic keeps flowing and only cold starts wait.
 //!
+//! Every request to the autoscaler carries its credential ([`ControlPlane`]): `mecha up`'s
+//! admin token, given as `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`.
+//!
 //! [`serve_gateway`] puts it together: the gateway role in a process of its own.
 
 use std::collections::HashSet;
@@ -11,12 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::Request;
-use http_body_util::{BodyExt, Empty, Full};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mecha_common::activation::Poke;
+use mecha_common::admin::Health;
+use mecha_common::auth::{self, AdminToken};
 use mecha_common::wire::{POKE_PATH, STATS_PATH, Snapshot, SnapshotReader, Stat, WATCH_PATH};
 use mecha_common::{Activation, EndpointTable, RoutingTable, ShutdownSignal};
 use prometheus::Registry;
@@ -47,7 +52,24 @@ pub struct GatewayConfig {
     /// `SIDECAR_FAST_PATH` (`true`): relay plain HTTP/1.1 on the fast path, or all through
     /// hyper.
     pub fast_path: bool,
+    /// `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`: the autoscaler's credential.
+    pub token: Option<AdminToken>,
 }
+
+/// The autoscaler as the sidecar talks to it: its address and the credential every request
+/// carries.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    addr: String,
+    token: Option<AdminToken>,
+}
+
+/// Where the settings tables say how to give a sidecar its credential.
+pub(crate) const TOKEN_FILE_HELP: (&str, &str, &str) = (
+    "--autoscaler-token-file",
+    "AUTOSCALER_TOKEN_FILE",
+    "file with the autoscaler's credential, e.g. mecha up's STATE_DIR/admin-token (or the token itself in AUTOSCALER_TOKEN, never a flag: arguments are visible to every user)",
+);
 
 impl GatewayConfig {
     pub const SETTINGS: settings::Table = &[
@@ -83,6 +105,7 @@ impl GatewayConfig {
             "SIDECAR_FAST_PATH",
             "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
         ),
+        TOKEN_FILE_HELP,
     ];
 
     /// The outbound (mesh client) role: the same gateway on a loopback port that the caller
@@ -124,6 +147,7 @@ impl GatewayConfig {
             "SIDECAR_FAST_PATH",
             "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
         ),
+        TOKEN_FILE_HELP,
     ];
 
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
@@ -171,6 +195,7 @@ impl GatewayConfig {
             name: get("POD_NAME").unwrap_or_else(|| format!("gateway-{}", std::process::id())),
             trusted_proxies: settings::trusted_proxies(&get, crate::rules::TrustedProxies::none())?,
             fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
+            token: autoscaler_token(&get)?,
         })
     }
 
@@ -186,30 +211,141 @@ impl GatewayConfig {
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Keeps `routes` and `endpoints` current from the autoscaler at `autoscaler` (`host:port`)
-/// until shutdown.
+/// The autoscaler's credential from `AUTOSCALER_TOKEN` (the token) or `AUTOSCALER_TOKEN_FILE`
+/// (a file holding it, checked like `mecha`'s own: this user's, readable by nobody else).
+/// Without either the sidecar still starts, and says why the autoscaler refuses it.
+pub fn autoscaler_token(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<AdminToken>, ConfigError> {
+    match (get("AUTOSCALER_TOKEN"), get("AUTOSCALER_TOKEN_FILE")) {
+        (Some(_), Some(file)) => Err(ConfigError {
+            setting: "AUTOSCALER_TOKEN_FILE",
+            value: file,
+            reason: "set AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE, not both".into(),
+        }),
+        (Some(token), None) => AdminToken::parse(&token)
+            .map(Some)
+            .map_err(|reason| ConfigError {
+                setting: "AUTOSCALER_TOKEN",
+                // Never echo a secret back.
+                value: "…".into(),
+                reason,
+            }),
+        (None, Some(file)) => auth::read(std::path::Path::new(&file))
+            .map(Some)
+            .map_err(|error| ConfigError {
+                setting: "AUTOSCALER_TOKEN_FILE",
+                value: file,
+                reason: error.to_string(),
+            }),
+        (None, None) => Ok(None),
+    }
+}
+
+// === impl ControlPlane ===
+
+impl ControlPlane {
+    pub fn new(addr: impl Into<String>, token: Option<AdminToken>) -> Self {
+        Self {
+            addr: addr.into(),
+            token,
+        }
+    }
+
+    /// A request for `path` on the autoscaler, with the credential.
+    fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        match &self.token {
+            Some(token) => request.header(http::header::AUTHORIZATION, token.header_value()),
+            None => request,
+        }
+    }
+
+    /// Why the autoscaler did not take a request: for a refused credential, what to do.
+    async fn refused(&self, response: http::Response<hyper::body::Incoming>) -> String {
+        let status = response.status();
+        // The autoscaler's own explanation, bounded: it is only quoted.
+        let said = Limited::new(response.into_body(), 1024)
+            .collect()
+            .await
+            .map(|body| String::from_utf8_lossy(&body.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        // The autoscaler's hint is written for the CLI; a sidecar's own says what to set.
+        let problem = said
+            .split_once(':')
+            .map_or(said.as_str(), |(first, _)| first);
+        match (status, &self.token) {
+            (StatusCode::UNAUTHORIZED, None) => format!(
+                "the autoscaler wants a credential and this sidecar has none ({status}: {problem}); set AUTOSCALER_TOKEN_FILE to mecha up's STATE_DIR/admin-token, or AUTOSCALER_TOKEN"
+            ),
+            (StatusCode::UNAUTHORIZED, Some(_)) => format!(
+                "the autoscaler refused this sidecar's credential ({status}: {problem}); AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE must hold the token of the mecha up at {}",
+                self.addr
+            ),
+            _ if said.is_empty() => format!("answered {status}"),
+            _ => format!("answered {status}: {said}"),
+        }
+    }
+
+    /// Posts a JSON `body` to `path`; an answer within 1 s that is not a success is an error.
+    pub async fn post(
+        &self,
+        client: &Client<HttpConnector, Full<Bytes>>,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(), String> {
+        let request = self
+            .request(http::Method::POST, path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let response = tokio::time::timeout(Duration::from_secs(1), client.request(request))
+            .await
+            .map_err(|_| "no answer within 1s".to_string())?
+            .map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.refused(response).await)
+        }
+    }
+}
+
+/// Keeps `routes` and `endpoints` current from the autoscaler until shutdown; `health` turns
+/// ready with the first snapshot (a gateway that never got one, e.g. one whose credential is
+/// refused, routes nothing).
 pub async fn watch(
-    autoscaler: String,
+    control: ControlPlane,
     activation: Activation,
     routes: watch::Sender<Arc<RoutingTable>>,
     endpoints: watch::Sender<Arc<EndpointTable>>,
+    health: Health,
     shutdown: ShutdownSignal,
 ) {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let uri = format!("http://{autoscaler}{WATCH_PATH}");
+    let autoscaler = control.addr.clone();
     let mut reader = SnapshotReader::default();
     let mut backoff = BACKOFF_START;
     let stop = shutdown.recv();
     tokio::pin!(stop);
     loop {
+        // A refused credential is not an interruption that fixes itself: said as an error.
+        let mut refused = false;
         let session = async {
-            let request = Request::get(&uri)
+            let request = control
+                .request(http::Method::GET, WATCH_PATH)
                 .body(Empty::new())
                 .map_err(|e| e.to_string())?;
             let response = client.request(request).await.map_err(|e| e.to_string())?;
             if !response.status().is_success() {
-                return Err(format!("answered {}", response.status()));
+                refused = matches!(
+                    response.status(),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+                );
+                return Err(control.refused(response).await);
             }
             tracing::info!(%autoscaler, "watching routes and endpoints");
             let mut body = response.into_body();
@@ -227,14 +363,17 @@ pub async fn watch(
                     let (r, e) = reader.read(snapshot, |revision| activation.released(revision));
                     routes.send_replace(Arc::new(r));
                     endpoints.send_replace(Arc::new(e));
+                    health.set_ready(true);
                 }
             }
             Err::<(), String>("the stream ended".into())
         };
         tokio::select! {
             result = session => {
-                if let Err(error) = result {
-                    tracing::warn!(%autoscaler, %error, "watch interrupted; keeping the last tables, retrying in {backoff:?}");
+                match result {
+                    Err(error) if refused => tracing::error!(%autoscaler, %error, "cannot watch routes and endpoints; retrying in {backoff:?}"),
+                    Err(error) => tracing::warn!(%autoscaler, %error, "watch interrupted; keeping the last tables, retrying in {backoff:?}"),
+                    Ok(()) => {}
                 }
             }
             () = &mut stop => return,
@@ -250,7 +389,7 @@ pub async fn watch(
 /// Sends the autoscaler every poke at once, and every second the load of the requests held
 /// here, as stats of replica `name`.
 pub async fn report_activation(
-    autoscaler: String,
+    control: ControlPlane,
     name: String,
     activation: Activation,
     mut pokes: mpsc::UnboundedReceiver<Poke>,
@@ -259,25 +398,7 @@ pub async fn report_activation(
 ) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let post = |path: &'static str, body: Vec<u8>| {
-        let client = client.clone();
-        let uri = format!("http://{autoscaler}{path}");
-        async move {
-            let request = Request::post(uri)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .map_err(|e| e.to_string())?;
-            let response = tokio::time::timeout(Duration::from_secs(1), client.request(request))
-                .await
-                .map_err(|_| "no answer within 1s".to_string())?
-                .map_err(|e| e.to_string())?;
-            if response.status().is_success() {
-                Ok(())
-            } else {
-                Err(format!("answered {}", response.status()))
-            }
-        }
-    };
+    let post = |path: &'static str, body: Vec<u8>| control.post(&client, path, body);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut loaded: HashSet<String> = HashSet::new();
     let stop = shutdown.recv();
@@ -325,14 +446,32 @@ pub async fn report_activation(
 }
 
 /// The gateway role in its own process: serves `listener`, routes and endpoints from the
-/// autoscaler `config` names, activation through it. Returns once shutdown has drained.
+/// autoscaler `config` names, activation through it; `health` turns ready once the first
+/// routes have arrived. Returns once shutdown has drained.
 pub async fn serve_gateway(
     listener: TcpListener,
-    config: &GatewayConfig,
+    config: GatewayConfig,
     registry: &Registry,
+    health: Health,
     shutdown: ShutdownSignal,
 ) {
-    let (autoscaler, name) = (config.autoscaler.clone(), config.name.clone());
+    let GatewayConfig {
+        autoscaler,
+        domain,
+        name,
+        drain_timeout,
+        token,
+        trusted_proxies,
+        fast_path,
+        ..
+    } = config;
+    if token.is_none() {
+        tracing::warn!(
+            %autoscaler,
+            "no AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE: an autoscaler that wants a credential (mecha up does) will refuse this gateway"
+        );
+    }
+    let control = ControlPlane::new(autoscaler, token);
     let (activation, pokes) = Activation::new();
     let (routes_tx, routes_rx) = watch::channel(Arc::<RoutingTable>::default());
     let (endpoints_tx, endpoints_rx) = watch::channel(Arc::<EndpointTable>::default());
@@ -340,19 +479,20 @@ pub async fn serve_gateway(
         routes_rx.clone(),
         endpoints_rx,
         activation.clone(),
-        &config.domain,
+        &domain,
         registry,
     )
-    .with_trusted_proxies(config.trusted_proxies.clone());
+    .with_trusted_proxies(trusted_proxies);
     let watcher = tokio::spawn(watch(
-        autoscaler.clone(),
+        control.clone(),
         activation.clone(),
         routes_tx,
         endpoints_tx,
+        health,
         shutdown.clone(),
     ));
     let reporter = tokio::spawn(report_activation(
-        autoscaler,
+        control,
         name,
         activation,
         pokes,
@@ -367,8 +507,8 @@ pub async fn serve_gateway(
         crate::server::Workers::current(),
         shutdown,
         crate::server::ServeOptions {
-            fast_path: config.fast_path,
-            drain_timeout: config.drain_timeout,
+            fast_path,
+            drain_timeout,
         },
     )
     .await;
@@ -400,5 +540,41 @@ mod tests {
             error.to_string(),
             "GATEWAY_ADMIN_PORT=\"8022\": must differ from OUTBOUND_PORT"
         );
+    }
+
+    #[test]
+    fn the_credential_comes_from_a_variable_or_a_private_file() {
+        let none = autoscaler_token(&|_: &str| None).expect("optional");
+        assert!(none.is_none());
+        let token =
+            autoscaler_token(&|k: &str| (k == "AUTOSCALER_TOKEN").then(|| "s3cret\n".into()))
+                .expect("ok")
+                .expect("some");
+        assert_eq!(token.as_str(), "s3cret");
+        let error = autoscaler_token(&|k: &str| (k == "AUTOSCALER_TOKEN").then(|| " ".into()))
+            .expect_err("empty");
+        assert_eq!(error.setting, "AUTOSCALER_TOKEN");
+        let error =
+            autoscaler_token(&|_: &str| Some("/nonexistent/admin-token".into())).expect_err("both");
+        assert!(error.reason.contains("not both"), "{error}");
+        let error = autoscaler_token(&|k: &str| {
+            (k == "AUTOSCALER_TOKEN_FILE").then(|| "/nonexistent/admin-token".into())
+        })
+        .expect_err("missing file");
+        assert_eq!(error.setting, "AUTOSCALER_TOKEN_FILE");
+        assert!(
+            error.reason.contains("no admin credential found"),
+            "{error}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("sidecar-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let made = auth::load_or_create(&dir).expect("token");
+        let file = auth::token_path(&dir).to_string_lossy().into_owned();
+        let read =
+            autoscaler_token(&|k: &str| (k == "AUTOSCALER_TOKEN_FILE").then(|| file.clone()))
+                .expect("ok");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read, Some(made));
     }
 }

@@ -18,6 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mecha_common::admin::Health;
+use mecha_common::auth::AdminToken;
 use mecha_common::probe::{ProbeKind, ProbeSpec};
 use mecha_common::routing::{ServiceKey, UpstreamProtocol};
 use mecha_common::wire::{STATS_PATH, Stat};
@@ -27,6 +28,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::body::{ProxyBody, full};
+use crate::discovery::{self, ControlPlane};
 use crate::error::Failure;
 use crate::error::ProxyError;
 use crate::h1::{Answer, Decision, Role, codec::RequestHead};
@@ -79,6 +81,8 @@ pub struct Report {
     pub autoscaler: String,
     pub revision: String,
     pub replica: String,
+    /// `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`: the autoscaler's credential.
+    pub token: Option<AdminToken>,
 }
 
 /// The running inbound proxy.
@@ -173,6 +177,7 @@ impl InboundConfig {
                     autoscaler: addr,
                     revision,
                     replica,
+                    token: discovery::autoscaler_token(&get)?,
                 })
             }
         };
@@ -250,6 +255,7 @@ impl InboundConfig {
             "the revision reported for (with AUTOSCALER_ADDR)",
         ),
         ("--pod-name", "POD_NAME", "this replica's name in reports"),
+        discovery::TOKEN_FILE_HELP,
         (
             "--trusted-proxies",
             "SIDECAR_TRUSTED_PROXIES",
@@ -503,15 +509,21 @@ impl Role for Inbound {
 #[derive(Debug)]
 struct Reporter {
     report: Report,
-    uri: String,
+    control: ControlPlane,
     client: Client<HttpConnector, Full<Bytes>>,
     failing: AtomicBool,
 }
 
 impl Reporter {
     fn new(report: &Report) -> Self {
+        if report.token.is_none() {
+            tracing::warn!(
+                autoscaler = %report.autoscaler,
+                "no AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE: an autoscaler that wants a credential (mecha up does) will refuse the load reports"
+            );
+        }
         Self {
-            uri: format!("http://{}{STATS_PATH}", report.autoscaler),
+            control: ControlPlane::new(report.autoscaler.clone(), report.token.clone()),
             report: report.clone(),
             client: Client::builder(TokioExecutor::new()).build_http(),
             failing: AtomicBool::new(false),
@@ -521,22 +533,7 @@ impl Reporter {
     async fn send(&self, sample: mecha_common::LoadSample) {
         let stat = Stat::new(&self.report.revision, &self.report.replica, sample);
         let body = serde_json::to_vec(&[stat]).unwrap_or_default();
-        let request = Request::post(&self.uri)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)));
-        let outcome = match request {
-            Ok(request) => {
-                match tokio::time::timeout(Duration::from_secs(1), self.client.request(request))
-                    .await
-                {
-                    Ok(Ok(response)) if response.status().is_success() => Ok(()),
-                    Ok(Ok(response)) => Err(format!("answered {}", response.status())),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(_) => Err("no answer within 1s".into()),
-                }
-            }
-            Err(error) => Err(error.to_string()),
-        };
+        let outcome = self.control.post(&self.client, STATS_PATH, body).await;
         // Say so once when reporting starts failing and once when it recovers, not every second.
         match outcome {
             Ok(()) => {
@@ -657,7 +654,8 @@ mod tests {
             Some(Report {
                 autoscaler: "autoscaler:8081".into(),
                 revision: "hello-00001".into(),
-                replica: "pod-a".into()
+                replica: "pod-a".into(),
+                token: None,
             })
         );
     }

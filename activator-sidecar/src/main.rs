@@ -197,10 +197,12 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     let shutdown = Shutdown::new();
     let admin_task = serve_admin(admin, health.clone(), registry.clone(), shutdown.signal());
     let signal = shutdown.signal();
+    // Ready once the first routes arrive from the autoscaler, not before: a gateway that
+    // cannot watch (refused credential, no autoscaler) routes nothing.
+    let ready = health.clone();
     let gateway = tokio::spawn(async move {
-        serve_gateway(listener, &config, &registry, signal).await;
+        serve_gateway(listener, config, &registry, ready, signal).await;
     });
-    health.set_ready(true);
     if let Err(code) = stop_signal().await {
         return code;
     }

@@ -82,6 +82,25 @@ fn bad_configuration_exits_naming_the_setting() {
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--user-prot"));
+
+    // A credential file other users can read is refused, naming the setting and the fix.
+    let file = std::env::temp_dir().join(format!("sidecar-exposed-token-{}", std::process::id()));
+    std::fs::write(&file, "secret\n").expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let output = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
+        .args(["gateway", "--autoscaler-addr", "127.0.0.1:8081"])
+        .arg("--autoscaler-token-file")
+        .arg(&file)
+        .output()
+        .expect("run");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("AUTOSCALER_TOKEN_FILE=") && stderr.contains("can be read by other users"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -168,7 +187,8 @@ async fn sigterm_lets_the_request_in_flight_finish() {
 
 #[tokio::test]
 async fn reports_its_load_to_the_autoscaler_every_second() {
-    // A stand-in autoscaler that records every stats body posted to it.
+    // A stand-in autoscaler that records every stats body posted to it with the credential,
+    // and refuses the others as `mecha up` does.
     let intake = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let intake_addr = intake.local_addr().expect("addr");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -200,11 +220,17 @@ async fn reports_its_load_to_the_autoscaler_every_second() {
                         continue;
                     }
                     assert!(head.starts_with("POST /api/v1/stats "), "{head}");
-                    let _ = tx.send(body[..length].to_string());
+                    let authorized = head
+                        .lines()
+                        .any(|l| l.eq_ignore_ascii_case("authorization: Bearer test-token"));
+                    let answer: &[u8] = if authorized {
+                        let _ = tx.send(body[..length].to_string());
+                        b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+                    };
                     buf.drain(..head.len() + 4 + length);
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
-                        .await;
+                    let _ = stream.write_all(answer).await;
                 }
             });
         }
@@ -219,6 +245,7 @@ async fn reports_its_load_to_the_autoscaler_every_second() {
             ("AUTOSCALER_ADDR", &intake_env),
             ("SERVING_REVISION", "fn-00001"),
             ("POD_NAME", "pod-a"),
+            ("AUTOSCALER_TOKEN", "test-token"),
         ],
     );
     wait_for("readiness", async || {

@@ -63,6 +63,8 @@ pub struct Platform {
     pub started: Instant,
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
+    /// The admin API's credential (`STATE_DIR/admin-token`).
+    pub admin_token: String,
     state_dir: PathBuf,
 }
 
@@ -109,11 +111,17 @@ impl Platform {
             gateway = gateway.or(addr("  gateway"));
             admin = admin.or(addr("  admin"));
         }
+        // Written before the admin API listens, so it is there once the address is printed.
+        let admin_token = std::fs::read_to_string(state_dir.join("admin-token"))
+            .map_err(|e| format!("cannot read the admin API's credential: {e}"))?
+            .trim()
+            .to_string();
         Ok(Self {
             child,
             started,
             gateway: gateway.ok_or("no gateway address")?,
             admin: admin.ok_or("no admin address")?,
+            admin_token,
             state_dir,
         })
     }
@@ -142,7 +150,8 @@ impl Platform {
         client: &HttpClient,
         service: &str,
     ) -> Result<SocketAddr, String> {
-        let (_, body) = get_body(client, self.admin, "localhost", "/api/v1/services").await?;
+        let (_, body) =
+            admin_get(client, self.admin, &self.admin_token, "/api/v1/services").await?;
         let services: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         services
@@ -188,6 +197,21 @@ pub async fn get(
 }
 
 /// One GET; returns the status and the body.
+/// GET `path` on `mecha up`'s admin API with its credential.
+pub async fn admin_get(
+    client: &HttpClient,
+    admin: SocketAddr,
+    token: &str,
+    path: &str,
+) -> Result<(u16, Bytes), String> {
+    let request = Request::get(format!("http://{admin}{path}"))
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    read_body(client, request).await
+}
+
 pub async fn get_body(
     client: &HttpClient,
     addr: SocketAddr,
@@ -198,6 +222,13 @@ pub async fn get_body(
         .header("host", host)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
+    read_body(client, request).await
+}
+
+async fn read_body(
+    client: &HttpClient,
+    request: Request<Empty<Bytes>>,
+) -> Result<(u16, Bytes), String> {
     let response = client.request(request).await.map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let body = response

@@ -1,12 +1,14 @@
 //! What every Mecha component shares: the shutdown signal, telemetry (tracing, the Prometheus
-//! registry and the `/live`, `/ready`, `/metrics` admin endpoints) and the routing and endpoint
-//! tables that the control plane publishes and the data path reads.
+//! registry and the `/live`, `/ready`, `/metrics` admin endpoints), the admin API's credential
+//! and `Host` rule, and the routing and endpoint tables that the control plane publishes and
+//! the data path reads.
 //!
 //! Nothing here knows about Kubernetes: the same types serve local mode and cluster mode.
 #![forbid(unsafe_code)]
 
 pub mod activation;
 pub mod admin;
+pub mod auth;
 pub mod duration;
 pub mod load;
 pub mod probe;

@@ -1,5 +1,8 @@
 //! The loopback admin API of `mecha up`: what `mecha get/apply/delete/logs` talk to, next to
 //! `/live`, `/ready` and `/metrics`.
+//!
+//! Every route answers only to a loopback `Host`, and every route but `/live`, `/ready` and
+//! `/metrics` needs the credential (`mecha_common::auth`): applying a Service runs its command.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -17,6 +20,7 @@ use crds::{LoadError, Loaded, Mode};
 use futures_util::StreamExt;
 use mecha_common::ShutdownSignal;
 use mecha_common::admin::Health;
+use mecha_common::auth::{self, Credential, Refusals};
 use mecha_common::routing::{ServiceKey, service_host, tag_host};
 use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH};
 use mecha_common::{Activation, RoutingTable};
@@ -56,7 +60,13 @@ struct LogsQuery {
     follow: bool,
 }
 
-pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
+pub fn router(
+    state: AdminState,
+    health: Health,
+    registry: Registry,
+    credential: Credential,
+    refusals: Refusals,
+) -> Router {
     let api = Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/brokers", get(brokers))
@@ -70,8 +80,19 @@ pub fn router(state: AdminState, health: Health, registry: Registry) -> Router {
         .route(STATS_PATH, post(stats))
         .route(POKE_PATH, post(pokes))
         .route(WATCH_PATH, get(watch_tables))
-        .with_state(state);
-    mecha_common::admin::router(health, registry).merge(api)
+        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(
+            credential,
+            auth::require_credential,
+        ));
+    // The Host rule covers the open routes too: they are harmless to a local process, but
+    // through DNS rebinding `/metrics` would show a web page every service's name.
+    mecha_common::admin::router(health, registry)
+        .merge(api)
+        .layer(axum::middleware::from_fn_with_state(
+            refusals,
+            auth::require_loopback_host,
+        ))
 }
 
 async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {
@@ -392,4 +413,237 @@ pub fn service_views(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use autoscaler::{Controller, SupervisorConfig};
+    use axum::http::Request;
+    use eventing_broker::{BrokerConfig, EventLog};
+    use http_body_util::BodyExt;
+    use mecha_common::auth::AdminToken;
+    use mecha_common::{Shutdown, wire::Poke};
+    use tower::ServiceExt;
+
+    /// The real admin router over a store and a supervisor that run nothing: requests are
+    /// handled, but no replica is ever started.
+    struct Fixture {
+        app: Router,
+        store: Arc<LocalStore>,
+        token: AdminToken,
+        dir: std::path::PathBuf,
+        _shutdown: Shutdown,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let dir = std::env::temp_dir().join(format!(
+            "mecha-admin-router-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let registry = Registry::new();
+        let store = Arc::new(LocalStore::new());
+        let (activation, pokes) = Activation::new();
+        let logs = LogHub::new(false);
+        let supervisor = Supervisor::new(
+            SupervisorConfig::default(),
+            logs.clone(),
+            activation.clone(),
+            &registry,
+        );
+        let controller = Controller::new(
+            store.subscribe(),
+            supervisor.clone(),
+            activation.clone(),
+            pokes,
+            DOMAIN,
+            &registry,
+        );
+        let broker = eventing_broker::EventBroker::new(
+            EventLog::open(&dir.join("events.redb")).expect("log"),
+            store.subscribe_eventing(),
+            BrokerConfig {
+                max_event_size: 1 << 20,
+                default_timeout: std::time::Duration::from_secs(1),
+                concurrency: 1,
+                ingress: "127.0.0.1:9".parse().expect("addr"),
+                domain: DOMAIN.into(),
+            },
+            &registry,
+        );
+        let shutdown = Shutdown::new();
+        let token = AdminToken::generate().expect("token");
+        let refusals = Refusals::register(&registry);
+        let app = router(
+            AdminState {
+                store: store.clone(),
+                supervisor,
+                scaling: controller.status_board(),
+                logs,
+                gateway_port: 8080,
+                shutdown: shutdown.signal(),
+                stats: controller.stats_intake(),
+                routes: controller.routes(),
+                activation,
+                broker,
+            },
+            Health::default(),
+            registry,
+            Credential::new(token.clone(), "read .mecha/admin-token", refusals.clone()),
+            refusals,
+        );
+        Fixture {
+            app,
+            store,
+            token,
+            dir,
+            _shutdown: shutdown,
+        }
+    }
+
+    fn service_files() -> String {
+        serde_json::json!({"files": [{
+            "path": "/nowhere/svc.yaml",
+            "content": "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: evil\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"touch /tmp/evil\"]\n",
+        }]})
+        .to_string()
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        path: &str,
+        host: &str,
+        authorization: Option<&str>,
+        body: String,
+    ) -> (StatusCode, String) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(value) = authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        let response = app
+            .clone()
+            .oneshot(request.body(Body::from(body)).expect("request"))
+            .await
+            .expect("response");
+        let status = response.status();
+        // The watch stream never ends: read only what is there at once.
+        let body = if path == WATCH_PATH && status.is_success() {
+            String::new()
+        } else {
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn every_admin_route_needs_the_credential_and_a_loopback_host() {
+        let fixture = fixture();
+        let app = &fixture.app;
+        let bearer = format!("Bearer {}", fixture.token.as_str());
+        let poke = serde_json::to_string(&[Poke {
+            revision: "evil-00001".into(),
+            waiting: 3,
+        }])
+        .expect("json");
+        let routes: Vec<(&str, &str, String)> = vec![
+            ("POST", "/api/v1/apply", service_files()),
+            ("POST", "/api/v1/delete", service_files()),
+            ("GET", "/api/v1/services", String::new()),
+            ("GET", "/api/v1/brokers", String::new()),
+            ("GET", "/api/v1/triggers", String::new()),
+            (
+                "GET",
+                "/api/v1/namespaces/default/services/evil/logs",
+                String::new(),
+            ),
+            ("GET", WATCH_PATH, String::new()),
+            ("POST", STATS_PATH, "[]".into()),
+            ("POST", POKE_PATH, poke),
+        ];
+        for (method, path, body) in &routes {
+            let (status, text) =
+                call(app, method, path, "localhost:8081", None, body.clone()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert_eq!(text, "missing credential: read .mecha/admin-token\n");
+            let wrong = format!("Bearer {}", "f".repeat(64));
+            let (status, _) =
+                call(app, method, path, "localhost", Some(&wrong), body.clone()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+            for host in ["evil.example", "127.0.0.1.nip.io"] {
+                let (status, _) = call(app, method, path, host, Some(&bearer), body.clone()).await;
+                assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path} {host}");
+            }
+        }
+        assert_eq!(
+            fixture.store.snapshot().services().count(),
+            0,
+            "nothing applied"
+        );
+
+        // With both, every route answers as before.
+        for (method, path, body) in &routes {
+            let (status, text) = call(
+                app,
+                method,
+                path,
+                "127.0.0.1:8081",
+                Some(&bearer),
+                body.clone(),
+            )
+            .await;
+            assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {text}");
+            assert_ne!(status, StatusCode::FORBIDDEN, "{method} {path}: {text}");
+        }
+        assert_eq!(
+            fixture.store.snapshot().services().count(),
+            0,
+            "applied, then deleted"
+        );
+        let (status, text) = call(
+            app,
+            "POST",
+            "/api/v1/apply",
+            "[::1]:8081",
+            Some(&bearer),
+            service_files(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        assert_eq!(fixture.store.snapshot().services().count(), 1);
+
+        // Health and metrics need no credential, only a loopback host.
+        for path in ["/live", "/ready", "/metrics"] {
+            let (status, _) = call(app, "GET", path, "localhost", None, String::new()).await;
+            assert!(
+                status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+                "{path}: {status}"
+            );
+            let (status, _) = call(app, "GET", path, "evil.example", None, String::new()).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        }
+        let (_, metrics) = call(app, "GET", "/metrics", "localhost", None, String::new()).await;
+        assert!(
+            metrics.contains("mecha_admin_refused_requests_total{reason=\"credential\"} 18"),
+            "{metrics}"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! The CLI commands that talk to a running `mecha up` through its admin API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -9,6 +9,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use mecha_common::auth::{self, AdminToken, TokenError};
 
 use crate::api::{BrokerView, ErrorsResponse, FileContent, FilesRequest, OutcomesResponse};
 use crate::output;
@@ -17,6 +18,7 @@ use crate::output;
 #[derive(Debug)]
 pub struct AdminClient {
     addr: String,
+    token: AdminToken,
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -31,17 +33,56 @@ pub enum ClientError {
     },
     #[error("reading the answer from {addr}: {message}")]
     Protocol { addr: String, message: String },
+    #[error("mecha at {addr} refused the request ({status}): {message}")]
+    Refused {
+        addr: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("{source}")]
+    NoCredential { source: TokenError },
+}
+
+/// The admin API's credential as the client finds it on its own: `--token` or
+/// `MECHA_ADMIN_TOKEN` (`given`), else the token file `mecha up` keeps in `state_dir`.
+pub fn find_token(given: Option<&str>, state_dir: &Path) -> Result<AdminToken, ClientError> {
+    if let Some(text) = given {
+        return AdminToken::parse(text).map_err(|reason| ClientError::NoCredential {
+            source: TokenError::Invalid {
+                what: "--token or",
+                path: PathBuf::from(auth::TOKEN_ENV),
+                reason,
+            },
+        });
+    }
+    auth::read(&auth::token_path(state_dir)).map_err(|source| ClientError::NoCredential { source })
+}
+
+impl ClientError {
+    /// What to do about it, printed after the error.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ClientError::NoCredential {
+                source: TokenError::Missing { .. },
+            } => Some(format!(
+                "is `mecha up` running from this directory? pass --state-dir (or MECHA_STATE_DIR) naming its state directory, or --token / {}",
+                auth::TOKEN_ENV
+            )),
+            _ => None,
+        }
+    }
 }
 
 // === impl AdminClient ===
 
 impl AdminClient {
-    pub fn new(addr: &str) -> Self {
+    pub fn new(addr: &str, token: AdminToken) -> Self {
         Self {
             addr: addr
                 .trim_start_matches("http://")
                 .trim_end_matches('/')
                 .to_string(),
+            token,
             http: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -56,6 +97,7 @@ impl AdminClient {
             .method(method)
             .uri(format!("http://{}{path}", self.addr))
             .header("content-type", "application/json")
+            .header(hyper::header::AUTHORIZATION, self.token.header_value())
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| self.protocol(e))?;
         let response =
@@ -66,7 +108,22 @@ impl AdminClient {
                     addr: self.addr.clone(),
                     source,
                 })?;
-        Ok((response.status(), response.into_body()))
+        let status = response.status();
+        // The server's answer says what is missing and where to get it.
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.protocol(e))?
+                .to_bytes();
+            return Err(ClientError::Refused {
+                addr: self.addr.clone(),
+                status,
+                message: String::from_utf8_lossy(&bytes).trim_end().to_string(),
+            });
+        }
+        Ok((status, response.into_body()))
     }
 
     async fn call_bytes(

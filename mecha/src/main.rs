@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use mecha_common::auth;
 use mecha_common::telemetry::{LogFormat, init_tracing};
 
 use crate::client::AdminClient;
@@ -31,6 +32,14 @@ struct Cli {
         default_value = "127.0.0.1:8081"
     )]
     admin_addr: String,
+    /// Where `mecha up` keeps its state (the event log and the admin API's credential,
+    /// `admin-token`); the other commands read the credential from here.
+    #[arg(long, global = true, env = "MECHA_STATE_DIR", default_value = auth::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The admin API's credential, instead of reading STATE_DIR/admin-token (a flag shows in
+    /// every user's process list: prefer MECHA_ADMIN_TOKEN).
+    #[arg(long, global = true, env = auth::TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
     /// Log format on stderr (the filter is read from MECHA_LOG, e.g. MECHA_LOG=debug).
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
     log_format: LogFormatArg,
@@ -72,9 +81,6 @@ enum Command {
         /// Address the gateway listens on.
         #[arg(long, default_value = "127.0.0.1")]
         bind: IpAddr,
-        /// Where Mecha keeps its state across restarts.
-        #[arg(long, default_value = ".mecha")]
-        state_dir: PathBuf,
         /// How long stopping replicas may take to finish requests before SIGKILL.
         #[arg(long, default_value = "30s", value_parser = humantime_duration)]
         grace_period: Duration,
@@ -188,14 +194,12 @@ async fn main() -> ExitCode {
         LogFormatArg::Json => LogFormat::Json,
     };
     init_tracing("MECHA_LOG", "info", format);
-    let client = AdminClient::new(&cli.admin_addr);
-    let result = match cli.command {
+    let command = match cli.command {
         Command::Up {
             paths,
             port,
             admin_port,
             bind,
-            state_dir,
             grace_period,
             max_event_size,
             delivery_concurrency,
@@ -205,19 +209,41 @@ async fn main() -> ExitCode {
                 bind,
                 port,
                 admin_port,
-                state_dir,
+                state_dir: cli.state_dir,
                 grace_period,
                 max_event_size,
                 delivery_concurrency: usize::from(delivery_concurrency),
             })
             .await;
         }
-        Command::Apply { files } => client::send_files(&client, &files, false).await,
-        Command::Delete { files } => client::send_files(&client, &files, true).await,
+        command => command,
+    };
+    let result = match client::find_token(cli.token.as_deref(), &cli.state_dir) {
+        Ok(token) => run_client(&AdminClient::new(&cli.admin_addr, token), command).await,
+        Err(error) => Err(error),
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("error: {error}");
+        if let Some(hint) = error.hint() {
+            eprintln!("hint: {hint}");
+        }
+        ExitCode::from(1)
+    })
+}
+
+/// The commands that talk to a running `mecha up`.
+async fn run_client(
+    admin: &AdminClient,
+    command: Command,
+) -> Result<ExitCode, client::ClientError> {
+    match command {
+        Command::Up { .. } => Ok(ExitCode::SUCCESS),
+        Command::Apply { files } => client::send_files(admin, &files, false).await,
+        Command::Delete { files } => client::send_files(admin, &files, true).await,
         Command::Get { what } => match what {
             GetWhat::Services { output } => {
                 client::get(
-                    &client,
+                    admin,
                     "/api/v1/services",
                     output.json(),
                     output::print_services,
@@ -226,7 +252,7 @@ async fn main() -> ExitCode {
             }
             GetWhat::Brokers { output } => {
                 client::get(
-                    &client,
+                    admin,
                     "/api/v1/brokers",
                     output.json(),
                     output::print_brokers,
@@ -235,7 +261,7 @@ async fn main() -> ExitCode {
             }
             GetWhat::Triggers { output } => {
                 client::get(
-                    &client,
+                    admin,
                     "/api/v1/triggers",
                     output.json(),
                     output::print_triggers,
@@ -252,7 +278,7 @@ async fn main() -> ExitCode {
             extensions,
         } => {
             client::send_event(
-                &client,
+                admin,
                 client::SendRequest {
                     broker,
                     kind,
@@ -268,10 +294,6 @@ async fn main() -> ExitCode {
             service,
             namespace,
             follow,
-        } => client::logs(&client, &namespace, &service, follow).await,
-    };
-    result.unwrap_or_else(|error| {
-        eprintln!("error: {error}");
-        ExitCode::from(1)
-    })
+        } => client::logs(admin, &namespace, &service, follow).await,
+    }
 }

@@ -20,6 +20,7 @@ use eventing_broker::{BrokerConfig, EventBroker, EventLog};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use mecha_common::admin::Health;
+use mecha_common::auth::{self, Credential, Refusals};
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -57,13 +58,24 @@ pub async fn run(config: UpConfig) -> ExitCode {
         return output::refuse(&errors);
     }
     raise_open_files_limit();
-    if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
-        eprintln!(
-            "error: cannot create the state directory {}: {error}",
-            config.state_dir.display()
-        );
-        return ExitCode::from(1);
-    }
+    // The credential exists before the admin API listens, so no request is ever unguarded.
+    let token = match auth::load_or_create(&config.state_dir) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("error: the admin API's credential: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let token_path = auth::token_path(&config.state_dir);
+    let hint = format!(
+        "run mecha commands from the directory `mecha up` runs in, or pass --state-dir; \
+         they read the token from {} (or pass --token / {}; sidecars: AUTOSCALER_TOKEN or \
+         AUTOSCALER_TOKEN_FILE)",
+        std::path::absolute(&token_path)
+            .unwrap_or_else(|_| token_path.clone())
+            .display(),
+        auth::TOKEN_ENV,
+    );
     let gateway_listener = match bind(config.bind, config.port, "the gateway", "--port").await {
         Ok(listener) => listener,
         Err(code) => return code,
@@ -97,6 +109,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         }
     };
     let registry = Registry::new();
+    let refusals = Refusals::register(&registry);
     let health = Health::default();
     let shutdown = Shutdown::new();
     let logs = LogHub::new(true);
@@ -197,7 +210,9 @@ pub async fn run(config: UpConfig) -> ExitCode {
             broker: broker.clone(),
         },
         health.clone(),
-        registry,
+        registry.clone(),
+        Credential::new(token, hint, refusals.clone()),
+        refusals,
     );
     let admin_shutdown = shutdown.signal();
     let admin_task = watch_task(
@@ -223,6 +238,10 @@ pub async fn run(config: UpConfig) -> ExitCode {
         "  admin    http://{admin_addr}  (/metrics, /live, /ready; MECHA_ADMIN_ADDR={admin_addr})"
     );
     println!("  state    {}", config.state_dir.display());
+    println!(
+        "  token    {}  (the admin API's credential; mecha commands read it from here)",
+        token_path.display()
+    );
     println!();
     output::print_services(&admin::service_views(
         &store.snapshot(),

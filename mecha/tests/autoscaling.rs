@@ -164,14 +164,11 @@ fn stats_posted_by_a_sidecar_drive_the_autoscaler() {
     // No request ever reaches the gateway: only the reported load can scale the revision.
     let stat = r#"[{"revision":"remote-00001","replica":"pod-a","concurrency":140,"requests":10,"seconds":1}]"#;
     wait_until("the reported load to scale the revision to two", || {
-        assert_eq!(
-            support::post(mecha.admin, "/api/v1/stats", stat).status,
-            202
-        );
+        assert_eq!(mecha.admin_post("/api/v1/stats", stat).status, 202);
         ready_and_desired(&mecha, "remote").1 >= 2
     });
     let bad = r#"[{"revision":"remote-00001","replica":"pod-a","concurrency":1,"requests":1,"seconds":0}]"#;
-    let response = support::post(mecha.admin, "/api/v1/stats", bad);
+    let response = mecha.admin_post("/api/v1/stats", bad);
     assert_eq!(response.status, 400);
     assert!(
         response

@@ -3,8 +3,56 @@
 
 mod support;
 
+use std::time::Duration;
+
+use activator_sidecar::discovery::{GatewayConfig, serve_gateway};
 use mecha_common::Shutdown;
+use mecha_common::admin::Health;
+use mecha_common::auth::AdminToken;
 use support::{FAST_CONFIG, Mecha, Workdir, echo_service, wait_until};
+
+/// The gateway role in-process against `mecha`, with `token` as its credential.
+fn start_gateway(
+    runtime: &tokio::runtime::Runtime,
+    mecha: &Mecha,
+    token: Option<AdminToken>,
+    shutdown: &Shutdown,
+) -> (std::net::SocketAddr, Health, tokio::task::JoinHandle<()>) {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = GatewayConfig {
+        port: addr.port(),
+        admin_port: 0,
+        autoscaler: mecha.admin.to_string(),
+        domain: "localhost".into(),
+        drain_timeout: Duration::from_secs(1),
+        name: "test-gateway".into(),
+        token,
+    };
+    let health = Health::default();
+    let ready = health.clone();
+    let signal = shutdown.signal();
+    let served = runtime.spawn(async move {
+        serve_gateway(
+            listener,
+            config,
+            &prometheus::Registry::new(),
+            ready,
+            signal,
+        )
+        .await;
+    });
+    (addr, health, served)
+}
+
+fn metric(mecha: &Mecha, line_start: &str) -> Option<f64> {
+    support::http(mecha.admin, "localhost", "/metrics")
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+}
 
 #[test]
 fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
@@ -18,38 +66,42 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let shutdown = Shutdown::new();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let gateway = listener.local_addr().expect("addr");
-    let signal = shutdown.signal();
-    let admin = mecha.admin.to_string();
-    let served = runtime.spawn(async move {
-        let config = activator_sidecar::discovery::GatewayConfig::from_args_and_env(
-            &[
-                "--autoscaler-addr".to_string(),
-                admin,
-                "--pod-name".into(),
-                "test-gateway".into(),
-                "--drain-timeout".into(),
-                "1s".into(),
-            ],
-            |_| None,
-        )
-        .expect("gateway settings");
-        activator_sidecar::discovery::serve_gateway(
-            listener,
-            &config,
-            &prometheus::Registry::new(),
-            signal,
-        )
-        .await;
-    });
 
-    // Routes and endpoints arrive over the watch stream.
+    // Without the credential a sidecar learns nothing and wakes nothing.
+    let poke = r#"[{"revision":"cold-00001","waiting":5}]"#;
+    let refused = support::post(mecha.admin, "/api/v1/pokes", poke);
+    assert_eq!(refused.status, 401, "{refused:?}");
+    let (stranger, stranger_health, stranger_served) =
+        start_gateway(&runtime, &mecha, None, &shutdown);
+    wait_until("the tokenless gateway's watch to be refused", || {
+        metric(
+            &mecha,
+            "mecha_admin_refused_requests_total{reason=\"credential\"}",
+        )
+        .is_some_and(|n| n >= 2.0)
+    });
+    assert!(!stranger_health.is_ready());
+    assert_eq!(
+        support::http(stranger, "warm.default.localhost", "/").status,
+        404
+    );
+    assert_eq!(
+        metric(
+            &mecha,
+            "mecha_autoscaler_activations_total{revision=\"cold-00001\"}"
+        ),
+        None,
+        "a refused poke woke the service"
+    );
+
+    let token = AdminToken::parse(&mecha.token()).expect("token");
+    let (gateway, health, served) = start_gateway(&runtime, &mecha, Some(token), &shutdown);
+
+    // Routes and endpoints arrive over the watch stream; the gateway is ready with them.
     wait_until("the remote gateway to route warm", || {
         support::http(gateway, "warm.default.localhost", "/").status == 200
     });
+    assert!(health.is_ready());
     assert_eq!(
         support::http(gateway, "warm.default.localhost", "/")
             .echo()
@@ -83,6 +135,16 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
         "{metrics}"
     );
 
+    // The tokenless one still has nothing.
+    assert!(!stranger_health.is_ready());
+    assert_eq!(
+        support::http(stranger, "cold.default.localhost", "/").status,
+        404
+    );
+
     shutdown.trigger();
     runtime.block_on(served).expect("gateway stopped");
+    runtime
+        .block_on(stranger_served)
+        .expect("tokenless gateway stopped");
 }

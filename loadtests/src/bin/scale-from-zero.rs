@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use loadtests::{Percentiles, Platform, client, get, get_body};
+use loadtests::{Percentiles, Platform, admin_get, client, get};
 
 struct Args {
     mecha: PathBuf,
@@ -148,9 +148,10 @@ async fn run(args: Args) -> Result<(), String> {
             (done.clone(), peak_desired.clone(), peak_ready.clone());
         let http = http.clone();
         let admin = platform.admin;
+        let token = platform.admin_token.clone();
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
-                if let Ok((_, body)) = get_body(&http, admin, "localhost", "/api/v1/services").await
+                if let Ok((_, body)) = admin_get(&http, admin, &token, "/api/v1/services").await
                     && let Ok(services) = serde_json::from_slice::<serde_json::Value>(&body)
                 {
                     for s in services

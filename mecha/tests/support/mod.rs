@@ -93,6 +93,9 @@ pub struct Mecha {
     pub admin: SocketAddr,
     pub stdout: Arc<Mutex<Vec<String>>>,
     state_dir: PathBuf,
+    /// A state directory inside the test's own directory outlives this run (a restart in
+    /// the same directory finds it); others are removed with it.
+    keep_state: bool,
 }
 
 impl Mecha {
@@ -114,7 +117,6 @@ impl Mecha {
 
     /// `mecha up PATHS ARGS` with `envs`, keeping its state in `state_dir`.
     pub fn start(paths: &[&Path], envs: &[(&str, &str)], args: &[&str], state_dir: &Path) -> Self {
-        let state_dir = state_dir.to_path_buf();
         let mut command = Command::new(mecha_bin());
         command
             .arg("up")
@@ -122,8 +124,37 @@ impl Mecha {
             .args(["--port", "0", "--admin-port", "0", "--grace-period", "3s"])
             .args(args)
             .arg("--state-dir")
-            .arg(&state_dir)
-            .envs(envs.iter().copied())
+            .arg(state_dir)
+            .envs(envs.iter().copied());
+        Self::spawn(command, state_dir)
+    }
+
+    /// `mecha up .` in `dir` with the default state directory (`dir/.mecha`), as a user
+    /// would start it.
+    pub fn start_in(dir: &Path) -> Self {
+        let mut command = Command::new(mecha_bin());
+        command
+            .args([
+                "up",
+                ".",
+                "--port",
+                "0",
+                "--admin-port",
+                "0",
+                "--grace-period",
+                "3s",
+            ])
+            .current_dir(dir)
+            .env_remove("MECHA_STATE_DIR")
+            .env_remove("MECHA_ADMIN_TOKEN");
+        let mut mecha = Self::spawn(command, &dir.join(".mecha"));
+        mecha.keep_state = true;
+        mecha
+    }
+
+    fn spawn(mut command: Command, state_dir: &Path) -> Self {
+        let state_dir = state_dir.to_path_buf();
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -175,6 +206,7 @@ impl Mecha {
             admin,
             stdout,
             state_dir,
+            keep_state: false,
         }
     }
 
@@ -183,13 +215,44 @@ impl Mecha {
         http(self.gateway, host, path)
     }
 
-    /// Runs a `mecha` client command against this instance.
+    /// Runs a `mecha` client command against this instance (which finds the credential in
+    /// the state directory, as it would in the directory `mecha up` runs in).
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(mecha_bin())
             .args(args)
             .env("MECHA_ADMIN_ADDR", self.admin.to_string())
+            .env("MECHA_STATE_DIR", &self.state_dir)
+            .env_remove("MECHA_ADMIN_TOKEN")
             .output()
             .unwrap()
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The admin API's credential, as `mecha up` wrote it.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// POSTs a JSON body to the admin API with the credential.
+    pub fn admin_post(&self, path: &str, body: &str) -> Response {
+        let bearer = format!("Bearer {}", self.token());
+        request_with(
+            self.admin,
+            "POST",
+            "localhost",
+            path,
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &bearer),
+            ],
+            body,
+        )
     }
 
     pub fn services_json(&self) -> serde_json::Value {
@@ -268,7 +331,9 @@ impl Drop for Mecha {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.state_dir);
+        if !self.keep_state {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
     }
 }
 

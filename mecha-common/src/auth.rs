@@ -1,0 +1,761 @@
+//! The credential of the admin and control-plane API, and the `Host` rule that goes with it.
+//!
+//! Whoever can apply a Service runs its command, so the admin API is as sensitive as a shell.
+//! Locally the credential is a random bearer token that `mecha up` creates on first start in
+//! its state directory (`STATE_DIR/admin-token`, mode 0600, owned by the user that runs it)
+//! and reuses across restarts. The `mecha` client reads it from there on its own; standalone
+//! sidecars are given it (`AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`). A header-based
+//! credential, rather than an owner-only Unix socket, because the sidecars reach the
+//! autoscaler over TCP and Kubernetes mode will present service-account tokens the same way.
+//!
+//! Every request to the admin API must also name a loopback `Host`: a web page that rebinds
+//! its own DNS name to 127.0.0.1 reaches the port, but its requests still carry its name.
+//!
+//! The rules live here once; `mecha` (server and client) and `activator-sidecar` use them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{IntCounterVec, Opts, Registry};
+
+/// Where `mecha up` keeps its state, and so where the client looks for the credential, when
+/// neither `--state-dir` nor `MECHA_STATE_DIR` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = ".mecha";
+/// The credential's file name in the state directory.
+pub const TOKEN_FILE: &str = "admin-token";
+/// The environment variable the `mecha` client takes the credential from.
+pub const TOKEN_ENV: &str = "MECHA_ADMIN_TOKEN";
+
+/// Random bytes in a new token: 256 bits, beyond guessing.
+const TOKEN_BYTES: usize = 32;
+/// A token file larger than this is not one of ours.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// A bearer token. Its `Debug` form never shows the secret.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+/// Why no credential could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no admin credential found at {}", path.display())]
+    Missing { path: PathBuf },
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "{} can be read by other users (mode {mode:04o}): the credential may have leaked; delete it and restart `mecha up` to make a new one",
+        path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error(
+        "{} belongs to user {owner}, not to this user ({ours}): refusing to trust it",
+        path.display()
+    )]
+    NotOwned {
+        path: PathBuf,
+        owner: u32,
+        ours: u32,
+    },
+    #[error(
+        "the state directory {} can be written by every user (mode {mode:04o}): choose another --state-dir or `chmod o-w` it",
+        path.display()
+    )]
+    UnsafeDirectory { path: PathBuf, mode: u32 },
+    #[error("{what} {}: {reason}", path.display())]
+    Invalid {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// What the admin API checks a request's credential against, and what it tells a client that
+/// has none.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    token: AdminToken,
+    /// Where a client finds the token, for the error answer.
+    hint: Arc<str>,
+    refusals: Refusals,
+}
+
+/// `mecha_admin_refused_requests_total{reason}`: refused requests show up in metrics, so a
+/// misconfigured sidecar or a probing process is seen, not only felt.
+#[derive(Debug, Clone)]
+pub struct Refusals(IntCounterVec);
+
+// === impl AdminToken ===
+
+impl AdminToken {
+    /// A new token from the kernel's random source, hex-encoded.
+    pub fn generate() -> io::Result<Self> {
+        let mut bytes = [0u8; TOKEN_BYTES];
+        File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self(text.into()))
+    }
+
+    /// A token as written in a file or a variable; surrounding whitespace (the file's final
+    /// newline) is not part of it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("empty".into());
+        }
+        // It travels in a header: printable ASCII without spaces.
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be printable ASCII without spaces".into());
+        }
+        Ok(Self(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The `Authorization` header that presents this token.
+    pub fn header_value(&self) -> HeaderValue {
+        // Every token is printable ASCII (`generate`, `parse`), so the fallback never happens;
+        // if it did, the server would answer that the credential is missing.
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
+        value.set_sensitive(true);
+        value
+    }
+
+    /// Whether `presented` is this token, in time that does not depend on where they differ
+    /// (so the answer's timing cannot be used to guess the token byte by byte). A hand-written
+    /// fold rather than the `subtle` crate: one comparison of short byte strings, and the
+    /// length it may leak is public (every token `mecha up` makes has the same length).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        if presented.len() != expected.len() {
+            return false;
+        }
+        let difference = expected
+            .iter()
+            .zip(presented)
+            .fold(0u8, |acc, (a, b)| acc | std::hint::black_box(a ^ b));
+        std::hint::black_box(difference) == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
+}
+
+impl PartialEq for AdminToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(other.0.as_bytes())
+    }
+}
+
+impl Eq for AdminToken {}
+
+// === impl Credential ===
+
+impl Credential {
+    /// `hint` tells a refused client where the token is (e.g. the token file's path).
+    pub fn new(token: AdminToken, hint: impl Into<Arc<str>>, refusals: Refusals) -> Self {
+        Self {
+            token,
+            hint: hint.into(),
+            refusals,
+        }
+    }
+
+    /// Whether `headers` carry exactly one `Authorization: Bearer` with this token; the error
+    /// says what is wrong.
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), &'static str> {
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err("missing credential");
+        };
+        let value = value.as_bytes();
+        let Some(token) = value
+            .get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+            .map(|_| value[7..].trim_ascii())
+        else {
+            return Err("missing credential (the Authorization header must be `Bearer TOKEN`)");
+        };
+        if self.token.matches(token) {
+            Ok(())
+        } else {
+            Err("wrong credential")
+        }
+    }
+}
+
+/// Middleware for the routes that need the credential: 401 without it, and the route never
+/// runs (so nothing is applied, posted or streamed).
+pub async fn require_credential(
+    State(credential): State<Credential>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match credential.check(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(problem) => {
+            credential.refusals.count("credential");
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"mecha\"")],
+                format!("{problem}: {}\n", credential.hint),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Middleware for every route of a loopback-only API: 403 unless the request names a loopback
+/// host, which defeats DNS rebinding.
+pub async fn require_loopback_host(
+    State(refusals): State<Refusals>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match request_names_loopback(&request) {
+        Ok(()) => next.run(request).await,
+        Err(problem) => {
+            refusals.count("host");
+            let why = "this API answers only to localhost, 127.0.0.1 or [::1] (a request \
+                       naming another host may come from a web page through DNS rebinding)";
+            (StatusCode::FORBIDDEN, format!("{problem}: {why}\n")).into_response()
+        }
+    }
+}
+
+// === impl Refusals ===
+
+impl Refusals {
+    pub fn register(registry: &Registry) -> Self {
+        let counter = IntCounterVec::new(
+            Opts::new(
+                "mecha_admin_refused_requests_total",
+                "Admin API requests refused, by reason: credential (missing or wrong) or host (not loopback)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(counter.clone()));
+        Self(counter)
+    }
+
+    fn count(&self, reason: &str) {
+        self.0.with_label_values(&[reason]).inc();
+    }
+}
+
+/// The request's host — its one `Host` header, and the authority of an absolute target if it
+/// has one — must be loopback. A request without a host (HTTP/1.0) is refused: it cannot show
+/// that it was meant for this machine.
+fn request_names_loopback(request: &Request) -> Result<(), String> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err("more than one Host header".into()),
+        (Some(value), None) => Some(
+            value
+                .to_str()
+                .map_err(|_| "a Host header that is not text".to_string())?,
+        ),
+        (None, _) => None,
+    };
+    let authority = request.uri().authority().map(|a| a.as_str());
+    if host.is_none() && authority.is_none() {
+        return Err("no Host header".into());
+    }
+    for name in host.into_iter().chain(authority) {
+        if !is_loopback_host(name) {
+            return Err(format!("Host {name:?} is not a loopback name or address"));
+        }
+    }
+    Ok(())
+}
+
+/// `localhost`, an address in 127.0.0.0/8 or `[::1]`, each with or without a port. Strict:
+/// no subdomains of `localhost`, no trailing dot, no other spellings of addresses.
+pub fn is_loopback_host(host: &str) -> bool {
+    let port_ok = |port: &str| {
+        !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_fits = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return port_fits && ip.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback());
+    }
+    let name = match host.split_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The token file of a state directory.
+pub fn token_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(TOKEN_FILE)
+}
+
+/// The token of `mecha up` with state in `state_dir`: the one made on an earlier start, or a
+/// new one. Creates the directory (mode 0700) if needed and refuses one that every user can
+/// write, a token file that other users can read, and one that belongs to someone else.
+pub fn load_or_create(state_dir: &Path) -> Result<AdminToken, TokenError> {
+    private_dir(state_dir)?;
+    let path = token_path(state_dir);
+    match read(&path) {
+        Err(TokenError::Missing { .. }) => {}
+        found => return found,
+    }
+    let io = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TokenError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let token = AdminToken::generate().map_err(io("reading random bytes for", &path))?;
+    // Written whole under a name of its own, then linked into place: nobody ever reads half a
+    // token, and if another `mecha up` got there first, its token stands and is used.
+    static ATTEMPT: AtomicUsize = AtomicUsize::new(0);
+    let temporary = state_dir.join(format!(
+        ".{TOKEN_FILE}.{}.{}",
+        std::process::id(),
+        ATTEMPT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_file(&temporary);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(format!("{}\n", token.as_str()).as_bytes())?;
+            file.sync_all()
+        });
+    if let Err(source) = written {
+        let _ = fs::remove_file(&temporary);
+        return Err(io("writing", &temporary)(source));
+    }
+    let linked = fs::hard_link(&temporary, &path);
+    let _ = fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => Ok(token),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => read(&path),
+        Err(source) => Err(io("creating", &path)(source)),
+    }
+}
+
+/// The token in the file at `path`, which must be a regular file of this user that nobody
+/// else can read.
+pub fn read(path: &Path) -> Result<AdminToken, TokenError> {
+    let io = |action| {
+        move |source| TokenError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let link = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err(TokenError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(error) => return Err(io("reading")(error)),
+    };
+    if link.file_type().is_symlink() {
+        return Err(TokenError::Invalid {
+            what: "the credential file",
+            path: path.to_path_buf(),
+            reason: "is a symbolic link; it must be a file of its own".into(),
+        });
+    }
+    let mut file = File::open(path).map_err(io("opening"))?;
+    // The checks are made on the file that was opened, not on the name, which could change.
+    let meta = file.metadata().map_err(io("reading"))?;
+    owned_by_us(path, &meta)?;
+    if !meta.is_file() || meta.len() > MAX_TOKEN_FILE {
+        return Err(TokenError::Invalid {
+            what: "the credential file",
+            path: path.to_path_buf(),
+            reason: "is not a token file; delete it and restart `mecha up` to make one".into(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io("reading"))?;
+    AdminToken::parse(&text).map_err(|reason| TokenError::Invalid {
+        what: "the credential in",
+        path: path.to_path_buf(),
+        reason: format!("{reason}; delete the file and restart `mecha up` to make a new one"),
+    })
+}
+
+/// Creates `dir` (mode 0700) or checks the one there: ours, and not writable by every user
+/// (who could delete or swap the files in it). An existing directory's mode is otherwise left
+/// alone: the token file's own checks (ours, 0600, no link, created exclusively) keep the
+/// token private, and a group-writable directory is what `create_dir_all` makes under the
+/// usual umask 002 of user-private groups (every `.mecha` made before the credential was).
+fn private_dir(dir: &Path) -> Result<(), TokenError> {
+    let io = |action| {
+        move |source| TokenError::Io {
+            action,
+            path: dir.to_path_buf(),
+            source,
+        }
+    };
+    match fs::metadata(dir) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("creating the state directory")),
+        Err(error) => Err(io("reading the state directory")(error)),
+        Ok(meta) if !meta.is_dir() => Err(TokenError::Invalid {
+            what: "the state directory",
+            path: dir.to_path_buf(),
+            reason: "is not a directory".into(),
+        }),
+        Ok(meta) => {
+            owned_by_us(dir, &meta)?;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o002 != 0 {
+                return Err(TokenError::UnsafeDirectory {
+                    path: dir.to_path_buf(),
+                    mode,
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+fn owned_by_us(path: &Path, meta: &fs::Metadata) -> Result<(), TokenError> {
+    let ours = rustix::process::geteuid().as_raw();
+    if meta.uid() == ours {
+        Ok(())
+    } else {
+        Err(TokenError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            ours,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::{get, post};
+    use tower::ServiceExt;
+
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "mecha-auth-{}-{name}-{}",
+                std::process::id(),
+                &AdminToken::generate().expect("random").as_str()[..8]
+            ));
+            let _ = fs::remove_dir_all(&path);
+            Self(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn loopback_hosts_pass_and_every_other_name_is_refused() {
+        for host in [
+            "localhost",
+            "LocalHost:8081",
+            "127.0.0.1",
+            "127.0.0.1:8081",
+            "127.1.2.3:1",
+            "[::1]",
+            "[::1]:8081",
+        ] {
+            assert!(is_loopback_host(host), "{host} should pass");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8081",
+            "127.0.0.1.nip.io",
+            "127.0.0.1.nip.io:8081",
+            "localhost.",
+            "foo.localhost",
+            "localhost.evil.example",
+            "10.0.0.1",
+            "0.0.0.0:8081",
+            "[::]:8081",
+            "[::ffff:127.0.0.1]",
+            "127.1",
+            "2130706433",
+            "localhost:",
+            "localhost:80:80",
+            "localhost:http",
+            "[::1]8081",
+            "[::1",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn tokens_compare_whole_and_hide_themselves() {
+        let token = AdminToken::generate().expect("random");
+        assert_eq!(token.as_str().len(), 64);
+        assert!(token.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(token.matches(token.as_str().as_bytes()));
+        let mut wrong = token.as_str().as_bytes().to_vec();
+        wrong[63] ^= 1;
+        assert!(!token.matches(&wrong));
+        assert!(!token.matches(&token.as_str().as_bytes()[..63]));
+        assert!(!token.matches(b""));
+        assert_ne!(
+            token.as_str(),
+            AdminToken::generate().expect("random").as_str()
+        );
+        assert!(!format!("{token:?}").contains(token.as_str()));
+        assert!(AdminToken::parse("  \n").is_err());
+        assert!(AdminToken::parse("a b").is_err());
+        assert_eq!(AdminToken::parse("abc\n").expect("ok").as_str(), "abc");
+    }
+
+    #[test]
+    fn the_token_file_is_made_once_private_and_reused() {
+        let scratch = Scratch::new("create");
+        let dir = scratch.0.join("nested").join(".mecha");
+        let token = load_or_create(&dir).expect("created");
+        let path = token_path(&dir);
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            fs::read_to_string(&path).expect("read").trim(),
+            token.as_str()
+        );
+        // A restart reuses it; the client reads the same.
+        assert_eq!(load_or_create(&dir).expect("again"), token);
+        assert_eq!(read(&path).expect("read"), token);
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(TOKEN_FILE)]);
+    }
+
+    #[test]
+    fn an_exposed_or_broken_token_file_is_refused() {
+        let scratch = Scratch::new("exposed");
+        let dir = &scratch.0;
+        load_or_create(dir).expect("created");
+        let path = token_path(dir);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let error = load_or_create(dir).expect_err("readable by others");
+        assert!(
+            matches!(error, TokenError::Exposed { mode: 0o644, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("delete it"), "{error}");
+        assert!(matches!(read(&path), Err(TokenError::Exposed { .. })));
+
+        fs::remove_file(&path).expect("rm");
+        assert!(matches!(read(&path), Err(TokenError::Missing { .. })));
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("empty file");
+        assert!(matches!(read(&path), Err(TokenError::Invalid { .. })));
+
+        fs::remove_file(&path).expect("rm");
+        let elsewhere = dir.join("elsewhere");
+        fs::write(&elsewhere, "x").expect("write");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        assert!(matches!(read(&path), Err(TokenError::Invalid { .. })));
+    }
+
+    #[test]
+    fn a_state_directory_others_can_write_is_refused() {
+        let scratch = Scratch::new("dir");
+        fs::create_dir_all(&scratch.0).expect("mkdir");
+        fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let error = load_or_create(&scratch.0).expect_err("world-writable");
+        assert!(
+            matches!(error, TokenError::UnsafeDirectory { .. }),
+            "{error}"
+        );
+        assert!(!token_path(&scratch.0).exists());
+        // A directory others may only read, or the user's group write, is used as it is.
+        fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o775)).expect("chmod");
+        load_or_create(&scratch.0).expect("created");
+    }
+
+    async fn call(app: &Router, request: axum::http::request::Builder) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let response = app
+            .clone()
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn the_middleware_refuses_before_the_route_runs() {
+        let token = AdminToken::generate().expect("random");
+        let registry = Registry::new();
+        let refusals = Refusals::register(&registry);
+        let credential = Credential::new(
+            token.clone(),
+            "read it from .mecha/admin-token",
+            refusals.clone(),
+        );
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = ran.clone();
+        let app = Router::new()
+            .route(
+                "/api",
+                post(move || async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    "done"
+                }),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(
+                credential,
+                require_credential,
+            ))
+            .route("/live", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(
+                refusals.clone(),
+                require_loopback_host,
+            ));
+        let bearer = format!("Bearer {}", token.as_str());
+        let post = |host: &str| axum::http::Request::post("/api").header(header::HOST, host);
+
+        let (status, body) = call(&app, post("localhost:8081")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            body.starts_with("missing credential: read it from .mecha/admin-token"),
+            "{body}"
+        );
+        let (status, body) = call(
+            &app,
+            post("localhost").header(header::AUTHORIZATION, "Bearer nope"),
+        )
+        .await;
+        assert_eq!(
+            (status, body.starts_with("wrong credential")),
+            (StatusCode::UNAUTHORIZED, true)
+        );
+        let (status, _) = call(
+            &app,
+            post("localhost").header(header::AUTHORIZATION, token.as_str()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "no scheme");
+        let (status, _) = call(
+            &app,
+            post("localhost")
+                .header(header::AUTHORIZATION, &bearer)
+                .header(header::AUTHORIZATION, &bearer),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "two credentials");
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // A foreign Host is refused even with the right token.
+        for host in ["evil.example", "127.0.0.1.nip.io:8081"] {
+            let (status, body) =
+                call(&app, post(host).header(header::AUTHORIZATION, &bearer)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{host}");
+            assert!(body.contains("is not a loopback name"), "{body}");
+        }
+        let (status, _) = call(
+            &app,
+            axum::http::Request::post("/api").header(header::AUTHORIZATION, &bearer),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "no Host");
+        let (status, _) = call(
+            &app,
+            axum::http::Request::post("http://evil.example/api")
+                .header(header::HOST, "localhost")
+                .header(header::AUTHORIZATION, &bearer),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "absolute target naming another host"
+        );
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        let (status, body) = call(
+            &app,
+            post("127.0.0.1:8081").header(header::AUTHORIZATION, &bearer),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "done"));
+        let (status, _) = call(
+            &app,
+            post("[::1]").header(header::AUTHORIZATION, format!("bearer {}", token.as_str())),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "the scheme is case-insensitive");
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // The open route needs no credential, but still a loopback Host.
+        let live = |host: &str| axum::http::Request::get("/live").header(header::HOST, host);
+        assert_eq!(call(&app, live("localhost")).await.0, StatusCode::OK);
+        assert_eq!(
+            call(&app, live("evil.example")).await.0,
+            StatusCode::FORBIDDEN
+        );
+    }
+}
