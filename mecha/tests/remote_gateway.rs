@@ -30,6 +30,8 @@ fn start_gateway(
         drain_timeout: Duration::from_secs(1),
         name: "test-gateway".into(),
         token,
+        trusted_proxies: activator_sidecar::rules::TrustedProxies::none(),
+        fast_path: true,
     };
     let health = Health::default();
     let ready = health.clone();
