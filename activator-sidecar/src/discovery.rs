@@ -52,6 +52,8 @@ pub struct GatewayConfig {
     /// `SIDECAR_FAST_PATH` (`true`): relay plain HTTP/1.1 on the fast path, or all through
     /// hyper.
     pub fast_path: bool,
+    /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_MAX_CONNECTIONS`.
+    pub limits: crate::limits::Limits,
     /// `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`: the autoscaler's credential.
     pub token: Option<AdminToken>,
 }
@@ -195,6 +197,7 @@ impl GatewayConfig {
             name: get("POD_NAME").unwrap_or_else(|| format!("gateway-{}", std::process::id())),
             trusted_proxies: settings::trusted_proxies(&get, crate::rules::TrustedProxies::none())?,
             fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
+            limits: settings::limits(&get)?,
             token: autoscaler_token(&get)?,
         })
     }
@@ -463,6 +466,7 @@ pub async fn serve_gateway(
         token,
         trusted_proxies,
         fast_path,
+        limits,
         ..
     } = config;
     if token.is_none() {
@@ -509,6 +513,7 @@ pub async fn serve_gateway(
         crate::server::ServeOptions {
             fast_path,
             drain_timeout,
+            limits,
         },
     )
     .await;

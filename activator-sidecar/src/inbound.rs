@@ -73,6 +73,8 @@ pub struct InboundConfig {
     /// `SIDECAR_FAST_PATH` (`true`): relay plain HTTP/1.1 on the fast path, or every request
     /// through hyper.
     pub fast_path: bool,
+    /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_MAX_CONNECTIONS`.
+    pub limits: crate::limits::Limits,
 }
 
 /// Where and as what the sidecar reports its load.
@@ -183,10 +185,12 @@ impl InboundConfig {
         };
         let trusted_proxies = settings::trusted_proxies(&get, TrustedProxies::private())?;
         let fast_path = settings::flag(&get, "SIDECAR_FAST_PATH", true)?;
+        let limits = settings::limits(&get)?;
         Ok(Self {
             report,
             trusted_proxies,
             fast_path,
+            limits,
             serving_port,
             admin_port,
             user_port,

@@ -117,6 +117,7 @@ async fn run_inbound(args: &[String]) -> ExitCode {
     let options = activator_sidecar::server::ServeOptions {
         fast_path: inbound.config().fast_path,
         drain_timeout,
+        limits: inbound.config().limits.clone(),
     };
     let server = tokio::spawn(activator_sidecar::server::serve(
         serving,

@@ -29,6 +29,7 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::h1::guard::Guarded;
 use crate::h1::{self, Handover, Role, codec};
+use crate::limits::{Admitted, ConnState, Limits, Registry};
 use crate::rules;
 use crate::rules::Refusal;
 
@@ -40,6 +41,19 @@ pub struct ServeOptions {
     pub fast_path: bool,
     /// How long in-flight requests may take after shutdown.
     pub drain_timeout: Duration,
+    /// Head and idle timeouts, and the most connections kept.
+    pub limits: Limits,
+}
+
+impl ServeOptions {
+    /// The defaults, with `drain_timeout`.
+    pub fn new(drain_timeout: Duration) -> Self {
+        Self {
+            fast_path: true,
+            drain_timeout,
+            limits: Limits::default(),
+        }
+    }
 }
 
 /// Accepts connections on `listener` and serves `role` on them until `shutdown`, then drains
@@ -52,24 +66,35 @@ pub async fn serve<R: Role>(
     options: ServeOptions,
 ) {
     let fast = options.fast_path;
+    let limits = Arc::new(options.limits);
+    let registry = Registry::new(limits.max_connections);
     accept(
         listener,
         &workers,
+        &registry,
         shutdown,
         options.drain_timeout,
-        move |stream, peer, stop| {
-            let role = role.clone();
+        move |stream, peer, stop, admitted| {
+            let (role, limits) = (role.clone(), limits.clone());
             async move {
                 // The pool of the thread the connection starts on: a replica connection is
                 // driven by the reactor of the runtime that opened it.
                 let pool = REPLICA_CONNECTIONS.with(Arc::clone);
+                let connection = h1::Connection {
+                    peer,
+                    pool: &pool,
+                    shutdown: &stop,
+                    fast,
+                    limits: &limits,
+                    state: &admitted.state,
+                };
                 let (mut stream, mut buf) = (stream, BytesMut::new());
                 loop {
-                    let handover = h1::serve(stream, buf, peer, &*role, &pool, &stop, fast).await;
-                    match handover {
+                    match h1::serve(stream, buf, &connection, &*role).await {
                         None => return,
                         Some(Handover::Connection(io)) => {
-                            return serve_http2(io, peer, role, stop).await;
+                            return serve_http2(io, peer, role, stop.clone(), &admitted.state)
+                                .await;
                         }
                         Some(Handover::Request {
                             stream: s,
@@ -158,15 +183,17 @@ impl Workers {
     }
 }
 
-/// The accept loop: one task per connection, each holding a drain token until it ends.
+/// The accept loop: one task per connection, each holding a drain token and its place in
+/// `registry` until it ends.
 async fn accept<C, Fut>(
     listener: TcpListener,
     workers: &Workers,
+    registry: &Arc<Registry>,
     shutdown: ShutdownSignal,
     drain_timeout: Duration,
     connection: C,
 ) where
-    C: Fn(TcpStream, SocketAddr, ShutdownSignal) -> Fut + Clone + Send + Sync + 'static,
+    C: Fn(TcpStream, SocketAddr, ShutdownSignal, Admitted) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     // Every connection task holds a sender; the drain is over when all are dropped.
@@ -178,19 +205,27 @@ async fn accept<C, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors: an idle connection makes room (its task closes
+                    // it soon); with none, back off instead of spinning.
+                    let room = registry.evict_one();
+                    tracing::warn!(%error, evicted_idle = room, "accept failed");
+                    let pause = if room { 5 } else { 50 };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                     continue;
                 }
             },
             () = &mut stop => break,
         };
+        let Some(admitted) = registry.admit() else {
+            // Every connection is in an exchange: this one cannot be served now.
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let token = open.clone();
         let (connection, stop) = (connection.clone(), shutdown.clone());
         workers.spawn(stream, move |stream| async move {
-            connection(stream, peer, stop).await;
+            connection(stream, peer, stop, admitted).await;
             drop(token);
         });
     }
@@ -291,11 +326,26 @@ async fn serve_http2<R: Role>(
     peer: SocketAddr,
     role: Arc<R>,
     stop: ShutdownSignal,
+    state: &Arc<ConnState>,
 ) {
-    let service = service_fn(move |request: Request<Incoming>| {
-        let role = role.clone();
-        async move { Ok::<_, Infallible>(answer(&*role, request, peer).await) }
-    });
+    // Busy while a stream is open, so the connection limit only closes idle ones.
+    let streams = Arc::new(AtomicUsize::new(0));
+    let service = {
+        let state = state.clone();
+        service_fn(move |request: Request<Incoming>| {
+            let (role, state, streams) = (role.clone(), state.clone(), streams.clone());
+            async move {
+                if streams.fetch_add(1, Ordering::AcqRel) == 0 {
+                    state.busy();
+                }
+                let response = answer(&*role, request, peer).await;
+                if streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    state.idle();
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -307,6 +357,10 @@ async fn serve_http2<R: Role>(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = &mut stopped => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = state.evicted() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }

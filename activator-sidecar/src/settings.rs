@@ -154,3 +154,46 @@ pub fn flag(
         }),
     }
 }
+
+/// The connection limits, from `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT` and
+/// `SIDECAR_MAX_CONNECTIONS` (environment only; defaults in [`crate::limits::Limits`]).
+pub fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<crate::limits::Limits, ConfigError> {
+    let defaults = crate::limits::Limits::default();
+    let positive = |setting: &'static str, value: std::time::Duration| {
+        if value.is_zero() {
+            Err(ConfigError {
+                setting,
+                value: "0".into(),
+                reason: "must be more than zero".into(),
+            })
+        } else {
+            Ok(value)
+        }
+    };
+    Ok(crate::limits::Limits {
+        header_read_timeout: positive(
+            "SIDECAR_HEADER_READ_TIMEOUT",
+            duration(
+                get,
+                "SIDECAR_HEADER_READ_TIMEOUT",
+                defaults.header_read_timeout,
+            )?,
+        )?,
+        idle_timeout: positive(
+            "SIDECAR_IDLE_TIMEOUT",
+            duration(get, "SIDECAR_IDLE_TIMEOUT", defaults.idle_timeout)?,
+        )?,
+        max_connections: number(
+            get,
+            "SIDECAR_MAX_CONNECTIONS",
+            defaults.max_connections,
+            |n| {
+                if *n >= 1 {
+                    Ok(())
+                } else {
+                    Err("must be at least 1".into())
+                }
+            },
+        )?,
+    })
+}

@@ -146,6 +146,7 @@ async fn sidecar(upstream: SocketAddr, fast_path: bool, shutdown: &Shutdown) -> 
         ServeOptions {
             fast_path,
             drain_timeout: Duration::from_secs(1),
+            limits: activator_sidecar::limits::Limits::default(),
         },
     ));
     addr

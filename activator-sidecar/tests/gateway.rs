@@ -92,6 +92,7 @@ async fn gateway_with(
         activator_sidecar::server::ServeOptions {
             fast_path: true,
             drain_timeout: Duration::from_secs(1),
+            limits: activator_sidecar::limits::Limits::default(),
         },
     ));
     Running {

@@ -90,6 +90,21 @@ enum Command {
         /// Deliveries each trigger has in flight at once.
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
         delivery_concurrency: u16,
+        /// Proxies in front of the gateway whose X-Forwarded-* and Forwarded headers are
+        /// believed: none, private, or address[/prefix],... (by default nobody's: the gateway
+        /// describes the client as it saw it).
+        #[arg(long, default_value = "none", value_parser = trusted_proxies)]
+        trusted_proxies: activator_sidecar::rules::TrustedProxies,
+        /// How long a client may take to send a request head (then 408).
+        #[arg(long, default_value = "10s", value_parser = positive_duration)]
+        header_read_timeout: Duration,
+        /// How long a kept-alive client connection may wait for its next request.
+        #[arg(long, default_value = "60s", value_parser = positive_duration)]
+        idle_timeout: Duration,
+        /// Client connections the gateway keeps at once; at the limit the longest idle one
+        /// closes (default: half the file limit).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections: Option<u32>,
     },
     /// Create or update resources from YAML files or directories; takes effect at once.
     Apply {
@@ -167,6 +182,17 @@ fn humantime_duration(value: &str) -> Result<Duration, String> {
     crds::autoscaling::parse_go_duration(value)
 }
 
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    match humantime_duration(value)? {
+        zero if zero.is_zero() => Err("must be more than zero".into()),
+        duration => Ok(duration),
+    }
+}
+
+fn trusted_proxies(value: &str) -> Result<activator_sidecar::rules::TrustedProxies, String> {
+    activator_sidecar::rules::TrustedProxies::parse(value)
+}
+
 fn event_size(value: &str) -> Result<usize, String> {
     let size: usize = value
         .parse()
@@ -203,6 +229,10 @@ async fn main() -> ExitCode {
             grace_period,
             max_event_size,
             delivery_concurrency,
+            trusted_proxies,
+            header_read_timeout,
+            idle_timeout,
+            max_connections,
         } => {
             return up::run(up::UpConfig {
                 paths,
@@ -213,6 +243,10 @@ async fn main() -> ExitCode {
                 grace_period,
                 max_event_size,
                 delivery_concurrency: usize::from(delivery_concurrency),
+                trusted_proxies,
+                header_read_timeout,
+                idle_timeout,
+                max_connections: max_connections.map(|n| n as usize),
             })
             .await;
         }

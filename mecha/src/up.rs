@@ -45,6 +45,12 @@ pub struct UpConfig {
     pub max_event_size: usize,
     /// Deliveries in flight per trigger.
     pub delivery_concurrency: usize,
+    /// Proxies in front of the gateway whose forwarding headers are believed.
+    pub trusted_proxies: activator_sidecar::rules::TrustedProxies,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Client connections of the gateway; by default from the file limit.
+    pub max_connections: Option<usize>,
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
@@ -146,7 +152,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
         activation.clone(),
         DOMAIN,
         &registry,
-    );
+    )
+    .with_trusted_proxies(config.trusted_proxies.clone());
     let routes = controller.routes();
     let broker = EventBroker::new(
         log,
@@ -193,6 +200,14 @@ pub async fn run(config: UpConfig) -> ExitCode {
             activator_sidecar::server::ServeOptions {
                 fast_path: true,
                 drain_timeout: config.grace_period,
+                // After raising the file limit, so the default follows the raised one.
+                limits: activator_sidecar::limits::Limits {
+                    header_read_timeout: config.header_read_timeout,
+                    idle_timeout: config.idle_timeout,
+                    max_connections: config
+                        .max_connections
+                        .unwrap_or_else(activator_sidecar::limits::max_from_file_limit),
+                },
             },
         )),
     );

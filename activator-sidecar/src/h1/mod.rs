@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::limits::{ConnState, Limits};
 use crate::rules::{HopPolicy, Peer, Refusal};
 use codec::{Framing, ParsedRequest, RequestHead};
 use pool::{Pool, Upstream};
@@ -155,19 +156,36 @@ enum Exchanged {
     Malformed,
 }
 
-/// Serves `stream` (with `buf` already read from it) until the client closes, shutdown, or a
-/// request for the general server (then returned with what was read). `fast`: relay requests
-/// here; otherwise every request is handed over.
-#[allow(clippy::too_many_arguments)]
+/// What one client connection is served with.
+#[derive(Debug)]
+pub struct Connection<'a> {
+    pub peer: SocketAddr,
+    /// Replica connections of this thread.
+    pub pool: &'a Arc<Pool>,
+    pub shutdown: &'a ShutdownSignal,
+    /// Relay requests here; otherwise every request is handed to the general server.
+    pub fast: bool,
+    pub limits: &'a Limits,
+    /// Where the accept loop sees whether this connection is idle, and tells it to close.
+    pub state: &'a ConnState,
+}
+
+/// Serves `client` (with `buf` already read from it) until the client closes, shutdown, a
+/// limit, or a request for the general server (then returned with what was read).
 pub async fn serve<D: Role>(
     mut client: TcpStream,
     mut buf: BytesMut,
-    peer: SocketAddr,
+    connection: &Connection<'_>,
     dispatch: &D,
-    pool: &Arc<Pool>,
-    shutdown: &ShutdownSignal,
-    fast: bool,
 ) -> Option<Handover> {
+    let Connection {
+        peer,
+        pool,
+        shutdown,
+        fast,
+        limits,
+        state,
+    } = *connection;
     buf.reserve(READ_BUFFER);
     let mut request = Vec::with_capacity(1024);
     let mut response = Vec::with_capacity(1024);
@@ -176,12 +194,21 @@ pub async fn serve<D: Role>(
     // Registered once per connection, not once per request.
     let stop = shutdown.clone().recv();
     tokio::pin!(stop);
+    let evicted = state.evicted();
+    tokio::pin!(evicted);
     // One timer per connection: it only moves when it fires before the current request's
     // deadline, or when a request's deadline is earlier than where it stands.
     let timer = tokio::time::sleep(TIMER_PARKED);
     tokio::pin!(timer);
     'requests: loop {
         request.clear();
+        let now = Instant::now();
+        state.idle_at(now);
+        let idle_deadline = now + limits.idle_timeout;
+        if idle_deadline < timer.deadline() {
+            timer.as_mut().reset(idle_deadline);
+        }
+        let mut head_deadline: Option<Instant> = None;
         let head = loop {
             if !buf.is_empty() {
                 match codec::parse_request(
@@ -206,23 +233,62 @@ pub async fn serve<D: Role>(
                         dispatch.finished(None, answer.status);
                         return None;
                     }
-                    ParsedRequest::Partial => request.clear(),
+                    ParsedRequest::Partial => {
+                        request.clear();
+                        if head_deadline.is_none() {
+                            let deadline = Instant::now() + limits.header_read_timeout;
+                            if deadline < timer.deadline() {
+                                timer.as_mut().reset(deadline);
+                            }
+                            head_deadline = Some(deadline);
+                        }
+                    }
                 }
             }
             buf.reserve(READ_BUFFER / 2);
-            let read = if buf.is_empty() {
-                // Idle between requests: this is where shutdown closes the connection.
+            let read = if let Some(deadline) = head_deadline {
+                // Part of a head: it must be complete in time (slow clients hold a place).
+                tokio::select! {
+                    read = client.read_buf(&mut buf) => read,
+                    () = &mut evicted => return None,
+                    () = &mut timer => {
+                        if Instant::now() < deadline {
+                            timer.as_mut().reset(deadline);
+                            continue;
+                        }
+                        let answer = Answer::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!(
+                                "the request head was not complete within {:?}\n",
+                                limits.header_read_timeout
+                            ),
+                        );
+                        let _ = write_answer(&mut client, &mut response, &answer, true).await;
+                        dispatch.finished(None, answer.status);
+                        return None;
+                    }
+                }
+            } else {
+                // Idle between requests: where shutdown, the idle timeout and the connection
+                // limit close the connection.
                 tokio::select! {
                     read = client.read_buf(&mut buf) => read,
                     () = &mut stop => return None,
+                    () = &mut evicted => return None,
+                    () = &mut timer => {
+                        if Instant::now() >= idle_deadline {
+                            return None;
+                        }
+                        timer.as_mut().reset(idle_deadline);
+                        continue;
+                    }
                 }
-            } else {
-                client.read_buf(&mut buf).await
             };
             if !matches!(read, Ok(n) if n > 0) {
                 return None;
             }
         };
+        state.busy();
         let close = head.close || shutdown.is_triggered();
         let (mut addr, mut deadline, mut ticket) = match dispatch.dispatch(&head, &[]).await {
             Decision::Forward {

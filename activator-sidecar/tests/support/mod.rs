@@ -44,9 +44,28 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn start(user_port: u16, extra: &[(&str, &str)]) -> Self {
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_activator-sidecar")),
+            user_port,
+            extra,
+        )
+    }
+
+    /// Started by a shell that first lowers the open file limit to `files`.
+    pub fn start_with_file_limit(user_port: u16, files: u32, extra: &[(&str, &str)]) -> Self {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {files} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_activator-sidecar"),
+        ]);
+        Self::spawn(command, user_port, extra)
+    }
+
+    fn spawn(mut command: Command, user_port: u16, extra: &[(&str, &str)]) -> Self {
         let ports = [reserve_port(), reserve_port()];
         let (serving, admin) = (ports[0].number, ports[1].number);
-        let child = Command::new(env!("CARGO_BIN_EXE_activator-sidecar"))
+        let child = command
             .arg("inbound")
             .env("QUEUE_SERVING_PORT", serving.to_string())
             .env("QUEUE_ADMIN_PORT", admin.to_string())
