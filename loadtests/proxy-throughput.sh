@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proxy throughput: the inbound sidecar (activator-sidecar inbound) next to nginx as a reverse
-# proxy, both in front of the same upstream (nginx serving a static 200), loaded by the same
-# wrk in the same run. Reports requests/s, latency p50/p99, CPU per request of the proxy, and
+# proxy and next to the same sidecar with its fast path off (SIDECAR_FAST_PATH=false: every
+# request through hyper, under the same rules), all in front of the same upstream (nginx
+# serving a static 200), loaded by the same wrk in the same run. Reports requests/s, latency p50/p99, CPU per request of the proxy, and
 # the sidecar's idle RSS. The two alternate for several rounds (a shared VM drifts by tens of
 # percent within a minute) and the ratio reported is the median of the per-round ratios; so is
 # the ratio of requests per CPU-second of each proxy (what it would serve with cores of its own).
@@ -26,11 +27,11 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-# Four distinct free ports, all held until all are picked (a released port can come back from
+# Six distinct free ports, all held until all are picked (a released port can come back from
 # the very next bind).
-read -r upstream nginx_proxy serving admin < <(python3 -c '
+read -r upstream nginx_proxy serving admin hyper_serving hyper_admin < <(python3 -c '
 import socket
-held = [socket.socket() for _ in range(4)]
+held = [socket.socket() for _ in range(6)]
 for s in held: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in held))')
 
@@ -58,9 +59,12 @@ nginx -c "$work/upstream/nginx.conf" -p "$work/upstream" & pids+=($!)
 nginx -c "$work/proxy/nginx.conf" -p "$work/proxy" & proxy_master=$!; pids+=($proxy_master)
 QUEUE_SERVING_PORT=$serving QUEUE_ADMIN_PORT=$admin USER_PORT=$upstream MECHA_LOG=warn \
   "$sidecar_bin" inbound & sidecar=$!; pids+=($sidecar)
+QUEUE_SERVING_PORT=$hyper_serving QUEUE_ADMIN_PORT=$hyper_admin USER_PORT=$upstream MECHA_LOG=warn \
+  SIDECAR_FAST_PATH=false "$sidecar_bin" inbound & hyper_sidecar=$!; pids+=($hyper_sidecar)
 
 for _ in $(seq 200); do
-  curl -sf "http://127.0.0.1:$admin/ready" >/dev/null && curl -sf "http://127.0.0.1:$nginx_proxy/" >/dev/null && break
+  curl -sf "http://127.0.0.1:$admin/ready" >/dev/null && curl -sf "http://127.0.0.1:$hyper_admin/ready" >/dev/null \
+    && curl -sf "http://127.0.0.1:$nginx_proxy/" >/dev/null && break
   sleep 0.05
 done
 sleep 0.5
@@ -93,23 +97,30 @@ run() { # name port pid
 }
 
 echo "wrk -t2 -c$connections -d${duration}s per round, $rounds rounds, upstream nginx returning a static 200"
-for port in "$nginx_proxy" "$serving"; do   # warm-up
+for port in "$nginx_proxy" "$serving" "$hyper_serving"; do   # warm-up
   wrk -t2 -c"$connections" -d2s "http://127.0.0.1:$port/" >/dev/null
 done
 printf '%-28s %12s %10s %10s %14s\n' "proxy" "requests/s" "p50" "p99" "CPU µs/request"
 ratios=()
 capacities=()
+fast_savings=()
 for round in $(seq "$rounds"); do
   run nginx-reverse-proxy "$nginx_proxy" "$proxy_master"
   run mecha-inbound-sidecar "$serving" "$sidecar"
+  run mecha-inbound-hyper-only "$hyper_serving" "$hyper_sidecar"
+  # How much less CPU per request the fast path costs than hyper alone (the fast path stays
+  # only while this is at least 25%).
+  fast_savings+=("$(awk -v f="$(cat "$work/mecha-inbound-sidecar.cpu")" -v h="$(cat "$work/mecha-inbound-hyper-only.cpu")" \
+    'BEGIN { printf "%.0f", (1 - f / h) * 100 }')")
   ratios+=("$(awk -v s="$(cat "$work/mecha-inbound-sidecar.rps")" -v n="$(cat "$work/nginx-reverse-proxy.rps")" \
     'BEGIN { printf "%.2f", s / n }')")
   # Requests per CPU-second of the proxy itself: the ratio a proxy with cores of its own sees.
   capacities+=("$(awk -v s="$(cat "$work/mecha-inbound-sidecar.cpu")" -v n="$(cat "$work/nginx-reverse-proxy.cpu")" \
     'BEGIN { printf "%.2f", n / s }')")
-  echo "round $round: sidecar/nginx ${ratios[-1]} (requests per proxy CPU-second: ${capacities[-1]})"
+  echo "round $round: sidecar/nginx ${ratios[-1]} (requests per proxy CPU-second: ${capacities[-1]}); fast path saves ${fast_savings[-1]}% CPU/request over hyper-only"
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo "throughput ratio sidecar/nginx: $(median "${ratios[@]}") (median of ${ratios[*]})"
 echo "requests per proxy CPU-second, sidecar/nginx: $(median "${capacities[@]}") (median of ${capacities[*]})"
+echo "CPU per request saved by the fast path over hyper-only: $(median "${fast_savings[@]}")% (median of ${fast_savings[*]}; the fast path earns its place at 25% or more)"
 echo "sidecar idle RSS: $((idle_rss_kb / 1024)) MiB ($idle_rss_kb KiB)"

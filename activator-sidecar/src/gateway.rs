@@ -30,7 +30,7 @@ use crate::error::Failure;
 use crate::error::ProxyError;
 use crate::h1::{Answer, Decision, Role, codec::RequestHead};
 use crate::proxy::{Forwarder, RequestBody};
-use crate::rules::{HopPolicy, TrustedProxies};
+use crate::rules::{self, HopPolicy, TraceId, TrustedProxies};
 
 /// Attempts on other replicas when a body-less request could not connect (the replica died
 /// between being picked and being dialled).
@@ -95,18 +95,27 @@ impl Gateway {
     /// Serves one request; every failure becomes a response with a status and a message.
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let existing = request.headers().get("traceparent").map(|v| v.as_bytes());
+        let (trace, new) = rules::trace(&self.policy, existing);
+        if let Some(traceparent) = new
+            && let Ok(value) = http::HeaderValue::from_bytes(&traceparent)
+        {
+            request.headers_mut().insert("traceparent", value);
+        }
         let (service, response) = match self.route(request, peer).await {
             Ok((service, response)) => (service.to_string(), response),
             Err((service, error)) => {
-                log_refusal(&error);
+                log_refusal(&error, trace);
                 (label(service.as_ref()), error.into_response())
             }
         };
-        self.record(&service, response.status(), started);
+        let status = response.status();
+        tracing::debug!(trace_id = trace.map(tracing::field::display), %service, %status, "request");
+        self.record(&service, status, started);
         response
     }
 
@@ -307,6 +316,7 @@ pub struct Forwarded {
     service: ServiceKey,
     timeout: Duration,
     started: Instant,
+    trace: Option<TraceId>,
     _guard: LoadGuard,
 }
 
@@ -328,7 +338,7 @@ impl Role for Gateway {
     async fn dispatch(&self, head: &RequestHead, retry: &[SocketAddr]) -> Decision<Forwarded> {
         let started = Instant::now();
         let refuse = |service: Option<&ServiceKey>, error: ProxyError| {
-            log_refusal(&error);
+            log_refusal(&error, head.trace);
             self.record(&label(service), error.status(), started);
             Decision::Answer(Answer::from(&error))
         };
@@ -357,6 +367,7 @@ impl Role for Gateway {
                     service,
                     timeout: target.timeout,
                     started,
+                    trace: head.trace,
                     _guard: guard,
                 },
             },
@@ -375,18 +386,26 @@ impl Role for Gateway {
     fn finished(&self, ticket: Option<Forwarded>, status: http::StatusCode) {
         // The gateway's own answers were counted where they were decided.
         if let Some(ticket) = ticket {
+            tracing::debug!(
+                trace_id = ticket.trace.map(tracing::field::display),
+                service = %ticket.service,
+                %status,
+                "request"
+            );
             self.record(&ticket.service.to_string(), status, ticket.started);
         }
     }
 }
 
 /// Server errors are warnings; refusals (unknown host, full buffer) are the client's business.
-fn log_refusal(error: &ProxyError) {
+/// Either names the request's trace.
+fn log_refusal(error: &ProxyError, trace: Option<TraceId>) {
     let status = error.status();
+    let trace_id = trace.map(tracing::field::display);
     if status.is_server_error() {
-        tracing::warn!(%error, %status, "request failed");
+        tracing::warn!(trace_id, %error, %status, "request failed");
     } else {
-        tracing::debug!(%error, %status, "request refused");
+        tracing::debug!(trace_id, %error, %status, "request refused");
     }
 }
 

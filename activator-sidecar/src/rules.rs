@@ -21,7 +21,6 @@
 //!   extended; from anyone else they are replaced, so a client cannot claim another address or
 //!   scheme. A role that starts traces adds a W3C `traceparent` to requests without one.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::StatusCode;
@@ -353,15 +352,15 @@ pub fn forwards_response(name: &str, connection: &[&[u8]]) -> bool {
 }
 
 /// Emits the forwarding headers of a request: `X-Forwarded-For`, `X-Forwarded-Proto`,
-/// `Forwarded` and, when the policy starts traces, a `traceparent`. `host` is the request's
-/// host as forwarded.
+/// `Forwarded` and, when the policy starts traces and it has none, a `traceparent`. `host` is
+/// the request's host as forwarded. Returns the request's trace, for logs.
 pub fn forwarding_headers(
     facts: &RequestFacts<'_>,
     peer: &Peer,
     policy: &HopPolicy,
     host: &[u8],
     mut emit: impl FnMut(&'static str, &[u8]),
-) {
+) -> Option<TraceId> {
     let mut value = Vec::with_capacity(64);
     if peer.trusted {
         for previous in &facts.forwarded_for {
@@ -398,26 +397,71 @@ pub fn forwarding_headers(
         }
     }
     emit("forwarded", &value);
-    if policy.start_trace && facts.traceparent.is_none() {
-        emit("traceparent", new_traceparent().as_bytes());
+    let (trace, started) = trace(policy, facts.traceparent);
+    if let Some(traceparent) = started {
+        emit("traceparent", &traceparent);
+    }
+    trace
+}
+
+/// The trace a request belongs to: its own `traceparent`'s, or — when the policy starts
+/// traces and it has none — a new one, returned to be added as its `traceparent`.
+pub fn trace(policy: &HopPolicy, existing: Option<&[u8]>) -> (Option<TraceId>, Option<[u8; 55]>) {
+    match existing {
+        Some(traceparent) => (TraceId::of(traceparent), None),
+        None if policy.start_trace => {
+            let traceparent = new_traceparent();
+            (TraceId::of(&traceparent), Some(traceparent))
+        }
+        None => (None, None),
     }
 }
 
 /// A new W3C trace context: version 00, random trace and parent ids, sampled.
-pub fn new_traceparent() -> String {
-    let mut out = String::with_capacity(55);
+pub fn new_traceparent() -> [u8; 55] {
+    let mut out = [0u8; 55];
+    let mut cursor = &mut out[..];
     let trace = fastrand::u128(1..);
     let parent = fastrand::u64(1..);
-    let _ = write!(out, "00-{trace:032x}-{parent:016x}-01");
+    let _ = std::io::Write::write_fmt(
+        &mut cursor,
+        format_args!("00-{trace:032x}-{parent:016x}-01"),
+    );
     out
 }
 
-/// The trace id of a `traceparent` value, when it is one.
-pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
-    let value = std::str::from_utf8(traceparent).ok()?;
-    let mut parts = value.split('-');
-    let (_version, trace) = (parts.next()?, parts.next()?);
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
+/// The trace id of a W3C trace context, for logs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    /// The trace id of a `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.
+    pub fn of(traceparent: &[u8]) -> Option<Self> {
+        let id = traceparent.get(3..35)?;
+        let valid = traceparent.get(2) == Some(&b'-')
+            && traceparent.get(35) == Some(&b'-')
+            && id.iter().all(u8::is_ascii_hexdigit)
+            && id.iter().any(|b| *b != b'0');
+        let mut out = [0u8; 32];
+        out.copy_from_slice(id);
+        valid.then_some(Self(out))
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 // === impl Refusal ===
@@ -769,7 +813,24 @@ mod tests {
         let fresh = forwarded(&RequestFacts::default(), "::ffff:10.1.2.3", &inner, "");
         assert_eq!(fresh[0].1, "10.1.2.3");
         assert_eq!(fresh[3].0, "traceparent");
-        assert!(trace_id(fresh[3].1.as_bytes()).is_some(), "{}", fresh[3].1);
+        let started = TraceId::of(fresh[3].1.as_bytes()).expect("a valid traceparent");
+        assert!(
+            fresh[3].1.starts_with("00-") && fresh[3].1.ends_with("-01"),
+            "{}",
+            fresh[3].1
+        );
+        assert_eq!(fresh[3].1.len(), 55);
+        assert_ne!(started.as_str(), "0".repeat(32));
+        assert_eq!(
+            TraceId::of(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+                .map(|t| t.to_string()),
+            Some("0af7651916cd43dd8448eb211c80319c".to_string())
+        );
+        assert_eq!(
+            TraceId::of(b"00-00000000000000000000000000000000-b7ad6b7169203331-01"),
+            None
+        );
+        assert_eq!(TraceId::of(b"garbage"), None);
     }
 
     #[test]

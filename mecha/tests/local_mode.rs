@@ -541,3 +541,51 @@ fn ten_thousand_env_vars_all_arrive_and_start_about_as_fast_as_a_hundred() {
         "10,000 variables took {many} ms against {few} ms for 100"
     );
 }
+
+#[test]
+fn the_gateway_starts_a_trace_and_logs_each_request_with_its_trace_id() {
+    let dir = Workdir::new("trace");
+    let path = dir.write("svc.yaml", &echo_service("traced", &[], "", "blue"));
+    let mecha = Mecha::up_with(&[&path], &[("MECHA_LOG", "activator_sidecar=debug")]);
+    let host = "traced.default.localhost";
+    wait_until("traced to answer", || mecha.get(host, "/").status == 200);
+
+    // A request without trace context gets one: valid W3C format, logged with its id.
+    let started = mecha.get(host, "/");
+    let traceparent = started.header("X-Seen-Traceparent").unwrap_or_default();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert!(
+        parts.len() == 4
+            && parts[0] == "00"
+            && parts[1].len() == 32
+            && parts[2].len() == 16
+            && parts[1].bytes().all(|b| b.is_ascii_hexdigit())
+            && parts[1] != "0".repeat(32),
+        "{traceparent:?}"
+    );
+    wait_until("the started trace id in the log", || {
+        mecha.stderr_contains(parts[1])
+    });
+
+    // A request that carries one keeps it, on the fast path and on hyper's path (HTTP/1.0).
+    for (version, trace) in [
+        ("HTTP/1.1", "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ("HTTP/1.0", "0af7651916cd43dd8448eb211c80319c"),
+    ] {
+        let mut stream = std::net::TcpStream::connect(mecha.gateway).expect("connect");
+        write!(
+            stream,
+            "GET / {version}\r\nHost: {host}\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        assert!(
+            response.to_ascii_lowercase().contains(&format!(
+                "x-seen-traceparent: 00-{trace}-00f067aa0ba902b7-01"
+            )),
+            "{response}"
+        );
+        wait_until("the trace id in the log", || mecha.stderr_contains(trace));
+    }
+}

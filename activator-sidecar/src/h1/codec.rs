@@ -6,7 +6,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::rules::{self, HopPolicy, MAX_HEAD, MAX_HEADERS, Peer, Refusal, is_tchar};
+use crate::rules::{self, HopPolicy, MAX_HEAD, MAX_HEADERS, Peer, Refusal, TraceId, is_tchar};
 
 /// How a message body is delimited, and how much of it is still to come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +95,8 @@ pub struct RequestHead {
     pub content_length: u64,
     /// `Expect: 100-continue`: the client waits for `100 Continue` before its body.
     pub expect_continue: bool,
+    /// The request's trace (its own `traceparent`, or the one this hop started), for logs.
+    pub trace: Option<TraceId>,
 }
 
 /// The outcome of parsing what has arrived of a request.
@@ -400,7 +402,7 @@ pub fn parse_request(
         }
         push_header(out, header.name.as_bytes(), header.value);
     }
-    rules::forwarding_headers(&facts, peer, policy, host, |name, value| {
+    let trace = rules::forwarding_headers(&facts, peer, policy, host, |name, value| {
         push_header(out, name.as_bytes(), value);
     });
     out.extend_from_slice(b"\r\n");
@@ -422,6 +424,7 @@ pub fn parse_request(
         probe: facts.probe,
         content_length: facts.content_length.unwrap_or(0),
         expect_continue: facts.expect,
+        trace,
     })
 }
 

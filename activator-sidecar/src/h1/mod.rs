@@ -429,7 +429,8 @@ pub async fn serve<D: Role>(
             let error = dispatch.failed(&ticket, failure);
             let answer = Answer::from(&error);
             if error.status().is_server_error() {
-                tracing::warn!(%error, "request failed");
+                let trace_id = head.trace.map(tracing::field::display);
+                tracing::warn!(trace_id, %error, "request failed");
             }
             let keep = !close && replayable;
             let written = write_answer(&mut client, &mut response, &answer, !keep).await;

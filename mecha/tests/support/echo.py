@@ -52,6 +52,7 @@ class Echo(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Seen-Host", self.headers.get("Host", ""))
         self.send_header("X-Seen-Forwarded-For", self.headers.get("X-Forwarded-For", ""))
+        self.send_header("X-Seen-Traceparent", self.headers.get("traceparent", ""))
         self.end_headers()
         self.wfile.write(body)
 

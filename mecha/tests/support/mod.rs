@@ -92,6 +92,8 @@ pub struct Mecha {
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub stdout: Arc<Mutex<Vec<String>>>,
+    /// Log lines.
+    pub stderr: Arc<Mutex<Vec<String>>>,
     state_dir: PathBuf,
     /// A state directory inside the test's own directory outlives this run (a restart in
     /// the same directory finds it); others are removed with it.
@@ -168,9 +170,12 @@ impl Mecha {
             }
         });
         let err = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let logged = stderr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 eprintln!("mecha: {line}");
+                logged.lock().unwrap().push(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -205,6 +210,7 @@ impl Mecha {
             gateway,
             admin,
             stdout,
+            stderr,
             state_dir,
             keep_state: false,
         }
@@ -316,6 +322,15 @@ impl Mecha {
             assert!(Instant::now() < deadline, "mecha did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether a log line (stderr) contains `needle`.
+    pub fn stderr_contains(&self, needle: &str) -> bool {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     pub fn stdout_contains(&self, needle: &str) -> bool {
