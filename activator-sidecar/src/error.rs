@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode};
 use mecha_common::routing::ServiceKey;
 
 use crate::body::BoxError;
@@ -108,20 +108,24 @@ impl ProxyError {
         message
     }
 
-    /// A plain-text response that says what went wrong.
+    /// The headers of the answer besides its length: plain text, and `Retry-After` on a 503.
+    pub fn headers(&self) -> Vec<(&'static str, &'static str)> {
+        let mut headers = vec![("content-type", "text/plain; charset=utf-8")];
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            headers.push(("retry-after", "1"));
+        }
+        headers
+    }
+
+    /// A plain-text response that says what went wrong (hyper's path; the fast path writes the
+    /// same status, headers and body from [`crate::h1::Answer`]).
     pub fn into_response(self) -> Response<ProxyBody> {
-        let status = self.status();
-        let message = self.message();
-        let mut response = Response::new(full(message));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        let mut response = Response::new(full(self.message()));
+        *response.status_mut() = self.status();
+        for (name, value) in self.headers() {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(name, HeaderValue::from_static(value));
         }
         response
     }

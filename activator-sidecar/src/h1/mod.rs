@@ -228,7 +228,7 @@ pub async fn serve<D: Role>(
                     ParsedRequest::Http2 => return Some(handover(client, buf)),
                     ParsedRequest::Refused(refusal) => {
                         tracing::debug!(%refusal, %peer, "request refused");
-                        let answer = Answer::new(refusal.status(), format!("{refusal}\n"));
+                        let answer = Answer::from(&ProxyError::Refused(refusal));
                         let _ = write_answer(&mut client, &mut response, &answer, true).await;
                         dispatch.finished(None, answer.status);
                         return None;
@@ -731,11 +731,11 @@ impl Answer {
 
 impl From<&ProxyError> for Answer {
     fn from(error: &ProxyError) -> Self {
-        let mut answer = Answer::new(error.status(), error.message());
-        if error.status() == StatusCode::SERVICE_UNAVAILABLE {
-            answer.headers.push(("retry-after", "1"));
+        Answer {
+            status: error.status(),
+            body: error.message(),
+            headers: error.headers(),
         }
-        answer
     }
 }
 
