@@ -313,6 +313,10 @@ async fn one_request<R: Role>(
         return None;
     }
     let parts = connection.into_parts();
+    if !parts.io.inner().complete() {
+        // Answered before its body was read: the rest of the body is not a request.
+        return None;
+    }
     let (stream, pending) = parts.io.into_inner().into_parts();
     let mut rest = BytesMut::from(&parts.read_buf[..]);
     rest.extend_from_slice(&pending);

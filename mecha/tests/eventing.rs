@@ -779,3 +779,39 @@ fn the_events_example_displays_what_is_sent() {
             == 2
     });
 }
+
+/// The ingress answers 413 from the declared length, before reading the body: the unread body
+/// must never be taken for the next request on the connection (it would reach whatever it
+/// names, behind the proxy's back).
+#[test]
+fn a_body_left_unread_after_an_early_answer_is_never_parsed_as_a_request() {
+    let work = Workdir::new("early-answer");
+    let file = work.write("broker.yaml", BROKER);
+    let state = Mecha::fresh_state_dir();
+    let mecha = Mecha::start(&[&file], &[], &["--max-event-size", "65536"], &state);
+    let smuggled = "GET /default/default HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut body = smuggled.repeat(3).into_bytes();
+    body.resize(70_000, b'x');
+    let mut stream = std::net::TcpStream::connect(mecha.gateway).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let head = format!(
+        "POST /default/default HTTP/1.1\r\nHost: localhost\r\nce-specversion: 1.0\r\nce-id: big\r\nce-source: /t\r\nce-type: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(&body);
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    let received = String::from_utf8_lossy(&received);
+    let responses = received.matches("HTTP/1.1 ").count();
+    assert!(
+        responses <= 1,
+        "the unread body was served as requests:\n{received}"
+    );
+    assert!(
+        received.is_empty() || received.starts_with("HTTP/1.1 413"),
+        "{received}"
+    );
+}

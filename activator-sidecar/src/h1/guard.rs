@@ -69,7 +69,10 @@ impl Guarded {
         (self.inner, self.pending)
     }
 
-    fn complete(&self) -> bool {
+    /// Whether the whole request was read: only then can the connection carry another (an
+    /// answer given before the body was read leaves the rest of it on the connection, which
+    /// must never be parsed as a request).
+    pub fn complete(&self) -> bool {
         self.head_left == 0 && self.body.is_done()
     }
 }
