@@ -20,6 +20,7 @@ pub mod error;
 pub mod gateway;
 pub mod h1;
 pub mod inbound;
+pub mod outlier;
 pub mod proxy;
 pub mod rules;
 pub mod server;

@@ -21,6 +21,7 @@ use http_body_util::BodyExt;
 use hyper::StatusCode;
 use mecha_common::admin::Health;
 use mecha_common::auth::{self, Credential, Refusals};
+use mecha_common::outlier::OutlierConfig;
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -45,6 +46,8 @@ pub struct UpConfig {
     pub max_event_size: usize,
     /// Deliveries in flight per trigger.
     pub delivery_concurrency: usize,
+    /// When the gateway takes a failing replica out of rotation.
+    pub outlier: OutlierConfig,
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
@@ -146,7 +149,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
         activation.clone(),
         DOMAIN,
         &registry,
-    );
+    )
+    .with_outlier_detection(config.outlier);
     let routes = controller.routes();
     let broker = EventBroker::new(
         log,
@@ -378,6 +382,10 @@ impl Role for Front {
 
     fn may_retry(&self, ticket: &Self::Ticket, attempts: usize) -> bool {
         self.gateway.may_retry(ticket, attempts)
+    }
+
+    fn replied(&self, ticket: &Self::Ticket, reply: Result<(), &Failure>) {
+        self.gateway.replied(ticket, reply);
     }
 
     fn failed(&self, ticket: &Self::Ticket, failure: Failure) -> ProxyError {

@@ -32,6 +32,7 @@ fn start_gateway(
         token,
         trusted_proxies: activator_sidecar::rules::TrustedProxies::none(),
         fast_path: true,
+        outlier: Default::default(),
     };
     let health = Health::default();
     let ready = health.clone();
