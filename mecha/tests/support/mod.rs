@@ -92,6 +92,8 @@ pub struct Mecha {
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub stdout: Arc<Mutex<Vec<String>>>,
+    /// Its log lines (also echoed to the test's output).
+    pub stderr: Arc<Mutex<Vec<String>>>,
     state_dir: PathBuf,
     /// A state directory inside the test's own directory outlives this run (a restart in
     /// the same directory finds it); others are removed with it.
@@ -168,9 +170,12 @@ impl Mecha {
             }
         });
         let err = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let log = stderr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 eprintln!("mecha: {line}");
+                log.lock().unwrap().push(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -205,6 +210,7 @@ impl Mecha {
             gateway,
             admin,
             stdout,
+            stderr,
             state_dir,
             keep_state: false,
         }
@@ -316,6 +322,15 @@ impl Mecha {
             assert!(Instant::now() < deadline, "mecha did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether a log line contains every one of `needles`.
+    pub fn log_contains(&self, needles: &[&str]) -> bool {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| needles.iter().all(|n| l.contains(n)))
     }
 
     pub fn stdout_contains(&self, needle: &str) -> bool {
