@@ -4,10 +4,12 @@
 
 mod support;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
-use support::{Mecha, Workdir, echo_service, wait_until};
+use support::{Mecha, Response, Workdir, echo_service, wait_until};
 
 /// Failures in a row that eject a replica (the default).
 const FAILURES: usize = 3;
@@ -48,8 +50,53 @@ fn metric(mecha: &Mecha, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// Which of the gateway's two paths requests take.
+#[derive(Clone, Copy)]
+enum Path {
+    /// HTTP/1.1: the fast path (`h1::serve`).
+    Fast,
+    /// HTTP/1.0: handed to hyper's server (`Gateway::forward`).
+    Hyper,
+}
+
+/// A GET through the gateway on `path`.
+fn get(mecha: &Mecha, host: &str, path: Path) -> Response {
+    match path {
+        Path::Fast => mecha.get(host, "/"),
+        Path::Hyper => {
+            let mut stream = TcpStream::connect(mecha.gateway).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .expect("timeout");
+            write!(stream, "GET / HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");
+            let mut raw = String::new();
+            let _ = stream.read_to_string(&mut raw);
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            Response {
+                status,
+                headers: Vec::new(),
+                body: body.to_string(),
+            }
+        }
+    }
+}
+
 #[test]
 fn a_stopped_replica_is_ejected_after_a_few_timeouts_and_restored_after_its_ejection_time() {
+    stopped_replica_scenario(Path::Fast);
+}
+
+#[test]
+fn on_hyper_s_path_too_a_stopped_replica_is_ejected_and_restored() {
+    stopped_replica_scenario(Path::Hyper);
+}
+
+fn stopped_replica_scenario(path: Path) {
     let dir = Workdir::new("outlier");
     dir.write(
         "svc.yaml",
@@ -80,7 +127,7 @@ fn a_stopped_replica_is_ejected_after_a_few_timeouts_and_restored_after_its_ejec
     while timeouts < FAILURES {
         sent += 1;
         assert!(sent <= 200, "only {timeouts} of {sent} requests timed out");
-        let response = mecha.get(host, "/");
+        let response = get(&mecha, host, path);
         match response.status {
             200 => assert_eq!(response.echo().1, healthy, "{response:?}"),
             504 => timeouts += 1,
@@ -91,7 +138,7 @@ fn a_stopped_replica_is_ejected_after_a_few_timeouts_and_restored_after_its_ejec
     // Every further request is answered by the other replica, at once.
     for _ in 0..30 {
         let started = Instant::now();
-        let response = mecha.get(host, "/");
+        let response = get(&mecha, host, path);
         assert_eq!(response.status, 200, "{response:?}");
         assert_eq!(response.echo().1, healthy, "{response:?}");
         assert!(
@@ -112,7 +159,7 @@ fn a_stopped_replica_is_ejected_after_a_few_timeouts_and_restored_after_its_ejec
     // Continued, it gets requests again once its ejection time is over, not before.
     drop(stopped);
     wait_until("the continued replica to answer again", || {
-        let response = mecha.get(host, "/");
+        let response = get(&mecha, host, path);
         assert_eq!(response.status, 200, "{response:?}");
         let back = response.echo().1 == victim;
         if back {
@@ -129,7 +176,7 @@ fn a_stopped_replica_is_ejected_after_a_few_timeouts_and_restored_after_its_ejec
     });
     // Back for good: both replicas share the requests again.
     let served: std::collections::BTreeSet<u32> =
-        (0..40).map(|_| mecha.get(host, "/").echo().1).collect();
+        (0..40).map(|_| get(&mecha, host, path).echo().1).collect();
     assert_eq!(served, [victim, healthy].into_iter().collect());
     assert_eq!(metric(&mecha, revision), Some(1.0));
 }
