@@ -22,6 +22,7 @@ use hyper_util::rt::TokioExecutor;
 use mecha_common::activation::Poke;
 use mecha_common::admin::Health;
 use mecha_common::auth::{self, AdminToken};
+use mecha_common::outlier::OutlierConfig;
 use mecha_common::wire::{POKE_PATH, STATS_PATH, Snapshot, SnapshotReader, Stat, WATCH_PATH};
 use mecha_common::{Activation, EndpointTable, RoutingTable, ShutdownSignal};
 use prometheus::Registry;
@@ -56,6 +57,11 @@ pub struct GatewayConfig {
     pub limits: crate::limits::Limits,
     /// `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`: the autoscaler's credential.
     pub token: Option<AdminToken>,
+    /// `GATEWAY_OUTLIER_FAILURES` (3; 0: off), `GATEWAY_OUTLIER_EJECTION_TIME` (30s),
+    /// `GATEWAY_OUTLIER_MAX_EJECTION_TIME` (300s): replicas that fail that many requests in a
+    /// row (timeouts, refused connections) leave the rotation for the ejection time × times
+    /// ejected, capped.
+    pub outlier: OutlierConfig,
 }
 
 /// The autoscaler as the sidecar talks to it: its address and the credential every request
@@ -72,6 +78,25 @@ pub(crate) const TOKEN_FILE_HELP: (&str, &str, &str) = (
     "AUTOSCALER_TOKEN_FILE",
     "file with the autoscaler's credential, e.g. mecha up's STATE_DIR/admin-token (or the token itself in AUTOSCALER_TOKEN, never a flag: arguments are visible to every user)",
 );
+
+/// The outlier detection settings, the same in the gateway and outbound roles.
+const OUTLIER_HELP: [(&str, &str, &str); 3] = [
+    (
+        "--outlier-failures",
+        "GATEWAY_OUTLIER_FAILURES",
+        "failed requests in a row (timeouts, refused connections) that eject a replica; 0: never (3)",
+    ),
+    (
+        "--outlier-ejection-time",
+        "GATEWAY_OUTLIER_EJECTION_TIME",
+        "first ejection's length, times the ejection count after that (30s)",
+    ),
+    (
+        "--outlier-max-ejection-time",
+        "GATEWAY_OUTLIER_MAX_EJECTION_TIME",
+        "longest ejection (300s)",
+    ),
+];
 
 impl GatewayConfig {
     pub const SETTINGS: settings::Table = &[
@@ -107,6 +132,9 @@ impl GatewayConfig {
             "SIDECAR_FAST_PATH",
             "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
         ),
+        OUTLIER_HELP[0],
+        OUTLIER_HELP[1],
+        OUTLIER_HELP[2],
         TOKEN_FILE_HELP,
     ];
 
@@ -149,6 +177,9 @@ impl GatewayConfig {
             "SIDECAR_FAST_PATH",
             "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
         ),
+        OUTLIER_HELP[0],
+        OUTLIER_HELP[1],
+        OUTLIER_HELP[2],
         TOKEN_FILE_HELP,
     ];
 
@@ -199,6 +230,7 @@ impl GatewayConfig {
             fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
             limits: settings::limits(&get)?,
             token: autoscaler_token(&get)?,
+            outlier: outlier_config(&get)?,
         })
     }
 
@@ -208,6 +240,40 @@ impl GatewayConfig {
     ) -> Result<Self, ConfigError> {
         Self::from_env(settings::overlay(args, Self::SETTINGS, env)?)
     }
+}
+
+/// The outlier detection settings; the longest ejection is at least the first.
+fn outlier_config(get: &impl Fn(&str) -> Option<String>) -> Result<OutlierConfig, ConfigError> {
+    let defaults = OutlierConfig::DEFAULT;
+    let config = OutlierConfig {
+        consecutive_failures: settings::number(
+            get,
+            "GATEWAY_OUTLIER_FAILURES",
+            defaults.consecutive_failures,
+            |_| Ok(()),
+        )?,
+        base_ejection: settings::duration(
+            get,
+            "GATEWAY_OUTLIER_EJECTION_TIME",
+            defaults.base_ejection,
+        )?,
+        max_ejection: settings::duration(
+            get,
+            "GATEWAY_OUTLIER_MAX_EJECTION_TIME",
+            defaults.max_ejection,
+        )?,
+    };
+    if config.max_ejection < config.base_ejection {
+        return Err(ConfigError {
+            setting: "GATEWAY_OUTLIER_MAX_EJECTION_TIME",
+            value: get("GATEWAY_OUTLIER_MAX_EJECTION_TIME").unwrap_or_default(),
+            reason: format!(
+                "must be at least GATEWAY_OUTLIER_EJECTION_TIME ({:?})",
+                config.base_ejection
+            ),
+        });
+    }
+    Ok(config)
 }
 
 /// Reconnect backoff of the watch stream.
@@ -467,6 +533,7 @@ pub async fn serve_gateway(
         trusted_proxies,
         fast_path,
         limits,
+        outlier,
         ..
     } = config;
     if token.is_none() {
@@ -486,7 +553,8 @@ pub async fn serve_gateway(
         &domain,
         registry,
     )
-    .with_trusted_proxies(trusted_proxies);
+    .with_trusted_proxies(trusted_proxies)
+    .with_outlier_detection(outlier);
     let watcher = tokio::spawn(watch(
         control.clone(),
         activation.clone(),
@@ -545,6 +613,38 @@ mod tests {
             error.to_string(),
             "GATEWAY_ADMIN_PORT=\"8022\": must differ from OUTBOUND_PORT"
         );
+    }
+
+    #[test]
+    fn outlier_detection_is_set_by_flag_or_variable() {
+        let args = |extra: &[&str]| {
+            let mut args = vec!["--autoscaler-addr".to_string(), "127.0.0.1:1".to_string()];
+            args.extend(extra.iter().map(ToString::to_string));
+            args
+        };
+        let config = GatewayConfig::from_args_and_env(&args(&[]), |_| None).expect("ok");
+        assert_eq!(config.outlier, OutlierConfig::DEFAULT);
+        let config = GatewayConfig::outbound_from_args_and_env(
+            &args(&["--outlier-failures", "5", "--outlier-ejection-time=2s"]),
+            |k| (k == "GATEWAY_OUTLIER_MAX_EJECTION_TIME").then(|| "1m".to_string()),
+        )
+        .expect("ok");
+        assert_eq!(
+            config.outlier,
+            OutlierConfig {
+                consecutive_failures: 5,
+                base_ejection: Duration::from_secs(2),
+                max_ejection: Duration::from_secs(60),
+            }
+        );
+        let error =
+            GatewayConfig::from_args_and_env(&args(&["--outlier-ejection-time", "10m"]), |_| None)
+                .expect_err("max below base");
+        assert_eq!(error.setting, "GATEWAY_OUTLIER_MAX_EJECTION_TIME");
+        let error =
+            GatewayConfig::from_args_and_env(&args(&["--outlier-failures", "-1"]), |_| None)
+                .expect_err("negative");
+        assert_eq!(error.setting, "GATEWAY_OUTLIER_FAILURES");
     }
 
     #[test]

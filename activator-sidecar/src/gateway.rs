@@ -17,6 +17,7 @@ use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use mecha_common::activation::{BufferFull, Waiting};
+use mecha_common::outlier::OutlierConfig;
 use mecha_common::routing::{ServiceKey, UpstreamProtocol, normalize_host};
 use mecha_common::{
     Activation, Endpoint, EndpointTable, LoadGuard, Route, RouteTarget, RoutingTable,
@@ -29,6 +30,7 @@ use crate::body::ProxyBody;
 use crate::error::Failure;
 use crate::error::ProxyError;
 use crate::h1::{Answer, Decision, Role, codec::RequestHead};
+use crate::outlier::Outliers;
 use crate::proxy::{Forwarder, RequestBody};
 use crate::rules::{self, HopPolicy, TraceId, TrustedProxies};
 
@@ -45,6 +47,8 @@ pub struct Gateway {
     forwarder: Forwarder,
     domain: Arc<str>,
     policy: Arc<HopPolicy>,
+    /// Takes replicas that stop answering out of rotation.
+    outliers: Outliers,
     metrics: Metrics,
 }
 
@@ -78,8 +82,27 @@ impl Gateway {
                 trusted: TrustedProxies::none(),
                 start_trace: true,
             }),
+            outliers: Outliers::new(OutlierConfig::DEFAULT, registry),
             metrics: Metrics::register(registry),
         }
+    }
+
+    /// Ejects replicas that fail requests in a row as `config` says (by default 3 failures,
+    /// 30 s growing to 300 s; [`mecha_common::outlier`]).
+    pub fn with_outlier_detection(mut self, config: OutlierConfig) -> Self {
+        self.outliers = self.outliers.with_config(config);
+        self
+    }
+
+    /// Records whether one attempt at `endpoint` (of `revision`) got a response head — the one
+    /// place both paths report to the outlier detector.
+    fn record_reply(&self, revision: &str, endpoint: &Endpoint, reply: Result<(), &Failure>) {
+        if Outliers::judge(reply).is_none() {
+            return;
+        }
+        let table = self.endpoints.borrow();
+        self.outliers
+            .record(revision, endpoint, table.ready(revision), reply);
     }
 
     /// Believes the forwarding headers of these proxies (by default, nobody's: the gateway is
@@ -214,10 +237,8 @@ impl Gateway {
                 ),
             )
             .await
-            .map_err(|_| ProxyError::Timeout {
-                service: service.clone(),
-                timeout: target.timeout,
-            })?;
+            .unwrap_or(Err(Failure::Timeout));
+            self.record_reply(&target.revision, &endpoint, forwarded.as_ref().map(|_| ()));
             match forwarded {
                 Ok(response) => return Ok(response),
                 Err(Failure::Connect(source))
@@ -265,6 +286,7 @@ impl Gateway {
                     .iter()
                     .filter(|e| !exclude.contains(&e.addr))
                     .collect();
+                let candidates = self.outliers.routable(candidates);
                 pick(&candidates, target.container_concurrency)
             };
             if let Some(picked) = picked {
@@ -314,7 +336,8 @@ type Refusal = Box<(Option<ServiceKey>, ProxyError)>;
 #[derive(Debug)]
 pub struct Forwarded {
     service: ServiceKey,
-    timeout: Duration,
+    target: RouteTarget,
+    endpoint: Endpoint,
     started: Instant,
     trace: Option<TraceId>,
     _guard: LoadGuard,
@@ -365,7 +388,8 @@ impl Role for Gateway {
                 deadline,
                 ticket: Forwarded {
                     service,
-                    timeout: target.timeout,
+                    target,
+                    endpoint,
                     started,
                     trace: head.trace,
                     _guard: guard,
@@ -379,8 +403,12 @@ impl Role for Gateway {
         attempts < CONNECT_RETRIES
     }
 
+    fn replied(&self, ticket: &Forwarded, reply: Result<(), &Failure>) {
+        self.record_reply(&ticket.target.revision, &ticket.endpoint, reply);
+    }
+
     fn failed(&self, ticket: &Forwarded, failure: Failure) -> ProxyError {
-        ProxyError::from_failure(ticket.service.clone(), ticket.timeout, failure)
+        ProxyError::from_failure(ticket.service.clone(), ticket.target.timeout, failure)
     }
 
     fn finished(&self, ticket: Option<Forwarded>, status: http::StatusCode) {

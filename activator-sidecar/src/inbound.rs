@@ -500,6 +500,9 @@ impl Role for Inbound {
         }
     }
 
+    /// One container behind this sidecar: nothing to eject it in favour of.
+    fn replied(&self, _guard: &LoadGuard, _reply: Result<(), &Failure>) {}
+
     fn failed(&self, _guard: &LoadGuard, failure: Failure) -> ProxyError {
         ProxyError::from_failure(self.config.service.clone(), self.config.timeout, failure)
     }

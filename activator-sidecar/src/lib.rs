@@ -21,6 +21,7 @@ pub mod gateway;
 pub mod h1;
 pub mod inbound;
 pub mod limits;
+pub mod outlier;
 pub mod proxy;
 pub mod rules;
 pub mod server;

@@ -126,7 +126,7 @@ where
         if let (Some(max), Some(after), 429 | 503) = (delivery.retry_after_max, retry_after, code) {
             wait = wait.max(after.min(max));
         }
-        tracing::debug!(target = %target.url, code, attempt, ?wait, "delivery failed; retrying");
+        tracing::debug!(target = %target.url, id = %event.id(), trace_id = %event.trace_id().unwrap_or_default(), code, attempt, ?wait, "delivery failed; retrying");
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -218,6 +218,8 @@ impl Send for HttpSender {
             }
         };
         headers.insert("prefer", HeaderValue::from_static("reply"));
+        // The event's trace context as W3C headers, so the receiver joins the trace.
+        event.trace_headers(&mut headers);
         if let Some(host) = &target.host
             && let Ok(value) = HeaderValue::from_str(host)
         {

@@ -101,7 +101,7 @@ where
             );
         }
     };
-    let events = match Event::from_http(&parts.headers, &body) {
+    let mut events = match Event::from_http(&parts.headers, &body) {
         Ok(events) => events,
         Err(EventError::Unsupported(why)) => {
             reject("unsupported-format");
@@ -112,6 +112,11 @@ where
             return answer(StatusCode::BAD_REQUEST, &why);
         }
     };
+    // The request's trace context travels with its events (the distributed-tracing
+    // extension), unless an event names its own.
+    for event in &mut events {
+        event.adopt_trace(&parts.headers);
+    }
     let batch = events.len() != 1;
     for (i, event) in events.iter().enumerate() {
         if let Err(error) = event.validate() {

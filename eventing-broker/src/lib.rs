@@ -15,6 +15,7 @@ pub mod log;
 pub mod metrics;
 pub mod runtime;
 pub mod state;
+pub mod trace;
 
 pub use event::{Event, EventError};
 pub use log::{EventLog, LogError};

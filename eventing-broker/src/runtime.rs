@@ -806,6 +806,8 @@ impl Job {
         let started = Instant::now();
         // The TTL is the broker's business: taken off for the subscriber, put back on its reply.
         let ttl = event.attributes.remove(TTL);
+        let trace_id = event.trace_id().unwrap_or_default();
+        tracing::debug!(trigger = %self.trigger, id = %event.id(), %trace_id, target = %self.target.url, "delivering an event");
         let outcome = delivery::deliver(
             &inner.sender,
             &self.target,
@@ -813,6 +815,8 @@ impl Job {
             &self.delivery,
             inner.config.default_timeout,
             |mut reply| {
+                // What a function answers belongs to the trace of what it was sent.
+                reply.inherit_trace(&event);
                 if let Some(ttl) = &ttl {
                     reply.attributes.insert(TTL.into(), ttl.clone());
                 }
@@ -836,6 +840,7 @@ impl Job {
             .with_label_values(&labels)
             .inc_by(u64::from(attempts.saturating_sub(1)));
         let Outcome::Failed { code, body, .. } = outcome else {
+            tracing::debug!(trigger = %self.trigger, id = %event.id(), %trace_id, target = %self.target.url, attempts, "event delivered");
             inner.metrics.delivered.with_label_values(&labels).inc();
             inner
                 .metrics
@@ -845,7 +850,7 @@ impl Job {
             return;
         };
         let Some(sink) = &self.dead_letter else {
-            tracing::warn!(trigger = %self.trigger, id = %event.id(), code, attempts, "delivery failed; no dead-letter sink, the event is dropped");
+            tracing::warn!(trigger = %self.trigger, id = %event.id(), %trace_id, code, attempts, "delivery failed; no dead-letter sink, the event is dropped");
             inner.metrics.failed.with_label_values(&labels).inc();
             return;
         };
@@ -860,9 +865,10 @@ impl Job {
         )
         .await;
         if matches!(dead, Outcome::Delivered { .. }) {
+            tracing::debug!(trigger = %self.trigger, id = %event.id(), %trace_id, sink = %sink.url, code, "event dead-lettered");
             inner.metrics.dead_lettered.with_label_values(&labels).inc();
         } else {
-            tracing::warn!(trigger = %self.trigger, id = %event.id(), "the dead-letter sink failed too; the event is dropped");
+            tracing::warn!(trigger = %self.trigger, id = %event.id(), %trace_id, "the dead-letter sink failed too; the event is dropped");
             inner.metrics.failed.with_label_values(&labels).inc();
         }
     }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod auth;
 pub mod duration;
 pub mod load;
+pub mod outlier;
 pub mod probe;
 pub mod routing;
 pub mod shutdown;

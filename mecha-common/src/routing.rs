@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::load::{LoadGuard, LoadSample, LoadTracker};
+use crate::outlier::{OutlierCell, Routable};
 
 /// A Service's identity: namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,6 +103,9 @@ pub struct Endpoint {
     pub replica: Arc<str>,
     pub addr: SocketAddr,
     load: Arc<LoadTracker>,
+    /// Whether callers have taken it out of rotation for failing ([`crate::outlier`]); kept
+    /// across table updates with the endpoint, fresh for a restarted replica.
+    outlier: Arc<OutlierCell>,
     /// Shared by the endpoints of one revision: notified (one waiter) whenever a request on
     /// any of them finishes, so a caller waiting for free capacity can look again.
     released: Arc<Notify>,
@@ -235,6 +239,7 @@ impl Endpoint {
             replica: replica.into(),
             addr,
             load: Arc::new(LoadTracker::new()),
+            outlier: Arc::new(OutlierCell::default()),
             released,
         }
     }
@@ -257,6 +262,21 @@ impl Endpoint {
     /// replica keeps its name but is a new endpoint.
     pub fn same(&self, other: &Endpoint) -> bool {
         Arc::ptr_eq(&self.load, &other.load)
+    }
+
+    /// Its outlier state (ejected for failing requests, or on trial after an ejection).
+    pub fn outlier(&self) -> &OutlierCell {
+        &self.outlier
+    }
+
+    /// Whether a caller may send it a request at `now`: not ejected, and, back from an
+    /// ejection but not yet proven, only while nothing else is in flight on it.
+    pub fn routable(&self, now: tokio::time::Instant) -> bool {
+        match self.outlier.routable(now) {
+            Routable::Yes => true,
+            Routable::OnTrial => self.in_flight() == 0,
+            Routable::No => false,
+        }
     }
 
     /// Counts a request against this replica until the guard is dropped.

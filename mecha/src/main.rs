@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mecha_common::auth;
+use mecha_common::outlier::OutlierConfig;
 use mecha_common::telemetry::{LogFormat, init_tracing};
 
 use crate::client::AdminClient;
@@ -105,6 +106,17 @@ enum Command {
         /// closes (default: half the file limit).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         max_connections: Option<u32>,
+        /// Requests in a row a replica may fail (no response before the revision's timeout,
+        /// or a refused connection) before the gateway takes it out of rotation; 0: never.
+        #[arg(long, default_value_t = 3)]
+        outlier_failures: u32,
+        /// How long a replica's first ejection lasts; the n-th lasts n times this, up to
+        /// --outlier-max-ejection-time.
+        #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+        outlier_ejection_time: Duration,
+        /// The longest ejection.
+        #[arg(long, default_value = "300s", value_parser = humantime_duration)]
+        outlier_max_ejection_time: Duration,
     },
     /// Create or update resources from YAML files or directories; takes effect at once.
     Apply {
@@ -233,7 +245,16 @@ async fn main() -> ExitCode {
             header_read_timeout,
             idle_timeout,
             max_connections,
+            outlier_failures,
+            outlier_ejection_time,
+            outlier_max_ejection_time,
         } => {
+            if outlier_max_ejection_time < outlier_ejection_time {
+                eprintln!(
+                    "error: --outlier-max-ejection-time ({outlier_max_ejection_time:?}) must be at least --outlier-ejection-time ({outlier_ejection_time:?})"
+                );
+                return ExitCode::from(2);
+            }
             return up::run(up::UpConfig {
                 paths,
                 bind,
@@ -247,6 +268,11 @@ async fn main() -> ExitCode {
                 header_read_timeout,
                 idle_timeout,
                 max_connections: max_connections.map(|n| n as usize),
+                outlier: OutlierConfig {
+                    consecutive_failures: outlier_failures,
+                    base_ejection: outlier_ejection_time,
+                    max_ejection: outlier_max_ejection_time,
+                },
             })
             .await;
         }

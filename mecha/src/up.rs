@@ -21,6 +21,7 @@ use http_body_util::BodyExt;
 use hyper::StatusCode;
 use mecha_common::admin::Health;
 use mecha_common::auth::{self, Credential, Refusals};
+use mecha_common::outlier::OutlierConfig;
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -51,6 +52,8 @@ pub struct UpConfig {
     pub idle_timeout: Duration,
     /// Client connections of the gateway; by default from the file limit.
     pub max_connections: Option<usize>,
+    /// When the gateway takes a failing replica out of rotation.
+    pub outlier: OutlierConfig,
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
@@ -153,7 +156,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
         DOMAIN,
         &registry,
     )
-    .with_trusted_proxies(config.trusted_proxies.clone());
+    .with_trusted_proxies(config.trusted_proxies.clone())
+    .with_outlier_detection(config.outlier);
     let routes = controller.routes();
     let broker = EventBroker::new(
         log,
@@ -393,6 +397,10 @@ impl Role for Front {
 
     fn may_retry(&self, ticket: &Self::Ticket, attempts: usize) -> bool {
         self.gateway.may_retry(ticket, attempts)
+    }
+
+    fn replied(&self, ticket: &Self::Ticket, reply: Result<(), &Failure>) {
+        self.gateway.replied(ticket, reply);
     }
 
     fn failed(&self, ticket: &Self::Ticket, failure: Failure) -> ProxyError {

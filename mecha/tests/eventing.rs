@@ -480,6 +480,93 @@ fn triggers_filter_retry_dead_letter_and_reply() {
 }
 
 #[test]
+fn the_trace_context_of_a_posted_event_reaches_subscribers_replies_and_dead_letters() {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const OWN: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let work = Workdir::new("tracing");
+    let sink = Subscriber::ok();
+    let failing = Subscriber::start(|_| (500, vec![], "boom".into()));
+    // Answers with a reply event that has no trace context of its own.
+    let replier = Subscriber::start(|r| {
+        let id = format!("{}-r", r.headers.get("ce-id").cloned().unwrap_or_default());
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", &id),
+            ("ce-source", "/replier"),
+            ("ce-type", "traced.reply"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
+        (200, headers, String::new())
+    });
+    let dead_letter = "  delivery:\n    retry: 0\n    deadLetterSink:\n      uri: DEAD\n"
+        .replace("DEAD", &sink.url("/dead"));
+    let yaml = [
+        BROKER.to_string(),
+        trigger("ask", &type_filter("traced"), &replier.url("/ask"), ""),
+        trigger(
+            "replies",
+            &type_filter("traced.reply"),
+            &sink.url("/replies"),
+            "",
+        ),
+        trigger(
+            "failing",
+            &type_filter("traced"),
+            &failing.url("/fail"),
+            &dead_letter,
+        ),
+        trigger("own", &type_filter("own"), &sink.url("/own"), ""),
+    ]
+    .concat();
+    let file = work.write("triggers.yaml", &yaml);
+    let mecha = Mecha::up_with(&[&file], &[("MECHA_LOG", "info,eventing_broker=debug")]);
+
+    let trace = [("traceparent", PARENT), ("tracestate", "congo=t61rcWkgMzE")];
+    assert_eq!(post_binary(&mecha, "t1", "traced", &trace), 202);
+    // An event with its own trace context (binary mode's ce-traceparent) keeps it.
+    let own = [("traceparent", PARENT), ("ce-traceparent", OWN)];
+    assert_eq!(post_binary(&mecha, "t2", "own", &own), 202);
+
+    wait_until("the subscriber, the reply and the dead letter", || {
+        sink.count("/replies") >= 1 && sink.count("/dead") >= 1 && sink.count("/own") >= 1
+    });
+    let first = |subscriber: &Subscriber, path: &str| {
+        subscriber
+            .all()
+            .into_iter()
+            .find(|r| r.path == path)
+            .unwrap()
+    };
+    let asked = first(&replier, "/ask");
+    assert_eq!(asked.headers["traceparent"], PARENT, "{asked:?}");
+    assert_eq!(asked.headers["tracestate"], "congo=t61rcWkgMzE");
+    assert_eq!(asked.headers["ce-traceparent"], PARENT);
+    for path in ["/replies", "/dead"] {
+        let received = first(&sink, path);
+        assert_eq!(received.headers["traceparent"], PARENT, "{received:?}");
+        assert_eq!(received.headers["tracestate"], "congo=t61rcWkgMzE");
+    }
+    let own = first(&sink, "/own");
+    assert_eq!(own.headers["traceparent"], OWN, "{own:?}");
+    assert_eq!(own.headers["ce-traceparent"], OWN);
+    assert!(!own.headers.contains_key("tracestate"), "{own:?}");
+    // The rest of the event is as it was sent.
+    assert_eq!(own.headers["ce-id"], "t2");
+    assert_eq!(own.headers["ce-source"], "/tests");
+
+    wait_until("the trace id in the delivery logs", || {
+        mecha.log_contains(&[
+            "event delivered",
+            "trigger=ask",
+            &format!("trace_id={TRACE_ID}"),
+        ]) && mecha.log_contains(&["event dead-lettered", &format!("trace_id={TRACE_ID}")])
+    });
+}
+
+#[test]
 fn a_slow_subscriber_does_not_delay_a_fast_one() {
     let work = Workdir::new("slow");
     let fast = Subscriber::ok();

@@ -564,7 +564,7 @@ fn the_gateway_starts_a_trace_and_logs_each_request_with_its_trace_id() {
         "{traceparent:?}"
     );
     wait_until("the started trace id in the log", || {
-        mecha.stderr_contains(parts[1])
+        mecha.log_contains(&[parts[1]])
     });
 
     // A request that carries one keeps it, on the fast path and on hyper's path (HTTP/1.0).
@@ -586,6 +586,6 @@ fn the_gateway_starts_a_trace_and_logs_each_request_with_its_trace_id() {
             )),
             "{response}"
         );
-        wait_until("the trace id in the log", || mecha.stderr_contains(trace));
+        wait_until("the trace id in the log", || mecha.log_contains(&[trace]));
     }
 }

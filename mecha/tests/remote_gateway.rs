@@ -33,6 +33,7 @@ fn start_gateway(
         trusted_proxies: activator_sidecar::rules::TrustedProxies::none(),
         fast_path: true,
         limits: activator_sidecar::limits::Limits::default(),
+        outlier: Default::default(),
     };
     let health = Health::default();
     let ready = health.clone();

@@ -110,6 +110,11 @@ pub trait Role: Send + Sync + 'static {
         false
     }
 
+    /// Whether one attempt at the replica got a response head (`Ok`) or not (the failure):
+    /// once per attempt, retried or not — what outlier detection counts. A kept-alive
+    /// connection found closed and retried on a fresh one is not an attempt.
+    fn replied(&self, ticket: &Self::Ticket, reply: Result<(), &Failure>);
+
     /// The error a failure becomes.
     fn failed(&self, ticket: &Self::Ticket, failure: Failure) -> ProxyError;
 
@@ -403,6 +408,7 @@ pub async fn serve<D: Role>(
                 stale_retried = true;
                 continue;
             }
+            dispatch.replied(&ticket, Err(&failure));
             if matches!(failure, Failure::Connect(_))
                 && replayable
                 && dispatch.may_retry(&ticket, failed.len())
@@ -440,6 +446,10 @@ pub async fn serve<D: Role>(
             }
             continue 'requests;
         };
+        if let Exchanged::Done { .. } | Exchanged::Broken { .. } = outcome {
+            // A response head came (a broken exchange broke after it).
+            dispatch.replied(&ticket, Ok(()));
+        }
         match outcome {
             Exchanged::Done {
                 status,

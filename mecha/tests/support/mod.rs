@@ -92,7 +92,7 @@ pub struct Mecha {
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub stdout: Arc<Mutex<Vec<String>>>,
-    /// Log lines.
+    /// Its log lines (also echoed to the test's output).
     pub stderr: Arc<Mutex<Vec<String>>>,
     state_dir: PathBuf,
     /// A state directory inside the test's own directory outlives this run (a restart in
@@ -171,11 +171,11 @@ impl Mecha {
         });
         let err = child.stderr.take().unwrap();
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        let logged = stderr.clone();
+        let log = stderr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 eprintln!("mecha: {line}");
-                logged.lock().unwrap().push(line);
+                log.lock().unwrap().push(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -324,13 +324,13 @@ impl Mecha {
         }
     }
 
-    /// Whether a log line (stderr) contains `needle`.
-    pub fn stderr_contains(&self, needle: &str) -> bool {
+    /// Whether a log line contains every one of `needles`.
+    pub fn log_contains(&self, needles: &[&str]) -> bool {
         self.stderr
             .lock()
             .unwrap()
             .iter()
-            .any(|l| l.contains(needle))
+            .any(|l| needles.iter().all(|n| l.contains(n)))
     }
 
     pub fn stdout_contains(&self, needle: &str) -> bool {
