@@ -2,13 +2,12 @@
 //! would: raw bytes over a socket, a keep-alive recording upstream (`support/recorder.py`,
 //! Python's own HTTP parser) behind it, both real processes.
 
-use std::collections::HashSet;
 use std::net::TcpStream;
 
 mod support;
 
 use support::corpus::{Case, case, cases_starting_with};
-use support::hostile::{self, RecordLog, Upstream, attack, warm_up};
+use support::hostile::{self, RecordLog, Upstream, attack_all};
 use support::{Port, Sidecar, reserve_port};
 
 /// The recorder behind an inbound sidecar.
@@ -63,14 +62,7 @@ fn attacks() -> Vec<Case> {
 
 fn run_attacks(stack: &Stack) {
     let cases = attacks();
-    let mut pooled: HashSet<u64> = warm_up(stack.sidecar.serving, "echo");
-    let mut failures = Vec::new();
-    for case in &cases {
-        let problems = attack(stack.sidecar.serving, None, stack.log(), case, &mut pooled);
-        if !problems.is_empty() {
-            failures.push(format!("{}:\n  {}", case.name, problems.join("\n  ")));
-        }
-    }
+    let failures = attack_all(stack.sidecar.serving, None, stack.log(), &cases, "inbound");
     assert!(
         failures.is_empty(),
         "{} of {} attacks failed:\n{}",

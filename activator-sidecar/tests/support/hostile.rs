@@ -451,16 +451,15 @@ pub fn innocents(addr: SocketAddr, host: &str, tag: &str) -> Vec<(String, Reply)
 /// Sends `case` (its `Host: echo` lines naming `host`, when given) and checks what followed:
 /// the client got the statuses the case expects; the upstream saw exactly the requests the
 /// client meant (as many as the 2xx statuses it expects, each one answered to this client; for
-/// a refused case none at all); then [`INNOCENTS`] clients each got their own response, at
-/// least one over a replica connection pooled before the attack (`pooled`: the upstream
-/// connections seen so far, updated). Returns the problems found.
+/// a refused case none at all); then [`INNOCENTS`] clients each got their own response.
+/// `pooled`: the upstream connections seen so far, updated.
 pub fn attack(
     addr: SocketAddr,
     host: Option<&str>,
     log: &RecordLog,
     case: &Case,
     pooled: &mut HashSet<u64>,
-) -> Vec<String> {
+) -> Verdict {
     let mut problems = Vec::new();
     let before = log.entries().len();
     let bytes = host.map_or_else(|| case.bytes.clone(), |host| case.with_host(host));
@@ -516,13 +515,65 @@ pub fn attack(
             others
         ));
     }
-    if !pooled.is_empty() && innocent_conns.is_disjoint(pooled) {
-        problems.push(format!(
-            "no innocent came over a pooled replica connection ({innocent_conns:?}, pooled before: {pooled:?})"
+    let unpooled = innocent_conns.is_disjoint(pooled).then(|| {
+        let attack_conns: Vec<(u64, &str, bool)> = entries[before..]
+            .iter()
+            .filter(|s| !s.target.starts_with(&prefix))
+            .map(|s| (s.conn, s.line.as_str(), s.incomplete))
+            .collect();
+        format!(
+            "{}: no innocent came over a pooled replica connection (theirs: {innocent_conns:?}; pooled before: {pooled:?}; the attack's: {attack_conns:?})",
+            case.name
+        )
+    });
+    pooled.extend(entries.iter().map(|s| s.conn));
+    Verdict { problems, unpooled }
+}
+
+/// What [`attack`] found.
+#[derive(Debug)]
+pub struct Verdict {
+    /// Everything that went wrong.
+    pub problems: Vec<String>,
+    /// Set when no innocent came over a replica connection pooled before the attack, saying
+    /// which connections were used: the round then did not test the pool.
+    pub unpooled: Option<String>,
+}
+
+/// Every case in `cases` through [`attack`] at `addr` after a [`warm_up`], with `label` in
+/// the messages: the problems found. Most rounds must have reused pooled replica connections
+/// (a proxy thread may find its idle list empty now and then: the pool is per thread), or the
+/// attacks did not test the pool at all.
+pub fn attack_all(
+    addr: SocketAddr,
+    host: Option<&str>,
+    log: &RecordLog,
+    cases: &[Case],
+    label: &str,
+) -> Vec<String> {
+    let mut pooled = warm_up(addr, host.unwrap_or("echo"));
+    let mut failures = Vec::new();
+    let mut unpooled = Vec::new();
+    for case in cases {
+        let verdict = attack(addr, host, log, case, &mut pooled);
+        if !verdict.problems.is_empty() {
+            failures.push(format!(
+                "{label}, {}:\n  {}",
+                case.name,
+                verdict.problems.join("\n  ")
+            ));
+        }
+        unpooled.extend(verdict.unpooled);
+    }
+    if unpooled.len() * 10 > cases.len() {
+        failures.push(format!(
+            "{label}: {} of {} rounds never used a pooled replica connection:\n  {}",
+            unpooled.len(),
+            cases.len(),
+            unpooled.join("\n  ")
         ));
     }
-    pooled.extend(entries.iter().map(|s| s.conn));
-    problems
+    failures
 }
 
 /// Fills the proxy's pool: [`INNOCENTS`] requests at once, each answered with its own path.
