@@ -6,8 +6,7 @@ use std::net::TcpStream;
 
 mod support;
 
-use support::corpus::{Case, case, cases_starting_with};
-use support::hostile::{self, RecordLog, Upstream, attack_all};
+use support::hostile::{self, RecordLog, Upstream, attack_all, attacks};
 use support::{Port, Sidecar, reserve_port};
 
 /// The recorder behind an inbound sidecar.
@@ -35,31 +34,6 @@ impl Stack {
     }
 }
 
-/// The attacks: every smuggling, chunk-size, `Content-Length` and `Host` case of the corpus,
-/// and valid messages whose bodies look like requests (the upstream must see one request).
-fn attacks() -> Vec<Case> {
-    let mut cases = cases_starting_with(&["smuggle-", "chunk-", "cl-", "host-"]);
-    for name in [
-        "smuggle-connection-content-length",
-        "chunk-size-5x",
-        "chunk-size-0x5",
-        "chunk-size-underscore",
-    ] {
-        assert!(
-            cases.iter().any(|c| c.name == name),
-            "the corpus lost {name}"
-        );
-    }
-    for name in [
-        "valid-post-body-looks-like-request",
-        "valid-chunked-body-looks-like-request",
-        "valid-pipelined-post-then-get",
-    ] {
-        cases.push(case(name));
-    }
-    cases
-}
-
 fn run_attacks(stack: &Stack) {
     let cases = attacks();
     let failures = attack_all(stack.sidecar.serving, None, stack.log(), &cases, "inbound");
@@ -71,16 +45,7 @@ fn run_attacks(stack: &Stack) {
         failures.join("\n")
     );
     // Nothing reached the replica but the innocents and the valid cases' own requests.
-    let strays: Vec<_> = stack
-        .log()
-        .entries()
-        .into_iter()
-        .filter(|s| {
-            !s.incomplete
-                && !s.target.starts_with("/innocent/")
-                && !["/p", "/c", "/1", "/2"].contains(&s.target.as_str())
-        })
-        .collect();
+    let strays = hostile::strays(stack.log());
     assert!(strays.is_empty(), "requests nobody meant: {strays:?}");
 }
 

@@ -9,8 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 
 use mecha_common::Shutdown;
 use mecha_common::auth::AdminToken;
-use support::corpus::{Case, case, cases_starting_with};
-use support::hostile::{self, RecordLog, attack_all};
+use support::hostile::{self, RecordLog, attack_all, attacks};
 use support::{Mecha, Workdir, recorder_service, start_gateway, wait_until};
 
 /// `mecha up` with one replica of the recorder as service `rec`.
@@ -73,31 +72,6 @@ impl Drop for Standalone {
     }
 }
 
-/// Every smuggling, chunk-size, `Content-Length` and `Host` case of the corpus, and valid
-/// messages whose bodies look like requests (the function must see one request each).
-fn attacks() -> Vec<Case> {
-    let mut cases = cases_starting_with(&["smuggle-", "chunk-", "cl-", "host-"]);
-    for name in [
-        "smuggle-connection-content-length",
-        "chunk-size-5x",
-        "chunk-size-0x5",
-        "chunk-size-underscore",
-    ] {
-        assert!(
-            cases.iter().any(|c| c.name == name),
-            "the corpus lost {name}"
-        );
-    }
-    for name in [
-        "valid-post-body-looks-like-request",
-        "valid-chunked-body-looks-like-request",
-        "valid-pipelined-post-then-get",
-    ] {
-        cases.push(case(name));
-    }
-    cases
-}
-
 #[test]
 fn smuggling_attempts_reach_no_function_and_poison_no_pooled_connection() {
     let platform = platform("hostile-smuggling");
@@ -120,16 +94,7 @@ fn smuggling_attempts_reach_no_function_and_poison_no_pooled_connection() {
         failures.join("\n")
     );
     // Nothing reached the function but the innocents and the valid cases' own requests.
-    let strays: Vec<_> = platform
-        .log
-        .entries()
-        .into_iter()
-        .filter(|s| {
-            !s.incomplete
-                && !s.target.starts_with("/innocent/")
-                && !["/p", "/c", "/1", "/2", "/ready"].contains(&s.target.as_str())
-        })
-        .collect();
+    let strays = hostile::strays(&platform.log);
     assert!(strays.is_empty(), "requests nobody meant: {strays:?}");
 }
 

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use super::corpus::Case;
+use super::corpus::{Case, case, cases_starting_with};
 
 /// The recording upstream (see its docstring): every request it parses goes to `RECORD_LOG`.
 pub const RECORDER: &str = include_str!("recorder.py");
@@ -587,6 +587,46 @@ pub fn warm_up(addr: SocketAddr, host: &str) -> HashSet<u64> {
                 .unwrap_or_else(|| panic!("warm-up {path}: {reply:?}"));
             assert_eq!(seen.target, path);
             seen.conn
+        })
+        .collect()
+}
+
+/// The attacks: every smuggling, chunk-size, `Content-Length` and `Host` case of the corpus
+/// (the proof of concept and the chunk sizes `5x`, `0x5`, `1_0` among them), and valid
+/// messages whose bodies look like requests (the upstream must see one request each, proof
+/// that the harness sees what is forwarded).
+pub fn attacks() -> Vec<Case> {
+    let mut cases = cases_starting_with(&["smuggle-", "chunk-", "cl-", "host-"]);
+    for name in [
+        "smuggle-connection-content-length",
+        "chunk-size-5x",
+        "chunk-size-0x5",
+        "chunk-size-underscore",
+    ] {
+        assert!(
+            cases.iter().any(|c| c.name == name),
+            "the corpus lost {name}"
+        );
+    }
+    for name in [
+        "valid-post-body-looks-like-request",
+        "valid-chunked-body-looks-like-request",
+        "valid-pipelined-post-then-get",
+    ] {
+        cases.push(case(name));
+    }
+    cases
+}
+
+/// Requests in `log` that neither an innocent nor a valid case of [`attacks`] sent, leaving
+/// out bodies cut short by a client that went away.
+pub fn strays(log: &RecordLog) -> Vec<Seen> {
+    log.entries()
+        .into_iter()
+        .filter(|s| {
+            !s.incomplete
+                && !s.target.starts_with("/innocent/")
+                && !["/p", "/c", "/1", "/2", "/ready"].contains(&s.target.as_str())
         })
         .collect()
 }
