@@ -9,14 +9,10 @@
 //! upstream saw must come back to the client as exactly one response (nothing smuggled, nothing
 //! left on a pooled connection), and an innocent request after each case gets its own answer.
 //!
-//! A case file is the message, one line of the file per line of the message; the file's own
-//! line breaks are not part of it, so every `\r\n` is written out (escapes: `\r`, `\n`, `\t`,
-//! `\0`, `\\`, `\"`, `\xNN`). Leading `# ` lines are notes; `# expect: 200 400` lists the
-//! statuses the client must get, in order.
+//! The case file format is described in `support/corpus.rs`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +26,10 @@ use mecha_common::Shutdown;
 use mecha_common::admin::Health;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod support;
+
+use support::corpus::corpus;
 
 /// A request as the upstream parsed it: method, target, headers (lowercase names, grouped by
 /// name in their order; values with non-printable bytes escaped, so equal means byte-equal),
@@ -54,12 +54,6 @@ struct Outcome {
     statuses: Vec<u16>,
     upstream: Vec<usize>,
     seen: Vec<Seen>,
-}
-
-struct Case {
-    name: String,
-    bytes: Vec<u8>,
-    expect: Option<Vec<u16>>,
 }
 
 // === the recording upstream ===
@@ -215,77 +209,6 @@ async fn run(addr: SocketAddr, recorder: &Recorder, bytes: &[u8]) -> Outcome {
         upstream,
         seen,
     }
-}
-
-// === the corpus ===
-
-fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
-}
-
-fn load(path: &Path) -> Case {
-    let text = std::fs::read_to_string(path).expect("read a case");
-    let mut expect = None;
-    let mut message = String::new();
-    let mut notes = true;
-    for line in text.lines() {
-        if notes && line.starts_with('#') {
-            if let Some(list) = line.strip_prefix("# expect:") {
-                expect = Some(
-                    list.split_whitespace()
-                        .map(|s| s.parse().expect("a status"))
-                        .collect(),
-                );
-            }
-            continue;
-        }
-        notes = false;
-        message.push_str(line);
-    }
-    Case {
-        name: path
-            .file_stem()
-            .expect("a name")
-            .to_string_lossy()
-            .into_owned(),
-        bytes: unescape(&message),
-        expect,
-    }
-}
-
-fn unescape(text: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len());
-    let mut chars = text.bytes();
-    while let Some(b) = chars.next() {
-        if b != b'\\' {
-            out.push(b);
-            continue;
-        }
-        match chars.next().expect("an escape") {
-            b'r' => out.push(b'\r'),
-            b'n' => out.push(b'\n'),
-            b't' => out.push(b'\t'),
-            b'0' => out.push(0),
-            b'x' => {
-                let hex = [chars.next().expect("hex"), chars.next().expect("hex")];
-                let hex = std::str::from_utf8(&hex).expect("hex");
-                out.push(u8::from_str_radix(hex, 16).expect("hex"));
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
-
-fn corpus() -> Vec<Case> {
-    let mut cases: Vec<Case> = std::fs::read_dir(corpus_dir())
-        .expect("the corpus")
-        .map(|entry| entry.expect("an entry").path())
-        .filter(|path| path.extension().is_some_and(|e| e == "http"))
-        .map(|path| load(&path))
-        .collect();
-    cases.sort_by(|a, b| a.name.cmp(&b.name));
-    cases
 }
 
 #[tokio::test]

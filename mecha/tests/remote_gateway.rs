@@ -3,53 +3,9 @@
 
 mod support;
 
-use std::time::Duration;
-
-use activator_sidecar::discovery::{GatewayConfig, serve_gateway};
 use mecha_common::Shutdown;
-use mecha_common::admin::Health;
 use mecha_common::auth::AdminToken;
-use support::{FAST_CONFIG, Mecha, Workdir, echo_service, wait_until};
-
-/// The gateway role in-process against `mecha`, with `token` as its credential.
-fn start_gateway(
-    runtime: &tokio::runtime::Runtime,
-    mecha: &Mecha,
-    token: Option<AdminToken>,
-    shutdown: &Shutdown,
-) -> (std::net::SocketAddr, Health, tokio::task::JoinHandle<()>) {
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = GatewayConfig {
-        port: addr.port(),
-        admin_port: 0,
-        autoscaler: mecha.admin.to_string(),
-        domain: "localhost".into(),
-        drain_timeout: Duration::from_secs(1),
-        name: "test-gateway".into(),
-        token,
-        trusted_proxies: activator_sidecar::rules::TrustedProxies::none(),
-        fast_path: true,
-        limits: activator_sidecar::limits::Limits::default(),
-        outlier: Default::default(),
-    };
-    let health = Health::default();
-    let ready = health.clone();
-    let signal = shutdown.signal();
-    let served = runtime.spawn(async move {
-        serve_gateway(
-            listener,
-            config,
-            &prometheus::Registry::new(),
-            ready,
-            signal,
-        )
-        .await;
-    });
-    (addr, health, served)
-}
+use support::{FAST_CONFIG, Mecha, Workdir, echo_service, start_gateway, wait_until};
 
 fn metric(mecha: &Mecha, line_start: &str) -> Option<f64> {
     support::http(mecha.admin, "localhost", "/metrics")
@@ -76,7 +32,7 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
     let refused = support::post(mecha.admin, "/api/v1/pokes", poke);
     assert_eq!(refused.status, 401, "{refused:?}");
     let (stranger, stranger_health, stranger_served) =
-        start_gateway(&runtime, &mecha, None, &shutdown);
+        start_gateway(&runtime, &mecha, None, true, &shutdown);
     wait_until("the tokenless gateway's watch to be refused", || {
         metric(
             &mecha,
@@ -99,7 +55,7 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
     );
 
     let token = AdminToken::parse(&mecha.token()).expect("token");
-    let (gateway, health, served) = start_gateway(&runtime, &mecha, Some(token), &shutdown);
+    let (gateway, health, served) = start_gateway(&runtime, &mecha, Some(token), true, &shutdown);
 
     // Routes and endpoints arrive over the watch stream; the gateway is ready with them.
     wait_until("the remote gateway to route warm", || {

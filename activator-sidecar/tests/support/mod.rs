@@ -1,10 +1,16 @@
-//! `activator-sidecar inbound` as a child process, for the integration tests.
+//! `activator-sidecar inbound` as a child process, the request corpus and the attack harness,
+//! for the integration tests.
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The request corpus (`tests/corpus/`), also used by `mecha`'s tests.
+pub mod corpus;
+/// Attacks from outside and the recording upstream, also used by `mecha`'s tests.
+pub mod hostile;
 
 /// A port held for the test: bound with `SO_REUSEADDR` but not listening. Nobody else's
 /// `bind(0)` is handed it while it is held (a port that is picked and released can be, even to

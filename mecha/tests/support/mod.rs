@@ -9,6 +9,18 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use activator_sidecar::discovery::{GatewayConfig, serve_gateway};
+use mecha_common::Shutdown;
+use mecha_common::admin::Health;
+use mecha_common::auth::AdminToken;
+
+// The corpus and the attack harness live with the data path's own tests; `mecha up` is attacked
+// with the same ones.
+#[path = "../../../activator-sidecar/tests/support/corpus.rs"]
+pub mod corpus;
+#[path = "../../../activator-sidecar/tests/support/hostile.rs"]
+pub mod hostile;
+
 pub const ECHO: &str = include_str!("echo.py");
 
 /// A `config-autoscaler` with windows short enough for tests: a 6 s stable window, a 1 s grace
@@ -72,6 +84,15 @@ pub fn echo_service(
     };
     format!(
         "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  template:\n{metadata}    spec:\n{spec_extra}      containers:\n        - command: [python3, echo.py]\n          env:\n            - name: COLOR\n              value: {color}\n"
+    )
+}
+
+/// A Service running the recording upstream (`hostile::RECORDER`, which the caller writes as
+/// `recorder.py`) on exactly one replica, logging to `log`.
+pub fn recorder_service(name: &str, log: &Path) -> String {
+    format!(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  template:\n    metadata:\n      annotations:\n        autoscaling.knative.dev/min-scale: \"1\"\n        autoscaling.knative.dev/max-scale: \"1\"\n    spec:\n      containers:\n        - command: [python3, recorder.py]\n          env:\n            - name: RECORD_LOG\n              value: {}\n",
+        log.display()
     )
 }
 
@@ -438,6 +459,49 @@ pub fn request_with(
         headers,
         body: body.to_string(),
     }
+}
+
+/// The gateway role in-process against `mecha` (as `activator-sidecar gateway` or `outbound`
+/// runs it beside a remote `mecha up`), with `token` as its credential, on the fast path or
+/// hyper only.
+pub fn start_gateway(
+    runtime: &tokio::runtime::Runtime,
+    mecha: &Mecha,
+    token: Option<AdminToken>,
+    fast_path: bool,
+    shutdown: &Shutdown,
+) -> (SocketAddr, Health, tokio::task::JoinHandle<()>) {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = GatewayConfig {
+        port: addr.port(),
+        admin_port: 0,
+        autoscaler: mecha.admin.to_string(),
+        domain: "localhost".into(),
+        drain_timeout: Duration::from_secs(1),
+        name: "test-gateway".into(),
+        token,
+        trusted_proxies: activator_sidecar::rules::TrustedProxies::none(),
+        fast_path,
+        limits: activator_sidecar::limits::Limits::default(),
+        outlier: Default::default(),
+    };
+    let health = Health::default();
+    let ready = health.clone();
+    let signal = shutdown.signal();
+    let served = runtime.spawn(async move {
+        serve_gateway(
+            listener,
+            config,
+            &prometheus::Registry::new(),
+            ready,
+            signal,
+        )
+        .await;
+    });
+    (addr, health, served)
 }
 
 /// Polls `condition` every 50 ms for up to 30 s.
