@@ -141,19 +141,17 @@ fn prepare_request(
             })
             .cloned()
             .collect();
-        let mut add: Vec<(&'static str, HeaderValue)> = Vec::with_capacity(4);
-        rules::forwarding_headers(&facts, &peer, policy, facts.host, |name, value| {
-            if let Ok(value) = HeaderValue::from_bytes(value) {
-                add.push((name, value));
-            }
-        });
+        let mut add = rules::Collected::default();
+        rules::forwarding_headers(&facts, &peer, policy, facts.host, &mut add);
         (drop, add)
     };
     for name in drop {
         parts.headers.remove(name);
     }
-    for (name, value) in add {
-        parts.headers.insert(name, value);
+    for (name, value) in add.headers {
+        if let Ok(value) = HeaderValue::from_bytes(&value) {
+            parts.headers.insert(name, value);
+        }
     }
     let path = parts
         .uri

@@ -359,49 +359,96 @@ pub fn forwarding_headers(
     peer: &Peer,
     policy: &HopPolicy,
     host: &[u8],
-    mut emit: impl FnMut(&'static str, &[u8]),
+    out: &mut impl HeaderSink,
 ) -> Option<TraceId> {
-    let mut value = Vec::with_capacity(64);
+    out.begin("x-forwarded-for");
     if peer.trusted {
         for previous in &facts.forwarded_for {
-            value.extend_from_slice(previous);
-            value.extend_from_slice(b", ");
+            out.push(previous);
+            out.push(b", ");
         }
     }
-    value.extend_from_slice(peer.address.as_bytes());
-    emit("x-forwarded-for", &value);
-    let proto: &[u8] = match facts.forwarded_proto {
+    out.push(peer.address.as_bytes());
+    out.end();
+    out.begin("x-forwarded-proto");
+    out.push(match facts.forwarded_proto {
         Some(claimed) if peer.trusted => claimed,
         _ => b"http",
-    };
-    emit("x-forwarded-proto", proto);
-    value.clear();
+    });
+    out.end();
+    out.begin("forwarded");
     if peer.trusted {
         for previous in &facts.forwarded {
-            value.extend_from_slice(previous);
-            value.extend_from_slice(b", ");
+            out.push(previous);
+            out.push(b", ");
         }
     }
-    value.extend_from_slice(b"for=");
-    value.extend_from_slice(peer.node.as_bytes());
-    value.extend_from_slice(b";proto=http");
+    out.push(b"for=");
+    out.push(peer.node.as_bytes());
+    out.push(b";proto=http");
     if !host.is_empty() {
-        value.extend_from_slice(b";host=");
+        out.push(b";host=");
         if host.iter().all(|b| is_tchar(*b)) {
-            value.extend_from_slice(host);
+            out.push(host);
         } else {
             // Host is validated: no quote or backslash can be inside.
-            value.push(b'"');
-            value.extend_from_slice(host);
-            value.push(b'"');
+            out.push(b"\"");
+            out.push(host);
+            out.push(b"\"");
         }
     }
-    emit("forwarded", &value);
+    out.end();
     let (trace, started) = trace(policy, facts.traceparent);
     if let Some(traceparent) = started {
-        emit("traceparent", &traceparent);
+        out.begin("traceparent");
+        out.push(&traceparent);
+        out.end();
     }
     trace
+}
+
+/// Where [`forwarding_headers`] writes: each header's value comes in pieces, so the fast path
+/// writes them straight into the outgoing head without building the value first.
+pub trait HeaderSink {
+    fn begin(&mut self, name: &'static str);
+    fn push(&mut self, piece: &[u8]);
+    fn end(&mut self);
+}
+
+/// Header lines written straight into a head being built (`name: value\r\n`).
+impl HeaderSink for Vec<u8> {
+    fn begin(&mut self, name: &'static str) {
+        self.extend_from_slice(name.as_bytes());
+        self.extend_from_slice(b": ");
+    }
+
+    fn push(&mut self, piece: &[u8]) {
+        self.extend_from_slice(piece);
+    }
+
+    fn end(&mut self) {
+        self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Whole headers, collected: (name, value) pairs.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl HeaderSink for Collected {
+    fn begin(&mut self, name: &'static str) {
+        self.headers.push((name, Vec::new()));
+    }
+
+    fn push(&mut self, piece: &[u8]) {
+        if let Some((_, value)) = self.headers.last_mut() {
+            value.extend_from_slice(piece);
+        }
+    }
+
+    fn end(&mut self) {}
 }
 
 /// The trace a request belongs to: its own `traceparent`'s, or — when the policy starts
@@ -767,11 +814,12 @@ mod tests {
         host: &str,
     ) -> Vec<(&'static str, String)> {
         let peer = Peer::new(ip.parse().expect("ip"), policy);
-        let mut out = Vec::new();
-        forwarding_headers(facts, &peer, policy, host.as_bytes(), |n, v| {
-            out.push((n, String::from_utf8(v.to_vec()).expect("utf-8")));
-        });
-        out
+        let mut out = Collected::default();
+        forwarding_headers(facts, &peer, policy, host.as_bytes(), &mut out);
+        out.headers
+            .into_iter()
+            .map(|(n, v)| (n, String::from_utf8(v).expect("utf-8")))
+            .collect()
     }
 
     #[test]

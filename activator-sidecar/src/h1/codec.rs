@@ -402,9 +402,7 @@ pub fn parse_request(
         }
         push_header(out, header.name.as_bytes(), header.value);
     }
-    let trace = rules::forwarding_headers(&facts, peer, policy, host, |name, value| {
-        push_header(out, name.as_bytes(), value);
-    });
+    let trace = rules::forwarding_headers(&facts, peer, policy, host, out);
     out.extend_from_slice(b"\r\n");
     let framing = match (facts.chunked, facts.content_length) {
         (true, _) => Framing::Chunked(Chunked::Start),
