@@ -208,7 +208,11 @@ async fn accept<C, Fut>(
                     // Out of file descriptors: an idle connection makes room (its task closes
                     // it soon); with none, back off instead of spinning.
                     let room = registry.evict_one();
-                    tracing::warn!(%error, evicted_idle = room, "accept failed");
+                    if room {
+                        tracing::debug!(%error, "accept failed; closed an idle connection");
+                    } else {
+                        tracing::warn!(%error, "accept failed and no connection is idle");
+                    }
                     let pause = if room { 5 } else { 50 };
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                     continue;

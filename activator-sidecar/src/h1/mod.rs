@@ -225,9 +225,11 @@ pub async fn serve<D: Role>(
                 ) {
                     ParsedRequest::Head(head) if fast => break head,
                     ParsedRequest::Head(head) => {
+                        state.busy();
                         return Some(one_request(client, buf, head.close, false));
                     }
                     ParsedRequest::General { close, upgrade } => {
+                        state.busy();
                         return Some(one_request(client, buf, close, upgrade));
                     }
                     ParsedRequest::Http2 => return Some(handover(client, buf)),
