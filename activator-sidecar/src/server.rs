@@ -330,7 +330,7 @@ async fn one_request<R: Role>(
 /// An HTTP/2 connection (h2c with prior knowledge), whole, through hyper; shut down gracefully
 /// when `stop` fires.
 async fn serve_http2<R: Role>(
-    io: h1::Prefixed,
+    io: Guarded,
     peer: SocketAddr,
     role: Arc<R>,
     stop: ShutdownSignal,

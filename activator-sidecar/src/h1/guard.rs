@@ -1,4 +1,5 @@
-//! A connection lent to the general server (hyper) for exactly one request.
+//! A connection lent to the general server (hyper): for exactly one request, or whole (an
+//! upgrade after its request, an HTTP/2 connection).
 //!
 //! Reads stop at the end of that request — its head, then its body as the rules framed it —
 //! and a body that breaks its framing is a read error. So hyper never parses a byte the rules
@@ -58,6 +59,12 @@ impl Guarded {
         self.broken.clone()
     }
 
+    /// A connection with `buf` already read from it put back in front, and nothing checked
+    /// (an HTTP/2 connection, whose framing is hyper's).
+    pub fn open(inner: TcpStream, buf: BytesMut) -> Self {
+        Self::new(inner, buf, 0, Framing::Done).then_open()
+    }
+
     /// After the request, bytes flow unchecked (for a protocol upgrade).
     pub fn then_open(mut self) -> Self {
         self.then_open = true;
@@ -87,6 +94,10 @@ impl AsyncRead for Guarded {
         if this.complete() && !this.then_open {
             // Never woken: the general server is stopped once it has answered.
             return Poll::Pending;
+        }
+        if this.pending.is_empty() && this.then_open && this.complete() {
+            // Unchecked from here: straight into the reader's buffer.
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         if this.pending.is_empty() {
             let mut chunk = [0u8; READ_SIZE];

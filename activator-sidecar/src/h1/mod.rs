@@ -21,16 +21,14 @@ pub mod pool;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mecha_common::ShutdownSignal;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 use tokio::time::Instant;
@@ -40,6 +38,7 @@ use crate::error::ProxyError;
 use crate::limits::{ConnState, Limits};
 use crate::rules::{HopPolicy, Peer, Refusal};
 use codec::{Framing, ParsedRequest, RequestHead};
+use guard::Guarded;
 use pool::{Pool, Upstream};
 
 /// Where a connection's timer starts, before its first request: far off, so the first
@@ -133,15 +132,8 @@ pub enum Handover {
         close: bool,
         upgrade: bool,
     },
-    /// HTTP/2: the whole connection.
-    Connection(Prefixed),
-}
-
-/// A TCP stream with bytes already read from it put back in front.
-#[derive(Debug)]
-pub struct Prefixed {
-    prefix: Bytes,
-    inner: TcpStream,
+    /// HTTP/2: the whole connection, with what was read of it.
+    Connection(Guarded),
 }
 
 /// How one exchange ended.
@@ -697,10 +689,7 @@ fn status_code(status: u16) -> StatusCode {
 }
 
 fn handover(stream: TcpStream, buf: BytesMut) -> Handover {
-    Handover::Connection(Prefixed {
-        prefix: buf.freeze(),
-        inner: stream,
-    })
+    Handover::Connection(Guarded::open(stream, buf))
 }
 
 fn one_request(stream: TcpStream, buf: BytesMut, close: bool, upgrade: bool) -> Handover {
@@ -748,53 +737,5 @@ impl From<&ProxyError> for Answer {
             body: error.message(),
             headers: error.headers(),
         }
-    }
-}
-
-// === impl Prefixed ===
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
