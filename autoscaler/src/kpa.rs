@@ -102,12 +102,17 @@ impl DeciderSpec {
         let metric = annotations.metric.unwrap_or(Metric::Concurrency);
         let (total, utilization) = match metric {
             Metric::Concurrency => {
-                let mut total = annotations
-                    .target
-                    .unwrap_or(config.container_concurrency_target_default);
-                if container_concurrency > 0 {
-                    total = total.min(f64::from(container_concurrency));
-                }
+                // Knative's `ResolveMetricTarget` (pkg/reconciler/autoscaling/resources/
+                // target.go): without a `target` annotation the total is containerConcurrency
+                // when set, else the default; with one, the annotation capped by
+                // containerConcurrency. The utilization applies after either.
+                let cc = (container_concurrency > 0).then(|| f64::from(container_concurrency));
+                let total = match (annotations.target, cc) {
+                    (Some(target), Some(cc)) => target.min(cc),
+                    (Some(target), None) => target,
+                    (None, Some(cc)) => cc,
+                    (None, None) => config.container_concurrency_target_default,
+                };
                 (
                     total,
                     config.container_concurrency_target_percentage / 100.0,
@@ -217,6 +222,20 @@ impl WindowAverage {
     }
 }
 
+/// `ceil` for replica counts, robust where float arithmetic lands a hair above an integer:
+/// 2.8 / 0.7 is 4.000000000000001 in binary floating point, and Knative's own running window
+/// total (added and subtracted per bucket) lands on either side of such boundaries for the same
+/// load. A value within one part in 10⁹ of an integer counts as that integer, so the same load
+/// always gives the count exact arithmetic gives (4, not 5).
+fn ceil(x: f64) -> f64 {
+    let nearest = x.round();
+    if (x - nearest).abs() <= 1e-9 * nearest.abs().max(1.0) {
+        nearest
+    } else {
+        x.ceil()
+    }
+}
+
 // === impl Kpa ===
 
 impl Kpa {
@@ -262,14 +281,14 @@ impl Kpa {
             };
         };
         let ready = f64::from(ready.max(1));
-        let max_up = (spec.max_scale_up_rate * ready).ceil();
+        let max_up = ceil(spec.max_scale_up_rate * ready);
         let max_down = if reachable {
             (ready / spec.max_scale_down_rate).floor()
         } else {
             0.0
         };
-        let dspc = (stable_value / spec.target).ceil();
-        let dppc = (panic_value / spec.target).ceil();
+        let dspc = ceil(stable_value / spec.target);
+        let dppc = ceil(panic_value / spec.target);
         let mut desired_stable = dspc.max(max_down).min(max_up) as u32;
         let mut desired_panic = dppc.max(max_down).min(max_up) as u32;
         if spec.activation_scale > 1 {
@@ -385,7 +404,7 @@ impl Scaler {
     /// (at least the activation scale). Never scales down. Returns the new replica count.
     pub fn activate(&mut self, waiting: u32) -> u32 {
         self.zero_since = None;
-        let needed = (f64::from(waiting) / self.spec.target).ceil() as u32;
+        let needed = ceil(f64::from(waiting) / self.spec.target) as u32;
         let wanted = self
             .spec
             .bound(needed.max(self.spec.activation_scale).max(1));
@@ -428,6 +447,46 @@ mod tests {
             0,
         );
         assert!((rps.target - 140.0).abs() < 1e-9);
+        // containerConcurrency above the default is the target, as in Knative.
+        let cc500 = DeciderSpec::resolve(
+            &AutoscalerConfig::default(),
+            &ScalingAnnotations::default(),
+            500,
+        );
+        assert_eq!(cc500.total, 500.0);
+        assert!((cc500.target - 350.0).abs() < 1e-9);
+        let annotated = DeciderSpec::resolve(
+            &AutoscalerConfig::default(),
+            &ScalingAnnotations {
+                target: Some(50.0),
+                ..ScalingAnnotations::default()
+            },
+            500,
+        );
+        assert_eq!(annotated.total, 50.0);
+        let capped = DeciderSpec::resolve(
+            &AutoscalerConfig::default(),
+            &ScalingAnnotations {
+                target: Some(800.0),
+                ..ScalingAnnotations::default()
+            },
+            500,
+        );
+        assert_eq!(capped.total, 500.0);
+    }
+
+    #[test]
+    fn replica_counts_do_not_jump_on_float_noise() {
+        // 2.8 averaged over a window of float sums, then divided by 0.7, lands just above 4.
+        let sum: f64 = std::iter::repeat_n(2.8_f64, 60).sum();
+        let average = sum / 60.0;
+        assert!(average / 0.7 > 4.0, "{}", average / 0.7);
+        assert_eq!(ceil(average / 0.7), 4.0);
+        assert_eq!(ceil(4.000000000000001), 4.0);
+        assert_eq!(ceil(4.0001), 5.0);
+        assert_eq!(ceil(0.0), 0.0);
+        assert_eq!(ceil(0.1), 1.0);
+        assert_eq!(ceil(80.0 + 1e-12), 80.0);
     }
 
     #[test]
