@@ -148,6 +148,14 @@ fn prepare_request(
     for name in drop {
         parts.headers.remove(name);
     }
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // Checked to be exactly `chunked`: spelled one way for the next hop, as the fast path
+        // writes it.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     for (name, value) in add.headers {
         if let Ok(value) = HeaderValue::from_bytes(&value) {
             parts.headers.insert(name, value);

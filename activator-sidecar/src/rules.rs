@@ -145,7 +145,8 @@ pub fn check_parsed<B>(request: &http::Request<B>) -> Result<(), Refusal> {
         _ => return Err(Refusal::Malformed("unsupported HTTP version")),
     };
     let authority = request.uri().authority().map(|a| a.as_str().as_bytes());
-    let host_required = version == 1;
+    // HTTP/1.1 needs a Host; HTTP/2 a `:authority` or a Host.
+    let host_required = version == 1 || (version == 2 && authority.is_none());
     let facts = check(
         request.method().as_str(),
         version,
@@ -195,6 +196,13 @@ fn check<'a>(
             }
             facts.content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Empty elements (`chunked,`) are read differently by different parsers.
+            if value
+                .split(|b| *b == b',')
+                .any(|c| c.trim_ascii().is_empty())
+            {
+                return Err(Refusal::Malformed("empty element in Transfer-Encoding"));
+            }
             codings.extend(list(value));
         } else if name.eq_ignore_ascii_case("connection") {
             for token in list(value) {
@@ -306,7 +314,13 @@ pub fn check_response<'a>(
                     facts.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     facts.keep_alive = true;
-                } else {
+                } else if !PROTECTED
+                    .iter()
+                    .any(|p| token.eq_ignore_ascii_case(p.as_bytes()))
+                {
+                    // A replica naming its own framing header must not lose it on the way:
+                    // the client would get a response without a length on a kept-alive
+                    // connection.
                     facts.connection.push(token);
                 }
             }
@@ -318,7 +332,7 @@ pub fn check_response<'a>(
 /// The authority of an absolute-form target (`http://host:port/path`) and its origin-form
 /// path; `None` for any other form. The authority replaces `Host` (RFC 9112 §3.2.2), so
 /// routing and the replica see the same host.
-pub fn authority(target: &str) -> Option<(&str, &str)> {
+pub fn authority(target: &str) -> Option<(&str, std::borrow::Cow<'_, str>)> {
     let rest = target
         .get(..7)
         .filter(|scheme| scheme.eq_ignore_ascii_case("http://"))
@@ -328,7 +342,13 @@ pub fn authority(target: &str) -> Option<(&str, &str)> {
     if authority.is_empty() || authority.contains('@') || !valid_host(authority.as_bytes()) {
         return None;
     }
-    Some((authority, if path.is_empty() { "/" } else { path }))
+    // An empty path is "/" (RFC 9112 §3.2.1), also in front of a query.
+    let path = if path.starts_with('/') {
+        std::borrow::Cow::Borrowed(path)
+    } else {
+        std::borrow::Cow::Owned(format!("/{path}"))
+    };
+    Some((authority, path))
 }
 
 /// Whether a header of a request or response goes on to the next hop. Framing headers pass
@@ -763,6 +783,9 @@ mod tests {
             .is_err()
         );
         assert!(check(1, &[host, ("Transfer-Encoding", "xchunked")]).is_err());
+        assert!(check(1, &[host, ("Transfer-Encoding", "chunked,")]).is_err());
+        assert!(check(1, &[host, ("Transfer-Encoding", ", chunked")]).is_err());
+        assert!(check(1, &[host, ("Transfer-Encoding", "cHuNkEd")]).is_ok());
         assert!(check(0, &[("Transfer-Encoding", "chunked")]).is_err());
         for named in ["content-length", "Transfer-Encoding", "HOST"] {
             let connection: &'static str =
@@ -797,10 +820,10 @@ mod tests {
     fn absolute_form_targets() {
         assert_eq!(
             authority("http://Hello.default.localhost:8080/a?b"),
-            Some(("Hello.default.localhost:8080", "/a?b"))
+            Some(("Hello.default.localhost:8080", "/a?b".into()))
         );
-        assert_eq!(authority("http://h"), Some(("h", "/")));
-        assert_eq!(authority("http://h?x"), Some(("h", "?x")));
+        assert_eq!(authority("http://h"), Some(("h", "/".into())));
+        assert_eq!(authority("http://h?x"), Some(("h", "/?x".into())));
         assert_eq!(authority("/a"), None);
         assert_eq!(authority("https://h/"), None);
         assert_eq!(authority("http://user@h/"), None);
@@ -907,6 +930,14 @@ mod tests {
         .expect("valid");
         assert_eq!(facts.connection, vec![&b"X-A"[..]]);
         assert!(facts.close && facts.chunked == Some(true) && facts.content_length == Some(3));
+        // A response's Connection never takes its framing header away.
+        let facts = check_response([
+            ("Connection", &b"Content-Length, transfer-encoding, x-b"[..]),
+            ("Content-Length", b"3"),
+        ])
+        .expect("valid");
+        assert_eq!(facts.connection, vec![&b"x-b"[..]]);
+        assert!(forwards_response("content-length", &facts.connection));
         assert!(check_response([("content-length", &b"3"[..]), ("content-length", b"4")]).is_err());
     }
 

@@ -53,11 +53,18 @@ pub enum Chunked {
     },
     DataCr,
     DataLf,
-    /// At the start of a trailer line, or of the final empty line; `len`: trailer bytes so far.
+    /// At the start of a trailer field line, or of the final empty line; `len`: trailer bytes
+    /// so far.
     TrailerStart {
         len: u32,
     },
-    TrailerLine {
+    /// In a trailer field's name (tokens only; its first bytes lowercased in `name`).
+    TrailerName {
+        len: u32,
+        name: TrailerName,
+    },
+    /// In a trailer field's value, up to CR.
+    TrailerValue {
         len: u32,
     },
     TrailerLf {
@@ -70,6 +77,43 @@ pub enum Chunked {
 
 /// Longest chunk extension on one size line.
 const MAX_CHUNK_EXTENSION: u16 = 4096;
+
+/// The start of a trailer field's name, lowercased: enough to recognise the fields a trailer
+/// must not carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrailerName {
+    bytes: [u8; 20],
+    len: u8,
+}
+
+/// Fields that frame, route or control the message: not allowed in trailers (RFC 9110
+/// §6.5.1), where a later hop might honour them.
+const FORBIDDEN_TRAILERS: &[&[u8]] = &[
+    b"content-length",
+    b"transfer-encoding",
+    b"host",
+    b"trailer",
+    b"connection",
+    b"keep-alive",
+    b"te",
+    b"upgrade",
+    b"expect",
+];
+
+impl TrailerName {
+    fn push(mut self, byte: u8) -> Self {
+        if usize::from(self.len) < self.bytes.len() {
+            self.bytes[usize::from(self.len)] = byte.to_ascii_lowercase();
+        }
+        self.len = self.len.saturating_add(1);
+        self
+    }
+
+    fn forbidden(&self) -> bool {
+        let len = usize::from(self.len);
+        len <= self.bytes.len() && FORBIDDEN_TRAILERS.contains(&&self.bytes[..len])
+    }
+}
 
 /// A body that is not framed the way it says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -255,20 +299,39 @@ impl Chunked {
             (Chunked::DataCr, b'\r') => Chunked::DataLf,
             (Chunked::DataLf, b'\n') => Chunked::Start,
             (Chunked::TrailerStart { .. }, b'\r') => Chunked::EndLf,
-            (Chunked::TrailerStart { len } | Chunked::TrailerLine { len }, _)
-                if len as usize >= MAX_HEAD =>
-            {
+            (
+                Chunked::TrailerStart { len }
+                | Chunked::TrailerName { len, .. }
+                | Chunked::TrailerValue { len },
+                _,
+            ) if len as usize >= MAX_HEAD => {
                 return Err(FramingError("trailers too large"));
             }
-            (Chunked::TrailerLine { len }, b'\r') => Chunked::TrailerLf { len: len + 1 },
-            (Chunked::TrailerStart { len } | Chunked::TrailerLine { len }, _)
-                if byte == b'\t' || byte >= 0x20 && byte != 0x7f =>
-            {
-                Chunked::TrailerLine { len: len + 1 }
+            // A field line starts with a name: no obs-fold, no bare request line.
+            (Chunked::TrailerStart { len }, _) if is_tchar(byte) => Chunked::TrailerName {
+                len: len + 1,
+                name: TrailerName::default().push(byte),
+            },
+            (Chunked::TrailerName { len, name }, _) if is_tchar(byte) => Chunked::TrailerName {
+                len: len + 1,
+                name: name.push(byte),
+            },
+            (Chunked::TrailerName { name, .. }, b':') if name.forbidden() => {
+                return Err(FramingError("a framing or routing field in trailers"));
+            }
+            (Chunked::TrailerName { len, .. }, b':') => Chunked::TrailerValue { len: len + 1 },
+            (Chunked::TrailerValue { len }, b'\r') => Chunked::TrailerLf { len: len + 1 },
+            (Chunked::TrailerValue { len }, _) if byte == b'\t' || byte >= 0x20 && byte != 0x7f => {
+                Chunked::TrailerValue { len: len + 1 }
             }
             (Chunked::TrailerLf { len }, b'\n') => Chunked::TrailerStart { len: len + 1 },
-            (Chunked::TrailerStart { .. } | Chunked::TrailerLine { .. }, _) => {
-                return Err(FramingError("invalid byte in trailers"));
+            (
+                Chunked::TrailerStart { .. }
+                | Chunked::TrailerName { .. }
+                | Chunked::TrailerValue { .. },
+                _,
+            ) => {
+                return Err(FramingError("invalid trailer field"));
             }
             (Chunked::EndLf, b'\n') => Chunked::End,
             (
@@ -368,10 +431,12 @@ pub fn parse_request(
             upgrade: true,
         };
     }
+    let absolute;
     let (host, path): (&[u8], &str) = if target.starts_with('/') {
         (facts.host, target)
     } else if let Some((authority, path)) = rules::authority(target) {
-        (authority.as_bytes(), path)
+        absolute = path;
+        (authority.as_bytes(), &absolute)
     } else if target == "*" && method == "OPTIONS" {
         return ParsedRequest::General {
             close,
@@ -396,11 +461,16 @@ pub fn parse_request(
     }
     for header in request.headers.iter() {
         if header.name.eq_ignore_ascii_case("host")
+            || header.name.eq_ignore_ascii_case("transfer-encoding")
             || !rules::forwards(header.name, &facts.connection)
         {
             continue;
         }
         push_header(out, header.name.as_bytes(), header.value);
+    }
+    if facts.chunked {
+        // The framing the body is relayed in, spelled one way for the next hop.
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     let trace = rules::forwarding_headers(&facts, peer, policy, host, out);
     out.extend_from_slice(b"\r\n");
@@ -509,8 +579,12 @@ pub fn parse_response(
     out.extend_from_slice(b"\r\n");
     for header in response.headers.iter() {
         let name = header.name;
+        let framing_header = name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding");
         if !rules::forwards_response(name, &facts.connection)
             || (transfer_encoding.is_some() && name.eq_ignore_ascii_case("content-length"))
+            // 1xx and 204 have no body and must not say otherwise (RFC 9110 §8.6, §6.1).
+            || (framing_header && (interim || status == 204))
         {
             continue;
         }
@@ -634,7 +708,7 @@ mod tests {
         );
         assert_eq!(h.framing, Framing::Chunked(Chunked::Start));
         assert!(h.close);
-        assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
+        assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
         assert!(!out.contains("Connection"), "{out}");
         let (h, _) = head("HEAD / HTTP/1.1\r\nHost: a\r\nK-Network-Probe: queue\r\n\r\n");
         assert!(h.head_method && h.probe);
@@ -801,6 +875,26 @@ mod tests {
     }
 
     #[test]
+    fn a_response_keeps_its_framing_and_bodiless_statuses_carry_none() {
+        // Connection naming the framing header does not take it away.
+        let (h, out) = response(
+            "HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!(h.framing, Framing::Length(3));
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n");
+        // 204 and 1xx never say they have a body.
+        let (h, out) = response(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!(h.framing, Framing::Done);
+        assert_eq!(out, "HTTP/1.1 204 No Content\r\n\r\n");
+    }
+
+    #[test]
     fn bad_responses_are_errors() {
         let mut out = Vec::new();
         assert!(matches!(
@@ -891,6 +985,12 @@ mod tests {
             b"5;a@b\r\nhello\r\n",
             b"0\r\nx: 1\nmore\r\n\r\n",
             b"0\r\nx: 1\r\r\n",
+            b"0\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"0\r\nX: y\r\n z\r\n\r\n",
+            b"0\r\nContent-Length: 5\r\n\r\n",
+            b"0\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"0\r\n: novalue\r\n\r\n",
+            b"0\r\nx y: 1\r\n\r\n",
         ] {
             let mut framing = Framing::Chunked(Chunked::Start);
             assert!(
