@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -32,6 +33,10 @@ pub struct Limits {
     /// Client connections kept at once (`SIDECAR_MAX_CONNECTIONS`; by default half the file
     /// limit, since each may hold a replica connection too).
     pub max_connections: usize,
+    /// How long a client may pause in the middle of its request body
+    /// (`SIDECAR_BODY_READ_TIMEOUT`, 30 s); then 408 and the connection closes. While it
+    /// pauses, its connection counts as idle for the connection limit.
+    pub body_read_timeout: Duration,
 }
 
 /// The open connections of one listener.
@@ -52,6 +57,10 @@ pub struct ConnState {
     /// Milliseconds since the registry's epoch at which it went idle; [`BUSY`] in an exchange.
     idle_since: AtomicU64,
     evict: Notify,
+    /// Told to close, for readers that poll rather than await (the general server's).
+    evicted: AtomicBool,
+    /// Woken when told to close.
+    waker: Mutex<Option<Waker>>,
 }
 
 /// A connection's place in the registry; dropping it frees the place.
@@ -70,6 +79,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: max_from_file_limit(),
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -120,6 +130,8 @@ impl Registry {
             epoch: self.epoch,
             idle_since: AtomicU64::new(0),
             evict: Notify::new(),
+            evicted: AtomicBool::new(false),
+            waker: Mutex::default(),
         });
         state.idle();
         open.insert(id, state.clone());
@@ -149,6 +161,10 @@ impl Registry {
         if let Some(state) = open.remove(&id) {
             // A stored permit: the connection sees it at its next wait even if not waiting now.
             state.evict.notify_one();
+            state.evicted.store(true, Ordering::Release);
+            if let Some(waker) = state.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                waker.wake();
+            }
         }
         true
     }
@@ -188,6 +204,17 @@ impl ConnState {
     /// Resolves when the accept loop closed this connection for room.
     pub async fn evicted(&self) {
         self.evict.notified().await;
+    }
+
+    /// For a reader that polls: whether it was told to close; if not, `waker` is woken when it
+    /// is.
+    pub fn poll_evicted(&self, waker: &Waker) -> bool {
+        if self.evicted.load(Ordering::Acquire) {
+            return true;
+        }
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+        // Told between the check and the registration: the waker may have been missed.
+        self.evicted.load(Ordering::Acquire)
     }
 }
 

@@ -68,6 +68,8 @@ pub enum Refusal {
     Method(&'static str),
     #[error("only the expectation 100-continue is supported")]
     Expectation,
+    #[error("the request body paused longer than {0:?}")]
+    SlowBody(std::time::Duration),
 }
 
 /// What the checks learned about a request, for framing, routing and forwarding.
@@ -546,6 +548,7 @@ impl Refusal {
             Refusal::UnsupportedCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Refusal::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::Expectation => StatusCode::EXPECTATION_FAILED,
+            Refusal::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

@@ -31,7 +31,6 @@ use crate::h1::guard::Guarded;
 use crate::h1::{self, Handover, Role, codec};
 use crate::limits::{Admitted, ConnState, Limits, Registry};
 use crate::rules;
-use crate::rules::Refusal;
 
 /// How a role's listener serves.
 #[derive(Debug, Clone)]
@@ -101,7 +100,16 @@ pub async fn serve<R: Role>(
                             buf: b,
                             close,
                             upgrade,
-                        }) => match one_request(s, b, upgrade, peer, role.clone()).await {
+                        }) => match one_request(
+                            s,
+                            b,
+                            upgrade,
+                            peer,
+                            role.clone(),
+                            (&admitted.state, &limits),
+                        )
+                        .await
+                        {
                             Some(back) if !close && !upgrade && !stop.is_triggered() => {
                                 (stream, buf) = back;
                             }
@@ -251,9 +259,11 @@ async fn one_request<R: Role>(
     upgrade: bool,
     peer: SocketAddr,
     role: Arc<R>,
+    (state, limits): (&Arc<ConnState>, &Limits),
 ) -> Option<(TcpStream, BytesMut)> {
     let (head_len, body) = codec::request_extent(&buf)?;
-    let mut io = Guarded::new(stream, buf, head_len, body);
+    let timeout = limits.body_read_timeout;
+    let mut io = Guarded::new(stream, buf, head_len, body).watched(state.clone(), timeout);
     if upgrade {
         io = io.then_open();
     }
@@ -265,10 +275,10 @@ async fn one_request<R: Role>(
             let (role, answered, broken) = (role.clone(), answered.clone(), broken.clone());
             Box::pin(async move {
                 let mut response = answer(&*role, request, peer).await;
-                if broken.load(Ordering::Acquire) {
+                if let Some(refusal) = Guarded::refusal(&broken, timeout) {
                     // Whatever forwarding made of it, a broken body is the client's error, as
                     // on the fast path, and the connection ends with it.
-                    response = ProxyError::Refused(Refusal::BAD_BODY).into_response();
+                    response = ProxyError::Refused(refusal).into_response();
                     response.headers_mut().insert(
                         http::header::CONNECTION,
                         http::HeaderValue::from_static("close"),
@@ -313,7 +323,7 @@ async fn one_request<R: Role>(
         tracing::debug!(%error, %peer, "connection ended with an error");
         return None;
     }
-    if broken.load(Ordering::Acquire) {
+    if Guarded::refusal(&broken, timeout).is_some() {
         return None;
     }
     let parts = connection.into_parts();

@@ -155,8 +155,9 @@ pub fn flag(
     }
 }
 
-/// The connection limits, from `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT` and
-/// `SIDECAR_MAX_CONNECTIONS` (environment only; defaults in [`crate::limits::Limits`]).
+/// The connection limits, from `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`,
+/// `SIDECAR_BODY_READ_TIMEOUT` and `SIDECAR_MAX_CONNECTIONS` (environment only; defaults in
+/// [`crate::limits::Limits`]).
 pub fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<crate::limits::Limits, ConfigError> {
     let defaults = crate::limits::Limits::default();
     let positive = |setting: &'static str, value: std::time::Duration| {
@@ -182,6 +183,10 @@ pub fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<crate::limits::Li
         idle_timeout: positive(
             "SIDECAR_IDLE_TIMEOUT",
             duration(get, "SIDECAR_IDLE_TIMEOUT", defaults.idle_timeout)?,
+        )?,
+        body_read_timeout: positive(
+            "SIDECAR_BODY_READ_TIMEOUT",
+            duration(get, "SIDECAR_BODY_READ_TIMEOUT", defaults.body_read_timeout)?,
         )?,
         max_connections: number(
             get,

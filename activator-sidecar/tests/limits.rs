@@ -3,6 +3,8 @@
 //! connections — with a file limit of 256 — new clients are still served.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,20 +14,48 @@ mod support;
 
 use support::{Sidecar, reserve_port};
 
-/// A container that answers every request with 200 and its path.
+/// A container that reads each request (head and `Content-Length` body) and answers 200 with
+/// its path.
 async fn container() -> u16 {
+    container_counting().await.0
+}
+
+/// [`container`], and the number of request heads it has seen.
+async fn container_counting() -> (u16, Arc<AtomicUsize>) {
     let port = reserve_port();
     let number = port.number;
     let listener: TcpListener = port.listen();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen = heads.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
+                let mut counted = 0;
                 loop {
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        buf.drain(..end + 4);
+                        if counted == 0 {
+                            seen.fetch_add(1, Ordering::SeqCst);
+                            counted = 1;
+                        }
+                        // Answer only once the whole body is here, as an application that
+                        // reads its request does.
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                let (name, value) = l.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length")
+                                    .then(|| value.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + length {
+                            break;
+                        }
+                        counted = 0;
+                        buf.drain(..end + 4 + length);
                         let path = head.split(' ').nth(1).unwrap_or("?").to_string();
                         let response = format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
@@ -43,7 +73,7 @@ async fn container() -> u16 {
             });
         }
     });
-    number
+    (number, heads)
 }
 
 /// One request on a new connection; the body of a 200, or what went wrong.
@@ -199,4 +229,104 @@ async fn new_clients_are_served_under_two_thousand_idle_or_slow_connections_and_
         );
     }
     drop(flood);
+}
+
+#[tokio::test]
+async fn a_body_that_pauses_too_long_gets_408_on_both_paths() {
+    let port = container().await;
+    for fast_path in ["true", "false"] {
+        let sidecar = Sidecar::start(
+            port,
+            &[
+                ("SIDECAR_BODY_READ_TIMEOUT", "1s"),
+                ("SIDECAR_FAST_PATH", fast_path),
+            ],
+        )
+        .listening()
+        .await;
+        let mut slow = TcpStream::connect(sidecar.serving).await.expect("connect");
+        slow.write_all(b"POST /upload HTTP/1.1\r\nHost: echo\r\nContent-Length: 100\r\n\r\nx")
+            .await
+            .expect("write");
+        let started = tokio::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut slow))
+            .await
+            .expect("the paused body was cut off");
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "fast path {fast_path}: {answer:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+            "fast path {fast_path}: cut off after {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn new_clients_are_served_while_hundreds_of_bodies_trickle_in_under_a_low_file_limit() {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let _ = rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    );
+    for fast_path in ["true", "false"] {
+        let (port, heads) = container_counting().await;
+        let sidecar =
+            Sidecar::start_with_file_limit(port, 256, &[("SIDECAR_FAST_PATH", fast_path)])
+                .listening()
+                .await;
+        let target = sidecar.serving;
+        // Requests whose bodies stop after their first byte (the pause allowed by default is
+        // 30 s, far longer than this test), sent in batches until the container holds as many
+        // as the sidecar can (its limit is 96 here): every place is in the middle of a body,
+        // and only making room can serve anyone new.
+        let mut held = Vec::new();
+        for _batch in 0..6 {
+            let before = heads.load(Ordering::SeqCst);
+            let mut trickling = tokio::task::JoinSet::new();
+            for _ in 0..50 {
+                trickling.spawn(async move {
+                    let mut stream = TcpStream::connect(target).await.ok()?;
+                    stream
+                        .write_all(
+                            b"POST /slow HTTP/1.1\r\nHost: echo\r\nContent-Length: 100000\r\n\r\nx",
+                        )
+                        .await
+                        .ok()?;
+                    Some(stream)
+                });
+            }
+            while let Some(connected) = trickling.join_next().await {
+                held.extend(connected.ok().flatten());
+            }
+            // Wait (bounded) until the batch's heads reached the container.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while heads.load(Ordering::SeqCst) < before + 40
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert!(
+            heads.load(Ordering::SeqCst) >= 90,
+            "fast path {fast_path}: only {} slow bodies reached the container",
+            heads.load(Ordering::SeqCst)
+        );
+        for i in 0..20 {
+            let path = format!("/after/{i}");
+            let answered = tokio::time::timeout(Duration::from_secs(5), get(target, &path)).await;
+            assert_eq!(
+                answered.map_err(|_| "no answer within 5 s".to_string()),
+                Ok(Ok(path.clone())),
+                "fast path {fast_path}, client {i}"
+            );
+        }
+        drop(held);
+    }
 }

@@ -102,6 +102,9 @@ enum Command {
         /// How long a kept-alive client connection may wait for its next request.
         #[arg(long, default_value = "60s", value_parser = positive_duration)]
         idle_timeout: Duration,
+        /// How long a client may pause in the middle of a request body (then 408).
+        #[arg(long, default_value = "30s", value_parser = positive_duration)]
+        body_read_timeout: Duration,
         /// Client connections the gateway keeps at once; at the limit the longest idle one
         /// closes (default: half the file limit).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -244,6 +247,7 @@ async fn main() -> ExitCode {
             trusted_proxies,
             header_read_timeout,
             idle_timeout,
+            body_read_timeout,
             max_connections,
             outlier_failures,
             outlier_ejection_time,
@@ -267,6 +271,7 @@ async fn main() -> ExitCode {
                 trusted_proxies,
                 header_read_timeout,
                 idle_timeout,
+                body_read_timeout,
                 max_connections: max_connections.map(|n| n as usize),
                 outlier: OutlierConfig {
                     consecutive_failures: outlier_failures,

@@ -50,6 +50,7 @@ pub struct UpConfig {
     pub trusted_proxies: activator_sidecar::rules::TrustedProxies,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
     /// Client connections of the gateway; by default from the file limit.
     pub max_connections: Option<usize>,
     /// When the gateway takes a failing replica out of rotation.
@@ -208,6 +209,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
                 limits: activator_sidecar::limits::Limits {
                     header_read_timeout: config.header_read_timeout,
                     idle_timeout: config.idle_timeout,
+                    body_read_timeout: config.body_read_timeout,
                     max_connections: config
                         .max_connections
                         .unwrap_or_else(activator_sidecar::limits::max_from_file_limit),

@@ -6,17 +6,27 @@
 //! did not check (a pipelined request behind this one, a chunk size the rules refuse), and the
 //! connection comes back with every byte after the request still unread.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use super::codec::Framing;
+use crate::limits::ConnState;
+use crate::rules::Refusal;
+
+/// Why a request's body broke, in [`Guarded::broken`].
+const INTACT: u8 = 0;
+const BAD_BODY: u8 = 1;
+const SLOW_BODY: u8 = 2;
 
 /// A client connection whose reads end with one request.
 #[derive(Debug)]
@@ -30,8 +40,12 @@ pub struct Guarded {
     body: Framing,
     /// Let reads pass unchecked once the request is complete (an upgrade's new protocol).
     then_open: bool,
-    /// Set when the body broke its framing or the client stopped before its end.
-    broken: Arc<AtomicBool>,
+    /// Set when the body broke its framing, the client stopped before its end, or paused
+    /// too long.
+    broken: Arc<AtomicU8>,
+    /// The connection's place in the limit and the longest pause in the body.
+    watch: Option<(Arc<ConnState>, Duration)>,
+    pause: Option<Pin<Box<Sleep>>>,
 }
 
 /// Socket reads of the general server's requests.
@@ -50,13 +64,32 @@ impl Guarded {
             body,
             then_open: false,
             broken: Arc::default(),
+            watch: None,
+            pause: None,
         }
     }
 
-    /// Turns true when the request's body broke its framing or ended early: the answer to such
-    /// a request is a 400, whatever forwarding it made of it.
-    pub fn broken(&self) -> Arc<AtomicBool> {
+    /// While the body is awaited the connection counts as idle in `state`, may be told to
+    /// close for room, and may pause at most `timeout` (as on the fast path).
+    pub fn watched(mut self, state: Arc<ConnState>, timeout: Duration) -> Self {
+        self.watch = Some((state, timeout));
+        self
+    }
+
+    /// Set when the request's body broke its framing, ended early or paused too long: the
+    /// answer to such a request is that refusal, whatever forwarding made of it. Read it with
+    /// [`Guarded::refusal`].
+    pub fn broken(&self) -> Arc<AtomicU8> {
         self.broken.clone()
+    }
+
+    /// The refusal a [`Guarded::broken`] flag stands for, if any.
+    pub fn refusal(broken: &AtomicU8, timeout: Duration) -> Option<Refusal> {
+        match broken.load(Ordering::Acquire) {
+            INTACT => None,
+            SLOW_BODY => Some(Refusal::SlowBody(timeout)),
+            _ => Some(Refusal::BAD_BODY),
+        }
     }
 
     /// A connection with `buf` already read from it put back in front, and nothing checked
@@ -100,12 +133,37 @@ impl AsyncRead for Guarded {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         if this.pending.is_empty() {
+            if let Some((state, _)) = &this.watch
+                && state.poll_evicted(cx.waker())
+            {
+                this.broken.store(BAD_BODY, Ordering::Release);
+                return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+            }
             let mut chunk = [0u8; READ_SIZE];
             let mut read = ReadBuf::new(&mut chunk);
-            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if Pin::new(&mut this.inner)
+                .poll_read(cx, &mut read)?
+                .is_pending()
+            {
+                if let Some((state, timeout)) = &this.watch {
+                    state.idle();
+                    let pause = this
+                        .pause
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(*timeout)));
+                    if pause.as_mut().poll(cx).is_ready() {
+                        this.broken.store(SLOW_BODY, Ordering::Release);
+                        return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                    }
+                }
+                return Poll::Pending;
+            }
+            if let Some((state, _)) = &this.watch {
+                state.busy();
+                this.pause = None;
+            }
             if read.filled().is_empty() {
                 if !this.complete() {
-                    this.broken.store(true, Ordering::Release);
+                    this.broken.store(BAD_BODY, Ordering::Release);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -120,7 +178,7 @@ impl AsyncRead for Guarded {
             n
         } else {
             this.body.consume(&this.pending[..room]).map_err(|error| {
-                this.broken.store(true, Ordering::Release);
+                this.broken.store(BAD_BODY, Ordering::Release);
                 io::Error::new(io::ErrorKind::InvalidData, error)
             })?
         };

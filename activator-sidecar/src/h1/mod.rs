@@ -21,6 +21,7 @@ pub mod pool;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use hyper::body::Incoming;
 use mecha_common::ShutdownSignal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::ReadHalf;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
@@ -149,8 +150,18 @@ enum Exchanged {
     /// The client went away, or the exchange broke after part of the response was written:
     /// both connections close.
     Broken { status: u16 },
-    /// The request body broke its framing, or the client stopped before its end.
-    Malformed,
+    /// The request body broke its framing, or the client stopped (or paused too long)
+    /// before its end.
+    Malformed(Refusal),
+}
+
+/// How the request body is read from the client: a pause is bounded, and while the client
+/// pauses, its connection counts as idle for the connection limit (the longest waiting is
+/// closed first), so a body sent a byte at a time cannot hold a place.
+struct BodyWatch<'a, E> {
+    state: &'a ConnState,
+    evicted: Pin<&'a mut E>,
+    timeout: Duration,
 }
 
 /// What one client connection is served with.
@@ -366,6 +377,11 @@ pub async fn serve<D: Role>(
                             close,
                             &mut response,
                             &mut responded,
+                            BodyWatch {
+                                state,
+                                evicted: evicted.as_mut(),
+                                timeout: limits.body_read_timeout,
+                            },
                         )
                         .await,
                     )
@@ -467,10 +483,10 @@ pub async fn serve<D: Role>(
                 dispatch.finished(Some(ticket), status_code(status));
                 return None;
             }
-            Exchanged::Malformed => {
+            Exchanged::Malformed(refusal) => {
                 // The replica saw part of a request: its connection is never reused.
                 drop(upstream.take());
-                let error = ProxyError::Refused(Refusal::BAD_BODY);
+                let error = ProxyError::Refused(refusal);
                 let status = error.status();
                 if !responded {
                     let answer = Answer::from(&error);
@@ -489,7 +505,7 @@ pub async fn serve<D: Role>(
 /// read, and the response relayed back. `responded` turns true once anything of the final
 /// response was written to the client.
 #[allow(clippy::too_many_arguments)]
-async fn exchange(
+async fn exchange<E: Future<Output = ()>>(
     client: &mut TcpStream,
     client_buf: &mut BytesMut,
     upstream: &mut Upstream,
@@ -499,21 +515,23 @@ async fn exchange(
     close: bool,
     response: &mut Vec<u8>,
     responded: &mut bool,
+    mut watch: BodyWatch<'_, E>,
 ) -> Exchanged {
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.stream.split();
     let upstream_buf = &mut upstream.buf;
+    let timeout = watch.timeout;
     let send = async {
         upstream_write
             .write_all(request)
             .await
             .map_err(|_| Side::Destination)?;
-        relay(
+        relay_request(
             &mut client_read,
             client_buf,
             &mut upstream_write,
             framing,
-            |_| {},
+            &mut watch,
         )
         .await
     };
@@ -586,9 +604,13 @@ async fn exchange(
         tokio::select! {
             biased;
             result = &mut send, if sent.is_none() => {
-                if let Err(Side::Source | Side::Malformed) = result {
+                match result {
                     // The client stopped in the middle of its body, or broke its framing.
-                    return Exchanged::Malformed;
+                    Err(Side::Source | Side::Malformed) => {
+                        return Exchanged::Malformed(Refusal::BAD_BODY);
+                    }
+                    Err(Side::Slow) => return Exchanged::Malformed(Refusal::SlowBody(timeout)),
+                    _ => {}
                 }
                 sent = Some(result);
             }
@@ -615,6 +637,8 @@ async fn exchange(
 enum Side {
     Source,
     Destination,
+    /// The source paused longer than allowed.
+    Slow,
     /// The source broke the body's framing.
     Malformed,
 }
@@ -649,6 +673,46 @@ where
                 Ok(0) if framing.end_of_stream() => return Ok(()),
                 Ok(0) | Err(_) => return Err(Side::Source),
                 Ok(n) => short = n < SHORT_READ,
+            }
+        }
+        let n = framing.consume(buf).map_err(|_| Side::Malformed)?;
+        dst.write_all(&buf[..n])
+            .await
+            .map_err(|_| Side::Destination)?;
+        buf.advance(n);
+    }
+    Ok(())
+}
+
+/// The rest of a request body from the client to the replica (see [`BodyWatch`]). A read that
+/// finds bytes waiting costs no timer; only one that has to wait arms the pause timeout and
+/// marks the connection idle.
+async fn relay_request<E: Future<Output = ()>>(
+    src: &mut ReadHalf<'_>,
+    buf: &mut BytesMut,
+    dst: &mut WriteHalf<'_>,
+    framing: &mut Framing,
+    watch: &mut BodyWatch<'_, E>,
+) -> Result<(), Side> {
+    while !framing.is_done() {
+        if buf.is_empty() {
+            buf.reserve(READ_BUFFER);
+            let read = match src.try_read_buf(buf) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    watch.state.idle();
+                    let read = tokio::select! {
+                        read = src.read_buf(buf) => read,
+                        () = tokio::time::sleep(watch.timeout) => return Err(Side::Slow),
+                        () = watch.evicted.as_mut() => return Err(Side::Source),
+                    };
+                    watch.state.busy();
+                    read
+                }
+                read => read,
+            };
+            match read {
+                Ok(0) | Err(_) => return Err(Side::Source),
+                Ok(_) => {}
             }
         }
         let n = framing.consume(buf).map_err(|_| Side::Malformed)?;
