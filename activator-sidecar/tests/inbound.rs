@@ -220,9 +220,11 @@ async fn reports_its_load_to_the_autoscaler_every_second() {
                         continue;
                     }
                     assert!(head.starts_with("POST /api/v1/stats "), "{head}");
-                    let authorized = head
-                        .lines()
-                        .any(|l| l.eq_ignore_ascii_case("authorization: Bearer test-token"));
+                    let authorized = head.lines().any(|l| {
+                        l.eq_ignore_ascii_case(
+                            "authorization: Bearer test-token-0123456789abcdef0123456789",
+                        )
+                    });
                     let answer: &[u8] = if authorized {
                         let _ = tx.send(body[..length].to_string());
                         b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
@@ -245,7 +247,7 @@ async fn reports_its_load_to_the_autoscaler_every_second() {
             ("AUTOSCALER_ADDR", &intake_env),
             ("SERVING_REVISION", "fn-00001"),
             ("POD_NAME", "pod-a"),
-            ("AUTOSCALER_TOKEN", "test-token"),
+            ("AUTOSCALER_TOKEN", "test-token-0123456789abcdef0123456789"),
         ],
     );
     wait_for("readiness", async || {

@@ -111,6 +111,7 @@ impl AdminToken {
     /// A token as written in a file or a variable; surrounding whitespace (the file's final
     /// newline) is not part of it.
     pub fn parse(text: &str) -> Result<Self, String> {
+        const MIN_TOKEN_LEN: usize = 32;
         let text = text.trim();
         if text.is_empty() {
             return Err("empty".into());
@@ -118,6 +119,10 @@ impl AdminToken {
         // It travels in a header: printable ASCII without spaces.
         if !text.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("must be printable ASCII without spaces".into());
+        }
+        // Short enough to guess is no credential (ours are 64 hex digits).
+        if text.len() < MIN_TOKEN_LEN {
+            return Err(format!("too short: at least {MIN_TOKEN_LEN} characters"));
         }
         Ok(Self(text.into()))
     }
@@ -391,6 +396,14 @@ pub fn read(path: &Path) -> Result<AdminToken, TokenError> {
             reason: "is a symbolic link; it must be a file of its own".into(),
         });
     }
+    if !link.file_type().is_file() {
+        // A FIFO or a device would block the open or the read for ever.
+        return Err(TokenError::Invalid {
+            what: "the credential file",
+            path: path.to_path_buf(),
+            reason: "is not a regular file; delete it and restart `mecha up` to make one".into(),
+        });
+    }
     let mut file = File::open(path).map_err(io("opening"))?;
     // The checks are made on the file that was opened, not on the name, which could change.
     let meta = file.metadata().map_err(io("reading"))?;
@@ -554,7 +567,14 @@ mod tests {
         assert!(!format!("{token:?}").contains(token.as_str()));
         assert!(AdminToken::parse("  \n").is_err());
         assert!(AdminToken::parse("a b").is_err());
-        assert_eq!(AdminToken::parse("abc\n").expect("ok").as_str(), "abc");
+        let long = "x".repeat(32);
+        assert_eq!(
+            AdminToken::parse(&format!("{long}\n"))
+                .expect("ok")
+                .as_str(),
+            long
+        );
+        assert!(AdminToken::parse("a").is_err(), "a guessable token");
     }
 
     #[test]

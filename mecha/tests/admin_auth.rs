@@ -201,7 +201,12 @@ fn the_cli_says_where_the_credential_is_missing_or_wrong() {
     assert!(output.status.success(), "{output:?}");
 
     let output = Command::new(mecha_bin())
-        .args(["get", "services", "--token", "not-the-token"])
+        .args([
+            "get",
+            "services",
+            "--token",
+            "not-the-token-0123456789abcdef01234567",
+        ])
         .current_dir(&dir.path)
         .env("MECHA_ADMIN_ADDR", mecha.admin.to_string())
         .output()
