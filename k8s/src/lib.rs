@@ -3,9 +3,12 @@
 //!
 //! - [`crd`]: Knative's kinds as custom resources, wrapping the `crds` crate's spec types;
 //!   [`crds`] and [`to_yaml`] are what the `crdgen` binary writes into `deploy/crds/`.
+//! - [`desired`]: the objects the serving reconciler wants (Revision, Deployment, headless
+//!   Service) as pure functions of what it observed.
 #![forbid(unsafe_code)]
 
 pub mod crd;
+pub mod desired;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
