@@ -3,14 +3,19 @@
 //!
 //! - [`crd`]: Knative's kinds as custom resources, wrapping the `crds` crate's spec types;
 //!   [`crds`] and [`to_yaml`] are what the `crdgen` binary writes into `deploy/crds/`.
+//! - [`admission`]: the checks a schema cannot express, run by local mode's validators, their
+//!   refusal as a `Ready` condition.
 //! - [`desired`]: the objects the serving reconciler wants (Revision, Deployment, headless
 //!   Service) as pure functions of what it observed.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod crd;
 pub mod desired;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSON,
+};
 use kube::CustomResourceExt;
 
 pub use crd::{Broker, Revision, Service, Trigger};
@@ -20,9 +25,33 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         Service::crd(),
         Revision::crd(),
-        Broker::crd(),
+        spec_defaults_to_empty(Broker::crd()),
         Trigger::crd(),
     ]
+}
+
+/// A kind whose every spec field is optional may be written without `spec` (Knative's
+/// Broker usually is): the API server then fills in `spec: {}`, so readers always find one.
+fn spec_defaults_to_empty(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        if let Some(required) = &mut schema.required {
+            required.retain(|field| field != "spec");
+        }
+        if schema.required.as_ref().is_some_and(Vec::is_empty) {
+            schema.required = None;
+        }
+        if let Some(spec) = schema.properties.as_mut().and_then(|p| p.get_mut("spec")) {
+            spec.default = Some(JSON(serde_json::json!({})));
+        }
+    }
+    crd
 }
 
 /// The file a CRD is kept in under `deploy/crds/`: its name (`services.serving.knative.dev`).
