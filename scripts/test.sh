@@ -14,5 +14,11 @@ if ! command -v python3 >/dev/null 2>&1; then
 fi
 
 cargo fmt --all -- --check
+# `mecha up` is what a newcomer builds first: the Kubernetes crates (and the schema feature that
+# only the CRDs need) stay out of its dependency tree, in the `k8s` crate.
+if cargo tree -p mecha --locked | grep -E '(^|[^-a-z])(kube[-a-z]*|k8s-openapi|schemars) v[0-9]'; then
+  echo "error: mecha's dependency tree has the crates above; keep them in the k8s crate" >&2
+  exit 1
+fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -64,12 +64,15 @@ pub struct GatewayConfig {
     pub outlier: OutlierConfig,
 }
 
-/// The autoscaler as the sidecar talks to it: its address and the credential every request
-/// carries.
+/// The sidecar's one control-plane client: the autoscaler's address, the credential every
+/// request carries, and one connection pool for everything said to it — the watch stream
+/// down, stats and pokes up. Clones share the pool. (Over HTTP/1.1 the long-lived watch
+/// response keeps one connection to itself; reports share another, kept alive.)
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
     addr: String,
     token: Option<AdminToken>,
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// Where the settings tables say how to give a sidecar its credential.
@@ -318,7 +321,46 @@ impl ControlPlane {
         Self {
             addr: addr.into(),
             token,
+            client: Client::builder(TokioExecutor::new()).build_http(),
         }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Reports load (`POST /api/v1/stats`).
+    pub async fn send_stats(&self, stats: &[Stat]) -> Result<(), String> {
+        let body = serde_json::to_vec(stats).map_err(|e| e.to_string())?;
+        self.post(STATS_PATH, body).await
+    }
+
+    /// Asks for replicas for held requests (`POST /api/v1/pokes`).
+    pub async fn send_pokes(&self, pokes: &[Poke]) -> Result<(), String> {
+        let body = serde_json::to_vec(pokes).map_err(|e| e.to_string())?;
+        self.post(POKE_PATH, body).await
+    }
+
+    /// Opens the stream of route and endpoint snapshots (`GET /api/v1/watch`). The error says
+    /// whether the credential was refused (which does not fix itself) and why.
+    async fn open_watch(&self) -> Result<hyper::body::Incoming, (bool, String)> {
+        let request = self
+            .request(http::Method::GET, WATCH_PATH)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| (false, e.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| (false, e.to_string()))?;
+        if !response.status().is_success() {
+            let refused = matches!(
+                response.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            );
+            return Err((refused, self.refused(response).await));
+        }
+        Ok(response.into_body())
     }
 
     /// A request for `path` on the autoscaler, with the credential.
@@ -359,18 +401,13 @@ impl ControlPlane {
     }
 
     /// Posts a JSON `body` to `path`; an answer within 1 s that is not a success is an error.
-    pub async fn post(
-        &self,
-        client: &Client<HttpConnector, Full<Bytes>>,
-        path: &str,
-        body: Vec<u8>,
-    ) -> Result<(), String> {
+    async fn post(&self, path: &str, body: Vec<u8>) -> Result<(), String> {
         let request = self
             .request(http::Method::POST, path)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let response = tokio::time::timeout(Duration::from_secs(1), client.request(request))
+        let response = tokio::time::timeout(Duration::from_secs(1), self.client.request(request))
             .await
             .map_err(|_| "no answer within 1s".to_string())?
             .map_err(|e| e.to_string())?;
@@ -393,8 +430,6 @@ pub async fn watch(
     health: Health,
     shutdown: ShutdownSignal,
 ) {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
     let autoscaler = control.addr.clone();
     let mut reader = SnapshotReader::default();
     let mut backoff = BACKOFF_START;
@@ -404,20 +439,11 @@ pub async fn watch(
         // A refused credential is not an interruption that fixes itself: said as an error.
         let mut refused = false;
         let session = async {
-            let request = control
-                .request(http::Method::GET, WATCH_PATH)
-                .body(Empty::new())
-                .map_err(|e| e.to_string())?;
-            let response = client.request(request).await.map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                refused = matches!(
-                    response.status(),
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-                );
-                return Err(control.refused(response).await);
-            }
+            let mut body = control.open_watch().await.map_err(|(was_refused, error)| {
+                refused = was_refused;
+                error
+            })?;
             tracing::info!(%autoscaler, "watching routes and endpoints");
-            let mut body = response.into_body();
             let mut pending = BytesMut::new();
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| e.to_string())?;
@@ -465,9 +491,6 @@ pub async fn report_activation(
     routes: watch::Receiver<Arc<RoutingTable>>,
     shutdown: ShutdownSignal,
 ) {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let post = |path: &'static str, body: Vec<u8>| control.post(&client, path, body);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut loaded: HashSet<String> = HashSet::new();
     let stop = shutdown.recv();
@@ -479,7 +502,7 @@ pub async fn report_activation(
                 while let Ok(more) = pokes.try_recv() {
                     batch.push(more);
                 }
-                if let Err(error) = post(POKE_PATH, serde_json::to_vec(&batch).unwrap_or_default()).await {
+                if let Err(error) = control.send_pokes(&batch).await {
                     tracing::warn!(%error, "cannot poke the autoscaler");
                 }
             }
@@ -505,7 +528,7 @@ pub async fn report_activation(
                     }
                 }
                 if !stats.is_empty()
-                    && let Err(error) = post(STATS_PATH, serde_json::to_vec(&stats).unwrap_or_default()).await {
+                    && let Err(error) = control.send_stats(&stats).await {
                         tracing::debug!(%error, "cannot report held load");
                     }
             }
@@ -592,6 +615,125 @@ pub async fn serve_gateway(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::routing::{get, post};
+    use axum::serve::ListenerExt;
+    use futures_util::StreamExt;
+    use mecha_common::Shutdown;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Watch, stats and pokes all go through one `ControlPlane`: every request carries the
+    /// credential, and the reports share one kept-alive connection beside the watch stream's.
+    #[tokio::test]
+    async fn one_client_carries_the_watch_stats_and_pokes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        // (path, Authorization) of every request the autoscaler saw.
+        type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+        let seen: Seen = Arc::default();
+        let line = format!(
+            "{}\n",
+            serde_json::to_string(&Snapshot::default()).expect("json")
+        );
+        let record = seen.clone();
+        let app = axum::Router::new()
+            .route(
+                WATCH_PATH,
+                get(move || async move {
+                    // One snapshot, then the stream stays open, as the autoscaler's does.
+                    let first = futures_util::stream::once(async move {
+                        Ok::<_, std::convert::Infallible>(line)
+                    });
+                    axum::body::Body::from_stream(first.chain(futures_util::stream::pending()))
+                }),
+            )
+            .route(STATS_PATH, post(|| async { StatusCode::ACCEPTED }))
+            .route(POKE_PATH, post(|| async { StatusCode::ACCEPTED }))
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    let record = record.clone();
+                    async move {
+                        let auth = request
+                            .headers()
+                            .get(http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        record
+                            .lock()
+                            .expect("lock")
+                            .push((request.uri().path().to_string(), auth));
+                        next.run(request).await
+                    }
+                },
+            ));
+        let counted = connections.clone();
+        let listener = listener.tap_io(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let control = ControlPlane::new(
+            addr.to_string(),
+            Some(AdminToken::parse("s3cret").expect("token")),
+        );
+        let (activation, _pokes) = Activation::new();
+        let (routes_tx, mut routes) = watch::channel(Arc::<RoutingTable>::default());
+        let (endpoints_tx, _endpoints) = watch::channel(Arc::<EndpointTable>::default());
+        let health = Health::default();
+        let shutdown = Shutdown::new();
+        let watcher = tokio::spawn(watch(
+            control.clone(),
+            activation,
+            routes_tx,
+            endpoints_tx,
+            health.clone(),
+            shutdown.signal(),
+        ));
+        tokio::time::timeout(Duration::from_secs(10), routes.changed())
+            .await
+            .expect("the first snapshot in time")
+            .expect("the watch runs");
+        assert!(health.is_ready(), "ready with the first snapshot");
+        let stat = Stat {
+            revision: "hello-00001".into(),
+            replica: "gateway-1".into(),
+            concurrency: 1.0,
+            requests: 1,
+            seconds: 1.0,
+        };
+        let poke = Poke {
+            revision: "hello-00001".into(),
+            waiting: 1,
+        };
+        for _ in 0..5 {
+            control
+                .send_stats(std::slice::from_ref(&stat))
+                .await
+                .expect("stats");
+            control
+                .send_pokes(std::slice::from_ref(&poke))
+                .await
+                .expect("pokes");
+        }
+        shutdown.trigger();
+        watcher.await.expect("the watch stops");
+        server.abort();
+
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 11, "{seen:?}");
+        assert_eq!(seen[0].0, WATCH_PATH);
+        assert!(
+            seen.iter()
+                .all(|(_, auth)| auth.as_deref() == Some("Bearer s3cret")),
+            "{seen:?}"
+        );
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            2,
+            "the watch stream's connection and one for every report"
+        );
+    }
 
     #[test]
     fn the_autoscaler_address_is_required() {

@@ -9,19 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use mecha_common::admin::Health;
 use mecha_common::auth::AdminToken;
 use mecha_common::probe::{ProbeKind, ProbeSpec};
 use mecha_common::routing::{ServiceKey, UpstreamProtocol};
-use mecha_common::wire::{STATS_PATH, Stat};
+use mecha_common::wire::Stat;
 use mecha_common::{Endpoint, LoadGuard};
 use prometheus::{Gauge, IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::Notify;
@@ -517,7 +512,6 @@ impl Role for Inbound {
 struct Reporter {
     report: Report,
     control: ControlPlane,
-    client: Client<HttpConnector, Full<Bytes>>,
     failing: AtomicBool,
 }
 
@@ -532,15 +526,13 @@ impl Reporter {
         Self {
             control: ControlPlane::new(report.autoscaler.clone(), report.token.clone()),
             report: report.clone(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
             failing: AtomicBool::new(false),
         }
     }
 
     async fn send(&self, sample: mecha_common::LoadSample) {
         let stat = Stat::new(&self.report.revision, &self.report.replica, sample);
-        let body = serde_json::to_vec(&[stat]).unwrap_or_default();
-        let outcome = self.control.post(&self.client, STATS_PATH, body).await;
+        let outcome = self.control.send_stats(&[stat]).await;
         // Say so once when reporting starts failing and once when it recovers, not every second.
         match outcome {
             Ok(()) => {

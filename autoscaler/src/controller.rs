@@ -5,7 +5,11 @@
 //! request count) of its replicas, plus the requests callers hold for it, plus what sidecars
 //! in other processes reported through [`Controller::stats_intake`] — into that
 //! revision's [`Kpa`]; every [`TICK`] it decides; a poke from a caller holding requests makes
-//! it decide at once. Replica counts go to the supervisor.
+//! it decide at once. Replica counts go to the [`Actuator`] — the process supervisor locally —
+//! one revision at a time; a revision whose step fails shows the error in its status
+//! ([`ScalingStatus::actuation_error`]) and in `mecha_autoscaler_actuation_failures_total`,
+//! and is retried with backoff ([`RETRY_START`] doubling to [`RETRY_MAX`]) while the others
+//! go on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,14 +24,21 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::actuator::{ActuationError, Actuator};
+use crate::api::ApiState;
 use crate::kpa::{DeciderSpec, Decision, Kpa, Scaler, TICK};
 use crate::serving::{RevisionSpec, ServingState};
 use crate::supervisor::Supervisor;
 
+/// The first retry of a failed actuation step; doubled on every failure after that.
+pub const RETRY_START: Duration = Duration::from_millis(100);
+/// The longest wait between retries of a failed step.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
-pub struct Controller {
+pub struct Controller<A: Actuator = Supervisor> {
     state: watch::Receiver<Arc<ServingState>>,
-    supervisor: Supervisor,
+    actuator: A,
     activation: Activation,
     pokes: mpsc::UnboundedReceiver<Poke>,
     routes: watch::Sender<Arc<RoutingTable>>,
@@ -41,6 +52,18 @@ pub struct Controller {
     remote: HashMap<String, HashMap<String, (Stat, Duration)>>,
     remote_tx: mpsc::UnboundedSender<Stat>,
     remote_rx: mpsc::UnboundedReceiver<Stat>,
+    /// Revisions no longer active whose replicas still have to go to zero.
+    retired: HashMap<String, Arc<RevisionSpec>>,
+    /// Revisions whose last step failed.
+    failing: HashMap<String, Failing>,
+}
+
+/// A revision whose last actuation step failed.
+#[derive(Debug)]
+struct Failing {
+    attempts: u32,
+    retry_at: Instant,
+    error: ActuationError,
 }
 
 /// A sidecar that has not reported for this long no longer counts.
@@ -73,6 +96,9 @@ pub struct ScalingStatus {
     pub stable: f64,
     /// Panic-window average of the scaling metric.
     pub panic: f64,
+    /// Why the runtime did not take the last replica count; retried with backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actuation_error: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,16 +108,18 @@ struct Metrics {
     concurrency: GaugeVec,
     rps: GaugeVec,
     activations: IntCounterVec,
+    actuation_failures: IntCounterVec,
+    actuation_failing: IntGaugeVec,
 }
 
 // === impl Controller ===
 
-impl Controller {
+impl<A: Actuator> Controller<A> {
     /// `domain` is the suffix of service hosts (`localhost` in local mode); `pokes` is the
     /// receiving end of `activation`.
     pub fn new(
         state: watch::Receiver<Arc<ServingState>>,
-        supervisor: Supervisor,
+        actuator: A,
         activation: Activation,
         pokes: mpsc::UnboundedReceiver<Poke>,
         domain: impl Into<String>,
@@ -100,7 +128,7 @@ impl Controller {
         let (remote_tx, remote_rx) = mpsc::unbounded_channel();
         Self {
             state,
-            supervisor,
+            actuator,
             activation,
             pokes,
             routes: watch::channel(Arc::default()).0,
@@ -112,6 +140,20 @@ impl Controller {
             remote: HashMap::new(),
             remote_tx,
             remote_rx,
+            retired: HashMap::new(),
+            failing: HashMap::new(),
+        }
+    }
+
+    /// What the control plane's API (`crate::api::router`) serves from: this controller's
+    /// routes and stats intake, the actuator's endpoints.
+    pub fn api(&self, shutdown: ShutdownSignal) -> ApiState {
+        ApiState {
+            routes: self.routes(),
+            endpoints: self.actuator.endpoints(),
+            stats: self.stats_intake(),
+            activation: self.activation.clone(),
+            shutdown,
         }
     }
 
@@ -134,19 +176,29 @@ impl Controller {
     }
 
     /// Routes and the set of active revisions from the current state, then replica counts.
-    pub fn reconcile(&mut self) {
+    pub async fn reconcile(&mut self) {
         let state = self.state.borrow().clone();
-        let desired = state.desired(&self.domain, |r| self.supervisor.ever_ready(r));
+        let desired = state.desired(&self.domain, |r| self.actuator.ever_ready(r));
         let routed: Vec<&str> = desired
             .routes
             .hosts()
             .flat_map(|(_, route)| route.targets.iter().map(|t| t.revision.as_str()))
             .collect();
-        self.revisions
-            .retain(|name, _| desired.active.contains_key(name));
+        let gone: Vec<String> = self
+            .revisions
+            .keys()
+            .filter(|name| !desired.active.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(scaling) = self.revisions.remove(&name) {
+                self.retired.insert(name, scaling.revision);
+            }
+        }
         self.remote
             .retain(|name, _| desired.active.contains_key(name));
         for (name, revision) in &desired.active {
+            self.retired.remove(name);
             let spec = state.decider_spec(revision);
             let reachable = routed.contains(&name.as_str());
             match self.revisions.get_mut(name) {
@@ -183,12 +235,12 @@ impl Controller {
                 true
             }
         });
-        self.actuate();
+        self.actuate().await;
     }
 
     /// Records one second of load for every active revision.
     fn record(&mut self, now: Duration) {
-        let endpoints = self.supervisor.endpoints().borrow().clone();
+        let endpoints = self.actuator.endpoints().borrow().clone();
         for (name, scaling) in &mut self.revisions {
             let mut concurrency = 0.0;
             let mut requests = 0u64;
@@ -229,7 +281,7 @@ impl Controller {
 
     /// One KPA decision for every active revision.
     fn decide(&mut self, now: Duration) {
-        let endpoints = self.supervisor.endpoints().borrow().clone();
+        let endpoints = self.actuator.endpoints().borrow().clone();
         for (name, scaling) in &mut self.revisions {
             let ready = endpoints.ready(name).len() as u32;
             scaling.scaler.observe_ready(ready);
@@ -260,14 +312,77 @@ impl Controller {
         }
     }
 
-    /// Sends every revision's replica count to the supervisor and publishes the status.
-    fn actuate(&self) {
-        let replicas = self
-            .revisions
-            .iter()
-            .map(|(name, s)| (name.clone(), (s.revision.clone(), s.scaler.current())))
+    /// Sends every revision's replica count to the actuator — and zero to retired ones — one
+    /// revision at a time, skipping those whose retry is not due yet; then publishes the
+    /// status.
+    async fn actuate(&mut self) {
+        let now = Instant::now();
+        let steps: Vec<(Arc<RevisionSpec>, u32)> = self
+            .retired
+            .values()
+            .map(|revision| (revision.clone(), 0))
+            .chain(
+                self.revisions
+                    .values()
+                    .map(|s| (s.revision.clone(), s.scaler.current())),
+            )
             .collect();
-        self.supervisor.apply(&replicas);
+        for (revision, replicas) in steps {
+            let name = revision.name.as_str();
+            if self.failing.get(name).is_some_and(|f| f.retry_at > now) {
+                continue;
+            }
+            match self.actuator.scale(&revision, replicas).await {
+                Ok(()) => {
+                    if replicas == 0 {
+                        self.retired.remove(name);
+                    }
+                    if let Some(failing) = self.failing.remove(name) {
+                        tracing::info!(revision = %name, replicas, attempts = failing.attempts, "actuated after failures");
+                        let _ = self.metrics.actuation_failing.remove_label_values(&[name]);
+                    }
+                }
+                Err(error) => self.failed(name, error, now),
+            }
+        }
+        // Forget failures of revisions that are neither active nor retired any more.
+        let (revisions, retired) = (&self.revisions, &self.retired);
+        self.failing
+            .retain(|name, _| revisions.contains_key(name) || retired.contains_key(name));
+        self.publish_status();
+    }
+
+    /// A revision's step failed: counted, logged, retried after the next backoff.
+    fn failed(&mut self, name: &str, error: ActuationError, now: Instant) {
+        let failing = self.failing.entry(name.to_string()).or_insert(Failing {
+            attempts: 0,
+            retry_at: now,
+            error: error.clone(),
+        });
+        failing.attempts += 1;
+        let backoff = RETRY_START
+            .saturating_mul(1 << (failing.attempts - 1).min(16))
+            .min(RETRY_MAX);
+        failing.retry_at = now + backoff;
+        tracing::warn!(revision = %name, %error, attempts = failing.attempts, "actuation failed; retrying in {backoff:?}");
+        failing.error = error;
+        self.metrics
+            .actuation_failures
+            .with_label_values(&[name, failing.error.label()])
+            .inc();
+        self.metrics
+            .actuation_failing
+            .with_label_values(&[name])
+            .set(1);
+    }
+
+    /// When the earliest failed step is due again.
+    fn next_retry(&self) -> Option<Instant> {
+        self.failing.values().map(|f| f.retry_at).min()
+    }
+
+    /// What the autoscaler decided per revision, for the status board and `/metrics`.
+    fn publish_status(&self) {
         let mut board = self.board.lock();
         board.clear();
         for (name, scaling) in &self.revisions {
@@ -276,6 +391,7 @@ impl Controller {
                 panicking: scaling.last.is_some_and(|d| d.panicking),
                 stable: scaling.last.map_or(0.0, |d| d.stable_value),
                 panic: scaling.last.map_or(0.0, |d| d.panic_value),
+                actuation_error: self.failing.get(name).map(|f| f.error.to_string()),
             };
             self.metrics
                 .desired
@@ -292,21 +408,22 @@ impl Controller {
     /// Reconciles on every change, records load every second, decides every tick and on
     /// every poke, until shutdown.
     pub async fn run(mut self, shutdown: ShutdownSignal) {
-        let mut endpoints = self.supervisor.endpoints();
+        let mut endpoints = self.actuator.endpoints();
         let mut second = tokio::time::interval(Duration::from_secs(1));
         second.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let stop = shutdown.recv();
         tokio::pin!(stop);
-        self.reconcile();
+        self.reconcile().await;
         loop {
+            let retry = self.next_retry();
             tokio::select! {
                 changed = self.state.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    self.reconcile();
+                    self.reconcile().await;
                 }
-                                _ = endpoints.changed() => self.reconcile(),
+                _ = endpoints.changed() => self.reconcile().await,
                 Some(stat) = self.remote_rx.recv() => {
                     // Only active revisions scale; stats for others are dropped.
                     if self.revisions.contains_key(&stat.revision) {
@@ -323,7 +440,7 @@ impl Controller {
                         pokes.push(more);
                     }
                     self.activate(pokes);
-                    self.actuate();
+                    self.actuate().await;
                 }
                 _ = second.tick() => {
                     let now = self.now();
@@ -331,11 +448,21 @@ impl Controller {
                     if now.as_secs().is_multiple_of(TICK.as_secs()) {
                         self.decide(now);
                     }
-                    self.actuate();
+                    self.actuate().await;
                 }
+                // A failed step is retried when its backoff is over, not at the next tick.
+                () = sleep_until_some(retry) => self.actuate().await,
                 () = &mut stop => break,
             }
         }
+    }
+}
+
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -374,6 +501,15 @@ impl Metrics {
         )
         .expect("valid metric");
         let _ = registry.register(Box::new(activations.clone()));
+        let actuation_failures = IntCounterVec::new(
+            Opts::new(
+                "mecha_autoscaler_actuation_failures_total",
+                "Replica counts the runtime did not take, by revision and reason; each is retried with backoff",
+            ),
+            &["revision", "reason"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(actuation_failures.clone()));
         Self {
             desired: gauge(
                 "mecha_autoscaler_desired_replicas",
@@ -392,6 +528,11 @@ impl Metrics {
                 "Requests per second reaching the revision's replicas over the last second",
             ),
             activations,
+            actuation_failures,
+            actuation_failing: gauge(
+                "mecha_autoscaler_actuation_failing",
+                "1 while the revision's last replica count was not taken by the runtime",
+            ),
         }
     }
 }

@@ -177,16 +177,8 @@ impl Supervisor {
     /// Sets how many replicas each revision should run. Revisions not named go to zero.
     pub fn apply(&self, desired: &BTreeMap<String, (Arc<RevisionSpec>, u32)>) {
         let mut revisions = lock(&self.inner.revisions);
-        for (name, (spec, replicas)) in desired {
-            let runner = revisions
-                .entry(name.clone())
-                .or_insert_with(|| RevisionRunner {
-                    spec: spec.clone(),
-                    desired: 0,
-                    next_index: 1,
-                    replicas: Vec::new(),
-                });
-            runner.desired = *replicas;
+        for (spec, replicas) in desired.values() {
+            self.inner.runner(&mut revisions, spec).desired = *replicas;
         }
         for (name, runner) in revisions.iter_mut() {
             if !desired.contains_key(name) {
@@ -196,6 +188,18 @@ impl Supervisor {
         for runner in revisions.values_mut() {
             self.inner.scale(runner);
         }
+        self.inner.forget_idle(&mut revisions);
+    }
+
+    /// Sets how many replicas one revision should run (the [`crate::Actuator`] step).
+    pub fn set_replicas(&self, revision: &Arc<RevisionSpec>, replicas: u32) {
+        let mut revisions = lock(&self.inner.revisions);
+        if replicas == 0 && !revisions.contains_key(&revision.name) {
+            return;
+        }
+        let runner = self.inner.runner(&mut revisions, revision);
+        runner.desired = replicas;
+        self.inner.scale(runner);
         self.inner.forget_idle(&mut revisions);
     }
 
@@ -274,6 +278,22 @@ impl Inner {
             .desired
             .with_label_values(&[&runner.spec.name])
             .set(i64::from(runner.desired));
+    }
+
+    /// The revision's runner, made when it has none yet.
+    fn runner<'a>(
+        &self,
+        revisions: &'a mut HashMap<String, RevisionRunner>,
+        spec: &Arc<RevisionSpec>,
+    ) -> &'a mut RevisionRunner {
+        revisions
+            .entry(spec.name.clone())
+            .or_insert_with(|| RevisionRunner {
+                spec: spec.clone(),
+                desired: 0,
+                next_index: 1,
+                replicas: Vec::new(),
+            })
     }
 
     /// Drops revisions that should run nothing and no longer do.

@@ -33,10 +33,15 @@ pub struct Broker {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct BrokerSpec {
     /// The broker class's configuration (Knative's `spec.config`); Mecha has one broker
     /// implementation, so it is accepted and not read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::any_object")
+    )]
     pub config: Option<serde_json::Value>,
     /// The default delivery of this broker's triggers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +60,7 @@ pub struct Trigger {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TriggerSpec {
     pub broker: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,6 +75,7 @@ pub struct TriggerSpec {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AttributesFilter {
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
@@ -77,6 +84,7 @@ pub struct AttributesFilter {
 /// One entry of `filters`: exactly one dialect.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SubscriptionsApiFilter {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub exact: BTreeMap<String, String>,
@@ -84,11 +92,25 @@ pub struct SubscriptionsApiFilter {
     pub prefix: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub suffix: BTreeMap<String, String>,
+    // A structural schema cannot recurse: nested filters are checked when a trigger is
+    // admitted, as local mode does, not by the API server.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::any_object_list")
+    )]
     pub all: Vec<SubscriptionsApiFilter>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::any_object_list")
+    )]
     pub any: Vec<SubscriptionsApiFilter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::any_object")
+    )]
     pub not: Option<Box<SubscriptionsApiFilter>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cesql: Option<String>,
@@ -98,6 +120,7 @@ pub struct SubscriptionsApiFilter {
 /// resolved against the resource's address).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Destination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub r#ref: Option<KReference>,
@@ -107,6 +130,7 @@ pub struct Destination {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct KReference {
     pub api_version: String,
     pub kind: String,
@@ -118,6 +142,7 @@ pub struct KReference {
 /// Knative's `DeliverySpec`, as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_sink: Option<Destination>,

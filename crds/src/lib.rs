@@ -12,6 +12,8 @@ pub mod error;
 pub mod eventing;
 pub mod load;
 pub mod meta;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod serving;
 
 pub use error::{FieldError, LoadError};

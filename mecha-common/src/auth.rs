@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -244,6 +245,27 @@ pub async fn require_loopback_host(
             (StatusCode::FORBIDDEN, format!("{problem}: {why}\n")).into_response()
         }
     }
+}
+
+/// How an admin or control-plane API is served — the one place that says so: every route
+/// answers only to a loopback `Host`; the `protected` ones need the credential too. `open`
+/// holds what a local process may read without it (`/live`, `/ready`, `/metrics`).
+pub fn guard(
+    open: Router,
+    protected: Router,
+    credential: Credential,
+    refusals: Refusals,
+) -> Router {
+    // The Host rule covers the open routes too: they are harmless to a local process, but
+    // through DNS rebinding `/metrics` would show a web page every service's name.
+    open.merge(protected.route_layer(axum::middleware::from_fn_with_state(
+        credential,
+        require_credential,
+    )))
+    .layer(axum::middleware::from_fn_with_state(
+        refusals,
+        require_loopback_host,
+    ))
 }
 
 // === impl Refusals ===
@@ -486,7 +508,6 @@ fn owned_by_us(path: &Path, meta: &fs::Metadata) -> Result<(), TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::Router;
     use axum::body::Body;
     use axum::routing::{get, post};
     use tower::ServiceExt;
@@ -678,23 +699,18 @@ mod tests {
         );
         let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = ran.clone();
-        let app = Router::new()
-            .route(
+        let app = guard(
+            Router::new().route("/live", get(|| async { "ok" })),
+            Router::new().route(
                 "/api",
                 post(move || async move {
                     counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     "done"
                 }),
-            )
-            .route_layer(axum::middleware::from_fn_with_state(
-                credential,
-                require_credential,
-            ))
-            .route("/live", get(|| async { "ok" }))
-            .layer(axum::middleware::from_fn_with_state(
-                refusals.clone(),
-                require_loopback_host,
-            ));
+            ),
+            credential,
+            refusals.clone(),
+        );
         let bearer = format!("Bearer {}", token.as_str());
         let post = |host: &str| axum::http::Request::post("/api").header(header::HOST, host);
 

@@ -22,8 +22,6 @@ use mecha_common::ShutdownSignal;
 use mecha_common::admin::Health;
 use mecha_common::auth::{self, Credential, Refusals};
 use mecha_common::routing::{ServiceKey, service_host, tag_host};
-use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH};
-use mecha_common::{Activation, RoutingTable};
 use prometheus::Registry;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -45,12 +43,6 @@ pub struct AdminState {
     pub logs: LogHub,
     pub gateway_port: u16,
     pub shutdown: ShutdownSignal,
-    /// Stats posted by sidecars in other processes, for the autoscaler.
-    pub stats: tokio::sync::mpsc::UnboundedSender<Stat>,
-    /// The routes the gateway serves, also streamed to sidecars in other processes.
-    pub routes: tokio::sync::watch::Receiver<Arc<RoutingTable>>,
-    /// Where pokes from callers in other processes go.
-    pub activation: Activation,
     pub broker: eventing_broker::EventBroker,
 }
 
@@ -60,8 +52,11 @@ struct LogsQuery {
     follow: bool,
 }
 
+/// The admin API with the control plane's (`autoscaler::api`) mounted beside it, all behind
+/// the credential and the loopback `Host` rule (`mecha_common::auth::guard`).
 pub fn router(
     state: AdminState,
+    control: autoscaler::api::ApiState,
     health: Health,
     registry: Registry,
     credential: Credential,
@@ -77,22 +72,14 @@ pub fn router(
             "/api/v1/namespaces/{namespace}/services/{name}/logs",
             get(logs),
         )
-        .route(STATS_PATH, post(stats))
-        .route(POKE_PATH, post(pokes))
-        .route(WATCH_PATH, get(watch_tables))
         .with_state(state)
-        .route_layer(axum::middleware::from_fn_with_state(
-            credential,
-            auth::require_credential,
-        ));
-    // The Host rule covers the open routes too: they are harmless to a local process, but
-    // through DNS rebinding `/metrics` would show a web page every service's name.
-    mecha_common::admin::router(health, registry)
-        .merge(api)
-        .layer(axum::middleware::from_fn_with_state(
-            refusals,
-            auth::require_loopback_host,
-        ))
+        .merge(autoscaler::api::router(control));
+    auth::guard(
+        mecha_common::admin::router(health, registry),
+        api,
+        credential,
+        refusals,
+    )
 }
 
 async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {
@@ -247,71 +234,6 @@ async fn logs(
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-/// `POST /api/v1/stats`: a JSON list of sidecar stats (see `mecha_common::wire`).
-async fn stats(State(state): State<AdminState>, body: axum::body::Bytes) -> Response {
-    let stats: Vec<Stat> = match serde_json::from_slice(&body) {
-        Ok(stats) => stats,
-        Err(error) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("a JSON list of stats is expected: {error}\n"),
-            )
-                .into_response();
-        }
-    };
-    for (i, stat) in stats.iter().enumerate() {
-        if let Err(error) = stat.validate() {
-            return (StatusCode::BAD_REQUEST, format!("stats[{i}].{error}\n")).into_response();
-        }
-    }
-    for stat in stats {
-        let _ = state.stats.send(stat);
-    }
-    StatusCode::ACCEPTED.into_response()
-}
-
-/// `POST /api/v1/pokes`: a JSON list of activation pokes from callers in other processes.
-async fn pokes(State(state): State<AdminState>, body: axum::body::Bytes) -> Response {
-    match serde_json::from_slice::<Vec<Poke>>(&body) {
-        Ok(pokes) => {
-            for poke in pokes {
-                state.activation.poke(poke);
-            }
-            StatusCode::ACCEPTED.into_response()
-        }
-        Err(error) => (
-            StatusCode::BAD_REQUEST,
-            format!("a JSON list of pokes is expected: {error}\n"),
-        )
-            .into_response(),
-    }
-}
-
-/// `GET /api/v1/watch`: one JSON line with the routes and ready endpoints now, then one more
-/// whenever either changes, until the client goes away or `mecha up` stops.
-async fn watch_tables(State(state): State<AdminState>) -> Response {
-    let tables = (state.routes.clone(), state.supervisor.endpoints(), true);
-    let lines =
-        futures_util::stream::unfold(tables, |(mut routes, mut endpoints, first)| async move {
-            if !first {
-                tokio::select! {
-                    changed = routes.changed() => changed.ok()?,
-                    changed = endpoints.changed() => changed.ok()?,
-                }
-            }
-            let snapshot = {
-                let routes = routes.borrow_and_update();
-                let endpoints = endpoints.borrow_and_update();
-                Snapshot::from_tables(&routes, &endpoints)
-            };
-            let mut line = serde_json::to_vec(&snapshot).ok()?;
-            line.push(b'\n');
-            Some((Ok::<_, Infallible>(line), (routes, endpoints, false)))
-        });
-    let body = Body::from_stream(lines.take_until(state.shutdown.clone().recv()));
-    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
-}
-
 fn load(request: &FilesRequest) -> Result<Vec<Loaded>, Vec<LoadError>> {
     let mut loaded = Vec::new();
     let mut errors = Vec::new();
@@ -423,7 +345,8 @@ mod tests {
     use eventing_broker::{BrokerConfig, EventLog};
     use http_body_util::BodyExt;
     use mecha_common::auth::AdminToken;
-    use mecha_common::{Shutdown, wire::Poke};
+    use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, WATCH_PATH};
+    use mecha_common::{Activation, Shutdown};
     use tower::ServiceExt;
 
     /// The real admin router over a store and a supervisor that run nothing: requests are
@@ -480,6 +403,7 @@ mod tests {
             &registry,
         );
         let shutdown = Shutdown::new();
+        let control = controller.api(shutdown.signal());
         let token = AdminToken::generate().expect("token");
         let refusals = Refusals::register(&registry);
         let app = router(
@@ -490,11 +414,9 @@ mod tests {
                 logs,
                 gateway_port: 8080,
                 shutdown: shutdown.signal(),
-                stats: controller.stats_intake(),
-                routes: controller.routes(),
-                activation,
                 broker,
             },
+            control,
             Health::default(),
             registry,
             Credential::new(token.clone(), "read .mecha/admin-token", refusals.clone()),

@@ -64,6 +64,18 @@ pub fn print_services(services: &[ServiceView]) {
                 tagged.url.as_deref().unwrap_or("")
             );
         }
+        for revision in &service.revisions {
+            if let Some(error) = revision
+                .autoscaler
+                .as_ref()
+                .and_then(|a| a.actuation_error.as_deref())
+            {
+                println!(
+                    "  revision {}: replica count not applied ({error}); retrying",
+                    revision.name
+                );
+            }
+        }
     }
 }
 

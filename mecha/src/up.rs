@@ -149,7 +149,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &registry,
     );
     let scaling = controller.status_board();
-    let stats = controller.stats_intake();
+    let control_api = controller.api(shutdown.signal());
     let gateway = Gateway::new(
         controller.routes(),
         supervisor.endpoints(),
@@ -159,7 +159,6 @@ pub async fn run(config: UpConfig) -> ExitCode {
     )
     .with_trusted_proxies(config.trusted_proxies.clone())
     .with_outlier_detection(config.outlier);
-    let routes = controller.routes();
     let broker = EventBroker::new(
         log,
         store.subscribe_eventing(),
@@ -225,11 +224,9 @@ pub async fn run(config: UpConfig) -> ExitCode {
             logs,
             gateway_port: gateway_addr.port(),
             shutdown: shutdown.signal(),
-            stats,
-            routes,
-            activation,
             broker: broker.clone(),
         },
+        control_api,
         health.clone(),
         registry.clone(),
         Credential::new(token, hint, refusals.clone()),
