@@ -13,9 +13,11 @@ pub mod eventing;
 pub mod load;
 pub mod meta;
 pub mod serving;
+pub mod sources;
 
 pub use error::{FieldError, LoadError};
 pub use eventing::{Broker, Trigger};
 pub use load::{Loaded, Mode, Resource, Source, load_paths, load_str};
 pub use meta::ObjectMeta;
 pub use serving::Service;
+pub use sources::{PingSource, SourceResource};

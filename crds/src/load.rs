@@ -14,6 +14,7 @@ use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
 use crate::eventing::{self, Broker, Trigger};
 use crate::serving::{self, Service};
+use crate::sources::{self, PingSource, SourceResource};
 
 /// Which runtime the resources are validated for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,8 @@ pub enum Resource {
     AutoscalerConfig(AutoscalerConfig),
     Broker(Broker),
     Trigger(Trigger),
+    /// An event source (`PingSource`, the webhook sources).
+    Source(SourceResource),
 }
 
 /// A typed, validated resource and where it came from.
@@ -58,7 +61,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("serving.knative.dev/v1", "Configuration"),
     ("serving.knative.dev/v1", "Route"),
     ("serving.knative.dev/v1", "Revision"),
-    ("sources.knative.dev/v1", "PingSource"),
     ("sources.knative.dev/v1", "SinkBinding"),
     ("sources.knative.dev/v1", "ContainerSource"),
     ("sources.knative.dev/v1", "ApiServerSource"),
@@ -73,6 +75,7 @@ impl Resource {
             Resource::AutoscalerConfig(_) => "ConfigMap",
             Resource::Broker(_) => eventing::BROKER_KIND,
             Resource::Trigger(_) => eventing::TRIGGER_KIND,
+            Resource::Source(s) => s.kind(),
         }
     }
 
@@ -82,6 +85,7 @@ impl Resource {
             Resource::AutoscalerConfig(_) => config::NAMESPACE,
             Resource::Broker(b) => b.namespace(),
             Resource::Trigger(t) => t.namespace(),
+            Resource::Source(s) => s.namespace(),
         }
     }
 
@@ -91,6 +95,7 @@ impl Resource {
             Resource::AutoscalerConfig(_) => config::NAME,
             Resource::Broker(b) => &b.metadata.name,
             Resource::Trigger(t) => &t.metadata.name,
+            Resource::Source(s) => s.name(),
         }
     }
 }
@@ -291,6 +296,11 @@ fn load_document(
             let trigger: Trigger = typed(value).map_err(|e| vec![at(e)])?;
             valid(trigger.validate(), Resource::Trigger(trigger), at)
         }
+        (sources::API_VERSION, sources::PING_KIND) => {
+            let source: PingSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Ping(source);
+            valid(source.validate(), Resource::Source(source), at)
+        }
         ("v1", "ConfigMap") => {
             let map: ConfigMap = typed(value).map_err(|e| vec![at(e)])?;
             if map.metadata.name != config::NAME || map.metadata.namespace() != config::NAMESPACE {
@@ -316,12 +326,14 @@ fn load_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
                 eventing::BROKER_KIND,
                 eventing::TRIGGER_KIND,
                 eventing::API_VERSION,
+                sources::PING_KIND,
+                sources::API_VERSION,
                 config::NAMESPACE,
                 config::NAME
             ),
@@ -463,9 +475,10 @@ spec:
             ),
             "{errors:?}"
         );
-        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: PingSource\n");
+        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: SinkBinding\n");
         assert!(
-            errors[0].contains("PingSource (sources.knative.dev/v1) is not supported by Mecha yet")
+            errors[0]
+                .contains("SinkBinding (sources.knative.dev/v1) is not supported by Mecha yet")
         );
     }
 

@@ -177,6 +177,11 @@ pub async fn run(config: UpConfig) -> ExitCode {
         move || broker.problem().map(|why| format!("broker: {why}"))
     });
     // Triggers run before the gateway (and with it the ingress) takes a request.
+    let importers = importers::Importers::new(
+        store.subscribe_sources(),
+        importers::ImportersConfig::new(gateway_addr, DOMAIN),
+        &registry,
+    );
     let broker_task = watch_task(
         &health,
         &shutdown,
@@ -215,6 +220,13 @@ pub async fn run(config: UpConfig) -> ExitCode {
             },
         )),
     );
+    // Sources send through the gateway's listener (bound above), so they start after it.
+    let importers_task = watch_task(
+        &health,
+        &shutdown,
+        "importers (event sources)",
+        importers.clone().start(shutdown.signal()),
+    );
     let admin_router = admin::router(
         AdminState {
             store: store.clone(),
@@ -227,6 +239,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             routes,
             activation,
             broker: broker.clone(),
+            importers: importers.clone(),
         },
         health.clone(),
         registry.clone(),
@@ -274,6 +287,14 @@ pub async fn run(config: UpConfig) -> ExitCode {
         println!();
         output::print_triggers(&admin::trigger_views(&broker, &store.snapshot()));
     }
+    if !store.sources().sources.is_empty() {
+        println!();
+        output::print_sources(&admin::source_views(
+            &importers,
+            &broker.state(),
+            &store.snapshot(),
+        ));
+    }
     println!();
     println!("Press Ctrl-C to stop.");
     health.set_ready(true);
@@ -297,6 +318,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
     health.set_ready(false);
     shutdown.trigger();
     let graceful = async {
+        let _ = importers_task.await;
         let _ = controller_task.await;
         let _ = gateway_task.await;
         // Deliveries in flight stop here; their events stay in the log for the next start.

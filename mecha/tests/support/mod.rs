@@ -20,6 +20,7 @@ use mecha_common::auth::AdminToken;
 pub mod corpus;
 #[path = "../../../activator-sidecar/tests/support/hostile.rs"]
 pub mod hostile;
+pub mod subscriber;
 
 pub const ECHO: &str = include_str!("echo.py");
 

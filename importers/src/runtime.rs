@@ -1,0 +1,245 @@
+//! [`Importers`]: runs one task per source of the current resources and follows their
+//! changes (a changed source is stopped and started afresh; a removed one is stopped).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crds::SourceResource;
+use crds::eventing::{BackoffPolicy, Delivery, Format};
+use eventing_broker::delivery::{self, HttpSender, Target};
+use mecha_common::{Shutdown, ShutdownSignal};
+use prometheus::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::context::SourceContext;
+use crate::metrics::SourceMetrics;
+use crate::ping::PingConfig;
+use crate::sink::HttpSink;
+use crate::state::{Key, SourcesState};
+
+#[derive(Debug, Clone)]
+pub struct ImportersConfig {
+    /// The gateway: sinks named by `ref` are reached through it.
+    pub ingress: SocketAddr,
+    /// Host suffix of Services (`localhost` locally).
+    pub domain: String,
+    /// Retries of every send to a sink.
+    pub delivery: Delivery,
+    /// Per attempt.
+    pub timeout: Duration,
+}
+
+/// The running sources; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Importers {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ImportersConfig,
+    metrics: SourceMetrics,
+    state: watch::Receiver<Arc<SourcesState>>,
+    sender: HttpSender,
+    /// Why a source does not run, by key; absent when it does.
+    problems: Mutex<HashMap<Key, String>>,
+}
+
+/// What `mecha get sources` shows of one source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub sink_uri: Option<String>,
+    /// Why it does not run.
+    pub problem: Option<String>,
+    pub sent: u64,
+    pub failed: u64,
+}
+
+struct Running {
+    resource: SourceResource,
+    stop: Shutdown,
+    task: Option<JoinHandle<()>>,
+}
+
+// === impl ImportersConfig ===
+
+impl ImportersConfig {
+    /// Knative's PingSource sends: 5 retries, exponential from 50 ms (about 1.5 s in all),
+    /// each attempt up to 30 s (a zero-scaled Service has that long to start).
+    pub fn new(ingress: SocketAddr, domain: impl Into<String>) -> Self {
+        Self {
+            ingress,
+            domain: domain.into(),
+            delivery: Delivery {
+                retry: 5,
+                backoff_policy: Some(BackoffPolicy::Exponential),
+                backoff_delay: Some(Duration::from_millis(50)),
+                timeout: None,
+                retry_after_max: None,
+                dead_letter_sink: None,
+                format: Format::Binary,
+            },
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+// === impl Importers ===
+
+impl Importers {
+    pub fn new(
+        state: watch::Receiver<Arc<SourcesState>>,
+        config: ImportersConfig,
+        registry: &Registry,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                metrics: SourceMetrics::new(registry),
+                state,
+                sender: HttpSender::new(),
+                problems: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &SourceMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn state(&self) -> Arc<SourcesState> {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Where a source's events go.
+    pub fn sink(&self, source: &SourceResource) -> Result<Target, String> {
+        let config = &self.inner.config;
+        delivery::resolve(
+            source.sink(),
+            source.namespace(),
+            config.ingress,
+            &config.domain,
+        )
+    }
+
+    pub fn status(&self, source: &SourceResource) -> SourceStatus {
+        let key = SourcesState::key(source);
+        let (sent, failed) = self.inner.metrics.counts(&key.0, &key.1, &key.2);
+        SourceStatus {
+            sink_uri: self.sink(source).ok().map(|t| t.url),
+            problem: self.problems().get(&key).cloned(),
+            sent,
+            failed,
+        }
+    }
+
+    fn problems(&self) -> std::sync::MutexGuard<'_, HashMap<Key, String>> {
+        self.inner
+            .problems
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the sources of the current resources, then follows changes until `shutdown`.
+    pub fn start(self, shutdown: ShutdownSignal) -> JoinHandle<()> {
+        tokio::spawn(self.run(shutdown))
+    }
+
+    async fn run(self, shutdown: ShutdownSignal) {
+        let mut state = self.inner.state.clone();
+        let mut running: HashMap<Key, Running> = HashMap::new();
+        loop {
+            let snapshot = state.borrow_and_update().clone();
+            self.reconcile(&snapshot, &mut running);
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { break },
+                () = shutdown.clone().recv() => break,
+            }
+        }
+        for (_, run) in running {
+            run.stop.trigger();
+            if let Some(task) = run.task {
+                let _ = task.await;
+            }
+        }
+    }
+
+    fn reconcile(&self, snapshot: &SourcesState, running: &mut HashMap<Key, Running>) {
+        running.retain(|key, run| {
+            let keep = snapshot.sources.get(key) == Some(&run.resource);
+            if !keep {
+                run.stop.trigger();
+                if let Some(task) = run.task.take() {
+                    task.abort();
+                }
+                self.problems().remove(key);
+                tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), "source stopped");
+            }
+            keep
+        });
+        for (key, resource) in &snapshot.sources {
+            if running.contains_key(key) {
+                continue;
+            }
+            let stop = Shutdown::new();
+            let task = match self.build(key, resource, stop.signal()) {
+                Ok(task) => {
+                    self.problems().remove(key);
+                    tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), "source started");
+                    Some(task)
+                }
+                Err(why) => {
+                    tracing::warn!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), reason = %why, "source cannot start");
+                    self.problems().insert(key.clone(), why);
+                    None
+                }
+            };
+            running.insert(
+                key.clone(),
+                Running {
+                    resource: resource.clone(),
+                    stop,
+                    task,
+                },
+            );
+        }
+    }
+
+    fn build(
+        &self,
+        key: &Key,
+        resource: &SourceResource,
+        shutdown: ShutdownSignal,
+    ) -> Result<JoinHandle<()>, String> {
+        let target = self.sink(resource).map_err(|why| format!("sink: {why}"))?;
+        let config = &self.inner.config;
+        let sink = HttpSink::new(
+            target,
+            config.delivery.clone(),
+            config.timeout,
+            self.inner.sender.clone(),
+        );
+        let cx = SourceContext::new(
+            key.clone(),
+            shutdown,
+            Arc::new(sink),
+            resource.extensions(),
+            self.inner.metrics.clone(),
+        );
+        let invalid = |errors: Vec<crds::FieldError>| {
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        match resource {
+            SourceResource::Ping(ping) => {
+                Ok(PingConfig::from_resource(ping).map_err(invalid)?.build(cx))
+            }
+        }
+    }
+}
