@@ -20,4 +20,4 @@ pub use eventing::{Broker, Trigger};
 pub use load::{Loaded, Mode, Resource, Source, load_paths, load_str};
 pub use meta::ObjectMeta;
 pub use serving::Service;
-pub use sources::{PingSource, SourceResource};
+pub use sources::{GitHubSource, GitLabSource, PingSource, SourceResource};

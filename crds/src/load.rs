@@ -14,7 +14,7 @@ use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
 use crate::eventing::{self, Broker, Trigger};
 use crate::serving::{self, Service};
-use crate::sources::{self, PingSource, SourceResource};
+use crate::sources::{self, GitHubSource, GitLabSource, PingSource, SourceResource};
 
 /// Which runtime the resources are validated for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,7 +299,17 @@ fn load_document(
         (sources::API_VERSION, sources::PING_KIND) => {
             let source: PingSource = typed(value).map_err(|e| vec![at(e)])?;
             let source = SourceResource::Ping(source);
-            valid(source.validate(), Resource::Source(source), at)
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::ALPHA_API_VERSION, sources::GITHUB_KIND) => {
+            let source: GitHubSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::GitHub(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::ALPHA_API_VERSION, sources::GITLAB_KIND) => {
+            let source: GitLabSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::GitLab(source);
+            valid(source.validate(mode), Resource::Source(source), at)
         }
         ("v1", "ConfigMap") => {
             let map: ConfigMap = typed(value).map_err(|e| vec![at(e)])?;
@@ -326,7 +336,7 @@ fn load_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
                 eventing::BROKER_KIND,
@@ -334,6 +344,9 @@ fn load_document(
                 eventing::API_VERSION,
                 sources::PING_KIND,
                 sources::API_VERSION,
+                sources::GITHUB_KIND,
+                sources::GITLAB_KIND,
+                sources::ALPHA_API_VERSION,
                 config::NAMESPACE,
                 config::NAME
             ),

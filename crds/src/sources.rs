@@ -15,10 +15,49 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::FieldError;
 use crate::eventing::Destination;
+use crate::load::Mode;
 use crate::meta::ObjectMeta;
 
 pub const API_VERSION: &str = "sources.knative.dev/v1";
 pub const PING_KIND: &str = "PingSource";
+/// The webhook sources' group version (knative-extensions eventing-github/-gitlab).
+pub const ALPHA_API_VERSION: &str = "sources.knative.dev/v1alpha1";
+pub const GITHUB_KIND: &str = "GitHubSource";
+pub const GITLAB_KIND: &str = "GitLabSource";
+/// Local mode's stand-in for `secretToken.secretKeyRef` (a Kubernetes Secret cannot be read
+/// locally): a file holding the webhook secret...
+pub const SECRET_FILE_ANNOTATION: &str = "mecha.dev/secret-token-file";
+/// ...or the name of an environment variable of `mecha up` holding it.
+pub const SECRET_ENV_ANNOTATION: &str = "mecha.dev/secret-token-env";
+
+/// GitLab's webhook kinds as Knative's GitLabSource names them in `eventTypes`, with the
+/// `X-Gitlab-Event` header that carries each and the event type suffix Mecha sends.
+pub const GITLAB_EVENTS: &[(&str, &str, &str)] = &[
+    ("push_events", "Push Hook", "push"),
+    ("tag_push_events", "Tag Push Hook", "tag_push"),
+    ("issues_events", "Issue Hook", "issue"),
+    (
+        "confidential_issues_events",
+        "Confidential Issue Hook",
+        "confidential_issue",
+    ),
+    (
+        "merge_requests_events",
+        "Merge Request Hook",
+        "merge_request",
+    ),
+    ("note_events", "Note Hook", "note"),
+    (
+        "confidential_note_events",
+        "Confidential Note Hook",
+        "confidential_note",
+    ),
+    ("job_events", "Job Hook", "job"),
+    ("pipeline_events", "Pipeline Hook", "pipeline"),
+    ("wiki_page_events", "Wiki Page Hook", "wiki_page"),
+    ("deployment_events", "Deployment Hook", "deployment"),
+    ("releases_events", "Release Hook", "release"),
+];
 /// Knative's default schedule: every minute.
 pub const DEFAULT_SCHEDULE: &str = "* * * * *";
 
@@ -74,10 +113,104 @@ pub struct PingSourceSpec {
     pub ce_overrides: Option<CloudEventOverrides>,
 }
 
+/// Knative's `SecretValueFromSource`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretValueFromSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeySelector>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeySelector {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GitHubSource {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: GitHubSourceSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GitHubSourceSpec {
+    /// `owner/repository` (or an organization alone).
+    pub owner_and_repository: String,
+    /// GitHub event names (`push`, `pull_request`, …); others are answered and dropped.
+    pub event_types: Vec<String>,
+    /// Used by Knative to register the webhook with GitHub; Mecha does not register it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<SecretValueFromSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_token: Option<SecretValueFromSource>,
+    /// GitHub Enterprise's API; only used to register the webhook.
+    #[serde(
+        default,
+        rename = "githubAPIURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub github_api_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    pub sink: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce_overrides: Option<CloudEventOverrides>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GitLabSource {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: GitLabSourceSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GitLabSourceSpec {
+    /// `https://gitlab.com/group/project`: the events' source.
+    pub project_url: String,
+    /// Knative's names: `push_events`, `merge_requests_events`, … (see [`GITLAB_EVENTS`]).
+    pub event_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<SecretValueFromSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_token: Option<SecretValueFromSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslverify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    pub sink: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce_overrides: Option<CloudEventOverrides>,
+}
+
+/// Where a webhook source's secret comes from in local mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    File(String),
+    Env(String),
+}
+
 /// Any source Mecha runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceResource {
     Ping(PingSource),
+    GitHub(GitHubSource),
+    GitLab(GitLabSource),
 }
 
 // === impl SourceResource ===
@@ -86,12 +219,16 @@ impl SourceResource {
     pub fn kind(&self) -> &'static str {
         match self {
             SourceResource::Ping(_) => PING_KIND,
+            SourceResource::GitHub(_) => GITHUB_KIND,
+            SourceResource::GitLab(_) => GITLAB_KIND,
         }
     }
 
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             SourceResource::Ping(s) => &s.metadata,
+            SourceResource::GitHub(s) => &s.metadata,
+            SourceResource::GitLab(s) => &s.metadata,
         }
     }
 
@@ -106,6 +243,8 @@ impl SourceResource {
     pub fn sink(&self) -> &Destination {
         match self {
             SourceResource::Ping(s) => &s.spec.sink,
+            SourceResource::GitHub(s) => &s.spec.sink,
+            SourceResource::GitLab(s) => &s.spec.sink,
         }
     }
 
@@ -113,6 +252,8 @@ impl SourceResource {
     pub fn extensions(&self) -> BTreeMap<String, String> {
         let overrides = match self {
             SourceResource::Ping(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::GitHub(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::GitLab(s) => s.spec.ce_overrides.as_ref(),
         };
         overrides.map(|o| o.extensions.clone()).unwrap_or_default()
     }
@@ -121,13 +262,197 @@ impl SourceResource {
     pub fn event_source(&self) -> String {
         match self {
             SourceResource::Ping(s) => s.event_source(),
+            SourceResource::GitHub(s) => s.event_source(),
+            SourceResource::GitLab(s) => s.spec.project_url.clone(),
         }
     }
 
-    pub fn validate(&self) -> Vec<FieldError> {
+    pub fn validate(&self, mode: Mode) -> Vec<FieldError> {
         match self {
             SourceResource::Ping(s) => s.validate(),
+            SourceResource::GitHub(s) => s.validate(mode),
+            SourceResource::GitLab(s) => s.validate(mode),
         }
+    }
+
+    /// The path of a webhook source's receiver on the gateway port.
+    pub fn webhook_path(&self) -> Option<String> {
+        let provider = match self {
+            SourceResource::Ping(_) => return None,
+            SourceResource::GitHub(_) => "github",
+            SourceResource::GitLab(_) => "gitlab",
+        };
+        Some(format!(
+            "/webhooks/{provider}/{}/{}",
+            self.namespace(),
+            self.name()
+        ))
+    }
+
+    /// Where a webhook source's secret is read from in local mode.
+    pub fn secret_ref(&self) -> Option<SecretRef> {
+        let annotations = &self.metadata().annotations;
+        if let Some(path) = annotations.get(SECRET_FILE_ANNOTATION) {
+            return Some(SecretRef::File(path.clone()));
+        }
+        annotations
+            .get(SECRET_ENV_ANNOTATION)
+            .map(|name| SecretRef::Env(name.clone()))
+    }
+}
+
+// === impl GitHubSource ===
+
+impl GitHubSource {
+    /// Knative's source attribute: `https://github.com/{ownerAndRepository}`.
+    pub fn event_source(&self) -> String {
+        format!("https://github.com/{}", self.spec.owner_and_repository)
+    }
+
+    pub fn validate(&self, mode: Mode) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        self.metadata.validate(63, &mut errors);
+        let spec = &self.spec;
+        let parts: Vec<&str> = spec.owner_and_repository.split('/').collect();
+        let part_ok = |p: &&str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if parts.len() > 2 || !parts.iter().all(part_ok) {
+            errors.push(FieldError::new(
+                "spec.ownerAndRepository",
+                format!(
+                    "{:?} is not OWNER/REPOSITORY (or an organization)",
+                    spec.owner_and_repository
+                ),
+            ));
+        }
+        if spec.event_types.is_empty() {
+            errors.push(FieldError::new(
+                "spec.eventTypes",
+                "list at least one GitHub event (push, pull_request, …)",
+            ));
+        }
+        for (i, name) in spec.event_types.iter().enumerate() {
+            let valid =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+            if !valid {
+                errors.push(FieldError::new(
+                    format!("spec.eventTypes[{i}]"),
+                    format!("{name:?} is not a GitHub event name (lower case and _)"),
+                ));
+            }
+        }
+        validate_secret(
+            &self.metadata,
+            spec.secret_token.as_ref(),
+            mode,
+            &mut errors,
+        );
+        spec.sink.validate("spec.sink", &mut errors);
+        validate_overrides(spec.ce_overrides.as_ref(), &mut errors);
+        errors
+    }
+}
+
+// === impl GitLabSource ===
+
+impl GitLabSource {
+    pub fn validate(&self, mode: Mode) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        self.metadata.validate(63, &mut errors);
+        let spec = &self.spec;
+        let url_ok = ["https://", "http://"].iter().any(|scheme| {
+            spec.project_url
+                .strip_prefix(scheme)
+                .is_some_and(|rest| rest.contains('/') && !rest.starts_with('/'))
+        });
+        if !url_ok {
+            errors.push(FieldError::new(
+                "spec.projectUrl",
+                format!(
+                    "{:?} is not a project URL such as https://gitlab.com/group/project",
+                    spec.project_url
+                ),
+            ));
+        }
+        if spec.event_types.is_empty() {
+            errors.push(FieldError::new(
+                "spec.eventTypes",
+                "list at least one GitLab event (push_events, merge_requests_events, …)",
+            ));
+        }
+        for (i, name) in spec.event_types.iter().enumerate() {
+            if !GITLAB_EVENTS.iter().any(|(known, _, _)| known == name) {
+                let known: Vec<&str> = GITLAB_EVENTS.iter().map(|(k, _, _)| *k).collect();
+                errors.push(FieldError::new(
+                    format!("spec.eventTypes[{i}]"),
+                    format!("{name:?} is not one of {}", known.join(", ")),
+                ));
+            }
+        }
+        validate_secret(
+            &self.metadata,
+            spec.secret_token.as_ref(),
+            mode,
+            &mut errors,
+        );
+        spec.sink.validate("spec.sink", &mut errors);
+        validate_overrides(spec.ce_overrides.as_ref(), &mut errors);
+        errors
+    }
+}
+
+/// A webhook source must have a secret: unsigned webhooks would let anyone inject events. In
+/// a cluster that is `secretToken.secretKeyRef`; locally a Secret cannot be read, so one of the
+/// `mecha.dev/secret-token-{file,env}` annotations says where the secret is.
+fn validate_secret(
+    metadata: &ObjectMeta,
+    secret_token: Option<&SecretValueFromSource>,
+    mode: Mode,
+    errors: &mut Vec<FieldError>,
+) {
+    let file = metadata.annotations.get(SECRET_FILE_ANNOTATION);
+    let env = metadata.annotations.get(SECRET_ENV_ANNOTATION);
+    if file.is_some() && env.is_some() {
+        errors.push(FieldError::new(
+            format!("metadata.annotations.{SECRET_ENV_ANNOTATION}"),
+            format!("set {SECRET_FILE_ANNOTATION} or {SECRET_ENV_ANNOTATION}, not both"),
+        ));
+    }
+    if file.is_some_and(|f| f.is_empty()) || env.is_some_and(|e| e.is_empty()) {
+        errors.push(FieldError::new(
+            "metadata.annotations",
+            "the secret's file or variable name is empty",
+        ));
+    }
+    if let Some(reference) = secret_token.and_then(|s| s.secret_key_ref.as_ref())
+        && (reference.name.is_empty() || reference.key.is_empty())
+    {
+        errors.push(FieldError::new(
+            "spec.secretToken.secretKeyRef",
+            "name and key are required",
+        ));
+    }
+    match mode {
+        Mode::Local if file.is_none() && env.is_none() => errors.push(FieldError::new(
+            "spec.secretToken",
+            format!(
+                "local mode cannot read a Kubernetes Secret: name the webhook secret's file with the {SECRET_FILE_ANNOTATION} annotation or its environment variable with {SECRET_ENV_ANNOTATION}"
+            ),
+        )),
+        Mode::Kubernetes
+            if secret_token
+                .and_then(|s| s.secret_key_ref.as_ref())
+                .is_none() =>
+        {
+            errors.push(FieldError::new(
+                "spec.secretToken.secretKeyRef",
+                "required: webhooks are only accepted when signed with the secret",
+            ));
+        }
+        _ => {}
     }
 }
 

@@ -43,6 +43,14 @@ impl SourceContext {
         }
     }
 
+    /// Counts a refused webhook delivery.
+    pub fn rejected(&self, reason: &str) {
+        self.metrics
+            .rejected
+            .with_label_values(&[&self.kind, &self.namespace, &self.name, reason])
+            .inc();
+    }
+
     /// Sends one event to the sink with the source's `ceOverrides.extensions` set, and counts
     /// the outcome. `Ok` once the sink accepted it.
     pub async fn emit(&self, mut event: Event) -> Result<(), SinkError> {

@@ -15,6 +15,7 @@ pub mod ping;
 pub mod runtime;
 pub mod sink;
 pub mod state;
+pub mod webhook;
 
 pub use context::SourceContext;
 pub use metrics::SourceMetrics;

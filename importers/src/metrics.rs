@@ -8,6 +8,9 @@ pub struct SourceMetrics {
     pub sent: IntCounterVec,
     /// `mecha_source_events_failed_total{kind,namespace,name}`: every retry failed.
     pub failed: IntCounterVec,
+    /// `mecha_source_webhook_rejected_total{kind,namespace,name,reason}`: deliveries refused
+    /// (bad or missing signature, bad payload, too large, the sink failed).
+    pub rejected: IntCounterVec,
 }
 
 // === impl SourceMetrics ===
@@ -22,7 +25,17 @@ impl SourceMetrics {
             let _ = registry.register(Box::new(counter.clone()));
             counter
         };
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "mecha_source_webhook_rejected_total",
+                "Webhook deliveries a source refused, by reason.",
+            ),
+            &["kind", "namespace", "name", "reason"],
+        )
+        .unwrap_or_else(|_| unreachable!("constant metric options are valid"));
+        let _ = registry.register(Box::new(rejected.clone()));
         Self {
+            rejected,
             sent: counter(
                 "mecha_source_events_sent_total",
                 "Events a source sent that its sink accepted (2xx).",

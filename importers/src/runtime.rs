@@ -3,12 +3,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use crds::SourceResource;
 use crds::eventing::{BackoffPolicy, Delivery, Format};
 use eventing_broker::delivery::{self, HttpSender, Target};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::Full;
 use mecha_common::{Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::sync::watch;
@@ -19,6 +23,7 @@ use crate::metrics::SourceMetrics;
 use crate::ping::PingConfig;
 use crate::sink::HttpSink;
 use crate::state::{Key, SourcesState};
+use crate::webhook::{Receiver, Secret, WebhookConfig, answer};
 
 #[derive(Debug, Clone)]
 pub struct ImportersConfig {
@@ -46,12 +51,16 @@ struct Inner {
     sender: HttpSender,
     /// Why a source does not run, by key; absent when it does.
     problems: Mutex<HashMap<Key, String>>,
+    /// The webhook receivers, by path.
+    webhooks: RwLock<HashMap<String, Arc<Receiver>>>,
 }
 
 /// What `mecha get sources` shows of one source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceStatus {
     pub sink_uri: Option<String>,
+    /// A webhook source's address.
+    pub url: Option<String>,
     /// Why it does not run.
     pub problem: Option<String>,
     pub sent: u64,
@@ -102,6 +111,7 @@ impl Importers {
                 state,
                 sender: HttpSender::new(),
                 problems: Mutex::default(),
+                webhooks: RwLock::default(),
             }),
         }
     }
@@ -130,6 +140,12 @@ impl Importers {
         let (sent, failed) = self.inner.metrics.counts(&key.0, &key.1, &key.2);
         SourceStatus {
             sink_uri: self.sink(source).ok().map(|t| t.url),
+            url: source.webhook_path().map(|path| {
+                format!(
+                    "http://localhost:{}{path}",
+                    self.inner.config.ingress.port()
+                )
+            }),
             problem: self.problems().get(&key).cloned(),
             sent,
             failed,
@@ -140,6 +156,38 @@ impl Importers {
         self.inner
             .problems
             .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Answers a request for `/webhooks/…` on the gateway port.
+    pub async fn handle_webhook<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let receiver = self
+            .inner
+            .webhooks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(request.uri().path())
+            .cloned();
+        match receiver {
+            Some(receiver) => receiver.handle(request).await,
+            None => answer(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no webhook source at {}: webhooks are at /webhooks/{{github|gitlab}}/{{namespace}}/{{name}}",
+                    request.uri().path()
+                ),
+            ),
+        }
+    }
+
+    fn webhooks(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Receiver>>> {
+        self.inner
+            .webhooks
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -176,6 +224,9 @@ impl Importers {
                     task.abort();
                 }
                 self.problems().remove(key);
+                if let Some(path) = run.resource.webhook_path() {
+                    self.webhooks().remove(&path);
+                }
                 tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), "source stopped");
             }
             keep
@@ -187,9 +238,12 @@ impl Importers {
             let stop = Shutdown::new();
             let task = match self.build(key, resource, stop.signal()) {
                 Ok(task) => {
+                    if let Some(path) = resource.webhook_path() {
+                        tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), url = %format!("http://localhost:{}{path}", self.inner.config.ingress.port()), "webhook source listening; Mecha does not register webhooks (accessToken is not used): register this URL with the provider");
+                    }
                     self.problems().remove(key);
                     tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), "source started");
-                    Some(task)
+                    task
                 }
                 Err(why) => {
                     tracing::warn!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), reason = %why, "source cannot start");
@@ -213,7 +267,7 @@ impl Importers {
         key: &Key,
         resource: &SourceResource,
         shutdown: ShutdownSignal,
-    ) -> Result<JoinHandle<()>, String> {
+    ) -> Result<Option<JoinHandle<()>>, String> {
         let target = self.sink(resource).map_err(|why| format!("sink: {why}"))?;
         let config = &self.inner.config;
         let sink = HttpSink::new(
@@ -237,8 +291,19 @@ impl Importers {
                 .join("; ")
         };
         match resource {
-            SourceResource::Ping(ping) => {
-                Ok(PingConfig::from_resource(ping).map_err(invalid)?.build(cx))
+            SourceResource::Ping(ping) => Ok(Some(
+                PingConfig::from_resource(ping).map_err(invalid)?.build(cx),
+            )),
+            SourceResource::GitHub(_) | SourceResource::GitLab(_) => {
+                let from = resource
+                    .secret_ref()
+                    .ok_or("no mecha.dev/secret-token-file or -env annotation")?;
+                let secret = Secret::read(&from, |name| std::env::var(name).ok())?;
+                let path = resource.webhook_path().ok_or("not a webhook source")?;
+                let config =
+                    WebhookConfig::from_resource(resource, secret).ok_or("not a webhook source")?;
+                self.webhooks().insert(path, Arc::new(config.build(cx)));
+                Ok(None)
             }
         }
     }

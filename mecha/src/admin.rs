@@ -161,6 +161,7 @@ pub fn source_views(
                 namespace: source.namespace().to_string(),
                 name: source.name().to_string(),
                 sink_uri: status.sink_uri,
+                url: status.url,
                 ready: reason.is_none(),
                 reason,
                 sent: status.sent,

@@ -106,6 +106,9 @@ pub struct SourceView {
     pub name: String,
     /// Where its events go.
     pub sink_uri: Option<String>,
+    /// Where a webhook source takes deliveries (register it with GitHub or GitLab).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     pub ready: bool,
     /// Why the source is not ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]

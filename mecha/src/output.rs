@@ -119,12 +119,13 @@ pub fn print_sources(sources: &[SourceView]) {
         println!("No sources.");
         return;
     }
-    let rows: Vec<[String; 7]> = sources
+    let rows: Vec<[String; 8]> = sources
         .iter()
         .map(|s| {
             [
                 format!("{}/{}", s.namespace, s.name),
                 s.kind.clone(),
+                s.url.clone().unwrap_or_else(|| "-".into()),
                 s.sink_uri.clone().unwrap_or_else(|| "-".into()),
                 if s.ready { "True" } else { "False" }.to_string(),
                 s.sent.to_string(),
@@ -135,7 +136,7 @@ pub fn print_sources(sources: &[SourceView]) {
         .collect();
     print_table(
         &[
-            "SOURCE", "KIND", "SINK_URI", "READY", "SENT", "FAILED", "REASON",
+            "SOURCE", "KIND", "URL", "SINK_URI", "READY", "SENT", "FAILED", "REASON",
         ],
         &rows,
     );

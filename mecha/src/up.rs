@@ -203,6 +203,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             Arc::new(Front {
                 gateway: gateway.clone(),
                 broker: broker.clone(),
+                importers: importers.clone(),
             }),
             activator_sidecar::server::Workers::current(),
             shutdown.signal(),
@@ -379,12 +380,14 @@ fn is_bare_host(host: &str) -> bool {
 }
 
 /// The gateway port: service hosts are the gateway's; bare hosts (the broker ingress,
-/// `localhost:8080/{namespace}/{broker}`) and requests without a host are the broker's, which
-/// the general server answers.
+/// `localhost:8080/{namespace}/{broker}`, and the webhook sources,
+/// `localhost:8080/webhooks/{github|gitlab}/{namespace}/{name}`) and requests without a host
+/// are answered by the general server.
 #[derive(Debug)]
 struct Front {
     gateway: Gateway,
     broker: eventing_broker::EventBroker,
+    importers: importers::Importers,
 }
 
 impl Role for Front {
@@ -401,7 +404,12 @@ impl Role for Front {
         request: hyper::Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> hyper::Response<ProxyBody> {
-        if is_ingress_host(&request) {
+        if is_ingress_host(&request) && request.uri().path().starts_with("/webhooks/") {
+            self.importers
+                .handle_webhook(request)
+                .await
+                .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+        } else if is_ingress_host(&request) {
             eventing_broker::ingress::handle(&self.broker, request)
                 .await
                 .map(|body| body.map_err(|never| match never {}).boxed_unsync())

@@ -218,3 +218,228 @@ fn bad_ping_sources_are_load_errors_naming_the_field() {
         );
     }
 }
+
+const SECRET: &str = "webhook-secret-9f8e7d";
+
+/// `sha256=` and the hex HMAC-SHA256 of `body`, as GitHub signs deliveries.
+fn github_signature(body: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+#[test]
+fn webhook_sources_check_signatures_and_send_to_the_sink() {
+    let subscriber = Subscriber::ok();
+    let dir = Workdir::new("webhooks");
+    let secret_file = dir.write("gitlab-secret", &format!("{SECRET}\n"));
+    let sources = format!(
+        "apiVersion: sources.knative.dev/v1alpha1\nkind: GitHubSource\nmetadata:\n  name: repo\n  annotations:\n    mecha.dev/secret-token-env: TEST_GITHUB_SECRET\nspec:\n  ownerAndRepository: octo/hello\n  eventTypes: [push]\n  accessToken:\n    secretKeyRef: {{name: github, key: accessToken}}\n  secretToken:\n    secretKeyRef: {{name: github, key: secretToken}}\n  ceOverrides:\n    extensions: {{team: blue}}\n  sink:\n    ref: {{apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}}\n---\napiVersion: sources.knative.dev/v1alpha1\nkind: GitLabSource\nmetadata:\n  name: proj\n  annotations:\n    mecha.dev/secret-token-file: {}\nspec:\n  projectUrl: https://gitlab.com/group/proj\n  eventTypes: [push_events]\n  sink:\n    uri: {}\n",
+        secret_file.display(),
+        subscriber.url("/gitlab")
+    );
+    let trigger = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: github\nspec:\n  broker: default\n  filter:\n    attributes:\n      type: dev.knative.source.github.push\n  subscriber:\n    uri: {}\n---\n{sources}",
+        subscriber.url("/github")
+    );
+    dir.write("webhooks.yaml", &trigger);
+    let mecha = Mecha::up_with(&[&dir.path], &[("TEST_GITHUB_SECRET", SECRET)]);
+    let listed = sources_json(&mecha);
+    let port = mecha.gateway.port();
+    for source in listed.as_array().unwrap() {
+        assert_eq!(source["ready"], true, "{source}");
+    }
+    assert_eq!(
+        listed[0]["url"],
+        format!("http://localhost:{port}/webhooks/github/default/repo")
+    );
+    assert_eq!(
+        listed[1]["url"],
+        format!("http://localhost:{port}/webhooks/gitlab/default/proj")
+    );
+
+    let body = r#"{"ref":"refs/heads/main","repository":{"full_name":"octo/hello"}}"#;
+    let github = |headers: &[(&str, &str)], body: &str| {
+        support::request_with(
+            mecha.gateway,
+            "POST",
+            "localhost",
+            "/webhooks/github/default/repo",
+            headers,
+            body,
+        )
+    };
+    let signature = github_signature(body);
+    let delivery = "0b2c4e00-8d1f-11f0-9a3e-5c1d2e3f4a5b";
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("X-GitHub-Event", "push"),
+        ("X-GitHub-Delivery", delivery),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    let accepted = github(&headers, body);
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    wait_until("the push event at the subscriber", || {
+        subscriber.count("/github") == 1
+    });
+    let event = subscriber
+        .all()
+        .into_iter()
+        .find(|r| r.path == "/github")
+        .unwrap();
+    assert_eq!(event.headers["ce-type"], "dev.knative.source.github.push");
+    assert_eq!(event.headers["ce-source"], "https://github.com/octo/hello");
+    assert_eq!(event.headers["ce-id"], delivery);
+    assert_eq!(event.headers["ce-team"], "blue");
+    let data: serde_json::Value = serde_json::from_str(&event.body).unwrap();
+    assert_eq!(data["repository"]["full_name"], "octo/hello");
+
+    // Signed with another secret, a tampered body, no signature, SHA-1 only: 401.
+    let tampered = body.replace("main", "evil");
+    assert_eq!(github(&headers, &tampered).status, 401);
+    let wrong = "sha256=0000000000000000000000000000000000000000000000000000000000000000";
+    assert_eq!(
+        github(
+            &[
+                headers[0],
+                headers[1],
+                headers[2],
+                ("X-Hub-Signature-256", wrong)
+            ],
+            body
+        )
+        .status,
+        401
+    );
+    let unsigned = github(&headers[..3], body);
+    assert_eq!(unsigned.status, 401);
+    assert!(
+        unsigned.body.contains("X-Hub-Signature-256"),
+        "{}",
+        unsigned.body
+    );
+    let sha1 = github(
+        &[
+            headers[0],
+            headers[1],
+            headers[2],
+            (
+                "X-Hub-Signature",
+                "sha1=0123456789abcdef0123456789abcdef01234567",
+            ),
+        ],
+        body,
+    );
+    assert_eq!(sha1.status, 401);
+    assert!(sha1.body.contains("SHA-1"), "{}", sha1.body);
+    // Signed but not JSON: 400. An unknown source: 404.
+    let form = "payload=%7B%7D";
+    let form_signature = github_signature(form);
+    assert_eq!(
+        github(
+            &[
+                headers[0],
+                headers[1],
+                headers[2],
+                ("X-Hub-Signature-256", &form_signature)
+            ],
+            form
+        )
+        .status,
+        400
+    );
+    let unknown = support::request_with(
+        mecha.gateway,
+        "POST",
+        "localhost",
+        "/webhooks/github/default/nope",
+        &headers,
+        body,
+    );
+    assert_eq!(unknown.status, 404);
+
+    // GitLab: the token, compared with the secret file's content.
+    let gitlab = |token: Option<&str>| {
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("X-Gitlab-Event", "Push Hook"),
+            (
+                "X-Gitlab-Event-UUID",
+                "7f1e2d3c-0000-4000-8000-000000000001",
+            ),
+        ];
+        if let Some(token) = token {
+            headers.push(("X-Gitlab-Token", token));
+        }
+        support::request_with(
+            mecha.gateway,
+            "POST",
+            "127.0.0.1",
+            "/webhooks/gitlab/default/proj",
+            &headers,
+            r#"{"object_kind":"push"}"#,
+        )
+        .status
+    };
+    assert_eq!(gitlab(Some("not-the-secret")), 401);
+    assert_eq!(gitlab(None), 401);
+    assert_eq!(gitlab(Some(SECRET)), 202);
+    let pushed = subscriber
+        .all()
+        .into_iter()
+        .find(|r| r.path == "/gitlab")
+        .unwrap();
+    assert_eq!(pushed.headers["ce-type"], "dev.knative.sources.gitlab.push");
+    assert_eq!(pushed.headers["ce-source"], "https://gitlab.com/group/proj");
+
+    // Exactly the two accepted deliveries reached the sinks; the secret was never printed.
+    assert_eq!(subscriber.count("/github"), 1);
+    assert_eq!(subscriber.count("/gitlab"), 1);
+    let listed = sources_json(&mecha);
+    assert_eq!(listed[0]["sent"], 1);
+    assert_eq!(listed[1]["sent"], 1);
+    assert!(!mecha.log_contains(&[SECRET]));
+    assert!(!mecha.stdout_contains(SECRET));
+}
+
+#[test]
+fn webhook_sources_without_a_local_secret_are_load_errors() {
+    let dir = Workdir::new("webhook-bad");
+    let file = dir.write(
+        "bad.yaml",
+        "apiVersion: sources.knative.dev/v1alpha1\nkind: GitHubSource\nmetadata:\n  name: repo\nspec:\n  ownerAndRepository: octo/hello/extra\n  eventTypes: [push]\n  secretToken:\n    secretKeyRef: {name: github, key: secretToken}\n  sink: {uri: http://127.0.0.1:1/}\n---\napiVersion: sources.knative.dev/v1alpha1\nkind: GitLabSource\nmetadata:\n  name: proj\n  annotations: {mecha.dev/secret-token-env: X}\nspec:\n  projectUrl: https://gitlab.com/group/proj\n  eventTypes: [pushes]\n  sink: {uri: http://127.0.0.1:1/}\n",
+    );
+    let output = Command::new(mecha_bin())
+        .args([
+            "up",
+            file.to_str().unwrap(),
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let name = file.display();
+    for expected in [
+        format!(
+            "{name}: document 1: spec.ownerAndRepository: \"octo/hello/extra\" is not OWNER/REPOSITORY"
+        ),
+        format!("{name}: document 1: spec.secretToken: local mode cannot read a Kubernetes Secret"),
+        format!("{name}: document 2: spec.eventTypes[0]: \"pushes\" is not one of push_events"),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in\n{stderr}"
+        );
+    }
+}
