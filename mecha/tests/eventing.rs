@@ -705,10 +705,7 @@ fn a_damaged_or_locked_event_log_is_refused_with_what_to_do() {
 #[test]
 fn an_event_wakes_a_zero_scaled_service() {
     let work = Workdir::new("wake");
-    work.write(
-        "sink.py",
-        "import http.server, os\n\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_POST(self):\n        body = self.rfile.read(int(self.headers.get('Content-Length', 0)))\n        with open('received.txt', 'a') as f:\n            f.write(self.headers.get('ce-id', '') + '\\n')\n        self.send_response(202)\n        self.send_header('Content-Length', '0')\n        self.end_headers()\n\n    def log_message(self, *args):\n        pass\n\nhttp.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n",
-    );
+    work.write("sink.py", support::CE_ID_RECORDER);
     let yaml = format!(
         "{}---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: sink\nspec:\n  template:\n    metadata:\n      annotations:\n        autoscaling.knative.dev/initial-scale: \"0\"\n    spec:\n      containers:\n        - command: [python3, sink.py]\n---\n{BROKER}---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: to-sink\nspec:\n  broker: default\n  subscriber:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: sink\n",
         support::FAST_CONFIG
