@@ -191,21 +191,30 @@ impl Importers {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts the sources of the current resources, then follows changes until `shutdown`.
+    /// Starts the sources of the current resources before it returns (so a webhook source's
+    /// receiver answers as soon as `mecha up` says it listens), then follows changes until
+    /// `shutdown` in a task of its own.
     pub fn start(self, shutdown: ShutdownSignal) -> JoinHandle<()> {
-        tokio::spawn(self.run(shutdown))
-    }
-
-    async fn run(self, shutdown: ShutdownSignal) {
         let mut state = self.inner.state.clone();
         let mut running: HashMap<Key, Running> = HashMap::new();
+        let snapshot = state.borrow_and_update().clone();
+        self.reconcile(&snapshot, &mut running);
+        tokio::spawn(self.run(state, running, shutdown))
+    }
+
+    async fn run(
+        self,
+        mut state: watch::Receiver<Arc<SourcesState>>,
+        mut running: HashMap<Key, Running>,
+        shutdown: ShutdownSignal,
+    ) {
         loop {
-            let snapshot = state.borrow_and_update().clone();
-            self.reconcile(&snapshot, &mut running);
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { break },
                 () = shutdown.clone().recv() => break,
             }
+            let snapshot = state.borrow_and_update().clone();
+            self.reconcile(&snapshot, &mut running);
         }
         for (_, run) in running {
             run.stop.trigger();

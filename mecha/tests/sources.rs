@@ -169,13 +169,20 @@ fn sources_follow_apply_and_delete_and_say_why_they_are_not_ready() {
 fn a_ping_source_wakes_a_zero_scaled_service_sink() {
     let work = Workdir::new("ping-wake");
     work.write("sink.py", support::CE_ID_RECORDER);
-    let yaml = format!(
-        "{}---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: sink\nspec:\n  template:\n    metadata:\n      annotations:\n        autoscaling.knative.dev/initial-scale: \"0\"\n    spec:\n      containers:\n        - command: [python3, sink.py]\n---\napiVersion: sources.knative.dev/v1\nkind: PingSource\nmetadata:\n  name: wake\nspec:\n  schedule: \"* * * * * *\"\n  sink:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: sink\n",
+    let service = format!(
+        "{}---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: sink\nspec:\n  template:\n    metadata:\n      annotations:\n        autoscaling.knative.dev/initial-scale: \"0\"\n    spec:\n      containers:\n        - command: [python3, sink.py]\n",
         support::FAST_CONFIG
     );
-    let file = work.write("wake.yaml", &yaml);
+    let file = work.write("wake.yaml", &service);
     let mecha = Mecha::up(&[&file]);
     assert!(mecha.pids("sink").is_empty(), "scaled to zero at start");
+    // The source comes after, so nothing else can have started the function.
+    let source = work.write(
+        "source.yaml",
+        "apiVersion: sources.knative.dev/v1\nkind: PingSource\nmetadata:\n  name: wake\nspec:\n  schedule: \"* * * * * *\"\n  sink:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: sink\n",
+    );
+    let output = mecha.cli(&["apply", "-f", source.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
     let received = work.path.join("received.txt");
     wait_until("the function received a ping event", || {
         std::fs::read_to_string(&received).is_ok_and(|s| s.lines().any(|l| !l.is_empty()))
