@@ -20,10 +20,10 @@ use tokio::task::JoinHandle;
 
 use crate::context::SourceContext;
 use crate::metrics::SourceMetrics;
-use crate::ping::PingConfig;
 use crate::sink::HttpSink;
+use crate::source::{Running, SourceConfig};
 use crate::state::{Key, SourcesState};
-use crate::webhook::{Receiver, Secret, WebhookConfig, answer};
+use crate::webhook::{Receiver, answer};
 
 #[derive(Debug, Clone)]
 pub struct ImportersConfig {
@@ -67,7 +67,7 @@ pub struct SourceStatus {
     pub failed: u64,
 }
 
-struct Running {
+struct Started {
     resource: SourceResource,
     stop: Shutdown,
     task: Option<JoinHandle<()>>,
@@ -196,7 +196,7 @@ impl Importers {
     /// `shutdown` in a task of its own.
     pub fn start(self, shutdown: ShutdownSignal) -> JoinHandle<()> {
         let mut state = self.inner.state.clone();
-        let mut running: HashMap<Key, Running> = HashMap::new();
+        let mut running: HashMap<Key, Started> = HashMap::new();
         let snapshot = state.borrow_and_update().clone();
         self.reconcile(&snapshot, &mut running);
         tokio::spawn(self.run(state, running, shutdown))
@@ -205,7 +205,7 @@ impl Importers {
     async fn run(
         self,
         mut state: watch::Receiver<Arc<SourcesState>>,
-        mut running: HashMap<Key, Running>,
+        mut running: HashMap<Key, Started>,
         shutdown: ShutdownSignal,
     ) {
         loop {
@@ -224,7 +224,7 @@ impl Importers {
         }
     }
 
-    fn reconcile(&self, snapshot: &SourcesState, running: &mut HashMap<Key, Running>) {
+    fn reconcile(&self, snapshot: &SourcesState, running: &mut HashMap<Key, Started>) {
         running.retain(|key, run| {
             let keep = snapshot.sources.get(key) == Some(&run.resource);
             if !keep {
@@ -262,7 +262,7 @@ impl Importers {
             };
             running.insert(
                 key.clone(),
-                Running {
+                Started {
                     resource: resource.clone(),
                     stop,
                     task,
@@ -292,26 +292,11 @@ impl Importers {
             resource.extensions(),
             self.inner.metrics.clone(),
         );
-        let invalid = |errors: Vec<crds::FieldError>| {
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
-        match resource {
-            SourceResource::Ping(ping) => Ok(Some(
-                PingConfig::from_resource(ping).map_err(invalid)?.build(cx),
-            )),
-            SourceResource::GitHub(_) | SourceResource::GitLab(_) => {
-                let from = resource
-                    .secret_ref()
-                    .ok_or("no mecha.dev/secret-token-file or -env annotation")?;
-                let secret = Secret::read(&from, |name| std::env::var(name).ok())?;
+        match resource.build(cx)? {
+            Running::Task(task) => Ok(Some(task)),
+            Running::Webhook(receiver) => {
                 let path = resource.webhook_path().ok_or("not a webhook source")?;
-                let config =
-                    WebhookConfig::from_resource(resource, secret).ok_or("not a webhook source")?;
-                self.webhooks().insert(path, Arc::new(config.build(cx)));
+                self.webhooks().insert(path, receiver);
                 Ok(None)
             }
         }
