@@ -241,11 +241,12 @@ fn split_documents(content: &str) -> Vec<(u64, String)> {
 }
 
 fn load_document(
-    source: &Source,
+    source_info: &Source,
     first_line: u64,
     text: &str,
     mode: Mode,
 ) -> Result<Resource, Vec<LoadError>> {
+    let source = source_info;
     let at = |error: FieldError| LoadError::field(&source.file, source.document, error);
     let value: Value = serde_saphyr::from_str(text).map_err(|error| {
         let (line, column) = error
@@ -302,12 +303,14 @@ fn load_document(
             valid(source.validate(mode), Resource::Source(source), at)
         }
         (sources::ALPHA_API_VERSION, sources::GITHUB_KIND) => {
-            let source: GitHubSource = typed(value).map_err(|e| vec![at(e)])?;
+            let mut source: GitHubSource = typed(value).map_err(|e| vec![at(e)])?;
+            sources::anchor_secret_file(&mut source.metadata, &source_info.dir);
             let source = SourceResource::GitHub(source);
             valid(source.validate(mode), Resource::Source(source), at)
         }
         (sources::ALPHA_API_VERSION, sources::GITLAB_KIND) => {
-            let source: GitLabSource = typed(value).map_err(|e| vec![at(e)])?;
+            let mut source: GitLabSource = typed(value).map_err(|e| vec![at(e)])?;
+            sources::anchor_secret_file(&mut source.metadata, &source_info.dir);
             let source = SourceResource::GitLab(source);
             valid(source.validate(mode), Resource::Source(source), at)
         }

@@ -404,6 +404,17 @@ impl GitLabSource {
     }
 }
 
+/// A relative `mecha.dev/secret-token-file` is relative to the YAML file's directory (`dir`),
+/// as a Service's relative command is: it is made absolute at load.
+pub fn anchor_secret_file(metadata: &mut ObjectMeta, dir: &std::path::Path) {
+    if let Some(path) = metadata.annotations.get_mut(SECRET_FILE_ANNOTATION)
+        && !path.is_empty()
+        && std::path::Path::new(path.as_str()).is_relative()
+    {
+        *path = dir.join(path.as_str()).display().to_string();
+    }
+}
+
 /// A webhook source must have a secret: unsigned webhooks would let anyone inject events. In
 /// a cluster that is `secretToken.secretKeyRef`; locally a Secret cannot be read, so one of the
 /// `mecha.dev/secret-token-{file,env}` annotations says where the secret is.

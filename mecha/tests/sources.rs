@@ -269,10 +269,10 @@ fn github_signature(body: &str) -> String {
 fn webhook_sources_check_signatures_and_send_to_the_sink() {
     let subscriber = Subscriber::ok();
     let dir = Workdir::new("webhooks");
-    let secret_file = dir.write("gitlab-secret", &format!("{SECRET}\n"));
+    // A relative path: from the YAML file's directory.
+    dir.write("gitlab-secret", &format!("{SECRET}\n"));
     let sources = format!(
-        "apiVersion: sources.knative.dev/v1alpha1\nkind: GitHubSource\nmetadata:\n  name: repo\n  annotations:\n    mecha.dev/secret-token-env: TEST_GITHUB_SECRET\nspec:\n  ownerAndRepository: octo/hello\n  eventTypes: [push]\n  accessToken:\n    secretKeyRef: {{name: github, key: accessToken}}\n  secretToken:\n    secretKeyRef: {{name: github, key: secretToken}}\n  ceOverrides:\n    extensions: {{team: blue}}\n  sink:\n    ref: {{apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}}\n---\napiVersion: sources.knative.dev/v1alpha1\nkind: GitLabSource\nmetadata:\n  name: proj\n  annotations:\n    mecha.dev/secret-token-file: {}\nspec:\n  projectUrl: https://gitlab.com/group/proj\n  eventTypes: [push_events]\n  sink:\n    uri: {}\n",
-        secret_file.display(),
+        "apiVersion: sources.knative.dev/v1alpha1\nkind: GitHubSource\nmetadata:\n  name: repo\n  annotations:\n    mecha.dev/secret-token-env: TEST_GITHUB_SECRET\nspec:\n  ownerAndRepository: octo/hello\n  eventTypes: [push]\n  accessToken:\n    secretKeyRef: {{name: github, key: accessToken}}\n  secretToken:\n    secretKeyRef: {{name: github, key: secretToken}}\n  ceOverrides:\n    extensions: {{team: blue}}\n  sink:\n    ref: {{apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}}\n---\napiVersion: sources.knative.dev/v1alpha1\nkind: GitLabSource\nmetadata:\n  name: proj\n  annotations:\n    mecha.dev/secret-token-file: gitlab-secret\nspec:\n  projectUrl: https://gitlab.com/group/proj\n  eventTypes: [push_events]\n  sink:\n    uri: {}\n",
         subscriber.url("/gitlab")
     );
     let trigger = format!(
