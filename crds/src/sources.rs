@@ -637,6 +637,78 @@ mod tests {
         assert!(parse_timezone("Mars/Olympus").is_err());
     }
 
+    fn github(annotations: &[(&str, &str)], secret_key_ref: bool) -> GitHubSource {
+        GitHubSource {
+            api_version: ALPHA_API_VERSION.into(),
+            kind: GITHUB_KIND.into(),
+            metadata: ObjectMeta {
+                name: "repo".into(),
+                annotations: annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..ObjectMeta::default()
+            },
+            spec: GitHubSourceSpec {
+                owner_and_repository: "octo/hello".into(),
+                event_types: vec!["push".into()],
+                secret_token: secret_key_ref.then(|| SecretValueFromSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: "github".into(),
+                        key: "secretToken".into(),
+                        optional: None,
+                    }),
+                }),
+                sink: Destination {
+                    r#ref: None,
+                    uri: Some("http://127.0.0.1:1/".into()),
+                },
+                ..GitHubSourceSpec::default()
+            },
+        }
+    }
+
+    fn paths(errors: Vec<FieldError>) -> Vec<String> {
+        errors.into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn webhook_secrets_per_mode() {
+        let env = [(SECRET_ENV_ANNOTATION, "GH")];
+        let file = [(SECRET_FILE_ANNOTATION, "secret")];
+        assert!(github(&env, false).validate(Mode::Local).is_empty());
+        assert!(github(&file, true).validate(Mode::Local).is_empty());
+        assert_eq!(
+            paths(github(&[], true).validate(Mode::Local)),
+            ["spec.secretToken"]
+        );
+        assert!(github(&[], true).validate(Mode::Kubernetes).is_empty());
+        assert_eq!(
+            paths(github(&env, false).validate(Mode::Kubernetes)),
+            ["spec.secretToken.secretKeyRef"]
+        );
+        let both = [env[0], file[0]];
+        assert_eq!(
+            paths(github(&both, false).validate(Mode::Local)),
+            [format!("metadata.annotations.{SECRET_ENV_ANNOTATION}")]
+        );
+    }
+
+    #[test]
+    fn relative_secret_files_start_at_the_yaml_directory() {
+        let mut source = github(&[(SECRET_FILE_ANNOTATION, "keys/gh")], false);
+        anchor_secret_file(&mut source.metadata, std::path::Path::new("/srv/app"));
+        assert_eq!(
+            source.metadata.annotations[SECRET_FILE_ANNOTATION],
+            "/srv/app/keys/gh"
+        );
+        anchor_secret_file(&mut source.metadata, std::path::Path::new("/elsewhere"));
+        assert_eq!(
+            source.metadata.annotations[SECRET_FILE_ANNOTATION],
+            "/srv/app/keys/gh"
+        );
+    }
+
     #[test]
     fn payloads() {
         let spec = |content_type: Option<&str>, data: Option<&str>, b64: Option<&str>| {
