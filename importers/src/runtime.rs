@@ -25,6 +25,9 @@ use crate::source::{Running, SourceConfig};
 use crate::state::{Key, SourcesState};
 use crate::webhook::{Receiver, answer};
 
+/// How often a source that could not start is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct ImportersConfig {
     /// The gateway: sinks named by `ref` are reached through it.
@@ -209,8 +212,15 @@ impl Importers {
         shutdown: ShutdownSignal,
     ) {
         loop {
+            let failing = !self.problems().is_empty();
             tokio::select! {
                 changed = state.changed() => if changed.is_err() { break },
+                // A source that could not start (its secret file or variable is missing) is
+                // tried again, so providing the secret is enough to start it.
+                () = tokio::time::sleep(RETRY), if failing => {
+                    let problems = self.problems();
+                    running.retain(|key, _| !problems.contains_key(key));
+                }
                 () = shutdown.clone().recv() => break,
             }
             let snapshot = state.borrow_and_update().clone();
@@ -255,8 +265,11 @@ impl Importers {
                     task
                 }
                 Err(why) => {
-                    tracing::warn!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), reason = %why, "source cannot start");
-                    self.problems().insert(key.clone(), why);
+                    let mut problems = self.problems();
+                    if problems.get(key) != Some(&why) {
+                        tracing::warn!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), reason = %why, "source cannot start; trying again every {RETRY:?}");
+                    }
+                    problems.insert(key.clone(), why);
                     None
                 }
             };

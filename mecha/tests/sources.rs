@@ -269,8 +269,7 @@ fn github_signature(body: &str) -> String {
 fn webhook_sources_check_signatures_and_send_to_the_sink() {
     let subscriber = Subscriber::ok();
     let dir = Workdir::new("webhooks");
-    // A relative path: from the YAML file's directory.
-    dir.write("gitlab-secret", &format!("{SECRET}\n"));
+    // A relative path: from the YAML file's directory. The file is written after the start.
     let sources = format!(
         "apiVersion: sources.knative.dev/v1alpha1\nkind: GitHubSource\nmetadata:\n  name: repo\n  annotations:\n    mecha.dev/secret-token-env: TEST_GITHUB_SECRET\nspec:\n  ownerAndRepository: octo/hello\n  eventTypes: [push]\n  accessToken:\n    secretKeyRef: {{name: github, key: accessToken}}\n  secretToken:\n    secretKeyRef: {{name: github, key: secretToken}}\n  ceOverrides:\n    extensions: {{team: blue}}\n  sink:\n    ref: {{apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}}\n---\napiVersion: sources.knative.dev/v1alpha1\nkind: GitLabSource\nmetadata:\n  name: proj\n  annotations:\n    mecha.dev/secret-token-file: gitlab-secret\nspec:\n  projectUrl: https://gitlab.com/group/proj\n  eventTypes: [push_events]\n  sink:\n    uri: {}\n",
         subscriber.url("/gitlab")
@@ -283,9 +282,20 @@ fn webhook_sources_check_signatures_and_send_to_the_sink() {
     let mecha = Mecha::up_with(&[&dir.path], &[("TEST_GITHUB_SECRET", SECRET)]);
     let listed = sources_json(&mecha);
     let port = mecha.gateway.port();
-    for source in listed.as_array().unwrap() {
-        assert_eq!(source["ready"], true, "{source}");
-    }
+    assert_eq!(listed[0]["ready"], true, "{listed}");
+    assert_eq!(listed[1]["ready"], false, "{listed}");
+    assert!(
+        listed[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read the secret file"),
+        "{listed}"
+    );
+    // Providing the secret is enough: the source is tried again.
+    dir.write("gitlab-secret", &format!("{SECRET}\n"));
+    wait_until("the GitLab source to start", || {
+        sources_json(&mecha)[1]["ready"] == true
+    });
     assert_eq!(
         listed[0]["url"],
         format!("http://localhost:{port}/webhooks/github/default/repo")
