@@ -15,9 +15,11 @@ pub mod meta;
 #[cfg(feature = "schema")]
 pub mod schema;
 pub mod serving;
+pub mod sources;
 
 pub use error::{FieldError, LoadError};
 pub use eventing::{Broker, Trigger};
 pub use load::{Loaded, Mode, Resource, Source, load_paths, load_str};
 pub use meta::ObjectMeta;
 pub use serving::Service;
+pub use sources::{GitHubSource, GitLabSource, PingSource, SourceResource};

@@ -14,6 +14,7 @@ use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
 use crate::eventing::{self, Broker, Trigger};
 use crate::serving::{self, Service};
+use crate::sources::{self, GitHubSource, GitLabSource, PingSource, SourceResource};
 
 /// Which runtime the resources are validated for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,8 @@ pub enum Resource {
     AutoscalerConfig(AutoscalerConfig),
     Broker(Broker),
     Trigger(Trigger),
+    /// An event source (`PingSource`, the webhook sources).
+    Source(SourceResource),
 }
 
 /// A typed, validated resource and where it came from.
@@ -58,7 +61,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("serving.knative.dev/v1", "Configuration"),
     ("serving.knative.dev/v1", "Route"),
     ("serving.knative.dev/v1", "Revision"),
-    ("sources.knative.dev/v1", "PingSource"),
     ("sources.knative.dev/v1", "SinkBinding"),
     ("sources.knative.dev/v1", "ContainerSource"),
     ("sources.knative.dev/v1", "ApiServerSource"),
@@ -73,6 +75,7 @@ impl Resource {
             Resource::AutoscalerConfig(_) => "ConfigMap",
             Resource::Broker(_) => eventing::BROKER_KIND,
             Resource::Trigger(_) => eventing::TRIGGER_KIND,
+            Resource::Source(s) => s.kind(),
         }
     }
 
@@ -82,6 +85,7 @@ impl Resource {
             Resource::AutoscalerConfig(_) => config::NAMESPACE,
             Resource::Broker(b) => b.namespace(),
             Resource::Trigger(t) => t.namespace(),
+            Resource::Source(s) => s.namespace(),
         }
     }
 
@@ -91,6 +95,7 @@ impl Resource {
             Resource::AutoscalerConfig(_) => config::NAME,
             Resource::Broker(b) => &b.metadata.name,
             Resource::Trigger(t) => &t.metadata.name,
+            Resource::Source(s) => s.name(),
         }
     }
 }
@@ -236,11 +241,12 @@ fn split_documents(content: &str) -> Vec<(u64, String)> {
 }
 
 fn load_document(
-    source: &Source,
+    source_info: &Source,
     first_line: u64,
     text: &str,
     mode: Mode,
 ) -> Result<Resource, Vec<LoadError>> {
+    let source = source_info;
     let at = |error: FieldError| LoadError::field(&source.file, source.document, error);
     let value: Value = serde_saphyr::from_str(text).map_err(|error| {
         let (line, column) = error
@@ -291,6 +297,23 @@ fn load_document(
             let trigger: Trigger = typed(value).map_err(|e| vec![at(e)])?;
             valid(trigger.validate(), Resource::Trigger(trigger), at)
         }
+        (sources::API_VERSION, sources::PING_KIND) => {
+            let source: PingSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Ping(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::ALPHA_API_VERSION, sources::GITHUB_KIND) => {
+            let mut source: GitHubSource = typed(value).map_err(|e| vec![at(e)])?;
+            sources::anchor_secret_file(&mut source.metadata, &source_info.dir);
+            let source = SourceResource::GitHub(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::ALPHA_API_VERSION, sources::GITLAB_KIND) => {
+            let mut source: GitLabSource = typed(value).map_err(|e| vec![at(e)])?;
+            sources::anchor_secret_file(&mut source.metadata, &source_info.dir);
+            let source = SourceResource::GitLab(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
         ("v1", "ConfigMap") => {
             let map: ConfigMap = typed(value).map_err(|e| vec![at(e)])?;
             if map.metadata.name != config::NAME || map.metadata.namespace() != config::NAMESPACE {
@@ -316,12 +339,17 @@ fn load_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
                 eventing::BROKER_KIND,
                 eventing::TRIGGER_KIND,
                 eventing::API_VERSION,
+                sources::PING_KIND,
+                sources::API_VERSION,
+                sources::GITHUB_KIND,
+                sources::GITLAB_KIND,
+                sources::ALPHA_API_VERSION,
                 config::NAMESPACE,
                 config::NAME
             ),
@@ -463,9 +491,10 @@ spec:
             ),
             "{errors:?}"
         );
-        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: PingSource\n");
+        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: SinkBinding\n");
         assert!(
-            errors[0].contains("PingSource (sources.knative.dev/v1) is not supported by Mecha yet")
+            errors[0]
+                .contains("SinkBinding (sources.knative.dev/v1) is not supported by Mecha yet")
         );
     }
 

@@ -5,12 +5,13 @@
 //! in-memory subscriber, and the same code runs against real sockets through [`HttpSender`].
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use crds::eventing::{Delivery, Format};
+use crds::eventing::{Delivery, Destination, Format};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -67,6 +68,17 @@ pub enum Outcome {
     },
 }
 
+/// What a 2xx answer's body means to the sender.
+#[derive(Debug)]
+pub enum Replies<F> {
+    /// A trigger's subscriber may answer with an event: it must be a valid CloudEvent and is
+    /// handed to the function (which stores it); a body that is not one fails the attempt.
+    Accept(F),
+    /// A source's sink: any 2xx is delivered, whatever its body (Knative's sources read no
+    /// replies).
+    Ignore,
+}
+
 /// Sends `event` to `target`, retrying as `delivery` says. `accept_reply` is called with the
 /// reply event of a 2xx answer; if it fails (the reply could not be stored) the attempt counts
 /// as failed and is retried.
@@ -76,7 +88,32 @@ pub async fn deliver<S, F, Fut>(
     event: &Event,
     delivery: &Delivery,
     default_timeout: Duration,
-    mut accept_reply: F,
+    accept_reply: F,
+) -> Outcome
+where
+    S: Send,
+    F: FnMut(Event) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    deliver_with(
+        sender,
+        target,
+        event,
+        delivery,
+        default_timeout,
+        Replies::Accept(accept_reply),
+    )
+    .await
+}
+
+/// [`deliver`] with a choice of what replies mean: the one retry loop every sender uses.
+pub async fn deliver_with<S, F, Fut>(
+    sender: &S,
+    target: &Target,
+    event: &Event,
+    delivery: &Delivery,
+    default_timeout: Duration,
+    mut replies: Replies<F>,
 ) -> Outcome
 where
     S: Send,
@@ -89,25 +126,33 @@ where
         attempt += 1;
         let (code, body, retry_after) =
             match sender.send(target, event, delivery.format, timeout).await {
-                Ok(reply) if (200..300).contains(&reply.status) => match reply_event(&reply) {
-                    Ok(None) => {
+                Ok(reply) if (200..300).contains(&reply.status) => {
+                    let Replies::Accept(accept_reply) = &mut replies else {
                         return Outcome::Delivered {
                             reply: None,
                             attempts: attempt,
                         };
-                    }
-                    Ok(Some(answer)) => match accept_reply(answer.clone()).await {
-                        Ok(()) => {
+                    };
+                    match reply_event(&reply) {
+                        Ok(None) => {
                             return Outcome::Delivered {
-                                reply: Some(answer),
+                                reply: None,
                                 attempts: attempt,
                             };
                         }
-                        Err(why) => (500, Bytes::from(why), None),
-                    },
-                    // A reply that is not a CloudEvent is a failed delivery, as in Knative.
-                    Err(why) => (502, Bytes::from(why), None),
-                },
+                        Ok(Some(answer)) => match accept_reply(answer.clone()).await {
+                            Ok(()) => {
+                                return Outcome::Delivered {
+                                    reply: Some(answer),
+                                    attempts: attempt,
+                                };
+                            }
+                            Err(why) => (500, Bytes::from(why), None),
+                        },
+                        // A reply that is not a CloudEvent is a failed delivery, as in Knative.
+                        Err(why) => (502, Bytes::from(why), None),
+                    }
+                }
                 Ok(reply) => {
                     let retry_after = retry_after(&reply.headers);
                     (reply.status, reply.body, retry_after)
@@ -131,6 +176,50 @@ where
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// The URL users post events for broker `namespace/name` to.
+pub fn broker_address(ingress: SocketAddr, namespace: &str, name: &str) -> String {
+    format!("http://localhost:{}/{namespace}/{name}", ingress.port())
+}
+
+/// Where a destination's events go, for anything that sends to one (trigger subscribers and
+/// dead-letter sinks, source sinks): a Broker `ref` is its ingress path on the gateway port; a
+/// Service `ref` is the gateway with the Service's host name, so a zero-scaled Service is woken
+/// like any request; a lone `uri` is used as it is. `ingress` is the gateway's address (an
+/// unspecified IP means loopback); `domain` the Services' host suffix.
+pub fn resolve(
+    destination: &Destination,
+    namespace: &str,
+    ingress: SocketAddr,
+    domain: &str,
+) -> Result<Target, String> {
+    let mut connect = ingress;
+    if connect.ip().is_unspecified() {
+        connect.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let path = destination.uri.as_deref().unwrap_or("/");
+    let (url, uri, host) = match &destination.r#ref {
+        Some(reference) if reference.kind == crds::eventing::BROKER_KIND => {
+            let ns = reference.namespace.as_deref().unwrap_or(namespace);
+            let address = broker_address(ingress, ns, &reference.name);
+            let uri = format!("http://{connect}/{ns}/{}", reference.name);
+            (address, uri, None)
+        }
+        Some(reference) => {
+            let ns = reference.namespace.as_deref().unwrap_or(namespace);
+            let host = format!("{}.{ns}.{domain}:{}", reference.name, connect.port());
+            let path = if path.starts_with('/') { path } else { "/" };
+            (
+                format!("http://{host}{path}"),
+                format!("http://{connect}{path}"),
+                Some(host),
+            )
+        }
+        None => (path.to_string(), path.to_string(), None),
+    };
+    let uri = uri.parse().map_err(|e| format!("{url}: {e}"))?;
+    Ok(Target { url, uri, host })
 }
 
 /// The event to send to a dead-letter sink for a failed delivery.
@@ -450,6 +539,31 @@ mod tests {
             ),
             "{outcome:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_sink_may_answer_any_2xx_body_and_is_retried_the_same_way() {
+        let script = Script::new(&[(503, None), (299, None)]);
+        let outcome = deliver_with(
+            &script,
+            &target(),
+            &Event::new("1", "/s", "t"),
+            &delivery(3, BackoffPolicy::Exponential, 50),
+            Duration::from_secs(1),
+            Replies::<fn(Event) -> std::future::Ready<Result<(), String>>>::Ignore,
+        )
+        .await;
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Delivered {
+                    reply: None,
+                    attempts: 2
+                }
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(script.gaps(), [50]);
     }
 
     #[tokio::test(start_paused = true)]

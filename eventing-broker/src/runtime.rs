@@ -219,10 +219,7 @@ impl EventBroker {
 
     /// The URL users post events to.
     pub fn address(&self, namespace: &str, name: &str) -> String {
-        format!(
-            "http://localhost:{}/{namespace}/{name}",
-            self.inner.config.ingress.port()
-        )
+        delivery::broker_address(self.inner.config.ingress, namespace, name)
     }
 
     /// Validated events for `namespace/name`: applies the TTL rule and appends them durably.
@@ -526,37 +523,7 @@ impl EventBroker {
     /// Where a destination's events go.
     pub fn resolve(&self, destination: &Destination, namespace: &str) -> Result<Target, String> {
         let config = &self.inner.config;
-        let mut connect = config.ingress;
-        if connect.ip().is_unspecified() {
-            connect.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        let path = destination.uri.as_deref().unwrap_or("/");
-        let (url, uri, host) = match &destination.r#ref {
-            Some(reference) if reference.kind == crds::eventing::BROKER_KIND => {
-                let ns = reference.namespace.as_deref().unwrap_or(namespace);
-                let address = self.address(ns, &reference.name);
-                let uri = format!("http://{connect}/{ns}/{}", reference.name);
-                (address, uri, None)
-            }
-            Some(reference) => {
-                let ns = reference.namespace.as_deref().unwrap_or(namespace);
-                let host = format!(
-                    "{}.{ns}.{}:{}",
-                    reference.name,
-                    config.domain,
-                    connect.port()
-                );
-                let path = if path.starts_with('/') { path } else { "/" };
-                (
-                    format!("http://{host}{path}"),
-                    format!("http://{connect}{path}"),
-                    Some(host),
-                )
-            }
-            None => (path.to_string(), path.to_string(), None),
-        };
-        let uri = uri.parse().map_err(|e| format!("{url}: {e}"))?;
-        Ok(Target { url, uri, host })
+        delivery::resolve(destination, namespace, config.ingress, &config.domain)
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{
     BrokerView, ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView, ServiceView,
-    TrafficView, TriggerView,
+    SourceView, TrafficView, TriggerView,
 };
 use crate::store::LocalStore;
 
@@ -44,6 +44,7 @@ pub struct AdminState {
     pub gateway_port: u16,
     pub shutdown: ShutdownSignal,
     pub broker: eventing_broker::EventBroker,
+    pub importers: importers::Importers,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +67,7 @@ pub fn router(
         .route("/api/v1/services", get(services))
         .route("/api/v1/brokers", get(brokers))
         .route("/api/v1/triggers", get(triggers))
+        .route("/api/v1/sources", get(sources))
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/delete", post(delete))
         .route(
@@ -99,6 +101,63 @@ async fn triggers(State(state): State<AdminState>) -> Json<Vec<TriggerView>> {
     Json(trigger_views(&state.broker, &state.store.snapshot()))
 }
 
+async fn sources(State(state): State<AdminState>) -> Json<Vec<SourceView>> {
+    Json(source_views(
+        &state.importers,
+        &state.broker.state(),
+        &state.store.snapshot(),
+    ))
+}
+
+/// Whether what `destination` refers to exists: `Some(reason)` when it does not.
+fn missing_ref(
+    destination: &crds::eventing::Destination,
+    namespace: &str,
+    eventing: &eventing_broker::EventingState,
+    serving: &ServingState,
+) -> Option<String> {
+    let reference = destination.r#ref.as_ref()?;
+    let ns = reference.namespace.as_deref().unwrap_or(namespace);
+    let exists = if reference.kind == crds::eventing::BROKER_KIND {
+        eventing.broker(ns, &reference.name).is_some()
+    } else {
+        serving
+            .services()
+            .any(|r| r.key.namespace == ns && r.key.name == reference.name)
+    };
+    (!exists).then(|| format!("{} {ns}/{} not found", reference.kind, reference.name))
+}
+
+/// A source is ready when what its sink refers to exists and the source runs.
+pub fn source_views(
+    importers: &importers::Importers,
+    eventing: &eventing_broker::EventingState,
+    serving: &ServingState,
+) -> Vec<SourceView> {
+    importers
+        .state()
+        .sources
+        .values()
+        .map(|source| {
+            let status = importers.status(source);
+            let reason = missing_ref(source.sink(), source.namespace(), eventing, serving)
+                .map(|why| format!("sink: {why}"))
+                .or(status.problem);
+            SourceView {
+                kind: source.kind().to_string(),
+                namespace: source.namespace().to_string(),
+                name: source.name().to_string(),
+                sink_uri: status.sink_uri,
+                url: status.url,
+                ready: reason.is_none(),
+                reason,
+                sent: status.sent,
+                failed: status.failed,
+            }
+        })
+        .collect()
+}
+
 pub fn broker_views(broker: &eventing_broker::EventBroker) -> Vec<BrokerView> {
     let eventing = broker.state();
     eventing
@@ -130,16 +189,7 @@ pub fn trigger_views(
 ) -> Vec<TriggerView> {
     let eventing = broker.state();
     let missing = |destination: &crds::eventing::Destination, namespace: &str| {
-        let reference = destination.r#ref.as_ref()?;
-        let ns = reference.namespace.as_deref().unwrap_or(namespace);
-        let exists = if reference.kind == crds::eventing::BROKER_KIND {
-            eventing.broker(ns, &reference.name).is_some()
-        } else {
-            serving
-                .services()
-                .any(|r| r.key.namespace == ns && r.key.name == reference.name)
-        };
-        (!exists).then(|| format!("{} {ns}/{} not found", reference.kind, reference.name))
+        missing_ref(destination, namespace, &eventing, serving)
     };
     eventing
         .triggers
@@ -415,6 +465,11 @@ mod tests {
                 gateway_port: 8080,
                 shutdown: shutdown.signal(),
                 broker,
+                importers: importers::Importers::new(
+                    store.subscribe_sources(),
+                    importers::ImportersConfig::new("127.0.0.1:9".parse().expect("addr"), DOMAIN),
+                    &registry,
+                ),
             },
             control,
             Health::default(),

@@ -96,3 +96,24 @@ pub struct TriggerView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// `GET /api/v1/sources`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceView {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// Where its events go.
+    pub sink_uri: Option<String>,
+    /// Where a webhook source takes deliveries (register it with GitHub or GitLab).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub ready: bool,
+    /// Why the source is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Events the sink accepted, and events given up on after every retry.
+    pub sent: u64,
+    pub failed: u64,
+}

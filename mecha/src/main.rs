@@ -191,6 +191,12 @@ enum GetWhat {
         #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Event sources (PingSource, …) with their sink URI, readiness and events sent/failed.
+    #[command(alias = "source")]
+    Sources {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
 }
 
 fn humantime_duration(value: &str) -> Result<Duration, String> {
@@ -330,6 +336,15 @@ async fn run_client(
                     "/api/v1/triggers",
                     output.json(),
                     output::print_triggers,
+                )
+                .await
+            }
+            GetWhat::Sources { output } => {
+                client::get(
+                    admin,
+                    "/api/v1/sources",
+                    output.json(),
+                    output::print_sources,
                 )
                 .await
             }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use crds::LoadError;
 
-use crate::api::{BrokerView, ServiceView, TriggerView};
+use crate::api::{BrokerView, ServiceView, SourceView, TriggerView};
 
 /// Prints every load error and returns the exit code for refused input.
 pub fn refuse(errors: &[LoadError]) -> ExitCode {
@@ -122,6 +122,34 @@ pub fn print_brokers(brokers: &[BrokerView]) {
         .collect();
     print_table(
         &["BROKER", "ADDRESS", "READY", "TRIGGERS", "WAITING"],
+        &rows,
+    );
+}
+
+pub fn print_sources(sources: &[SourceView]) {
+    if sources.is_empty() {
+        println!("No sources.");
+        return;
+    }
+    let rows: Vec<[String; 8]> = sources
+        .iter()
+        .map(|s| {
+            [
+                format!("{}/{}", s.namespace, s.name),
+                s.kind.clone(),
+                s.url.clone().unwrap_or_else(|| "-".into()),
+                s.sink_uri.clone().unwrap_or_else(|| "-".into()),
+                if s.ready { "True" } else { "False" }.to_string(),
+                s.sent.to_string(),
+                s.failed.to_string(),
+                s.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "SOURCE", "KIND", "URL", "SINK_URI", "READY", "SENT", "FAILED", "REASON",
+        ],
         &rows,
     );
 }

@@ -6,15 +6,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use autoscaler::{Applied, ServingState};
 use crds::{LoadError, Loaded, Resource};
 use eventing_broker::{Change, EventingState};
+use importers::SourcesState;
 use mecha_common::routing::ServiceKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct LocalStore {
-    state: Mutex<(ServingState, EventingState)>,
+    state: Mutex<(ServingState, EventingState, SourcesState)>,
     tx: watch::Sender<Arc<ServingState>>,
     eventing: watch::Sender<Arc<EventingState>>,
+    sources: watch::Sender<Arc<SourcesState>>,
 }
 
 /// What happened to one resource.
@@ -37,7 +39,16 @@ impl LocalStore {
             state: Mutex::default(),
             tx: watch::channel(Arc::default()).0,
             eventing: watch::channel(Arc::default()).0,
+            sources: watch::channel(Arc::default()).0,
         }
+    }
+
+    pub fn subscribe_sources(&self) -> watch::Receiver<Arc<SourcesState>> {
+        self.sources.subscribe()
+    }
+
+    pub fn sources(&self) -> Arc<SourcesState> {
+        self.sources.borrow().clone()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ServingState>> {
@@ -60,7 +71,7 @@ impl LocalStore {
     /// nothing: if any resource is refused, none is applied and every error is returned.
     pub fn apply(&self, resources: Vec<Loaded>) -> Result<Vec<Outcome>, Vec<LoadError>> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let (mut next, mut eventing) = state.clone();
+        let (mut next, mut eventing, mut sources) = state.clone();
         let mut outcomes = Vec::new();
         let mut errors = Vec::new();
         for loaded in resources {
@@ -73,6 +84,11 @@ impl LocalStore {
                 Resource::Service(service) => Err(service),
                 Resource::Broker(broker) => Ok(eventing.apply_broker(broker)),
                 Resource::Trigger(trigger) => Ok(eventing.apply_trigger(trigger)),
+                Resource::Source(source) => Ok(match sources.apply(source) {
+                    (true, _) => Change::Created,
+                    (false, true) => Change::Configured,
+                    (false, false) => Change::Unchanged,
+                }),
                 Resource::AutoscalerConfig(config) => {
                     let action = if next.config() == &config {
                         "unchanged"
@@ -138,11 +154,16 @@ impl LocalStore {
         if !errors.is_empty() {
             return Err(errors);
         }
-        *state = (next.clone(), eventing.clone());
+        *state = (next.clone(), eventing.clone(), sources.clone());
         self.tx.send_replace(Arc::new(next));
         self.eventing.send_if_modified(|current| {
             let changed = **current != eventing;
             *current = Arc::new(eventing);
+            changed
+        });
+        self.sources.send_if_modified(|current| {
+            let changed = **current != sources;
+            *current = Arc::new(sources);
             changed
         });
         Ok(outcomes)
@@ -152,7 +173,7 @@ impl LocalStore {
     /// name does not matter).
     pub fn delete(&self, resources: &[Loaded]) -> Vec<Outcome> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let (mut next, mut eventing) = state.clone();
+        let (mut next, mut eventing, mut sources) = state.clone();
         let outcomes = resources
             .iter()
             .map(|loaded| {
@@ -171,6 +192,9 @@ impl LocalStore {
                         .triggers
                         .remove(&(key.namespace.clone(), key.name.clone()))
                         .is_some(),
+                    Resource::Source(ref source) => {
+                        sources.remove(source.kind(), &key.namespace, &key.name)
+                    }
                 };
                 Outcome {
                     kind: loaded.resource.kind().into(),
@@ -181,9 +205,10 @@ impl LocalStore {
                 }
             })
             .collect();
-        *state = (next.clone(), eventing.clone());
+        *state = (next.clone(), eventing.clone(), sources.clone());
         self.tx.send_replace(Arc::new(next));
         self.eventing.send_replace(Arc::new(eventing));
+        self.sources.send_replace(Arc::new(sources));
         outcomes
     }
 }

@@ -177,6 +177,11 @@ pub async fn run(config: UpConfig) -> ExitCode {
         move || broker.problem().map(|why| format!("broker: {why}"))
     });
     // Triggers run before the gateway (and with it the ingress) takes a request.
+    let importers = importers::Importers::new(
+        store.subscribe_sources(),
+        importers::ImportersConfig::new(gateway_addr, DOMAIN),
+        &registry,
+    );
     let broker_task = watch_task(
         &health,
         &shutdown,
@@ -198,6 +203,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             Arc::new(Front {
                 gateway: gateway.clone(),
                 broker: broker.clone(),
+                importers: importers.clone(),
             }),
             activator_sidecar::server::Workers::current(),
             shutdown.signal(),
@@ -216,6 +222,13 @@ pub async fn run(config: UpConfig) -> ExitCode {
             },
         )),
     );
+    // Sources send through the gateway's listener (bound above), so they start after it.
+    let importers_task = watch_task(
+        &health,
+        &shutdown,
+        "importers (event sources)",
+        importers.clone().start(shutdown.signal()),
+    );
     let admin_router = admin::router(
         AdminState {
             store: store.clone(),
@@ -225,6 +238,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             gateway_port: gateway_addr.port(),
             shutdown: shutdown.signal(),
             broker: broker.clone(),
+            importers: importers.clone(),
         },
         control_api,
         health.clone(),
@@ -273,6 +287,14 @@ pub async fn run(config: UpConfig) -> ExitCode {
         println!();
         output::print_triggers(&admin::trigger_views(&broker, &store.snapshot()));
     }
+    if !store.sources().sources.is_empty() {
+        println!();
+        output::print_sources(&admin::source_views(
+            &importers,
+            &broker.state(),
+            &store.snapshot(),
+        ));
+    }
     println!();
     println!("Press Ctrl-C to stop.");
     health.set_ready(true);
@@ -296,6 +318,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
     health.set_ready(false);
     shutdown.trigger();
     let graceful = async {
+        let _ = importers_task.await;
         let _ = controller_task.await;
         let _ = gateway_task.await;
         // Deliveries in flight stop here; their events stay in the log for the next start.
@@ -356,12 +379,14 @@ fn is_bare_host(host: &str) -> bool {
 }
 
 /// The gateway port: service hosts are the gateway's; bare hosts (the broker ingress,
-/// `localhost:8080/{namespace}/{broker}`) and requests without a host are the broker's, which
-/// the general server answers.
+/// `localhost:8080/{namespace}/{broker}`, and the webhook sources,
+/// `localhost:8080/webhooks/{github|gitlab}/{namespace}/{name}`) and requests without a host
+/// are answered by the general server.
 #[derive(Debug)]
 struct Front {
     gateway: Gateway,
     broker: eventing_broker::EventBroker,
+    importers: importers::Importers,
 }
 
 impl Role for Front {
@@ -378,7 +403,12 @@ impl Role for Front {
         request: hyper::Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> hyper::Response<ProxyBody> {
-        if is_ingress_host(&request) {
+        if is_ingress_host(&request) && request.uri().path().starts_with("/webhooks/") {
+            self.importers
+                .handle_webhook(request)
+                .await
+                .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+        } else if is_ingress_host(&request) {
             eventing_broker::ingress::handle(&self.broker, request)
                 .await
                 .map(|body| body.map_err(|never| match never {}).boxed_unsync())

@@ -4,115 +4,14 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use support::subscriber::{Received, Subscriber};
 use support::{Mecha, Workdir, wait_until};
-
-/// One request a subscriber received.
-#[derive(Debug, Clone)]
-struct Received {
-    path: String,
-    headers: BTreeMap<String, String>,
-    body: String,
-    at: Instant,
-}
-
-type Answer = (u16, Vec<(String, String)>, String);
-type Behaviour = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
-
-/// A keep-alive HTTP/1.1 subscriber that records every request and answers as told.
-struct Subscriber {
-    addr: SocketAddr,
-    received: Arc<Mutex<Vec<Received>>>,
-}
-
-impl Subscriber {
-    fn start(behaviour: impl Fn(&Received) -> Answer + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let behaviour: Behaviour = Arc::new(behaviour);
-        let log = received.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().map_while(Result::ok) {
-                let (log, behaviour) = (log.clone(), behaviour.clone());
-                std::thread::spawn(move || serve(stream, &log, &behaviour));
-            }
-        });
-        Self { addr, received }
-    }
-
-    fn ok() -> Self {
-        Self::start(|_| (202, vec![], String::new()))
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn all(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    fn count(&self, path: &str) -> usize {
-        self.all().iter().filter(|r| r.path == path).count()
-    }
-}
-
-fn serve(stream: TcpStream, log: &Mutex<Vec<Received>>, behaviour: &Behaviour) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-        let mut headers = BTreeMap::new();
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = header.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-        let length = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let request = Received {
-            path,
-            headers,
-            body: String::from_utf8_lossy(&body).to_string(),
-            at: Instant::now(),
-        };
-        log.lock().unwrap().push(request.clone());
-        let (status, extra, body) = behaviour(&request);
-        let mut response = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n", body.len());
-        for (k, v) in extra {
-            response.push_str(&format!("{k}: {v}\r\n"));
-        }
-        response.push_str("\r\n");
-        response.push_str(&body);
-        if writer.write_all(response.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
 
 /// One request to the ingress with the given headers; returns status, headers (names in
 /// lower case) and body.
@@ -806,10 +705,7 @@ fn a_damaged_or_locked_event_log_is_refused_with_what_to_do() {
 #[test]
 fn an_event_wakes_a_zero_scaled_service() {
     let work = Workdir::new("wake");
-    work.write(
-        "sink.py",
-        "import http.server, os\n\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_POST(self):\n        body = self.rfile.read(int(self.headers.get('Content-Length', 0)))\n        with open('received.txt', 'a') as f:\n            f.write(self.headers.get('ce-id', '') + '\\n')\n        self.send_response(202)\n        self.send_header('Content-Length', '0')\n        self.end_headers()\n\n    def log_message(self, *args):\n        pass\n\nhttp.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n",
-    );
+    work.write("sink.py", support::CE_ID_RECORDER);
     let yaml = format!(
         "{}---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: sink\nspec:\n  template:\n    metadata:\n      annotations:\n        autoscaling.knative.dev/initial-scale: \"0\"\n    spec:\n      containers:\n        - command: [python3, sink.py]\n---\n{BROKER}---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: to-sink\nspec:\n  broker: default\n  subscriber:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: sink\n",
         support::FAST_CONFIG

@@ -20,8 +20,13 @@ use mecha_common::auth::AdminToken;
 pub mod corpus;
 #[path = "../../../activator-sidecar/tests/support/hostile.rs"]
 pub mod hostile;
+pub mod subscriber;
 
 pub const ECHO: &str = include_str!("echo.py");
+
+/// A function that appends the `ce-id` of every event POSTed to it to `received.txt` in its
+/// working directory and answers 202.
+pub const CE_ID_RECORDER: &str = "import http.server, os\n\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_POST(self):\n        body = self.rfile.read(int(self.headers.get('Content-Length', 0)))\n        with open('received.txt', 'a') as f:\n            f.write(self.headers.get('ce-id', '') + '\\n')\n        self.send_response(202)\n        self.send_header('Content-Length', '0')\n        self.end_headers()\n\n    def log_message(self, *args):\n        pass\n\nhttp.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n";
 
 /// A `config-autoscaler` with windows short enough for tests: a 6 s stable window, a 1 s grace
 /// period, and zero initial scale allowed.

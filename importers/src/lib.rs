@@ -1,0 +1,26 @@
+//! Event sources ("importers"): events from schedules and webhooks, sent as CloudEvents to a
+//! sink (a Broker, a Service or a URL) with Knative's delivery rules.
+//!
+//! Every source follows vector's shape ([`SourceConfig`]): a config (the resource's type from
+//! `crds`) with `validate(mode)` and `build(context)`, which returns the running source — a
+//! task ([`ping`]) or a webhook receiver ([`webhook`]). The [`SourceContext`] carries the shutdown signal and the
+//! [`Sink`]; tests build sources with [`ShutdownSignal::never`](mecha_common::ShutdownSignal)
+//! and a [`MemorySink`]. [`Importers`] runs the sources of the current resources and follows
+//! their changes; `mecha up` composes it with the gateway and the broker.
+#![forbid(unsafe_code)]
+
+pub mod context;
+pub mod metrics;
+pub mod ping;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod webhook;
+
+pub use context::SourceContext;
+pub use metrics::SourceMetrics;
+pub use runtime::{Importers, ImportersConfig, SourceStatus};
+pub use sink::{HttpSink, MemorySink, Sink, SinkError};
+pub use source::{Running, SourceConfig};
+pub use state::SourcesState;

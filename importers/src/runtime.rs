@@ -1,0 +1,317 @@
+//! [`Importers`]: runs one task per source of the current resources and follows their
+//! changes (a changed source is stopped and started afresh; a removed one is stopped).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crds::SourceResource;
+use crds::eventing::{BackoffPolicy, Delivery, Format};
+use eventing_broker::delivery::{self, HttpSender, Target};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::Full;
+use mecha_common::{Shutdown, ShutdownSignal};
+use prometheus::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::context::SourceContext;
+use crate::metrics::SourceMetrics;
+use crate::sink::HttpSink;
+use crate::source::{Running, SourceConfig};
+use crate::state::{Key, SourcesState};
+use crate::webhook::{Receiver, answer};
+
+/// How often a source that could not start is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct ImportersConfig {
+    /// The gateway: sinks named by `ref` are reached through it.
+    pub ingress: SocketAddr,
+    /// Host suffix of Services (`localhost` locally).
+    pub domain: String,
+    /// Retries of every send to a sink.
+    pub delivery: Delivery,
+    /// Per attempt.
+    pub timeout: Duration,
+}
+
+/// The running sources; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Importers {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ImportersConfig,
+    metrics: SourceMetrics,
+    state: watch::Receiver<Arc<SourcesState>>,
+    sender: HttpSender,
+    /// Why a source does not run, by key; absent when it does.
+    problems: Mutex<HashMap<Key, String>>,
+    /// The webhook receivers, by path.
+    webhooks: RwLock<HashMap<String, Arc<Receiver>>>,
+}
+
+/// What `mecha get sources` shows of one source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub sink_uri: Option<String>,
+    /// A webhook source's address.
+    pub url: Option<String>,
+    /// Why it does not run.
+    pub problem: Option<String>,
+    pub sent: u64,
+    pub failed: u64,
+}
+
+struct Started {
+    resource: SourceResource,
+    stop: Shutdown,
+    task: Option<JoinHandle<()>>,
+}
+
+// === impl ImportersConfig ===
+
+impl ImportersConfig {
+    /// Knative's PingSource sends: 5 retries, exponential from 50 ms (about 1.5 s in all),
+    /// each attempt up to 30 s (a zero-scaled Service has that long to start).
+    pub fn new(ingress: SocketAddr, domain: impl Into<String>) -> Self {
+        Self {
+            ingress,
+            domain: domain.into(),
+            delivery: Delivery {
+                retry: 5,
+                backoff_policy: Some(BackoffPolicy::Exponential),
+                backoff_delay: Some(Duration::from_millis(50)),
+                timeout: None,
+                retry_after_max: None,
+                dead_letter_sink: None,
+                format: Format::Binary,
+            },
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+// === impl Importers ===
+
+impl Importers {
+    pub fn new(
+        state: watch::Receiver<Arc<SourcesState>>,
+        config: ImportersConfig,
+        registry: &Registry,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                metrics: SourceMetrics::new(registry),
+                state,
+                sender: HttpSender::new(),
+                problems: Mutex::default(),
+                webhooks: RwLock::default(),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &SourceMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn state(&self) -> Arc<SourcesState> {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Where a source's events go.
+    pub fn sink(&self, source: &SourceResource) -> Result<Target, String> {
+        let config = &self.inner.config;
+        delivery::resolve(
+            source.sink(),
+            source.namespace(),
+            config.ingress,
+            &config.domain,
+        )
+    }
+
+    pub fn status(&self, source: &SourceResource) -> SourceStatus {
+        let key = SourcesState::key(source);
+        let (sent, failed) = self.inner.metrics.counts(&key.0, &key.1, &key.2);
+        SourceStatus {
+            sink_uri: self.sink(source).ok().map(|t| t.url),
+            url: source.webhook_path().map(|path| {
+                format!(
+                    "http://localhost:{}{path}",
+                    self.inner.config.ingress.port()
+                )
+            }),
+            problem: self.problems().get(&key).cloned(),
+            sent,
+            failed,
+        }
+    }
+
+    fn problems(&self) -> std::sync::MutexGuard<'_, HashMap<Key, String>> {
+        self.inner
+            .problems
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Answers a request for `/webhooks/…` on the gateway port.
+    pub async fn handle_webhook<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let receiver = self
+            .inner
+            .webhooks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(request.uri().path())
+            .cloned();
+        match receiver {
+            Some(receiver) => receiver.handle(request).await,
+            None => answer(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no webhook source at {}: webhooks are at /webhooks/{{github|gitlab}}/{{namespace}}/{{name}}",
+                    request.uri().path()
+                ),
+            ),
+        }
+    }
+
+    fn webhooks(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Receiver>>> {
+        self.inner
+            .webhooks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the sources of the current resources before it returns (so a webhook source's
+    /// receiver answers as soon as `mecha up` says it listens), then follows changes until
+    /// `shutdown` in a task of its own.
+    pub fn start(self, shutdown: ShutdownSignal) -> JoinHandle<()> {
+        let mut state = self.inner.state.clone();
+        let mut running: HashMap<Key, Started> = HashMap::new();
+        let snapshot = state.borrow_and_update().clone();
+        self.reconcile(&snapshot, &mut running);
+        tokio::spawn(self.run(state, running, shutdown))
+    }
+
+    async fn run(
+        self,
+        mut state: watch::Receiver<Arc<SourcesState>>,
+        mut running: HashMap<Key, Started>,
+        shutdown: ShutdownSignal,
+    ) {
+        loop {
+            let failing = !self.problems().is_empty();
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { break },
+                // A source that could not start (its secret file or variable is missing) is
+                // tried again, so providing the secret is enough to start it.
+                () = tokio::time::sleep(RETRY), if failing => {
+                    let problems = self.problems();
+                    running.retain(|key, _| !problems.contains_key(key));
+                }
+                () = shutdown.clone().recv() => break,
+            }
+            let snapshot = state.borrow_and_update().clone();
+            self.reconcile(&snapshot, &mut running);
+        }
+        for (_, run) in running {
+            run.stop.trigger();
+            if let Some(task) = run.task {
+                let _ = task.await;
+            }
+        }
+    }
+
+    fn reconcile(&self, snapshot: &SourcesState, running: &mut HashMap<Key, Started>) {
+        running.retain(|key, run| {
+            let keep = snapshot.sources.get(key) == Some(&run.resource);
+            if !keep {
+                run.stop.trigger();
+                if let Some(task) = run.task.take() {
+                    task.abort();
+                }
+                self.problems().remove(key);
+                if let Some(path) = run.resource.webhook_path() {
+                    self.webhooks().remove(&path);
+                }
+                tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), "source stopped");
+            }
+            keep
+        });
+        for (key, resource) in &snapshot.sources {
+            if running.contains_key(key) {
+                continue;
+            }
+            let stop = Shutdown::new();
+            let task = match self.build(key, resource, stop.signal()) {
+                Ok(task) => {
+                    if let Some(path) = resource.webhook_path() {
+                        tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), url = %format!("http://localhost:{}{path}", self.inner.config.ingress.port()), "webhook source listening; Mecha does not register webhooks (accessToken is not used): register this URL with the provider");
+                    }
+                    self.problems().remove(key);
+                    tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), "source started");
+                    task
+                }
+                Err(why) => {
+                    let mut problems = self.problems();
+                    if problems.get(key) != Some(&why) {
+                        tracing::warn!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), reason = %why, "source cannot start; trying again every {RETRY:?}");
+                    }
+                    problems.insert(key.clone(), why);
+                    None
+                }
+            };
+            running.insert(
+                key.clone(),
+                Started {
+                    resource: resource.clone(),
+                    stop,
+                    task,
+                },
+            );
+        }
+    }
+
+    fn build(
+        &self,
+        key: &Key,
+        resource: &SourceResource,
+        shutdown: ShutdownSignal,
+    ) -> Result<Option<JoinHandle<()>>, String> {
+        let target = self.sink(resource).map_err(|why| format!("sink: {why}"))?;
+        let config = &self.inner.config;
+        let sink = HttpSink::new(
+            target,
+            config.delivery.clone(),
+            config.timeout,
+            self.inner.sender.clone(),
+        );
+        let cx = SourceContext::new(
+            key.clone(),
+            shutdown,
+            Arc::new(sink),
+            resource.extensions(),
+            self.inner.metrics.clone(),
+        );
+        match resource.build(cx)? {
+            Running::Task(task) => Ok(Some(task)),
+            Running::Webhook(receiver) => {
+                let path = resource.webhook_path().ok_or("not a webhook source")?;
+                self.webhooks().insert(path, receiver);
+                Ok(None)
+            }
+        }
+    }
+}
