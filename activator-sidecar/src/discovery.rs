@@ -675,7 +675,7 @@ mod tests {
 
         let control = ControlPlane::new(
             addr.to_string(),
-            Some(AdminToken::parse("s3cret").expect("token")),
+            Some(AdminToken::parse("s3cret-0123456789abcdef0123456789ab").expect("token")),
         );
         let (activation, _pokes) = Activation::new();
         let (routes_tx, mut routes) = watch::channel(Arc::<RoutingTable>::default());
@@ -725,7 +725,8 @@ mod tests {
         assert_eq!(seen[0].0, WATCH_PATH);
         assert!(
             seen.iter()
-                .all(|(_, auth)| auth.as_deref() == Some("Bearer s3cret")),
+                .all(|(_, auth)| auth.as_deref()
+                    == Some("Bearer s3cret-0123456789abcdef0123456789ab")),
             "{seen:?}"
         );
         assert_eq!(
@@ -793,11 +794,12 @@ mod tests {
     fn the_credential_comes_from_a_variable_or_a_private_file() {
         let none = autoscaler_token(&|_: &str| None).expect("optional");
         assert!(none.is_none());
-        let token =
-            autoscaler_token(&|k: &str| (k == "AUTOSCALER_TOKEN").then(|| "s3cret\n".into()))
-                .expect("ok")
-                .expect("some");
-        assert_eq!(token.as_str(), "s3cret");
+        let token = autoscaler_token(&|k: &str| {
+            (k == "AUTOSCALER_TOKEN").then(|| "s3cret-0123456789abcdef0123456789ab\n".into())
+        })
+        .expect("ok")
+        .expect("some");
+        assert_eq!(token.as_str(), "s3cret-0123456789abcdef0123456789ab");
         let error = autoscaler_token(&|k: &str| (k == "AUTOSCALER_TOKEN").then(|| " ".into()))
             .expect_err("empty");
         assert_eq!(error.setting, "AUTOSCALER_TOKEN");
