@@ -16,7 +16,7 @@ use activator_sidecar::{Gateway, ProxyError};
 use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
 use crds::Mode;
-use eventing_broker::{BrokerConfig, EventBroker, EventLog};
+use eventing_broker::{BrokerConfig, EventBroker, RedbLog};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use mecha_common::admin::Health;
@@ -108,8 +108,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
     };
 
     let log_path = config.state_dir.join("events.redb");
-    let log = match EventLog::open(&log_path) {
-        Ok(log) => log,
+    let log = match RedbLog::open(&log_path) {
+        Ok(log) => Arc::new(log),
         Err(error) => {
             // The error says what is wrong and what to do; it blames another process only
             // when the file's lock really is held.

@@ -1,0 +1,537 @@
+//! The event log's contract and the broker runtime on top of it, written once and run against
+//! every backend: each test takes a [`Backend`], a factory that opens the log (again, after a
+//! close, on the same storage), and `each_backend` runs it on every one.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventing_broker::log::{Consumer, EventLog, Fault, Message, Record, RedbLog};
+use eventing_broker::{BrokerConfig, Event, EventBroker, EventingState};
+use prometheus::Registry;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+type Opened = Pin<Box<dyn Future<Output = Arc<dyn EventLog>> + Send>>;
+
+/// Opens one backend's log; every call after a close opens the same storage.
+struct Backend {
+    name: &'static str,
+    open: Box<dyn Fn() -> Opened + Send + Sync>,
+    /// Keeps what the storage lives in (a directory, a server) until the test ends.
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+impl Backend {
+    async fn open(&self) -> Arc<dyn EventLog> {
+        (self.open)().await
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("mecha-broker-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn redb(name: &str) -> Backend {
+    let dir = TempDir::new(name);
+    let path = dir.0.join("events.redb");
+    Backend {
+        name: "redb",
+        open: Box::new(move || {
+            let path = path.clone();
+            Box::pin(async move {
+                // A log closed a moment ago may still be held by tasks that are being
+                // aborted: wait for them to let go of the file.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match RedbLog::open(&path) {
+                        Ok(log) => return Arc::new(log) as Arc<dyn EventLog>,
+                        Err(eventing_broker::LogError::InUse(_)) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(error) => panic!("{error}"),
+                    }
+                }
+            })
+        }),
+        _keep: Box::new(dir),
+    }
+}
+
+/// Runs `test` against a fresh instance of every backend, one after the other.
+async fn each_backend<F, Fut>(name: &str, test: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for backend in [redb(name)] {
+        eprintln!("--- {name} on {}", backend.name);
+        test(backend).await;
+    }
+}
+
+fn record(n: u32) -> Record {
+    Record {
+        key: format!("/test {n}"),
+        data: format!("event {n}").into_bytes(),
+    }
+}
+
+fn text(message: &Message) -> String {
+    String::from_utf8_lossy(&message.data).into_owned()
+}
+
+/// Fetches until `n` messages came (failing after 20 s).
+async fn take(consumer: &mut Box<dyn Consumer>, n: usize) -> Vec<Message> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < n {
+        let batch = tokio::time::timeout_at(deadline, consumer.fetch(n - out.len()))
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events came", out.len()))
+            .unwrap();
+        out.extend(batch);
+    }
+    out
+}
+
+/// What the consumer hands out within `wait` (for "nothing more comes").
+async fn drain(consumer: &mut Box<dyn Consumer>, wait: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + wait;
+    while let Ok(batch) = tokio::time::timeout_at(deadline, consumer.fetch(100)).await {
+        out.extend(batch.unwrap().iter().map(text));
+    }
+    out
+}
+
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `broker`'s backlog, as `maintain` reports it, is `expected`.
+async fn backlog_becomes(log: &Arc<dyn EventLog>, broker: &str, expected: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let backlog = log.maintain(&[broker.to_string()]).await.unwrap();
+        let now = backlog.iter().find(|(b, _)| b == broker).map(|(_, n)| *n);
+        if now == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backlog of {broker} stayed {now:?}, not {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// === the log's contract ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_consumer_gets_every_event_from_its_start_in_order() {
+    each_backend("order", |backend| async move {
+        let log = backend.open().await;
+        let mut early = log.consumer("ns/b", "ns/b/early").await.unwrap();
+        assert!(
+            early.fetch(10).await.unwrap().is_empty(),
+            "the first fetch answers at once"
+        );
+        log.append("ns/b", (1..=3).map(record).collect())
+            .await
+            .unwrap();
+        let mut late = log.consumer("ns/b", "ns/b/late").await.unwrap();
+        log.append("ns/b", (4..=5).map(record).collect())
+            .await
+            .unwrap();
+        // Another broker's events are not this one's.
+        log.append("ns/other", vec![record(99)]).await.unwrap();
+
+        let got = take(&mut early, 5).await;
+        let texts: Vec<String> = got.iter().map(text).collect();
+        assert_eq!(
+            texts,
+            (1..=5).map(|n| format!("event {n}")).collect::<Vec<_>>()
+        );
+        assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "log order");
+        let got = take(&mut late, 2).await;
+        assert_eq!(
+            got.iter().map(text).collect::<Vec<_>>(),
+            ["event 4", "event 5"]
+        );
+        for message in got {
+            message.ack().await.unwrap();
+        }
+        assert!(
+            drain(&mut late, Duration::from_millis(300))
+                .await
+                .is_empty()
+        );
+        log.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_not_acknowledged_is_handed_out_again_after_a_restart() {
+    each_backend("restart", |backend| async move {
+        let log = backend.open().await;
+        let mut consumer = log.consumer("ns/b", "ns/b/t").await.unwrap();
+        log.append("ns/b", (1..=4).map(record).collect())
+            .await
+            .unwrap();
+        let mut got = take(&mut consumer, 4).await.into_iter();
+        let (first, second, third, fourth) = (
+            got.next().unwrap(),
+            got.next().unwrap(),
+            got.next().unwrap(),
+            got.next().unwrap(),
+        );
+        first.ack().await.unwrap();
+        third.ack().await.unwrap();
+        drop((second, fourth));
+        log.maintain(&["ns/b".to_string()]).await.unwrap();
+        drop(consumer);
+        log.close().await.unwrap();
+        drop(log);
+
+        let log = backend.open().await;
+        let mut consumer = log.consumer("ns/b", "ns/b/t").await.unwrap();
+        let again = take(&mut consumer, 2).await;
+        assert_eq!(
+            again.iter().map(text).collect::<Vec<_>>(),
+            ["event 2", "event 4"]
+        );
+        for message in again {
+            message.ack().await.unwrap();
+        }
+        log.append("ns/b", vec![record(5)]).await.unwrap();
+        let next = take(&mut consumer, 1).await;
+        assert_eq!(text(&next[0]), "event 5");
+        next.into_iter().next().unwrap().ack().await.unwrap();
+        log.maintain(&["ns/b".to_string()]).await.unwrap();
+        drop(consumer);
+        log.close().await.unwrap();
+        drop(log);
+
+        // Everything was acknowledged: nothing comes back.
+        let log = backend.open().await;
+        let mut consumer = log.consumer("ns/b", "ns/b/t").await.unwrap();
+        assert!(
+            drain(&mut consumer, Duration::from_millis(1500))
+                .await
+                .is_empty()
+        );
+        log.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_some_consumer_has_not_acknowledged() {
+    each_backend("retention", |backend| async move {
+        let log = backend.open().await;
+        // No consumer: nobody will ever want these.
+        log.append("ns/b", (1..=2).map(record).collect())
+            .await
+            .unwrap();
+        backlog_becomes(&log, "ns/b", 0).await;
+
+        let mut fast = log.consumer("ns/b", "ns/b/fast").await.unwrap();
+        let mut slow = log.consumer("ns/b", "ns/b/slow").await.unwrap();
+        log.append("ns/b", (3..=5).map(record).collect())
+            .await
+            .unwrap();
+        for message in take(&mut fast, 3).await {
+            message.ack().await.unwrap();
+        }
+        let mut slow_got = take(&mut slow, 3).await.into_iter();
+        slow_got.next().unwrap().ack().await.unwrap();
+        backlog_becomes(&log, "ns/b", 2).await;
+        for message in slow_got {
+            message.ack().await.unwrap();
+        }
+        backlog_becomes(&log, "ns/b", 0).await;
+
+        // A removed consumer holds nothing back.
+        log.append("ns/b", vec![record(6)]).await.unwrap();
+        for message in take(&mut fast, 1).await {
+            message.ack().await.unwrap();
+        }
+        drop(slow);
+        log.remove_consumer("ns/b", "ns/b/slow").await.unwrap();
+        backlog_becomes(&log, "ns/b", 0).await;
+        log.close().await.unwrap();
+    })
+    .await;
+}
+
+// === the runtime on each log ===
+
+/// A keep-alive subscriber that answers 202 and records each event's id.
+async fn subscriber() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let seen = ids.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut length = 0;
+                    let mut id = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if let Some(v) = lower.strip_prefix("ce-id:") {
+                            id = v.trim().to_string();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    seen.lock().unwrap().push(id);
+                    let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, ids)
+}
+
+/// Broker `b` with a trigger per subscriber (`t0`, `t1`, …).
+fn state(subscribers: &[SocketAddr]) -> EventingState {
+    let mut yaml =
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b\n".to_string();
+    for (i, subscriber) in subscribers.iter().enumerate() {
+        yaml.push_str(&format!(
+            "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: t{i}\nspec:\n  broker: b\n  subscriber:\n    uri: http://{subscriber}/\n"
+        ));
+    }
+    let (loaded, errors) = crds::load_str(Path::new("/tmp/t.yaml"), &yaml, crds::Mode::Local);
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut state = EventingState::default();
+    for loaded in loaded {
+        match loaded.resource {
+            crds::Resource::Broker(b) => {
+                state.apply_broker(b);
+            }
+            crds::Resource::Trigger(t) => {
+                state.apply_trigger(t);
+            }
+            _ => {}
+        }
+    }
+    state
+}
+
+fn event(id: &str) -> Event {
+    let json = serde_json::json!({"specversion": "1.0", "id": id, "source": "/t", "type": "t"});
+    Event::from_json(json).unwrap()
+}
+
+fn broker(log: Arc<dyn EventLog>, state: EventingState, registry: &Registry) -> EventBroker {
+    let (state_tx, state_rx) = watch::channel(Arc::new(state));
+    // The state never changes in these tests; a dropped sender would stop the broker.
+    std::mem::forget(state_tx);
+    EventBroker::new(
+        log,
+        state_rx,
+        BrokerConfig {
+            max_event_size: eventing_broker::runtime::MIN_EVENT_SIZE,
+            default_timeout: Duration::from_secs(5),
+            concurrency: 8,
+            ingress: "127.0.0.1:9".parse().unwrap(),
+            domain: "localhost".into(),
+        },
+        registry,
+    )
+}
+
+fn counts(ids: &Mutex<Vec<String>>) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for id in ids.lock().unwrap().iter() {
+        *counts.entry(id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_reaches_every_trigger_and_a_restart_resumes() {
+    each_backend("runtime", |backend| async move {
+        let (a, got_a) = subscriber().await;
+        let (b, got_b) = subscriber().await;
+        let state = state(&[a, b]);
+
+        let shutdown = mecha_common::Shutdown::new();
+        let registry = Registry::new();
+        let log = backend.open().await;
+        let running = broker(log.clone(), state.clone(), &registry);
+        let task = running.clone().start(shutdown.signal()).await;
+        for batch in 0..10 {
+            let events = (0..20)
+                .map(|i| event(&format!("{}", batch * 20 + i)))
+                .collect();
+            assert_eq!(running.ingest("default", "b", events).await.unwrap(), 20);
+        }
+        until("200 events at both triggers", || {
+            counts(&got_a).len() == 200 && counts(&got_b).len() == 200
+        })
+        .await;
+        // Acknowledged too (a delivery is acknowledged just after its answer came).
+        backlog_becomes(&log, "default/b", 0).await;
+        shutdown.trigger();
+        task.await.unwrap();
+        drop((running, log));
+
+        // Started again on the same log: nothing is delivered twice, new events flow.
+        let shutdown = mecha_common::Shutdown::new();
+        let registry = Registry::new();
+        let running = broker(backend.open().await, state, &registry);
+        let task = running.clone().start(shutdown.signal()).await;
+        running
+            .ingest("default", "b", vec![event("after")])
+            .await
+            .unwrap();
+        until("the new event at both triggers", || {
+            counts(&got_a).contains_key("after") && counts(&got_b).contains_key("after")
+        })
+        .await;
+        for got in [&got_a, &got_b] {
+            let twice: Vec<_> = counts(got).into_iter().filter(|(_, n)| *n > 1).collect();
+            assert!(twice.is_empty(), "delivered twice: {twice:?}");
+            assert_eq!(counts(got).len(), 201);
+        }
+        shutdown.trigger();
+        task.await.unwrap();
+    })
+    .await;
+}
+
+/// Fault injection is the embedded log's (its store can be made to fail on purpose); the
+/// failure handling it exercises is the runtime's, the same for every log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_trigger_is_not_ready_with_the_reason_and_recovers() {
+    let dir = TempDir::new("failing");
+    let log = RedbLog::open(&dir.0.join("events.redb")).unwrap();
+    let (addr, received) = subscriber().await;
+    let registry = Registry::new();
+    let broker = broker(Arc::new(log.clone()), state(&[addr]), &registry);
+    let shutdown = mecha_common::Shutdown::new();
+    let task = broker.clone().start(shutdown.signal()).await;
+    let received = || received.lock().unwrap().len();
+    let ready = || {
+        broker
+            .metrics()
+            .trigger_ready
+            .with_label_values(&["default", "t0"])
+            .get()
+    };
+    broker
+        .ingest("default", "b", vec![event("1")])
+        .await
+        .unwrap();
+    until("the first event", || received() == 1).await;
+    assert_eq!(broker.trigger_problem("default", "t0"), None);
+
+    // A dependency of delivery panics: the trigger says so, and delivers once it stops.
+    broker.inject_delivery_panics(true);
+    broker
+        .ingest("default", "b", vec![event("2")])
+        .await
+        .unwrap();
+    until("the trigger to report the panic", || {
+        broker
+            .trigger_problem("default", "t0")
+            .is_some_and(|p| p.contains("injected delivery panic"))
+    })
+    .await;
+    assert_eq!(ready(), 0);
+    broker.inject_delivery_panics(false);
+    until("the event delivered after recovery", || received() == 2).await;
+    until("the trigger ready again", || {
+        broker.trigger_problem("default", "t0").is_none()
+    })
+    .await;
+    assert_eq!(ready(), 1);
+
+    // The log cannot be read: the trigger and the broker both say so, until it can.
+    log.inject_fault(Fault::ReadError);
+    broker
+        .ingest("default", "b", vec![event("3")])
+        .await
+        .expect("the writer still works");
+    until("the read failure reported", || {
+        broker
+            .trigger_problem("default", "t0")
+            .is_some_and(|p| p.contains("cannot read the event log"))
+    })
+    .await;
+    assert!(
+        broker
+            .problem()
+            .is_some_and(|p| p.contains("cannot read default/b")),
+        "{:?}",
+        broker.problem()
+    );
+    log.inject_fault(Fault::None);
+    until("the event delivered after the log heals", || {
+        received() == 3
+    })
+    .await;
+    until("everything ready again", || {
+        broker.trigger_problem("default", "t0").is_none() && broker.problem().is_none()
+    })
+    .await;
+    let failures = broker
+        .metrics()
+        .trigger_failures
+        .with_label_values(&["default", "t0"])
+        .get();
+    assert_eq!(failures, 2);
+    shutdown.trigger();
+    task.await.unwrap();
+}
