@@ -13,6 +13,18 @@ if ! command -v python3 >/dev/null 2>&1; then
   $sudo apt-get install -y -qq python3
 fi
 
+# The broker's JetStream tests start real NATS servers (one node, and a cluster of three).
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "installing nats-server (needed by the broker's JetStream tests)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq nats-server
+fi
+
 cargo fmt --all -- --check
+# Both builds: the default one (what `mecha up` compiles) and the one with every feature
+# (the NATS JetStream log, whose tests need it).
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+cargo test --workspace --all-features --locked

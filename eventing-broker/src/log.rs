@@ -16,8 +16,10 @@
 //! - A consumer hands events out in log order. An event handed out and not acknowledged is
 //!   handed out again to a later consumer of the same trigger (after a restart, or after the
 //!   runtime restarts a failed trigger): at-least-once, never lost.
-//! - Retention removes an event only once every consumer of its broker acknowledged it; a
-//!   broker with no consumer keeps nothing.
+//! - Retention never removes an event some consumer of its broker has not acknowledged, except
+//!   by the limits the log was configured with (the JetStream stream's age and size);
+//!   [`EventLog::maintain`] reports, per broker, how many events some consumer has not
+//!   acknowledged.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -25,6 +27,8 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
+#[cfg(feature = "jetstream")]
+pub mod jetstream;
 pub mod redb;
 
 pub use self::redb::{Fault, Progress, RedbLog};

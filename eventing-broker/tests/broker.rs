@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[cfg(feature = "jetstream")]
+use eventing_broker::log::jetstream::{JetStreamConfig, JetStreamLog};
 use eventing_broker::log::{Consumer, EventLog, Fault, Message, Record, RedbLog};
 use eventing_broker::{BrokerConfig, Event, EventBroker, EventingState};
 use prometheus::Registry;
@@ -82,13 +84,40 @@ fn redb(name: &str) -> Backend {
     }
 }
 
+/// The log on a `nats-server` of its own (killed when the test ends), with a short
+/// acknowledgement deadline so that redeliveries come quickly.
+#[cfg(feature = "jetstream")]
+fn jetstream(_name: &str) -> Backend {
+    let server = tokio::task::block_in_place(test_support::nats::NatsServer::start);
+    let url = format!("{}?ack-wait=2s", server.url());
+    Backend {
+        name: "jetstream",
+        open: Box::new(move || {
+            let config = JetStreamConfig::from_url(&url).unwrap();
+            Box::pin(async move {
+                Arc::new(JetStreamLog::connect(config).await.unwrap()) as Arc<dyn EventLog>
+            })
+        }),
+        _keep: Box::new(server),
+    }
+}
+
+/// Every backend this build has.
+fn backends(name: &str) -> Vec<Backend> {
+    vec![
+        redb(name),
+        #[cfg(feature = "jetstream")]
+        jetstream(name),
+    ]
+}
+
 /// Runs `test` against a fresh instance of every backend, one after the other.
 async fn each_backend<F, Fut>(name: &str, test: F)
 where
     F: Fn(Backend) -> Fut,
     Fut: Future<Output = ()>,
 {
-    for backend in [redb(name)] {
+    for backend in backends(name) {
         eprintln!("--- {name} on {}", backend.name);
         test(backend).await;
     }
@@ -534,4 +563,217 @@ async fn a_failing_trigger_is_not_ready_with_the_reason_and_recovers() {
     assert_eq!(failures, 2);
     shutdown.trigger();
     task.await.unwrap();
+}
+
+// === JetStream only: deduplication, a server that goes away, a cluster that loses a node ===
+
+#[cfg(feature = "jetstream")]
+mod jetstream_only {
+    use std::collections::HashSet;
+    use std::sync::atomic::AtomicBool;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use test_support::nats::NatsServer;
+    use tokio::task::block_in_place;
+
+    use super::*;
+
+    async fn connect(url: &str) -> Arc<dyn EventLog> {
+        Arc::new(
+            JetStreamLog::connect(JetStreamConfig::from_url(url).unwrap())
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// What posting through the ingress got: the ids answered 202, and how many 503s (each
+    /// checked for `Retry-After`).
+    #[derive(Default)]
+    struct Posted {
+        accepted: Mutex<Vec<String>>,
+        refused: AtomicUsize,
+    }
+
+    /// Posts `id` in binary mode through the real ingress handler; true when accepted.
+    async fn post(broker: &EventBroker, id: &str, posted: &Posted) -> bool {
+        let request = http::Request::post("/default/b")
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id)
+            .header("ce-source", "/posts")
+            .header("ce-type", "t")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let response = eventing_broker::ingress::handle(broker, request).await;
+        match response.status().as_u16() {
+            202 => {
+                posted.accepted.lock().unwrap().push(id.to_string());
+                true
+            }
+            503 => {
+                assert!(
+                    response.headers().contains_key("retry-after"),
+                    "a 503 says when to retry"
+                );
+                posted.refused.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            other => panic!("unexpected answer {other} to {id}"),
+        }
+    }
+
+    /// Every id accepted reached the subscriber; returns how many arrived more than once.
+    async fn all_delivered(posted: &Posted, got: &Mutex<Vec<String>>, within: Duration) -> usize {
+        let accepted: HashSet<String> = posted.accepted.lock().unwrap().iter().cloned().collect();
+        let deadline = Instant::now() + within;
+        loop {
+            let counts = counts(got);
+            let missing: Vec<&String> = accepted
+                .iter()
+                .filter(|id| !counts.contains_key(*id))
+                .collect();
+            if missing.is_empty() {
+                return counts.values().map(|n| n - 1).sum();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} accepted events were never delivered: {missing:?}",
+                missing.len(),
+                accepted.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_post_is_stored_once() {
+        let server = block_in_place(NatsServer::start);
+        let log = connect(&server.url()).await;
+        let mut consumer = log.consumer("ns/b", "ns/b/t").await.unwrap();
+        log.append("ns/b", vec![record(1), record(2)])
+            .await
+            .unwrap();
+        // The client did not hear the 202 and posts the same event (source and id) again.
+        log.append("ns/b", vec![record(1)]).await.unwrap();
+        log.append("ns/b", vec![record(3)]).await.unwrap();
+        let got = take(&mut consumer, 3).await;
+        assert_eq!(
+            got.iter().map(text).collect::<Vec<_>>(),
+            ["event 1", "event 2", "event 3"]
+        );
+        assert!(
+            drain(&mut consumer, Duration::from_millis(500))
+                .await
+                .is_empty()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_stopped_and_restarted_while_the_broker_runs_loses_nothing() {
+        let mut server = block_in_place(NatsServer::start);
+        let log = connect(&format!("{}?ack-wait=2s", server.url())).await;
+        let (addr, got) = subscriber().await;
+        let registry = Registry::new();
+        let running = broker(log, state(&[addr]), &registry);
+        let shutdown = mecha_common::Shutdown::new();
+        let task = running.clone().start(shutdown.signal()).await;
+
+        let posted = Arc::new(Posted::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let poster = {
+            let (running, posted, stop) = (running.clone(), posted.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    post(&running, &format!("e{n}"), &posted).await;
+                    n += 1;
+                    // A steady trickle of posts, not a busy loop.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        let accepted = || posted.accepted.lock().unwrap().len();
+        let refused = || posted.refused.load(Ordering::Relaxed);
+        until("posts accepted", || accepted() >= 50).await;
+
+        block_in_place(|| server.stop());
+        until("503s while NATS is down", || refused() >= 20).await;
+        let problem = running.problem().expect("the broker is not ready");
+        assert!(problem.contains("not reachable"), "{problem}");
+        let accepted_while_down = accepted();
+
+        block_in_place(|| server.restart());
+        until("posts accepted again", || {
+            accepted() >= accepted_while_down + 50
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        poster.await.unwrap();
+        let duplicates = all_delivered(&posted, &got, Duration::from_secs(60)).await;
+        eprintln!(
+            "accepted {}, refused with 503 {}, delivered twice {duplicates}",
+            accepted(),
+            refused()
+        );
+        until("the broker ready again", || running.problem().is_none()).await;
+        shutdown.trigger();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_node_killed_during_5000_posts_loses_no_accepted_event() {
+        let mut nodes = block_in_place(NatsServer::cluster);
+        let servers: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+        let log = connect(&format!("{}?replicas=3&ack-wait=5s", servers.join(","))).await;
+        let (addr, got) = subscriber().await;
+        let registry = Registry::new();
+        let running = broker(log, state(&[addr]), &registry);
+        let shutdown = mecha_common::Shutdown::new();
+        let task = running.clone().start(shutdown.signal()).await;
+        // The trigger's consumer exists before the first post (a cluster that has only just
+        // elected its leaders may refuse the first attempts; the broker retries them).
+        until("the trigger running", || {
+            running
+                .metrics()
+                .trigger_ready
+                .with_label_values(&["default", "t0"])
+                .get()
+                == 1
+        })
+        .await;
+
+        let posted = Arc::new(Posted::default());
+        let mut posters = Vec::new();
+        for client in 0..8 {
+            let (running, posted) = (running.clone(), posted.clone());
+            posters.push(tokio::spawn(async move {
+                for n in 0..625 {
+                    // As a client that honours the 503's Retry-After would, only sooner.
+                    let id = format!("c{client}-{n}");
+                    for _ in 0..600 {
+                        if post(&running, &id, &posted).await {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }));
+        }
+        let answered =
+            || posted.accepted.lock().unwrap().len() + posted.refused.load(Ordering::Relaxed);
+        until("1,000 posts answered", || answered() >= 1000).await;
+        block_in_place(|| nodes[0].kill());
+        for poster in posters {
+            poster.await.unwrap();
+        }
+        let accepted = posted.accepted.lock().unwrap().len();
+        assert_eq!(accepted, 5000, "every post is accepted in the end");
+        let duplicates = all_delivered(&posted, &got, Duration::from_secs(120)).await;
+        eprintln!(
+            "R3, node n0 SIGKILLed after 1,000 posts: accepted {accepted} of 5000 (after {} answers 503, each retried), every accepted event delivered, {duplicates} delivered twice",
+            posted.refused.load(Ordering::Relaxed)
+        );
+        shutdown.trigger();
+        task.await.unwrap();
+    }
 }
