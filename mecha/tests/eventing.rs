@@ -318,6 +318,20 @@ fn ingress_accepts_each_mode_and_refuses_bad_requests_with_reasons() {
 
 #[test]
 fn triggers_filter_retry_dead_letter_and_reply() {
+    triggers_scenario(&[]);
+}
+
+/// The same on NATS JetStream (`--event-log`).
+#[cfg(feature = "nats")]
+#[test]
+fn triggers_filter_retry_dead_letter_and_reply_on_jetstream() {
+    let nats = test_support::nats::NatsServer::start();
+    triggers_scenario(&["--event-log", &nats.url()]);
+}
+
+/// Filters, retries with their timing, dead letters, replies back into the broker and the
+/// TTL that ends reply loops, on `mecha up ARGS`.
+fn triggers_scenario(args: &[&str]) {
     let work = Workdir::new("triggers");
     let sink = Subscriber::ok();
     let dead = Subscriber::ok();
@@ -354,7 +368,7 @@ fn triggers_filter_retry_dead_letter_and_reply() {
     ]
     .concat();
     let file = work.write("triggers.yaml", &yaml);
-    let mecha = Mecha::up(&[&file]);
+    let mecha = Mecha::start(&[&file], &[], args, &Mecha::fresh_state_dir());
 
     let send = |args: &[&str]| {
         let mut all = vec!["send", "--broker", "default/default", "--source", "/tests"];
@@ -632,6 +646,23 @@ fn post_raw(gateway: SocketAddr, id: &str) -> Option<u16> {
 
 #[test]
 fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
+    crash_and_restart(&[]);
+}
+
+/// The same on NATS JetStream (`--event-log`): the events live in the server, which outlives
+/// the SIGKILLed `mecha up`; what the dead process had in flight comes back once its
+/// acknowledgement deadline (2 s here) has passed.
+#[cfg(feature = "nats")]
+#[test]
+fn every_accepted_event_survives_a_crash_on_jetstream() {
+    let nats = test_support::nats::NatsServer::start();
+    let url = format!("{}?ack-wait=2s", nats.url());
+    crash_and_restart(&["--event-log", &url]);
+}
+
+/// 10,000 events from 8 clients, `mecha up ARGS` SIGKILLed right after, started again with the
+/// same state: every accepted event is delivered, and few twice.
+fn crash_and_restart(args: &[&str]) {
     let work = Workdir::new("crash");
     // One request in a hundred fails, so some events are retried while later ones finish:
     // the case where a bare cursor would make a crash redeliver everything after them.
@@ -649,7 +680,7 @@ fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
     let yaml = format!("{BROKER}{}", trigger("all", "", &sink.url("/"), delivery));
     let file = work.write("crash.yaml", &yaml);
     let state = Mecha::fresh_state_dir();
-    let mut first = Mecha::start(&[&file], &[], &[], &state);
+    let mut first = Mecha::start(&[&file], &[], args, &state);
 
     // Eight clients post 10,000 events; the platform is SIGKILLed right after.
     const TOTAL: usize = 10_000;
@@ -693,7 +724,7 @@ fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
     };
     let before = sink.all().len();
 
-    let second = Mecha::start(&[&file], &[], &[], &state);
+    let second = Mecha::start(&[&file], &[], args, &state);
     wait_until("every accepted event delivered after the restart", || {
         let delivered: std::collections::BTreeSet<String> =
             delivered_ids(&sink).into_iter().collect();
