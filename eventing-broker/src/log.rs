@@ -119,7 +119,9 @@ pub trait EventLog: Send + Sync + std::fmt::Debug + 'static {
 pub trait Consumer: Send {
     /// Up to `max` events in log order. The first call returns at once with what is there
     /// (possibly nothing), so the caller learns that the log can be read; later calls wait
-    /// for at least one event. Dropping the future loses nothing.
+    /// for at least one event. A future dropped before it resolves loses nothing for good,
+    /// but a log that pulls from a server hands out what it had pulled only after that
+    /// event's acknowledgement deadline: let it run to completion in normal operation.
     fn fetch(&mut self, max: usize) -> LogFuture<'_, Vec<Message>>;
 }
 

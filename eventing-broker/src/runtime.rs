@@ -14,11 +14,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crds::eventing::{Delivery, Destination};
 use crds::{Broker, Trigger};
+use futures_util::FutureExt as _;
 use mecha_common::ShutdownSignal;
 use prometheus::Registry;
 use tokio::sync::{Semaphore, watch};
@@ -88,6 +90,10 @@ struct Inner {
     sender: HttpSender,
     /// Why a trigger is not working, by `(namespace, name)`; absent when it is.
     problems: Mutex<HashMap<(String, String), String>>,
+    /// Brokers (`namespace/name`) with a trigger whose consumer could not be made yet. They
+    /// take no events: a trigger starts at its broker's head once it can, so an event accepted
+    /// before would never reach it.
+    unstarted: Mutex<std::collections::HashSet<String>>,
     /// Tests: every delivery panics, as a broken dependency would.
     panic_deliveries: std::sync::atomic::AtomicBool,
 }
@@ -118,6 +124,7 @@ impl EventBroker {
                 state,
                 sender: HttpSender::new(),
                 problems: Mutex::default(),
+                unstarted: Mutex::default(),
                 panic_deliveries: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -216,6 +223,12 @@ impl EventBroker {
         let labels = [namespace, name];
         if self.state().broker(namespace, name).is_none() {
             return Err(IngestError::UnknownBroker(format!("{namespace}/{name}")));
+        }
+        let key = broker_key(namespace, name);
+        if lock(&self.inner.unstarted).contains(&key) {
+            return Err(IngestError::Log(LogError::Unavailable(format!(
+                "a trigger of broker {key} has no position in the event log yet"
+            ))));
         }
         metrics
             .received
@@ -352,6 +365,7 @@ impl EventBroker {
                 tracing::warn!(%trigger, %error, "cannot remove the consumer of a trigger that is gone");
             }
         }
+        let mut unstarted = std::collections::HashSet::new();
         for (key, trigger) in &snapshot.triggers {
             if running.contains_key(key) {
                 continue;
@@ -364,6 +378,7 @@ impl EventBroker {
                     running.insert(key.clone(), run);
                 }
                 Err(error) => {
+                    unstarted.insert(broker_key(trigger.namespace(), &trigger.spec.broker));
                     // Retried on every tick; said once per reason.
                     let why = format!("cannot start: {error}");
                     if self.set_trigger_problem(key, Some(why)) {
@@ -372,6 +387,7 @@ impl EventBroker {
                 }
             }
         }
+        *lock(&self.inner.unstarted) = unstarted;
     }
 
     async fn start_trigger(
@@ -594,6 +610,11 @@ async fn dispatch(
     };
     let permits = Arc::new(Semaphore::new(broker.inner.config.concurrency.max(1)));
     let mut deliveries = JoinSet::new();
+    // A delivery that panics says so here. The loop waits on this and on the consumer, not on
+    // the deliveries themselves: a `fetch` is abandoned only when the loop fails anyway, since
+    // a log whose fetch pulls from a server loses (until their deadline) what an abandoned
+    // one had pulled.
+    let (panicked_tx, mut panicked) = tokio::sync::mpsc::unbounded_channel();
     let mut healthy = false;
     loop {
         while let Some(finished) = deliveries.try_join_next() {
@@ -606,9 +627,8 @@ async fn dispatch(
             batch = consumer.fetch(max) => {
                 batch.map_err(|error| format!("cannot read the event log: {error}"))?
             }
-            Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
-                delivery_failed(finished)?;
-                continue;
+            Some(why) = panicked.recv() => {
+                return Err(format!("a delivery panicked: {why}"));
             }
         };
         if !healthy {
@@ -629,7 +649,7 @@ async fn dispatch(
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return Ok(());
             };
-            spawn_delivery(&mut deliveries, &job, message, event, permit);
+            spawn_delivery(&mut deliveries, &job, message, event, permit, &panicked_tx);
         }
     }
 }
@@ -669,19 +689,25 @@ fn decode(trigger: &str, seq: u64, bytes: &[u8]) -> Option<Event> {
     }
 }
 
-/// Delivers `message`'s event and acknowledges it once handled.
+/// Delivers `message`'s event and acknowledges it once handled; a panic is reported to the
+/// dispatch loop (and the event stays unacknowledged).
 fn spawn_delivery(
     deliveries: &mut JoinSet<()>,
     job: &Job,
     message: Message,
     event: Event,
     permit: tokio::sync::OwnedSemaphorePermit,
+    panicked: &tokio::sync::mpsc::UnboundedSender<String>,
 ) {
-    let job = job.clone();
+    let (job, panicked) = (job.clone(), panicked.clone());
     deliveries.spawn(async move {
         let trigger = job.trigger.clone();
-        job.run(event).await;
-        ack(&trigger, message).await;
+        match AssertUnwindSafe(job.run(event)).catch_unwind().await {
+            Ok(()) => ack(&trigger, message).await,
+            Err(panic) => {
+                let _ = panicked.send(panic_message(&*panic));
+            }
+        }
         drop(permit);
     });
 }

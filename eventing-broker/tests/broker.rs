@@ -455,6 +455,15 @@ async fn every_event_reaches_every_trigger_and_a_restart_resumes() {
         shutdown.trigger();
         task.await.unwrap();
         drop((running, log));
+        // In normal operation each event reaches each trigger once.
+        for got in [&got_a, &got_b] {
+            let twice: Vec<_> = counts(got).into_iter().filter(|(_, n)| *n > 1).collect();
+            assert!(
+                twice.is_empty(),
+                "{}: delivered twice: {twice:?}",
+                backend.name
+            );
+        }
 
         // Started again on the same log: nothing is delivered twice, new events flow.
         let shutdown = mecha_common::Shutdown::new();
@@ -471,7 +480,11 @@ async fn every_event_reaches_every_trigger_and_a_restart_resumes() {
         .await;
         for got in [&got_a, &got_b] {
             let twice: Vec<_> = counts(got).into_iter().filter(|(_, n)| *n > 1).collect();
-            assert!(twice.is_empty(), "delivered twice: {twice:?}");
+            assert!(
+                twice.is_empty(),
+                "{}: delivered twice: {twice:?}",
+                backend.name
+            );
             assert_eq!(counts(got).len(), 201);
         }
         shutdown.trigger();
@@ -729,6 +742,48 @@ mod jetstream_only {
             refused()
         );
         until("the broker ready again", || running.problem().is_none()).await;
+        shutdown.trigger();
+        task.await.unwrap();
+    }
+
+    /// NATS is down when the broker starts: its triggers cannot have their consumers, so the
+    /// broker takes no event (one accepted now would fall before the trigger's start) until
+    /// they do; then events flow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_started_before_its_nats_takes_events_once_its_triggers_run() {
+        let mut server = block_in_place(NatsServer::start);
+        block_in_place(|| server.stop());
+        let log = connect(&server.url()).await;
+        let (addr, got) = subscriber().await;
+        let registry = Registry::new();
+        let running = broker(log, state(&[addr]), &registry);
+        let shutdown = mecha_common::Shutdown::new();
+        let task = running.clone().start(shutdown.signal()).await;
+        let posted = Posted::default();
+        assert!(
+            !post(&running, "early", &posted).await,
+            "503 while NATS is down"
+        );
+        assert!(
+            running
+                .trigger_problem("default", "t0")
+                .is_some_and(|p| p.contains("cannot start")),
+            "{:?}",
+            running.trigger_problem("default", "t0")
+        );
+
+        block_in_place(|| server.restart());
+        // The reconnect, then the next tick starts the trigger; posts are refused until then.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !post(&running, "first", &posted).await {
+            assert!(Instant::now() < deadline, "the broker never took an event");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(running.trigger_problem("default", "t0"), None);
+        until("the first event delivered", || {
+            counts(&got).contains_key("first")
+        })
+        .await;
         shutdown.trigger();
         task.await.unwrap();
     }

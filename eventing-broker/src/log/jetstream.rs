@@ -36,11 +36,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the stream keeps an event by default (as Kafka's default retention): a trigger
 /// stalled for longer loses what is older.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Events not yet acknowledged by every trigger, per broker key.
-type Backlog = Vec<(String, u64)>;
-
-/// How often the backlog is measured at most.
-const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// How long a consumer's waiting pull lasts before it is made again.
 const WAIT_PULL: Duration = Duration::from_secs(5);
 
@@ -87,9 +82,6 @@ struct Inner {
     context: jetstream::Context,
     /// Streams known to exist, by broker key.
     streams: Mutex<HashMap<String, stream::Stream>>,
-    /// The last backlog measured, and when: the runtime asks every 250 ms, and each answer
-    /// costs two requests per broker.
-    backlog: Mutex<Option<(tokio::time::Instant, Backlog)>>,
 }
 
 struct JetStreamConsumer {
@@ -232,7 +224,6 @@ impl JetStreamLog {
                 client,
                 context,
                 streams: Mutex::default(),
-                backlog: Mutex::default(),
             }),
         })
     }
@@ -256,6 +247,8 @@ impl JetStreamLog {
         if let Some(stream) = lock(&self.inner.streams).get(broker) {
             return Ok(stream.clone());
         }
+        // Fail at once rather than wait for a request's timeout: the runtime retries.
+        self.connected()?;
         let config = &self.inner.config;
         let name = stream_name(broker);
         let stream = self
@@ -350,16 +343,6 @@ impl JetStreamLog {
     /// consumers. (Purging below that floor ourselves, as the embedded log deletes, lost
     /// unacknowledged events with nats-server 2.9.10, so retention is the stream's own.)
     async fn backlog(&self, brokers: &[String]) -> Result<Vec<(String, u64)>, LogError> {
-        if let Some((at, backlog)) = lock(&self.inner.backlog).as_ref()
-            && at.elapsed() < MEASURE_EVERY
-            && backlog.len() == brokers.len()
-            && backlog
-                .iter()
-                .zip(brokers)
-                .all(|((b, _), broker)| b == broker)
-        {
-            return Ok(backlog.clone());
-        }
         let mut out = Vec::new();
         for broker in brokers {
             let known = lock(&self.inner.streams).get(broker).cloned();
@@ -382,7 +365,6 @@ impl JetStreamLog {
             }
             out.push((broker.clone(), state.last_sequence.saturating_sub(floor)));
         }
-        *lock(&self.inner.backlog) = Some((tokio::time::Instant::now(), out.clone()));
         Ok(out)
     }
 }
