@@ -660,6 +660,49 @@ fn every_accepted_event_survives_a_crash_on_jetstream() {
     crash_and_restart(&["--event-log", &url]);
 }
 
+/// `mecha up --event-log` with its NATS down: it starts, is not ready and says why, answers
+/// posts with 503 and `Retry-After`; once NATS is up it takes and delivers events by itself.
+#[cfg(feature = "nats")]
+#[test]
+fn mecha_up_on_a_nats_that_is_down_answers_503_until_it_is_up() {
+    let work = Workdir::new("nats-down");
+    let sink = Subscriber::ok();
+    let yaml = format!("{BROKER}{}", trigger("all", "", &sink.url("/all"), ""));
+    let file = work.write("broker.yaml", &yaml);
+    let mut nats = test_support::nats::NatsServer::start();
+    nats.stop();
+    let mecha = Mecha::start(
+        &[&file],
+        &[],
+        &["--event-log", &nats.url()],
+        &Mecha::fresh_state_dir(),
+    );
+    let ready = support::http(mecha.admin, "localhost", "/ready");
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("not reachable"), "{}", ready.body);
+    let (status, headers, body) = ingress(
+        mecha.gateway,
+        "POST",
+        "/default/default",
+        &binary_event("early", "t")
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
+        "",
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+
+    nats.restart();
+    wait_until("a post accepted once NATS is up", || {
+        post_binary(&mecha, "first", "t", &[]) == 202
+    });
+    wait_until("the event delivered", || sink.count("/all") == 1);
+    wait_until("ready", || {
+        support::http(mecha.admin, "localhost", "/ready").status == 200
+    });
+}
+
 /// 10,000 events from 8 clients, `mecha up ARGS` SIGKILLed right after, started again with the
 /// same state: every accepted event is delivered, and few twice.
 fn crash_and_restart(args: &[&str]) {
