@@ -13,6 +13,15 @@ if ! command -v python3 >/dev/null 2>&1; then
   $sudo apt-get install -y -qq python3
 fi
 
+# The broker's JetStream tests start real NATS servers (one node, and a cluster of three).
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "installing nats-server (needed by the broker's JetStream tests)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq nats-server
+fi
+
 cargo fmt --all -- --check
 # `mecha up` is what a newcomer builds first: the Kubernetes crates (and the schema feature that
 # only the CRDs need) stay out of its dependency tree, in the `k8s` crate.
@@ -20,5 +29,8 @@ if cargo tree -p mecha --locked | grep -E '(^|[^-a-z])(kube[-a-z]*|k8s-openapi|s
   echo "error: mecha's dependency tree has the crates above; keep them in the k8s crate" >&2
   exit 1
 fi
+# Both builds: the default one (what `mecha up` compiles) and the one with every feature
+# (the NATS JetStream log, whose tests need it).
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+cargo test --workspace --all-features --locked

@@ -18,6 +18,6 @@ pub mod state;
 pub mod trace;
 
 pub use event::{Event, EventError};
-pub use log::{EventLog, LogError};
+pub use log::{EventLog, LogError, RedbLog};
 pub use runtime::{BrokerConfig, EventBroker, IngestError};
 pub use state::{Change, EventingState};

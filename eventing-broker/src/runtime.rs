@@ -1,33 +1,37 @@
 //! The running broker: ingestion into the log, one dispatcher task per trigger, and the
-//! checkpointer that records cursors and removes events every trigger has handled.
+//! periodic maintenance of the log (consumer positions and retention, where the log wants it).
 //!
-//! Each trigger reads the log on its own from its own cursor and delivers up to its
+//! Each trigger reads the log through a durable consumer of its own and delivers up to its
 //! concurrency limit at once, so a slow or failing subscriber only ever holds back its own
-//! trigger. The cursor it records is the highest sequence below which every event was handled
-//! (delivered, dead-lettered or given up on); after a crash delivery resumes there, so an event
-//! can be delivered twice but never lost (at-least-once).
+//! trigger. An event is acknowledged only once it was handled (delivered, dead-lettered or
+//! given up on by the rules); after a crash the log hands out again what was not, so an event
+//! can be delivered twice but never lost (at-least-once). Which log it is — the embedded file
+//! or NATS JetStream — is the log's business ([`crate::log::EventLog`]).
 //!
 //! A trigger's task that fails — the log cannot be read, or something it calls panics — is
 //! caught by a supervisor of its own: the trigger turns not ready with the reason, and the task
 //! is started again after a backoff (100 ms doubling to 30 s) from where it got.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crds::eventing::{Delivery, Destination};
 use crds::{Broker, Trigger};
+use futures_util::FutureExt as _;
 use mecha_common::ShutdownSignal;
 use prometheus::Registry;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::delivery::{self, HttpSender, Outcome, Target};
 use crate::event::{Event, TTL};
 use crate::filter::Filter;
-use crate::log::{EventLog, LogError, Progress, panic_message};
+use crate::log::redb::panic_message;
+use crate::log::{Consumer, EventLog, LogError, Message, Record};
 use crate::metrics::Metrics;
 use crate::state::EventingState;
 
@@ -35,12 +39,9 @@ use crate::state::EventingState;
 pub const DEFAULT_TTL: i32 = 255;
 /// Events a trigger reads from the log at a time.
 const READ_BATCH: usize = 256;
-/// How often cursors are recorded and handled events removed.
+/// How often the log's maintenance runs (positions recorded, handled events removed).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
-/// A trigger that has finished this many events since its last checkpoint asks for one at
-/// once, so that under load checkpoints keep pace by count, not only by time; with the time
-/// rule this bounds what a crash redelivers (see the crate's docs in docs/architecture.md).
-pub const CHECKPOINT_COUNT: usize = 256;
+pub use crate::log::redb::CHECKPOINT_COUNT;
 /// Wait before restarting a failed trigger task; doubled on each failure in a row.
 const TRIGGER_RETRY: Duration = Duration::from_millis(100);
 const MAX_TRIGGER_RETRY: Duration = Duration::from_secs(30);
@@ -82,30 +83,19 @@ pub struct EventBroker {
 
 #[derive(Debug)]
 struct Inner {
-    log: EventLog,
+    log: Arc<dyn EventLog>,
     metrics: Metrics,
     config: BrokerConfig,
     state: watch::Receiver<Arc<EventingState>>,
     sender: HttpSender,
-    /// How far each broker's log was last truncated, so an idle broker costs no writes.
-    truncated: Mutex<HashMap<String, u64>>,
     /// Why a trigger is not working, by `(namespace, name)`; absent when it is.
     problems: Mutex<HashMap<(String, String), String>>,
-    /// Wakes the checkpointer before its tick (a trigger reached [`CHECKPOINT_COUNT`]).
-    checkpoint_now: Notify,
+    /// Brokers (`namespace/name`) with a trigger whose consumer could not be made yet. They
+    /// take no events: a trigger starts at its broker's head once it can, so an event accepted
+    /// before would never reach it.
+    unstarted: Mutex<std::collections::HashSet<String>>,
     /// Tests: every delivery panics, as a broken dependency would.
     panic_deliveries: std::sync::atomic::AtomicBool,
-}
-
-/// A trigger's progress through its broker's log.
-#[derive(Debug, Default)]
-struct Tracker {
-    /// The last sequence read (every event up to it was either skipped or dispatched).
-    read_upto: u64,
-    /// Dispatched and not finished.
-    pending: BTreeSet<u64>,
-    /// Events finished since the last checkpoint took a snapshot.
-    unchecked: usize,
 }
 
 /// One running trigger.
@@ -114,17 +104,14 @@ struct Running {
     delivery: Delivery,
     broker_key: String,
     cursor_key: String,
-    tracker: Arc<Mutex<Tracker>>,
     task: JoinHandle<()>,
-    /// What the last checkpoint recorded; `None` forces the next one to record.
-    saved: Option<Progress>,
 }
 
 // === impl EventBroker ===
 
 impl EventBroker {
     pub fn new(
-        log: EventLog,
+        log: Arc<dyn EventLog>,
         state: watch::Receiver<Arc<EventingState>>,
         config: BrokerConfig,
         registry: &Registry,
@@ -136,9 +123,8 @@ impl EventBroker {
                 config,
                 state,
                 sender: HttpSender::new(),
-                truncated: Mutex::default(),
                 problems: Mutex::default(),
-                checkpoint_now: Notify::new(),
+                unstarted: Mutex::default(),
                 panic_deliveries: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -152,7 +138,7 @@ impl EventBroker {
         &self.inner.metrics
     }
 
-    pub fn log(&self) -> &EventLog {
+    pub fn log(&self) -> &Arc<dyn EventLog> {
         &self.inner.log
     }
 
@@ -235,6 +221,12 @@ impl EventBroker {
         if self.state().broker(namespace, name).is_none() {
             return Err(IngestError::UnknownBroker(format!("{namespace}/{name}")));
         }
+        let key = broker_key(namespace, name);
+        if lock(&self.inner.unstarted).contains(&key) {
+            return Err(IngestError::Log(LogError::Unavailable(format!(
+                "a trigger of broker {key} has no position in the event log yet"
+            ))));
+        }
         metrics
             .received
             .with_label_values(&labels)
@@ -259,7 +251,10 @@ impl EventBroker {
             event
                 .attributes
                 .insert(TTL.into(), cesql::Value::Integer(ttl));
-            stored.push(event.to_json_bytes());
+            stored.push(Record {
+                key: dedup_key(&event),
+                data: event.to_json_bytes(),
+            });
         }
         if stored.is_empty() {
             return if total == 0 {
@@ -315,10 +310,10 @@ impl EventBroker {
                     // Also retries triggers that could not start.
                     let snapshot = self.state();
                     self.settle(&snapshot, &mut running).await;
-                    self.checkpoint(&snapshot, &mut running, Vec::new()).await;
+                    self.maintain(&snapshot).await;
                 }
-                () = self.inner.checkpoint_now.notified() => {
-                    self.checkpoint(&self.state(), &mut running, Vec::new()).await;
+                () = self.inner.log.maintenance_due() => {
+                    self.maintain(&self.state()).await;
                 }
                 () = &mut stop => break,
             }
@@ -326,68 +321,62 @@ impl EventBroker {
         for run in running.values() {
             run.task.abort();
         }
-        self.checkpoint(&self.state(), &mut running, Vec::new())
-            .await;
-        self.inner.log.close();
+        self.maintain(&self.state()).await;
+        if let Err(error) = self.inner.log.close().await {
+            tracing::warn!(%error, "closing the event log");
+        }
     }
 
-    /// Reconciles the trigger tasks with `snapshot`; when a trigger started or went away, its
-    /// cursor is recorded (or forgotten) durably before this returns.
+    /// Reconciles the trigger tasks with `snapshot`: stops what changed or went away (and
+    /// forgets the consumers of triggers that are gone), then starts what is missing — each
+    /// new trigger's consumer exists, at its broker's head, before this returns.
     async fn settle(
         &self,
         snapshot: &EventingState,
         running: &mut HashMap<(String, String), Running>,
     ) {
-        let (removed, started) = self.reconcile(snapshot, running);
-        if started || !removed.is_empty() {
-            self.checkpoint(snapshot, running, removed).await;
-        }
-    }
-
-    /// Starts, restarts and stops trigger tasks to match `state`. Returns the cursor keys of
-    /// triggers that are gone, and whether any task started.
-    fn reconcile(
-        &self,
-        state: &EventingState,
-        running: &mut HashMap<(String, String), Running>,
-    ) -> (Vec<String>, bool) {
-        let mut started = false;
         let mut removed = Vec::new();
         running.retain(|key, run| {
-            let keep = state.triggers.get(key).is_some_and(|t| {
+            let keep = snapshot.triggers.get(key).is_some_and(|t| {
                 *t == run.trigger
-                    && t.delivery(state.broker(t.namespace(), &t.spec.broker)) == run.delivery
-                    && state.broker(t.namespace(), &t.spec.broker).is_some()
+                    && t.delivery(snapshot.broker(t.namespace(), &t.spec.broker)) == run.delivery
+                    && snapshot.broker(t.namespace(), &t.spec.broker).is_some()
             });
             if !keep {
                 run.task.abort();
-                if !state.triggers.contains_key(key) {
+                if !snapshot.triggers.contains_key(key) {
                     self.forget_trigger(key);
                 }
-                let still_same_cursor = state.triggers.get(key).is_some_and(|t| {
+                let still_same_cursor = snapshot.triggers.get(key).is_some_and(|t| {
                     cursor_key(t) == run.cursor_key
-                        && state.broker(t.namespace(), &t.spec.broker).is_some()
+                        && snapshot.broker(t.namespace(), &t.spec.broker).is_some()
                 });
                 if !still_same_cursor {
-                    removed.push(run.cursor_key.clone());
+                    removed.push((run.broker_key.clone(), run.cursor_key.clone()));
                 }
             }
             keep
         });
-        for (key, trigger) in &state.triggers {
+        for (broker, trigger) in removed {
+            if let Err(error) = self.inner.log.remove_consumer(&broker, &trigger).await {
+                tracing::warn!(%trigger, %error, "cannot remove the consumer of a trigger that is gone");
+            }
+        }
+        let mut unstarted = std::collections::HashSet::new();
+        for (key, trigger) in &snapshot.triggers {
             if running.contains_key(key) {
                 continue;
             }
-            let Some(broker) = state.broker(trigger.namespace(), &trigger.spec.broker) else {
+            let Some(broker) = snapshot.broker(trigger.namespace(), &trigger.spec.broker) else {
                 continue;
             };
-            match self.start_trigger(key, trigger, broker) {
+            match self.start_trigger(key, trigger, broker).await {
                 Ok(run) => {
                     running.insert(key.clone(), run);
-                    started = true;
                 }
                 Err(error) => {
-                    // Retried on every checkpoint tick; said once per reason.
+                    unstarted.insert(broker_key(trigger.namespace(), &trigger.spec.broker));
+                    // Retried on every tick; said once per reason.
                     let why = format!("cannot start: {error}");
                     if self.set_trigger_problem(key, Some(why)) {
                         tracing::error!(trigger = %key.1, %error, "cannot start the trigger; retrying");
@@ -395,10 +384,10 @@ impl EventBroker {
                 }
             }
         }
-        (removed, started)
+        *lock(&self.inner.unstarted) = unstarted;
     }
 
-    fn start_trigger(
+    async fn start_trigger(
         &self,
         key: &(String, String),
         trigger: &Trigger,
@@ -409,19 +398,7 @@ impl EventBroker {
         let cursor_key = cursor_key(trigger);
         // A new trigger sees events from now on, as in Knative; a known one resumes, and
         // first redelivers what was in flight when it last stopped.
-        let progress = match self.inner.log.progress(&cursor_key)? {
-            Some(progress) => progress,
-            None => Progress {
-                read_upto: self.inner.log.head(&broker_key),
-                pending: Vec::new(),
-            },
-        };
-        let cursor = progress.cursor();
-        let tracker = Arc::new(Mutex::new(Tracker {
-            read_upto: progress.read_upto,
-            pending: progress.pending.into_iter().collect(),
-            unchecked: 0,
-        }));
+        let consumer = self.inner.log.consumer(&broker_key, &cursor_key).await?;
         let delivery = trigger.delivery(Some(broker));
         self.set_trigger_problem(key, None);
         let task = tokio::spawn(supervise(
@@ -429,95 +406,54 @@ impl EventBroker {
             key.clone(),
             trigger.clone(),
             delivery.clone(),
-            broker_key.clone(),
-            tracker.clone(),
+            (broker_key.clone(), cursor_key.clone()),
+            consumer,
         ));
-        tracing::info!(trigger = %format!("{namespace}/{}", trigger.metadata.name), broker = %broker_key, cursor, "trigger started");
+        tracing::info!(trigger = %format!("{namespace}/{}", trigger.metadata.name), broker = %broker_key, "trigger started");
         Ok(Running {
             trigger: trigger.clone(),
             delivery,
             broker_key,
             cursor_key,
-            tracker,
             task,
-            // Forces the first checkpoint to record the starting cursor.
-            saved: None,
         })
     }
 
-    /// Records moved cursors, forgets removed ones, and deletes every event all of a broker's
-    /// triggers have handled.
-    async fn checkpoint(
-        &self,
-        state: &EventingState,
-        running: &mut HashMap<(String, String), Running>,
-        removed: Vec<String>,
-    ) {
-        let mut set = Vec::new();
-        let mut low: HashMap<&str, u64> = HashMap::new();
-        for run in running.values_mut() {
-            let progress = {
-                let mut tracker = lock(&run.tracker);
-                tracker.unchecked = 0;
-                Progress {
-                    read_upto: tracker.read_upto,
-                    pending: tracker.pending.iter().copied().collect(),
-                }
-            };
-            let committed = progress.cursor();
-            if run.saved.as_ref() != Some(&progress) {
-                set.push((run.cursor_key.clone(), progress.clone()));
-                run.saved = Some(progress);
-            }
-            let entry = low.entry(run.broker_key.as_str()).or_insert(u64::MAX);
-            *entry = (*entry).min(committed);
-        }
-        let mut truncate = Vec::new();
-        {
-            let mut truncated = self
-                .inner
-                .truncated
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for (namespace, name) in state.brokers.keys() {
-                let key = broker_key(namespace, name);
-                let head = self.inner.log.head(&key);
-                // With no trigger, nobody will ever want these events.
-                let upto = low.get(key.as_str()).copied().unwrap_or(head).min(head);
-                self.inner
-                    .metrics
-                    .log_events
-                    .with_label_values(&[namespace.as_str(), name.as_str()])
-                    .set(i64::try_from(head - upto).unwrap_or(i64::MAX));
-                if upto > truncated.get(&key).copied().unwrap_or(0) {
-                    truncated.insert(key.clone(), upto);
-                    truncate.push((key, upto));
+    /// The log's housekeeping (positions recorded, handled events removed) and the gauges it
+    /// feeds.
+    async fn maintain(&self, state: &EventingState) {
+        let names: HashMap<String, (&str, &str)> = state
+            .brokers
+            .keys()
+            .map(|(namespace, name)| {
+                (
+                    broker_key(namespace, name),
+                    (namespace.as_str(), name.as_str()),
+                )
+            })
+            .collect();
+        let brokers: Vec<String> = names.keys().cloned().collect();
+        match self.inner.log.maintain(&brokers).await {
+            Ok(backlog) => {
+                for (key, waiting) in backlog {
+                    if let Some((namespace, name)) = names.get(&key) {
+                        self.inner
+                            .metrics
+                            .log_events
+                            .with_label_values(&[*namespace, *name])
+                            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+                    }
                 }
             }
+            // The log reports the failure to readiness.
+            Err(error) => tracing::warn!(%error, "event log maintenance failed"),
         }
-        if set.is_empty() && removed.is_empty() && truncate.is_empty() {
-            return;
+        if let Some(size) = self.inner.log.size_bytes() {
+            self.inner
+                .metrics
+                .log_bytes
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
         }
-        let recorded: Vec<String> = set.iter().map(|(key, _)| key.clone()).collect();
-        let truncating: Vec<String> = truncate.iter().map(|(key, _)| key.clone()).collect();
-        if let Err(error) = self.inner.log.checkpoint(set, removed, truncate).await {
-            // Nothing of it was written: make the next checkpoint try all of it again. The
-            // log reports the failure to readiness.
-            tracing::warn!(%error, "cannot record trigger cursors");
-            for run in running.values_mut() {
-                if recorded.contains(&run.cursor_key) {
-                    run.saved = None;
-                }
-            }
-            let mut truncated = lock(&self.inner.truncated);
-            for key in truncating {
-                truncated.remove(&key);
-            }
-        }
-        self.inner
-            .metrics
-            .log_bytes
-            .set(i64::try_from(self.inner.log.file_size()).unwrap_or(i64::MAX));
     }
 
     /// Where a destination's events go.
@@ -541,38 +477,61 @@ fn cursor_key(trigger: &Trigger) -> String {
     )
 }
 
+/// What a log that deduplicates knows an event by: its `source` and `id`, which CloudEvents
+/// makes unique together. Percent-encoded (no spaces, no control characters), so the space
+/// between them is unambiguous and the key fits a header.
+fn dedup_key(event: &Event) -> String {
+    format!(
+        "{} {}",
+        crate::event::percent_encode(&event.string("source").unwrap_or_default()),
+        crate::event::percent_encode(&event.id())
+    )
+}
+
 /// Runs a trigger's dispatch loop in a task of its own and starts it again when it fails (an
 /// error it returns, or a panic anywhere under it): the trigger is not ready, with the reason,
-/// until the loop reads the log again. Aborting this task aborts the loop and its deliveries
-/// (a `JoinSet` aborts what it holds when dropped).
+/// until the loop reads the log again. Each run has a fresh consumer, which hands out again
+/// what the failed run had not acknowledged. Aborting this task aborts the loop and its
+/// deliveries (a `JoinSet` aborts what it holds when dropped).
 async fn supervise(
     broker: EventBroker,
     key: (String, String),
     trigger: Trigger,
     delivery: Delivery,
-    broker_key: String,
-    tracker: Arc<Mutex<Tracker>>,
+    (broker_key, cursor_key): (String, String),
+    consumer: Box<dyn Consumer>,
 ) {
     let mut backoff = TRIGGER_RETRY;
+    let mut consumer = Some(consumer);
     loop {
-        let mut task = JoinSet::new();
-        task.spawn(dispatch(
-            broker.clone(),
-            key.clone(),
-            trigger.clone(),
-            delivery.clone(),
-            broker_key.clone(),
-            tracker.clone(),
-        ));
-        let why = match task.join_next().await {
-            // The log went away: `mecha up` is stopping.
-            None | Some(Ok(Ok(()))) => return,
-            Some(Ok(Err(why))) => why,
-            Some(Err(error)) if error.is_panic() => format!(
-                "its delivery task panicked: {}",
-                panic_message(&*error.into_panic())
-            ),
-            Some(Err(_)) => return,
+        let why = match consumer.take() {
+            None => match broker.inner.log.consumer(&broker_key, &cursor_key).await {
+                Ok(next) => {
+                    consumer = Some(next);
+                    continue;
+                }
+                Err(error) => format!("cannot read the event log: {error}"),
+            },
+            Some(consumer) => {
+                let mut task = JoinSet::new();
+                task.spawn(dispatch(
+                    broker.clone(),
+                    key.clone(),
+                    trigger.clone(),
+                    delivery.clone(),
+                    consumer,
+                ));
+                match task.join_next().await {
+                    // The log went away: `mecha up` is stopping.
+                    None | Some(Ok(Ok(()))) => return,
+                    Some(Ok(Err(why))) => why,
+                    Some(Err(error)) if error.is_panic() => format!(
+                        "its delivery task panicked: {}",
+                        panic_message(&*error.into_panic())
+                    ),
+                    Some(Err(_)) => return,
+                }
+            }
         };
         // A failure after a healthy run starts the backoff afresh.
         if broker.trigger_problem(&key.0, &key.1).is_none() {
@@ -585,15 +544,15 @@ async fn supervise(
     }
 }
 
-/// One trigger's dispatch loop: redeliver what was in flight when it last stopped, then read,
-/// filter, deliver with bounded concurrency. Returns an error when it cannot go on.
+/// One trigger's dispatch loop: take events from the consumer (first what was in flight when
+/// the trigger last stopped), filter, deliver with bounded concurrency, acknowledge each once
+/// handled. Returns an error when it cannot go on.
 async fn dispatch(
     broker: EventBroker,
     key: (String, String),
     trigger: Trigger,
     delivery: Delivery,
-    broker_key: String,
-    tracker: Arc<Mutex<Tracker>>,
+    mut consumer: Box<dyn Consumer>,
 ) -> Result<(), String> {
     let namespace = trigger.namespace().to_string();
     let name = trigger.metadata.name.clone();
@@ -617,45 +576,28 @@ async fn dispatch(
         delivery: Arc::new(delivery),
     };
     let permits = Arc::new(Semaphore::new(broker.inner.config.concurrency.max(1)));
-    let mut head = broker.inner.log.subscribe(&broker_key);
     let mut deliveries = JoinSet::new();
-    // Whatever was pending is not in flight any more (a crash, or the previous task failed):
-    // deliver it again first.
-    let (redo, mut next) = {
-        let tracker = lock(&tracker);
-        (
-            tracker.pending.iter().copied().collect::<Vec<u64>>(),
-            tracker.read_upto,
-        )
-    };
-    for seq in redo {
-        let bytes = broker
-            .inner
-            .log
-            .read_one(&broker_key, seq)
-            .map_err(|error| format!("cannot read the event log: {error}"))?;
-        let event =
-            bytes.and_then(|bytes| decode(&name, seq, &bytes).filter(|e| filter.matches(e)));
-        let Some(event) = event else {
-            lock(&tracker).pending.remove(&seq);
-            continue;
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return Ok(());
-        };
-        spawn_delivery(&mut deliveries, &broker, &job, &tracker, seq, event, permit);
-    }
+    // A delivery that panics says so here. The loop waits on this and on the consumer, not on
+    // the deliveries themselves: a `fetch` is abandoned only when the loop fails anyway, since
+    // a log whose fetch pulls from a server loses (until their deadline) what an abandoned
+    // one had pulled.
+    let (panicked_tx, mut panicked) = tokio::sync::mpsc::unbounded_channel();
     let mut healthy = false;
     loop {
         while let Some(finished) = deliveries.try_join_next() {
             delivery_failed(finished)?;
         }
-        head.borrow_and_update();
-        let batch = broker
-            .inner
-            .log
-            .read(&broker_key, next, READ_BATCH)
-            .map_err(|error| format!("cannot read the event log: {error}"))?;
+        // No more than can be delivered at once: an event waiting here for a free slot is
+        // not yet being worked on, which a log with acknowledgement deadlines would not know.
+        let max = READ_BATCH.min(permits.available_permits()).max(1);
+        let batch = tokio::select! {
+            batch = consumer.fetch(max) => {
+                batch.map_err(|error| format!("cannot read the event log: {error}"))?
+            }
+            Some(why) = panicked.recv() => {
+                return Err(format!("a delivery panicked: {why}"));
+            }
+        };
         if !healthy {
             // Reading works: whatever made the trigger fail before has gone away.
             healthy = true;
@@ -663,36 +605,33 @@ async fn dispatch(
                 tracing::info!(trigger = %format!("{namespace}/{name}"), "trigger recovered");
             }
         }
-        if batch.is_empty() {
-            tokio::select! {
-                changed = head.changed() => if changed.is_err() { return Ok(()) },
-                Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
-                    delivery_failed(finished)?;
-                }
-            }
-            continue;
-        }
-        for (seq, bytes) in batch {
-            next = seq;
-            let Some(event) = decode(&name, seq, &bytes).filter(|e| filter.matches(e)) else {
-                lock(&tracker).read_upto = seq;
+        for message in batch {
+            let Some(event) =
+                decode(&name, message.seq, &message.data).filter(|e| filter.matches(e))
+            else {
+                // Not for this trigger (or never deliverable): handled.
+                ack(&name, message).await;
                 continue;
             };
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return Ok(());
             };
-            {
-                let mut t = lock(&tracker);
-                t.pending.insert(seq);
-                t.read_upto = seq;
-            }
-            spawn_delivery(&mut deliveries, &broker, &job, &tracker, seq, event, permit);
+            spawn_delivery(&mut deliveries, &job, message, event, permit, &panicked_tx);
         }
     }
 }
 
+/// Acknowledges a handled event. A lost acknowledgement only means the event is handed out
+/// again (at-least-once), so it is logged, not fatal.
+async fn ack(trigger: &str, message: Message) {
+    let seq = message.seq;
+    if let Err(error) = message.ack().await {
+        tracing::warn!(%trigger, seq, %error, "cannot acknowledge an event; it may be delivered again");
+    }
+}
+
 /// A delivery that panicked fails the whole trigger task: its event would otherwise stay
-/// pending for ever and hold the cursor back without anyone knowing.
+/// unacknowledged for ever and hold its trigger back without anyone knowing.
 fn delivery_failed(finished: Result<(), tokio::task::JoinError>) -> Result<(), String> {
     match finished {
         Err(error) if error.is_panic() => Err(format!(
@@ -717,28 +656,24 @@ fn decode(trigger: &str, seq: u64, bytes: &[u8]) -> Option<Event> {
     }
 }
 
-/// Delivers `seq` (already in the tracker's pending set) and marks it finished; asks for a
-/// checkpoint once enough have finished since the last one.
+/// Delivers `message`'s event and acknowledges it once handled; a panic is reported to the
+/// dispatch loop (and the event stays unacknowledged).
 fn spawn_delivery(
     deliveries: &mut JoinSet<()>,
-    broker: &EventBroker,
     job: &Job,
-    tracker: &Arc<Mutex<Tracker>>,
-    seq: u64,
+    message: Message,
     event: Event,
     permit: tokio::sync::OwnedSemaphorePermit,
+    panicked: &tokio::sync::mpsc::UnboundedSender<String>,
 ) {
-    let (job, tracker, broker) = (job.clone(), tracker.clone(), broker.clone());
+    let (job, panicked) = (job.clone(), panicked.clone());
     deliveries.spawn(async move {
-        job.run(event).await;
-        let due = {
-            let mut t = lock(&tracker);
-            t.pending.remove(&seq);
-            t.unchecked += 1;
-            t.unchecked >= CHECKPOINT_COUNT
-        };
-        if due {
-            broker.inner.checkpoint_now.notify_one();
+        let trigger = job.trigger.clone();
+        match AssertUnwindSafe(job.run(event)).catch_unwind().await {
+            Ok(()) => ack(&trigger, message).await,
+            Err(panic) => {
+                let _ = panicked.send(panic_message(&*panic));
+            }
         }
         drop(permit);
     });
@@ -838,193 +773,5 @@ impl Job {
             tracing::warn!(trigger = %self.trigger, id = %event.id(), %trace_id, "the dead-letter sink failed too; the event is dropped");
             inner.metrics.failed.with_label_values(&labels).inc();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-
-    use super::*;
-    use crate::log::Fault;
-
-    /// A keep-alive subscriber that answers 202 and counts what it got.
-    async fn subscriber() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let count = Arc::new(AtomicUsize::new(0));
-        let counted = count.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut stream = BufReader::new(stream);
-                    loop {
-                        let mut length = 0;
-                        loop {
-                            let mut line = String::new();
-                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            if line == "\r\n" {
-                                break;
-                            }
-                            let lower = line.to_ascii_lowercase();
-                            if let Some(v) = lower.strip_prefix("content-length:") {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        let mut body = vec![0; length];
-                        if stream.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
-                        if stream.get_mut().write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (addr, count)
-    }
-
-    fn state(subscriber: SocketAddr) -> EventingState {
-        let yaml = format!(
-            "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b\n---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: t\nspec:\n  broker: b\n  subscriber:\n    uri: http://{subscriber}/\n"
-        );
-        let (loaded, errors) = crds::load_str(Path::new("/tmp/t.yaml"), &yaml, crds::Mode::Local);
-        assert!(errors.is_empty(), "{errors:?}");
-        let mut state = EventingState::default();
-        for loaded in loaded {
-            match loaded.resource {
-                crds::Resource::Broker(b) => {
-                    state.apply_broker(b);
-                }
-                crds::Resource::Trigger(t) => {
-                    state.apply_trigger(t);
-                }
-                _ => {}
-            }
-        }
-        state
-    }
-
-    fn event(id: &str) -> Event {
-        let json = serde_json::json!({"specversion": "1.0", "id": id, "source": "/t", "type": "t"});
-        Event::from_json(json).expect("event")
-    }
-
-    async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failing_trigger_is_not_ready_with_the_reason_and_recovers() {
-        let dir = std::env::temp_dir().join(format!("mecha-runtime-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let log = EventLog::open(&dir.join("events.redb")).expect("open");
-        let (addr, received) = subscriber().await;
-        let (_state_tx, state_rx) = watch::channel(Arc::new(state(addr)));
-        let registry = Registry::new();
-        let broker = EventBroker::new(
-            log.clone(),
-            state_rx,
-            BrokerConfig {
-                max_event_size: MIN_EVENT_SIZE,
-                default_timeout: Duration::from_secs(5),
-                concurrency: 4,
-                ingress: addr,
-                domain: "localhost".into(),
-            },
-            &registry,
-        );
-        let shutdown = mecha_common::Shutdown::new();
-        let task = broker.clone().start(shutdown.signal()).await;
-        let ready = || {
-            broker
-                .metrics()
-                .trigger_ready
-                .with_label_values(&["default", "t"])
-                .get()
-        };
-        broker
-            .ingest("default", "b", vec![event("1")])
-            .await
-            .expect("ingest");
-        until("the first event", || received.load(Ordering::SeqCst) == 1).await;
-        assert_eq!(broker.trigger_problem("default", "t"), None);
-
-        // A dependency of delivery panics: the trigger says so, and delivers once it stops.
-        broker.inject_delivery_panics(true);
-        broker
-            .ingest("default", "b", vec![event("2")])
-            .await
-            .expect("ingest");
-        until("the trigger to report the panic", || {
-            broker
-                .trigger_problem("default", "t")
-                .is_some_and(|p| p.contains("injected delivery panic"))
-        })
-        .await;
-        assert_eq!(ready(), 0);
-        broker.inject_delivery_panics(false);
-        until("the event delivered after recovery", || {
-            received.load(Ordering::SeqCst) == 2
-        })
-        .await;
-        until("the trigger ready again", || {
-            broker.trigger_problem("default", "t").is_none()
-        })
-        .await;
-        assert_eq!(ready(), 1);
-
-        // The log cannot be read: the trigger and the broker both say so, until it can.
-        log.inject_fault(Fault::ReadError);
-        broker
-            .ingest("default", "b", vec![event("3")])
-            .await
-            .expect("the writer still works");
-        until("the read failure reported", || {
-            broker
-                .trigger_problem("default", "t")
-                .is_some_and(|p| p.contains("cannot read the event log"))
-        })
-        .await;
-        assert!(
-            broker
-                .problem()
-                .is_some_and(|p| p.contains("cannot read default/b")),
-            "{:?}",
-            broker.problem()
-        );
-        log.inject_fault(Fault::None);
-        until("the event delivered after the log heals", || {
-            received.load(Ordering::SeqCst) == 3
-        })
-        .await;
-        until("everything ready again", || {
-            broker.trigger_problem("default", "t").is_none() && broker.problem().is_none()
-        })
-        .await;
-        let failures = broker
-            .metrics()
-            .trigger_failures
-            .with_label_values(&["default", "t"])
-            .get();
-        assert_eq!(failures, 2);
-        shutdown.trigger();
-        task.await.expect("broker task");
     }
 }

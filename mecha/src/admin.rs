@@ -392,7 +392,7 @@ mod tests {
     use super::*;
     use autoscaler::{Controller, SupervisorConfig};
     use axum::http::Request;
-    use eventing_broker::{BrokerConfig, EventLog};
+    use eventing_broker::{BrokerConfig, RedbLog};
     use http_body_util::BodyExt;
     use mecha_common::auth::AdminToken;
     use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, WATCH_PATH};
@@ -441,7 +441,7 @@ mod tests {
             &registry,
         );
         let broker = eventing_broker::EventBroker::new(
-            EventLog::open(&dir.join("events.redb")).expect("log"),
+            std::sync::Arc::new(RedbLog::open(&dir.join("events.redb")).expect("log")),
             store.subscribe_eventing(),
             BrokerConfig {
                 max_event_size: 1 << 20,

@@ -120,6 +120,12 @@ enum Command {
         /// The longest ejection.
         #[arg(long, default_value = "300s", value_parser = humantime_duration)]
         outlier_max_ejection_time: Duration,
+        /// Where the broker keeps events: the embedded log in the state directory (by
+        /// default), or NATS JetStream:
+        /// nats://HOST:PORT[,nats://HOST:PORT...][?replicas=3&max-age=168h&...] (needs a
+        /// mecha built with `--features nats`).
+        #[arg(long, value_name = "nats://HOST:PORT", value_parser = event_log)]
+        event_log: Option<String>,
     },
     /// Create or update resources from YAML files or directories; takes effect at once.
     Apply {
@@ -210,6 +216,20 @@ fn positive_duration(value: &str) -> Result<Duration, String> {
     }
 }
 
+/// `--event-log`: checked whole before anything starts.
+fn event_log(value: &str) -> Result<String, String> {
+    #[cfg(feature = "nats")]
+    {
+        eventing_broker::log::jetstream::JetStreamConfig::from_url(value).map(|_| value.to_string())
+    }
+    #[cfg(not(feature = "nats"))]
+    {
+        Err(format!(
+            "{value}: this mecha was built without NATS support; build it with `cargo build --release -p mecha --features nats`"
+        ))
+    }
+}
+
 fn trusted_proxies(value: &str) -> Result<activator_sidecar::rules::TrustedProxies, String> {
     activator_sidecar::rules::TrustedProxies::parse(value)
 }
@@ -258,6 +278,7 @@ async fn main() -> ExitCode {
             outlier_failures,
             outlier_ejection_time,
             outlier_max_ejection_time,
+            event_log,
         } => {
             if outlier_max_ejection_time < outlier_ejection_time {
                 eprintln!(
@@ -284,6 +305,7 @@ async fn main() -> ExitCode {
                     base_ejection: outlier_ejection_time,
                     max_ejection: outlier_max_ejection_time,
                 },
+                event_log,
             })
             .await;
         }

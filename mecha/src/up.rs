@@ -16,7 +16,7 @@ use activator_sidecar::{Gateway, ProxyError};
 use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
 use crds::Mode;
-use eventing_broker::{BrokerConfig, EventBroker, EventLog};
+use eventing_broker::{BrokerConfig, EventBroker, EventLog, RedbLog};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
 use mecha_common::admin::Health;
@@ -55,6 +55,8 @@ pub struct UpConfig {
     pub max_connections: Option<usize>,
     /// When the gateway takes a failing replica out of rotation.
     pub outlier: OutlierConfig,
+    /// The broker's log on NATS JetStream (`nats://…`, checked); `None`: the embedded log.
+    pub event_log: Option<String>,
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
@@ -108,15 +110,9 @@ pub async fn run(config: UpConfig) -> ExitCode {
         return ExitCode::from(1);
     };
 
-    let log_path = config.state_dir.join("events.redb");
-    let log = match EventLog::open(&log_path) {
+    let log = match open_event_log(&config).await {
         Ok(log) => log,
-        Err(error) => {
-            // The error says what is wrong and what to do; it blames another process only
-            // when the file's lock really is held.
-            eprintln!("error: {error}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let registry = Registry::new();
     let refusals = Refusals::register(&registry);
@@ -270,6 +266,13 @@ pub async fn run(config: UpConfig) -> ExitCode {
         "  admin    http://{admin_addr}  (/metrics, /live, /ready; MECHA_ADMIN_ADDR={admin_addr})"
     );
     println!("  state    {}", config.state_dir.display());
+    match &config.event_log {
+        Some(url) => println!("  events   {url}  (NATS JetStream)"),
+        None => println!(
+            "  events   {}  (embedded log)",
+            config.state_dir.join("events.redb").display()
+        ),
+    }
     println!(
         "  token    {}  (the admin API's credential; mecha commands read it from here)",
         token_path.display()
@@ -456,6 +459,46 @@ fn raise_open_files_limit() {
             tracing::warn!(%error, "cannot raise the open files limit");
         }
     }
+}
+
+/// The embedded log in the state directory, or JetStream with `--event-log`.
+async fn open_event_log(config: &UpConfig) -> Result<Arc<dyn EventLog>, ExitCode> {
+    if let Some(url) = &config.event_log {
+        return open_jetstream(url).await;
+    }
+    let log_path = config.state_dir.join("events.redb");
+    match RedbLog::open(&log_path) {
+        Ok(log) => Ok(Arc::new(log)),
+        Err(error) => {
+            // The error says what is wrong and what to do; it blames another process only
+            // when the file's lock really is held.
+            eprintln!("error: {error}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(feature = "nats")]
+async fn open_jetstream(url: &str) -> Result<Arc<dyn EventLog>, ExitCode> {
+    use eventing_broker::log::jetstream::{JetStreamConfig, JetStreamLog};
+    let config = JetStreamConfig::from_url(url).map_err(|error| {
+        eprintln!("error: --event-log: {error}");
+        ExitCode::from(2)
+    })?;
+    match JetStreamLog::connect(config).await {
+        Ok(log) => Ok(Arc::new(log)),
+        Err(error) => {
+            eprintln!("error: --event-log {url}: {error}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(not(feature = "nats"))]
+async fn open_jetstream(url: &str) -> Result<Arc<dyn EventLog>, ExitCode> {
+    // The flag's parser refuses it already; this keeps the two builds' code paths whole.
+    eprintln!("error: --event-log {url}: this mecha was built without NATS support");
+    Err(ExitCode::from(2))
 }
 
 async fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<TcpListener, ExitCode> {

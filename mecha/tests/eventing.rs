@@ -217,6 +217,20 @@ fn ingress_accepts_each_mode_and_refuses_bad_requests_with_reasons() {
 
 #[test]
 fn triggers_filter_retry_dead_letter_and_reply() {
+    triggers_scenario(&[]);
+}
+
+/// The same on NATS JetStream (`--event-log`).
+#[cfg(feature = "nats")]
+#[test]
+fn triggers_filter_retry_dead_letter_and_reply_on_jetstream() {
+    let nats = test_support::nats::NatsServer::start();
+    triggers_scenario(&["--event-log", &nats.url()]);
+}
+
+/// Filters, retries with their timing, dead letters, replies back into the broker and the
+/// TTL that ends reply loops, on `mecha up ARGS`.
+fn triggers_scenario(args: &[&str]) {
     let work = Workdir::new("triggers");
     let sink = Subscriber::ok();
     let dead = Subscriber::ok();
@@ -253,7 +267,7 @@ fn triggers_filter_retry_dead_letter_and_reply() {
     ]
     .concat();
     let file = work.write("triggers.yaml", &yaml);
-    let mecha = Mecha::up(&[&file]);
+    let mecha = Mecha::start(&[&file], &[], args, &Mecha::fresh_state_dir());
 
     let send = |args: &[&str]| {
         let mut all = vec!["send", "--broker", "default/default", "--source", "/tests"];
@@ -531,6 +545,66 @@ fn post_raw(gateway: SocketAddr, id: &str) -> Option<u16> {
 
 #[test]
 fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
+    crash_and_restart(&[]);
+}
+
+/// The same on NATS JetStream (`--event-log`): the events live in the server, which outlives
+/// the SIGKILLed `mecha up`; what the dead process had in flight comes back once its
+/// acknowledgement deadline (2 s here) has passed.
+#[cfg(feature = "nats")]
+#[test]
+fn every_accepted_event_survives_a_crash_on_jetstream() {
+    let nats = test_support::nats::NatsServer::start();
+    let url = format!("{}?ack-wait=2s", nats.url());
+    crash_and_restart(&["--event-log", &url]);
+}
+
+/// `mecha up --event-log` with its NATS down: it starts, is not ready and says why, answers
+/// posts with 503 and `Retry-After`; once NATS is up it takes and delivers events by itself.
+#[cfg(feature = "nats")]
+#[test]
+fn mecha_up_on_a_nats_that_is_down_answers_503_until_it_is_up() {
+    let work = Workdir::new("nats-down");
+    let sink = Subscriber::ok();
+    let yaml = format!("{BROKER}{}", trigger("all", "", &sink.url("/all"), ""));
+    let file = work.write("broker.yaml", &yaml);
+    let mut nats = test_support::nats::NatsServer::start();
+    nats.stop();
+    let mecha = Mecha::start(
+        &[&file],
+        &[],
+        &["--event-log", &nats.url()],
+        &Mecha::fresh_state_dir(),
+    );
+    let ready = support::http(mecha.admin, "localhost", "/ready");
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("not reachable"), "{}", ready.body);
+    let (status, headers, body) = ingress(
+        mecha.gateway,
+        "POST",
+        "/default/default",
+        &binary_event("early", "t")
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
+        "",
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+
+    nats.restart();
+    wait_until("a post accepted once NATS is up", || {
+        post_binary(&mecha, "first", "t", &[]) == 202
+    });
+    wait_until("the event delivered", || sink.count("/all") == 1);
+    wait_until("ready", || {
+        support::http(mecha.admin, "localhost", "/ready").status == 200
+    });
+}
+
+/// 10,000 events from 8 clients, `mecha up ARGS` SIGKILLed right after, started again with the
+/// same state: every accepted event is delivered, and few twice.
+fn crash_and_restart(args: &[&str]) {
     let work = Workdir::new("crash");
     // One request in a hundred fails, so some events are retried while later ones finish:
     // the case where a bare cursor would make a crash redeliver everything after them.
@@ -548,13 +622,14 @@ fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
     let yaml = format!("{BROKER}{}", trigger("all", "", &sink.url("/"), delivery));
     let file = work.write("crash.yaml", &yaml);
     let state = Mecha::fresh_state_dir();
-    let mut first = Mecha::start(&[&file], &[], &[], &state);
+    let mut first = Mecha::start(&[&file], &[], args, &state);
 
     // Eight clients post 10,000 events; the platform is SIGKILLed right after.
     const TOTAL: usize = 10_000;
     let accepted = Arc::new(Mutex::new(Vec::new()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let gateway = first.gateway;
+    let posting = Instant::now();
     let posters: Vec<_> = (0..8)
         .map(|_| {
             let (accepted, next) = (accepted.clone(), next.clone());
@@ -577,6 +652,7 @@ fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
     for poster in posters {
         poster.join().unwrap();
     }
+    let posted_in = posting.elapsed();
     first.kill();
     let accepted = accepted.lock().unwrap().clone();
     assert_eq!(
@@ -592,7 +668,7 @@ fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
     };
     let before = sink.all().len();
 
-    let second = Mecha::start(&[&file], &[], &[], &state);
+    let second = Mecha::start(&[&file], &[], args, &state);
     wait_until("every accepted event delivered after the restart", || {
         let delivered: std::collections::BTreeSet<String> =
             delivered_ids(&sink).into_iter().collect();
@@ -613,7 +689,8 @@ fn every_accepted_event_survives_a_crash_and_few_are_delivered_twice() {
         .len();
     let duplicates = answered - unique;
     eprintln!(
-        "crash: {TOTAL} accepted, {before} requests before the kill, {} after; {duplicates} delivered twice (bound {REDELIVERY_BOUND})",
+        "crash: {TOTAL} accepted in {posted_in:.1?} ({:.0} posts/s, 8 clients, one connection per post, debug build), {before} requests before the kill, {} after; {duplicates} delivered twice (bound {REDELIVERY_BOUND})",
+        TOTAL as f64 / posted_in.as_secs_f64(),
         all.len() - before
     );
     assert!(

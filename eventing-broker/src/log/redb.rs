@@ -1,0 +1,1125 @@
+//! The durable event log: one append-only sequence per broker, a cursor per trigger, in an
+//! embedded [redb](https://docs.rs/redb) database under the state directory.
+//!
+//! Every write goes through one writer thread. It takes whatever appends and cursor updates
+//! are waiting, applies them all in one write transaction and commits once (one fsync), then
+//! answers every waiter: group commit, so durability costs one fsync per batch, not per event,
+//! and an append is answered only after its commit — the ingress's `202` means "on disk".
+//!
+//! Keys are `(broker, sequence)`; sequences start at 1 and only grow (the last one given out is
+//! kept per broker, so they survive retention emptying the log). A trigger's cursor is the
+//! highest sequence below which it has handled everything.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ::redb::{
+    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError,
+    TableDefinition,
+};
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot, watch};
+
+use super::{Acker, Consumer, EventLog, LogError, LogFuture, Message, Record};
+
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const HEADS: TableDefinition<&str, u64> = TableDefinition::new("heads");
+/// Plain cursors, as logs written before [`Progress`] existed hold them; read, then replaced.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// A trigger's [`Progress`], encoded by [`Progress::encode`].
+const PROGRESS: TableDefinition<&str, &[u8]> = TableDefinition::new("progress");
+
+/// Most operations folded into one commit.
+const MAX_BATCH: usize = 4096;
+
+/// How far a trigger got: everything up to `read_upto` was handled except the sequences in
+/// `pending`, which were being delivered. Recording `pending` (at most the delivery concurrency)
+/// instead of only "lowest pending − 1" keeps one slow event from making a crash redeliver
+/// everything delivered after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub read_upto: u64,
+    pub pending: Vec<u64>,
+}
+
+/// A failure to inject, for tests of what the broker does when its store misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[doc(hidden)]
+pub enum Fault {
+    None = 0,
+    /// Reads fail with a storage error.
+    ReadError = 1,
+    /// Reads panic, as redb does on some corrupted pages.
+    ReadPanic = 2,
+    /// The writer panics on its next batch.
+    WriterPanic = 3,
+}
+
+/// A handle to the log; cheap to clone.
+#[derive(Clone)]
+pub struct RedbLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    path: PathBuf,
+    ops: Mutex<Option<mpsc::Sender<Op>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The last sequence appended, per broker, for dispatchers to wait on.
+    heads: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// What is wrong right now, by what failed ("write", "read {broker}"); cleared by the next
+    /// success of the same kind. Readiness reports it.
+    problems: Mutex<BTreeMap<String, String>>,
+    /// Why the writer thread stopped, if it did.
+    writer_stopped: Mutex<Option<String>>,
+    fault: AtomicU8,
+    /// Every trigger with a consumer, by trigger key: where it got, and what was last recorded.
+    consumers: Mutex<HashMap<String, Registered>>,
+    /// How far each broker's log was last truncated, so an idle broker costs no writes.
+    truncated: Mutex<HashMap<String, u64>>,
+    /// Wakes the runtime's maintenance before its tick (a trigger reached [`CHECKPOINT_COUNT`]).
+    due: Notify,
+}
+
+/// A trigger that has finished this many events since its progress was last recorded asks for
+/// a checkpoint at once, so that under load checkpoints keep pace by count, not only by time;
+/// with the runtime's tick this bounds what a crash redelivers (see docs/architecture.md).
+pub const CHECKPOINT_COUNT: usize = 256;
+
+/// A trigger's progress through its broker's log, shared by its consumer and its messages.
+#[derive(Debug, Default)]
+struct Tracker {
+    /// The last sequence handed out.
+    read_upto: u64,
+    /// Handed out and not acknowledged.
+    pending: BTreeSet<u64>,
+    /// Events acknowledged since the last checkpoint took a snapshot.
+    unchecked: usize,
+}
+
+struct Registered {
+    broker: String,
+    tracker: Arc<Mutex<Tracker>>,
+    /// What the last checkpoint recorded; `None` forces the next one to record.
+    saved: Option<Progress>,
+}
+
+/// A trigger's consumer: first the events that were pending when it was opened, then what
+/// follows `read_upto`.
+struct RedbConsumer {
+    log: RedbLog,
+    broker: String,
+    tracker: Arc<Mutex<Tracker>>,
+    head: watch::Receiver<u64>,
+    /// Pending when opened, to hand out again first (highest last: popped from the end).
+    redo: Vec<u64>,
+    /// The last sequence read.
+    next: u64,
+    first: bool,
+}
+
+struct RedbAck {
+    log: RedbLog,
+    tracker: Arc<Mutex<Tracker>>,
+    seq: u64,
+}
+
+enum Op {
+    Append {
+        broker: String,
+        events: Vec<Vec<u8>>,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
+    Cursors {
+        set: Vec<(String, Progress)>,
+        remove: Vec<String>,
+        /// Delete a broker's events up to and including this sequence.
+        truncate: Vec<(String, u64)>,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
+}
+
+// === impl Progress ===
+
+impl Progress {
+    /// Little-endian `read_upto`, then each pending sequence.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * (1 + self.pending.len()));
+        out.extend_from_slice(&self.read_upto.to_le_bytes());
+        for seq in &self.pending {
+            out.extend_from_slice(&seq.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(8) {
+            return None;
+        }
+        let mut words = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+        let read_upto = words.next()?;
+        Some(Self {
+            read_upto,
+            pending: words.collect(),
+        })
+    }
+
+    /// The highest sequence below which everything was handled.
+    pub fn cursor(&self) -> u64 {
+        self.pending
+            .iter()
+            .min()
+            .map_or(self.read_upto, |first| first - 1)
+    }
+}
+
+// === impl RedbLog ===
+
+impl std::fmt::Debug for RedbLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbLog")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedbLog {
+    /// Opens (or creates) the log at `path`, checks its integrity, and starts its writer
+    /// thread. A damaged file is refused with [`LogError::Damaged`], a file another process
+    /// holds with [`LogError::InUse`].
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let repaired = Arc::new(AtomicBool::new(false));
+        let db = {
+            let repaired = repaired.clone();
+            // redb checks every page's checksum on open, which reads the whole file once: a
+            // file damaged outside redb is refused here instead of panicking a trigger later.
+            // Debug builds of redb panic on some impossible states instead of returning
+            // `Corrupted`, hence the catch.
+            let opened = catch_unwind(AssertUnwindSafe(|| {
+                Builder::new()
+                    .set_check_integrity_on_open(true)
+                    .set_repair_callback(move |_| repaired.store(true, Ordering::Relaxed))
+                    .create(path)
+            }));
+            match opened {
+                Ok(Ok(db)) => db,
+                Ok(Err(error)) => return Err(open_error(path, error)),
+                Err(panic) => {
+                    return Err(LogError::Damaged {
+                        path: path.to_path_buf(),
+                        detail: format!(
+                            "the store panicked reading it: {}",
+                            panic_message(&*panic)
+                        ),
+                    });
+                }
+            }
+        };
+        if repaired.load(Ordering::Relaxed) {
+            tracing::warn!(path = %path.display(), "the event log was not closed cleanly or was damaged, and has been repaired to its last intact commit");
+        }
+        let db = Arc::new(db);
+        {
+            // Create the tables so that readers never meet a missing one.
+            let txn = db.begin_write().map_err(storage)?;
+            txn.open_table(EVENTS).map_err(storage)?;
+            txn.open_table(HEADS).map_err(storage)?;
+            txn.open_table(CURSORS).map_err(storage)?;
+            txn.open_table(PROGRESS).map_err(storage)?;
+            txn.commit().map_err(storage)?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            db: db.clone(),
+            path: path.to_path_buf(),
+            ops: Mutex::new(Some(tx)),
+            writer: Mutex::default(),
+            heads: Mutex::default(),
+            problems: Mutex::default(),
+            writer_stopped: Mutex::default(),
+            fault: AtomicU8::new(Fault::None as u8),
+            consumers: Mutex::default(),
+            truncated: Mutex::default(),
+            due: Notify::new(),
+        });
+        let weak = Arc::downgrade(&inner);
+        let handle = std::thread::Builder::new()
+            .name("event-log-writer".into())
+            .spawn(move || {
+                // The writer survives a panic in a batch (see `writer`); this catches anything
+                // else, so that a dead writer is reported instead of leaving appends hanging.
+                let died = catch_unwind(AssertUnwindSafe(|| writer(&db, &rx, &weak)));
+                if let Err(panic) = died {
+                    let why = format!("panicked: {}", panic_message(&*panic));
+                    tracing::error!(reason = %why, "the event log writer stopped");
+                    if let Some(inner) = weak.upgrade() {
+                        *lock(&inner.writer_stopped) = Some(why.clone());
+                        lock(&inner.problems)
+                            .insert("write".into(), format!("the writer stopped: {why}"));
+                    }
+                }
+            })
+            .map_err(|e| LogError::Storage(format!("cannot start the writer: {e}")))?;
+        *lock(&inner.writer) = Some(handle);
+        Ok(Self { inner })
+    }
+
+    /// Appends `events` (serialized) to `broker`'s log; returns the sequence of the last one
+    /// once they are committed to disk.
+    pub async fn append(&self, broker: &str, events: Vec<Vec<u8>>) -> Result<u64, LogError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Append {
+            broker: broker.to_string(),
+            events,
+            done,
+        })?;
+        rx.await
+            .map_err(|_| self.writer_gone())?
+            .map_err(LogError::Storage)
+    }
+
+    /// Records trigger progress, forgets removed triggers' cursors and deletes handled events,
+    /// in one commit.
+    pub async fn checkpoint(
+        &self,
+        set: Vec<(String, Progress)>,
+        remove: Vec<String>,
+        truncate: Vec<(String, u64)>,
+    ) -> Result<(), LogError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Cursors {
+            set,
+            remove,
+            truncate,
+            done,
+        })?;
+        rx.await
+            .map_err(|_| self.writer_gone())?
+            .map(|_| ())
+            .map_err(LogError::Storage)
+    }
+
+    fn send(&self, op: Op) -> Result<(), LogError> {
+        let ops = lock(&self.inner.ops);
+        ops.as_ref()
+            .ok_or(LogError::Closed)?
+            .send(op)
+            .map_err(|_| self.writer_gone())
+    }
+
+    /// Why an operation got no answer: the writer stopped (and why), or the log was closed.
+    fn writer_gone(&self) -> LogError {
+        match lock(&self.inner.writer_stopped).clone() {
+            Some(why) => LogError::WriterStopped(why),
+            None => LogError::Closed,
+        }
+    }
+
+    /// Stops accepting writes and waits for the writer to commit what is queued and exit.
+    pub fn close(&self) {
+        lock(&self.inner.ops).take();
+        let handle = lock(&self.inner.writer).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    /// What is wrong with the log right now (a failed commit, a broker's log that cannot be
+    /// read, a stopped writer), or `None`.
+    pub fn problem(&self) -> Option<String> {
+        let problems = lock(&self.inner.problems);
+        if problems.is_empty() {
+            return None;
+        }
+        let all: Vec<String> = problems.values().cloned().collect();
+        Some(format!(
+            "event log {}: {}",
+            self.inner.path.display(),
+            all.join("; ")
+        ))
+    }
+
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        self.inner.fault.store(fault as u8, Ordering::Relaxed);
+    }
+
+    fn fault(&self) -> u8 {
+        self.inner.fault.load(Ordering::Relaxed)
+    }
+
+    /// Up to `limit` events of `broker` with sequence above `after`, in order.
+    pub fn read(
+        &self,
+        broker: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, LogError> {
+        // A panic inside the store (redb on a damaged page) becomes an error the trigger
+        // reports, instead of unwinding through the dispatcher.
+        let read = catch_unwind(AssertUnwindSafe(|| self.read_inner(broker, after, limit)))
+            .unwrap_or_else(|panic| {
+                Err(LogError::Storage(format!(
+                    "the store panicked: {}",
+                    panic_message(&*panic)
+                )))
+            });
+        let key = format!("read {broker}");
+        match &read {
+            Ok(_) => {
+                let mut problems = lock(&self.inner.problems);
+                if problems.contains_key(&key) {
+                    problems.remove(&key);
+                }
+            }
+            Err(error) => {
+                lock(&self.inner.problems).insert(key, format!("cannot read {broker}: {error}"));
+            }
+        }
+        read
+    }
+
+    fn read_inner(
+        &self,
+        broker: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, LogError> {
+        match self.fault() {
+            1 => return Err(LogError::Storage("injected read failure".into())),
+            2 => panic!("injected read panic"),
+            _ => {}
+        }
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(EVENTS).map_err(storage)?;
+        let range = table
+            .range((broker, after.saturating_add(1))..=(broker, u64::MAX))
+            .map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (key, value) = entry.map_err(storage)?;
+            out.push((key.value().1, Bytes::copy_from_slice(value.value())));
+        }
+        Ok(out)
+    }
+
+    /// The event stored at `seq`, if it still is.
+    pub fn read_one(&self, broker: &str, seq: u64) -> Result<Option<Bytes>, LogError> {
+        let found = self.read(broker, seq.saturating_sub(1), 1)?;
+        Ok(found
+            .into_iter()
+            .next()
+            .filter(|(at, _)| *at == seq)
+            .map(|(_, bytes)| bytes))
+    }
+
+    /// The last sequence given out for `broker` (0 when none).
+    pub fn head(&self, broker: &str) -> u64 {
+        *self.subscribe(broker).borrow()
+    }
+
+    /// Watches `broker`'s head: changes on every committed append.
+    pub fn subscribe(&self, broker: &str) -> watch::Receiver<u64> {
+        let mut heads = lock(&self.inner.heads);
+        if let Some(head) = heads.get(broker) {
+            return head.subscribe();
+        }
+        let stored = self.stored_head(broker).unwrap_or(0);
+        let (tx, rx) = watch::channel(stored);
+        heads.insert(broker.to_string(), tx);
+        rx
+    }
+
+    fn stored_head(&self, broker: &str) -> Result<u64, LogError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(HEADS).map_err(storage)?;
+        Ok(table.get(broker).map_err(storage)?.map_or(0, |v| v.value()))
+    }
+
+    /// A trigger's stored cursor.
+    pub fn cursor(&self, trigger: &str) -> Result<Option<u64>, LogError> {
+        Ok(self.progress(trigger)?.map(|p| p.cursor()))
+    }
+
+    /// A trigger's stored progress.
+    pub fn progress(&self, trigger: &str) -> Result<Option<Progress>, LogError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(PROGRESS).map_err(storage)?;
+        if let Some(value) = table.get(trigger).map_err(storage)? {
+            return Progress::decode(value.value()).map(Some).ok_or_else(|| {
+                LogError::Storage(format!("the progress of {trigger} is unreadable"))
+            });
+        }
+        let table = txn.open_table(CURSORS).map_err(storage)?;
+        Ok(table.get(trigger).map_err(storage)?.map(|v| Progress {
+            read_upto: v.value(),
+            pending: Vec::new(),
+        }))
+    }
+
+    /// Events stored for `broker` right now.
+    pub fn len(&self, broker: &str) -> Result<u64, LogError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(EVENTS).map_err(storage)?;
+        let count = table
+            .range((broker, 0)..=(broker, u64::MAX))
+            .map_err(storage)?
+            .count();
+        Ok(count as u64)
+    }
+
+    /// Size of the database file in bytes.
+    pub fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.inner.path).map_or(0, |m| m.len())
+    }
+}
+
+// === impl RedbLog as EventLog ===
+
+impl RedbLog {
+    /// The consumer of `trigger`, registered: its tracker is kept across consumers (a
+    /// restarted trigger task resumes where the last one got, redelivering its pending
+    /// events); a trigger seen for the first time resumes from its stored progress, or starts
+    /// at the head with that start recorded before this returns.
+    async fn open_consumer(&self, broker: &str, trigger: &str) -> Result<RedbConsumer, LogError> {
+        let known = lock(&self.inner.consumers)
+            .get(trigger)
+            .filter(|r| r.broker == broker)
+            .map(|r| r.tracker.clone());
+        let tracker = match known {
+            Some(tracker) => tracker,
+            None => {
+                let stored = self.progress(trigger)?;
+                let fresh = stored.is_none();
+                let progress = stored.unwrap_or_else(|| Progress {
+                    read_upto: self.head(broker),
+                    pending: Vec::new(),
+                });
+                if fresh {
+                    self.checkpoint(
+                        vec![(trigger.to_string(), progress.clone())],
+                        vec![],
+                        vec![],
+                    )
+                    .await?;
+                }
+                let tracker = Arc::new(Mutex::new(Tracker {
+                    read_upto: progress.read_upto,
+                    pending: progress.pending.iter().copied().collect(),
+                    unchecked: 0,
+                }));
+                lock(&self.inner.consumers).insert(
+                    trigger.to_string(),
+                    Registered {
+                        broker: broker.to_string(),
+                        tracker: tracker.clone(),
+                        saved: Some(progress),
+                    },
+                );
+                tracker
+            }
+        };
+        let (redo, next) = {
+            let t = lock(&tracker);
+            (t.pending.iter().rev().copied().collect(), t.read_upto)
+        };
+        Ok(RedbConsumer {
+            log: self.clone(),
+            broker: broker.to_string(),
+            tracker,
+            head: self.subscribe(broker),
+            redo,
+            next,
+            first: true,
+        })
+    }
+
+    /// Records moved progress and deletes every event all of a broker's triggers have
+    /// handled; returns each broker's backlog.
+    async fn maintain_now(&self, brokers: &[String]) -> Result<Vec<(String, u64)>, LogError> {
+        let mut set = Vec::new();
+        let mut low: HashMap<String, u64> = HashMap::new();
+        for (key, registered) in lock(&self.inner.consumers).iter_mut() {
+            let progress = {
+                let mut tracker = lock(&registered.tracker);
+                tracker.unchecked = 0;
+                Progress {
+                    read_upto: tracker.read_upto,
+                    pending: tracker.pending.iter().copied().collect(),
+                }
+            };
+            let cursor = progress.cursor();
+            if registered.saved.as_ref() != Some(&progress) {
+                set.push((key.clone(), progress.clone()));
+                registered.saved = Some(progress);
+            }
+            let entry = low.entry(registered.broker.clone()).or_insert(u64::MAX);
+            *entry = (*entry).min(cursor);
+        }
+        let mut truncate = Vec::new();
+        let mut backlog = Vec::new();
+        {
+            let mut truncated = lock(&self.inner.truncated);
+            for broker in brokers {
+                let head = self.head(broker);
+                // With no trigger, nobody will ever want these events.
+                let upto = low.get(broker).copied().unwrap_or(head).min(head);
+                backlog.push((broker.clone(), head - upto));
+                if upto > truncated.get(broker).copied().unwrap_or(0) {
+                    truncated.insert(broker.clone(), upto);
+                    truncate.push((broker.clone(), upto));
+                }
+            }
+        }
+        if set.is_empty() && truncate.is_empty() {
+            return Ok(backlog);
+        }
+        let recorded: Vec<String> = set.iter().map(|(key, _)| key.clone()).collect();
+        let truncating: Vec<String> = truncate.iter().map(|(key, _)| key.clone()).collect();
+        if let Err(error) = self.checkpoint(set, vec![], truncate).await {
+            // Nothing of it was written: make the next round try all of it again. The log
+            // reports the failure to readiness.
+            for key in &recorded {
+                if let Some(registered) = lock(&self.inner.consumers).get_mut(key) {
+                    registered.saved = None;
+                }
+            }
+            let mut truncated = lock(&self.inner.truncated);
+            for key in truncating {
+                truncated.remove(&key);
+            }
+            return Err(error);
+        }
+        Ok(backlog)
+    }
+}
+
+impl EventLog for RedbLog {
+    fn append<'a>(&'a self, broker: &'a str, records: Vec<Record>) -> LogFuture<'a, ()> {
+        Box::pin(async move {
+            let events = records.into_iter().map(|r| r.data).collect();
+            RedbLog::append(self, broker, events).await.map(|_| ())
+        })
+    }
+
+    fn consumer<'a>(
+        &'a self,
+        broker: &'a str,
+        trigger: &'a str,
+    ) -> LogFuture<'a, Box<dyn Consumer>> {
+        Box::pin(async move {
+            let consumer = self.open_consumer(broker, trigger).await?;
+            Ok(Box::new(consumer) as Box<dyn Consumer>)
+        })
+    }
+
+    fn remove_consumer<'a>(&'a self, _broker: &'a str, trigger: &'a str) -> LogFuture<'a, ()> {
+        Box::pin(async move {
+            lock(&self.inner.consumers).remove(trigger);
+            self.checkpoint(vec![], vec![trigger.to_string()], vec![])
+                .await
+        })
+    }
+
+    fn maintain<'a>(&'a self, brokers: &'a [String]) -> LogFuture<'a, Vec<(String, u64)>> {
+        Box::pin(self.maintain_now(brokers))
+    }
+
+    fn maintenance_due(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.inner.due.notified())
+    }
+
+    fn problem(&self) -> Option<String> {
+        RedbLog::problem(self)
+    }
+
+    fn size_bytes(&self) -> Option<u64> {
+        Some(self.file_size())
+    }
+
+    fn close(&self) -> LogFuture<'_, ()> {
+        Box::pin(async move {
+            // Joining the writer waits for its last commit: not on a runtime thread.
+            let log = self.clone();
+            tokio::task::spawn_blocking(move || RedbLog::close(&log))
+                .await
+                .map_err(|e| LogError::Storage(format!("closing the log: {e}")))
+        })
+    }
+}
+
+// === impl RedbConsumer ===
+
+impl RedbConsumer {
+    fn message(&self, seq: u64, data: Bytes) -> Message {
+        Message::new(
+            seq,
+            data,
+            Box::new(RedbAck {
+                log: self.log.clone(),
+                tracker: self.tracker.clone(),
+                seq,
+            }),
+        )
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Message>, LogError> {
+        let max = max.max(1);
+        loop {
+            if !self.redo.is_empty() {
+                let mut out = Vec::new();
+                while out.len() < max {
+                    let Some(seq) = self.redo.pop() else { break };
+                    match self.log.read_one(&self.broker, seq)? {
+                        Some(bytes) => out.push(self.message(seq, bytes)),
+                        // Gone (retention already passed it): nothing to deliver.
+                        None => {
+                            lock(&self.tracker).pending.remove(&seq);
+                        }
+                    }
+                }
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+                continue;
+            }
+            self.head.borrow_and_update();
+            let batch = self.log.read(&self.broker, self.next, max)?;
+            let Some(&(last, _)) = batch.last() else {
+                if std::mem::take(&mut self.first) {
+                    return Ok(Vec::new());
+                }
+                if self.head.changed().await.is_err() {
+                    return Err(LogError::Closed);
+                }
+                continue;
+            };
+            self.first = false;
+            self.next = last;
+            {
+                let mut t = lock(&self.tracker);
+                t.pending.extend(batch.iter().map(|(seq, _)| *seq));
+                t.read_upto = last;
+            }
+            return Ok(batch
+                .into_iter()
+                .map(|(seq, bytes)| self.message(seq, bytes))
+                .collect());
+        }
+    }
+}
+
+impl Consumer for RedbConsumer {
+    fn fetch(&mut self, max: usize) -> LogFuture<'_, Vec<Message>> {
+        Box::pin(self.next_batch(max))
+    }
+}
+
+impl Acker for RedbAck {
+    fn ack(self: Box<Self>) -> LogFuture<'static, ()> {
+        let due = {
+            let mut t = lock(&self.tracker);
+            t.pending.remove(&self.seq);
+            t.unchecked += 1;
+            t.unchecked >= CHECKPOINT_COUNT
+        };
+        if due {
+            self.log.inner.due.notify_one();
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+fn publish(inner: &Inner, broker: &str, head: u64) {
+    let mut heads = lock(&inner.heads);
+    match heads.get(broker) {
+        Some(tx) => {
+            tx.send_replace(head);
+        }
+        None => {
+            heads.insert(broker.to_string(), watch::channel(head).0);
+        }
+    }
+}
+
+fn storage(error: impl std::fmt::Display) -> LogError {
+    LogError::Storage(error.to_string())
+}
+
+/// What went wrong opening the file, said so that the user knows what to do.
+fn open_error(path: &Path, error: DatabaseError) -> LogError {
+    let damaged = |detail: String| LogError::Damaged {
+        path: path.to_path_buf(),
+        detail,
+    };
+    match error {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            LogError::InUse(path.to_path_buf())
+        }
+        DatabaseError::RepairAborted => damaged("it could not be repaired".into()),
+        DatabaseError::Storage(StorageError::Corrupted(detail)) => damaged(detail),
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            damaged(format!("it is truncated: {io}"))
+        }
+        DatabaseError::UpgradeRequired(version) => LogError::Storage(format!(
+            "{} was written in redb file format {version}, which this Mecha cannot read",
+            path.display()
+        )),
+        other => LogError::Storage(format!("cannot open {}: {other}", path.display())),
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One round's transaction: applies every op, returns each op's result.
+fn apply_batch(
+    db: &Database,
+    batch: &[Op],
+    heads: &mut HashMap<String, u64>,
+    touched: &mut Vec<(String, u64)>,
+) -> Result<Vec<u64>, ::redb::Error> {
+    let mut results: Vec<u64> = Vec::with_capacity(batch.len());
+    let txn = db.begin_write()?;
+    {
+        let mut events = txn.open_table(EVENTS)?;
+        let mut head_table = txn.open_table(HEADS)?;
+        let mut cursors = txn.open_table(CURSORS)?;
+        let mut progress = txn.open_table(PROGRESS)?;
+        for op in batch {
+            match op {
+                Op::Append {
+                    broker,
+                    events: new,
+                    ..
+                } => {
+                    let head = match heads.get(broker) {
+                        Some(h) => *h,
+                        None => head_table.get(broker.as_str())?.map_or(0, |v| v.value()),
+                    };
+                    let mut seq = head;
+                    for event in new {
+                        seq += 1;
+                        events.insert((broker.as_str(), seq), event.as_slice())?;
+                    }
+                    head_table.insert(broker.as_str(), seq)?;
+                    heads.insert(broker.clone(), seq);
+                    touched.push((broker.clone(), seq));
+                    results.push(seq);
+                }
+                Op::Cursors {
+                    set,
+                    remove,
+                    truncate,
+                    ..
+                } => {
+                    for (trigger, at) in set {
+                        progress.insert(trigger.as_str(), at.encode().as_slice())?;
+                        cursors.remove(trigger.as_str())?;
+                    }
+                    for trigger in remove {
+                        progress.remove(trigger.as_str())?;
+                        cursors.remove(trigger.as_str())?;
+                    }
+                    for (broker, upto) in truncate {
+                        let doomed: Vec<u64> = events
+                            .range((broker.as_str(), 0)..=(broker.as_str(), *upto))?
+                            .map(|entry| entry.map(|(k, _)| k.value().1))
+                            .collect::<Result<_, _>>()?;
+                        for seq in doomed {
+                            events.remove((broker.as_str(), seq))?;
+                        }
+                    }
+                    results.push(0);
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(results)
+}
+
+/// The writer thread: drains the queue into one transaction per round. A round that fails —
+/// an error or a panic inside the store — answers each of its waiters with the reason and the
+/// writer goes on with the next round, so a transient failure heals by itself.
+fn writer(db: &Database, rx: &mpsc::Receiver<Op>, inner: &std::sync::Weak<Inner>) {
+    let mut heads: HashMap<String, u64> = HashMap::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut touched: Vec<(String, u64)> = Vec::new();
+        let inject = inner
+            .upgrade()
+            .is_some_and(|i| i.fault.load(Ordering::Relaxed) == Fault::WriterPanic as u8);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if inject {
+                panic!("injected writer panic");
+            }
+            apply_batch(db, &batch, &mut heads, &mut touched).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|panic| Err(format!("the store panicked: {}", panic_message(&*panic))));
+        let inner = inner.upgrade();
+        match outcome {
+            Ok(results) => {
+                if let Some(inner) = &inner {
+                    lock(&inner.problems).remove("write");
+                    for (broker, head) in &touched {
+                        publish(inner, broker, *head);
+                    }
+                }
+                for (op, result) in batch.into_iter().zip(results) {
+                    let done = match op {
+                        Op::Append { done, .. } | Op::Cursors { done, .. } => done,
+                    };
+                    let _ = done.send(Ok(result));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "event log commit failed");
+                if let Some(inner) = &inner {
+                    lock(&inner.problems).insert("write".into(), format!("cannot write: {error}"));
+                }
+                // The transaction was rolled back: forget the sequences it gave out.
+                heads.clear();
+                for op in batch {
+                    let done = match op {
+                        Op::Append { done, .. } | Op::Cursors { done, .. } => done,
+                    };
+                    let _ = done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mecha-log-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir.join("events.redb")
+    }
+
+    #[tokio::test]
+    async fn appends_read_back_in_order_and_survive_reopen() {
+        let path = temp("reopen");
+        {
+            let log = RedbLog::open(&path).expect("open");
+            let mut head = log.subscribe("default/b");
+            assert_eq!(
+                log.append("default/b", vec![b"a".to_vec(), b"b".to_vec()])
+                    .await
+                    .expect("append"),
+                2
+            );
+            assert_eq!(
+                log.append("default/other", vec![b"x".to_vec()])
+                    .await
+                    .expect("append"),
+                1
+            );
+            assert_eq!(
+                log.append("default/b", vec![b"c".to_vec()])
+                    .await
+                    .expect("append"),
+                3
+            );
+            head.changed().await.expect("head moves");
+            assert_eq!(*head.borrow_and_update(), 3);
+            let read = log.read("default/b", 1, 10).expect("read");
+            let values: Vec<_> = read.iter().map(|(s, v)| (*s, v.clone())).collect();
+            assert_eq!(values, [(2, Bytes::from("b")), (3, Bytes::from("c"))]);
+            log.checkpoint(
+                vec![(
+                    "t1".into(),
+                    Progress {
+                        read_upto: 3,
+                        pending: vec![3],
+                    },
+                )],
+                vec![],
+                vec![("default/b".into(), 2)],
+            )
+            .await
+            .expect("checkpoint");
+            assert_eq!(log.len("default/b").expect("len"), 1);
+            log.close();
+        }
+        let log = RedbLog::open(&path).expect("reopen");
+        assert_eq!(log.head("default/b"), 3, "sequences survive");
+        assert_eq!(log.cursor("t1").expect("cursor"), Some(2));
+        assert_eq!(log.read("default/b", 0, 10).expect("read").len(), 1);
+        // Retention emptied nothing it should not have, and new events keep counting up.
+        log.checkpoint(vec![], vec![], vec![("default/b".into(), 3)])
+            .await
+            .expect("truncate");
+        assert_eq!(
+            log.append("default/b", vec![b"d".to_vec()])
+                .await
+                .expect("append"),
+            4
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_are_group_committed() {
+        let log = RedbLog::open(&temp("group")).expect("open");
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append("ns/b", vec![i.to_be_bytes().to_vec()]).await
+            }));
+        }
+        let mut seqs = Vec::new();
+        for task in tasks {
+            seqs.push(task.await.expect("task").expect("append"));
+        }
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=200).collect::<Vec<u64>>(),
+            "every append got its own sequence"
+        );
+        assert_eq!(log.len("ns/b").expect("len"), 200);
+    }
+
+    /// A log with some events in it, closed; returns its path and file size.
+    async fn filled(name: &str) -> (PathBuf, u64) {
+        let path = temp(name);
+        let log = RedbLog::open(&path).expect("open");
+        for i in 0..50u32 {
+            log.append("ns/b", vec![vec![b'e'; 1000 + i as usize]])
+                .await
+                .expect("append");
+        }
+        log.close();
+        drop(log);
+        let size = std::fs::metadata(&path).expect("size").len();
+        (path, size)
+    }
+
+    fn refused(path: &Path) -> String {
+        let error = RedbLog::open(path).expect_err("a damaged log must be refused");
+        assert!(matches!(error, LogError::Damaged { .. }), "{error:?}");
+        error.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_damaged_or_truncated_log_is_refused_with_what_to_do() {
+        // Garbage over the pages after the header.
+        let (path, size) = filled("garbage").await;
+        let mut bytes = std::fs::read(&path).expect("read");
+        let end = usize::try_from(size).expect("size").min(4096 + 4096 * 8);
+        for (i, b) in bytes[4096..end].iter_mut().enumerate() {
+            *b = (i * 7 + 13) as u8;
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let message = refused(&path);
+        assert!(message.contains("is damaged"), "{message}");
+        assert!(message.contains("move it aside"), "{message}");
+        assert!(
+            !message.contains("another"),
+            "not a lock problem: {message}"
+        );
+
+        // Cut short.
+        let (path, size) = filled("truncated").await;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        file.set_len(size / 3).expect("truncate");
+        let message = refused(&path);
+        assert!(!message.contains("another"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_log_held_by_another_handle_says_so() {
+        let path = temp("locked");
+        let _held = RedbLog::open(&path).expect("open");
+        let error = RedbLog::open(&path).expect_err("locked");
+        assert!(matches!(error, LogError::InUse(_)), "{error:?}");
+        assert!(error.to_string().contains("another `mecha up`"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_writer_answers_every_append_with_the_reason_and_recovers() {
+        let log = RedbLog::open(&temp("writer-panic")).expect("open");
+        log.inject_fault(Fault::WriterPanic);
+        let error = log
+            .append("ns/b", vec![b"x".to_vec()])
+            .await
+            .expect_err("the commit failed");
+        assert!(
+            error.to_string().contains("injected writer panic"),
+            "{error}"
+        );
+        let problem = log.problem().expect("reported");
+        assert!(problem.contains("cannot write"), "{problem}");
+
+        log.inject_fault(Fault::None);
+        assert_eq!(
+            log.append("ns/b", vec![b"y".to_vec()])
+                .await
+                .expect("append"),
+            1,
+            "the failed append gave out no sequence"
+        );
+        assert_eq!(log.problem(), None);
+
+        log.inject_fault(Fault::ReadPanic);
+        let error = log.read("ns/b", 0, 10).expect_err("read fails");
+        assert!(error.to_string().contains("panicked"), "{error}");
+        assert!(
+            log.problem()
+                .expect("reported")
+                .contains("cannot read ns/b")
+        );
+        log.inject_fault(Fault::None);
+        assert_eq!(log.read("ns/b", 0, 10).expect("read").len(), 1);
+        assert_eq!(log.problem(), None);
+        log.close();
+        let error = log.append("ns/b", vec![]).await.expect_err("closed");
+        assert!(matches!(error, LogError::Closed), "{error:?}");
+    }
+
+    #[test]
+    fn progress_round_trips_and_its_cursor_is_below_the_first_pending() {
+        let progress = Progress {
+            read_upto: 90,
+            pending: vec![70, 85],
+        };
+        assert_eq!(Progress::decode(&progress.encode()), Some(progress.clone()));
+        assert_eq!(progress.cursor(), 69);
+        assert_eq!(Progress::decode(&[1, 2, 3]), None);
+    }
+}
