@@ -182,6 +182,31 @@ impl Progress {
     }
 }
 
+/// The log holds every accepted event: a new one is created readable by its owner only, and
+/// a symbolic link in its place is refused (it would put the events wherever it points).
+fn owner_only_file(path: &Path) -> Result<(), LogError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(LogError::Storage(format!(
+            "{} is a symbolic link; the event log must be a file of its own",
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map(drop)
+            .or_else(|error| match error.kind() {
+                // Made by a racing opener: redb's lock decides between them.
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(LogError::Storage(format!("{}: {error}", path.display()))),
+            }),
+        Err(error) => Err(LogError::Storage(format!("{}: {error}", path.display()))),
+    }
+}
+
 // === impl RedbLog ===
 
 impl std::fmt::Debug for RedbLog {
@@ -197,6 +222,7 @@ impl RedbLog {
     /// thread. A damaged file is refused with [`LogError::Damaged`], a file another process
     /// holds with [`LogError::InUse`].
     pub fn open(path: &Path) -> Result<Self, LogError> {
+        owner_only_file(path)?;
         let repaired = Arc::new(AtomicBool::new(false));
         let db = {
             let repaired = repaired.clone();
@@ -1031,6 +1057,18 @@ mod tests {
         let error = RedbLog::open(path).expect_err("a damaged log must be refused");
         assert!(matches!(error, LogError::Damaged { .. }), "{error:?}");
         error.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_new_log_is_its_owners_alone_and_a_link_in_its_place_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (path, _) = filled("owner-only").await;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let link = temp("linked");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        let error = RedbLog::open(&link).expect_err("a link is refused");
+        assert!(error.to_string().contains("symbolic link"), "{error}");
     }
 
     #[tokio::test]
