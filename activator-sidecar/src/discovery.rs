@@ -82,6 +82,13 @@ pub(crate) const TOKEN_FILE_HELP: (&str, &str, &str) = (
     "file with the autoscaler's credential, e.g. mecha up's STATE_DIR/admin-token (or the token itself in AUTOSCALER_TOKEN, never a flag: arguments are visible to every user)",
 );
 
+/// Who the gateway and outbound roles believe: nobody by default, since requests enter there.
+const EDGE_TRUSTED_PROXIES_HELP: (&str, &str, &str) = (
+    "--trusted-proxies",
+    "SIDECAR_TRUSTED_PROXIES",
+    "address[/prefix],... whose forwarding headers are believed; none; private (none)",
+);
+
 /// The outlier detection settings, the same in the gateway and outbound roles.
 const OUTLIER_HELP: [(&str, &str, &str); 3] = [
     (
@@ -125,16 +132,8 @@ impl GatewayConfig {
             "time for in-flight requests after SIGTERM (30s)",
         ),
         ("--pod-name", "POD_NAME", "this gateway's name in reports"),
-        (
-            "--trusted-proxies",
-            "SIDECAR_TRUSTED_PROXIES",
-            "address[/prefix],... whose forwarding headers are believed; none; private (none)",
-        ),
-        (
-            "--fast-path",
-            "SIDECAR_FAST_PATH",
-            "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
-        ),
+        EDGE_TRUSTED_PROXIES_HELP,
+        settings::FAST_PATH_HELP,
         OUTLIER_HELP[0],
         OUTLIER_HELP[1],
         OUTLIER_HELP[2],
@@ -170,16 +169,8 @@ impl GatewayConfig {
             "time for in-flight requests after SIGTERM (30s)",
         ),
         ("--pod-name", "POD_NAME", "this sidecar's name in reports"),
-        (
-            "--trusted-proxies",
-            "SIDECAR_TRUSTED_PROXIES",
-            "address[/prefix],... whose forwarding headers are believed; none; private (none)",
-        ),
-        (
-            "--fast-path",
-            "SIDECAR_FAST_PATH",
-            "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
-        ),
+        EDGE_TRUSTED_PROXIES_HELP,
+        settings::FAST_PATH_HELP,
         OUTLIER_HELP[0],
         OUTLIER_HELP[1],
         OUTLIER_HELP[2],

@@ -260,11 +260,7 @@ impl InboundConfig {
             "SIDECAR_TRUSTED_PROXIES",
             "address[/prefix],... whose forwarding headers are believed; none; private (private)",
         ),
-        (
-            "--fast-path",
-            "SIDECAR_FAST_PATH",
-            "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
-        ),
+        settings::FAST_PATH_HELP,
         (
             "--namespace",
             "SERVING_NAMESPACE",

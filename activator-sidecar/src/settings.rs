@@ -137,6 +137,13 @@ pub fn trusted_proxies(
     }
 }
 
+/// The fast path's setting, the same in every role.
+pub const FAST_PATH_HELP: (&str, &str, &str) = (
+    "--fast-path",
+    "SIDECAR_FAST_PATH",
+    "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
+);
+
 /// A `true`/`false` setting, `default` when unset.
 pub fn flag(
     get: &impl Fn(&str) -> Option<String>,

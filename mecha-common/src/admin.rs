@@ -135,24 +135,10 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::body::Body;
     use axum::http::Request;
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
 
     async fn get(app: Router, path: &str) -> (StatusCode, String) {
-        let response = app
-            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
-            .await
-            .expect("response");
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        crate::auth::tests::call(&app, Request::get(path)).await
     }
 
     #[tokio::test]

@@ -506,7 +506,7 @@ fn owned_by_us(path: &Path, meta: &fs::Metadata) -> Result<(), TokenError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use axum::body::Body;
     use axum::routing::{get, post};
@@ -670,7 +670,11 @@ mod tests {
         load_or_create(&scratch.0).expect("created");
     }
 
-    async fn call(app: &Router, request: axum::http::request::Builder) -> (StatusCode, String) {
+    /// One request through `app`: its status and body (also used by the admin router's tests).
+    pub(crate) async fn call(
+        app: &Router,
+        request: axum::http::request::Builder,
+    ) -> (StatusCode, String) {
         use http_body_util::BodyExt;
         let response = app
             .clone()
