@@ -76,7 +76,7 @@ pub struct ControlPlane {
 }
 
 /// Where the settings tables say how to give a sidecar its credential.
-pub(crate) const TOKEN_FILE_HELP: (&str, &str, &str) = (
+pub const TOKEN_FILE_HELP: (&str, &str, &str) = (
     "--autoscaler-token-file",
     "AUTOSCALER_TOKEN_FILE",
     "file with the autoscaler's credential, e.g. mecha up's STATE_DIR/admin-token (or the token itself in AUTOSCALER_TOKEN, never a flag: arguments are visible to every user)",
@@ -332,11 +332,11 @@ impl ControlPlane {
         self.post(POKE_PATH, body).await
     }
 
-    /// Opens the stream of route and endpoint snapshots (`GET /api/v1/watch`). The error says
-    /// whether the credential was refused (which does not fix itself) and why.
-    async fn open_watch(&self) -> Result<hyper::body::Incoming, (bool, String)> {
+    /// Opens a stream the autoscaler answers at `path` (`GET`). The error says whether the
+    /// credential was refused (which does not fix itself) and why.
+    async fn open_stream(&self, path: &str) -> Result<hyper::body::Incoming, (bool, String)> {
         let request = self
-            .request(http::Method::GET, WATCH_PATH)
+            .request(http::Method::GET, path)
             .body(Full::new(Bytes::new()))
             .map_err(|e| (false, e.to_string()))?;
         let response = self
@@ -421,20 +421,59 @@ pub async fn watch(
     health: Health,
     shutdown: ShutdownSignal,
 ) {
-    let autoscaler = control.addr.clone();
     let mut reader = SnapshotReader::default();
+    follow(
+        control,
+        WATCH_PATH,
+        "routes and endpoints",
+        |line| {
+            let snapshot: Snapshot =
+                serde_json::from_slice(line).map_err(|e| format!("bad snapshot: {e}"))?;
+            let (r, e) = reader.read(snapshot, |revision| activation.released(revision));
+            routes.send_replace(Arc::new(r));
+            endpoints.send_replace(Arc::new(e));
+            health.set_ready(true);
+            Ok(())
+        },
+        shutdown,
+    )
+    .await;
+}
+
+/// The longest line [`follow`] takes: a whole state in one line, far above what a control
+/// plane of this size sends, and a bound on what a broken one can make a client buffer.
+pub const MAX_LINE: usize = 64 * 1024 * 1024;
+
+/// Follows a stream of JSON lines the autoscaler serves at `path` (`what` names it in logs)
+/// until shutdown, handing each line to `on_line`; a line it refuses ends the session. When a
+/// session breaks, whatever `on_line` made of the last lines stays in force, and the stream is
+/// opened again after a backoff (100 ms doubling to 5 s, from the start again after a session
+/// that delivered a line). The sidecar's route watch and the standalone broker's watch of
+/// Brokers and Triggers both run on it.
+pub async fn follow(
+    control: ControlPlane,
+    path: &'static str,
+    what: &'static str,
+    mut on_line: impl FnMut(&[u8]) -> Result<(), String>,
+    shutdown: ShutdownSignal,
+) {
+    let autoscaler = control.addr.clone();
     let mut backoff = BACKOFF_START;
     let stop = shutdown.recv();
     tokio::pin!(stop);
     loop {
         // A refused credential is not an interruption that fixes itself: said as an error.
         let mut refused = false;
+        let mut lines = 0_usize;
         let session = async {
-            let mut body = control.open_watch().await.map_err(|(was_refused, error)| {
-                refused = was_refused;
-                error
-            })?;
-            tracing::info!(%autoscaler, "watching routes and endpoints");
+            let mut body = control
+                .open_stream(path)
+                .await
+                .map_err(|(was_refused, error)| {
+                    refused = was_refused;
+                    error
+                })?;
+            tracing::info!(%autoscaler, "watching {what}");
             let mut pending = BytesMut::new();
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| e.to_string())?;
@@ -444,21 +483,23 @@ pub async fn watch(
                 pending.extend_from_slice(&data);
                 while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                     let line = pending.split_to(end + 1);
-                    let snapshot: Snapshot = serde_json::from_slice(&line[..end])
-                        .map_err(|e| format!("bad snapshot: {e}"))?;
-                    let (r, e) = reader.read(snapshot, |revision| activation.released(revision));
-                    routes.send_replace(Arc::new(r));
-                    endpoints.send_replace(Arc::new(e));
-                    health.set_ready(true);
+                    on_line(&line[..end])?;
+                    lines += 1;
+                }
+                if pending.len() > MAX_LINE {
+                    return Err(format!("a line longer than {MAX_LINE} bytes"));
                 }
             }
             Err::<(), String>("the stream ended".into())
         };
         tokio::select! {
             result = session => {
+                if lines > 0 {
+                    backoff = BACKOFF_START;
+                }
                 match result {
-                    Err(error) if refused => tracing::error!(%autoscaler, %error, "cannot watch routes and endpoints; retrying in {backoff:?}"),
-                    Err(error) => tracing::warn!(%autoscaler, %error, "watch interrupted; keeping the last tables, retrying in {backoff:?}"),
+                    Err(error) if refused => tracing::error!(%autoscaler, %error, "cannot watch {what}; retrying in {backoff:?}"),
+                    Err(error) => tracing::warn!(%autoscaler, %error, "watch of {what} interrupted; keeping the last state, retrying in {backoff:?}"),
                     Ok(()) => {}
                 }
             }

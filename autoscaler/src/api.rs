@@ -4,7 +4,13 @@
 //! - `GET /api/v1/watch`: one JSON line with the routes and ready endpoints now, then one more
 //!   whenever either changes, until the client goes away or the server stops;
 //! - `POST /api/v1/stats`: a JSON list of load reports, for the autoscaler;
-//! - `POST /api/v1/pokes`: a JSON list of activation pokes from callers holding requests.
+//! - `POST /api/v1/pokes`: a JSON list of activation pokes from callers holding requests;
+//! - `GET /api/v1/eventing/watch`: for standalone brokers (`eventing-broker`), one JSON line
+//!   with every Broker and Trigger now (`crds::eventing::EventingState` in its wire form
+//!   `{"brokers":[…],"triggers":[…]}`), then one more whenever they change. Fed by
+//!   [`ApiState::with_eventing`]: `mecha up` from its store; in Kubernetes, whatever watches
+//!   the Broker and Trigger resources publishes an `EventingState` into the same kind of
+//!   `watch` channel. A control plane not given one answers 503.
 //!
 //! [`router`] has no credential or `Host` check of its own: whoever serves it puts it behind
 //! `mecha_common::auth::guard` (`mecha up` with its admin API; the rule is in one place).
@@ -18,8 +24,11 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use crds::eventing::EventingState;
 use futures_util::StreamExt;
-use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH};
+use mecha_common::wire::{
+    EVENTING_WATCH_PATH, POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH,
+};
 use mecha_common::{Activation, EndpointTable, RoutingTable, ShutdownSignal};
 use tokio::sync::{mpsc, watch};
 
@@ -33,6 +42,22 @@ pub struct ApiState {
     pub activation: Activation,
     /// Ends the watch streams, so a server can drain.
     pub shutdown: ShutdownSignal,
+    /// Every Broker and Trigger, for standalone brokers; `None`: this control plane does not
+    /// serve eventing (`/api/v1/eventing/watch` answers 503).
+    pub eventing: Option<watch::Receiver<Arc<EventingState>>>,
+}
+
+// === impl ApiState ===
+
+impl ApiState {
+    /// Serves `eventing` on `/api/v1/eventing/watch`: a `watch` whose value is the whole of
+    /// the Brokers and Triggers, replaced whenever any of them changes (send only real
+    /// changes: every send is a line to every broker). Readers never block the sender and only
+    /// see the newest state.
+    pub fn with_eventing(mut self, eventing: watch::Receiver<Arc<EventingState>>) -> Self {
+        self.eventing = Some(eventing);
+        self
+    }
 }
 
 /// The control-plane routes, without authentication (see the module's documentation).
@@ -41,6 +66,7 @@ pub fn router(state: ApiState) -> Router {
         .route(STATS_PATH, post(stats))
         .route(POKE_PATH, post(pokes))
         .route(WATCH_PATH, get(watch_tables))
+        .route(EVENTING_WATCH_PATH, get(watch_eventing))
         .with_state(state)
 }
 
@@ -108,6 +134,30 @@ async fn watch_tables(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
+/// `GET /api/v1/eventing/watch`: every Broker and Trigger now, then on every change, one JSON
+/// line each.
+async fn watch_eventing(State(state): State<ApiState>) -> Response {
+    let Some(eventing) = state.eventing.clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this control plane does not serve Brokers and Triggers\n",
+        )
+            .into_response();
+    };
+    let lines =
+        futures_util::stream::unfold((eventing, true), |(mut eventing, first)| async move {
+            if !first {
+                eventing.changed().await.ok()?;
+            }
+            let current = eventing.borrow_and_update().clone();
+            let mut line = serde_json::to_vec(&*current).ok()?;
+            line.push(b'\n');
+            Some((Ok::<_, Infallible>(line), (eventing, false)))
+        });
+    let body = Body::from_stream(lines.take_until(state.shutdown.clone().recv()));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +188,7 @@ mod tests {
             stats: stats_tx,
             activation,
             shutdown: shutdown.signal(),
+            eventing: None,
         });
         Fixture {
             app,
@@ -225,6 +276,65 @@ mod tests {
             .expect("response");
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert!(fixture.pokes.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_eventing_watch_streams_brokers_and_triggers_per_change() {
+        let (routes, routes_rx) = watch::channel(Arc::<RoutingTable>::default());
+        let (endpoints, endpoints_rx) = watch::channel(Arc::<EndpointTable>::default());
+        let (stats, _stats) = mpsc::unbounded_channel();
+        let (activation, _pokes) = Activation::new();
+        let shutdown = Shutdown::new();
+        let state = ApiState {
+            routes: routes_rx,
+            endpoints: endpoints_rx,
+            stats,
+            activation,
+            shutdown: shutdown.signal(),
+            eventing: None,
+        };
+        let get = || {
+            Request::get(EVENTING_WATCH_PATH)
+                .body(Body::empty())
+                .expect("request")
+        };
+        // Not given any: says so rather than streaming an empty state brokers would obey.
+        let response = router(state.clone())
+            .oneshot(get())
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text(response).await.contains("does not serve Brokers"));
+
+        let (eventing, eventing_rx) = watch::channel(Arc::new(EventingState::default()));
+        let app = router(state.with_eventing(eventing_rx));
+        let response = app.oneshot(get()).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/x-ndjson"
+        );
+        let mut body = response.into_body();
+        let mut next_line = async || -> EventingState {
+            let frame = body.frame().await.expect("a line").expect("frame");
+            let data = frame.into_data().expect("data");
+            assert_eq!(data.last(), Some(&b'\n'));
+            serde_json::from_slice(&data).expect("an eventing state")
+        };
+        assert_eq!(next_line().await, EventingState::default(), "the state now");
+        let broker: crds::Broker = serde_json::from_value(serde_json::json!({
+            "apiVersion": "eventing.knative.dev/v1",
+            "kind": "Broker",
+            "metadata": {"name": "default", "namespace": "shop"}
+        }))
+        .expect("broker");
+        let mut next = EventingState::default();
+        next.apply_broker(broker);
+        eventing.send_replace(Arc::new(next.clone()));
+        assert_eq!(next_line().await, next, "a line per change");
+        drop((routes, endpoints));
+        shutdown.trigger();
+        assert!(body.frame().await.is_none(), "the stream ends on shutdown");
     }
 
     #[tokio::test]

@@ -154,6 +154,8 @@ impl<A: Actuator> Controller<A> {
             stats: self.stats_intake(),
             activation: self.activation.clone(),
             shutdown,
+            // The controller does not own Brokers and Triggers; `ApiState::with_eventing`.
+            eventing: None,
         }
     }
 

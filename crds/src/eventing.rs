@@ -193,6 +193,131 @@ pub struct Delivery {
     pub format: Format,
 }
 
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+/// Every Broker and Trigger: what the broker runtime runs, published to it as an immutable
+/// snapshot (`watch::Receiver<Arc<EventingState>>`). `mecha up` builds it from its store; the
+/// control plane streams it to standalone brokers (`GET /api/v1/eventing/watch`), one JSON line
+/// per change in its wire form `{"brokers": [Broker…], "triggers": [Trigger…]}` (the resources
+/// as users write them; the keys are taken from their metadata).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(into = "EventingWire", from = "EventingWire")]
+pub struct EventingState {
+    pub brokers: BTreeMap<Key, Broker>,
+    pub triggers: BTreeMap<Key, Trigger>,
+}
+
+/// [`EventingState`] on the wire: lists, since JSON object keys cannot be pairs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventingWire {
+    #[serde(default)]
+    brokers: Vec<Broker>,
+    #[serde(default)]
+    triggers: Vec<Trigger>,
+}
+
+/// What applying one resource did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+// === impl EventingState ===
+
+impl EventingState {
+    pub fn apply_broker(&mut self, broker: Broker) -> Change {
+        let key = (broker.namespace().to_string(), broker.metadata.name.clone());
+        upsert(&mut self.brokers, key, broker)
+    }
+
+    pub fn apply_trigger(&mut self, trigger: Trigger) -> Change {
+        let key = (
+            trigger.namespace().to_string(),
+            trigger.metadata.name.clone(),
+        );
+        upsert(&mut self.triggers, key, trigger)
+    }
+
+    pub fn broker(&self, namespace: &str, name: &str) -> Option<&Broker> {
+        self.brokers.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The triggers of one broker.
+    pub fn triggers_of<'a>(
+        &'a self,
+        namespace: &'a str,
+        broker: &'a str,
+    ) -> impl Iterator<Item = &'a Trigger> + 'a {
+        self.triggers
+            .values()
+            .filter(move |t| t.namespace() == namespace && t.spec.broker == broker)
+    }
+
+    /// The resources that pass validation, and one error per resource that does not (`Broker
+    /// ns/name: field: why`): a state that arrived over the wire is checked again before it
+    /// is run, as a loaded one was.
+    pub fn validated(self) -> (Self, Vec<String>) {
+        let mut errors = Vec::new();
+        let mut keep = |kind: &str, key: &Key, problems: Vec<FieldError>| {
+            for problem in &problems {
+                errors.push(format!("{kind} {}/{}: {problem}", key.0, key.1));
+            }
+            problems.is_empty()
+        };
+        let brokers = self
+            .brokers
+            .into_iter()
+            .filter(|(key, broker)| keep(BROKER_KIND, key, broker.validate()))
+            .collect();
+        let triggers = self
+            .triggers
+            .into_iter()
+            .filter(|(key, trigger)| keep(TRIGGER_KIND, key, trigger.validate()))
+            .collect();
+        (Self { brokers, triggers }, errors)
+    }
+}
+
+impl From<EventingWire> for EventingState {
+    fn from(wire: EventingWire) -> Self {
+        let mut state = Self::default();
+        for broker in wire.brokers {
+            state.apply_broker(broker);
+        }
+        for trigger in wire.triggers {
+            state.apply_trigger(trigger);
+        }
+        state
+    }
+}
+
+impl From<EventingState> for EventingWire {
+    fn from(state: EventingState) -> Self {
+        Self {
+            brokers: state.brokers.into_values().collect(),
+            triggers: state.triggers.into_values().collect(),
+        }
+    }
+}
+
+fn upsert<T: PartialEq>(map: &mut BTreeMap<Key, T>, key: Key, value: T) -> Change {
+    match map.get(&key) {
+        None => {
+            map.insert(key, value);
+            Change::Created
+        }
+        Some(old) if *old == value => Change::Unchanged,
+        Some(_) => {
+            map.insert(key, value);
+            Change::Configured
+        }
+    }
+}
+
 // === impl Broker ===
 
 impl Broker {
@@ -554,6 +679,62 @@ pub fn parse_iso8601_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eventing_state_goes_over_the_wire_whole_and_is_checked_on_arrival() {
+        let yaml = r#"
+apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata: {name: default, namespace: shop}
+spec:
+  delivery: {retry: 3, backoffPolicy: linear, backoffDelay: PT0.5S}
+---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {name: orders, namespace: shop}
+spec:
+  broker: default
+  filter: {attributes: {type: order.created}}
+  filters:
+    - cesql: "source LIKE 'shop/%'"
+  subscriber: {uri: "http://127.0.0.1:9/orders"}
+"#;
+        let (loaded, errors) =
+            crate::load_str(std::path::Path::new("e.yaml"), yaml, crate::Mode::Local);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut state = EventingState::default();
+        for resource in loaded {
+            match resource.resource {
+                crate::Resource::Broker(b) => assert_eq!(state.apply_broker(b), Change::Created),
+                crate::Resource::Trigger(t) => assert_eq!(state.apply_trigger(t), Change::Created),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let line = serde_json::to_string(&state).expect("json");
+        assert!(line.starts_with(r#"{"brokers":[{"#), "{line}");
+        let back: EventingState = serde_json::from_str(&line).expect("parse");
+        assert_eq!(back, state, "nothing lost or changed on the way");
+        let (checked, problems) = back.validated();
+        assert_eq!((checked, problems), (state.clone(), Vec::new()));
+
+        // A trigger the control plane should never have sent is dropped with the reason; the
+        // rest runs.
+        let mut bad = state.clone();
+        let key = ("shop".to_string(), "orders".to_string());
+        bad.triggers.get_mut(&key).expect("orders").spec.broker = "Not_A_Name".into();
+        let (checked, problems) = bad.validated();
+        assert!(checked.triggers.is_empty() && checked.brokers.len() == 1);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("Trigger shop/orders: spec.broker"),
+            "{problems:?}"
+        );
+        assert!(serde_json::from_str::<EventingState>(r#"{"brokers":[],"colour":1}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<EventingState>("{}").expect("empty"),
+            EventingState::default()
+        );
+    }
 
     #[test]
     fn iso8601_durations() {

@@ -4,7 +4,10 @@
 //!
 //! Local mode (`mecha up`) runs it in-process: the gateway hands requests for a bare host
 //! (`localhost:8080/{namespace}/{broker}`) to [`ingress::handle`], and Service subscribers are
-//! reached back through the gateway, which wakes zero-scaled functions.
+//! reached back through the gateway, which wakes zero-scaled functions. On its own (feature
+//! `standalone`, on by default; the `eventing-broker` binary) it serves the ingress on a port of
+//! its own, reads Brokers and Triggers from the control plane, and several replicas share one
+//! NATS JetStream log ([`standalone`]).
 #![forbid(unsafe_code)]
 
 pub mod delivery;
@@ -14,6 +17,8 @@ pub mod ingress;
 pub mod log;
 pub mod metrics;
 pub mod runtime;
+#[cfg(feature = "standalone")]
+pub mod standalone;
 pub mod state;
 pub mod trace;
 

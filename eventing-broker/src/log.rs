@@ -138,6 +138,13 @@ pub struct Message {
 /// How a backend takes one message's acknowledgement.
 pub trait Acker: Send {
     fn ack(self: Box<Self>) -> LogFuture<'static, ()>;
+
+    /// Hands the message back unhandled, so that it is handed out again as soon as the log
+    /// can (to another replica consuming the same trigger); by default it simply waits for
+    /// its acknowledgement deadline, or the next start.
+    fn release(self: Box<Self>) -> LogFuture<'static, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 // === impl Message ===
@@ -150,6 +157,15 @@ impl Message {
     /// Marks the event handled for this trigger.
     pub async fn ack(self) -> Result<(), LogError> {
         self.acker.ack().await
+    }
+
+    /// Hands the event back unhandled (a broker that is stopping): it is delivered again.
+    /// A release that does not reach the log costs only time.
+    pub async fn release(self) {
+        let seq = self.seq;
+        if let Err(error) = self.acker.release().await {
+            tracing::debug!(seq, %error, "cannot hand an event back; it is handed out again after its deadline");
+        }
     }
 }
 

@@ -60,6 +60,11 @@ pub struct BrokerConfig {
     pub ingress: SocketAddr,
     /// Host suffix of Services (`localhost` locally).
     pub domain: String,
+    /// How long deliveries in flight may go on after shutdown, once no new event is taken;
+    /// then they are cut off, and their events, never acknowledged, are delivered again by
+    /// whoever consumes the trigger next. Zero cuts them off at once (`mecha up`, whose
+    /// gateway — the way to most subscribers — has stopped by then).
+    pub drain_timeout: Duration,
 }
 
 /// Why events were not accepted.
@@ -96,6 +101,8 @@ struct Inner {
     unstarted: Mutex<std::collections::HashSet<String>>,
     /// Tests: every delivery panics, as a broken dependency would.
     panic_deliveries: std::sync::atomic::AtomicBool,
+    /// Set once shutdown begins: trigger tasks take no more events and finish what they have.
+    draining: watch::Sender<bool>,
 }
 
 /// One running trigger.
@@ -126,6 +133,7 @@ impl EventBroker {
                 problems: Mutex::default(),
                 unstarted: Mutex::default(),
                 panic_deliveries: std::sync::atomic::AtomicBool::new(false),
+                draining: watch::channel(false).0,
             }),
         }
     }
@@ -318,13 +326,46 @@ impl EventBroker {
                 () = &mut stop => break,
             }
         }
-        for run in running.values() {
-            run.task.abort();
-        }
+        self.drain(running).await;
         self.maintain(&self.state()).await;
         if let Err(error) = self.inner.log.close().await {
             tracing::warn!(%error, "closing the event log");
         }
+    }
+
+    /// Stops the trigger tasks: they take no more events and hand back (unacknowledged) what
+    /// they took and did not start; deliveries in flight get `drain_timeout` to finish and are
+    /// cut off after it.
+    async fn drain(&self, running: HashMap<(String, String), Running>) {
+        self.inner.draining.send_replace(true);
+        // `None` once finished and awaited (a `JoinHandle` must not be polled again).
+        let mut tasks: Vec<Option<JoinHandle<()>>> =
+            running.into_values().map(|run| Some(run.task)).collect();
+        let timeout = self.inner.config.drain_timeout;
+        if !timeout.is_zero() {
+            let started = Instant::now();
+            let finished = tokio::time::timeout(timeout, async {
+                for slot in &mut tasks {
+                    if let Some(task) = slot {
+                        let _ = task.await;
+                    }
+                    *slot = None;
+                }
+            })
+            .await;
+            match finished {
+                Ok(()) => tracing::info!(took = ?started.elapsed(), "deliveries in flight finished"),
+                Err(_) => tracing::warn!(?timeout, "deliveries still in flight after the drain timeout are cut off; their events will be delivered again"),
+            }
+        }
+        for task in tasks.into_iter().flatten() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    fn draining(&self) -> watch::Receiver<bool> {
+        self.inner.draining.subscribe()
     }
 
     /// Reconciles the trigger tasks with `snapshot`: stops what changed or went away (and
@@ -503,7 +544,11 @@ async fn supervise(
 ) {
     let mut backoff = TRIGGER_RETRY;
     let mut consumer = Some(consumer);
+    let mut draining = broker.draining();
     loop {
+        if *draining.borrow() {
+            return;
+        }
         let why = match consumer.take() {
             None => match broker.inner.log.consumer(&broker_key, &cursor_key).await {
                 Ok(next) => {
@@ -538,8 +583,14 @@ async fn supervise(
             backoff = TRIGGER_RETRY;
         }
         broker.set_trigger_problem(&key, Some(why.clone()));
+        if *draining.borrow() {
+            return;
+        }
         tracing::error!(trigger = %format!("{}/{}", key.0, key.1), reason = %why, "trigger failed; retrying in {backoff:?}");
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = drained(&mut draining) => return,
+        }
         backoff = (backoff * 2).min(MAX_TRIGGER_RETRY);
     }
 }
@@ -583,6 +634,7 @@ async fn dispatch(
     // one had pulled.
     let (panicked_tx, mut panicked) = tokio::sync::mpsc::unbounded_channel();
     let mut healthy = false;
+    let mut draining = broker.draining();
     loop {
         while let Some(finished) = deliveries.try_join_next() {
             delivery_failed(finished)?;
@@ -596,6 +648,9 @@ async fn dispatch(
             }
             Some(why) = panicked.recv() => {
                 return Err(format!("a delivery panicked: {why}"));
+            }
+            _ = drained(&mut draining) => {
+                return finish(deliveries).await;
             }
         };
         if !healthy {
@@ -613,12 +668,41 @@ async fn dispatch(
                 ack(&name, message).await;
                 continue;
             };
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            if *draining.borrow() {
+                message.release().await;
+                continue;
+            }
+            let permit = tokio::select! {
+                biased;
+                permit = permits.clone().acquire_owned() => permit,
+                _ = drained(&mut draining) => {
+                    // Not started: handed back at once, for whoever consumes the trigger next.
+                    message.release().await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permit else {
                 return Ok(());
             };
             spawn_delivery(&mut deliveries, &job, message, event, permit, &panicked_tx);
         }
+        if *draining.borrow() {
+            return finish(deliveries).await;
+        }
     }
+}
+
+/// Resolves once the broker drains. (The watch's guard is dropped here, not held in the
+/// caller's future, which must stay `Send`.)
+async fn drained(draining: &mut watch::Receiver<bool>) {
+    let _ = draining.wait_for(|draining| *draining).await;
+}
+
+/// Draining: lets the deliveries in flight finish (each acknowledges its event when it is
+/// done); the broker cuts them off after its drain timeout.
+async fn finish(mut deliveries: JoinSet<()>) -> Result<(), String> {
+    while deliveries.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// Acknowledges a handled event. A lost acknowledgement only means the event is handed out

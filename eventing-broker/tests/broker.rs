@@ -3,7 +3,6 @@
 //! close, on the same storage), and `each_backend` runs it on every one.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,9 +16,11 @@ use eventing_broker::log::jetstream::{JetStreamConfig, JetStreamLog};
 use eventing_broker::log::{Consumer, EventLog, Fault, Message, Record, RedbLog};
 use eventing_broker::{BrokerConfig, Event, EventBroker, EventingState};
 use prometheus::Registry;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+mod support;
+use support::{counts, subscriber, until};
 
 type Opened = Pin<Box<dyn Future<Output = Arc<dyn EventLog>> + Send>>;
 
@@ -156,14 +157,6 @@ async fn drain(consumer: &mut Box<dyn Consumer>, wait: Duration) -> Vec<String> 
         out.extend(batch.unwrap().iter().map(text));
     }
     out
-}
-
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Waits until `broker`'s backlog, as `maintain` reports it, is `expected`.
@@ -325,52 +318,6 @@ async fn retention_keeps_what_some_consumer_has_not_acknowledged() {
 
 // === the runtime on each log ===
 
-/// A keep-alive subscriber that answers 202 and records each event's id.
-async fn subscriber() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let ids = Arc::new(Mutex::new(Vec::new()));
-    let seen = ids.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let mut stream = BufReader::new(stream);
-                loop {
-                    let mut length = 0;
-                    let mut id = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        let lower = line.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        if let Some(v) = lower.strip_prefix("ce-id:") {
-                            id = v.trim().to_string();
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    if stream.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    seen.lock().unwrap().push(id);
-                    let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
-                    if stream.get_mut().write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, ids)
-}
-
 /// Broker `b` with a trigger per subscriber (`t0`, `t1`, …).
 fn state(subscribers: &[SocketAddr]) -> EventingState {
     let mut yaml =
@@ -415,17 +362,10 @@ fn broker(log: Arc<dyn EventLog>, state: EventingState, registry: &Registry) -> 
             concurrency: 8,
             ingress: "127.0.0.1:9".parse().unwrap(),
             domain: "localhost".into(),
+            drain_timeout: std::time::Duration::ZERO,
         },
         registry,
     )
-}
-
-fn counts(ids: &Mutex<Vec<String>>) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for id in ids.lock().unwrap().iter() {
-        *counts.entry(id.clone()).or_insert(0) += 1;
-    }
-    counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,10 @@
 //! - sidecar → autoscaler: [`Stat`]s posted to [`STATS_PATH`] once a second, and [`Poke`]s
 //!   posted to [`POKE_PATH`] when a request is held for a revision without a free replica;
 //! - autoscaler → sidecar: [`Snapshot`]s of routes and ready endpoints, one JSON line each,
-//!   on the long-lived response of [`WATCH_PATH`], whenever either changes.
+//!   on the long-lived response of [`WATCH_PATH`], whenever either changes;
+//! - autoscaler → standalone broker: every Broker and Trigger (`crds::eventing::EventingState`,
+//!   one JSON line each) on the long-lived response of [`EVENTING_WATCH_PATH`], whenever they
+//!   change.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +27,8 @@ pub const STATS_PATH: &str = "/api/v1/stats";
 pub const POKE_PATH: &str = "/api/v1/pokes";
 /// Where sidecars watch routes and endpoints.
 pub const WATCH_PATH: &str = "/api/v1/watch";
+/// Where standalone brokers watch Brokers and Triggers.
+pub const EVENTING_WATCH_PATH: &str = "/api/v1/eventing/watch";
 
 /// Everything a caller needs to route: every host's route and every revision's ready replicas.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

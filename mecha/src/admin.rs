@@ -449,6 +449,7 @@ mod tests {
                 concurrency: 1,
                 ingress: "127.0.0.1:9".parse().expect("addr"),
                 domain: DOMAIN.into(),
+                drain_timeout: std::time::Duration::ZERO,
             },
             &registry,
         );

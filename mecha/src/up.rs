@@ -145,7 +145,10 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &registry,
     );
     let scaling = controller.status_board();
-    let control_api = controller.api(shutdown.signal());
+    // Standalone brokers (`eventing-broker`) read the Brokers and Triggers of this store.
+    let control_api = controller
+        .api(shutdown.signal())
+        .with_eventing(store.subscribe_eventing());
     let gateway = Gateway::new(
         controller.routes(),
         supervisor.endpoints(),
@@ -164,6 +167,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
             concurrency: config.delivery_concurrency,
             ingress: gateway_addr,
             domain: DOMAIN.to_string(),
+            // The gateway, the way to most subscribers, has stopped by then.
+            drain_timeout: std::time::Duration::ZERO,
         },
         &registry,
     );

@@ -538,6 +538,17 @@ impl Acker for JetStreamAck {
                 .map_err(|e| unavailable("ack", e))
         })
     }
+
+    fn release(self: Box<Self>) -> LogFuture<'static, ()> {
+        self.keepalive.abort();
+        Box::pin(async move {
+            // Redelivered at once, to whichever consumer of the trigger pulls next.
+            self.message
+                .ack_with(AckKind::Nak(None))
+                .await
+                .map_err(|e| unavailable("nak", e))
+        })
+    }
 }
 
 impl Drop for JetStreamAck {

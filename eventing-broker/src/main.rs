@@ -1,0 +1,85 @@
+//! `eventing-broker [--flag value ...]`: the Knative Broker data plane on its own — ingress,
+//! triggers and deliveries — with Brokers and Triggers from the control plane and its events
+//! in NATS JetStream (several replicas share it) or an embedded file (one replica). Settings
+//! come from the environment or the equivalent flags (`--help`).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use activator_sidecar::settings;
+use eventing_broker::standalone::{self, StandaloneConfig};
+use mecha_common::telemetry::{LogFormat, init_tracing};
+use tokio::net::TcpListener;
+
+fn usage() -> String {
+    format!(
+        "usage: eventing-broker [--flag value ...]\n\n\
+         The broker on its own: events posted to /{{namespace}}/{{broker}} on the ingress port are\n\
+         stored in the event log and delivered to the matching triggers. Brokers and Triggers\n\
+         come from the control plane (AUTOSCALER_ADDR, e.g. `mecha up`'s admin address).\n\
+         Replicas on one nats:// log share the work; each event reaches each trigger once.\n\n{}\n\
+         Ingress limits (environment): SIDECAR_HEADER_READ_TIMEOUT (10s), SIDECAR_IDLE_TIMEOUT\n\
+         (60s), SIDECAR_BODY_READ_TIMEOUT (30s), SIDECAR_MAX_CONNECTIONS (half the file limit).\n\
+         Logs: MECHA_LOG (tracing filter), MECHA_LOG_FORMAT=json.\n",
+        settings::help(StandaloneConfig::SETTINGS)
+    )
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        return ExitCode::SUCCESS;
+    }
+    let format = match std::env::var("MECHA_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    init_tracing("MECHA_LOG", "info", format);
+    let config = match StandaloneConfig::from_args_and_env(&args, |key| std::env::var(key).ok()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let Ok(ingress) = bind(config.port, "the ingress (BROKER_PORT)").await else {
+        return ExitCode::from(1);
+    };
+    let Ok(admin) = bind(config.admin_port, "the admin endpoints (BROKER_ADMIN_PORT)").await else {
+        return ExitCode::from(1);
+    };
+    let stop = async {
+        if let Err(error) = stop_signal().await {
+            // Without signals the process can only be killed; run on.
+            tracing::error!(%error, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+        }
+    };
+    match standalone::run(config, ingress, admin, stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn bind(port: u16, what: &str) -> Result<TcpListener, ()> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    TcpListener::bind(addr).await.map_err(|error| {
+        eprintln!("error: cannot listen on {addr} for {what}: {error}");
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

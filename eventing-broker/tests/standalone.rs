@@ -1,0 +1,422 @@
+//! The `eventing-broker` binary from outside: real processes, a real `nats-server`, and a real
+//! control plane (the autoscaler's router behind `mecha_common::auth::guard`, as `mecha up`
+//! serves it) streaming Brokers and Triggers.
+#![cfg(feature = "standalone")]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crds::eventing::EventingState;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use mecha_common::auth::{AdminToken, Credential, Refusals};
+use mecha_common::{Activation, EndpointTable, RoutingTable, Shutdown};
+use test_support::nats::NatsServer;
+use tokio::sync::{mpsc, watch};
+use tokio::task::block_in_place;
+use tokio::time::Instant;
+
+mod support;
+use support::{counts, subscriber, until};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The control plane: the autoscaler's API with an eventing state the test sets, guarded by
+/// a credential as `mecha up` guards it.
+struct ControlPlane {
+    _eventing: watch::Sender<Arc<EventingState>>,
+    _shutdown: Shutdown,
+}
+
+impl ControlPlane {
+    async fn start(
+        listener: tokio::net::TcpListener,
+        token: AdminToken,
+        state: EventingState,
+    ) -> Self {
+        let shutdown = Shutdown::new();
+        let (eventing, eventing_rx) = watch::channel(Arc::new(state));
+        let (_routes_tx, routes) = watch::channel(Arc::<RoutingTable>::default());
+        let (_endpoints_tx, endpoints) = watch::channel(Arc::<EndpointTable>::default());
+        let (stats, _) = mpsc::unbounded_channel();
+        let api = autoscaler::api::router(
+            autoscaler::api::ApiState {
+                routes,
+                endpoints,
+                stats,
+                activation: Activation::new().0,
+                shutdown: shutdown.signal(),
+                eventing: None,
+            }
+            .with_eventing(eventing_rx),
+        );
+        let registry = prometheus::Registry::new();
+        let refusals = Refusals::register(&registry);
+        let app = mecha_common::auth::guard(
+            axum::Router::new(),
+            api,
+            Credential::new(token, "the test's token", refusals.clone()),
+            refusals,
+        );
+        let signal = shutdown.signal();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(signal.recv())
+                .await
+                .unwrap();
+            // The senders of the API's other channels live as long as it serves.
+            drop((_routes_tx, _endpoints_tx));
+        });
+        Self {
+            _eventing: eventing,
+            _shutdown: shutdown,
+        }
+    }
+}
+
+/// One `eventing-broker` process; SIGKILLed on drop if still running.
+struct Broker {
+    child: Child,
+    ingress: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Broker {
+    fn start(nats: &str, control: SocketAddr, token: &AdminToken) -> Self {
+        let [ingress, admin] = test_support::free_ports::<2>();
+        let child = Command::new(env!("CARGO_BIN_EXE_eventing-broker"))
+            .env_clear()
+            .env("BROKER_PORT", ingress.to_string())
+            .env("BROKER_ADMIN_PORT", admin.to_string())
+            // A short acknowledgement deadline: what a killed replica held comes back soon.
+            .env("BROKER_EVENT_LOG", format!("{nats}?ack-wait=2s"))
+            .env("AUTOSCALER_ADDR", control.to_string())
+            .env("AUTOSCALER_TOKEN", token.as_str())
+            .env("DRAIN_TIMEOUT", "10s")
+            .env("MECHA_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            ingress: SocketAddr::from(([127, 0, 0, 1], ingress)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+        }
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// Waits for the process to exit (up to `within`); its status.
+    async fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the broker did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// `GET path`: the status and body, or `None` when nothing answers.
+async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.ok()?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Posts one binary-mode event; the status (`None`: no answer) and whether a 503 said when to
+/// retry.
+async fn post(client: &HttpClient, addr: SocketAddr, id: &str, kind: &str) -> Option<u16> {
+    let request = http::Request::post(format!("http://{addr}/default/b"))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-source", "/standalone-test")
+        .header("ce-type", kind)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"n\":1}")))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.status().as_u16();
+    if status == 503 {
+        assert!(
+            response.headers().contains_key("retry-after"),
+            "a 503 says when to retry"
+        );
+    }
+    Some(status)
+}
+
+/// Broker `default/b` and three triggers: `all` (no filter), `orders` (type `order`) and
+/// `never` (a type nobody sends).
+fn state(all: SocketAddr, orders: SocketAddr, never: SocketAddr) -> EventingState {
+    let trigger = |name: &str, filter: &str, to: SocketAddr| {
+        format!(
+            "---\napiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: {name}\nspec:\n  broker: b\n{filter}  subscriber:\n    uri: http://{to}/\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b\n{}{}{}",
+        trigger("all", "", all),
+        trigger(
+            "orders",
+            "  filter:\n    attributes:\n      type: order\n",
+            orders
+        ),
+        trigger(
+            "never",
+            "  filter:\n    attributes:\n      type: never\n",
+            never
+        ),
+    );
+    let (loaded, errors) = crds::load_str(
+        std::path::Path::new("/tmp/standalone.yaml"),
+        &yaml,
+        crds::Mode::Local,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut state = EventingState::default();
+    for loaded in loaded {
+        match loaded.resource {
+            crds::Resource::Broker(b) => {
+                state.apply_broker(b);
+            }
+            crds::Resource::Trigger(t) => {
+                state.apply_trigger(t);
+            }
+            _ => {}
+        }
+    }
+    state
+}
+
+/// Sums a counter's series on a broker's `/metrics`.
+async fn metric(client: &HttpClient, broker: &Broker, name: &str) -> u64 {
+    let (_, text) = get(client, broker.admin, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Waits until each id in `expected` arrived at least once; returns how many arrived more
+/// than once, and fails on an id that was never expected.
+async fn delivered(
+    what: &str,
+    got: &Mutex<Vec<String>>,
+    expected: &HashSet<String>,
+    within: Duration,
+) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let counts = counts(got);
+        if let Some(stray) = counts.keys().find(|id| !expected.contains(*id)) {
+            panic!("{what}: {stray} was not for this trigger");
+        }
+        let missing = expected
+            .iter()
+            .filter(|id| !counts.contains_key(*id))
+            .count();
+        if missing == 0 {
+            return counts.values().map(|n| n - 1).sum();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {missing} of {} accepted events never delivered",
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two replicas on one stream share each trigger's consumer: before the control plane
+/// answers they are not ready and refuse events with 503; then every event reaches every
+/// matching trigger exactly once; a replica SIGKILLed while events are posted and delivered
+/// loses nothing (what it held comes back to the other; duplicates counted); SIGTERM drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
+    let nats = block_in_place(NatsServer::start);
+    let (all_addr, all) = subscriber().await;
+    let (orders_addr, orders) = subscriber().await;
+    let (never_addr, never) = subscriber().await;
+    let client = client();
+
+    // The brokers start before their control plane listens.
+    let control_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let control_addr = control_listener.local_addr().unwrap();
+    let token = AdminToken::generate().unwrap();
+    let mut brokers = [
+        Broker::start(&nats.url(), control_addr, &token),
+        Broker::start(&nats.url(), control_addr, &token),
+    ];
+    for broker in &brokers {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let said = loop {
+            if let Some((status, body)) = get(&client, broker.admin, "/ready").await {
+                break (status, body);
+            }
+            assert!(Instant::now() < deadline, "the admin port never answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(said.0, 503, "not ready without Brokers and Triggers");
+        assert!(said.1.contains("no Brokers and Triggers"), "{}", said.1);
+        assert_eq!(
+            post(&client, broker.ingress, "early", "order").await,
+            Some(503),
+            "no event taken before the triggers run"
+        );
+    }
+    // The control plane comes up (with the credential the brokers were given): the brokers'
+    // watches reconnect on their own.
+    control_listener.set_nonblocking(true).unwrap();
+    let _control = ControlPlane::start(
+        tokio::net::TcpListener::from_std(control_listener).unwrap(),
+        token.clone(),
+        state(all_addr, orders_addr, never_addr),
+    )
+    .await;
+    for broker in &brokers {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match get(&client, broker.admin, "/ready").await {
+                Some((200, _)) => break,
+                other => assert!(Instant::now() < deadline, "never ready: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // Normal operation: 400 events, posted to both replicas in turn; each reaches `all`
+    // once, the orders reach `orders` once, nothing reaches `never`.
+    let mut every = HashSet::new();
+    let mut order_ids = HashSet::new();
+    for n in 0..400 {
+        let id = format!("a{n}");
+        let kind = if n % 2 == 0 { "order" } else { "other" };
+        let broker = &brokers[n % 2];
+        assert_eq!(post(&client, broker.ingress, &id, kind).await, Some(202));
+        if kind == "order" {
+            order_ids.insert(id.clone());
+        }
+        every.insert(id);
+    }
+    let within = Duration::from_secs(60);
+    assert_eq!(delivered("all", &all, &every, within).await, 0, "once each");
+    assert_eq!(
+        delivered("orders", &orders, &order_ids, within).await,
+        0,
+        "once each"
+    );
+    let per_replica = [
+        metric(&client, &brokers[0], "mecha_broker_events_delivered_total").await,
+        metric(&client, &brokers[1], "mecha_broker_events_delivered_total").await,
+    ];
+    eprintln!("normal operation: 400 events, deliveries per replica {per_replica:?}, no duplicate");
+    assert_eq!(
+        per_replica[0] + per_replica[1],
+        600,
+        "each delivery made once"
+    );
+    assert!(
+        per_replica.iter().all(|n| *n > 0),
+        "both replicas share the triggers' consumers: {per_replica:?}"
+    );
+
+    // A failure: 4 clients post 2,000 events to both replicas; replica 1 is SIGKILLed after
+    // 500 answers. A client whose post got no answer (or a 503) posts it again to the other.
+    let posted = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let retried = Arc::new(AtomicUsize::new(0));
+    let ingresses = [brokers[0].ingress, brokers[1].ingress];
+    let mut posters = Vec::new();
+    for c in 0..4 {
+        let (client, posted, answered, retried) = (
+            client.clone(),
+            posted.clone(),
+            answered.clone(),
+            retried.clone(),
+        );
+        posters.push(tokio::spawn(async move {
+            for n in 0..500 {
+                let id = format!("b{c}-{n}");
+                let kind = if n % 2 == 0 { "order" } else { "other" };
+                let mut target = (c + n) % 2;
+                let mut tries = 0;
+                loop {
+                    match post(&client, ingresses[target], &id, kind).await {
+                        Some(202) => break,
+                        Some(503) | None => {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            target = 1 - target;
+                        }
+                        Some(other) => panic!("{id}: answered {other}"),
+                    }
+                    tries += 1;
+                    assert!(tries < 200, "{id} never accepted");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                answered.fetch_add(1, Ordering::Relaxed);
+                posted.lock().unwrap().push((id, kind.to_string()));
+            }
+        }));
+    }
+    until("500 posts answered", || {
+        answered.load(Ordering::Relaxed) >= 500
+    })
+    .await;
+    let delivered_before_kill = all.lock().unwrap().len();
+    brokers[1].signal(rustix::process::Signal::KILL);
+    let _ = brokers[1].exited(Duration::from_secs(10)).await;
+    for poster in posters {
+        poster.await.unwrap();
+    }
+    for (id, kind) in posted.lock().unwrap().iter() {
+        if kind == "order" {
+            order_ids.insert(id.clone());
+        }
+        every.insert(id.clone());
+    }
+    let within = Duration::from_secs(120);
+    let duplicates_all = delivered("all", &all, &every, within).await;
+    let duplicates_orders = delivered("orders", &orders, &order_ids, within).await;
+    assert!(never.lock().unwrap().is_empty(), "no event matched `never`");
+    eprintln!(
+        "replica SIGKILLed after 500 of 2,000 posts ({delivered_before_kill} deliveries to `all` by then, {} posts retried at the other replica): every accepted event delivered to every matching trigger; delivered twice: {duplicates_all} to `all`, {duplicates_orders} to `orders`",
+        retried.load(Ordering::Relaxed)
+    );
+
+    // SIGTERM: the survivor drains and exits cleanly, well within its drain timeout.
+    brokers[0].signal(rustix::process::Signal::TERM);
+    let status = brokers[0].exited(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+}
