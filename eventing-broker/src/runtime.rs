@@ -354,8 +354,13 @@ impl EventBroker {
             })
             .await;
             match finished {
-                Ok(()) => tracing::info!(took = ?started.elapsed(), "deliveries in flight finished"),
-                Err(_) => tracing::warn!(?timeout, "deliveries still in flight after the drain timeout are cut off; their events will be delivered again"),
+                Ok(()) => {
+                    tracing::info!(took = ?started.elapsed(), "deliveries in flight finished")
+                }
+                Err(_) => tracing::warn!(
+                    ?timeout,
+                    "deliveries still in flight after the drain timeout are cut off; their events will be delivered again"
+                ),
             }
         }
         for task in tasks.into_iter().flatten() {

@@ -2,6 +2,8 @@
 //! Every benchmark reports its result next to a baseline measured in the same run.
 #![forbid(unsafe_code)]
 
+pub mod events;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
