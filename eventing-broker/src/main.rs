@@ -51,11 +51,18 @@ async fn main() -> ExitCode {
     let Ok(admin) = bind(config.admin_port, "the admin endpoints (BROKER_ADMIN_PORT)").await else {
         return ExitCode::from(1);
     };
-    let stop = async {
-        if let Err(error) = stop_signal().await {
-            // Without signals the process can only be killed; run on.
-            tracing::error!(%error, "cannot listen for SIGTERM");
-            std::future::pending::<()>().await;
+    // Listened for before anything starts, so that a SIGTERM during start-up drains too.
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
     };
     match standalone::run(config, ingress, admin, stop).await {
@@ -72,14 +79,4 @@ async fn bind(port: u16, what: &str) -> Result<TcpListener, ()> {
     TcpListener::bind(addr).await.map_err(|error| {
         eprintln!("error: cannot listen on {addr} for {what}: {error}");
     })
-}
-
-/// Ctrl-C or SIGTERM.
-async fn stop_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    Ok(())
 }

@@ -91,13 +91,22 @@ struct Broker {
 
 impl Broker {
     fn start(nats: &str, control: SocketAddr, token: &AdminToken) -> Self {
+        Self::start_with(nats, control, token, &[])
+    }
+
+    fn start_with(
+        nats: &str,
+        control: SocketAddr,
+        token: &AdminToken,
+        settings: &[(&str, &str)],
+    ) -> Self {
         let [ingress, admin] = test_support::free_ports::<2>();
         let child = Command::new(env!("CARGO_BIN_EXE_eventing-broker"))
             .env_clear()
+            .envs(settings.iter().copied())
             .env("BROKER_PORT", ingress.to_string())
             .env("BROKER_ADMIN_PORT", admin.to_string())
-            // A short acknowledgement deadline: what a killed replica held comes back soon.
-            .env("BROKER_EVENT_LOG", format!("{nats}?ack-wait=2s"))
+            .env("BROKER_EVENT_LOG", nats)
             .env("AUTOSCALER_ADDR", control.to_string())
             .env("AUTOSCALER_TOKEN", token.as_str())
             .env("DRAIN_TIMEOUT", "10s")
@@ -124,7 +133,10 @@ impl Broker {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "the broker did not exit");
+            assert!(
+                Instant::now() < deadline,
+                "the broker did not exit within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -220,6 +232,28 @@ fn state(all: SocketAddr, orders: SocketAddr, never: SocketAddr) -> EventingStat
     state
 }
 
+/// Waits until the broker's `/ready` answers 200.
+async fn ready(client: &HttpClient, broker: &Broker) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match get(client, broker.admin, "/ready").await {
+            Some((200, _)) => return,
+            other => assert!(Instant::now() < deadline, "never ready: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A control plane serving `state` with `token`, on a port of its own.
+async fn control_plane(token: &AdminToken, state: EventingState) -> (SocketAddr, ControlPlane) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (
+        addr,
+        ControlPlane::start(listener, token.clone(), state).await,
+    )
+}
+
 /// Sums a counter's series on a broker's `/metrics`.
 async fn metric(client: &HttpClient, broker: &Broker, name: &str) -> u64 {
     let (_, text) = get(client, broker.admin, "/metrics").await.unwrap();
@@ -266,6 +300,8 @@ async fn delivered(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
     let nats = block_in_place(NatsServer::start);
+    // A short acknowledgement deadline: what a killed replica held comes back soon.
+    let log = format!("{}?ack-wait=2s", nats.url());
     let (all_addr, all) = subscriber().await;
     let (orders_addr, orders) = subscriber().await;
     let (never_addr, never) = subscriber().await;
@@ -276,8 +312,8 @@ async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
     let control_addr = control_listener.local_addr().unwrap();
     let token = AdminToken::generate().unwrap();
     let mut brokers = [
-        Broker::start(&nats.url(), control_addr, &token),
-        Broker::start(&nats.url(), control_addr, &token),
+        Broker::start(&log, control_addr, &token),
+        Broker::start(&log, control_addr, &token),
     ];
     for broker in &brokers {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -306,14 +342,7 @@ async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
     )
     .await;
     for broker in &brokers {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match get(&client, broker.admin, "/ready").await {
-                Some((200, _)) => break,
-                other => assert!(Instant::now() < deadline, "never ready: {other:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        ready(&client, broker).await;
     }
 
     // Normal operation: 400 events, posted to both replicas in turn; each reaches `all`
@@ -417,6 +446,125 @@ async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
 
     // SIGTERM: the survivor drains and exits cleanly, well within its drain timeout.
     brokers[0].signal(rustix::process::Signal::TERM);
+    let term = Instant::now();
     let status = brokers[0].exited(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "the survivor's exit after SIGTERM ({:?} later): {status:?}",
+        term.elapsed()
+    );
+}
+
+/// SIGTERM while deliveries are in flight: the replica takes no more events, its deliveries
+/// in flight finish and are acknowledged (not delivered again by the other replica), what it
+/// took and had not started goes to the other replica, and it exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_deliveries_in_flight_finish_and_hands_back_the_rest() {
+    let nats = block_in_place(NatsServer::start);
+    let log = format!("{}?ack-wait=3s", nats.url());
+    // Each delivery takes a second: SIGTERM comes while some are in flight.
+    let (slow_addr, slow) = support::slow_subscriber(Duration::from_secs(1)).await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) =
+        control_plane(&token, state(slow_addr, slow_addr, slow_addr)).await;
+    let settings = [("BROKER_DELIVERY_CONCURRENCY", "4")];
+    let mut brokers = [
+        Broker::start_with(&log, control_addr, &token, &settings),
+        Broker::start_with(&log, control_addr, &token, &settings),
+    ];
+    let client = client();
+    for broker in &brokers {
+        ready(&client, broker).await;
+    }
+    // `other` events reach only `all`: one delivery each.
+    let mut every = HashSet::new();
+    for n in 0..24 {
+        let id = format!("d{n}");
+        assert_eq!(
+            post(&client, brokers[n % 2].ingress, &id, "other").await,
+            Some(202)
+        );
+        every.insert(id);
+    }
+    // Both replicas are delivering (4 each at most).
+    until("deliveries in flight", || slow.lock().unwrap().len() >= 8).await;
+    let at_term = slow.lock().unwrap().len();
+    let term = Instant::now();
+    brokers[0].signal(rustix::process::Signal::TERM);
+    let status = brokers[0].exited(Duration::from_secs(20)).await;
+    let drained = term.elapsed();
     assert!(status.success(), "{status:?}");
+    let duplicates = delivered("all", &slow, &every, Duration::from_secs(60)).await;
+    eprintln!(
+        "SIGTERM with {at_term} deliveries made: the replica drained in {drained:?}; all 24 events delivered, {duplicates} twice"
+    );
+    assert_eq!(
+        duplicates, 0,
+        "a delivery in flight at SIGTERM finishes and is acknowledged, not made again"
+    );
+}
+
+/// NATS stopped under a running `eventing-broker`: not ready and 503 with `Retry-After` while
+/// it is down; once it is back, ready again on its own, and every accepted event delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_and_back_under_the_binary_503s_then_resumes_on_its_own() {
+    let mut nats = block_in_place(NatsServer::start);
+    let (addr, got) = subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, state(addr, addr, addr)).await;
+    let broker = Broker::start(&format!("{}?ack-wait=2s", nats.url()), control_addr, &token);
+    let client = client();
+    ready(&client, &broker).await;
+    let mut accepted = HashSet::new();
+    for n in 0..50 {
+        let id = format!("before{n}");
+        assert_eq!(post(&client, broker.ingress, &id, "other").await, Some(202));
+        accepted.insert(id);
+    }
+
+    block_in_place(|| nats.stop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    loop {
+        match post(&client, broker.ingress, &format!("down{refused}"), "other").await {
+            Some(503) => refused += 1,
+            // Accepted before the client noticed the connection was gone.
+            Some(202) => {
+                accepted.insert(format!("down{refused}"));
+            }
+            other => panic!("while NATS is down: {other:?}"),
+        }
+        if refused >= 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 503 while NATS is down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, why) = get(&client, broker.admin, "/ready").await.unwrap();
+    assert_eq!(status, 503, "not ready while NATS is down");
+    assert!(why.contains("not reachable"), "{why}");
+
+    block_in_place(|| nats.restart());
+    ready(&client, &broker).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while accepted.len() < 100 {
+        let id = format!("after{n}");
+        n += 1;
+        match post(&client, broker.ingress, &id, "other").await {
+            Some(202) => {
+                accepted.insert(id);
+            }
+            Some(503) => assert!(
+                Instant::now() < deadline,
+                "still refusing after NATS is back"
+            ),
+            other => panic!("after NATS is back: {other:?}"),
+        }
+    }
+    let duplicates = delivered("all", &got, &accepted, Duration::from_secs(60)).await;
+    eprintln!(
+        "NATS stopped and restarted under the binary: {refused} posts answered 503 while it was down, {} accepted, all delivered, {duplicates} twice",
+        accepted.len()
+    );
 }

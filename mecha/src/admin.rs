@@ -395,7 +395,7 @@ mod tests {
     use eventing_broker::{BrokerConfig, RedbLog};
     use http_body_util::BodyExt;
     use mecha_common::auth::AdminToken;
-    use mecha_common::wire::{POKE_PATH, Poke, STATS_PATH, WATCH_PATH};
+    use mecha_common::wire::{EVENTING_WATCH_PATH, POKE_PATH, Poke, STATS_PATH, WATCH_PATH};
     use mecha_common::{Activation, Shutdown};
     use tower::ServiceExt;
 
@@ -454,7 +454,9 @@ mod tests {
             &registry,
         );
         let shutdown = Shutdown::new();
-        let control = controller.api(shutdown.signal());
+        let control = controller
+            .api(shutdown.signal())
+            .with_eventing(store.subscribe_eventing());
         let token = AdminToken::generate().expect("token");
         let refusals = Refusals::register(&registry);
         let app = router(
@@ -517,8 +519,8 @@ mod tests {
             .await
             .expect("response");
         let status = response.status();
-        // The watch stream never ends: read only what is there at once.
-        let body = if path == WATCH_PATH && status.is_success() {
+        // The watch streams never end: read only what is there at once.
+        let body = if (path == WATCH_PATH || path == EVENTING_WATCH_PATH) && status.is_success() {
             String::new()
         } else {
             let bytes = response
@@ -554,6 +556,7 @@ mod tests {
                 String::new(),
             ),
             ("GET", WATCH_PATH, String::new()),
+            ("GET", EVENTING_WATCH_PATH, String::new()),
             ("POST", STATS_PATH, "[]".into()),
             ("POST", POKE_PATH, poke),
         ];
@@ -620,7 +623,7 @@ mod tests {
         }
         let (_, metrics) = call(app, "GET", "/metrics", "localhost", None, String::new()).await;
         assert!(
-            metrics.contains("mecha_admin_refused_requests_total{reason=\"credential\"} 18"),
+            metrics.contains("mecha_admin_refused_requests_total{reason=\"credential\"} 20"),
             "{metrics}"
         );
     }

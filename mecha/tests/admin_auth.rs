@@ -68,6 +68,7 @@ fn without_the_credential_or_from_a_foreign_host_nothing_is_done() {
         ("GET", "/api/v1/triggers", ""),
         ("GET", "/api/v1/namespaces/default/services/evil/logs", ""),
         ("GET", "/api/v1/watch", ""),
+        ("GET", "/api/v1/eventing/watch", ""),
         ("POST", "/api/v1/stats", stat),
         ("POST", "/api/v1/pokes", poke),
     ];
@@ -130,7 +131,7 @@ fn without_the_credential_or_from_a_foreign_host_nothing_is_done() {
     assert!(
         metrics
             .body
-            .contains("mecha_admin_refused_requests_total{reason=\"credential\"} 18"),
+            .contains("mecha_admin_refused_requests_total{reason=\"credential\"} 20"),
         "{}",
         metrics.body
     );

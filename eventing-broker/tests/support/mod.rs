@@ -29,6 +29,12 @@ pub fn counts(ids: &Mutex<Vec<String>>) -> HashMap<String, usize> {
 
 /// A keep-alive subscriber that answers 202 and records each event's id.
 pub async fn subscriber() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    slow_subscriber(Duration::ZERO).await
+}
+
+/// A keep-alive subscriber that records each event's id as it arrives and answers 202 after
+/// `delay`.
+pub async fn slow_subscriber(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ids = Arc::new(Mutex::new(Vec::new()));
@@ -62,6 +68,7 @@ pub async fn subscriber() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                         return;
                     }
                     seen.lock().unwrap().push(id);
+                    tokio::time::sleep(delay).await;
                     let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
                     if stream.get_mut().write_all(answer).await.is_err() {
                         return;
