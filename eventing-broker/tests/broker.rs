@@ -598,19 +598,6 @@ mod jetstream_only {
         }
     }
 
-    /// The server name of the node leading `broker`'s stream, asked of the cluster directly.
-    async fn stream_leader(servers: &[String], broker: &str) -> String {
-        let client = async_nats::connect(servers.to_vec()).await.unwrap();
-        let context = async_nats::jetstream::new(client);
-        let name = eventing_broker::log::jetstream::stream_name(broker);
-        let mut stream = context.get_stream(&name).await.unwrap();
-        let info = stream.info().await.unwrap();
-        info.cluster
-            .as_ref()
-            .and_then(|c| c.leader.clone())
-            .expect("an R3 stream has a leader")
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_retried_post_is_stored_once() {
         let server = block_in_place(NatsServer::start);
@@ -771,7 +758,7 @@ mod jetstream_only {
             || posted.accepted.lock().unwrap().len() + posted.refused.load(Ordering::Relaxed);
         until("1,000 posts answered", || answered() >= 1000).await;
         // The node that leads the broker's stream: losing it is what a majority must survive.
-        let leader = stream_leader(&servers, "default/b").await;
+        let leader = support::stream_leader(&servers, "default/b").await;
         let victim = nodes.iter().position(|n| n.name == leader).unwrap();
         block_in_place(|| nodes[victim].kill());
         for poster in posters {

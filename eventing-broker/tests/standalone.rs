@@ -444,6 +444,16 @@ async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
         retried.load(Ordering::Relaxed)
     );
 
+    // The killed replica started again joins in: ready, and taking events.
+    brokers[1] = Broker::start(&log, control_addr, &token);
+    ready(&client, &brokers[1]).await;
+    assert_eq!(
+        post(&client, brokers[1].ingress, "after-restart", "other").await,
+        Some(202)
+    );
+    every.insert("after-restart".into());
+    delivered("all", &all, &every, within).await;
+
     // SIGTERM: the survivor drains and exits cleanly, well within its drain timeout.
     brokers[0].signal(rustix::process::Signal::TERM);
     let term = Instant::now();
@@ -566,5 +576,89 @@ async fn nats_down_and_back_under_the_binary_503s_then_resumes_on_its_own() {
     eprintln!(
         "NATS stopped and restarted under the binary: {refused} posts answered 503 while it was down, {} accepted, all delivered, {duplicates} twice",
         accepted.len()
+    );
+}
+
+/// A three-node NATS cluster (stream R3) under two replicas: the node leading the broker's
+/// stream is SIGKILLed while 5,000 events are posted; posts answered 503 (or not at all) are
+/// posted again, to the other replica; every accepted event reaches every matching trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_node_killed_under_two_replicas_loses_no_accepted_event() {
+    let mut nodes = block_in_place(NatsServer::cluster);
+    let servers: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let log = format!("{}?replicas=3&ack-wait=5s", servers.join(","));
+    let (all_addr, all) = subscriber().await;
+    let (orders_addr, orders) = subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) =
+        control_plane(&token, state(all_addr, orders_addr, orders_addr)).await;
+    let brokers = [
+        Broker::start(&log, control_addr, &token),
+        Broker::start(&log, control_addr, &token),
+    ];
+    let client = client();
+    for broker in &brokers {
+        ready(&client, broker).await;
+    }
+    let posted = Arc::new(Mutex::new(Vec::<(String, bool)>::new()));
+    let (answered, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let ingresses = [brokers[0].ingress, brokers[1].ingress];
+    let mut posters = Vec::new();
+    for c in 0..8 {
+        let (client, posted, answered, refused) = (
+            client.clone(),
+            posted.clone(),
+            answered.clone(),
+            refused.clone(),
+        );
+        posters.push(tokio::spawn(async move {
+            for n in 0..625 {
+                let id = format!("c{c}-{n}");
+                let order = n % 2 == 0;
+                let kind = if order { "order" } else { "other" };
+                let mut target = (c + n) % 2;
+                let mut tries = 0;
+                loop {
+                    match post(&client, ingresses[target], &id, kind).await {
+                        Some(202) => break,
+                        Some(503) | None => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            target = 1 - target;
+                        }
+                        Some(other) => panic!("{id}: answered {other}"),
+                    }
+                    tries += 1;
+                    assert!(tries < 600, "{id} never accepted");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                answered.fetch_add(1, Ordering::Relaxed);
+                posted.lock().unwrap().push((id, order));
+            }
+        }));
+    }
+    until("1,000 posts answered", || {
+        answered.load(Ordering::Relaxed) >= 1000
+    })
+    .await;
+    let leader = support::stream_leader(&servers, "default/b").await;
+    let victim = nodes.iter().position(|n| n.name == leader).unwrap();
+    block_in_place(|| nodes[victim].kill());
+    for poster in posters {
+        poster.await.unwrap();
+    }
+    let posted = posted.lock().unwrap().clone();
+    assert_eq!(posted.len(), 5000, "every post is accepted in the end");
+    let every: HashSet<String> = posted.iter().map(|(id, _)| id.clone()).collect();
+    let order_ids: HashSet<String> = posted
+        .iter()
+        .filter(|(_, order)| *order)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let within = Duration::from_secs(120);
+    let twice_all = delivered("all", &all, &every, within).await;
+    let twice_orders = delivered("orders", &orders, &order_ids, within).await;
+    eprintln!(
+        "R3 under two replicas, stream leader {leader} SIGKILLed after 1,000 of 5,000 posts: all accepted ({} answers 503 or none, each posted again), every one delivered to every matching trigger; delivered twice: {twice_all} to `all`, {twice_orders} to `orders`",
+        refused.load(Ordering::Relaxed)
     );
 }

@@ -79,3 +79,17 @@ pub async fn slow_subscriber(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Stri
     });
     (addr, ids)
 }
+
+/// The server name of the node leading `broker`'s stream, asked of the cluster directly.
+#[cfg(feature = "jetstream")]
+pub async fn stream_leader(servers: &[String], broker: &str) -> String {
+    let client = async_nats::connect(servers.to_vec()).await.unwrap();
+    let context = async_nats::jetstream::new(client);
+    let name = eventing_broker::log::jetstream::stream_name(broker);
+    let mut stream = context.get_stream(&name).await.unwrap();
+    let info = stream.info().await.unwrap();
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("an R3 stream has a leader")
+}
