@@ -40,6 +40,28 @@ where
     }
 }
 
+/// CPU time (user + system) process `pid` has used so far, from `/proc/PID/stat` (in clock
+/// ticks of 10 ms, Linux's `USER_HZ`); zero if it cannot be read.
+pub fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are the 14th and 15th fields, the 12th and 13th after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 /// `N` distinct ports on 127.0.0.1 that were free a moment ago, for processes the benchmark
 /// starts. All `N` are held until all are picked: a port picked and released can be handed
 /// out again by the very next `bind(0)`.

@@ -1,4 +1,5 @@
-//! Dev-only helpers shared by the tests of several crates. Only tests depend on this crate.
+//! Dev-only helpers shared by the tests of several crates (and the benchmarks in `loadtests`,
+//! which start the same servers). Nothing that ships depends on this crate.
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 

@@ -59,6 +59,34 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// The processes whose CPU time each round accounts.
+struct Pids {
+    broker: u32,
+    nats: u32,
+    bench: u32,
+}
+
+/// CPU time of (broker, nats-server, this benchmark) at one moment.
+struct Cpu([Duration; 3]);
+
+impl Pids {
+    fn cpu(&self) -> Cpu {
+        Cpu([self.broker, self.nats, self.bench].map(loadtests::cpu_time))
+    }
+}
+
+impl Cpu {
+    /// Microseconds of CPU per event of each process since `before`, over `events`.
+    fn since(&self, before: &Cpu, events: f64) -> [f64; 3] {
+        let mut out = [0.0; 3];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let spent = self.0[i].saturating_sub(before.0[i]);
+            *slot = spent.as_secs_f64() * 1e6 / events.max(1.0);
+        }
+        out
+    }
+}
+
 /// An `eventing-broker` process, killed on drop.
 struct Broker {
     child: Child,
@@ -219,14 +247,27 @@ async fn run(args: Args) -> Result<(), String> {
     raw_publish(&context, "BENCH_RAW", args.clients, 1, &next).await?;
     closed_loop(uri.clone(), args.clients, 1, 202).await?;
     let mut ratios = Vec::new();
+    let pids = Pids {
+        broker: broker.child.id(),
+        nats: nats.pid().unwrap_or(0),
+        bench: std::process::id(),
+    };
     for round in 1..=args.rounds {
+        let before = pids.cpu();
         let raw = raw_publish(&context, "BENCH_RAW", args.clients, args.seconds, &next).await?;
+        let raw_cpu = pids.cpu().since(&before, raw * args.seconds as f64);
+        let before = pids.cpu();
         let through = closed_loop(uri.clone(), args.clients, args.seconds, 202).await?;
+        let broker_cpu = pids.cpu().since(&before, through * args.seconds as f64);
         println!(
             "round {round}, {} clients for {} s each: broker on JetStream {through:.0} events/s (202 after the publish ack); raw JetStream publish {raw:.0} msg/s (ack awaited); ratio {:.2}",
             args.clients,
             args.seconds,
             through / raw
+        );
+        println!(
+            "  CPU per event: through the broker: broker {:.1} µs, nats-server {:.1} µs, HTTP clients {:.1} µs; raw: nats-server {:.1} µs, publishers {:.1} µs",
+            broker_cpu[0], broker_cpu[1], broker_cpu[2], raw_cpu[1], raw_cpu[2]
         );
         ratios.push(through / raw);
     }
