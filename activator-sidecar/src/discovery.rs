@@ -654,6 +654,60 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// A stream that delivers a line and then breaks is opened again after the first backoff
+    /// step every time (a good session starts the backoff afresh); the lines reach the
+    /// handler in order and one it refuses ends the session.
+    #[tokio::test]
+    async fn follow_reconnects_at_once_after_a_good_session() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let counted = sessions.clone();
+        let app = axum::Router::new().route(
+            "/stream",
+            get(move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                // One line, then the stream ends: a session that went well, then broke.
+                async move { format!("{{\"session\":{n}}}\n") }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let shutdown = Shutdown::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let follower = tokio::spawn(follow(
+            ControlPlane::new(addr.to_string(), None),
+            "/stream",
+            "test lines",
+            move |line| {
+                let value: serde_json::Value =
+                    serde_json::from_slice(line).map_err(|e| e.to_string())?;
+                record.lock().expect("lock").push(value["session"].as_u64());
+                Ok(())
+            },
+            shutdown.signal(),
+        ));
+        // Without the reset the 8th session would come after 100+200+…+5,000 ms (about 15 s);
+        // with it, about every 100 ms.
+        let started = tokio::time::Instant::now();
+        while sessions.load(Ordering::SeqCst) < 8 {
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "only {} sessions in 4 s: the backoff grew after good sessions",
+                sessions.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.trigger();
+        follower.await.expect("follow ends on shutdown");
+        let seen = seen.lock().expect("lock").clone();
+        assert!(seen.len() >= 7, "{seen:?}");
+        assert!(
+            seen.iter().enumerate().all(|(i, n)| *n == Some(i as u64)),
+            "{seen:?}"
+        );
+    }
+
     /// Watch, stats and pokes all go through one `ControlPlane`: every request carries the
     /// credential, and the reports share one kept-alive connection beside the watch stream's.
     #[tokio::test]

@@ -14,8 +14,13 @@
 //!   trigger starts at the head), explicit acks, no delivery limit (the runtime's retry rules
 //!   decide, see docs/architecture.md), `AckWait` from the settings; an event being worked on
 //!   is kept from redelivery with "in progress" acknowledgements every third of `AckWait`.
-//! - **Retention** `interest` by default: an event is removed once every trigger's consumer
-//!   acknowledged it, as with the embedded log; `limits` keeps events by age and size only.
+//! - **Retention** `limits` by default: events are kept by age (`max-age`, seven days) and size;
+//!   `interest` removes an event once every trigger's consumer acknowledged it (see
+//!   [`Retention::Interest`] for why it is not the default).
+//! - **Several brokers** (the standalone binary's replicas) may use one stream: each opens the
+//!   same durable consumer per trigger and pulls from it, so each event goes to one of them per
+//!   trigger, and what one took and did not acknowledge goes to another after `AckWait` (at
+//!   once when it was handed back, [`Acker::release`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
