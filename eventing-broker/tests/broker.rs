@@ -7,8 +7,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[cfg(feature = "jetstream")]
@@ -523,6 +523,7 @@ async fn a_failing_trigger_is_not_ready_with_the_reason_and_recovers() {
 #[cfg(feature = "jetstream")]
 mod jetstream_only {
     use std::collections::HashSet;
+    use std::sync::Mutex;
     use std::sync::atomic::AtomicBool;
 
     use bytes::Bytes;
