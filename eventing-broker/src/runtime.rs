@@ -58,6 +58,10 @@ pub struct BrokerConfig {
     pub concurrency: usize,
     /// The gateway: Services and Brokers named by `ref` are reached through it.
     pub ingress: SocketAddr,
+    /// Where Brokers named by `ref` (subscribers, dead-letter sinks) are posted instead of the
+    /// gateway: the standalone broker's own ingress (any replica shares the log). `None` in
+    /// `mecha up`, whose gateway port is the broker ingress too.
+    pub broker_ingress: Option<SocketAddr>,
     /// Host suffix of Services (`localhost` locally).
     pub domain: String,
     /// How long deliveries in flight may go on after shutdown, once no new event is taken;
@@ -505,7 +509,15 @@ impl EventBroker {
     /// Where a destination's events go.
     pub fn resolve(&self, destination: &Destination, namespace: &str) -> Result<Target, String> {
         let config = &self.inner.config;
-        delivery::resolve(destination, namespace, config.ingress, &config.domain)
+        let to_broker = destination
+            .r#ref
+            .as_ref()
+            .is_some_and(|r| r.kind == crds::eventing::BROKER_KIND);
+        let ingress = match config.broker_ingress {
+            Some(own) if to_broker => own,
+            _ => config.ingress,
+        };
+        delivery::resolve(destination, namespace, ingress, &config.domain)
     }
 }
 

@@ -251,6 +251,9 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let gateway = resolve_gateway(&config.gateway).await?;
+    let own_ingress = ingress
+        .local_addr()
+        .map_err(|e| format!("the ingress listener's address: {e}"))?;
     let log = open_log(&config.event_log).await?;
     let registry = Registry::new();
     let health = Health::default();
@@ -263,6 +266,8 @@ pub async fn run(
             default_timeout: config.delivery_timeout,
             concurrency: config.delivery_concurrency,
             ingress: gateway,
+            // A Broker `ref` is this broker's own ingress: every replica shares the log.
+            broker_ingress: Some(SocketAddr::from(([127, 0, 0, 1], own_ingress.port()))),
             domain: config.domain.clone(),
             drain_timeout: config.drain_timeout,
         },

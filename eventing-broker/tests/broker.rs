@@ -361,6 +361,7 @@ fn broker(log: Arc<dyn EventLog>, state: EventingState, registry: &Registry) -> 
             default_timeout: Duration::from_secs(5),
             concurrency: 8,
             ingress: "127.0.0.1:9".parse().unwrap(),
+            broker_ingress: None,
             domain: "localhost".into(),
             drain_timeout: std::time::Duration::ZERO,
         },

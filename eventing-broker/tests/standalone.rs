@@ -189,6 +189,29 @@ async fn post(client: &HttpClient, addr: SocketAddr, id: &str, kind: &str) -> Op
     Some(status)
 }
 
+/// The resources of `yaml` as an `EventingState`.
+fn load(yaml: &str) -> EventingState {
+    let (loaded, errors) = crds::load_str(
+        std::path::Path::new("/tmp/standalone.yaml"),
+        yaml,
+        crds::Mode::Local,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut state = EventingState::default();
+    for loaded in loaded {
+        match loaded.resource {
+            crds::Resource::Broker(b) => {
+                state.apply_broker(b);
+            }
+            crds::Resource::Trigger(t) => {
+                state.apply_trigger(t);
+            }
+            _ => {}
+        }
+    }
+    state
+}
+
 /// Broker `default/b` and three triggers: `all` (no filter), `orders` (type `order`) and
 /// `never` (a type nobody sends).
 fn state(all: SocketAddr, orders: SocketAddr, never: SocketAddr) -> EventingState {
@@ -211,25 +234,7 @@ fn state(all: SocketAddr, orders: SocketAddr, never: SocketAddr) -> EventingStat
             never
         ),
     );
-    let (loaded, errors) = crds::load_str(
-        std::path::Path::new("/tmp/standalone.yaml"),
-        &yaml,
-        crds::Mode::Local,
-    );
-    assert!(errors.is_empty(), "{errors:?}");
-    let mut state = EventingState::default();
-    for loaded in loaded {
-        match loaded.resource {
-            crds::Resource::Broker(b) => {
-                state.apply_broker(b);
-            }
-            crds::Resource::Trigger(t) => {
-                state.apply_trigger(t);
-            }
-            _ => {}
-        }
-    }
-    state
+    load(&yaml)
 }
 
 /// Waits until the broker's `/ready` answers 200.
@@ -660,5 +665,41 @@ async fn a_nats_node_killed_under_two_replicas_loses_no_accepted_event() {
     eprintln!(
         "R3 under two replicas, stream leader {leader} SIGKILLed after 1,000 of 5,000 posts: all accepted ({} answers 503 or none, each posted again), every one delivered to every matching trigger; delivered twice: {twice_all} to `all`, {twice_orders} to `orders`",
         refused.load(Ordering::Relaxed)
+    );
+}
+
+/// A trigger whose subscriber is another Broker (`ref`) posts to this broker's own ingress, not
+/// to the gateway: the event goes through broker `b` into broker `b2` and on to `b2`'s
+/// subscriber. (`BROKER_GATEWAY_ADDR` points at a port nothing listens on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_ref_is_posted_to_the_brokers_own_ingress() {
+    let nats = block_in_place(NatsServer::start);
+    let (addr, got) = subscriber().await;
+    let yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b2\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: forward\nspec:\n  broker: b\n  subscriber:\n    ref:\n      apiVersion: eventing.knative.dev/v1\n      kind: Broker\n      name: b2\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: sink\nspec:\n  broker: b2\n  subscriber:\n    uri: http://{addr}/\n"
+    );
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, load(&yaml)).await;
+    let [unused] = test_support::free_ports::<1>();
+    let gateway = format!("127.0.0.1:{unused}");
+    let broker = Broker::start_with(
+        &nats.url(),
+        control_addr,
+        &token,
+        &[("BROKER_GATEWAY_ADDR", &gateway)],
+    );
+    let client = client();
+    ready(&client, &broker).await;
+    assert_eq!(
+        post(&client, broker.ingress, "chained", "any").await,
+        Some(202)
+    );
+    let expected = HashSet::from(["chained".to_string()]);
+    assert_eq!(
+        delivered("sink", &got, &expected, Duration::from_secs(30)).await,
+        0
     );
 }

@@ -448,6 +448,7 @@ mod tests {
                 default_timeout: std::time::Duration::from_secs(1),
                 concurrency: 1,
                 ingress: "127.0.0.1:9".parse().expect("addr"),
+                broker_ingress: None,
                 domain: DOMAIN.into(),
                 drain_timeout: std::time::Duration::ZERO,
             },

@@ -166,6 +166,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             default_timeout: Duration::from_secs(60),
             concurrency: config.delivery_concurrency,
             ingress: gateway_addr,
+            broker_ingress: None,
             domain: DOMAIN.to_string(),
             // The gateway, the way to most subscribers, has stopped by then.
             drain_timeout: std::time::Duration::ZERO,
