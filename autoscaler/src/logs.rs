@@ -1,9 +1,11 @@
 //! Replica output: each line is echoed to the terminal with a `[service/replica]` prefix, kept
-//! in a bounded per-service history for `mecha logs`, and broadcast to followers.
+//! in a bounded per-service history for `mecha logs` (with when it was read and which
+//! revision's replica wrote it), and broadcast to followers.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use mecha_common::routing::ServiceKey;
 use tokio::sync::broadcast;
@@ -19,8 +21,25 @@ pub struct LogHub {
 
 #[derive(Debug)]
 struct ServiceLog {
-    recent: VecDeque<Arc<str>>,
-    tx: broadcast::Sender<Arc<str>>,
+    recent: VecDeque<LogLine>,
+    tx: broadcast::Sender<LogLine>,
+}
+
+/// One line of a replica's output. Displays as `[service/replica] text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// When `mecha up` read it.
+    pub at: SystemTime,
+    /// The revision whose replica wrote it.
+    pub revision: Arc<str>,
+    prefix: Arc<str>,
+    pub text: Arc<str>,
+}
+
+impl std::fmt::Display for LogLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.prefix, self.text)
+    }
 }
 
 // === impl LogHub ===
@@ -34,8 +53,17 @@ impl LogHub {
         }
     }
 
+    /// `replica` is named `{revision}-{n}`, as the supervisor names them.
     pub fn push(&self, service: &ServiceKey, replica: &str, line: &str) {
-        let line: Arc<str> = format!("[{}/{replica}] {line}", service.name).into();
+        let revision = replica
+            .rsplit_once('-')
+            .map_or(replica, |(revision, _)| revision);
+        let line = LogLine {
+            at: SystemTime::now(),
+            revision: revision.into(),
+            prefix: format!("[{}/{replica}]", service.name).into(),
+            text: line.into(),
+        };
         if self.echo {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
@@ -53,7 +81,7 @@ impl LogHub {
     }
 
     /// The last lines of a service, oldest first, and a receiver for the lines that follow.
-    pub fn follow(&self, service: &ServiceKey) -> (Vec<Arc<str>>, broadcast::Receiver<Arc<str>>) {
+    pub fn follow(&self, service: &ServiceKey) -> (Vec<LogLine>, broadcast::Receiver<LogLine>) {
         let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
         let log = services
             .entry(service.clone())
@@ -81,10 +109,12 @@ mod tests {
         let key = ServiceKey::new("default", "hello");
         hub.push(&key, "hello-00001-1", "first");
         let (recent, mut rx) = hub.follow(&key);
-        assert_eq!(recent, vec![Arc::from("[hello/hello-00001-1] first")]);
+        assert_eq!(recent.len(), 1);
+        assert_eq!(recent[0].to_string(), "[hello/hello-00001-1] first");
+        assert_eq!(&*recent[0].revision, "hello-00001");
         hub.push(&key, "hello-00001-1", "second");
         assert_eq!(
-            &*rx.recv().await.expect("line"),
+            rx.recv().await.expect("line").to_string(),
             "[hello/hello-00001-1] second"
         );
         for i in 0..HISTORY + 5 {

@@ -94,6 +94,9 @@ struct ReplicaState {
     /// Set while the replica is ready and in rotation.
     endpoint: Option<Endpoint>,
     restarts: u32,
+    /// How the process last ended (`exit status: 1`, `signal: 9 (SIGKILL)`, or why it could
+    /// not start).
+    last_exit: Option<String>,
 }
 
 /// A revision's replicas as `mecha get` shows them.
@@ -113,6 +116,9 @@ pub struct ReplicaStatus {
     pub stopping: bool,
     pub restarts: u32,
     pub in_flight: u32,
+    /// How the replica's process last ended, when it has crashed before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -475,9 +481,20 @@ impl Inner {
                     let mut state = lock(&replica.state);
                     state.restarts += 1;
                     state.pid = None;
+                    state.last_exit = Some(status.clone());
                     state.restarts
                 };
                 self.metrics.restarts.with_label_values(&[&spec.name]).inc();
+                // The marker `mecha logs` shows between a crashed process's last line and
+                // its successor's first.
+                self.log(
+                    &spec.service,
+                    &replica.name,
+                    &format!(
+                        "mecha: process ended ({status}); restart {restarts} in {} ms",
+                        backoff.as_millis()
+                    ),
+                );
                 tracing::warn!(
                     replica = %replica.name,
                     %status,
@@ -614,6 +631,7 @@ impl Replica {
             stopping: self.is_stopping(),
             restarts: state.restarts,
             in_flight: state.endpoint.as_ref().map_or(0, Endpoint::in_flight),
+            last_exit: state.last_exit.clone(),
         }
     }
 }

@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use autoscaler::logs::LogHub;
 use autoscaler::{ServingState, StatusBoard, Supervisor};
@@ -45,12 +46,46 @@ pub struct AdminState {
     pub shutdown: ShutdownSignal,
     pub broker: eventing_broker::EventBroker,
     pub importers: importers::Importers,
+    /// The routes the controller publishes to the gateway: what is served, not what should be.
+    pub routes: tokio::sync::watch::Receiver<Arc<mecha_common::RoutingTable>>,
 }
 
+/// `GET …/logs`: `follow`, `tail` (the last N lines of the history), `since_ms` (how far back),
+/// `timestamps` (each line starts with when it was read, RFC 3339), `revision` (one
+/// revision's replicas only).
 #[derive(Debug, Deserialize)]
 struct LogsQuery {
     #[serde(default)]
     follow: bool,
+    tail: Option<usize>,
+    since_ms: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+    revision: Option<String>,
+}
+
+impl LogsQuery {
+    fn wants(
+        &self,
+        line: &autoscaler::logs::LogLine,
+        since: Option<std::time::SystemTime>,
+    ) -> bool {
+        self.revision
+            .as_deref()
+            .is_none_or(|revision| &*line.revision == revision)
+            && since.is_none_or(|since| line.at >= since)
+    }
+
+    fn render(&self, line: &autoscaler::logs::LogLine) -> String {
+        if self.timestamps {
+            let at = jiff::Timestamp::try_from(line.at)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            format!("{at} {line}\n")
+        } else {
+            format!("{line}\n")
+        }
+    }
 }
 
 /// The admin API with the control plane's (`autoscaler::api`) mounted beside it, all behind
@@ -85,10 +120,12 @@ pub fn router(
 }
 
 async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {
+    let routes = state.routes.borrow().clone();
     Json(service_views(
-        &state.store.snapshot(),
+        &state.store,
         &state.supervisor,
         &state.scaling,
+        &routes,
         state.gateway_port,
     ))
 }
@@ -260,14 +297,32 @@ async fn logs(
         return (StatusCode::NOT_FOUND, format!("service {key} not found\n")).into_response();
     }
     let (recent, rx) = state.logs.follow(&key);
-    let history =
-        futures_util::stream::iter(recent).map(|line| Ok::<_, Infallible>(format!("{line}\n")));
+    let since = query
+        .since_ms
+        .and_then(|ms| std::time::SystemTime::now().checked_sub(Duration::from_millis(ms)));
+    let mut recent: Vec<_> = recent
+        .into_iter()
+        .filter(|line| query.wants(line, since))
+        .collect();
+    if let Some(tail) = query.tail {
+        recent.drain(..recent.len().saturating_sub(tail));
+    }
+    let query = Arc::new(query);
+    let history = futures_util::stream::iter(
+        recent
+            .iter()
+            .map(|line| Ok::<_, Infallible>(query.render(line)))
+            .collect::<Vec<_>>(),
+    );
     let body = if query.follow {
-        let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        let live = futures_util::stream::unfold((rx, query), move |(mut rx, query)| async move {
             loop {
                 match rx.recv().await {
-                    Ok(line) => return Some((Ok(format!("{line}\n")), rx)),
-                    Err(RecvError::Lagged(_)) => continue,
+                    Ok(line) if query.wants(&line, None) => {
+                        let text = query.render(&line);
+                        return Some((Ok(text), (rx, query)));
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
                     Err(RecvError::Closed) => return None,
                 }
             }
@@ -309,44 +364,69 @@ fn unprocessable(errors: Vec<LoadError>) -> Response {
         .into_response()
 }
 
-/// What `mecha get services` shows, from the desired state and the supervisor's view.
+/// A revision that never became ready and whose replica has ended this many times is failing
+/// (Knative would report the container's exit; a local process has no other signal).
+pub const CRASH_LOOP_RESTARTS: u32 = 3;
+
+/// What `mecha get services|revisions` and `describe` show, from the desired state and the
+/// supervisor's view.
 pub fn service_views(
-    state: &ServingState,
+    store: &LocalStore,
     supervisor: &Supervisor,
     scaling: &StatusBoard,
+    served: &mecha_common::RoutingTable,
     port: u16,
 ) -> Vec<ServiceView> {
+    let state = store.snapshot();
     let desired = state.desired(DOMAIN, |r| supervisor.ever_ready(r));
     let url = |host: String| format!("http://{host}:{port}");
     state
         .services()
         .map(|record| {
             let main_host = service_host(&record.key, DOMAIN);
-            let mut traffic: Vec<TrafficView> = desired
+            // One entry per traffic target, as Knative's status.traffic: the main route's
+            // split (with each entry's tag), then tags that take no share of the main route.
+            let targets = desired
                 .routes
                 .lookup(&main_host)
-                .map(|route| {
-                    route
-                        .targets
-                        .iter()
-                        .map(|t| TrafficView {
-                            revision: t.revision.clone(),
-                            percent: t.percent,
-                            tag: None,
-                            url: None,
-                        })
-                        .collect()
-                })
+                .map(|route| route.targets.clone())
                 .unwrap_or_default();
-            for entry in &record.service.spec.traffic {
-                if let Some(tag) = &entry.tag
-                    && let Some(route) = desired.routes.lookup(&tag_host(tag, &record.key, DOMAIN))
-                {
+            let spec_traffic = &record.service.spec.traffic;
+            let mut traffic: Vec<TrafficView> = Vec::new();
+            let tagged = |tag: &str| {
+                desired
+                    .routes
+                    .lookup(&tag_host(tag, &record.key, DOMAIN))
+                    .map(|route| route.targets[0].revision.clone())
+            };
+            if spec_traffic.is_empty() {
+                traffic.extend(targets.iter().map(|t| TrafficView {
+                    revision: t.revision.clone(),
+                    percent: t.percent,
+                    latest_revision: true,
+                    tag: None,
+                    url: None,
+                }));
+            } else {
+                for entry in spec_traffic {
+                    let revision = match (&entry.tag, &entry.revision_name) {
+                        (Some(tag), _) => tagged(tag),
+                        (None, Some(name)) => Some(name.clone()),
+                        (None, None) => record
+                            .latest_ready(|r| supervisor.ever_ready(r))
+                            .or(record.latest())
+                            .map(|r| r.name.clone()),
+                    };
+                    let Some(revision) = revision else { continue };
                     traffic.push(TrafficView {
-                        revision: route.targets[0].revision.clone(),
+                        revision,
                         percent: entry.percent.unwrap_or(0),
-                        tag: Some(tag.clone()),
-                        url: Some(url(tag_host(tag, &record.key, DOMAIN))),
+                        latest_revision: entry.latest_revision.unwrap_or(false),
+                        tag: entry.tag.clone(),
+                        url: entry
+                            .tag
+                            .as_ref()
+                            .map(|tag| url(tag_host(tag, &record.key, DOMAIN))),
                     });
                 }
             }
@@ -354,14 +434,59 @@ pub fn service_views(
                 .revisions
                 .iter()
                 .rev()
-                .filter_map(|revision| {
-                    let status = supervisor.status(&revision.name)?;
-                    Some(RevisionView {
+                .map(|revision| {
+                    let status = supervisor.status(&revision.name);
+                    let ready = supervisor.ever_ready(&revision.name);
+                    let replicas = status
+                        .as_ref()
+                        .map(|s| s.replicas.clone())
+                        .unwrap_or_default();
+                    let reason = if ready {
+                        None
+                    } else {
+                        replicas
+                            .iter()
+                            .filter(|r| r.restarts >= CRASH_LOOP_RESTARTS)
+                            .max_by_key(|r| r.restarts)
+                            .map(|r| {
+                                format!(
+                                    "CrashLoop: replica {} ended {} times, last: {}",
+                                    r.name,
+                                    r.restarts,
+                                    r.last_exit.as_deref().unwrap_or("unknown")
+                                )
+                            })
+                    };
+                    RevisionView {
                         name: revision.name.clone(),
-                        desired: status.desired,
-                        replicas: status.replicas,
+                        generation: revision.generation,
+                        created: store
+                            .created(&revision.name)
+                            .and_then(|t| jiff::Timestamp::try_from(t).ok())
+                            .map(|t| t.to_string()),
+                        ready,
+                        waiting_for_request: !ready
+                            && revision.scaling.initial_scale == Some(0)
+                            && replicas.is_empty(),
+                        reason,
+                        traffic: traffic
+                            .iter()
+                            .filter(|t| t.revision == revision.name)
+                            .map(|t| t.percent)
+                            .sum(),
+                        tags: traffic
+                            .iter()
+                            .filter(|t| t.revision == revision.name)
+                            .filter_map(|t| t.tag.clone())
+                            .collect(),
+                        routed: served.hosts().any(|(_, route)| {
+                            route.service == record.key
+                                && route.targets.iter().any(|t| t.revision == revision.name)
+                        }),
+                        desired: status.as_ref().map_or(0, |s| s.desired),
+                        replicas,
                         autoscaler: scaling.get(&revision.name),
-                    })
+                    }
                 })
                 .collect();
             ServiceView {
@@ -372,6 +497,12 @@ pub fn service_views(
                 latest_ready_revision: record
                     .latest_ready(|r| supervisor.ever_ready(r))
                     .map(|r| r.name.clone()),
+                created: record
+                    .revisions
+                    .first()
+                    .and_then(|r| store.created(&r.name))
+                    .and_then(|t| jiff::Timestamp::try_from(t).ok())
+                    .map(|t| t.to_string()),
                 ready: revisions
                     .iter()
                     .map(|r| r.replicas.iter().filter(|x| x.ready && !x.stopping).count() as u32)
@@ -470,6 +601,7 @@ mod tests {
                     importers::ImportersConfig::new("127.0.0.1:9".parse().expect("addr"), DOMAIN),
                     &registry,
                 ),
+                routes: controller.routes(),
             },
             control,
             Health::default(),

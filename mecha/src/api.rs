@@ -38,12 +38,17 @@ pub struct ServiceView {
     pub url: String,
     pub latest_revision: Option<String>,
     pub latest_ready_revision: Option<String>,
+    /// When its first revision was created (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
     /// Ready and desired replicas over all revisions that serve traffic.
     pub ready: u32,
     pub desired: u32,
     /// Whether the autoscaler of any serving revision is in panic mode.
     pub panicking: bool,
+    /// One entry per traffic target, as Knative's `status.traffic`: percents add up to 100.
     pub traffic: Vec<TrafficView>,
+    /// Newest first.
     pub revisions: Vec<RevisionView>,
 }
 
@@ -52,6 +57,9 @@ pub struct ServiceView {
 pub struct TrafficView {
     pub revision: String,
     pub percent: u32,
+    /// The entry follows the newest ready revision.
+    #[serde(default)]
+    pub latest_revision: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,6 +70,25 @@ pub struct TrafficView {
 #[serde(rename_all = "camelCase")]
 pub struct RevisionView {
     pub name: String,
+    pub generation: u32,
+    /// When it was created (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    /// Knative's Ready condition: it has served at least once.
+    pub ready: bool,
+    /// `initial-scale: 0` and no request yet: nothing runs until one arrives.
+    #[serde(default)]
+    pub waiting_for_request: bool,
+    /// Why it is failing (`CrashLoop: …`), while it is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Its share of the service's main route, in percent.
+    pub traffic: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The gateway's routes send it requests now (its traffic share or a tag took effect).
+    #[serde(default)]
+    pub routed: bool,
     pub desired: u32,
     pub replicas: Vec<ReplicaStatus>,
     /// The autoscaler's last decision for the revision.

@@ -286,12 +286,22 @@ pub async fn send_event(client: &AdminClient, send: SendRequest) -> Result<ExitC
     }
 }
 
+/// How `mecha apply` waits for the revisions it created.
+#[derive(Debug, Clone, Copy)]
+pub struct Wait {
+    /// `false` with `--no-wait`.
+    pub enabled: bool,
+    pub timeout: std::time::Duration,
+}
+
 /// `mecha apply -f` and `mecha delete -f`: the files are validated here first (so errors name
-/// them as the user wrote them), then sent with absolute paths.
+/// them as the user wrote them), then sent with absolute paths. An apply then waits until
+/// every new revision is ready or has failed.
 pub async fn send_files(
     client: &AdminClient,
     paths: &[PathBuf],
     delete: bool,
+    wait: Wait,
 ) -> Result<ExitCode, ClientError> {
     if let Err(errors) = crds::load_paths(paths, crds::Mode::Local) {
         return Ok(output::refuse(&errors));
@@ -321,6 +331,15 @@ pub async fn send_files(
     if status.is_success() {
         let outcomes: OutcomesResponse =
             serde_json::from_slice(&bytes).map_err(|e| client.protocol(e))?;
+        let new_revisions: Vec<(String, String, String)> = outcomes
+            .results
+            .iter()
+            .filter(|o| o.kind == "Service")
+            .filter_map(|o| {
+                let revision = o.revision.clone()?;
+                Some((o.namespace.clone(), o.name.clone(), revision))
+            })
+            .collect();
         for o in outcomes.results {
             let revision = o
                 .revision
@@ -334,7 +353,10 @@ pub async fn send_files(
                 o.action
             );
         }
-        return Ok(ExitCode::SUCCESS);
+        if delete || !wait.enabled || new_revisions.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return wait_ready(client, new_revisions, wait.timeout).await;
     }
     match serde_json::from_slice::<ErrorsResponse>(&bytes) {
         Ok(errors) => output::print_errors(errors.errors),
@@ -343,15 +365,163 @@ pub async fn send_files(
     Ok(ExitCode::from(2))
 }
 
+/// Lines of a failed revision's output shown when a wait ends.
+const FAILURE_TAIL: usize = 10;
+/// How often a wait with nothing new to say prints that it is still waiting.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until each `(namespace, service, revision)` is ready (printing its URL), has failed
+/// (printing the reason and the end of its output), or `timeout` passes. Progress is printed
+/// when it changes and every few seconds.
+async fn wait_ready(
+    client: &AdminClient,
+    mut pending: Vec<(String, String, String)>,
+    timeout: std::time::Duration,
+) -> Result<ExitCode, ClientError> {
+    use crate::api::ServiceView;
+    let started = tokio::time::Instant::now();
+    let mut last_progress: std::collections::HashMap<String, (String, tokio::time::Instant)> =
+        std::collections::HashMap::new();
+    let mut failed = false;
+    loop {
+        let services: Vec<ServiceView> = client.get_json("/api/v1/services").await?;
+        let mut still = Vec::new();
+        for (namespace, name, revision) in pending {
+            let service = services
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name);
+            let view = service.and_then(|s| s.revisions.iter().find(|r| r.name == revision));
+            let (Some(service), Some(view)) = (service, view) else {
+                eprintln!(
+                    "error: Service {namespace}/{name} was deleted while waiting for {revision}"
+                );
+                failed = true;
+                continue;
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            // Ready, and serving its share: the gateway routes to it (kn's "Ready" includes
+            // the route; a revision no traffic entry names is done when ready).
+            let serving = view.traffic == 0 && view.tags.is_empty() || view.routed;
+            if view.ready && serving || view.waiting_for_request {
+                let note = if view.ready {
+                    format!("ready after {seconds:.1}s")
+                } else {
+                    "created; it starts on the first request (initial-scale 0)".into()
+                };
+                println!("Service {namespace}/{name}: revision {revision} {note}");
+                println!("  {}", service.url);
+                continue;
+            }
+            if let Some(reason) = &view.reason {
+                eprintln!(
+                    "error: Service {namespace}/{name}: revision {revision} failed: {reason}"
+                );
+                print_tail(client, &namespace, &name, &revision).await?;
+                failed = true;
+                continue;
+            }
+            if started.elapsed() >= timeout {
+                eprintln!(
+                    "error: Service {namespace}/{name}: revision {revision} not ready after {}s (--timeout)",
+                    timeout.as_secs()
+                );
+                print_tail(client, &namespace, &name, &revision).await?;
+                failed = true;
+                continue;
+            }
+            let ready = view
+                .replicas
+                .iter()
+                .filter(|r| r.ready && !r.stopping)
+                .count();
+            let restarts: u32 = view.replicas.iter().map(|r| r.restarts).sum();
+            let progress = format!(
+                "{ready}/{} replicas ready{}",
+                view.desired.max(1),
+                if restarts > 0 {
+                    format!(", {restarts} restarts")
+                } else {
+                    String::new()
+                }
+            );
+            let now = tokio::time::Instant::now();
+            let say = match last_progress.get(&revision) {
+                Some((said, at)) => *said != progress || now - *at >= PROGRESS_EVERY,
+                None => true,
+            };
+            if say {
+                eprintln!(
+                    "waiting for Service {namespace}/{name} revision {revision}: {progress} ({seconds:.0}s)"
+                );
+                last_progress.insert(revision.clone(), (progress, now));
+            }
+            still.push((namespace, name, revision));
+        }
+        pending = still;
+        if pending.is_empty() {
+            return Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The last lines a revision's replicas wrote, after a failed wait.
+async fn print_tail(
+    client: &AdminClient,
+    namespace: &str,
+    name: &str,
+    revision: &str,
+) -> Result<(), ClientError> {
+    let path = format!(
+        "/api/v1/namespaces/{namespace}/services/{name}/logs?tail={FAILURE_TAIL}&revision={}",
+        percent_query(revision)
+    );
+    let (status, bytes) = client.call_bytes(Method::GET, &path, None).await?;
+    let text = String::from_utf8_lossy(&bytes);
+    if status.is_success() && !text.trim().is_empty() {
+        eprintln!("its last output:");
+        for line in text.lines() {
+            eprintln!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+/// What `mecha logs` prints.
+#[derive(Debug, Default)]
+pub struct LogsOptions {
+    pub follow: bool,
+    pub tail: Option<usize>,
+    pub since: Option<std::time::Duration>,
+    pub timestamps: bool,
+    pub revision: Option<String>,
+}
+
 /// `mecha logs SERVICE [-f]`: prints the service's recent output, and with `follow` keeps
 /// printing until `mecha up` stops or the user interrupts.
 pub async fn logs(
     client: &AdminClient,
     namespace: &str,
     name: &str,
-    follow: bool,
+    options: &LogsOptions,
 ) -> Result<ExitCode, ClientError> {
-    let path = format!("/api/v1/namespaces/{namespace}/services/{name}/logs?follow={follow}");
+    let mut path = format!(
+        "/api/v1/namespaces/{namespace}/services/{name}/logs?follow={}&timestamps={}",
+        options.follow, options.timestamps
+    );
+    if let Some(tail) = options.tail {
+        path.push_str(&format!("&tail={tail}"));
+    }
+    if let Some(since) = options.since {
+        path.push_str(&format!("&since_ms={}", since.as_millis()));
+    }
+    if let Some(revision) = &options.revision {
+        path.push_str(&format!("&revision={}", percent_query(revision)));
+    }
     let (status, mut body) = client.call(Method::GET, &path, None).await?;
     if !status.is_success() {
         let bytes = body
@@ -372,4 +542,18 @@ pub async fn logs(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A query-string value: everything but unreserved characters percent-encoded.
+fn percent_query(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

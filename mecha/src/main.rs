@@ -127,11 +127,18 @@ enum Command {
         #[arg(long, value_name = "nats://HOST:PORT", value_parser = event_log)]
         event_log: Option<String>,
     },
-    /// Create or update resources from YAML files or directories; takes effect at once.
+    /// Create or update resources from YAML files or directories, then wait until every
+    /// Service's new revision is ready (or has failed) and print its URL.
     Apply {
         /// Files or directories of Knative YAML.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Return once the resources are accepted, without waiting for new revisions.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for new revisions to become ready.
+        #[arg(long, default_value = "600s", value_parser = positive_duration)]
+        timeout: Duration,
     },
     /// Delete the resources named in YAML files or directories; their replicas stop.
     Delete {
@@ -174,6 +181,18 @@ enum Command {
         /// Keep printing new lines until interrupted.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines of what is kept (`mecha up` keeps the last 1,000 per service).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Only lines read in the last DURATION (e.g. 5m, 1h30m).
+        #[arg(long, value_name = "DURATION", value_parser = humantime_duration)]
+        since: Option<Duration>,
+        /// Start each line with when `mecha up` read it (RFC 3339, UTC).
+        #[arg(long)]
+        timestamps: bool,
+        /// Only the replicas of one revision (e.g. hello-00002).
+        #[arg(long)]
+        revision: Option<String>,
     },
 }
 
@@ -331,8 +350,24 @@ async fn run_client(
 ) -> Result<ExitCode, client::ClientError> {
     match command {
         Command::Up { .. } => Ok(ExitCode::SUCCESS),
-        Command::Apply { files } => client::send_files(admin, &files, false).await,
-        Command::Delete { files } => client::send_files(admin, &files, true).await,
+        Command::Apply {
+            files,
+            no_wait,
+            timeout,
+        } => {
+            let wait = client::Wait {
+                enabled: !no_wait,
+                timeout,
+            };
+            client::send_files(admin, &files, false, wait).await
+        }
+        Command::Delete { files } => {
+            let wait = client::Wait {
+                enabled: false,
+                timeout: Duration::ZERO,
+            };
+            client::send_files(admin, &files, true, wait).await
+        }
         Command::Get { what } => match what {
             GetWhat::Services { output } => {
                 client::get(
@@ -396,6 +431,24 @@ async fn run_client(
             service,
             namespace,
             follow,
-        } => client::logs(admin, &namespace, &service, follow).await,
+            tail,
+            since,
+            timestamps,
+            revision,
+        } => {
+            client::logs(
+                admin,
+                &namespace,
+                &service,
+                &client::LogsOptions {
+                    follow,
+                    tail,
+                    since,
+                    timestamps,
+                    revision,
+                },
+            )
+            .await
+        }
     }
 }

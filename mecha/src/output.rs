@@ -36,7 +36,7 @@ pub fn print_services(services: &[ServiceView]) {
             let traffic = s
                 .traffic
                 .iter()
-                .filter(|t| t.tag.is_none())
+                .filter(|t| t.percent > 0)
                 .map(|t| format!("{}={}%", t.revision, t.percent))
                 .collect::<Vec<_>>()
                 .join(",");

@@ -1,7 +1,9 @@
 //! Local mode's desired state: what `mecha up` loaded and `mecha apply` sent, in memory,
 //! published to the controller as immutable snapshots.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use autoscaler::{Applied, ServingState};
 use crds::{LoadError, Loaded, Resource};
@@ -17,6 +19,8 @@ pub struct LocalStore {
     tx: watch::Sender<Arc<ServingState>>,
     eventing: watch::Sender<Arc<EventingState>>,
     sources: watch::Sender<Arc<SourcesState>>,
+    /// When each revision was created (by `mecha up`'s load or an apply).
+    created: Mutex<HashMap<String, SystemTime>>,
 }
 
 /// What happened to one resource.
@@ -40,7 +44,17 @@ impl LocalStore {
             tx: watch::channel(Arc::default()).0,
             eventing: watch::channel(Arc::default()).0,
             sources: watch::channel(Arc::default()).0,
+            created: Mutex::default(),
         }
+    }
+
+    /// When `revision` was created; `None` for a name this store never made.
+    pub fn created(&self, revision: &str) -> Option<SystemTime> {
+        self.created
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(revision)
+            .copied()
     }
 
     pub fn subscribe_sources(&self) -> watch::Receiver<Arc<SourcesState>> {
@@ -154,6 +168,16 @@ impl LocalStore {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let now = SystemTime::now();
+        self.created
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(
+                outcomes
+                    .iter()
+                    .filter_map(|o| o.revision.clone())
+                    .map(|revision| (revision, now)),
+            );
         *state = (next.clone(), eventing.clone(), sources.clone());
         self.tx.send_replace(Arc::new(next));
         self.eventing.send_if_modified(|current| {

@@ -25,7 +25,6 @@ use mecha_common::outlier::OutlierConfig;
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 
 use crate::admin::{self, AdminState, DOMAIN};
 use crate::output;
@@ -145,6 +144,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &registry,
     );
     let scaling = controller.status_board();
+    let controller_routes = controller.routes();
     let control_api = controller.api(shutdown.signal());
     let gateway = Gateway::new(
         controller.routes(),
@@ -235,6 +235,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             shutdown: shutdown.signal(),
             broker: broker.clone(),
             importers: importers.clone(),
+            routes: controller_routes.clone(),
         },
         control_api,
         health.clone(),
@@ -279,9 +280,10 @@ pub async fn run(config: UpConfig) -> ExitCode {
     );
     println!();
     output::print_services(&admin::service_views(
-        &store.snapshot(),
+        &store,
         &supervisor,
         &scaling,
+        &controller_routes.borrow().clone(),
         gateway_addr.port(),
     ));
     if !store.eventing().brokers.is_empty() {
@@ -519,7 +521,6 @@ async fn report_readiness(
     gateway: SocketAddr,
     shutdown: ShutdownSignal,
 ) {
-    let started = Instant::now();
     let mut announced = BTreeSet::new();
     let mut warned = BTreeSet::new();
     let mut endpoints = supervisor.endpoints();
@@ -532,6 +533,12 @@ async fn report_readiness(
             if announced.contains(&latest.name) {
                 continue;
             }
+            // Measured from when this revision was created (at load or by an apply), not
+            // from when `mecha up` started.
+            let age = store
+                .created(&latest.name)
+                .and_then(|created| created.elapsed().ok())
+                .unwrap_or_default();
             if supervisor.ever_ready(&latest.name) {
                 println!(
                     "ready: {} ({}) at http://{}.{}.{DOMAIN}:{} after {} ms",
@@ -540,10 +547,10 @@ async fn report_readiness(
                     record.key.name,
                     record.key.namespace,
                     gateway.port(),
-                    started.elapsed().as_millis()
+                    age.as_millis()
                 );
                 announced.insert(latest.name.clone());
-            } else if started.elapsed() > SLOW_START && warned.insert(latest.name.clone()) {
+            } else if age > SLOW_START && warned.insert(latest.name.clone()) {
                 println!(
                     "waiting: {} ({}) has no ready replica after {}s; its output is above (or `mecha logs {}`)",
                     record.key,

@@ -97,14 +97,22 @@ fn apply_makes_a_new_revision_that_takes_over() {
     dir.write("svc.yaml", &echo_service("app", &[], "", "green"));
     let output = mecha.cli(&["apply", "-f", file.to_str().unwrap()]);
     assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "service/default/app configured (revision app-00002)"
+        lines[0], "service/default/app configured (revision app-00002)",
+        "{stdout}"
     );
-    // Until the new revision is ready the old one keeps serving; then every request moves.
-    wait_until("app-00002 to take traffic", || {
-        mecha.get("app.default.localhost", "/").echo().0 == "app-00002"
-    });
+    assert!(
+        lines[1].starts_with("Service default/app: revision app-00002 ready after "),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].trim().starts_with("http://app.default.localhost:"),
+        "{stdout}"
+    );
+    // The old revision served until the new one was ready; `apply` returned once the new
+    // one took over, so every request from now on reaches it.
     for _ in 0..10 {
         let (revision, _, color) = mecha.get("app.default.localhost", "/").echo();
         assert_eq!((revision.as_str(), color.as_str()), ("app-00002", "green"));
