@@ -12,6 +12,8 @@ use tokio::sync::broadcast;
 
 /// Lines kept per service for `mecha logs`.
 const HISTORY: usize = 1000;
+/// Events kept per service for `mecha describe`.
+const EVENTS: usize = 50;
 
 #[derive(Debug, Clone)]
 pub struct LogHub {
@@ -23,6 +25,9 @@ pub struct LogHub {
 struct ServiceLog {
     recent: VecDeque<LogLine>,
     tx: broadcast::Sender<LogLine>,
+    /// What happened to the service's replicas (started, ready, ended, scaled), for
+    /// `mecha describe`; not echoed.
+    events: VecDeque<LogLine>,
 }
 
 /// One line of a replica's output. Displays as `[service/replica] text`.
@@ -80,6 +85,41 @@ impl LogHub {
         let _ = log.tx.send(line);
     }
 
+    /// Records an event about `subject` (a replica of `revision`, or the revision itself).
+    pub fn event(&self, service: &ServiceKey, revision: &str, subject: &str, text: &str) {
+        let event = LogLine {
+            at: SystemTime::now(),
+            revision: revision.into(),
+            prefix: subject.into(),
+            text: text.into(),
+        };
+        let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+        let log = services
+            .entry(service.clone())
+            .or_insert_with(ServiceLog::new);
+        if log.events.len() == EVENTS {
+            log.events.pop_front();
+        }
+        log.events.push_back(event);
+    }
+
+    /// The service's recent events, oldest first. Each displays as `subject text`.
+    pub fn events(&self, service: &ServiceKey) -> Vec<LogLine> {
+        let services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+        services
+            .get(service)
+            .map(|log| log.events.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets a deleted service's output and events.
+    pub fn forget(&self, service: &ServiceKey) {
+        self.services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(service);
+    }
+
     /// The last lines of a service, oldest first, and a receiver for the lines that follow.
     pub fn follow(&self, service: &ServiceKey) -> (Vec<LogLine>, broadcast::Receiver<LogLine>) {
         let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
@@ -95,6 +135,7 @@ impl ServiceLog {
         Self {
             recent: VecDeque::new(),
             tx: broadcast::channel(HISTORY).0,
+            events: VecDeque::new(),
         }
     }
 }
@@ -121,5 +162,38 @@ mod tests {
             hub.push(&key, "r", &i.to_string());
         }
         assert_eq!(hub.follow(&key).0.len(), HISTORY);
+    }
+
+    #[test]
+    fn events_name_their_revision_and_are_bounded() {
+        let hub = LogHub::new(false);
+        let key = ServiceKey::new("default", "hello");
+        hub.event(
+            &key,
+            "hello-00002",
+            "hello-00002-3",
+            "started (pid 1, port 2)",
+        );
+        hub.event(
+            &key,
+            "hello-00002",
+            "hello-00002",
+            "scaled from 0 to 1 replicas",
+        );
+        let events = hub.events(&key);
+        assert_eq!(&*events[0].revision, "hello-00002");
+        assert_eq!(
+            events[0].to_string(),
+            "hello-00002-3 started (pid 1, port 2)"
+        );
+        assert_eq!(&*events[1].revision, "hello-00002");
+        // Events are not output.
+        assert!(hub.follow(&key).0.is_empty());
+        for i in 0..EVENTS + 5 {
+            hub.event(&key, "hello-00002", "hello-00002", &i.to_string());
+        }
+        assert_eq!(hub.events(&key).len(), EVENTS);
+        hub.forget(&key);
+        assert!(hub.events(&key).is_empty());
     }
 }

@@ -253,6 +253,14 @@ impl Inner {
             .cloned()
             .collect();
         let desired = runner.desired as usize;
+        if running.len() != desired {
+            self.logs.event(
+                &runner.spec.service,
+                &runner.spec.name,
+                &runner.spec.name,
+                &format!("scaled from {} to {desired} replicas", running.len()),
+            );
+        }
         if running.len() < desired {
             for _ in running.len()..desired {
                 let name: Arc<str> = format!("{}-{}", runner.spec.name, runner.next_index).into();
@@ -447,6 +455,16 @@ impl Inner {
                         state.addr = Some(addr);
                     }
                     self.forward_output(&spec.service, &replica.name, &mut child);
+                    self.logs.event(
+                        &spec.service,
+                        &spec.name,
+                        &replica.name,
+                        &format!(
+                            "started (pid {}, port {})",
+                            pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                            addr.port()
+                        ),
+                    );
                     tracing::debug!(replica = %replica.name, ?pid, %addr, "started");
                     let outcome = tokio::select! {
                         status = child.wait() => Outcome::Exited(status),
@@ -457,6 +475,8 @@ impl Inner {
                     match outcome {
                         Outcome::Stop => {
                             self.stop_process(&replica, &endpoint, child).await;
+                            self.logs
+                                .event(&spec.service, &spec.name, &replica.name, "stopped");
                             break;
                         }
                         exited => {
@@ -477,6 +497,12 @@ impl Inner {
                     Ok(status) => status.to_string(),
                     Err(error) => error.to_string(),
                 };
+                self.logs.event(
+                    &spec.service,
+                    &spec.name,
+                    &replica.name,
+                    &format!("ended ({status}); restarting in {} ms", backoff.as_millis()),
+                );
                 let restarts = {
                     let mut state = lock(&replica.state);
                     state.restarts += 1;
@@ -549,6 +575,12 @@ impl Inner {
                 "ready in {} ms",
                 started.elapsed().as_millis()
             );
+            self.logs.event(
+                &spec.service,
+                &spec.name,
+                &replica.name,
+                &format!("ready in {} ms", started.elapsed().as_millis()),
+            );
             self.set_endpoint(spec, replica, Some(endpoint.clone()));
             let mut failures = 0;
             while failures < probe.failure_threshold {
@@ -560,6 +592,12 @@ impl Inner {
                 }
             }
             tracing::warn!(replica = %replica.name, failures, "failed readiness; out of rotation");
+            self.logs.event(
+                &spec.service,
+                &spec.name,
+                &replica.name,
+                &format!("failed {failures} readiness probes in a row; out of rotation"),
+            );
             self.set_endpoint(spec, replica, None);
         }
     }

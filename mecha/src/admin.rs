@@ -28,8 +28,8 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{
-    BrokerView, ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView, ServiceView,
-    SourceView, TrafficView, TriggerView,
+    BrokerView, ConditionView, ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView,
+    ServiceView, SourceView, TrafficView, TriggerView,
 };
 use crate::store::LocalStore;
 
@@ -78,9 +78,7 @@ impl LogsQuery {
 
     fn render(&self, line: &autoscaler::logs::LogLine) -> String {
         if self.timestamps {
-            let at = jiff::Timestamp::try_from(line.at)
-                .map(|t| t.to_string())
-                .unwrap_or_default();
+            let at = timestamp(line.at).unwrap_or_default();
             format!("{at} {line}\n")
         } else {
             format!("{line}\n")
@@ -105,6 +103,15 @@ pub fn router(
         .route("/api/v1/sources", get(sources))
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/delete", post(delete))
+        .route(
+            "/api/v1/namespaces/{namespace}/{kind}/{name}",
+            axum::routing::delete(delete_one),
+        )
+        .route(
+            "/api/v1/namespaces/{namespace}/services/{name}/events",
+            get(events),
+        )
+        .route("/api/v1/version", get(version))
         .route(
             "/api/v1/namespaces/{namespace}/services/{name}/logs",
             get(logs),
@@ -267,11 +274,12 @@ pub fn trigger_views(
 }
 
 async fn apply(State(state): State<AdminState>, Json(request): Json<FilesRequest>) -> Response {
-    let loaded = match load(&request) {
-        Ok(loaded) => loaded,
-        Err(errors) => return unprocessable(errors),
-    };
-    match state.store.apply(loaded) {
+    let files: Vec<(std::path::PathBuf, String)> = request
+        .files
+        .into_iter()
+        .map(|file| (file.path.into(), file.content))
+        .collect();
+    match state.store.apply_files(&files) {
         Ok(results) => Json(OutcomesResponse { results }).into_response(),
         Err(errors) => unprocessable(errors),
     }
@@ -279,12 +287,71 @@ async fn apply(State(state): State<AdminState>, Json(request): Json<FilesRequest
 
 async fn delete(State(state): State<AdminState>, Json(request): Json<FilesRequest>) -> Response {
     match load(&request) {
-        Ok(loaded) => Json(OutcomesResponse {
-            results: state.store.delete(&loaded),
-        })
-        .into_response(),
+        Ok(loaded) => {
+            let results = state.store.delete(&loaded);
+            forget_deleted(&state, &results);
+            Json(OutcomesResponse { results }).into_response()
+        }
         Err(errors) => unprocessable(errors),
     }
+}
+
+/// `DELETE /api/v1/namespaces/{namespace}/{kind}/{name}`: `kind` as in YAML (`Service`,
+/// `Broker`, `Trigger`, `PingSource`, …).
+async fn delete_one(
+    State(state): State<AdminState>,
+    UrlPath((namespace, kind, name)): UrlPath<(String, String, String)>,
+) -> Json<OutcomesResponse> {
+    let results = state.store.delete_keys(&[crate::store::ResourceKey {
+        kind,
+        namespace,
+        name,
+    }]);
+    forget_deleted(&state, &results);
+    Json(OutcomesResponse { results })
+}
+
+/// A deleted Service's output and events go with it.
+fn forget_deleted(state: &AdminState, results: &[crate::store::Outcome]) {
+    for outcome in results {
+        if outcome.kind == "Service" && outcome.action == "deleted" {
+            state
+                .logs
+                .forget(&ServiceKey::new(&outcome.namespace, &outcome.name));
+        }
+    }
+}
+
+/// `GET /api/v1/version`: this `mecha up`'s version, for `mecha version`.
+async fn version() -> Json<crate::api::VersionView> {
+    Json(crate::api::VersionView::current())
+}
+
+/// `GET …/services/{name}/events`: what happened to the service's replicas, oldest first.
+async fn events(
+    State(state): State<AdminState>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+) -> Response {
+    let key = ServiceKey::new(namespace, name);
+    if state.store.snapshot().get(&key).is_none() {
+        return (StatusCode::NOT_FOUND, format!("service {key} not found\n")).into_response();
+    }
+    let events: Vec<crate::api::EventView> = state
+        .logs
+        .events(&key)
+        .iter()
+        .map(|event| crate::api::EventView {
+            at: timestamp(event.at),
+            revision: event.revision.to_string(),
+            message: event.to_string(),
+        })
+        .collect();
+    Json(events).into_response()
+}
+
+/// RFC 3339, UTC.
+pub fn timestamp(at: std::time::SystemTime) -> Option<String> {
+    jiff::Timestamp::try_from(at).ok().map(|t| t.to_string())
 }
 
 async fn logs(
@@ -457,17 +524,73 @@ pub fn service_views(
                                 )
                             })
                     };
+                    let waiting_for_request =
+                        !ready && revision.scaling.initial_scale == Some(0) && replicas.is_empty();
+                    let serving = replicas.iter().any(|r| r.ready && !r.stopping);
+                    let crash = reason.clone().map(|message| ("ExitCode", message));
+                    let conditions = vec![
+                        ConditionView::new(
+                            "Ready",
+                            if ready {
+                                Some(true)
+                            } else if crash.is_some() {
+                                Some(false)
+                            } else {
+                                None
+                            },
+                            crash.clone().or_else(|| {
+                                (!ready).then(|| {
+                                    if waiting_for_request {
+                                        (
+                                            "NoTraffic",
+                                            "initial-scale 0: starts on the first request"
+                                                .to_string(),
+                                        )
+                                    } else {
+                                        (
+                                            "Deploying",
+                                            "waiting for a replica to pass its readiness probe"
+                                                .to_string(),
+                                        )
+                                    }
+                                })
+                            }),
+                        ),
+                        ConditionView::new(
+                            "ContainerHealthy",
+                            if crash.is_some() {
+                                Some(false)
+                            } else if ready {
+                                Some(true)
+                            } else {
+                                None
+                            },
+                            crash,
+                        ),
+                        ConditionView::new(
+                            "Active",
+                            if serving {
+                                Some(true)
+                            } else if ready || waiting_for_request {
+                                Some(false)
+                            } else {
+                                None
+                            },
+                            (!serving && (ready || waiting_for_request)).then(|| {
+                                (
+                                    "NoTraffic",
+                                    "scaled to zero; the next request starts a replica".to_string(),
+                                )
+                            }),
+                        ),
+                    ];
                     RevisionView {
+                        conditions,
                         name: revision.name.clone(),
                         generation: revision.generation,
-                        created: store
-                            .created(&revision.name)
-                            .and_then(|t| jiff::Timestamp::try_from(t).ok())
-                            .map(|t| t.to_string()),
+                        created: store.created(&revision.name).and_then(timestamp),
                         ready,
-                        waiting_for_request: !ready
-                            && revision.scaling.initial_scale == Some(0)
-                            && replicas.is_empty(),
+                        waiting_for_request,
                         reason,
                         traffic: traffic
                             .iter()
@@ -489,7 +612,9 @@ pub fn service_views(
                     }
                 })
                 .collect();
+            let conditions = service_conditions(&revisions, &traffic);
             ServiceView {
+                conditions,
                 namespace: record.key.namespace.clone(),
                 name: record.key.name.clone(),
                 url: url(main_host),
@@ -501,8 +626,7 @@ pub fn service_views(
                     .revisions
                     .first()
                     .and_then(|r| store.created(&r.name))
-                    .and_then(|t| jiff::Timestamp::try_from(t).ok())
-                    .map(|t| t.to_string()),
+                    .and_then(timestamp),
                 ready: revisions
                     .iter()
                     .map(|r| r.replicas.iter().filter(|x| x.ready && !x.stopping).count() as u32)
@@ -516,6 +640,69 @@ pub fn service_views(
             }
         })
         .collect()
+}
+
+/// A Service's conditions from its revisions' (newest first) and its traffic: the latest
+/// revision's readiness is `ConfigurationsReady`; `RoutesReady` needs every revision traffic
+/// names ready and in the gateway's routes; `Ready` is both.
+fn service_conditions(revisions: &[RevisionView], traffic: &[TrafficView]) -> Vec<ConditionView> {
+    let ready_of = |revision: &RevisionView| {
+        revision
+            .conditions
+            .iter()
+            .find(|c| c.kind == "Ready")
+            .cloned()
+    };
+    let configurations = match revisions.first().and_then(ready_of) {
+        Some(ready) => ConditionView {
+            kind: "ConfigurationsReady".into(),
+            ..ready
+        },
+        None => ConditionView::new("ConfigurationsReady", None, None),
+    };
+    let mut routes = ConditionView::new("RoutesReady", Some(true), None);
+    for target in traffic {
+        let Some(revision) = revisions.iter().find(|r| r.name == target.revision) else {
+            continue;
+        };
+        let ready = ready_of(revision);
+        if ready.as_ref().is_some_and(|c| c.status == "False") {
+            routes = ConditionView::new(
+                "RoutesReady",
+                Some(false),
+                Some((
+                    "RevisionFailed",
+                    format!("revision {} failed", revision.name),
+                )),
+            );
+            break;
+        }
+        if !revision.routed || !ready.as_ref().is_some_and(ConditionView::is_true) {
+            routes = ConditionView::new(
+                "RoutesReady",
+                None,
+                Some((
+                    "RevisionMissing",
+                    format!(
+                        "waiting for revision {} to be ready and routed",
+                        revision.name
+                    ),
+                )),
+            );
+        }
+    }
+    let first_not_true = [&configurations, &routes]
+        .into_iter()
+        .find(|c| !c.is_true())
+        .cloned();
+    let ready = match first_not_true {
+        None => ConditionView::new("Ready", Some(true), None),
+        Some(condition) => ConditionView {
+            kind: "Ready".into(),
+            ..condition
+        },
+    };
+    vec![ready, configurations, routes]
 }
 
 #[cfg(test)]

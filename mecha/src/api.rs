@@ -46,6 +46,8 @@ pub struct ServiceView {
     pub desired: u32,
     /// Whether the autoscaler of any serving revision is in panic mode.
     pub panicking: bool,
+    /// `Ready`, `ConfigurationsReady`, `RoutesReady`, as Knative's.
+    pub conditions: Vec<ConditionView>,
     /// One entry per traffic target, as Knative's `status.traffic`: percents add up to 100.
     pub traffic: Vec<TrafficView>,
     /// Newest first.
@@ -86,6 +88,8 @@ pub struct RevisionView {
     pub traffic: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// `Ready`, `ContainerHealthy`, `Active`, as Knative's.
+    pub conditions: Vec<ConditionView>,
     /// The gateway's routes send it requests now (its traffic share or a tag took effect).
     #[serde(default)]
     pub routed: bool,
@@ -143,4 +147,65 @@ pub struct SourceView {
     /// Events the sink accepted, and events given up on after every retry.
     pub sent: u64,
     pub failed: u64,
+}
+
+/// `GET /api/v1/version`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionView {
+    pub version: String,
+}
+
+impl VersionView {
+    pub fn current() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// `GET …/services/{name}/events`: one thing that happened to a replica or revision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventView {
+    /// RFC 3339.
+    pub at: Option<String>,
+    pub revision: String,
+    /// `{replica or revision} {what}`, e.g. `hello-00001-1 ready in 212 ms`.
+    pub message: String,
+}
+
+/// A Knative-style status condition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConditionView {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ConditionView {
+    pub fn new(kind: &str, status: Option<bool>, reason: Option<(&str, String)>) -> Self {
+        let (reason, message) = match reason {
+            Some((reason, message)) => (Some(reason.to_string()), Some(message)),
+            None => (None, None),
+        };
+        Self {
+            kind: kind.to_string(),
+            status: match status {
+                Some(true) => "True",
+                Some(false) => "False",
+                None => "Unknown",
+            }
+            .to_string(),
+            reason,
+            message,
+        }
+    }
+
+    pub fn is_true(&self) -> bool {
+        self.status == "True"
+    }
 }

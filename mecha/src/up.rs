@@ -15,7 +15,6 @@ use activator_sidecar::rules::HopPolicy;
 use activator_sidecar::{Gateway, ProxyError};
 use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
-use crds::Mode;
 use eventing_broker::{BrokerConfig, EventBroker, EventLog, RedbLog};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
@@ -59,13 +58,43 @@ pub struct UpConfig {
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
-    // Everything is validated before anything starts.
-    let loaded = match crds::load_paths(&config.paths, Mode::Local) {
-        Ok(loaded) => loaded,
-        Err(errors) => return output::refuse(&errors),
+    // Everything is validated before anything starts: what the last run kept, then the YAML
+    // given here on top of it.
+    let (files, errors) = crds::load::yaml_files(&config.paths);
+    if !errors.is_empty() {
+        return output::refuse(&errors);
+    }
+    let mut contents = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(content) => contents.push((file, content)),
+            Err(error) => {
+                return output::refuse(&[crds::LoadError::file(
+                    &file,
+                    format!("cannot read: {error}"),
+                )]);
+            }
+        }
+    }
+    if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
+        eprintln!(
+            "error: cannot create the state directory {}: {error}",
+            config.state_dir.display()
+        );
+        return ExitCode::from(1);
+    }
+    let store = match LocalStore::restore(&config.state_dir) {
+        Ok(store) => Arc::new(store),
+        Err(error) => {
+            eprintln!("error: restoring what was applied before: {error}");
+            eprintln!(
+                "hint: fix the files named above, or move {} away to start without them",
+                config.state_dir.join(crate::store::STATE_FILE).display()
+            );
+            return ExitCode::from(1);
+        }
     };
-    let store = Arc::new(LocalStore::new());
-    if let Err(errors) = store.apply(loaded) {
+    if let Err(errors) = store.apply_files(&contents) {
         return output::refuse(&errors);
     }
     raise_open_files_limit();
@@ -109,6 +138,13 @@ pub async fn run(config: UpConfig) -> ExitCode {
         return ExitCode::from(1);
     };
 
+    // The client commands run with the same state directory find this instance here.
+    if let Err(error) = std::fs::write(
+        config.state_dir.join(crate::client::ADMIN_ADDR_FILE),
+        format!("{admin_addr}\n"),
+    ) {
+        tracing::warn!(%error, "cannot record the admin address in the state directory; clients need --admin-addr");
+    }
     let log = match open_event_log(&config).await {
         Ok(log) => log,
         Err(code) => return code,

@@ -130,3 +130,217 @@ fn tagged_traffic_is_listed_once_and_adds_up_to_one_hundred() {
         assert!(revision["created"].as_str().is_some(), "{revision}");
     }
 }
+
+/// `mecha CLI ARGS` with only the state directory: the client finds the admin address there.
+fn cli_with_state_dir(mecha: &Mecha, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(support::mecha_bin())
+        .args(args)
+        .env_remove("MECHA_ADMIN_ADDR")
+        .env_remove("MECHA_ADMIN_TOKEN")
+        .env("MECHA_STATE_DIR", mecha.state_dir())
+        .output()
+        .expect("run mecha")
+}
+
+#[test]
+fn get_describe_delete_and_version_work_as_kubectl_and_kn_users_expect() {
+    let dir = Workdir::new("cli-kubectl");
+    let other = echo_service("elsewhere", &[], "", "red").replace(
+        "metadata:\n  name: elsewhere\n",
+        "metadata:\n  name: elsewhere\n  namespace: team-b\n",
+    );
+    dir.write(
+        "svc.yaml",
+        &format!(
+            "{}---\n{}---\n{other}",
+            echo_service("hello", &[], "", "blue"),
+            echo_service("hello", &[], "", "green")
+        ),
+    );
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("hello", 1);
+
+    // The address comes from the state directory (a second `mecha up` on 8081 or anywhere
+    // else cannot answer instead).
+    let table = cli_with_state_dir(&mecha, &["get", "ksvc"]);
+    assert!(table.status.success(), "{table:?}");
+    let table = text(&table.stdout);
+    let header = table.lines().next().expect("header");
+    for column in [
+        "NAME",
+        "URL",
+        "LATEST",
+        "AGE",
+        "CONDITIONS",
+        "READY",
+        "REPLICAS",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("hello "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("hello-00002") && row.contains("3 OK / 3"),
+        "{row}"
+    );
+    // Only the default namespace without -n or -A.
+    assert!(!table.contains("elsewhere"), "{table}");
+    let team_b = text(&mecha.cli(&["get", "svc", "-n", "team-b"]).stdout);
+    assert!(
+        team_b.lines().any(|l| l.starts_with("elsewhere ")),
+        "{team_b}"
+    );
+    let all = text(&mecha.cli(&["get", "services", "-A"]).stdout);
+    assert!(all.starts_with("NAMESPACE"), "{all}");
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("team-b ") && l.contains("elsewhere")),
+        "{all}"
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("default ") && l.contains("hello")),
+        "{all}"
+    );
+
+    // Revisions, by short name, with a name, as YAML.
+    let revisions = text(&mecha.cli(&["get", "rev"]).stdout);
+    let newest = revisions
+        .lines()
+        .find(|l| l.starts_with("hello-00002 "))
+        .unwrap_or_else(|| panic!("{revisions}"));
+    assert!(
+        newest.contains("100%") && newest.contains("True"),
+        "{newest}"
+    );
+    assert!(
+        revisions.lines().any(|l| l.starts_with("hello-00001 ")),
+        "{revisions}"
+    );
+    let yaml = mecha.cli(&["get", "revisions", "hello-00002", "-o", "yaml"]);
+    assert!(yaml.status.success(), "{yaml:?}");
+    let yaml = text(&yaml.stdout);
+    assert!(
+        yaml.contains("name: hello-00002") && yaml.contains("service: hello"),
+        "{yaml}"
+    );
+    let wide = text(&mecha.cli(&["get", "rev", "-o", "wide"]).stdout);
+    assert!(wide.lines().next().unwrap().contains("PIDS"), "{wide}");
+    let missing = mecha.cli(&["get", "svc", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("Service default/nope not found"));
+
+    // describe: conditions, revisions with replicas, traffic, events.
+    let described = mecha.cli(&["describe", "ksvc", "hello"]);
+    assert!(described.status.success(), "{described:?}");
+    let described = text(&described.stdout);
+    for needle in [
+        "Name:       hello",
+        "100%  hello-00002 (latest)",
+        "hello-00002-1  pid ",
+        "++ Ready",
+        "++ ConfigurationsReady",
+        "++ RoutesReady",
+        "Events:",
+        "hello-00002-1 started (pid ",
+        "hello-00002-1 ready in ",
+        "hello-00002 scaled from 0 to 1 replicas",
+    ] {
+        assert!(
+            described.contains(needle),
+            "{needle:?} not in:\n{described}"
+        );
+    }
+    let revision = text(&mecha.cli(&["describe", "rev", "hello-00002"]).stdout);
+    assert!(
+        revision.contains("Service:    hello") && revision.contains("++ Active"),
+        "{revision}"
+    );
+
+    // version: client and server.
+    let version = text(&mecha.cli(&["version"]).stdout);
+    let expected = env!("CARGO_PKG_VERSION");
+    assert!(
+        version.contains(&format!("Client: mecha {expected}")),
+        "{version}"
+    );
+    assert!(
+        version.contains(&format!("Server: mecha {expected} at ")),
+        "{version}"
+    );
+
+    // Completion scripts for the shells kubectl users have.
+    for shell in ["bash", "zsh", "fish"] {
+        let script = mecha.cli(&["completion", shell]);
+        assert!(script.status.success(), "{script:?}");
+        assert!(text(&script.stdout).contains("describe"), "{shell}");
+    }
+
+    // delete by kind and name; a file naming one Service twice deletes it once.
+    let deleted = mecha.cli(&["delete", "svc", "elsewhere", "-n", "team-b"]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert_eq!(
+        text(&deleted.stdout).trim(),
+        "service/team-b/elsewhere deleted"
+    );
+    let again = mecha.cli(&["delete", "service", "elsewhere", "-n", "team-b"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("Service team-b/elsewhere not found"));
+    let file = dir.path.join("svc.yaml");
+    let output = mecha.cli(&["delete", "-f", file.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        text(&output.stdout).trim(),
+        "service/default/hello deleted\nservice/team-b/elsewhere not found"
+    );
+}
+
+#[test]
+fn what_was_applied_survives_a_restart_and_up_without_yaml_starts_empty() {
+    let dir = Workdir::new("cli-restart");
+    let state = dir.path.join("state");
+    let started = dir.write("started.yaml", &echo_service("first", &[], "", "blue"));
+    let mut mecha = Mecha::start(&[&started], &[], &[], &state);
+    mecha.keep_state();
+    mecha.wait_ready("first", 1);
+    let later = dir.write(
+        "later.yaml",
+        &format!(
+            "{}---\n{}",
+            echo_service("second", &[], "", "green"),
+            echo_service("third", &[], "", "red")
+        ),
+    );
+    let output = mecha.cli(&["apply", "-f", later.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    let output = mecha.cli(&["delete", "ksvc", "third"]);
+    assert!(output.status.success(), "{output:?}");
+    // The file changes after it was applied: what was applied is what comes back.
+    dir.write("later.yaml", "this is not YAML: [\n");
+    assert!(mecha.interrupt().success());
+
+    // No YAML this time: everything kept comes back, as it was applied.
+    let mecha = Mecha::start(&[], &[], &[], &state);
+    mecha.wait_ready("first", 1);
+    mecha.wait_ready("second", 1);
+    let names: Vec<String> = mecha
+        .services_json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(
+        mecha.get("second.default.localhost", "/").echo().0,
+        "second-00001"
+    );
+    drop(mecha);
+
+    // A state directory never used: nothing runs, and apply is awaited.
+    let empty = Mecha::start(&[], &[], &[], &dir.path.join("fresh"));
+    assert!(empty.stdout_contains("No services."));
+    assert_eq!(empty.services_json(), serde_json::json!([]));
+}

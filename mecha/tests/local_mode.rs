@@ -30,7 +30,12 @@ fn the_python_example_answers_through_the_gateway() {
     });
     let table = mecha.cli(&["get", "services"]);
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("default/hello"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("hello ") && l.contains("True")),
+        "{table}"
+    );
     assert!(table.contains(&format!(
         "http://hello.default.localhost:{}",
         mecha.gateway.port()
