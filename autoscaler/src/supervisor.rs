@@ -175,6 +175,33 @@ impl Supervisor {
         self.inner.endpoints.subscribe()
     }
 
+    /// Forgets a deleted Service's revisions: a new Service of that name starts unready, and
+    /// their restart counts leave `/metrics`.
+    pub fn forget_service(&self, service: &ServiceKey) {
+        let ours = |revision: &str| {
+            revision
+                .strip_prefix(service.name.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        lock(&self.inner.ever_ready).retain(|revision| !ours(revision));
+        for metric in prometheus::core::Collector::collect(&self.inner.metrics.restarts) {
+            for sample in metric.get_metric() {
+                let labels: Vec<&str> = sample.get_label().iter().map(|l| l.value()).collect();
+                if let [namespace, name, revision] = labels[..]
+                    && namespace == service.namespace
+                    && name == service.name
+                {
+                    let _ = self
+                        .inner
+                        .metrics
+                        .restarts
+                        .remove_label_values(&[namespace, name, revision]);
+                }
+            }
+        }
+    }
+
     /// Whether the revision has had a ready replica (Knative's Ready condition).
     pub fn ever_ready(&self, revision: &str) -> bool {
         lock(&self.inner.ever_ready).contains(revision)
@@ -290,7 +317,7 @@ impl Inner {
         }
         self.metrics
             .desired
-            .with_label_values(&[&runner.spec.name])
+            .with_label_values(&runner.spec.metric_labels())
             .set(i64::from(runner.desired));
     }
 
@@ -317,11 +344,14 @@ impl Inner {
             .filter(|(_, r)| r.desired == 0 && r.replicas.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
+        // A revision scaled to zero stays Ready (as in Knative): `ever_ready` keeps it until
+        // its Service is deleted (`forget_service`).
         for name in idle {
-            revisions.remove(&name);
-            lock(&self.ever_ready).remove(&name);
-            let _ = self.metrics.desired.remove_label_values(&[&name]);
-            let _ = self.metrics.ready.remove_label_values(&[&name]);
+            if let Some(runner) = revisions.remove(&name) {
+                let labels = runner.spec.metric_labels();
+                let _ = self.metrics.desired.remove_label_values(&labels);
+                let _ = self.metrics.ready.remove_label_values(&labels);
+            }
         }
     }
 
@@ -335,7 +365,7 @@ impl Inner {
             .collect();
         self.metrics
             .ready
-            .with_label_values(&[&runner.spec.name])
+            .with_label_values(&runner.spec.metric_labels())
             .set(ready.len() as i64);
         let name = runner.spec.name.clone();
         self.endpoints.send_modify(|table| {
@@ -394,7 +424,10 @@ impl Inner {
         if let Some(pid) = pid {
             signal_group(pid, Signal::KILL);
         }
-        self.metrics.restarts.with_label_values(&[&spec.name]).inc();
+        self.metrics
+            .restarts
+            .with_label_values(&spec.metric_labels())
+            .inc();
         tokio::time::sleep(self.config.restart_backoff).await;
         {
             let mut revisions = lock(&self.revisions);
@@ -510,7 +543,10 @@ impl Inner {
                     state.last_exit = Some(status.clone());
                     state.restarts
                 };
-                self.metrics.restarts.with_label_values(&[&spec.name]).inc();
+                self.metrics
+                    .restarts
+                    .with_label_values(&spec.metric_labels())
+                    .inc();
                 // The marker `mecha logs` shows between a crashed process's last line and
                 // its successor's first.
                 self.log(
@@ -683,7 +719,7 @@ impl Metrics {
                 "mecha_revision_desired_replicas",
                 "Replicas a revision should run",
             ),
-            &["revision"],
+            &["namespace", "service", "revision"],
         )
         .expect("valid metric");
         let ready = IntGaugeVec::new(
@@ -691,7 +727,7 @@ impl Metrics {
                 "mecha_revision_ready_replicas",
                 "Replicas of a revision in rotation",
             ),
-            &["revision"],
+            &["namespace", "service", "revision"],
         )
         .expect("valid metric");
         let restarts = IntCounterVec::new(
@@ -699,7 +735,7 @@ impl Metrics {
                 "mecha_replica_restarts_total",
                 "Replica crashes followed by a restart",
             ),
-            &["revision"],
+            &["namespace", "service", "revision"],
         )
         .expect("valid metric");
         // Registering twice (two supervisors on one registry in tests) keeps the first.

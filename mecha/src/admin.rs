@@ -315,9 +315,9 @@ async fn delete_one(
 fn forget_deleted(state: &AdminState, results: &[crate::store::Outcome]) {
     for outcome in results {
         if outcome.kind == "Service" && outcome.action == "deleted" {
-            state
-                .logs
-                .forget(&ServiceKey::new(&outcome.namespace, &outcome.name));
+            let key = ServiceKey::new(&outcome.namespace, &outcome.name);
+            state.logs.forget(&key);
+            state.supervisor.forget_service(&key);
         }
     }
 }

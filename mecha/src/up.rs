@@ -76,13 +76,15 @@ pub async fn run(config: UpConfig) -> ExitCode {
             }
         }
     }
-    if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
-        eprintln!(
-            "error: cannot create the state directory {}: {error}",
-            config.state_dir.display()
-        );
-        return ExitCode::from(1);
-    }
+    // The credential exists before the admin API listens, so no request is ever unguarded
+    // (and the state directory, owner-only, before anything is kept in it).
+    let token = match auth::load_or_create(&config.state_dir) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("error: the admin API's credential: {error}");
+            return ExitCode::from(1);
+        }
+    };
     let store = match LocalStore::restore(&config.state_dir) {
         Ok(store) => Arc::new(store),
         Err(error) => {
@@ -98,14 +100,6 @@ pub async fn run(config: UpConfig) -> ExitCode {
         return output::refuse(&errors);
     }
     raise_open_files_limit();
-    // The credential exists before the admin API listens, so no request is ever unguarded.
-    let token = match auth::load_or_create(&config.state_dir) {
-        Ok(token) => token,
-        Err(error) => {
-            eprintln!("error: the admin API's credential: {error}");
-            return ExitCode::from(1);
-        }
-    };
     let token_path = auth::token_path(&config.state_dir);
     let hint = format!(
         "run mecha commands from the directory `mecha up` runs in, or pass --state-dir; \

@@ -278,6 +278,14 @@ fn get_describe_delete_and_version_work_as_kubectl_and_kn_users_expect() {
         assert!(text(&script.stdout).contains("describe"), "{shell}");
     }
 
+    // Series carry namespace and service, and leave with a deleted Service.
+    let metrics = || support::http(mecha.admin, "localhost", "/metrics").body;
+    support::wait_until("team-b's replica in /metrics", || {
+        metrics().contains(
+            "mecha_revision_ready_replicas{namespace=\"team-b\",revision=\"elsewhere-00001\",service=\"elsewhere\"} 1",
+        )
+    });
+
     // delete by kind and name; a file naming one Service twice deletes it once.
     let deleted = mecha.cli(&["delete", "svc", "elsewhere", "-n", "team-b"]);
     assert!(deleted.status.success(), "{deleted:?}");
@@ -285,6 +293,9 @@ fn get_describe_delete_and_version_work_as_kubectl_and_kn_users_expect() {
         text(&deleted.stdout).trim(),
         "service/team-b/elsewhere deleted"
     );
+    support::wait_until("the deleted revision's series to go", || {
+        !metrics().contains("elsewhere-00001")
+    });
     let again = mecha.cli(&["delete", "service", "elsewhere", "-n", "team-b"]);
     assert_eq!(again.status.code(), Some(1));
     assert!(text(&again.stderr).contains("Service team-b/elsewhere not found"));
