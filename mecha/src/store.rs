@@ -379,11 +379,10 @@ impl LocalStore {
                         revision,
                     });
                 }
-                Err(field_errors) => errors.extend(
-                    field_errors
-                        .into_iter()
-                        .map(|e| LoadError::field(&loaded.source.file, loaded.source.document, e)),
-                ),
+                Err(field_errors) => errors.extend(field_errors.into_iter().map(|e| {
+                    LoadError::field(&loaded.source.file, loaded.source.document, e)
+                        .with_resource(format!("Service {namespace}/{name}"))
+                })),
             }
         }
         if !errors.is_empty() {

@@ -278,6 +278,44 @@ fn get_describe_delete_and_version_work_as_kubectl_and_kn_users_expect() {
         assert!(text(&script.stdout).contains("describe"), "{shell}");
     }
 
+    // -w prints a row again when it changes: a new revision shows up without asking.
+    let mut watch = std::process::Command::new(support::mecha_bin())
+        .args(["get", "ksvc", "hello", "-w"])
+        .env("MECHA_ADMIN_ADDR", mecha.admin.to_string())
+        .env("MECHA_STATE_DIR", mecha.state_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mecha get -w");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let out = watch.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let first = lines
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the header");
+    assert!(first.starts_with("NAME"), "{first}");
+    let v3 = dir.write("v3.yaml", &echo_service("hello", &[], "", "white"));
+    let applied = mecha.cli(&["apply", "-f", v3.to_str().unwrap()]);
+    assert!(applied.status.success(), "{applied:?}");
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.starts_with("hello ") && l.contains("hello-00003"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no row for hello-00003 in {seen:?}"),
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+
     // Series carry namespace and service, and leave with a deleted Service.
     let metrics = || support::http(mecha.admin, "localhost", "/metrics").body;
     support::wait_until("team-b's replica in /metrics", || {

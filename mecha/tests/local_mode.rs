@@ -211,12 +211,14 @@ fn bad_input_is_refused_with_file_document_and_field() {
     let shown = file.display();
     for expected in [
         format!(
-            "error: {shown}: document 2: spec.template.spec.containers[0].command: required in local mode"
+            "error: {shown}: document 2 (Service default/good): spec.template.spec.containers[0].command: required in local mode"
         ),
         format!(
-            "error: {shown}: document 3: spec.template.spec.volumes: unknown or unsupported field"
+            "error: {shown}: document 3 (Service default/good): spec.template.spec.volumes: unknown or unsupported field"
         ),
-        format!("error: {shown}: document 4: kind: unsupported kind Deployment (apps/v1)"),
+        format!(
+            "error: {shown}: document 4 (Deployment default/d): kind: unsupported kind Deployment (apps/v1)"
+        ),
         format!("error: {shown}: document 5: line "),
         "4 errors; nothing was changed".to_string(),
     ] {
@@ -248,7 +250,7 @@ fn a_bad_apply_changes_nothing_and_delete_stops_the_service() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(
-            "document 1: spec.traffic[0].revisionName: revision \"keep-00042\" does not exist"
+            "document 1 (Service default/keep): spec.traffic[0].revisionName: revision \"keep-00042\" does not exist"
         ),
         "{stderr}"
     );
