@@ -740,8 +740,13 @@ async fn wait_ready(
                 continue;
             }
             if started.elapsed() >= timeout {
+                let why = if view.replicas.iter().any(|r| r.pid.is_some()) {
+                    "its replicas run but their readiness probe has not passed"
+                } else {
+                    "no replica has started"
+                };
                 eprintln!(
-                    "error: Service {namespace}/{name}: revision {revision} not ready after {}s (--timeout)",
+                    "error: Service {namespace}/{name}: revision {revision} not ready after {}s (--timeout): {why}",
                     timeout.as_secs()
                 );
                 print_tail(client, &namespace, &name, &revision).await?;

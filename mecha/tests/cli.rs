@@ -393,3 +393,29 @@ fn what_was_applied_survives_a_restart_and_up_without_yaml_starts_empty() {
     assert!(empty.stdout_contains("No services."));
     assert_eq!(empty.services_json(), serde_json::json!([]));
 }
+
+#[test]
+fn a_revision_whose_readiness_never_passes_ends_the_wait_at_the_timeout() {
+    let dir = Workdir::new("cli-unready");
+    // The process runs, but never listens: its readiness probe never passes.
+    let file = dir.write(
+        "svc.yaml",
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: slow\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"echo warming up forever; exec sleep 600\"]\n",
+    );
+    let mecha = Mecha::up(&[]);
+    let output = mecha.cli(&["apply", "-f", file.to_str().unwrap(), "--timeout", "2s"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("revision slow-00001 not ready after 2s (--timeout): its replicas run but their readiness probe has not passed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("waiting for Service default/slow revision slow-00001: 0/1 replicas ready"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[slow/slow-00001-1] warming up forever"),
+        "{stderr}"
+    );
+}
