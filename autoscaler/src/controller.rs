@@ -336,8 +336,9 @@ impl<A: Actuator> Controller<A> {
             }
             match self.actuator.scale(&revision, replicas).await {
                 Ok(()) => {
-                    if replicas == 0 {
-                        self.retired.remove(name);
+                    if replicas == 0 && self.retired.remove(name).is_some() {
+                        // Retired and at zero: its series leave `/metrics` with it.
+                        self.metrics.forget(name);
                     }
                     if let Some(failing) = self.failing.remove(name) {
                         tracing::info!(revision = %name, replicas, attempts = failing.attempts, "actuated after failures");
@@ -483,6 +484,17 @@ impl StatusBoard {
 // === impl Metrics ===
 
 impl Metrics {
+    /// Removes a revision's series (it left the active set and runs nothing).
+    fn forget(&self, revision: &str) {
+        for gauge in [&self.desired, &self.panic, &self.actuation_failing] {
+            let _ = gauge.remove_label_values(&[revision]);
+        }
+        for gauge in [&self.concurrency, &self.rps] {
+            let _ = gauge.remove_label_values(&[revision]);
+        }
+        let _ = self.activations.remove_label_values(&[revision]);
+    }
+
     fn register(registry: &Registry) -> Self {
         let gauge = |name: &str, help: &str| {
             let g = IntGaugeVec::new(Opts::new(name, help), &["revision"]).expect("valid metric");

@@ -37,6 +37,13 @@ pub struct RevisionSpec {
     pub buffer: BufferLimits,
 }
 
+impl RevisionSpec {
+    /// The labels of its series in `/metrics`: namespace, service, revision.
+    pub fn metric_labels(&self) -> [&str; 3] {
+        [&self.service.namespace, &self.service.name, &self.name]
+    }
+}
+
 /// One Service and the revisions it has made, oldest first.
 #[derive(Debug, Clone)]
 pub struct ServiceRecord {

@@ -94,6 +94,9 @@ struct ReplicaState {
     /// Set while the replica is ready and in rotation.
     endpoint: Option<Endpoint>,
     restarts: u32,
+    /// How the process last ended (`exit status: 1`, `signal: 9 (SIGKILL)`, or why it could
+    /// not start).
+    last_exit: Option<String>,
 }
 
 /// A revision's replicas as `mecha get` shows them.
@@ -113,6 +116,9 @@ pub struct ReplicaStatus {
     pub stopping: bool,
     pub restarts: u32,
     pub in_flight: u32,
+    /// How the replica's process last ended, when it has crashed before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +173,33 @@ impl Supervisor {
     /// Ready endpoints of every revision; changes whenever a replica enters or leaves rotation.
     pub fn endpoints(&self) -> watch::Receiver<Arc<EndpointTable>> {
         self.inner.endpoints.subscribe()
+    }
+
+    /// Forgets a deleted Service's revisions: a new Service of that name starts unready, and
+    /// their restart counts leave `/metrics`.
+    pub fn forget_service(&self, service: &ServiceKey) {
+        let ours = |revision: &str| {
+            revision
+                .strip_prefix(service.name.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        lock(&self.inner.ever_ready).retain(|revision| !ours(revision));
+        for metric in prometheus::core::Collector::collect(&self.inner.metrics.restarts) {
+            for sample in metric.get_metric() {
+                let labels: Vec<&str> = sample.get_label().iter().map(|l| l.value()).collect();
+                if let [namespace, name, revision] = labels[..]
+                    && namespace == service.namespace
+                    && name == service.name
+                {
+                    let _ = self
+                        .inner
+                        .metrics
+                        .restarts
+                        .remove_label_values(&[namespace, name, revision]);
+                }
+            }
+        }
     }
 
     /// Whether the revision has had a ready replica (Knative's Ready condition).
@@ -247,6 +280,14 @@ impl Inner {
             .cloned()
             .collect();
         let desired = runner.desired as usize;
+        if running.len() != desired {
+            self.logs.event(
+                &runner.spec.service,
+                &runner.spec.name,
+                &runner.spec.name,
+                &format!("scaled from {} to {desired} replicas", running.len()),
+            );
+        }
         if running.len() < desired {
             for _ in running.len()..desired {
                 let name: Arc<str> = format!("{}-{}", runner.spec.name, runner.next_index).into();
@@ -276,7 +317,7 @@ impl Inner {
         }
         self.metrics
             .desired
-            .with_label_values(&[&runner.spec.name])
+            .with_label_values(&runner.spec.metric_labels())
             .set(i64::from(runner.desired));
     }
 
@@ -303,11 +344,14 @@ impl Inner {
             .filter(|(_, r)| r.desired == 0 && r.replicas.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
+        // A revision scaled to zero stays Ready (as in Knative): `ever_ready` keeps it until
+        // its Service is deleted (`forget_service`).
         for name in idle {
-            revisions.remove(&name);
-            lock(&self.ever_ready).remove(&name);
-            let _ = self.metrics.desired.remove_label_values(&[&name]);
-            let _ = self.metrics.ready.remove_label_values(&[&name]);
+            if let Some(runner) = revisions.remove(&name) {
+                let labels = runner.spec.metric_labels();
+                let _ = self.metrics.desired.remove_label_values(&labels);
+                let _ = self.metrics.ready.remove_label_values(&labels);
+            }
         }
     }
 
@@ -321,7 +365,7 @@ impl Inner {
             .collect();
         self.metrics
             .ready
-            .with_label_values(&[&runner.spec.name])
+            .with_label_values(&runner.spec.metric_labels())
             .set(ready.len() as i64);
         let name = runner.spec.name.clone();
         self.endpoints.send_modify(|table| {
@@ -380,7 +424,10 @@ impl Inner {
         if let Some(pid) = pid {
             signal_group(pid, Signal::KILL);
         }
-        self.metrics.restarts.with_label_values(&[&spec.name]).inc();
+        self.metrics
+            .restarts
+            .with_label_values(&spec.metric_labels())
+            .inc();
         tokio::time::sleep(self.config.restart_backoff).await;
         {
             let mut revisions = lock(&self.revisions);
@@ -441,6 +488,16 @@ impl Inner {
                         state.addr = Some(addr);
                     }
                     self.forward_output(&spec.service, &replica.name, &mut child);
+                    self.logs.event(
+                        &spec.service,
+                        &spec.name,
+                        &replica.name,
+                        &format!(
+                            "started (pid {}, port {})",
+                            pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                            addr.port()
+                        ),
+                    );
                     tracing::debug!(replica = %replica.name, ?pid, %addr, "started");
                     let outcome = tokio::select! {
                         status = child.wait() => Outcome::Exited(status),
@@ -451,6 +508,8 @@ impl Inner {
                     match outcome {
                         Outcome::Stop => {
                             self.stop_process(&replica, &endpoint, child).await;
+                            self.logs
+                                .event(&spec.service, &spec.name, &replica.name, "stopped");
                             break;
                         }
                         exited => {
@@ -471,13 +530,33 @@ impl Inner {
                     Ok(status) => status.to_string(),
                     Err(error) => error.to_string(),
                 };
+                self.logs.event(
+                    &spec.service,
+                    &spec.name,
+                    &replica.name,
+                    &format!("ended ({status}); restarting in {} ms", backoff.as_millis()),
+                );
                 let restarts = {
                     let mut state = lock(&replica.state);
                     state.restarts += 1;
                     state.pid = None;
+                    state.last_exit = Some(status.clone());
                     state.restarts
                 };
-                self.metrics.restarts.with_label_values(&[&spec.name]).inc();
+                self.metrics
+                    .restarts
+                    .with_label_values(&spec.metric_labels())
+                    .inc();
+                // The marker `mecha logs` shows between a crashed process's last line and
+                // its successor's first.
+                self.log(
+                    &spec.service,
+                    &replica.name,
+                    &format!(
+                        "mecha: process ended ({status}); restart {restarts} in {} ms",
+                        backoff.as_millis()
+                    ),
+                );
                 tracing::warn!(
                     replica = %replica.name,
                     %status,
@@ -532,6 +611,12 @@ impl Inner {
                 "ready in {} ms",
                 started.elapsed().as_millis()
             );
+            self.logs.event(
+                &spec.service,
+                &spec.name,
+                &replica.name,
+                &format!("ready in {} ms", started.elapsed().as_millis()),
+            );
             self.set_endpoint(spec, replica, Some(endpoint.clone()));
             let mut failures = 0;
             while failures < probe.failure_threshold {
@@ -543,6 +628,12 @@ impl Inner {
                 }
             }
             tracing::warn!(replica = %replica.name, failures, "failed readiness; out of rotation");
+            self.logs.event(
+                &spec.service,
+                &spec.name,
+                &replica.name,
+                &format!("failed {failures} readiness probes in a row; out of rotation"),
+            );
             self.set_endpoint(spec, replica, None);
         }
     }
@@ -614,6 +705,7 @@ impl Replica {
             stopping: self.is_stopping(),
             restarts: state.restarts,
             in_flight: state.endpoint.as_ref().map_or(0, Endpoint::in_flight),
+            last_exit: state.last_exit.clone(),
         }
     }
 }
@@ -627,7 +719,7 @@ impl Metrics {
                 "mecha_revision_desired_replicas",
                 "Replicas a revision should run",
             ),
-            &["revision"],
+            &["namespace", "service", "revision"],
         )
         .expect("valid metric");
         let ready = IntGaugeVec::new(
@@ -635,7 +727,7 @@ impl Metrics {
                 "mecha_revision_ready_replicas",
                 "Replicas of a revision in rotation",
             ),
-            &["revision"],
+            &["namespace", "service", "revision"],
         )
         .expect("valid metric");
         let restarts = IntCounterVec::new(
@@ -643,7 +735,7 @@ impl Metrics {
                 "mecha_replica_restarts_total",
                 "Replica crashes followed by a restart",
             ),
-            &["revision"],
+            &["namespace", "service", "revision"],
         )
         .expect("valid metric");
         // Registering twice (two supervisors on one registry in tests) keeps the first.

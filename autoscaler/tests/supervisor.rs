@@ -121,6 +121,7 @@ async fn runs_probes_restarts_and_stops_replicas() {
         logs.follow(&key)
             .0
             .iter()
+            .map(ToString::to_string)
             .any(|l| l.starts_with("[sup/sup-00001-") && l.ends_with("listening"))
     );
 
@@ -183,7 +184,20 @@ async fn a_crashing_command_is_restarted_with_backoff_and_a_missing_one_is_repor
     }
     assert!(!supervisor.ever_ready("sup-00001"));
     let key = mecha_common::routing::ServiceKey::new("default", "sup");
-    assert!(logs.follow(&key).0.iter().any(|l| l.ends_with("] boom")));
+    let lines = logs.follow(&key).0;
+    assert!(lines.iter().any(|l| &*l.text == "boom"), "{lines:?}");
+    // Each crash leaves a marker with how the process ended.
+    let marker = lines
+        .iter()
+        .find(|l| l.text.starts_with("mecha: process ended ("))
+        .unwrap_or_else(|| panic!("no crash marker in {lines:?}"));
+    assert!(marker.text.contains("exit status: 3"), "{marker}");
+    let status = supervisor.status("sup-00001").expect("status");
+    assert!(
+        status.replicas[0].last_exit.as_deref() == Some("exit status: 3"),
+        "{:?}",
+        status.replicas
+    );
     supervisor.shutdown().await;
 
     let state = state_with(&["./no-such-program"], "");
@@ -194,7 +208,7 @@ async fn a_crashing_command_is_restarted_with_backoff_and_a_missing_one_is_repor
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("cannot start `./no-such-program`")),
+            .any(|l| l.text.contains("cannot start `./no-such-program`")),
         "{lines:?}"
     );
     supervisor.shutdown().await;

@@ -19,6 +19,9 @@ pub struct LoadError {
     pub document: Option<usize>,
     pub location: Location,
     pub message: String,
+    /// The resource the document declares, `Trigger default/badexpr`, when its kind and name
+    /// could be read.
+    pub resource: Option<String>,
 }
 
 /// Where inside a document a problem is.
@@ -59,7 +62,14 @@ impl LoadError {
             document: None,
             location: Location::Whole,
             message: message.into(),
+            resource: None,
         }
+    }
+
+    /// Names the resource the error is about.
+    pub fn with_resource(mut self, resource: impl Into<String>) -> Self {
+        self.resource = Some(resource.into());
+        self
     }
 
     pub fn field(file: impl Into<PathBuf>, document: usize, error: FieldError) -> Self {
@@ -73,6 +83,7 @@ impl LoadError {
             document: Some(document),
             location,
             message: error.message,
+            resource: None,
         }
     }
 }
@@ -82,6 +93,9 @@ impl fmt::Display for LoadError {
         write!(f, "{}", self.file.display())?;
         if let Some(document) = self.document {
             write!(f, ": document {document}")?;
+        }
+        if let Some(resource) = &self.resource {
+            write!(f, " ({resource})")?;
         }
         match &self.location {
             Location::Whole => {}

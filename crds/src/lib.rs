@@ -1,9 +1,9 @@
 //! Mecha's API: the Knative-compatible resource types users write, their defaults and
 //! validation, and the YAML loader behind `mecha up` and `mecha apply`.
 //!
-//! Every error names where it comes from — file, document and field path — in the form
-//! `examples/bad.yaml: document 2: spec.template.spec.containers[0].command: required in local
-//! mode`. Fields Mecha does not support are rejected by name, never silently ignored.
+//! Every error names where it comes from — file, document, resource and field path — in the
+//! form `bad.yaml: document 2 (Service default/hello): spec.template.spec.containers[0].command:
+//! required in local mode`. Fields Mecha does not support are rejected by name, never silently ignored.
 #![forbid(unsafe_code)]
 
 pub mod autoscaling;

@@ -262,6 +262,7 @@ fn load_document(
                 column,
             },
             message: strip_location_suffix(&message),
+            resource: None,
         }]
     })?;
     let Value::Object(map) = &value else {
@@ -279,7 +280,42 @@ fn load_document(
         (Ok(a), Ok(k)) => (a, k),
         (a, k) => return Err([a.err(), k.err()].into_iter().flatten().collect()),
     };
-    match (api_version.as_str(), kind.as_str()) {
+    // From here on every error names the resource, as far as its metadata says.
+    let label = resource_label(&kind, map.get("metadata"));
+    typed_document(source_info, &api_version, &kind, value.clone(), mode).map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| match &label {
+                Some(label) => e.with_resource(label.clone()),
+                None => e,
+            })
+            .collect()
+    })
+}
+
+/// `Kind namespace/name` from a document's raw metadata (namespace `default` when absent;
+/// `None` without a name).
+fn resource_label(kind: &str, metadata: Option<&Value>) -> Option<String> {
+    let name = metadata?.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = metadata
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    Some(format!("{kind} {namespace}/{name}"))
+}
+
+/// The document as its kind's type, validated.
+fn typed_document(
+    source_info: &Source,
+    api_version: &str,
+    kind: &str,
+    value: Value,
+    mode: Mode,
+) -> Result<Resource, Vec<LoadError>> {
+    let source = source_info;
+    let at = |error: FieldError| LoadError::field(&source.file, source.document, error);
+    match (api_version, kind) {
         (serving::API_VERSION, serving::KIND) => {
             let service: Service = typed(value).map_err(|e| vec![at(e)])?;
             let errors = service.validate(mode);
@@ -456,7 +492,7 @@ spec:
         assert_eq!(
             errors,
             vec![
-                "examples/bad.yaml: document 2: spec.template.spec.containers[0].command: required in local mode: Mecha runs the command as a process and does not pull the image"
+                "examples/bad.yaml: document 2 (Service default/hello): spec.template.spec.containers[0].command: required in local mode: Mecha runs the command as a process and does not pull the image"
             ]
         );
     }
@@ -467,7 +503,7 @@ spec:
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(
             errors[0].starts_with(
-                "examples/bad.yaml: document 1: spec.template.spec.volumes: unknown or unsupported field"
+                "examples/bad.yaml: document 1 (Service default/hello): spec.template.spec.volumes: unknown or unsupported field"
             ),
             "{errors:?}"
         );
@@ -487,7 +523,7 @@ spec:
         assert_eq!(errors.len(), 1);
         assert!(
             errors[0].starts_with(
-                "examples/bad.yaml: document 1: kind: unsupported kind Deployment (apps/v1)"
+                "examples/bad.yaml: document 1 (Deployment default/x): kind: unsupported kind Deployment (apps/v1)"
             ),
             "{errors:?}"
         );
@@ -509,7 +545,9 @@ spec:
         assert_eq!(config.stable_window.as_secs(), 6);
         let errors = errors_of(&yaml.replace("6s", "2s"));
         assert!(
-            errors[0].contains("document 1: data[\"stable-window\"]: 2s is out of range"),
+            errors[0].contains(
+                "document 1 (ConfigMap knative-serving/config-autoscaler): data[\"stable-window\"]: 2s is out of range"
+            ),
             "{errors:?}"
         );
         let errors = errors_of(&yaml.replace("config-autoscaler", "config-network"));

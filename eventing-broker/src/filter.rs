@@ -195,7 +195,7 @@ mod tests {
         let message = errors[0].to_string();
         assert!(
             message.starts_with(
-                "t.yaml: document 1: spec.filters[0].cesql: invalid CESQL expression at position 15"
+                "t.yaml: document 1 (Trigger default/t): spec.filters[0].cesql: invalid CESQL expression at position 15"
             ),
             "{message}"
         );

@@ -15,9 +15,14 @@ fn local_errors(yaml: &str) -> String {
     errors
         .iter()
         .map(|e| {
-            e.to_string()
-                .strip_prefix("resource.yaml: document 1: ")
-                .expect("placed in the document")
+            // `resource.yaml: document 1 (Kind namespace/name): field: message`
+            let text = e.to_string();
+            let rest = text
+                .strip_prefix("resource.yaml: document 1 (")
+                .expect("placed in the document, naming the resource");
+            rest.split_once("): ")
+                .expect("the resource, then the field")
+                .1
                 .to_string()
         })
         .collect::<Vec<_>>()

@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use autoscaler::logs::LogHub;
 use autoscaler::{ServingState, StatusBoard, Supervisor};
@@ -27,8 +28,8 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{
-    BrokerView, ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView, ServiceView,
-    SourceView, TrafficView, TriggerView,
+    BrokerView, ConditionView, ErrorsResponse, FilesRequest, OutcomesResponse, RevisionView,
+    ServiceView, SourceView, TrafficView, TriggerView,
 };
 use crate::store::LocalStore;
 
@@ -45,12 +46,44 @@ pub struct AdminState {
     pub shutdown: ShutdownSignal,
     pub broker: eventing_broker::EventBroker,
     pub importers: importers::Importers,
+    /// The routes the controller publishes to the gateway: what is served, not what should be.
+    pub routes: tokio::sync::watch::Receiver<Arc<mecha_common::RoutingTable>>,
 }
 
+/// `GET …/logs`: `follow`, `tail` (the last N lines of the history), `since_ms` (how far back),
+/// `timestamps` (each line starts with when it was read, RFC 3339), `revision` (one
+/// revision's replicas only).
 #[derive(Debug, Deserialize)]
 struct LogsQuery {
     #[serde(default)]
     follow: bool,
+    tail: Option<usize>,
+    since_ms: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+    revision: Option<String>,
+}
+
+impl LogsQuery {
+    fn wants(
+        &self,
+        line: &autoscaler::logs::LogLine,
+        since: Option<std::time::SystemTime>,
+    ) -> bool {
+        self.revision
+            .as_deref()
+            .is_none_or(|revision| &*line.revision == revision)
+            && since.is_none_or(|since| line.at >= since)
+    }
+
+    fn render(&self, line: &autoscaler::logs::LogLine) -> String {
+        if self.timestamps {
+            let at = timestamp(line.at).unwrap_or_default();
+            format!("{at} {line}\n")
+        } else {
+            format!("{line}\n")
+        }
+    }
 }
 
 /// The admin API with the control plane's (`autoscaler::api`) mounted beside it, all behind
@@ -71,6 +104,15 @@ pub fn router(
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/delete", post(delete))
         .route(
+            "/api/v1/namespaces/{namespace}/{kind}/{name}",
+            axum::routing::delete(delete_one),
+        )
+        .route(
+            "/api/v1/namespaces/{namespace}/services/{name}/events",
+            get(events),
+        )
+        .route("/api/v1/version", get(version))
+        .route(
             "/api/v1/namespaces/{namespace}/services/{name}/logs",
             get(logs),
         )
@@ -85,10 +127,12 @@ pub fn router(
 }
 
 async fn services(State(state): State<AdminState>) -> Json<Vec<ServiceView>> {
+    let routes = state.routes.borrow().clone();
     Json(service_views(
-        &state.store.snapshot(),
+        &state.store,
         &state.supervisor,
         &state.scaling,
+        &routes,
         state.gateway_port,
     ))
 }
@@ -230,11 +274,12 @@ pub fn trigger_views(
 }
 
 async fn apply(State(state): State<AdminState>, Json(request): Json<FilesRequest>) -> Response {
-    let loaded = match load(&request) {
-        Ok(loaded) => loaded,
-        Err(errors) => return unprocessable(errors),
-    };
-    match state.store.apply(loaded) {
+    let files: Vec<(std::path::PathBuf, String)> = request
+        .files
+        .into_iter()
+        .map(|file| (file.path.into(), file.content))
+        .collect();
+    match state.store.apply_files(&files) {
         Ok(results) => Json(OutcomesResponse { results }).into_response(),
         Err(errors) => unprocessable(errors),
     }
@@ -242,12 +287,71 @@ async fn apply(State(state): State<AdminState>, Json(request): Json<FilesRequest
 
 async fn delete(State(state): State<AdminState>, Json(request): Json<FilesRequest>) -> Response {
     match load(&request) {
-        Ok(loaded) => Json(OutcomesResponse {
-            results: state.store.delete(&loaded),
-        })
-        .into_response(),
+        Ok(loaded) => {
+            let results = state.store.delete(&loaded);
+            forget_deleted(&state, &results);
+            Json(OutcomesResponse { results }).into_response()
+        }
         Err(errors) => unprocessable(errors),
     }
+}
+
+/// `DELETE /api/v1/namespaces/{namespace}/{kind}/{name}`: `kind` as in YAML (`Service`,
+/// `Broker`, `Trigger`, `PingSource`, …).
+async fn delete_one(
+    State(state): State<AdminState>,
+    UrlPath((namespace, kind, name)): UrlPath<(String, String, String)>,
+) -> Json<OutcomesResponse> {
+    let results = state.store.delete_keys(&[crate::store::ResourceKey {
+        kind,
+        namespace,
+        name,
+    }]);
+    forget_deleted(&state, &results);
+    Json(OutcomesResponse { results })
+}
+
+/// A deleted Service's output and events go with it.
+fn forget_deleted(state: &AdminState, results: &[crate::store::Outcome]) {
+    for outcome in results {
+        if outcome.kind == "Service" && outcome.action == "deleted" {
+            let key = ServiceKey::new(&outcome.namespace, &outcome.name);
+            state.logs.forget(&key);
+            state.supervisor.forget_service(&key);
+        }
+    }
+}
+
+/// `GET /api/v1/version`: this `mecha up`'s version, for `mecha version`.
+async fn version() -> Json<crate::api::VersionView> {
+    Json(crate::api::VersionView::current())
+}
+
+/// `GET …/services/{name}/events`: what happened to the service's replicas, oldest first.
+async fn events(
+    State(state): State<AdminState>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+) -> Response {
+    let key = ServiceKey::new(namespace, name);
+    if state.store.snapshot().get(&key).is_none() {
+        return (StatusCode::NOT_FOUND, format!("service {key} not found\n")).into_response();
+    }
+    let events: Vec<crate::api::EventView> = state
+        .logs
+        .events(&key)
+        .iter()
+        .map(|event| crate::api::EventView {
+            at: timestamp(event.at),
+            revision: event.revision.to_string(),
+            message: event.to_string(),
+        })
+        .collect();
+    Json(events).into_response()
+}
+
+/// RFC 3339, UTC.
+pub fn timestamp(at: std::time::SystemTime) -> Option<String> {
+    jiff::Timestamp::try_from(at).ok().map(|t| t.to_string())
 }
 
 async fn logs(
@@ -260,14 +364,32 @@ async fn logs(
         return (StatusCode::NOT_FOUND, format!("service {key} not found\n")).into_response();
     }
     let (recent, rx) = state.logs.follow(&key);
-    let history =
-        futures_util::stream::iter(recent).map(|line| Ok::<_, Infallible>(format!("{line}\n")));
+    let since = query
+        .since_ms
+        .and_then(|ms| std::time::SystemTime::now().checked_sub(Duration::from_millis(ms)));
+    let mut recent: Vec<_> = recent
+        .into_iter()
+        .filter(|line| query.wants(line, since))
+        .collect();
+    if let Some(tail) = query.tail {
+        recent.drain(..recent.len().saturating_sub(tail));
+    }
+    let query = Arc::new(query);
+    let history = futures_util::stream::iter(
+        recent
+            .iter()
+            .map(|line| Ok::<_, Infallible>(query.render(line)))
+            .collect::<Vec<_>>(),
+    );
     let body = if query.follow {
-        let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        let live = futures_util::stream::unfold((rx, query), move |(mut rx, query)| async move {
             loop {
                 match rx.recv().await {
-                    Ok(line) => return Some((Ok(format!("{line}\n")), rx)),
-                    Err(RecvError::Lagged(_)) => continue,
+                    Ok(line) if query.wants(&line, None) => {
+                        let text = query.render(&line);
+                        return Some((Ok(text), (rx, query)));
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
                     Err(RecvError::Closed) => return None,
                 }
             }
@@ -309,44 +431,69 @@ fn unprocessable(errors: Vec<LoadError>) -> Response {
         .into_response()
 }
 
-/// What `mecha get services` shows, from the desired state and the supervisor's view.
+/// A revision that never became ready and whose replica has ended this many times is failing
+/// (Knative would report the container's exit; a local process has no other signal).
+pub const CRASH_LOOP_RESTARTS: u32 = 3;
+
+/// What `mecha get services|revisions` and `describe` show, from the desired state and the
+/// supervisor's view.
 pub fn service_views(
-    state: &ServingState,
+    store: &LocalStore,
     supervisor: &Supervisor,
     scaling: &StatusBoard,
+    served: &mecha_common::RoutingTable,
     port: u16,
 ) -> Vec<ServiceView> {
+    let state = store.snapshot();
     let desired = state.desired(DOMAIN, |r| supervisor.ever_ready(r));
     let url = |host: String| format!("http://{host}:{port}");
     state
         .services()
         .map(|record| {
             let main_host = service_host(&record.key, DOMAIN);
-            let mut traffic: Vec<TrafficView> = desired
+            // One entry per traffic target, as Knative's status.traffic: the main route's
+            // split (with each entry's tag), then tags that take no share of the main route.
+            let targets = desired
                 .routes
                 .lookup(&main_host)
-                .map(|route| {
-                    route
-                        .targets
-                        .iter()
-                        .map(|t| TrafficView {
-                            revision: t.revision.clone(),
-                            percent: t.percent,
-                            tag: None,
-                            url: None,
-                        })
-                        .collect()
-                })
+                .map(|route| route.targets.clone())
                 .unwrap_or_default();
-            for entry in &record.service.spec.traffic {
-                if let Some(tag) = &entry.tag
-                    && let Some(route) = desired.routes.lookup(&tag_host(tag, &record.key, DOMAIN))
-                {
+            let spec_traffic = &record.service.spec.traffic;
+            let mut traffic: Vec<TrafficView> = Vec::new();
+            let tagged = |tag: &str| {
+                desired
+                    .routes
+                    .lookup(&tag_host(tag, &record.key, DOMAIN))
+                    .map(|route| route.targets[0].revision.clone())
+            };
+            if spec_traffic.is_empty() {
+                traffic.extend(targets.iter().map(|t| TrafficView {
+                    revision: t.revision.clone(),
+                    percent: t.percent,
+                    latest_revision: true,
+                    tag: None,
+                    url: None,
+                }));
+            } else {
+                for entry in spec_traffic {
+                    let revision = match (&entry.tag, &entry.revision_name) {
+                        (Some(tag), _) => tagged(tag),
+                        (None, Some(name)) => Some(name.clone()),
+                        (None, None) => record
+                            .latest_ready(|r| supervisor.ever_ready(r))
+                            .or(record.latest())
+                            .map(|r| r.name.clone()),
+                    };
+                    let Some(revision) = revision else { continue };
                     traffic.push(TrafficView {
-                        revision: route.targets[0].revision.clone(),
+                        revision,
                         percent: entry.percent.unwrap_or(0),
-                        tag: Some(tag.clone()),
-                        url: Some(url(tag_host(tag, &record.key, DOMAIN))),
+                        latest_revision: entry.latest_revision.unwrap_or(false),
+                        tag: entry.tag.clone(),
+                        url: entry
+                            .tag
+                            .as_ref()
+                            .map(|tag| url(tag_host(tag, &record.key, DOMAIN))),
                     });
                 }
             }
@@ -354,17 +501,120 @@ pub fn service_views(
                 .revisions
                 .iter()
                 .rev()
-                .filter_map(|revision| {
-                    let status = supervisor.status(&revision.name)?;
-                    Some(RevisionView {
+                .map(|revision| {
+                    let status = supervisor.status(&revision.name);
+                    let ready = supervisor.ever_ready(&revision.name);
+                    let replicas = status
+                        .as_ref()
+                        .map(|s| s.replicas.clone())
+                        .unwrap_or_default();
+                    let reason = if ready {
+                        None
+                    } else {
+                        replicas
+                            .iter()
+                            .filter(|r| r.restarts >= CRASH_LOOP_RESTARTS)
+                            .max_by_key(|r| r.restarts)
+                            .map(|r| {
+                                format!(
+                                    "CrashLoop: replica {} ended {} times, last: {}",
+                                    r.name,
+                                    r.restarts,
+                                    r.last_exit.as_deref().unwrap_or("unknown")
+                                )
+                            })
+                    };
+                    let waiting_for_request =
+                        !ready && revision.scaling.initial_scale == Some(0) && replicas.is_empty();
+                    let serving = replicas.iter().any(|r| r.ready && !r.stopping);
+                    let crash = reason.clone().map(|message| ("ExitCode", message));
+                    let conditions = vec![
+                        ConditionView::new(
+                            "Ready",
+                            if ready {
+                                Some(true)
+                            } else if crash.is_some() {
+                                Some(false)
+                            } else {
+                                None
+                            },
+                            crash.clone().or_else(|| {
+                                (!ready).then(|| {
+                                    if waiting_for_request {
+                                        (
+                                            "NoTraffic",
+                                            "initial-scale 0: starts on the first request"
+                                                .to_string(),
+                                        )
+                                    } else {
+                                        (
+                                            "Deploying",
+                                            "waiting for a replica to pass its readiness probe"
+                                                .to_string(),
+                                        )
+                                    }
+                                })
+                            }),
+                        ),
+                        ConditionView::new(
+                            "ContainerHealthy",
+                            if crash.is_some() {
+                                Some(false)
+                            } else if ready {
+                                Some(true)
+                            } else {
+                                None
+                            },
+                            crash,
+                        ),
+                        ConditionView::new(
+                            "Active",
+                            if serving {
+                                Some(true)
+                            } else if ready || waiting_for_request {
+                                Some(false)
+                            } else {
+                                None
+                            },
+                            (!serving && (ready || waiting_for_request)).then(|| {
+                                (
+                                    "NoTraffic",
+                                    "scaled to zero; the next request starts a replica".to_string(),
+                                )
+                            }),
+                        ),
+                    ];
+                    RevisionView {
+                        conditions,
                         name: revision.name.clone(),
-                        desired: status.desired,
-                        replicas: status.replicas,
+                        generation: revision.generation,
+                        created: store.created(&revision.name).and_then(timestamp),
+                        ready,
+                        waiting_for_request,
+                        reason,
+                        traffic: traffic
+                            .iter()
+                            .filter(|t| t.revision == revision.name)
+                            .map(|t| t.percent)
+                            .sum(),
+                        tags: traffic
+                            .iter()
+                            .filter(|t| t.revision == revision.name)
+                            .filter_map(|t| t.tag.clone())
+                            .collect(),
+                        routed: served.hosts().any(|(_, route)| {
+                            route.service == record.key
+                                && route.targets.iter().any(|t| t.revision == revision.name)
+                        }),
+                        desired: status.as_ref().map_or(0, |s| s.desired),
+                        replicas,
                         autoscaler: scaling.get(&revision.name),
-                    })
+                    }
                 })
                 .collect();
+            let conditions = service_conditions(&revisions, &traffic);
             ServiceView {
+                conditions,
                 namespace: record.key.namespace.clone(),
                 name: record.key.name.clone(),
                 url: url(main_host),
@@ -372,6 +622,11 @@ pub fn service_views(
                 latest_ready_revision: record
                     .latest_ready(|r| supervisor.ever_ready(r))
                     .map(|r| r.name.clone()),
+                created: record
+                    .revisions
+                    .first()
+                    .and_then(|r| store.created(&r.name))
+                    .and_then(timestamp),
                 ready: revisions
                     .iter()
                     .map(|r| r.replicas.iter().filter(|x| x.ready && !x.stopping).count() as u32)
@@ -385,6 +640,69 @@ pub fn service_views(
             }
         })
         .collect()
+}
+
+/// A Service's conditions from its revisions' (newest first) and its traffic: the latest
+/// revision's readiness is `ConfigurationsReady`; `RoutesReady` needs every revision traffic
+/// names ready and in the gateway's routes; `Ready` is both.
+fn service_conditions(revisions: &[RevisionView], traffic: &[TrafficView]) -> Vec<ConditionView> {
+    let ready_of = |revision: &RevisionView| {
+        revision
+            .conditions
+            .iter()
+            .find(|c| c.kind == "Ready")
+            .cloned()
+    };
+    let configurations = match revisions.first().and_then(ready_of) {
+        Some(ready) => ConditionView {
+            kind: "ConfigurationsReady".into(),
+            ..ready
+        },
+        None => ConditionView::new("ConfigurationsReady", None, None),
+    };
+    let mut routes = ConditionView::new("RoutesReady", Some(true), None);
+    for target in traffic {
+        let Some(revision) = revisions.iter().find(|r| r.name == target.revision) else {
+            continue;
+        };
+        let ready = ready_of(revision);
+        if ready.as_ref().is_some_and(|c| c.status == "False") {
+            routes = ConditionView::new(
+                "RoutesReady",
+                Some(false),
+                Some((
+                    "RevisionFailed",
+                    format!("revision {} failed", revision.name),
+                )),
+            );
+            break;
+        }
+        if !revision.routed || !ready.as_ref().is_some_and(ConditionView::is_true) {
+            routes = ConditionView::new(
+                "RoutesReady",
+                None,
+                Some((
+                    "RevisionMissing",
+                    format!(
+                        "waiting for revision {} to be ready and routed",
+                        revision.name
+                    ),
+                )),
+            );
+        }
+    }
+    let first_not_true = [&configurations, &routes]
+        .into_iter()
+        .find(|c| !c.is_true())
+        .cloned();
+    let ready = match first_not_true {
+        None => ConditionView::new("Ready", Some(true), None),
+        Some(condition) => ConditionView {
+            kind: "Ready".into(),
+            ..condition
+        },
+    };
+    vec![ready, configurations, routes]
 }
 
 #[cfg(test)]
@@ -474,6 +792,7 @@ mod tests {
                     importers::ImportersConfig::new("127.0.0.1:9".parse().expect("addr"), DOMAIN),
                     &registry,
                 ),
+                routes: controller.routes(),
             },
             control,
             Health::default(),

@@ -58,6 +58,23 @@ pub fn find_token(given: Option<&str>, state_dir: &Path) -> Result<AdminToken, C
     auth::read(&auth::token_path(state_dir)).map_err(|source| ClientError::NoCredential { source })
 }
 
+/// The file in the state directory where `mecha up` writes its admin address.
+pub const ADMIN_ADDR_FILE: &str = "admin-addr";
+
+/// Where the admin API is: `--admin-addr` / `MECHA_ADMIN_ADDR`, else what the `mecha up`
+/// using `state_dir` wrote there (so that two `mecha up`s in two directories never mix), else
+/// the default port.
+pub fn find_admin_addr(given: Option<&str>, state_dir: &Path) -> String {
+    if let Some(addr) = given {
+        return addr.to_string();
+    }
+    std::fs::read_to_string(state_dir.join(ADMIN_ADDR_FILE))
+        .ok()
+        .map(|text| text.trim().to_string())
+        .filter(|text| !text.is_empty() && text.len() < 256)
+        .unwrap_or_else(|| "127.0.0.1:8081".to_string())
+}
+
 impl ClientError {
     /// What to do about it, printed after the error.
     pub fn hint(&self) -> Option<String> {
@@ -154,20 +171,322 @@ impl AdminClient {
     }
 }
 
-/// `mecha get services|brokers|triggers`: the admin API's list at `path`, as a table or JSON.
-pub async fn get<T: serde::de::DeserializeOwned + serde::Serialize>(
-    client: &AdminClient,
-    path: &str,
-    json: bool,
-    print_table: fn(&[T]),
-) -> Result<ExitCode, ClientError> {
-    let views: Vec<T> = client.get_json(path).await?;
-    if json {
-        let text = serde_json::to_string_pretty(&views).map_err(|e| client.protocol(e))?;
-        println!("{text}");
-    } else {
-        print_table(&views);
+/// One listed resource: its namespace and name (for filters and `-w`) and its JSON view.
+struct Item {
+    namespace: String,
+    name: String,
+    value: serde_json::Value,
+}
+
+/// Every resource of `kind` the admin API lists, as JSON views (revisions flattened out of
+/// their services, with `namespace` and `service` added).
+async fn list(client: &AdminClient, kind: output::Kind) -> Result<Vec<Item>, ClientError> {
+    use output::Kind;
+    let path = match kind {
+        Kind::Service | Kind::Revision => "/api/v1/services",
+        Kind::Broker => "/api/v1/brokers",
+        Kind::Trigger => "/api/v1/triggers",
+        Kind::Source => "/api/v1/sources",
+    };
+    let values: Vec<serde_json::Value> = client.get_json(path).await?;
+    let field =
+        |value: &serde_json::Value, key: &str| value[key].as_str().unwrap_or_default().to_string();
+    let mut items = Vec::new();
+    for value in values {
+        let namespace = field(&value, "namespace");
+        if kind == Kind::Revision {
+            let service = field(&value, "name");
+            for mut revision in value["revisions"].as_array().cloned().unwrap_or_default() {
+                revision["namespace"] = namespace.clone().into();
+                revision["service"] = service.clone().into();
+                items.push(Item {
+                    namespace: namespace.clone(),
+                    name: field(&revision, "name"),
+                    value: revision,
+                });
+            }
+        } else {
+            items.push(Item {
+                namespace,
+                name: field(&value, "name"),
+                value,
+            });
+        }
     }
+    Ok(items)
+}
+
+fn table(
+    client: &AdminClient,
+    kind: output::Kind,
+    items: &[Item],
+    layout: output::Layout,
+) -> Result<(output::Table, Vec<String>), ClientError> {
+    use output::Kind;
+    fn typed<T: serde::de::DeserializeOwned>(
+        client: &AdminClient,
+        items: &[Item],
+    ) -> Result<Vec<T>, ClientError> {
+        items
+            .iter()
+            .map(|i| serde_json::from_value(i.value.clone()).map_err(|e| client.protocol(e)))
+            .collect()
+    }
+    Ok(match kind {
+        Kind::Service => {
+            let services = typed(client, items)?;
+            (
+                output::services_table(&services, layout),
+                output::service_notes(&services),
+            )
+        }
+        Kind::Revision => {
+            let revisions = typed::<crate::api::RevisionView>(client, items)?
+                .into_iter()
+                .zip(items)
+                .map(|(revision, item)| {
+                    let service = item.value["service"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    (item.namespace.clone(), service, revision)
+                })
+                .collect::<Vec<_>>();
+            (output::revisions_table(&revisions, layout), Vec::new())
+        }
+        Kind::Broker => (
+            output::brokers_table(&typed(client, items)?, layout),
+            Vec::new(),
+        ),
+        Kind::Trigger => (
+            output::triggers_table(&typed(client, items)?, layout),
+            Vec::new(),
+        ),
+        Kind::Source => (
+            output::sources_table(&typed(client, items)?, layout),
+            Vec::new(),
+        ),
+    })
+}
+
+/// JSON or YAML text of `value`.
+fn render(
+    client: &AdminClient,
+    value: &serde_json::Value,
+    yaml: bool,
+) -> Result<String, ClientError> {
+    if yaml {
+        serde_saphyr::to_string(value).map_err(|e| client.protocol(e))
+    } else {
+        serde_json::to_string_pretty(value).map_err(|e| client.protocol(e))
+    }
+}
+
+/// `mecha get KIND [NAME] [-n NS | -A] [-o table|wide|json|yaml] [-w]`.
+pub async fn get(
+    client: &AdminClient,
+    kind: output::Kind,
+    args: &crate::GetArgs,
+) -> Result<ExitCode, ClientError> {
+    use crate::OutputFormat;
+    let select = |items: Vec<Item>| -> Vec<Item> {
+        items
+            .into_iter()
+            .filter(|i| args.all_namespaces || i.namespace == args.namespace)
+            .filter(|i| args.name.as_ref().is_none_or(|name| &i.name == name))
+            .collect()
+    };
+    let items = select(list(client, kind).await?);
+    if let Some(name) = &args.name
+        && items.is_empty()
+    {
+        eprintln!("error: {} {}/{name} not found", kind.name(), args.namespace);
+        return Ok(ExitCode::from(1));
+    }
+    let layout = output::Layout {
+        all_namespaces: args.all_namespaces,
+        wide: args.output == OutputFormat::Wide,
+    };
+    let structured = matches!(args.output, OutputFormat::Json | OutputFormat::Yaml);
+    let yaml = args.output == OutputFormat::Yaml;
+    // What was printed for each resource, so that `-w` prints only what changed.
+    let mut printed: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    if structured {
+        let value = if args.name.is_some() {
+            items[0].value.clone()
+        } else {
+            serde_json::Value::Array(items.iter().map(|i| i.value.clone()).collect())
+        };
+        println!("{}", render(client, &value, yaml)?.trim_end());
+        for item in &items {
+            printed.insert(
+                format!("{}/{}", item.namespace, item.name),
+                item.value.to_string(),
+            );
+        }
+    } else {
+        let (table, notes) = table(client, kind, &items, layout)?;
+        if table.rows.is_empty() && !args.watch {
+            let scope = if args.all_namespaces {
+                String::new()
+            } else {
+                format!(" in namespace {}", args.namespace)
+            };
+            println!("No {}{scope}.", kind.plural());
+            return Ok(ExitCode::SUCCESS);
+        }
+        table.print();
+        for note in notes {
+            println!("{note}");
+        }
+        for (key, row) in &table.rows {
+            printed.insert(key.clone(), row.join("\u{1f}"));
+        }
+    }
+    if !args.watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let items = select(list(client, kind).await?);
+        if structured {
+            for item in &items {
+                let key = format!("{}/{}", item.namespace, item.name);
+                let text = item.value.to_string();
+                if printed.get(&key) != Some(&text) {
+                    let rendered = render(client, &item.value, yaml)?;
+                    println!("{}{}", if yaml { "---\n" } else { "" }, rendered.trim_end());
+                    printed.insert(key, text);
+                }
+            }
+        } else {
+            let (table, _) = table(client, kind, &items, layout)?;
+            let widths = table.widths();
+            for (key, row) in &table.rows {
+                let text = row.join("\u{1f}");
+                if printed.get(key) != Some(&text) {
+                    println!("{}", output::Table::line(row, &widths));
+                    printed.insert(key.clone(), text);
+                }
+            }
+        }
+    }
+}
+
+/// `mecha delete KIND NAME [-n NS]`.
+pub async fn delete_one(
+    client: &AdminClient,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<ExitCode, ClientError> {
+    let Some(kind) = resource_kind(kind) else {
+        eprintln!(
+            "error: unknown kind {kind:?}: use service (ksvc, svc), broker, trigger, pingsource, githubsource or gitlabsource"
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let path = format!(
+        "/api/v1/namespaces/{}/{kind}/{}",
+        percent_query(namespace),
+        percent_query(name)
+    );
+    let (status, bytes) = client.call_bytes(Method::DELETE, &path, None).await?;
+    if !status.is_success() {
+        eprintln!(
+            "error: {status}: {}",
+            String::from_utf8_lossy(&bytes).trim_end()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let outcomes: OutcomesResponse =
+        serde_json::from_slice(&bytes).map_err(|e| client.protocol(e))?;
+    let mut code = ExitCode::SUCCESS;
+    for o in outcomes.results {
+        if o.action == "not found" {
+            eprintln!("error: {} {}/{} not found", o.kind, o.namespace, o.name);
+            code = ExitCode::from(1);
+        } else {
+            println!(
+                "{}/{}/{} {}",
+                o.kind.to_lowercase(),
+                o.namespace,
+                o.name,
+                o.action
+            );
+        }
+    }
+    Ok(code)
+}
+
+/// The kind as the admin API names it, from what a user typed.
+fn resource_kind(word: &str) -> Option<&'static str> {
+    Some(match word.to_ascii_lowercase().as_str() {
+        "service" | "services" | "ksvc" | "svc" | "kservice" => "Service",
+        "broker" | "brokers" => crds::eventing::BROKER_KIND,
+        "trigger" | "triggers" => crds::eventing::TRIGGER_KIND,
+        "pingsource" | "pingsources" => crds::sources::PING_KIND,
+        "githubsource" | "githubsources" => crds::sources::GITHUB_KIND,
+        "gitlabsource" | "gitlabsources" => crds::sources::GITLAB_KIND,
+        _ => return None,
+    })
+}
+
+/// `mecha version`: this client's version, and the server's when one answers.
+pub async fn version(client: &AdminClient) -> Result<ExitCode, ClientError> {
+    println!("Client: mecha {}", env!("CARGO_PKG_VERSION"));
+    match client
+        .get_json::<crate::api::VersionView>("/api/v1/version")
+        .await
+    {
+        Ok(server) => println!("Server: mecha {} at {}", server.version, client.addr),
+        Err(error) => println!("Server: not reachable ({error})"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mecha describe KIND NAME`.
+pub async fn describe(
+    client: &AdminClient,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<ExitCode, ClientError> {
+    let Some(kind) = output::Kind::parse(kind) else {
+        eprintln!(
+            "error: unknown kind {kind:?}: use service (ksvc, svc), revision (rev), broker, trigger or source"
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let item = list(client, kind)
+        .await?
+        .into_iter()
+        .find(|i| i.namespace == namespace && i.name == name);
+    let Some(item) = item else {
+        eprintln!("error: {} {namespace}/{name} not found", kind.name());
+        return Ok(ExitCode::from(1));
+    };
+    let service = match kind {
+        output::Kind::Service => Some(name.to_string()),
+        output::Kind::Revision => item.value["service"].as_str().map(String::from),
+        _ => None,
+    };
+    let events = match &service {
+        Some(service) => {
+            let path = format!(
+                "/api/v1/namespaces/{}/services/{}/events",
+                percent_query(namespace),
+                percent_query(service)
+            );
+            let mut events: Vec<crate::api::EventView> = client.get_json(&path).await?;
+            if kind == output::Kind::Revision {
+                events.retain(|e| e.revision == name);
+            }
+            events
+        }
+        None => Vec::new(),
+    };
+    print!("{}", output::describe(kind, &item.value, &events));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -286,12 +605,22 @@ pub async fn send_event(client: &AdminClient, send: SendRequest) -> Result<ExitC
     }
 }
 
+/// How `mecha apply` waits for the revisions it created.
+#[derive(Debug, Clone, Copy)]
+pub struct Wait {
+    /// `false` with `--no-wait`.
+    pub enabled: bool,
+    pub timeout: std::time::Duration,
+}
+
 /// `mecha apply -f` and `mecha delete -f`: the files are validated here first (so errors name
-/// them as the user wrote them), then sent with absolute paths.
+/// them as the user wrote them), then sent with absolute paths. An apply then waits until
+/// every new revision is ready or has failed.
 pub async fn send_files(
     client: &AdminClient,
     paths: &[PathBuf],
     delete: bool,
+    wait: Wait,
 ) -> Result<ExitCode, ClientError> {
     if let Err(errors) = crds::load_paths(paths, crds::Mode::Local) {
         return Ok(output::refuse(&errors));
@@ -321,6 +650,15 @@ pub async fn send_files(
     if status.is_success() {
         let outcomes: OutcomesResponse =
             serde_json::from_slice(&bytes).map_err(|e| client.protocol(e))?;
+        let new_revisions: Vec<(String, String, String)> = outcomes
+            .results
+            .iter()
+            .filter(|o| o.kind == "Service")
+            .filter_map(|o| {
+                let revision = o.revision.clone()?;
+                Some((o.namespace.clone(), o.name.clone(), revision))
+            })
+            .collect();
         for o in outcomes.results {
             let revision = o
                 .revision
@@ -334,7 +672,10 @@ pub async fn send_files(
                 o.action
             );
         }
-        return Ok(ExitCode::SUCCESS);
+        if delete || !wait.enabled || new_revisions.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return wait_ready(client, new_revisions, wait.timeout).await;
     }
     match serde_json::from_slice::<ErrorsResponse>(&bytes) {
         Ok(errors) => output::print_errors(errors.errors),
@@ -343,15 +684,168 @@ pub async fn send_files(
     Ok(ExitCode::from(2))
 }
 
+/// Lines of a failed revision's output shown when a wait ends.
+const FAILURE_TAIL: usize = 10;
+/// How often a wait with nothing new to say prints that it is still waiting.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until each `(namespace, service, revision)` is ready (printing its URL), has failed
+/// (printing the reason and the end of its output), or `timeout` passes. Progress is printed
+/// when it changes and every few seconds.
+async fn wait_ready(
+    client: &AdminClient,
+    mut pending: Vec<(String, String, String)>,
+    timeout: std::time::Duration,
+) -> Result<ExitCode, ClientError> {
+    use crate::api::ServiceView;
+    let started = tokio::time::Instant::now();
+    let mut last_progress: std::collections::HashMap<String, (String, tokio::time::Instant)> =
+        std::collections::HashMap::new();
+    let mut failed = false;
+    loop {
+        let services: Vec<ServiceView> = client.get_json("/api/v1/services").await?;
+        let mut still = Vec::new();
+        for (namespace, name, revision) in pending {
+            let service = services
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name);
+            let view = service.and_then(|s| s.revisions.iter().find(|r| r.name == revision));
+            let (Some(service), Some(view)) = (service, view) else {
+                eprintln!(
+                    "error: Service {namespace}/{name} was deleted while waiting for {revision}"
+                );
+                failed = true;
+                continue;
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            // Ready, and serving its share: the gateway routes to it (kn's "Ready" includes
+            // the route; a revision no traffic entry names is done when ready).
+            let serving = view.traffic == 0 && view.tags.is_empty() || view.routed;
+            if view.ready && serving || view.waiting_for_request {
+                let note = if view.ready {
+                    format!("ready after {seconds:.1}s")
+                } else {
+                    "created; it starts on the first request (initial-scale 0)".into()
+                };
+                println!("Service {namespace}/{name}: revision {revision} {note}");
+                println!("  {}", service.url);
+                continue;
+            }
+            if let Some(reason) = &view.reason {
+                eprintln!(
+                    "error: Service {namespace}/{name}: revision {revision} failed: {reason}"
+                );
+                print_tail(client, &namespace, &name, &revision).await?;
+                failed = true;
+                continue;
+            }
+            if started.elapsed() >= timeout {
+                let why = if view.replicas.iter().any(|r| r.pid.is_some()) {
+                    "its replicas run but their readiness probe has not passed"
+                } else {
+                    "no replica has started"
+                };
+                eprintln!(
+                    "error: Service {namespace}/{name}: revision {revision} not ready after {}s (--timeout): {why}",
+                    timeout.as_secs()
+                );
+                print_tail(client, &namespace, &name, &revision).await?;
+                failed = true;
+                continue;
+            }
+            let ready = view
+                .replicas
+                .iter()
+                .filter(|r| r.ready && !r.stopping)
+                .count();
+            let restarts: u32 = view.replicas.iter().map(|r| r.restarts).sum();
+            let progress = format!(
+                "{ready}/{} replicas ready{}",
+                view.desired.max(1),
+                if restarts > 0 {
+                    format!(", {restarts} restarts")
+                } else {
+                    String::new()
+                }
+            );
+            let now = tokio::time::Instant::now();
+            let say = match last_progress.get(&revision) {
+                Some((said, at)) => *said != progress || now - *at >= PROGRESS_EVERY,
+                None => true,
+            };
+            if say {
+                eprintln!(
+                    "waiting for Service {namespace}/{name} revision {revision}: {progress} ({seconds:.0}s)"
+                );
+                last_progress.insert(revision.clone(), (progress, now));
+            }
+            still.push((namespace, name, revision));
+        }
+        pending = still;
+        if pending.is_empty() {
+            return Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The last lines a revision's replicas wrote, after a failed wait.
+async fn print_tail(
+    client: &AdminClient,
+    namespace: &str,
+    name: &str,
+    revision: &str,
+) -> Result<(), ClientError> {
+    let path = format!(
+        "/api/v1/namespaces/{namespace}/services/{name}/logs?tail={FAILURE_TAIL}&revision={}",
+        percent_query(revision)
+    );
+    let (status, bytes) = client.call_bytes(Method::GET, &path, None).await?;
+    let text = String::from_utf8_lossy(&bytes);
+    if status.is_success() && !text.trim().is_empty() {
+        eprintln!("its last output:");
+        for line in text.lines() {
+            eprintln!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+/// What `mecha logs` prints.
+#[derive(Debug, Default)]
+pub struct LogsOptions {
+    pub follow: bool,
+    pub tail: Option<usize>,
+    pub since: Option<std::time::Duration>,
+    pub timestamps: bool,
+    pub revision: Option<String>,
+}
+
 /// `mecha logs SERVICE [-f]`: prints the service's recent output, and with `follow` keeps
 /// printing until `mecha up` stops or the user interrupts.
 pub async fn logs(
     client: &AdminClient,
     namespace: &str,
     name: &str,
-    follow: bool,
+    options: &LogsOptions,
 ) -> Result<ExitCode, ClientError> {
-    let path = format!("/api/v1/namespaces/{namespace}/services/{name}/logs?follow={follow}");
+    let mut path = format!(
+        "/api/v1/namespaces/{namespace}/services/{name}/logs?follow={}&timestamps={}",
+        options.follow, options.timestamps
+    );
+    if let Some(tail) = options.tail {
+        path.push_str(&format!("&tail={tail}"));
+    }
+    if let Some(since) = options.since {
+        path.push_str(&format!("&since_ms={}", since.as_millis()));
+    }
+    if let Some(revision) = &options.revision {
+        path.push_str(&format!("&revision={}", percent_query(revision)));
+    }
     let (status, mut body) = client.call(Method::GET, &path, None).await?;
     if !status.is_success() {
         let bytes = body
@@ -372,4 +866,18 @@ pub async fn logs(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A query-string value: everything but unreserved characters percent-encoded.
+fn percent_query(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

@@ -25,14 +25,10 @@ use crate::client::AdminClient;
 #[derive(Debug, Parser)]
 #[command(name = "mecha", version, propagate_version = true)]
 struct Cli {
-    /// Admin API of the running `mecha up` that get, apply, delete and logs talk to.
-    #[arg(
-        long,
-        global = true,
-        env = "MECHA_ADMIN_ADDR",
-        default_value = "127.0.0.1:8081"
-    )]
-    admin_addr: String,
+    /// Admin API of the running `mecha up` that the client commands talk to (default: the
+    /// address the `mecha up` using STATE_DIR wrote there, else 127.0.0.1:8081).
+    #[arg(long, global = true, env = "MECHA_ADMIN_ADDR")]
+    admin_addr: Option<String>,
     /// Where `mecha up` keeps its state (the event log and the admin API's credential,
     /// `admin-token`); the other commands read the credential from here.
     #[arg(long, global = true, env = "MECHA_STATE_DIR", default_value = auth::DEFAULT_STATE_DIR)]
@@ -54,24 +50,23 @@ enum LogFormatArg {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum OutputFormat {
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Columns, as kubectl prints them.
     Table,
+    /// More columns.
+    Wide,
     Json,
-}
-
-impl OutputFormat {
-    fn json(self) -> bool {
-        matches!(self, OutputFormat::Json)
-    }
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Load every YAML document under PATH... and run it all until Ctrl-C, then drain.
+    /// Run everything applied before (kept in STATE_DIR) and every YAML document under
+    /// PATH..., until Ctrl-C, then drain. With no PATH it starts with what was kept and waits
+    /// for `mecha apply`.
     Up {
         /// Files or directories of Knative YAML (directories are read recursively).
-        #[arg(default_value = ".")]
         paths: Vec<PathBuf>,
         /// Ingress port of the gateway: http://{service}.{namespace}.localhost:PORT.
         #[arg(long, default_value_t = 8080)]
@@ -127,22 +122,54 @@ enum Command {
         #[arg(long, value_name = "nats://HOST:PORT", value_parser = event_log)]
         event_log: Option<String>,
     },
-    /// Create or update resources from YAML files or directories; takes effect at once.
+    /// Create or update resources from YAML files or directories, then wait until every
+    /// Service's new revision is ready (or has failed) and print its URL.
     Apply {
         /// Files or directories of Knative YAML.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Return once the resources are accepted, without waiting for new revisions.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for new revisions to become ready.
+        #[arg(long, default_value = "600s", value_parser = positive_duration)]
+        timeout: Duration,
     },
-    /// Delete the resources named in YAML files or directories; their replicas stop.
+    /// Delete resources named in YAML files (-f), or one by kind and name
+    /// (`mecha delete service hello`); their replicas stop.
     Delete {
         /// Files or directories of Knative YAML.
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         files: Vec<PathBuf>,
+        /// What to delete: service (ksvc, svc), broker, trigger, pingsource, githubsource,
+        /// gitlabsource.
+        #[arg(required_unless_present = "files", requires = "name")]
+        kind: Option<String>,
+        /// Its name.
+        name: Option<String>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
     },
-    /// Show resources.
+    /// Show resources: services (ksvc, svc), revisions (rev), brokers, triggers, sources.
     Get {
         #[command(subcommand)]
         what: GetWhat,
+    },
+    /// Show one resource in detail: conditions, revisions and their replicas, traffic and
+    /// recent events (`mecha describe service hello`).
+    Describe {
+        /// service (ksvc, svc), revision (rev), broker, trigger or source.
+        kind: String,
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Print the version of this client and of the `mecha up` it talks to.
+    Version,
+    /// Print a shell completion script: `source <(mecha completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Post one CloudEvent (binary mode) to a broker and print the answer.
     Send {
@@ -174,35 +201,56 @@ enum Command {
         /// Keep printing new lines until interrupted.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines of what is kept (`mecha up` keeps the last 1,000 per service).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Only lines read in the last DURATION (e.g. 5m, 1h30m).
+        #[arg(long, value_name = "DURATION", value_parser = humantime_duration)]
+        since: Option<Duration>,
+        /// Start each line with when `mecha up` read it (RFC 3339, UTC).
+        #[arg(long)]
+        timestamps: bool,
+        /// Only the replicas of one revision (e.g. hello-00002).
+        #[arg(long)]
+        revision: Option<String>,
     },
 }
 
 #[derive(Debug, Subcommand)]
 enum GetWhat {
-    /// Services with their URL, latest revision, ready/desired replicas and traffic.
-    #[command(alias = "service", alias = "ksvc")]
-    Services {
-        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
-        output: OutputFormat,
-    },
+    /// Services: URL, latest revision, age, conditions, ready/desired replicas.
+    #[command(visible_aliases = ["ksvc", "svc"], aliases = ["service", "kservice", "services.serving.knative.dev"])]
+    Services(GetArgs),
+    /// Revisions: service, traffic share, tags, generation, age, conditions, replicas.
+    #[command(visible_alias = "rev", alias = "revision")]
+    Revisions(GetArgs),
     /// Brokers with their ingress address and how many events wait in their log.
     #[command(alias = "broker")]
-    Brokers {
-        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
-        output: OutputFormat,
-    },
+    Brokers(GetArgs),
     /// Triggers with their broker, subscriber URI and readiness.
     #[command(alias = "trigger")]
-    Triggers {
-        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
-        output: OutputFormat,
-    },
+    Triggers(GetArgs),
     /// Event sources (PingSource, …) with their sink URI, readiness and events sent/failed.
     #[command(alias = "source")]
-    Sources {
-        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
-        output: OutputFormat,
-    },
+    Sources(GetArgs),
+}
+
+/// What every `mecha get` takes, as kubectl's.
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// Only the resource of this name.
+    pub name: Option<String>,
+    /// The namespace to list.
+    #[arg(short, long, default_value = "default")]
+    pub namespace: String,
+    /// Every namespace (adds a NAMESPACE column).
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// After listing, keep printing what changes until interrupted.
+    #[arg(short, long)]
+    pub watch: bool,
 }
 
 fn humantime_duration(value: &str) -> Result<Duration, String> {
@@ -309,10 +357,18 @@ async fn main() -> ExitCode {
             })
             .await;
         }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "mecha", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
         command => command,
     };
     let result = match client::find_token(cli.token.as_deref(), &cli.state_dir) {
-        Ok(token) => run_client(&AdminClient::new(&cli.admin_addr, token), command).await,
+        Ok(token) => {
+            let addr = client::find_admin_addr(cli.admin_addr.as_deref(), &cli.state_dir);
+            run_client(&AdminClient::new(&addr, token), command).await
+        }
         Err(error) => Err(error),
     };
     result.unwrap_or_else(|error| {
@@ -331,46 +387,49 @@ async fn run_client(
 ) -> Result<ExitCode, client::ClientError> {
     match command {
         Command::Up { .. } => Ok(ExitCode::SUCCESS),
-        Command::Apply { files } => client::send_files(admin, &files, false).await,
-        Command::Delete { files } => client::send_files(admin, &files, true).await,
-        Command::Get { what } => match what {
-            GetWhat::Services { output } => {
-                client::get(
-                    admin,
-                    "/api/v1/services",
-                    output.json(),
-                    output::print_services,
-                )
-                .await
-            }
-            GetWhat::Brokers { output } => {
-                client::get(
-                    admin,
-                    "/api/v1/brokers",
-                    output.json(),
-                    output::print_brokers,
-                )
-                .await
-            }
-            GetWhat::Triggers { output } => {
-                client::get(
-                    admin,
-                    "/api/v1/triggers",
-                    output.json(),
-                    output::print_triggers,
-                )
-                .await
-            }
-            GetWhat::Sources { output } => {
-                client::get(
-                    admin,
-                    "/api/v1/sources",
-                    output.json(),
-                    output::print_sources,
-                )
-                .await
+        Command::Apply {
+            files,
+            no_wait,
+            timeout,
+        } => {
+            let wait = client::Wait {
+                enabled: !no_wait,
+                timeout,
+            };
+            client::send_files(admin, &files, false, wait).await
+        }
+        Command::Delete {
+            files,
+            kind,
+            name,
+            namespace,
+        } => match (kind, name) {
+            (Some(kind), Some(name)) => client::delete_one(admin, &kind, &namespace, &name).await,
+            _ => {
+                let wait = client::Wait {
+                    enabled: false,
+                    timeout: Duration::ZERO,
+                };
+                client::send_files(admin, &files, true, wait).await
             }
         },
+        Command::Get { what } => {
+            let (kind, args) = match what {
+                GetWhat::Services(args) => (output::Kind::Service, args),
+                GetWhat::Revisions(args) => (output::Kind::Revision, args),
+                GetWhat::Brokers(args) => (output::Kind::Broker, args),
+                GetWhat::Triggers(args) => (output::Kind::Trigger, args),
+                GetWhat::Sources(args) => (output::Kind::Source, args),
+            };
+            client::get(admin, kind, &args).await
+        }
+        Command::Describe {
+            kind,
+            name,
+            namespace,
+        } => client::describe(admin, &kind, &namespace, &name).await,
+        Command::Version => client::version(admin).await,
+        Command::Completion { .. } => Ok(ExitCode::SUCCESS),
         Command::Send {
             broker,
             kind,
@@ -396,6 +455,24 @@ async fn run_client(
             service,
             namespace,
             follow,
-        } => client::logs(admin, &namespace, &service, follow).await,
+            tail,
+            since,
+            timestamps,
+            revision,
+        } => {
+            client::logs(
+                admin,
+                &namespace,
+                &service,
+                &client::LogsOptions {
+                    follow,
+                    tail,
+                    since,
+                    timestamps,
+                    revision,
+                },
+            )
+            .await
+        }
     }
 }

@@ -1,7 +1,16 @@
 //! Local mode's desired state: what `mecha up` loaded and `mecha apply` sent, in memory,
-//! published to the controller as immutable snapshots.
+//! published to the controller as immutable snapshots, and kept in the state directory
+//! (`resources.json`) so that the next `mecha up` starts with it.
+//!
+//! What is kept is each resource's identity and the YAML file it was last applied from (path
+//! and content as they were then): restoring loads those files again, through the same
+//! validation as `mecha apply`, and applies only the resources still present, in the order
+//! they were applied. A Service's working directory is its file's directory, as at apply.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use autoscaler::{Applied, ServingState};
 use crds::{LoadError, Loaded, Resource};
@@ -17,6 +26,131 @@ pub struct LocalStore {
     tx: watch::Sender<Arc<ServingState>>,
     eventing: watch::Sender<Arc<EventingState>>,
     sources: watch::Sender<Arc<SourcesState>>,
+    /// When each revision was created (by `mecha up`'s load or an apply).
+    created: Mutex<HashMap<String, SystemTime>>,
+    /// What is written to `resources.json` (taken with `state` held).
+    journal: Mutex<Journal>,
+    /// `STATE_DIR/resources.json`; `None`: nothing is kept (tests).
+    state_file: Option<PathBuf>,
+}
+
+/// The file name of the kept resources in the state directory.
+pub const STATE_FILE: &str = "resources.json";
+
+/// Every resource applied, in order, with the file it came from.
+#[derive(Debug, Default, Clone)]
+struct Journal {
+    resources: Vec<Kept>,
+}
+
+#[derive(Debug, Clone)]
+struct Kept {
+    key: ResourceKey,
+    /// The file, absolute, and its content when the resource was applied (shared by the
+    /// resources applied from it together).
+    file: PathBuf,
+    content: Arc<str>,
+}
+
+/// `resources.json`: each file version once, resources pointing at theirs.
+#[derive(Debug, Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    files: Vec<DiskFile>,
+    resources: Vec<DiskResource>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DiskFile {
+    path: PathBuf,
+    content: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DiskResource {
+    #[serde(flatten)]
+    key: ResourceKey,
+    /// Index into `files`.
+    file: usize,
+}
+
+impl Journal {
+    fn to_disk(&self) -> OnDisk {
+        let mut files: Vec<DiskFile> = Vec::new();
+        let mut seen: Vec<*const str> = Vec::new();
+        let resources = self
+            .resources
+            .iter()
+            .map(|kept| {
+                let pointer = Arc::as_ptr(&kept.content);
+                let index = match seen.iter().position(|p| std::ptr::eq(*p, pointer)) {
+                    Some(index) => index,
+                    None => {
+                        seen.push(pointer);
+                        files.push(DiskFile {
+                            path: kept.file.clone(),
+                            content: kept.content.to_string(),
+                        });
+                        files.len() - 1
+                    }
+                };
+                DiskResource {
+                    key: kept.key.clone(),
+                    file: index,
+                }
+            })
+            .collect();
+        OnDisk {
+            version: 1,
+            files,
+            resources,
+        }
+    }
+
+    fn from_disk(disk: OnDisk) -> Result<Self, String> {
+        let files: Vec<(PathBuf, Arc<str>)> = disk
+            .files
+            .into_iter()
+            .map(|f| (f.path, Arc::from(f.content)))
+            .collect();
+        let resources = disk
+            .resources
+            .into_iter()
+            .map(|r| {
+                let (file, content) = files.get(r.file).ok_or_else(|| {
+                    format!(
+                        "resource {:?} names file {} of {}",
+                        r.key,
+                        r.file,
+                        files.len()
+                    )
+                })?;
+                Ok(Kept {
+                    key: r.key,
+                    file: file.clone(),
+                    content: content.clone(),
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { resources })
+    }
+}
+
+/// Why the kept resources could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a resources file mecha wrote: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: the resources kept there no longer load:\n  {}", .errors.join("\n  "))]
+    Invalid { path: PathBuf, errors: Vec<String> },
 }
 
 /// What happened to one resource.
@@ -40,7 +174,98 @@ impl LocalStore {
             tx: watch::channel(Arc::default()).0,
             eventing: watch::channel(Arc::default()).0,
             sources: watch::channel(Arc::default()).0,
+            created: Mutex::default(),
+            journal: Mutex::default(),
+            state_file: None,
         }
+    }
+
+    /// A store that keeps what is applied in `state_dir/resources.json` and starts with what
+    /// is there. Nothing there: an empty store.
+    pub fn restore(state_dir: &Path) -> Result<Self, RestoreError> {
+        let path = state_dir.join(STATE_FILE);
+        let mut store = Self::new();
+        store.state_file = Some(path.clone());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(store),
+            Err(source) => return Err(RestoreError::Read { path, source }),
+        };
+        let disk: OnDisk = serde_json::from_str(&text).map_err(|source| RestoreError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        let journal = Journal::from_disk(disk).map_err(|message| RestoreError::Invalid {
+            path: path.clone(),
+            errors: vec![message],
+        })?;
+        // Each kept resource, from its own file version, in the order they were applied.
+        let mut loaded = Vec::new();
+        let mut errors = Vec::new();
+        for kept in &journal.resources {
+            let (ok, bad) = crds::load_str(&kept.file, &kept.content, crds::Mode::Local);
+            errors.extend(bad.iter().map(ToString::to_string));
+            loaded.extend(ok.into_iter().filter(|l| key_of(l) == kept.key));
+        }
+        if errors.is_empty()
+            && let Err(bad) = store.apply_loaded(loaded, None)
+        {
+            errors.extend(bad.iter().map(ToString::to_string));
+        }
+        if !errors.is_empty() {
+            return Err(RestoreError::Invalid { path, errors });
+        }
+        *store.journal.lock().unwrap_or_else(PoisonError::into_inner) = journal;
+        Ok(store)
+    }
+
+    /// Loads `files` (path as given, content) and applies what they hold, all or nothing;
+    /// the resources are kept for the next start.
+    pub fn apply_files(&self, files: &[(PathBuf, String)]) -> Result<Vec<Outcome>, Vec<LoadError>> {
+        let mut loaded = Vec::new();
+        let mut errors = Vec::new();
+        for (path, content) in files {
+            let (ok, bad) = crds::load_str(path, content, crds::Mode::Local);
+            loaded.extend(ok);
+            errors.extend(bad);
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        self.apply_loaded(loaded, Some(files))
+    }
+
+    /// Writes the journal; a failure is logged (what is applied stays applied, and the next
+    /// successful write keeps it).
+    fn persist(&self, journal: &Journal) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let result = serde_json::to_vec(&journal.to_disk())
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = path.with_extension("json.tmp");
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                let mut file = options.open(&tmp)?;
+                std::io::Write::write_all(&mut file, &bytes)?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(error) = result {
+            tracing::error!(path = %path.display(), %error, "cannot keep the applied resources for the next start");
+        }
+    }
+
+    /// When `revision` was created; `None` for a name this store never made.
+    pub fn created(&self, revision: &str) -> Option<SystemTime> {
+        self.created
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(revision)
+            .copied()
     }
 
     pub fn subscribe_sources(&self) -> watch::Receiver<Arc<SourcesState>> {
@@ -69,8 +294,18 @@ impl LocalStore {
 
     /// Applies every resource in order, as successive `kubectl apply`s would. All or
     /// nothing: if any resource is refused, none is applied and every error is returned.
-    pub fn apply(&self, resources: Vec<Loaded>) -> Result<Vec<Outcome>, Vec<LoadError>> {
+    /// `files`: what `resources` were loaded from, to keep them for the next start; `None`
+    /// keeps nothing (a restore, whose journal is already known).
+    fn apply_loaded(
+        &self,
+        resources: Vec<Loaded>,
+        files: Option<&[(PathBuf, String)]>,
+    ) -> Result<Vec<Outcome>, Vec<LoadError>> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let keys: Vec<(ResourceKey, PathBuf)> = resources
+            .iter()
+            .map(|l| (key_of(l), l.source.file.clone()))
+            .collect();
         let (mut next, mut eventing, mut sources) = state.clone();
         let mut outcomes = Vec::new();
         let mut errors = Vec::new();
@@ -144,15 +379,40 @@ impl LocalStore {
                         revision,
                     });
                 }
-                Err(field_errors) => errors.extend(
-                    field_errors
-                        .into_iter()
-                        .map(|e| LoadError::field(&loaded.source.file, loaded.source.document, e)),
-                ),
+                Err(field_errors) => errors.extend(field_errors.into_iter().map(|e| {
+                    LoadError::field(&loaded.source.file, loaded.source.document, e)
+                        .with_resource(format!("Service {namespace}/{name}"))
+                })),
             }
         }
         if !errors.is_empty() {
             return Err(errors);
+        }
+        let now = SystemTime::now();
+        self.created
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(
+                outcomes
+                    .iter()
+                    .filter_map(|o| o.revision.clone())
+                    .map(|revision| (revision, now)),
+            );
+        if let Some(files) = files {
+            let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+            let shared: Vec<Arc<str>> = files.iter().map(|(_, c)| Arc::from(c.as_str())).collect();
+            for (key, file) in keys {
+                let Some(index) = files.iter().position(|(path, _)| *path == file) else {
+                    continue;
+                };
+                journal.resources.retain(|kept| kept.key != key);
+                journal.resources.push(Kept {
+                    key,
+                    file: std::path::absolute(&file).unwrap_or(file),
+                    content: shared[index].clone(),
+                });
+            }
+            self.persist(&journal);
         }
         *state = (next.clone(), eventing.clone(), sources.clone());
         self.tx.send_replace(Arc::new(next));
@@ -172,45 +432,73 @@ impl LocalStore {
     /// Deletes the resources named by `resources` (their content beyond kind, namespace and
     /// name does not matter).
     pub fn delete(&self, resources: &[Loaded]) -> Vec<Outcome> {
+        let keys: Vec<ResourceKey> = resources.iter().map(key_of).collect();
+        self.delete_keys(&keys)
+    }
+
+    /// Deletes resources by kind (`Service`, `Broker`, `Trigger`, a source kind, or
+    /// `ConfigMap` for `config-autoscaler`), namespace and name. A resource named twice is
+    /// deleted once and reported once.
+    pub fn delete_keys(&self, keys: &[ResourceKey]) -> Vec<Outcome> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let (mut next, mut eventing, mut sources) = state.clone();
-        let outcomes = resources
+        let mut seen = std::collections::HashSet::new();
+        let outcomes = keys
             .iter()
-            .map(|loaded| {
-                let key = ServiceKey::new(loaded.resource.namespace(), loaded.resource.name());
-                let found = match loaded.resource {
-                    Resource::Service(_) => next.delete(&key),
-                    Resource::AutoscalerConfig(_) => {
-                        next.set_config(None);
-                        true
+            .filter(|key| seen.insert(*key))
+            .map(|key| {
+                let service = ServiceKey::new(&key.namespace, &key.name);
+                let pair = (key.namespace.clone(), key.name.clone());
+                let found = match key.kind.as_str() {
+                    "Service" => next.delete(&service),
+                    "ConfigMap" => {
+                        let found = key.namespace == crds::config::NAMESPACE
+                            && key.name == crds::config::NAME;
+                        if found {
+                            next.set_config(None);
+                        }
+                        found
                     }
-                    Resource::Broker(_) => eventing
-                        .brokers
-                        .remove(&(key.namespace.clone(), key.name.clone()))
-                        .is_some(),
-                    Resource::Trigger(_) => eventing
-                        .triggers
-                        .remove(&(key.namespace.clone(), key.name.clone()))
-                        .is_some(),
-                    Resource::Source(ref source) => {
-                        sources.remove(source.kind(), &key.namespace, &key.name)
-                    }
+                    crds::eventing::BROKER_KIND => eventing.brokers.remove(&pair).is_some(),
+                    crds::eventing::TRIGGER_KIND => eventing.triggers.remove(&pair).is_some(),
+                    kind => sources.remove(kind, &key.namespace, &key.name),
                 };
                 Outcome {
-                    kind: loaded.resource.kind().into(),
-                    namespace: key.namespace,
-                    name: key.name,
+                    kind: key.kind.clone(),
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
                     action: if found { "deleted" } else { "not found" }.into(),
                     revision: None,
                 }
             })
             .collect();
+        {
+            let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+            journal.resources.retain(|kept| !keys.contains(&kept.key));
+            self.persist(&journal);
+        }
         *state = (next.clone(), eventing.clone(), sources.clone());
         self.tx.send_replace(Arc::new(next));
         self.eventing.send_replace(Arc::new(eventing));
         self.sources.send_replace(Arc::new(sources));
         outcomes
     }
+}
+
+fn key_of(loaded: &Loaded) -> ResourceKey {
+    ResourceKey {
+        kind: loaded.resource.kind().to_string(),
+        namespace: loaded.resource.namespace().to_string(),
+        name: loaded.resource.name().to_string(),
+    }
+}
+
+/// A resource's identity, as `mecha delete KIND NAME` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ResourceKey {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
 }
 
 impl Default for LocalStore {

@@ -15,7 +15,6 @@ use activator_sidecar::rules::HopPolicy;
 use activator_sidecar::{Gateway, ProxyError};
 use autoscaler::logs::LogHub;
 use autoscaler::{Controller, Supervisor, SupervisorConfig};
-use crds::Mode;
 use eventing_broker::{BrokerConfig, EventBroker, EventLog, RedbLog};
 use http_body_util::BodyExt;
 use hyper::StatusCode;
@@ -25,7 +24,6 @@ use mecha_common::outlier::OutlierConfig;
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 
 use crate::admin::{self, AdminState, DOMAIN};
 use crate::output;
@@ -60,17 +58,26 @@ pub struct UpConfig {
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
-    // Everything is validated before anything starts.
-    let loaded = match crds::load_paths(&config.paths, Mode::Local) {
-        Ok(loaded) => loaded,
-        Err(errors) => return output::refuse(&errors),
-    };
-    let store = Arc::new(LocalStore::new());
-    if let Err(errors) = store.apply(loaded) {
+    // Everything is validated before anything starts: what the last run kept, then the YAML
+    // given here on top of it.
+    let (files, errors) = crds::load::yaml_files(&config.paths);
+    if !errors.is_empty() {
         return output::refuse(&errors);
     }
-    raise_open_files_limit();
-    // The credential exists before the admin API listens, so no request is ever unguarded.
+    let mut contents = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(content) => contents.push((file, content)),
+            Err(error) => {
+                return output::refuse(&[crds::LoadError::file(
+                    &file,
+                    format!("cannot read: {error}"),
+                )]);
+            }
+        }
+    }
+    // The credential exists before the admin API listens, so no request is ever unguarded
+    // (and the state directory, owner-only, before anything is kept in it).
     let token = match auth::load_or_create(&config.state_dir) {
         Ok(token) => token,
         Err(error) => {
@@ -78,6 +85,21 @@ pub async fn run(config: UpConfig) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let store = match LocalStore::restore(&config.state_dir) {
+        Ok(store) => Arc::new(store),
+        Err(error) => {
+            eprintln!("error: restoring what was applied before: {error}");
+            eprintln!(
+                "hint: fix the files named above, or move {} away to start without them",
+                config.state_dir.join(crate::store::STATE_FILE).display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(errors) = store.apply_files(&contents) {
+        return output::refuse(&errors);
+    }
+    raise_open_files_limit();
     let token_path = auth::token_path(&config.state_dir);
     let hint = format!(
         "run mecha commands from the directory `mecha up` runs in, or pass --state-dir; \
@@ -110,6 +132,13 @@ pub async fn run(config: UpConfig) -> ExitCode {
         return ExitCode::from(1);
     };
 
+    // The client commands run with the same state directory find this instance here.
+    if let Err(error) = std::fs::write(
+        config.state_dir.join(crate::client::ADMIN_ADDR_FILE),
+        format!("{admin_addr}\n"),
+    ) {
+        tracing::warn!(%error, "cannot record the admin address in the state directory; clients need --admin-addr");
+    }
     let log = match open_event_log(&config).await {
         Ok(log) => log,
         Err(code) => return code,
@@ -145,6 +174,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &registry,
     );
     let scaling = controller.status_board();
+    let controller_routes = controller.routes();
     // Standalone brokers (`eventing-broker`) read the Brokers and Triggers of this store.
     let control_api = controller
         .api(shutdown.signal())
@@ -241,6 +271,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
             shutdown: shutdown.signal(),
             broker: broker.clone(),
             importers: importers.clone(),
+            routes: controller_routes.clone(),
         },
         control_api,
         health.clone(),
@@ -285,9 +316,10 @@ pub async fn run(config: UpConfig) -> ExitCode {
     );
     println!();
     output::print_services(&admin::service_views(
-        &store.snapshot(),
+        &store,
         &supervisor,
         &scaling,
+        &controller_routes.borrow().clone(),
         gateway_addr.port(),
     ));
     if !store.eventing().brokers.is_empty() {
@@ -525,7 +557,6 @@ async fn report_readiness(
     gateway: SocketAddr,
     shutdown: ShutdownSignal,
 ) {
-    let started = Instant::now();
     let mut announced = BTreeSet::new();
     let mut warned = BTreeSet::new();
     let mut endpoints = supervisor.endpoints();
@@ -538,6 +569,12 @@ async fn report_readiness(
             if announced.contains(&latest.name) {
                 continue;
             }
+            // Measured from when this revision was created (at load or by an apply), not
+            // from when `mecha up` started.
+            let age = store
+                .created(&latest.name)
+                .and_then(|created| created.elapsed().ok())
+                .unwrap_or_default();
             if supervisor.ever_ready(&latest.name) {
                 println!(
                     "ready: {} ({}) at http://{}.{}.{DOMAIN}:{} after {} ms",
@@ -546,10 +583,10 @@ async fn report_readiness(
                     record.key.name,
                     record.key.namespace,
                     gateway.port(),
-                    started.elapsed().as_millis()
+                    age.as_millis()
                 );
                 announced.insert(latest.name.clone());
-            } else if started.elapsed() > SLOW_START && warned.insert(latest.name.clone()) {
+            } else if age > SLOW_START && warned.insert(latest.name.clone()) {
                 println!(
                     "waiting: {} ({}) has no ready replica after {}s; its output is above (or `mecha logs {}`)",
                     record.key,

@@ -152,7 +152,9 @@ fn without_the_credential_or_from_a_foreign_host_nothing_is_done() {
     wait_until("the applied command to run", || marker.exists());
     wait_until("the service to be ready", || {
         let table = cli_in(&dir.path, &mecha, &["get", "services"]);
-        String::from_utf8_lossy(&table.stdout).contains("default/evil")
+        String::from_utf8_lossy(&table.stdout)
+            .lines()
+            .any(|l| l.starts_with("evil "))
             && mecha.get("evil.default.localhost", "/").status == 200
     });
     let logs = cli_in(&dir.path, &mecha, &["logs", "evil"]);

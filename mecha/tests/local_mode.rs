@@ -30,7 +30,12 @@ fn the_python_example_answers_through_the_gateway() {
     });
     let table = mecha.cli(&["get", "services"]);
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("default/hello"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("hello ") && l.contains("True")),
+        "{table}"
+    );
     assert!(table.contains(&format!(
         "http://hello.default.localhost:{}",
         mecha.gateway.port()
@@ -97,14 +102,22 @@ fn apply_makes_a_new_revision_that_takes_over() {
     dir.write("svc.yaml", &echo_service("app", &[], "", "green"));
     let output = mecha.cli(&["apply", "-f", file.to_str().unwrap()]);
     assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "service/default/app configured (revision app-00002)"
+        lines[0], "service/default/app configured (revision app-00002)",
+        "{stdout}"
     );
-    // Until the new revision is ready the old one keeps serving; then every request moves.
-    wait_until("app-00002 to take traffic", || {
-        mecha.get("app.default.localhost", "/").echo().0 == "app-00002"
-    });
+    assert!(
+        lines[1].starts_with("Service default/app: revision app-00002 ready after "),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].trim().starts_with("http://app.default.localhost:"),
+        "{stdout}"
+    );
+    // The old revision served until the new one was ready; `apply` returned once the new
+    // one took over, so every request from now on reaches it.
     for _ in 0..10 {
         let (revision, _, color) = mecha.get("app.default.localhost", "/").echo();
         assert_eq!((revision.as_str(), color.as_str()), ("app-00002", "green"));
@@ -198,12 +211,14 @@ fn bad_input_is_refused_with_file_document_and_field() {
     let shown = file.display();
     for expected in [
         format!(
-            "error: {shown}: document 2: spec.template.spec.containers[0].command: required in local mode"
+            "error: {shown}: document 2 (Service default/good): spec.template.spec.containers[0].command: required in local mode"
         ),
         format!(
-            "error: {shown}: document 3: spec.template.spec.volumes: unknown or unsupported field"
+            "error: {shown}: document 3 (Service default/good): spec.template.spec.volumes: unknown or unsupported field"
         ),
-        format!("error: {shown}: document 4: kind: unsupported kind Deployment (apps/v1)"),
+        format!(
+            "error: {shown}: document 4 (Deployment default/d): kind: unsupported kind Deployment (apps/v1)"
+        ),
         format!("error: {shown}: document 5: line "),
         "4 errors; nothing was changed".to_string(),
     ] {
@@ -235,7 +250,7 @@ fn a_bad_apply_changes_nothing_and_delete_stops_the_service() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(
-            "document 1: spec.traffic[0].revisionName: revision \"keep-00042\" does not exist"
+            "document 1 (Service default/keep): spec.traffic[0].revisionName: revision \"keep-00042\" does not exist"
         ),
         "{stderr}"
     );

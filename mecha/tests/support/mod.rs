@@ -263,6 +263,11 @@ impl Mecha {
         &self.state_dir
     }
 
+    /// Leaves the state directory behind when this instance goes, for the next one.
+    pub fn keep_state(&mut self) {
+        self.keep_state = true;
+    }
+
     /// The admin API's credential, as `mecha up` wrote it.
     pub fn token(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("admin-token"))

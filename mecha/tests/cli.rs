@@ -1,0 +1,421 @@
+//! The CLI as a user who knows `kn` and `kubectl` drives it: `apply` waits for the new
+//! revision, a failing revision ends the wait with its reason and output, `logs` filters,
+//! traffic adds up.
+
+mod support;
+
+use std::time::Instant;
+
+use support::{Mecha, Workdir, echo_service};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A Service whose process prints a line and exits 7 at once, every time.
+fn crashing_service(name: &str) -> String {
+    format!(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"echo cannot open the database; exit 7\"]\n"
+    )
+}
+
+#[test]
+fn apply_ends_the_wait_with_a_failing_revisions_reason_and_output() {
+    let dir = Workdir::new("cli-crash");
+    let good = dir.write("svc.yaml", &echo_service("crashy", &[], "", "blue"));
+    let mecha = Mecha::up(&[&good]);
+    mecha.wait_ready("crashy", 1);
+
+    let bad = dir.write("bad.yaml", &crashing_service("crashy"));
+    let started = Instant::now();
+    let output = mecha.cli(&["apply", "-f", bad.to_str().unwrap(), "--timeout", "120s"]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("service/default/crashy configured (revision crashy-00002)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("error: Service default/crashy: revision crashy-00002 failed: CrashLoop: replica crashy-00002-1 ended 3 times, last: exit status: 7"),
+        "{stderr}"
+    );
+    // The last output of that revision's replicas, and only of that revision.
+    assert!(
+        stderr.contains("[crashy/crashy-00002-1] cannot open the database"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mecha: process ended (exit status: 7)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("crashy-00001"), "{stderr}");
+    // It failed on the crash loop, long before the timeout.
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+    // The old revision still serves.
+    assert_eq!(
+        mecha.get("crashy.default.localhost", "/").echo().0,
+        "crashy-00001"
+    );
+
+    // `logs` filters by revision and count, and stamps lines when asked.
+    let logs = mecha.cli(&[
+        "logs",
+        "crashy",
+        "--revision",
+        "crashy-00002",
+        "--tail",
+        "2",
+        "--timestamps",
+    ]);
+    assert!(logs.status.success(), "{logs:?}");
+    let lines: Vec<String> = text(&logs.stdout).lines().map(String::from).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        let (stamp, rest) = line.split_once(' ').expect("a timestamp, then the line");
+        assert!(
+            stamp.parse::<jiff::Timestamp>().is_ok(),
+            "{stamp:?} is not RFC 3339"
+        );
+        assert!(rest.starts_with("[crashy/crashy-00002-"), "{line}");
+    }
+    let old = text(
+        &mecha
+            .cli(&["logs", "crashy", "--revision", "crashy-00001"])
+            .stdout,
+    );
+    assert!(old.contains("[crashy/crashy-00001-1] echo up"), "{old}");
+    assert!(!old.contains("crashy-00002"), "{old}");
+    let recent = text(&mecha.cli(&["logs", "crashy", "--since", "1h"]).stdout);
+    assert!(recent.contains("echo up"), "{recent}");
+
+    // --no-wait returns with the outcome only.
+    let v3 = dir.write("v3.yaml", &echo_service("crashy", &[], "", "green"));
+    let output = mecha.cli(&["apply", "-f", v3.to_str().unwrap(), "--no-wait"]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        text(&output.stdout).trim(),
+        "service/default/crashy configured (revision crashy-00003)"
+    );
+}
+
+#[test]
+fn tagged_traffic_is_listed_once_and_adds_up_to_one_hundred() {
+    let dir = Workdir::new("cli-traffic");
+    let v1 = echo_service("split", &[], "", "blue");
+    let v2 = format!(
+        "{}  traffic:\n    - revisionName: split-00001\n      percent: 50\n      tag: old\n    - latestRevision: true\n      percent: 50\n      tag: new\n",
+        echo_service("split", &[], "", "green")
+    );
+    dir.write("svc.yaml", &format!("{v1}---\n{v2}"));
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("split", 2);
+    let services = mecha.services_json();
+    let traffic = services[0]["traffic"].as_array().expect("traffic");
+    assert_eq!(traffic.len(), 2, "{traffic:?}");
+    let total: u64 = traffic.iter().map(|t| t["percent"].as_u64().unwrap()).sum();
+    assert_eq!(total, 100, "{traffic:?}");
+    let by_tag = |tag: &str| {
+        traffic
+            .iter()
+            .find(|t| t["tag"] == tag)
+            .unwrap_or_else(|| panic!("no {tag} in {traffic:?}"))
+    };
+    assert_eq!(by_tag("old")["revision"], "split-00001");
+    assert_eq!(by_tag("new")["revision"], "split-00002");
+    assert_eq!(by_tag("new")["latestRevision"], true);
+    let revisions = services[0]["revisions"].as_array().expect("revisions");
+    for revision in revisions {
+        assert_eq!(revision["traffic"], 50, "{revision}");
+        assert_eq!(revision["ready"], true, "{revision}");
+        assert!(revision["created"].as_str().is_some(), "{revision}");
+    }
+}
+
+/// `mecha CLI ARGS` with only the state directory: the client finds the admin address there.
+fn cli_with_state_dir(mecha: &Mecha, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(support::mecha_bin())
+        .args(args)
+        .env_remove("MECHA_ADMIN_ADDR")
+        .env_remove("MECHA_ADMIN_TOKEN")
+        .env("MECHA_STATE_DIR", mecha.state_dir())
+        .output()
+        .expect("run mecha")
+}
+
+#[test]
+fn get_describe_delete_and_version_work_as_kubectl_and_kn_users_expect() {
+    let dir = Workdir::new("cli-kubectl");
+    let other = echo_service("elsewhere", &[], "", "red").replace(
+        "metadata:\n  name: elsewhere\n",
+        "metadata:\n  name: elsewhere\n  namespace: team-b\n",
+    );
+    dir.write(
+        "svc.yaml",
+        &format!(
+            "{}---\n{}---\n{other}",
+            echo_service("hello", &[], "", "blue"),
+            echo_service("hello", &[], "", "green")
+        ),
+    );
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("hello", 1);
+
+    // The address comes from the state directory (a second `mecha up` on 8081 or anywhere
+    // else cannot answer instead).
+    let table = cli_with_state_dir(&mecha, &["get", "ksvc"]);
+    assert!(table.status.success(), "{table:?}");
+    let table = text(&table.stdout);
+    let header = table.lines().next().expect("header");
+    for column in [
+        "NAME",
+        "URL",
+        "LATEST",
+        "AGE",
+        "CONDITIONS",
+        "READY",
+        "REPLICAS",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("hello "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("hello-00002") && row.contains("3 OK / 3"),
+        "{row}"
+    );
+    // Only the default namespace without -n or -A.
+    assert!(!table.contains("elsewhere"), "{table}");
+    let team_b = text(&mecha.cli(&["get", "svc", "-n", "team-b"]).stdout);
+    assert!(
+        team_b.lines().any(|l| l.starts_with("elsewhere ")),
+        "{team_b}"
+    );
+    let all = text(&mecha.cli(&["get", "services", "-A"]).stdout);
+    assert!(all.starts_with("NAMESPACE"), "{all}");
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("team-b ") && l.contains("elsewhere")),
+        "{all}"
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("default ") && l.contains("hello")),
+        "{all}"
+    );
+
+    // Revisions, by short name, with a name, as YAML.
+    let revisions = text(&mecha.cli(&["get", "rev"]).stdout);
+    let newest = revisions
+        .lines()
+        .find(|l| l.starts_with("hello-00002 "))
+        .unwrap_or_else(|| panic!("{revisions}"));
+    assert!(
+        newest.contains("100%") && newest.contains("True"),
+        "{newest}"
+    );
+    assert!(
+        revisions.lines().any(|l| l.starts_with("hello-00001 ")),
+        "{revisions}"
+    );
+    let yaml = mecha.cli(&["get", "revisions", "hello-00002", "-o", "yaml"]);
+    assert!(yaml.status.success(), "{yaml:?}");
+    let yaml = text(&yaml.stdout);
+    assert!(
+        yaml.contains("name: hello-00002") && yaml.contains("service: hello"),
+        "{yaml}"
+    );
+    let wide = text(&mecha.cli(&["get", "rev", "-o", "wide"]).stdout);
+    assert!(wide.lines().next().unwrap().contains("PIDS"), "{wide}");
+    let missing = mecha.cli(&["get", "svc", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("Service default/nope not found"));
+
+    // describe: conditions, revisions with replicas, traffic, events.
+    let described = mecha.cli(&["describe", "ksvc", "hello"]);
+    assert!(described.status.success(), "{described:?}");
+    let described = text(&described.stdout);
+    for needle in [
+        "Name:       hello",
+        "100%  hello-00002 (latest)",
+        "hello-00002-1  pid ",
+        "++ Ready",
+        "++ ConfigurationsReady",
+        "++ RoutesReady",
+        "Events:",
+        "hello-00002-1 started (pid ",
+        "hello-00002-1 ready in ",
+        "hello-00002 scaled from 0 to 1 replicas",
+    ] {
+        assert!(
+            described.contains(needle),
+            "{needle:?} not in:\n{described}"
+        );
+    }
+    let revision = text(&mecha.cli(&["describe", "rev", "hello-00002"]).stdout);
+    assert!(
+        revision.contains("Service:    hello") && revision.contains("++ Active"),
+        "{revision}"
+    );
+
+    // version: client and server.
+    let version = text(&mecha.cli(&["version"]).stdout);
+    let expected = env!("CARGO_PKG_VERSION");
+    assert!(
+        version.contains(&format!("Client: mecha {expected}")),
+        "{version}"
+    );
+    assert!(
+        version.contains(&format!("Server: mecha {expected} at ")),
+        "{version}"
+    );
+
+    // Completion scripts for the shells kubectl users have.
+    for shell in ["bash", "zsh", "fish"] {
+        let script = mecha.cli(&["completion", shell]);
+        assert!(script.status.success(), "{script:?}");
+        assert!(text(&script.stdout).contains("describe"), "{shell}");
+    }
+
+    // -w prints a row again when it changes: a new revision shows up without asking.
+    let mut watch = std::process::Command::new(support::mecha_bin())
+        .args(["get", "ksvc", "hello", "-w"])
+        .env("MECHA_ADMIN_ADDR", mecha.admin.to_string())
+        .env("MECHA_STATE_DIR", mecha.state_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mecha get -w");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let out = watch.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let first = lines
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the header");
+    assert!(first.starts_with("NAME"), "{first}");
+    let v3 = dir.write("v3.yaml", &echo_service("hello", &[], "", "white"));
+    let applied = mecha.cli(&["apply", "-f", v3.to_str().unwrap()]);
+    assert!(applied.status.success(), "{applied:?}");
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.starts_with("hello ") && l.contains("hello-00003"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no row for hello-00003 in {seen:?}"),
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // Series carry namespace and service, and leave with a deleted Service.
+    let metrics = || support::http(mecha.admin, "localhost", "/metrics").body;
+    support::wait_until("team-b's replica in /metrics", || {
+        metrics().contains(
+            "mecha_revision_ready_replicas{namespace=\"team-b\",revision=\"elsewhere-00001\",service=\"elsewhere\"} 1",
+        )
+    });
+
+    // delete by kind and name; a file naming one Service twice deletes it once.
+    let deleted = mecha.cli(&["delete", "svc", "elsewhere", "-n", "team-b"]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert_eq!(
+        text(&deleted.stdout).trim(),
+        "service/team-b/elsewhere deleted"
+    );
+    support::wait_until("the deleted revision's series to go", || {
+        !metrics().contains("elsewhere-00001")
+    });
+    let again = mecha.cli(&["delete", "service", "elsewhere", "-n", "team-b"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("Service team-b/elsewhere not found"));
+    let file = dir.path.join("svc.yaml");
+    let output = mecha.cli(&["delete", "-f", file.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        text(&output.stdout).trim(),
+        "service/default/hello deleted\nservice/team-b/elsewhere not found"
+    );
+}
+
+#[test]
+fn what_was_applied_survives_a_restart_and_up_without_yaml_starts_empty() {
+    let dir = Workdir::new("cli-restart");
+    let state = dir.path.join("state");
+    let started = dir.write("started.yaml", &echo_service("first", &[], "", "blue"));
+    let mut mecha = Mecha::start(&[&started], &[], &[], &state);
+    mecha.keep_state();
+    mecha.wait_ready("first", 1);
+    let later = dir.write(
+        "later.yaml",
+        &format!(
+            "{}---\n{}",
+            echo_service("second", &[], "", "green"),
+            echo_service("third", &[], "", "red")
+        ),
+    );
+    let output = mecha.cli(&["apply", "-f", later.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    let output = mecha.cli(&["delete", "ksvc", "third"]);
+    assert!(output.status.success(), "{output:?}");
+    // The file changes after it was applied: what was applied is what comes back.
+    dir.write("later.yaml", "this is not YAML: [\n");
+    assert!(mecha.interrupt().success());
+
+    // No YAML this time: everything kept comes back, as it was applied.
+    let mecha = Mecha::start(&[], &[], &[], &state);
+    mecha.wait_ready("first", 1);
+    mecha.wait_ready("second", 1);
+    let names: Vec<String> = mecha
+        .services_json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(
+        mecha.get("second.default.localhost", "/").echo().0,
+        "second-00001"
+    );
+    drop(mecha);
+
+    // A state directory never used: nothing runs, and apply is awaited.
+    let empty = Mecha::start(&[], &[], &[], &dir.path.join("fresh"));
+    assert!(empty.stdout_contains("No services."));
+    assert_eq!(empty.services_json(), serde_json::json!([]));
+}
+
+#[test]
+fn a_revision_whose_readiness_never_passes_ends_the_wait_at_the_timeout() {
+    let dir = Workdir::new("cli-unready");
+    // The process runs, but never listens: its readiness probe never passes.
+    let file = dir.write(
+        "svc.yaml",
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: slow\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"echo warming up forever; exec sleep 600\"]\n",
+    );
+    let mecha = Mecha::up(&[]);
+    let output = mecha.cli(&["apply", "-f", file.to_str().unwrap(), "--timeout", "2s"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("revision slow-00001 not ready after 2s (--timeout): its replicas run but their readiness probe has not passed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("waiting for Service default/slow revision slow-00001: 0/1 replicas ready"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[slow/slow-00001-1] warming up forever"),
+        "{stderr}"
+    );
+}
