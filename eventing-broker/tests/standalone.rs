@@ -703,3 +703,49 @@ async fn a_broker_ref_is_posted_to_the_brokers_own_ingress() {
         0
     );
 }
+
+/// `--help` lists every setting; a missing or bad one stops the binary with status 2 and a
+/// message naming it, before anything listens.
+#[test]
+fn help_lists_the_settings_and_a_bad_one_is_named() {
+    let binary = env!("CARGO_BIN_EXE_eventing-broker");
+    let help = Command::new(binary).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for setting in [
+        "BROKER_PORT",
+        "BROKER_ADMIN_PORT",
+        "BROKER_EVENT_LOG",
+        "AUTOSCALER_ADDR",
+        "AUTOSCALER_TOKEN_FILE",
+        "BROKER_GATEWAY_ADDR",
+        "DRAIN_TIMEOUT",
+    ] {
+        assert!(text.contains(setting), "--help names {setting}:\n{text}");
+    }
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        Command::new(binary)
+            .env_clear()
+            .envs(env.iter().copied())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let missing = run(&[("AUTOSCALER_ADDR", "127.0.0.1:1")], &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        said.contains("BROKER_EVENT_LOG") && said.contains("required"),
+        "{said}"
+    );
+    let bad = run(
+        &[("AUTOSCALER_ADDR", "127.0.0.1:1")],
+        &["--event-log", "nats://127.0.0.1:1?replicas=9"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        said.contains("BROKER_EVENT_LOG") && said.contains("replicas"),
+        "{said}"
+    );
+}
