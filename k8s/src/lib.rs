@@ -7,11 +7,24 @@
 //!   refusal as a `Ready` condition.
 //! - [`desired`]: the objects the serving reconciler wants (Revision, Deployment, headless
 //!   Service) as pure functions of what it observed.
+//! - [`state`]: the KPA controller's desired state, from watches of Services, Revisions and
+//!   the `config-autoscaler` / `config-domain` ConfigMaps.
+//! - [`actuator`]: the Kubernetes `Actuator` (Deployment `scale` subresource) and
+//!   [`endpoints`]: ready endpoints from EndpointSlices.
+//! - [`leader`]: leader election with a `coordination.k8s.io/v1` Lease.
+//! - [`auth`]: the control-plane API's credential check with `TokenReview`.
+//!
+//! The `autoscaler` binary (`src/bin/autoscaler.rs`) puts them together.
 #![forbid(unsafe_code)]
 
+pub mod actuator;
 pub mod admission;
+pub mod auth;
 pub mod crd;
 pub mod desired;
+pub mod endpoints;
+pub mod leader;
+pub mod state;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSON,

@@ -474,7 +474,7 @@ mod tests {
             control,
             Health::default(),
             registry,
-            Credential::new(token.clone(), "read .mecha/admin-token", refusals.clone()),
+            Credential::new(token.clone(), "read .mecha/admin-token"),
             refusals,
         );
         Fixture {
