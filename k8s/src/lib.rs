@@ -7,11 +7,18 @@
 //!   refusal as a `Ready` condition.
 //! - [`desired`]: the objects the serving reconciler wants (Revision, Deployment, headless
 //!   Service) as pure functions of what it observed.
+//! - [`status`]: Knative's status of each kind as pure functions of what was observed.
+//! - [`apply`]: server-side apply with the field manager `mecha`.
+//! - [`reconcile`]: the controllers; [`reconcile::run`] is the entry point the `autoscaler`
+//!   binary calls while it leads.
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod apply;
 pub mod crd;
 pub mod desired;
+pub mod reconcile;
+pub mod status;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSON,
