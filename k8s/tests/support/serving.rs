@@ -491,13 +491,17 @@ pub async fn delete_cascades(server: ApiServer) {
 }
 
 /// A 409 Conflict on applying the Deployment fails the Revision's reconcile: the status
-/// says what failed, the failure is counted, and the retry after the backoff succeeds.
+/// says what failed, the failure is counted, and retries go on until one succeeds. Three
+/// conflicts in a row: the first failure's status write wakes the reconciler once, the
+/// status does not change after that, so the later retries come from the backoff alone.
 pub async fn conflict_retried(server: ApiServer) {
-    server.fail_next("patch", "deployments", None, 409);
+    for _ in 0..3 {
+        server.fail_next("patch", "deployments", None, 409);
+    }
     let reconcilers = Reconcilers::start(&server);
     server.create(&hello());
     make_ready(&server, "hello-00001").await;
-    assert_eq!(reconcilers.metrics.failures("Revision", "conflict"), 1);
+    assert_eq!(reconcilers.metrics.failures("Revision", "conflict"), 3);
 
     let requests = server.requests();
     let deployment_applies: Vec<&Recorded> = requests
