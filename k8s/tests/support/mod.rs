@@ -55,6 +55,9 @@ pub struct Recorded {
     pub content_type: Option<String>,
     /// The request body as JSON (`Null` without one).
     pub body: JsonEq,
+    /// Whether a PATCH (a server-side apply) created the object, which the API server
+    /// authorizes as `create` too.
+    pub created: bool,
 }
 
 /// A JSON value that orders by its text (so [`Recorded`] can be sorted and deduplicated).
@@ -396,9 +399,11 @@ impl ApiServer {
                 .filter(|_| verb == "patch")
                 .map(Into::into),
             body: JsonEq(json_body.clone()),
+            created: false,
         };
 
         let mut store = self.store();
+        let index = store.requests.len();
         store.requests.push(recorded.clone());
         let fault = store.faults.iter().position(|f| {
             f.verb == verb && f.resource == target.resource && f.subresource == target.subresource
@@ -448,6 +453,11 @@ impl ApiServer {
             "delete" => self.delete_one(&target),
             _ => status(405, "MethodNotAllowed", "method not allowed"),
         };
+        if verb == "patch" && response.status() == StatusCode::CREATED {
+            if let Some(request) = self.store().requests.get_mut(index) {
+                request.created = true;
+            }
+        }
         self.notify();
         response
     }
