@@ -10,6 +10,7 @@ use std::path::Path;
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use support::Recorded;
 
@@ -59,22 +60,12 @@ fn manifest() -> Manifest {
     let mut binding = None;
     for document in documents {
         let kind = document["kind"].as_str().unwrap_or_default().to_string();
-        let typed = |what: &str| format!("a {what} that parses into its k8s-openapi type");
         match kind.as_str() {
-            "ServiceAccount" => {
-                account = Some(serde_json::from_value(document).expect(&typed("ServiceAccount")));
-            }
-            "ClusterRole" => {
-                cluster_role = Some(serde_json::from_value(document).expect(&typed("ClusterRole")));
-            }
-            "ClusterRoleBinding" => {
-                cluster_binding =
-                    Some(serde_json::from_value(document).expect(&typed("ClusterRoleBinding")));
-            }
-            "Role" => role = Some(serde_json::from_value(document).expect(&typed("Role"))),
-            "RoleBinding" => {
-                binding = Some(serde_json::from_value(document).expect(&typed("RoleBinding")));
-            }
+            "ServiceAccount" => account = Some(typed(document, &kind)),
+            "ClusterRole" => cluster_role = Some(typed(document, &kind)),
+            "ClusterRoleBinding" => cluster_binding = Some(typed(document, &kind)),
+            "Role" => role = Some(typed(document, &kind)),
+            "RoleBinding" => binding = Some(typed(document, &kind)),
             other => panic!("unexpected kind {other:?} in rbac.yaml"),
         }
     }
@@ -85,6 +76,12 @@ fn manifest() -> Manifest {
         role: role.expect("a Role"),
         binding: binding.expect("a RoleBinding"),
     }
+}
+
+/// A document as its k8s-openapi type.
+fn typed<T: DeserializeOwned>(document: Value, kind: &str) -> T {
+    serde_json::from_value(document)
+        .unwrap_or_else(|e| panic!("the {kind} in rbac.yaml is not a valid {kind}: {e}"))
 }
 
 /// Every (group, resource, verb) a rule grants.

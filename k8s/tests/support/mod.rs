@@ -453,10 +453,11 @@ impl ApiServer {
             "delete" => self.delete_one(&target),
             _ => status(405, "MethodNotAllowed", "method not allowed"),
         };
-        if verb == "patch" && response.status() == StatusCode::CREATED {
-            if let Some(request) = self.store().requests.get_mut(index) {
-                request.created = true;
-            }
+        if verb == "patch"
+            && response.status() == StatusCode::CREATED
+            && let Some(request) = self.store().requests.get_mut(index)
+        {
+            request.created = true;
         }
         self.notify();
         response
