@@ -4,8 +4,10 @@
 //! - [`revision`]: Revision + its observed Deployment → `Ready`, `ContainerHealthy`,
 //!   `ResourcesAvailable`, `Active`, `actualReplicas`, `desiredReplicas`;
 //! - [`service`]: Service + the Revisions it owns → `url`, `latestCreatedRevisionName`,
-//!   `latestReadyRevisionName`, `traffic` (with `latestRevision: true` resolved to a name, as
-//!   Knative's route does), `observedGeneration`, `Ready`, `ConfigurationsReady`, `RoutesReady`;
+//!   `latestReadyRevisionName`, `traffic` (with `latestRevision: true` resolved to the latest
+//!   *ready* revision's name, as Knative's route does; while some target does not resolve,
+//!   the traffic last resolved stays), `observedGeneration`, `Ready`, `ConfigurationsReady`,
+//!   `RoutesReady`;
 //! - [`refused`]: a resource its validators refuse ([`crate::admission`]): `Ready=False` with
 //!   local mode's message, the rest of the status kept;
 //! - [`failed`]: a reconcile step that failed (an API call): `Ready` says so until a retry
@@ -214,7 +216,14 @@ pub fn service(
         },
     };
 
-    let (traffic, routes) = traffic(service, &owned, latest_ready, addresses);
+    let (resolved, routes) = traffic(service, &owned, latest_ready, addresses);
+    // Traffic that does not resolve is not served: the status keeps showing what is (as
+    // Knative's route keeps its last resolved targets).
+    let traffic = if routes.status == "True" {
+        resolved
+    } else {
+        previous.traffic
+    };
     let ready = summarize(&[&configurations, &routes]);
     ServiceStatus {
         observed_generation: service.metadata.generation,
