@@ -7,6 +7,10 @@
 //!   refusal as a `Ready` condition.
 //! - [`desired`]: the objects the serving reconciler wants (Revision, Deployment, headless
 //!   Service) as pure functions of what it observed.
+//! - [`status`]: Knative's status of each kind as pure functions of what was observed.
+//! - [`apply`]: server-side apply with the field manager `mecha`.
+//! - [`reconcile`]: the controllers; [`reconcile::run`] is the entry point the `autoscaler`
+//!   binary calls while it leads.
 //! - [`state`]: the KPA controller's desired state, from watches of Services, Revisions and
 //!   the `config-autoscaler` / `config-domain` ConfigMaps.
 //! - [`actuator`]: the Kubernetes `Actuator` (Deployment `scale` subresource) and
@@ -19,12 +23,15 @@
 
 pub mod actuator;
 pub mod admission;
+pub mod apply;
 pub mod auth;
 pub mod crd;
 pub mod desired;
 pub mod endpoints;
 pub mod leader;
+pub mod reconcile;
 pub mod state;
+pub mod status;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSON,
