@@ -25,24 +25,6 @@ pub const FAST_PATH_HELP: (&str, &str, &str) = (
     "relay plain HTTP/1.1 on the fast path (true) or all through hyper (false)",
 );
 
-/// A `true`/`false` setting, `default` when unset.
-pub fn flag(
-    get: &impl Fn(&str) -> Option<String>,
-    setting: &'static str,
-    default: bool,
-) -> Result<bool, ConfigError> {
-    match get(setting).as_deref() {
-        None => Ok(default),
-        Some("true" | "1" | "on") => Ok(true),
-        Some("false" | "0" | "off") => Ok(false),
-        Some(other) => Err(ConfigError {
-            setting,
-            value: other.to_string(),
-            reason: "must be true or false".into(),
-        }),
-    }
-}
-
 /// The connection limits, from `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`,
 /// `SIDECAR_BODY_READ_TIMEOUT` and `SIDECAR_MAX_CONNECTIONS` (environment only; defaults in
 /// [`crate::limits::Limits`]).

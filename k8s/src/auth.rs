@@ -123,10 +123,9 @@ impl TokenReviewer {
             .is_some_and(|a| a.iter().any(|a| a == AUDIENCE));
         Ok(match status.authenticated {
             Some(true) if !for_us => (false, format!("the token is not for audience {AUDIENCE}")),
-            Some(true) if !username.starts_with("system:serviceaccount:") => (
-                false,
-                "the token is not a service account's".to_string(),
-            ),
+            Some(true) if !username.starts_with("system:serviceaccount:") => {
+                (false, "the token is not a service account's".to_string())
+            }
             Some(true) => (true, username),
             _ => (
                 false,

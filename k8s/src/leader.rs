@@ -163,7 +163,7 @@ impl Elector {
                     name: Some(self.name.clone()),
                     ..ObjectMeta::default()
                 },
-                spec: Some(self.held_spec(0, None)),
+                spec: Some(self.held_spec(0)),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Attempt::Leading,
@@ -200,10 +200,14 @@ impl Elector {
                 ..spec
             }
         } else {
-            self.held_spec(transitions + 1, None)
+            self.held_spec(transitions + 1)
         });
         // The resourceVersion read is sent back: a replica that raced us gets a conflict.
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => {
                 if !ours {
                     tracing::info!(previous = ?seen.holder, "took over the lease");
@@ -214,7 +218,7 @@ impl Elector {
         }
     }
 
-    fn held_spec(&self, transitions: i32, _previous: Option<&LeaseSpec>) -> LeaseSpec {
+    fn held_spec(&self, transitions: i32) -> LeaseSpec {
         let now = now_micro();
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
@@ -245,7 +249,11 @@ impl Elector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(now_micro());
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => tracing::info!(lease = %self.name, "released the lease"),
             Err(error) => tracing::warn!(%error, "cannot release the lease; it expires on its own"),
         }

@@ -33,8 +33,6 @@ use crate::desired::{CONFIGURATION_GENERATION_LABEL, SERVICE_LABEL};
 pub const AUTOSCALER_CONFIG: &str = crds::config::NAME;
 /// The ConfigMap of the domain service hosts answer on (Knative's format).
 pub const DOMAIN_CONFIG: &str = "config-domain";
-/// Knative's domain when `config-domain` names none.
-pub const DEFAULT_DOMAIN: &str = "svc.cluster.local";
 
 /// The caches a replica needs before it may say it is ready, and whether their watches work.
 #[derive(Debug, Clone, Default)]
@@ -285,7 +283,7 @@ pub fn revision_ready(revision: &Revision) -> bool {
 /// The default domain of a `config-domain` ConfigMap in Knative's format: each key is a domain,
 /// its value a label selector for the routes that use it, empty for the default. Only the
 /// default is used (one domain for every route); domains with selectors are reported. Without
-/// a default: Knative's `svc.cluster.local`.
+/// a default: [`crate::status::DEFAULT_DOMAIN`].
 pub fn domain_from(config: Option<&ConfigMap>) -> (String, Problems) {
     let mut problems = Problems::new();
     let data = config.and_then(|c| c.data.clone()).unwrap_or_default();
@@ -309,7 +307,10 @@ pub fn domain_from(config: Option<&ConfigMap>) -> (String, Problems) {
         // Several defaults: the first in key order, so every replica picks the same.
         default.get_or_insert_with(|| domain.clone());
     }
-    (default.unwrap_or_else(|| DEFAULT_DOMAIN.into()), problems)
+    (
+        default.unwrap_or_else(|| crate::status::DEFAULT_DOMAIN.into()),
+        problems,
+    )
 }
 
 fn valid_domain(domain: &str) -> bool {

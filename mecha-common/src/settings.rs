@@ -122,3 +122,21 @@ pub fn help(table: Table) -> String {
     }
     text
 }
+
+/// A `true`/`false` setting, `default` when unset.
+pub fn flag(
+    get: &impl Fn(&str) -> Option<String>,
+    setting: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(setting).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "on") => Ok(true),
+        Some("false" | "0" | "off") => Ok(false),
+        Some(other) => Err(ConfigError {
+            setting,
+            value: other.to_string(),
+            reason: "must be true or false".into(),
+        }),
+    }
+}
