@@ -17,10 +17,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::Api;
 use kube::api::PostParams;
-use mecha_common::auth::{Verdict, Verify};
+use mecha_common::auth::{Refusals, Verdict, Verify, guard_remote};
 use prometheus::{IntCounterVec, Opts, Registry};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -37,6 +42,9 @@ pub const MAX_CACHED: usize = 4096;
 /// `TokenReview`s running at once at most.
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 32;
 
+/// The largest body the control-plane API reads (a batch of stats or pokes).
+pub const MAX_BODY: usize = 1024 * 1024;
+
 /// Checks bearer tokens with the API server's `TokenReview`.
 #[derive(Clone)]
 pub struct TokenReviewer {
@@ -45,6 +53,43 @@ pub struct TokenReviewer {
     in_flight: Arc<Semaphore>,
     reviews: IntCounterVec,
     hint: Arc<str>,
+}
+
+/// The control-plane API as a cluster's autoscaler serves it: every route needs a token
+/// `verifier` accepts, and nothing is answered before `caches` have listed the cluster once
+/// (503: a sidecar keeps its last tables rather than take the empty ones of a replica that has
+/// not read the cluster yet).
+pub fn control_plane<V: Verify>(
+    api: autoscaler::api::ApiState,
+    verifier: V,
+    refusals: Refusals,
+    caches: crate::state::Caches,
+) -> Router {
+    guard_remote(
+        Router::new(),
+        autoscaler::api::router(api),
+        verifier,
+        refusals,
+    )
+    .layer(axum::middleware::from_fn_with_state(caches, until_synced))
+    .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+async fn until_synced(
+    State(caches): State<crate::state::Caches>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if caches.synced() {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "the autoscaler has not read the cluster yet\n",
+        )
+            .into_response()
+    }
 }
 
 // === impl TokenReviewer ===

@@ -105,6 +105,13 @@ impl CacheFlag {
         }
     }
 
+    pub fn is_synced(&self) -> bool {
+        self.caches
+            .lock()
+            .get(self.name)
+            .is_some_and(|state| state.synced)
+    }
+
     pub fn set_error(&self, error: Option<String>) {
         if let Some(state) = self.caches.lock().get_mut(self.name) {
             state.error = error;
@@ -401,7 +408,7 @@ pub async fn run(
                 }
             }
         }
-        if !caches.synced() {
+        if !flags.iter().all(CacheFlag::is_synced) {
             continue;
         }
         let configs = configs.state();

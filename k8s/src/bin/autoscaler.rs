@@ -15,10 +15,6 @@ use std::time::Duration;
 
 use autoscaler::{Controller, ServingState};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use k8s::actuator::{EverReady, KubeActuator};
 use k8s::auth::TokenReviewer;
 use k8s::desired::PodSettings;
@@ -28,7 +24,7 @@ use k8s::state::Caches;
 use k8s::status::Addresses;
 use kube::Api;
 use mecha_common::admin::Health;
-use mecha_common::auth::{Refusals, guard_remote};
+use mecha_common::auth::Refusals;
 use mecha_common::settings::{self, ConfigError, Table};
 use mecha_common::telemetry::{LogFormat, init_tracing};
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
@@ -335,14 +331,7 @@ async fn run(
     // are synced (a sidecar keeps its last tables rather than take empty ones).
     let refusals = Refusals::register(&registry);
     let reviewer = TokenReviewer::new(client, &registry);
-    let api = guard_remote(
-        Router::new(),
-        autoscaler::api::router(api_state),
-        reviewer,
-        refusals,
-    )
-    .layer(axum::middleware::from_fn_with_state(caches, until_synced))
-    .layer(DefaultBodyLimit::max(1024 * 1024));
+    let api = k8s::auth::control_plane(api_state, reviewer, refusals, caches);
     let admin = mecha_common::admin::router(health.clone(), registry);
 
     let api_server = tokio::spawn(serve(api_listener, api, shutdown.signal()));
@@ -460,21 +449,6 @@ async fn lead(
         if shutdown.is_triggered() {
             return;
         }
-    }
-}
-
-/// 503 until every cache has listed once: a sidecar keeps its last tables rather than take
-/// the empty ones of a replica that has not read the cluster yet.
-async fn until_synced(State(caches): State<Caches>, request: Request, next: Next) -> Response {
-    if caches.synced() {
-        next.run(request).await
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            "the autoscaler has not read the cluster yet\n",
-        )
-            .into_response()
     }
 }
 

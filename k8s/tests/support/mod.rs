@@ -14,6 +14,7 @@
     reason = "each test file uses the part of the shared harness it needs"
 )]
 
+pub mod runtime;
 pub mod serving;
 
 use std::collections::BTreeMap;
@@ -350,7 +351,8 @@ impl ApiServer {
 
     // --- the API's side
 
-    async fn handle(&self, request: Request<kube::client::Body>) -> Response<Body> {
+    /// Answers one request (what [`ApiServer::client`] sends, or a test's HTTP server).
+    pub async fn handle(&self, request: Request<kube::client::Body>) -> Response<Body> {
         let (parts, body) = request.into_parts();
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
