@@ -273,7 +273,7 @@ async fn run(
         config.lease,
     );
     let leading = elector.leading();
-    let elector_task = tokio::spawn(elector.run(shutdown.signal()));
+    let mut elector_task = tokio::spawn(elector.run(shutdown.signal()));
 
     // The KPA controller, on every replica (followers serve its routes, never write).
     let actuator = KubeActuator::new(client.clone(), endpoints_rx, ever_ready, leading.clone());
@@ -320,7 +320,6 @@ async fn run(
     for (name, task) in [
         ("desired state", state_task),
         ("endpoints", endpoints_task),
-        ("leader election", elector_task),
         ("controller", controller_task),
         ("reconcilers", leader_task),
     ] {
@@ -338,7 +337,17 @@ async fn run(
     let admin_server = tokio::spawn(serve(admin_listener, admin, shutdown.signal()));
     health.set_ready(true);
 
-    if let Err(code) = stop_signal().await {
+    // The elector never ends before shutdown; if it dies, this replica can no longer know
+    // whether it leads: it exits, and Kubernetes starts it again.
+    let stopped = tokio::select! {
+        stopped = stop_signal() => stopped,
+        ended = &mut elector_task => {
+            tracing::error!(?ended, "leader election ended unexpectedly; exiting");
+            shutdown.trigger();
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(code) = stopped {
         return code;
     }
     tracing::info!("draining");
@@ -352,7 +361,13 @@ async fn run(
     if drained.is_err() {
         tracing::warn!(timeout = ?config.drain_timeout, "drain timed out");
     }
-    // The elector releases the lease on shutdown; give it the same bound.
+    // The elector releases the Lease on shutdown, so a successor need not wait it out.
+    if tokio::time::timeout(Duration::from_secs(5), elector_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the Lease was not released within 5s; it expires on its own");
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
