@@ -1044,4 +1044,143 @@ pub(crate) mod tests {
             StatusCode::FORBIDDEN
         );
     }
+
+    /// Lays `token` out as kubelet projects a volume: `DIR/..TIMESTAMP/token`, `..data` a
+    /// link to that directory, `token` a link to `..data/token`; mode 0644, as kubelet's
+    /// default for projected files.
+    fn project(dir: &Path, stamp: &str, token: &str) {
+        use std::os::unix::fs::symlink;
+        let data = dir.join(format!("..{stamp}"));
+        fs::create_dir_all(&data).expect("mkdir");
+        fs::write(data.join("token"), token).expect("write");
+        fs::set_permissions(data.join("token"), fs::Permissions::from_mode(0o644)).expect("chmod");
+        // Swapped atomically, as kubelet's atomic writer does.
+        let next = dir.join("..data_tmp");
+        let _ = fs::remove_file(&next);
+        symlink(format!("..{stamp}"), &next).expect("link");
+        fs::rename(&next, dir.join("..data")).expect("swap");
+        if fs::symlink_metadata(dir.join("token")).is_err() {
+            symlink("..data/token", dir.join("token")).expect("link");
+        }
+    }
+
+    #[test]
+    fn a_projected_token_is_taken_with_kubelets_permissions_and_read_again_when_rotated() {
+        let scratch = Scratch::new("projected");
+        fs::create_dir_all(&scratch.0).expect("mkdir");
+        let first = "eyJhbGciOiJSUzI1NiJ9.first-token-0123456789abcdef.signature";
+        project(&scratch.0, "2026_11_30_17_00_00.1", first);
+        let path = scratch.0.join("token");
+        // The strict reader refuses it (a link, readable by others) ...
+        assert!(read(&path).is_err());
+        // ... the one for credential files takes it, since kubelet laid it out.
+        let file = TokenFile::open(&path).expect("projected token");
+        assert_eq!(file.current().as_str(), first);
+
+        let second = "eyJhbGciOiJSUzI1NiJ9.second-token-0123456789abcdef.signature";
+        project(&scratch.0, "2026_11_30_18_00_00.2", second);
+        assert_eq!(file.current().as_str(), second, "rotated in place");
+        // A rotation to something unreadable keeps the last good token.
+        project(&scratch.0, "2026_11_30_19_00_00.3", " ");
+        assert_eq!(file.current().as_str(), second);
+    }
+
+    #[test]
+    fn a_token_file_not_laid_out_by_kubelet_gets_the_strict_checks() {
+        use std::os::unix::fs::symlink;
+        let scratch = Scratch::new("strict");
+        fs::create_dir_all(&scratch.0).expect("mkdir");
+        let token = AdminToken::generate().expect("random");
+        let real = scratch.0.join("real");
+        fs::write(&real, token.as_str()).expect("write");
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let error = TokenFile::open(&real).expect_err("readable by others");
+        assert!(matches!(error, TokenError::Exposed { .. }), "{error}");
+        // A link that only looks projected (no `..data` link beside it) is still a link.
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o600)).expect("chmod");
+        fs::create_dir_all(scratch.0.join("..data")).expect("mkdir");
+        symlink("..data/token", scratch.0.join("token")).expect("link");
+        fs::write(scratch.0.join("..data/token"), token.as_str()).expect("write");
+        fs::set_permissions(
+            scratch.0.join("..data/token"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        assert!(TokenFile::open(&scratch.0.join("token")).is_err());
+        // mecha up's own file: read again when it is replaced (a new file renamed over it,
+        // as atomic writers do; a rewrite in place within the same clock tick would keep its
+        // size and time).
+        let file = TokenFile::open(&real).expect("private file");
+        assert_eq!(file.current(), token);
+        let next = AdminToken::generate().expect("random");
+        let replacement = scratch.0.join("real.new");
+        fs::write(&replacement, next.as_str()).expect("write");
+        fs::set_permissions(&replacement, fs::Permissions::from_mode(0o600)).expect("chmod");
+        fs::rename(&replacement, &real).expect("rename");
+        assert_eq!(file.current(), next);
+    }
+
+    #[derive(Clone)]
+    struct Flaky;
+
+    impl Verify for Flaky {
+        async fn verify(&self, token: &str) -> Verdict {
+            match token {
+                "good" => Verdict::Accepted,
+                "later" => Verdict::Unavailable("the token API did not answer".into()),
+                _ => Verdict::Refused("wrong credential".into()),
+            }
+        }
+
+        fn hint(&self) -> &str {
+            "present the pod's token"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_guard_asks_its_verifier_and_has_no_host_rule() {
+        let registry = Registry::new();
+        let refusals = Refusals::register(&registry);
+        let app = guard_remote(
+            Router::new().route("/live", get(|| async { "ok" })),
+            Router::new().route("/api", post(|| async { "done" })),
+            Flaky,
+            refusals,
+        );
+        let post = |token: &str| {
+            axum::http::Request::post("/api")
+                .header(header::HOST, "mecha-autoscaler.mecha-system.svc:8080")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        };
+        assert_eq!(
+            call(&app, post("good")).await,
+            (StatusCode::OK, "done".into())
+        );
+        let (status, body) = call(&app, post("bad")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, "wrong credential: present the pod's token\n");
+        let (status, body) = call(&app, post("later")).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not a refusal: {body}"
+        );
+        let (status, _) = call(
+            &app,
+            axum::http::Request::post("/api").header(header::HOST, "anything"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            call(
+                &app,
+                axum::http::Request::get("/live").header(header::HOST, "x")
+            )
+            .await
+            .0,
+            StatusCode::OK
+        );
+        let text = format!("{:?}", registry.gather());
+        assert!(text.contains("unavailable"), "{text}");
+    }
 }
