@@ -270,11 +270,14 @@ fn generation(revision: &Revision) -> u32 {
         .unwrap_or(0)
 }
 
-/// Whether `a` was made before `b` (ties: by namespace), for the one that keeps a name.
+/// Whether `a` was made before `b` (ties: by namespace; an object without a creation time,
+/// which the API server always sets, counts as newest), for the one that keeps a name.
 fn older(a: &Revision, b: &Revision) -> bool {
-    (&a.metadata.creation_timestamp, a.namespace())
-        < (&b.metadata.creation_timestamp, b.namespace())
-        || a.metadata.creation_timestamp.is_some() && b.metadata.creation_timestamp.is_none()
+    let key = |r: &Revision| {
+        let created = r.metadata.creation_timestamp.clone();
+        (created.is_none(), created, r.namespace())
+    };
+    key(a) < key(b)
 }
 
 /// Whether the reconciler has marked the revision `Ready`.
