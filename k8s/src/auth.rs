@@ -56,23 +56,27 @@ pub struct TokenReviewer {
 }
 
 /// The control-plane API as a cluster's autoscaler serves it: every route needs a token
-/// `verifier` accepts, and nothing is answered before `caches` have listed the cluster once
-/// (503: a sidecar keeps its last tables rather than take the empty ones of a replica that has
-/// not read the cluster yet).
+/// `verifier` accepts; nothing is answered before `caches` have listed the cluster once (503:
+/// a sidecar keeps its last tables rather than take the empty ones of a replica that has not
+/// read the cluster yet); on a follower, reports and pokes go on to the leader (`to_leader`,
+/// see [`crate::forward`]).
 pub fn control_plane<V: Verify>(
     api: autoscaler::api::ApiState,
     verifier: V,
     refusals: Refusals,
     caches: crate::state::Caches,
+    to_leader: Option<crate::forward::ToLeader>,
 ) -> Router {
-    guard_remote(
-        Router::new(),
-        autoscaler::api::router(api),
-        verifier,
-        refusals,
-    )
-    .layer(axum::middleware::from_fn_with_state(caches, until_synced))
-    .layer(DefaultBodyLimit::max(MAX_BODY))
+    let mut protected = autoscaler::api::router(api);
+    if let Some(to_leader) = to_leader {
+        protected = protected.layer(axum::middleware::from_fn_with_state(
+            to_leader,
+            crate::forward::to_leader,
+        ));
+    }
+    guard_remote(Router::new(), protected, verifier, refusals)
+        .layer(axum::middleware::from_fn_with_state(caches, until_synced))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
 async fn until_synced(

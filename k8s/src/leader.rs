@@ -22,6 +22,9 @@ use tokio::time::Instant;
 
 /// The Lease's name (in the autoscaler's namespace).
 pub const LEASE_NAME: &str = "mecha-autoscaler";
+/// The Lease annotation where the holder says where it takes forwarded reports
+/// (`POD_IP:AUTOSCALER_PORT`), see [`crate::forward`].
+pub const LEADER_ADDRESS: &str = "mecha.dev/leader-address";
 
 /// How long a lease lasts and how often it is renewed or tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,11 @@ pub struct Elector {
     identity: String,
     timings: LeaseTimings,
     leading: watch::Sender<bool>,
+    /// Where this replica takes forwarded reports, written on the Lease while it holds it.
+    address: Option<String>,
+    /// Where the current holder takes them, as its Lease says (`None` while this replica
+    /// leads, or nobody does, or the holder does not say).
+    leader: watch::Sender<Option<String>>,
     /// The record last seen (holder, renew time, resourceVersion) and when it was first seen.
     observed: Option<(Observed, Instant)>,
     /// When this replica last renewed (while leading).
@@ -95,9 +103,22 @@ impl Elector {
             identity: identity.into(),
             timings,
             leading: watch::channel(false).0,
+            address: None,
+            leader: watch::channel(None).0,
             observed: None,
             renewed: None,
         }
+    }
+
+    /// Writes `address` on the Lease while holding it, for followers to forward reports to.
+    pub fn with_address(mut self, address: Option<String>) -> Self {
+        self.address = address;
+        self
+    }
+
+    /// Where the leader takes forwarded reports, while another replica leads.
+    pub fn leader_address(&self) -> watch::Receiver<Option<String>> {
+        self.leader.subscribe()
     }
 
     /// `true` while this replica leads.
@@ -158,13 +179,14 @@ impl Elector {
             Err(error) => return Attempt::Failed(format!("reading lease {}: {error}", self.name)),
         };
         let Some(mut lease) = current else {
-            let lease = Lease {
+            let mut lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.held_spec(0)),
             };
+            self.annotate(&mut lease.metadata);
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Attempt::Leading,
                 Err(error) => Attempt::Failed(format!("creating lease {}: {error}", self.name)),
@@ -184,6 +206,20 @@ impl Elector {
             }
         };
         let ours = seen.holder.as_deref() == Some(self.identity.as_str());
+        let theirs = (!ours && seen.holder.is_some())
+            .then(|| {
+                lease
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(LEADER_ADDRESS).cloned())
+            })
+            .flatten();
+        self.leader.send_if_modified(|current| {
+            let changed = *current != theirs;
+            *current = theirs;
+            changed
+        });
         let lasts = seen
             .duration
             .and_then(|d| u64::try_from(d).ok())
@@ -202,6 +238,7 @@ impl Elector {
         } else {
             self.held_spec(transitions + 1)
         });
+        self.annotate(&mut lease.metadata);
         // The resourceVersion read is sent back: a replica that raced us gets a conflict.
         match self
             .api
@@ -215,6 +252,19 @@ impl Elector {
                 Attempt::Leading
             }
             Err(error) => Attempt::Failed(format!("writing lease {}: {error}", self.name)),
+        }
+    }
+
+    /// Puts (or removes) this replica's address on the Lease it writes.
+    fn annotate(&self, metadata: &mut ObjectMeta) {
+        let annotations = metadata.annotations.get_or_insert_with(Default::default);
+        match &self.address {
+            Some(address) => {
+                annotations.insert(LEADER_ADDRESS.into(), address.clone());
+            }
+            None => {
+                annotations.remove(LEADER_ADDRESS);
+            }
         }
     }
 
@@ -248,6 +298,9 @@ impl Elector {
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
+        if let Some(annotations) = lease.metadata.annotations.as_mut() {
+            annotations.remove(LEADER_ADDRESS);
+        }
         spec.renew_time = Some(now_micro());
         match self
             .api

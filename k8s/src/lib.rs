@@ -15,7 +15,8 @@
 //!   the `config-autoscaler` / `config-domain` ConfigMaps.
 //! - [`actuator`]: the Kubernetes `Actuator` (Deployment `scale` subresource) and
 //!   [`endpoints`]: ready endpoints from EndpointSlices.
-//! - [`leader`]: leader election with a `coordination.k8s.io/v1` Lease.
+//! - [`leader`]: leader election with a `coordination.k8s.io/v1` Lease; [`forward`]: a
+//!   follower passes load reports and pokes on to the leader.
 //! - [`auth`]: the control-plane API's credential check with `TokenReview`.
 //!
 //! The `autoscaler` binary (`src/bin/autoscaler.rs`) puts them together.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod crd;
 pub mod desired;
 pub mod endpoints;
+pub mod forward;
 pub mod leader;
 pub mod reconcile;
 pub mod state;

@@ -166,8 +166,6 @@ async fn every_request_is_allowed_and_every_rule_is_used() {
     let local = granted(m.role.rules.as_deref().unwrap_or_default());
 
     let mut recorded = support::serving::all().await;
-    // The runtime's scenarios run under paused time (the KPA's windows, the Lease's clock).
-    tokio::time::pause();
     recorded.extend(support::runtime::all().await);
     let mut used = BTreeSet::new();
     for (scenario, requests) in &recorded {

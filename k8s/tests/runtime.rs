@@ -1,7 +1,8 @@
 //! The autoscaler's Kubernetes runtime (`k8s::{state, actuator, endpoints, leader, auth}`)
 //! against the scripted API server of `tests/support`: each test is one scenario of
 //! `support::runtime`, which `tests/rbac.rs` also runs to check the requests they make
-//! against the roles in `deploy/`. Paused time: the KPA's windows pass without waiting.
+//! against the roles in `deploy/`. Paused time where no real socket is involved: the KPA's
+//! windows and the Lease's clock pass without waiting.
 
 mod support;
 
@@ -31,4 +32,9 @@ async fn the_lease_is_acquired_renewed_taken_over_and_released() {
 #[tokio::test(start_paused = true)]
 async fn token_reviews_accept_refuse_and_cache() {
     runtime::token_reviews(ApiServer::new()).await;
+}
+
+#[tokio::test]
+async fn a_follower_passes_reports_and_pokes_on_to_the_leader() {
+    runtime::a_follower_passes_reports_to_the_leader(ApiServer::new()).await;
 }

@@ -18,6 +18,7 @@ use axum::Router;
 use k8s::actuator::{EverReady, KubeActuator};
 use k8s::auth::TokenReviewer;
 use k8s::desired::PodSettings;
+use k8s::forward::ToLeader;
 use k8s::leader::{Elector, LEASE_NAME, LeaseTimings};
 use k8s::reconcile::{Metrics, ServingSettings};
 use k8s::state::Caches;
@@ -38,6 +39,8 @@ struct Config {
     port: u16,
     admin_port: u16,
     pod_name: String,
+    /// `host:port` where followers reach this replica while it leads.
+    address: Option<String>,
     namespace: String,
     sidecar_image: String,
     autoscaler_addr: String,
@@ -62,6 +65,11 @@ const SETTINGS: Table = &[
         "--pod-name",
         "POD_NAME",
         "this replica, the Lease holder's identity (required; the downward API's metadata.name)",
+    ),
+    (
+        "--pod-ip",
+        "POD_IP",
+        "this replica's address (the downward API's status.podIP): followers pass stats and pokes on to the leader there (unset: not passed on)",
     ),
     (
         "--namespace",
@@ -165,7 +173,19 @@ impl Config {
                 reason: "must be between LEASE_RETRY_PERIOD and LEASE_DURATION (a leader must stop before another may start)".into(),
             });
         }
+        let address = match get("POD_IP") {
+            None => None,
+            Some(ip) => {
+                let parsed: std::net::IpAddr = ip.trim().parse().map_err(|_| ConfigError {
+                    setting: "POD_IP",
+                    value: ip.clone(),
+                    reason: "not an IP address".into(),
+                })?;
+                Some(SocketAddr::new(parsed, port).to_string())
+            }
+        };
         Ok(Self {
+            address,
             port,
             admin_port: settings::number(&get, "AUTOSCALER_ADMIN_PORT", 8022u16, settings::port)?,
             pod_name,
@@ -271,8 +291,10 @@ async fn run(
         LEASE_NAME,
         config.pod_name.clone(),
         config.lease,
-    );
+    )
+    .with_address(config.address.clone());
     let leading = elector.leading();
+    let to_leader = ToLeader::new(leading.clone(), elector.leader_address(), &registry);
     let mut elector_task = tokio::spawn(elector.run(shutdown.signal()));
 
     // The KPA controller, on every replica (followers serve its routes, never write).
@@ -330,7 +352,7 @@ async fn run(
     // are synced (a sidecar keeps its last tables rather than take empty ones).
     let refusals = Refusals::register(&registry);
     let reviewer = TokenReviewer::new(client, &registry);
-    let api = k8s::auth::control_plane(api_state, reviewer, refusals, caches);
+    let api = k8s::auth::control_plane(api_state, reviewer, refusals, caches, Some(to_leader));
     let admin = mecha_common::admin::router(health.clone(), registry);
 
     let api_server = tokio::spawn(serve(api_listener, api, shutdown.signal()));
@@ -539,6 +561,10 @@ mod tests {
             "mecha-autoscaler.mecha-system.svc:8080"
         );
         assert_eq!(config.lease, LeaseTimings::default());
+        assert_eq!(config.address, None);
+        let config =
+            super::tests::config(&[("POD_NAME", "a"), ("POD_IP", "fd00::1")]).expect("IPv6");
+        assert_eq!(config.address.as_deref(), Some("[fd00::1]:8080"));
         let error = super::tests::config(&[]).expect_err("no pod name");
         assert_eq!(error.setting, "POD_NAME");
         let error = super::tests::config(&[("POD_NAME", "a"), ("LEASE_RENEW_DEADLINE", "20s")])

@@ -6,6 +6,7 @@
 //! checks every request they made against the roles in `deploy/`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use http_body_util::BodyExt;
 use k8s::actuator::{EverReady, KubeActuator};
 use k8s::auth::TokenReviewer;
 use k8s::crd::Revision;
+use k8s::forward::ToLeader;
 use k8s::leader::{Attempt, Elector, LeaseTimings};
 use k8s::state::Caches;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -61,6 +63,15 @@ pub struct Runtime {
 impl Runtime {
     /// Starts the caches, the controller (leading) and the guarded API on `server`.
     pub fn start(server: &ApiServer) -> Self {
+        Self::start_with(server, None)
+    }
+
+    /// The same as a follower of the leader at `leader`: reports go on there.
+    pub fn follower_of(server: &ApiServer, leader: SocketAddr) -> Self {
+        Self::start_with(server, Some(leader))
+    }
+
+    fn start_with(server: &ApiServer, leader: Option<SocketAddr>) -> Self {
         let client = server.client();
         let registry = prometheus::Registry::new();
         let shutdown = Shutdown::new();
@@ -68,7 +79,12 @@ impl Runtime {
         let ever_ready = EverReady::default();
         let (state_tx, state) = watch::channel(Arc::<ServingState>::default());
         let (endpoints_tx, endpoints) = watch::channel(Arc::<EndpointTable>::default());
-        let (leading, leading_rx) = watch::channel(true);
+        let (leading, leading_rx) = watch::channel(leader.is_none());
+        let to_leader = leader.map(|addr| {
+            let (address, address_rx) = watch::channel(Some(addr.to_string()));
+            std::mem::forget(address);
+            ToLeader::new(leading_rx.clone(), address_rx, &registry)
+        });
         let mut tasks = vec![
             tokio::spawn(k8s::state::run(
                 client.clone(),
@@ -107,6 +123,7 @@ impl Runtime {
             TokenReviewer::new(client, &registry),
             Refusals::register(&registry),
             caches.clone(),
+            to_leader,
         );
         tasks.push(tokio::spawn(controller.run(shutdown.signal())));
         Self {
@@ -606,6 +623,7 @@ fn elector(server: &ApiServer, identity: &str) -> Elector {
         identity,
         LeaseTimings::default(),
     )
+    .with_address(Some(format!("{identity}.pods:8080")))
 }
 
 /// The Lease: the first replica creates it and leads, renews it, and keeps it from a second;
@@ -636,6 +654,16 @@ pub async fn lease_acquire_renew_takeover(server: ApiServer) {
         Attempt::Following(Some("autoscaler-a".into()))
     );
     assert!(!*b_leads.borrow());
+    assert_eq!(
+        b.leader_address().borrow().as_deref(),
+        Some("autoscaler-a.pods:8080"),
+        "followers learn where the leader takes reports"
+    );
+    assert_eq!(
+        *a.leader_address().borrow(),
+        None,
+        "the leader forwards nothing"
+    );
 
     // a cannot renew: it keeps leading within the renew deadline, then steps down.
     server.fail_next("update", "leases", None, 500);
@@ -748,34 +776,125 @@ pub async fn token_reviews(server: ApiServer) {
     ));
 }
 
+/// A follower passes reports and pokes on to the leader with the caller's credential and
+/// answers what the leader answered; a report already passed on is not passed again; an
+/// unreachable leader makes it 503 (the sidecar reports again); a caller without a valid
+/// token is refused before anything is passed on.
+pub async fn a_follower_passes_reports_to_the_leader(server: ApiServer) {
+    script_token_reviews(&server);
+    revision_with_deployment(&server, "default", &[], 1);
+    // The leader: records what reaches it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let leader = listener.local_addr().expect("addr");
+    let seen: Arc<std::sync::Mutex<Vec<(String, String, bool)>>> = Arc::default();
+    let record = seen.clone();
+    let app = Router::new().fallback(move |request: Request<Body>| {
+        let record = record.clone();
+        async move {
+            let auth = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let forwarded = request.headers().contains_key(k8s::forward::FORWARDED);
+            record
+                .lock()
+                .expect("lock")
+                .push((request.uri().path().to_string(), auth, forwarded));
+            StatusCode::ACCEPTED
+        }
+    });
+    let leader_task = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut follower = Runtime::follower_of(&server, leader);
+    follower.wait_for_revision("hello-00001").await;
+
+    let stats = r#"[{"revision":"hello-00001","replica":"p1","concurrency":2.0,"requests":3,"seconds":1.0}]"#;
+    let (status, body) = follower.call(post("/api/v1/stats", None, stats)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "refused before passing on"
+    );
+    let (status, body) = follower
+        .call(post("/api/v1/stats", Some(SIDECAR_TOKEN), stats))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, _) = follower
+        .call(post(
+            "/api/v1/pokes",
+            Some(SIDECAR_TOKEN),
+            r#"[{"revision":"hello-00001","waiting":1}]"#,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let mut again = post("/api/v1/stats", Some(SIDECAR_TOKEN), stats);
+    again
+        .headers_mut()
+        .insert(k8s::forward::FORWARDED, "1".parse().expect("value"));
+    let (status, _) = follower.call(again).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "taken here, not passed on");
+    let bearer = format!("Bearer {SIDECAR_TOKEN}");
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        vec![
+            ("/api/v1/stats".to_string(), bearer.clone(), true),
+            ("/api/v1/pokes".to_string(), bearer, true),
+        ]
+    );
+
+    // The leader goes away: 503, and the sidecar reports again.
+    leader_task.abort();
+    let _ = leader_task.await;
+    let (status, body) = follower
+        .call(post("/api/v1/stats", Some(SIDECAR_TOKEN), stats))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("did not take the report"), "{body}");
+    assert!(scale_patches(&server).is_empty(), "a follower never writes");
+    follower.stop().await;
+}
+
 type Scenario = fn(ApiServer) -> Pin<Box<dyn Future<Output = ()>>>;
 
-/// Every scenario, by name; each runs under paused time (the scripted server answers at
-/// once, and the KPA's clock then passes without waiting).
-pub const ALL: &[(&str, Scenario)] = &[
-    ("scale_from_zero_on_a_poke", |s| {
+/// Every scenario, by name, and whether it runs under paused time (the scripted server
+/// answers at once, and the KPA's and the Lease's clocks then pass without waiting); those
+/// that talk to a real socket run in real time, so no timeout fires while the socket works.
+pub const ALL: &[(&str, bool, Scenario)] = &[
+    ("scale_from_zero_on_a_poke", true, |s| {
         Box::pin(scale_from_zero_on_a_poke(s))
     }),
-    ("scale_to_zero_after_the_grace_period", |s| {
+    ("scale_to_zero_after_the_grace_period", true, |s| {
         Box::pin(scale_to_zero_after_the_grace_period(s))
     }),
-    ("endpoint_slices_feed_the_table", |s| {
+    ("endpoint_slices_feed_the_table", true, |s| {
         Box::pin(endpoint_slices_feed_the_table(s))
     }),
-    ("lease_acquire_renew_takeover", |s| {
+    ("lease_acquire_renew_takeover", true, |s| {
         Box::pin(lease_acquire_renew_takeover(s))
     }),
-    ("token_reviews", |s| Box::pin(token_reviews(s))),
+    ("token_reviews", true, |s| Box::pin(token_reviews(s))),
+    ("a_follower_passes_reports_to_the_leader", false, |s| {
+        Box::pin(a_follower_passes_reports_to_the_leader(s))
+    }),
 ];
 
-/// Runs every scenario on a server of its own; the requests they made, by scenario. Call it
-/// from a test with paused time.
+/// Runs every scenario on a server of its own, each with its clock (pausing and resuming
+/// the test's, which must be a current-thread runtime); the requests they made, by scenario.
 pub async fn all() -> Vec<(&'static str, Vec<Recorded>)> {
     let mut recorded = Vec::new();
-    for (name, scenario) in ALL {
+    for (name, paused, scenario) in ALL {
+        if *paused {
+            tokio::time::pause();
+        }
         let server = ApiServer::new();
         scenario(server.clone()).await;
         recorded.push((*name, server.requests()));
+        if *paused {
+            tokio::time::resume();
+        }
     }
     recorded
 }
