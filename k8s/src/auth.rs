@@ -49,7 +49,7 @@ pub const MAX_BODY: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct TokenReviewer {
     api: Api<TokenReview>,
-    cache: Arc<Mutex<HashMap<[u8; 32], (Instant, bool, String)>>>,
+    cache: Arc<Mutex<HashMap<[u8; 32], Cached>>>,
     in_flight: Arc<Semaphore>,
     reviews: IntCounterVec,
     hint: Arc<str>,
@@ -95,6 +95,9 @@ async fn until_synced(
             .into_response()
     }
 }
+
+/// A remembered answer: until when, accepted or not, and why not.
+type Cached = (Instant, bool, String);
 
 // === impl TokenReviewer ===
 
