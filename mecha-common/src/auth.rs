@@ -680,9 +680,12 @@ impl TokenFile {
                 }
             },
             Some(_) => {}
-            None => {
+            None if current.0 != Stamp::default() => {
+                // Said once: the stamp of "no file" is the default one.
+                current.0 = Stamp::default();
                 tracing::warn!(path = %self.path.display(), "the credential file is gone; keeping the last token");
             }
+            None => {}
         }
         current.1.clone()
     }

@@ -419,8 +419,8 @@ async fn lead(
         while !(*leading.borrow_and_update() && caches.synced()) {
             health.set_problem("reconcilers", None);
             tokio::select! {
-                _ = leading.changed() => {}
-                _ = state.changed() => {}
+                changed = leading.changed() => if changed.is_err() { return },
+                changed = state.changed() => if changed.is_err() { return },
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
                 () = &mut stop => return,
             }
@@ -447,12 +447,15 @@ async fn lead(
         let ended = loop {
             tokio::select! {
                 result = &mut task => break Some(result),
-                _ = leading.changed() => {
-                    if !*leading.borrow_and_update() {
+                changed = leading.changed() => {
+                    if changed.is_err() || !*leading.borrow_and_update() {
                         break None;
                     }
                 }
-                _ = state.changed() => {
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break None;
+                    }
                     if state.borrow_and_update().domain().unwrap_or(k8s::status::DEFAULT_DOMAIN) != domain {
                         tracing::info!("config-domain changed: restarting the reconcilers");
                         break None;
