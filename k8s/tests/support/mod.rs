@@ -9,6 +9,22 @@
 //! serving reconcilers against it, `tests/rbac.rs` checks what it recorded against the
 //! ClusterRole. Not a Kubernetes API server: see [`ApiServer`] for what it models and what
 //! it does not.
+//!
+//! ```ignore
+//! let server = ApiServer::new();
+//! server.fail_next("patch", "deployments", Some("scale"), 409); // the next scale PATCH fails
+//! server.on("create", "tokenreviews", Arc::new(|request| (201, json!({ /* a TokenReview */ }))));
+//! let client = server.client();                   // hand it to the code under test
+//! server.create(&lease);                          // objects as a user or controller writes them
+//! let d = server.wait_for("3 replicas", |s| {     // awaits store changes, panics after WAIT
+//!     s.get::<Deployment>("default", "hello-00001-deployment")
+//!         .filter(|d| d.spec.as_ref().and_then(|s| s.replicas) == Some(3))
+//! }).await;
+//! let calls = server.requests();                  // verb, group, resource, subresource, …
+//! ```
+//!
+//! A new group of scenarios goes in a module beside [`serving`] with its own `ALL` list, which
+//! `tests/rbac.rs` runs too, so its requests are checked against the roles.
 #![allow(
     dead_code,
     reason = "each test file uses the part of the shared harness it needs"
@@ -614,10 +630,19 @@ impl ApiServer {
         }
         let new = match target.subresource.as_deref() {
             Some("status") => with_status_of(&old, &body),
+            Some("scale") => {
+                let mut new = old.clone();
+                new["spec"]["replicas"] =
+                    body.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
+                new
+            }
             _ => with_status_of(&body, &old),
         };
         let stored = store.write(key, Some(&old), new);
-        respond(200, &stored)
+        match target.subresource.as_deref() {
+            Some("scale") => respond(200, &scale_of(&stored)),
+            _ => respond(200, &stored),
+        }
     }
 
     fn patch_one(&self, target: &Target, content_type: &str, patch: Value) -> Response<Body> {
