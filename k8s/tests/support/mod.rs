@@ -105,7 +105,8 @@ pub type Handler = Arc<dyn Fn(&Recorded) -> (u16, Value) + Send + Sync>;
 /// Deployment's `scale` subresource (`spec.replicas`); watches from a resource version, with
 /// label selectors (`k`, `!k`, `k=v`, `k!=v`) and `metadata.name`/`metadata.namespace` field
 /// selectors; a write that changes nothing neither bumps the version nor wakes watchers;
-/// deleting an object deletes, transitively, every object whose `ownerReferences` name it.
+/// deleting an object deletes, transitively, every object whose `ownerReferences` name it,
+/// and an object written with owners none of which exists is deleted at once.
 ///
 /// What it does not: server-side apply's field ownership (an apply is a deep merge of the
 /// applied object into the stored one, lists replaced; a field dropped from the applied
@@ -761,11 +762,33 @@ impl Store {
         self.objects.insert(key.clone(), new.clone());
         self.events.push(Event {
             version: self.version,
-            key,
+            key: key.clone(),
             kind,
             object: new.clone(),
         });
+        // The garbage collector removes an object whose owners are all gone (made by a
+        // reconcile that raced its owner's deletion).
+        if self.orphaned(&new) {
+            self.delete(&key);
+        }
         new
+    }
+
+    /// Whether `object` has owners and none of them exists.
+    fn orphaned(&self, object: &Value) -> bool {
+        let Some(owners) = object
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .filter(|o| !o.is_empty())
+        else {
+            return false;
+        };
+        owners.iter().all(|owner| {
+            !self
+                .objects
+                .values()
+                .any(|o| o.pointer("/metadata/uid") == owner.get("uid"))
+        })
     }
 
     /// Deletes the object and, as the garbage collector does, every object it owns.

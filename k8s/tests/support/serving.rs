@@ -478,16 +478,29 @@ pub async fn delete_cascades(server: ApiServer) {
     assert!(server.list::<Revision>().is_empty());
     assert!(server.list::<Deployment>().is_empty());
     assert!(server.list::<KubeService>().is_empty());
-    // And the reconcilers, told of the deletions, make nothing again.
-    let requests = server.requests().len();
+    // And the reconcilers, told of the deletions, make nothing again. Watch events come in
+    // order, so once they have made another Service's objects they have seen the deletions.
+    let mut other = hello();
+    other.metadata.name = Some("other".into());
+    server.create(&other);
     server
-        .wait_for("the reconcilers to see the deletions", |s| {
-            (s.requests().len() > requests || s.list::<Revision>().is_empty()).then_some(())
+        .wait_for("Deployment other-00001-deployment", |s| {
+            s.get::<Deployment>(NAMESPACE, "other-00001-deployment")
         })
         .await;
     reconcilers.stop().await;
-    assert!(server.list::<Revision>().is_empty());
-    assert!(server.list::<Deployment>().is_empty());
+    let revisions: Vec<String> = server
+        .list::<Revision>()
+        .iter()
+        .map(|r| r.name_any())
+        .collect();
+    assert_eq!(revisions, ["other-00001"]);
+    let deployments: Vec<String> = server
+        .list::<Deployment>()
+        .iter()
+        .map(|d| d.name_any())
+        .collect();
+    assert_eq!(deployments, ["other-00001-deployment"]);
 }
 
 /// A 409 Conflict on applying the Deployment fails the Revision's reconcile: the status
