@@ -79,6 +79,42 @@ impl Default for Addresses {
 
 /// Knative's default domain when `config-domain` names none.
 pub const DEFAULT_DOMAIN: &str = "example.com";
+
+/// The domain of Service URLs from `config-domain`'s data, read as Knative reads it: every key
+/// is a domain, its value a label selector (`selector: {app: web}`), empty for the default;
+/// `_example` is documentation. Mecha serves one domain for every Service: the default one
+/// (the first by name when several are, as Knative breaks ties), else [`DEFAULT_DOMAIN`].
+/// Returns it with the domains that have selectors, which are not supported (the caller logs
+/// them); an entry that is not a selector is an error naming its key.
+pub fn domain_from_config(
+    data: &std::collections::BTreeMap<String, String>,
+) -> Result<(String, Vec<String>), String> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        #[serde(default)]
+        selector: std::collections::BTreeMap<String, String>,
+    }
+    let mut default = None;
+    let mut ignored = Vec::new();
+    for (domain, value) in data {
+        if domain == "_example" {
+            continue;
+        }
+        let entry: Entry = if value.trim().is_empty() {
+            Entry::default()
+        } else {
+            serde_saphyr::from_str(value)
+                .map_err(|e| format!("config-domain: {domain:?}: not a label selector: {e}"))?
+        };
+        if entry.selector.is_empty() {
+            default.get_or_insert_with(|| domain.clone());
+        } else {
+            ignored.push(domain.clone());
+        }
+    }
+    Ok((default.unwrap_or_else(|| DEFAULT_DOMAIN.into()), ignored))
+}
 /// The `mecha-broker` Service in the installation namespace (port 80 → the ingress).
 pub const DEFAULT_BROKER_BASE_URL: &str = "http://mecha-broker.mecha-system.svc";
 

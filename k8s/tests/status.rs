@@ -434,6 +434,35 @@ fn a_broker_is_addressed_at_the_ingress() {
 }
 
 #[test]
+fn the_domain_is_config_domains_default_one() {
+    let data = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    };
+    assert_eq!(
+        status::domain_from_config(&data(&[])),
+        Ok(("example.com".into(), vec![]))
+    );
+    assert_eq!(
+        status::domain_from_config(&data(&[
+            (
+                "_example",
+                "# documentation\nexample.org: |\n  selector: {}"
+            ),
+            ("svc.example.org", "selector:\n  app: nonprofit\n"),
+            ("fn.example.net", ""),
+            ("z.example.net", ""),
+        ])),
+        Ok(("fn.example.net".into(), vec!["svc.example.org".to_string()]))
+    );
+    let error = status::domain_from_config(&data(&[("bad.example", "[1, 2]")]))
+        .expect_err("not a selector");
+    assert!(error.contains("\"bad.example\""), "{error}");
+}
+
+#[test]
 fn retries_double_up_to_the_cap() {
     let retry = Retry {
         first: Duration::from_millis(100),
