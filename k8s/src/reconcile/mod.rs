@@ -12,9 +12,10 @@
 //!     immutable `Revision` (`{service}-00001`, …) for every `spec.template` change
 //!     ([`crate::desired::next_revision`]), and writes the Service's status
 //!     ([`crate::status::service`]);
-//!   - `Revision` (owns `Deployment`s and `Service`s): applies the revision's Deployment and
-//!     headless Service ([`crate::desired`]) and writes its status from the observed
-//!     Deployment ([`crate::status::revision`]);
+//!   - `Revision` (owns `Deployment`s and `Service`s, watches its pods): applies the
+//!     revision's Deployment and headless Service ([`crate::desired`]) and writes its status
+//!     from the observed Deployment and, while none is ready, its pods
+//!     ([`crate::status::revision`]);
 //!   - `Broker` and `Trigger` (when [`ServingSettings::eventing`]): their status from their
 //!     validators.
 //!

@@ -549,6 +549,66 @@ pub async fn conflict_retried(server: ApiServer) {
     reconcilers.stop().await;
 }
 
+/// A user container that keeps exiting: the pods' status (watched through the revision label)
+/// makes the Revision's `ContainerHealthy` `False` with its exit code, and the Service says the
+/// latest revision failed.
+pub async fn crash_loop(server: ApiServer) {
+    let reconcilers = Reconcilers::start(&server);
+    server.create(&hello());
+    server
+        .wait_for("Deployment hello-00001-deployment", |s| {
+            s.get::<Deployment>(NAMESPACE, "hello-00001-deployment")
+        })
+        .await;
+    // The kubelet's report on the Deployment's one pod.
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "hello-00001-deployment-7d9f-x2x", "namespace": NAMESPACE,
+            "labels": { "serving.knative.dev/revision": "hello-00001" },
+        },
+        "status": { "containerStatuses": [{
+            "name": "user-container", "ready": false, "restartCount": 2,
+            "image": "ghcr.io/example/hello:1.0", "imageID": "",
+            "state": { "waiting": { "reason": "CrashLoopBackOff" } },
+            "lastState": { "terminated": { "exitCode": 2, "message": "no TARGET" } },
+        }] },
+    }))
+    .expect("a Pod");
+    server.create(&pod);
+
+    let status = server
+        .wait_for("Revision hello-00001 unhealthy", |s| {
+            let status = s.get::<Revision>(NAMESPACE, "hello-00001")?.status?;
+            is(&status.conditions, "ContainerHealthy", "False").then_some(status)
+        })
+        .await;
+    let healthy = condition(&status.conditions, "ContainerHealthy").expect("ContainerHealthy");
+    assert_eq!(healthy.reason.as_deref(), Some("ExitCode2"));
+    assert_eq!(
+        healthy.message.as_deref(),
+        Some("Container failed with: no TARGET")
+    );
+    let service = server
+        .wait_for("Service hello's configuration failed", |s| {
+            let status = s.get::<Service>(NAMESPACE, "hello")?.status?;
+            is(&status.conditions, "ConfigurationsReady", "False").then_some(status)
+        })
+        .await;
+    let configurations =
+        condition(&service.conditions, "ConfigurationsReady").expect("ConfigurationsReady");
+    assert_eq!(configurations.reason.as_deref(), Some("RevisionFailed"));
+    assert!(
+        configurations
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no TARGET"),
+        "{configurations:?}"
+    );
+    reconcilers.stop().await;
+}
+
 /// What a schema lets through but local mode refuses: `Ready=False`, reason `InvalidSpec`,
 /// local mode's message naming the field; no Revision is made.
 pub async fn invalid_service(server: ApiServer) {
@@ -654,6 +714,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("traffic_split", |s| Box::pin(traffic_split(s))),
     ("delete_cascades", |s| Box::pin(delete_cascades(s))),
     ("conflict_retried", |s| Box::pin(conflict_retried(s))),
+    ("crash_loop", |s| Box::pin(crash_loop(s))),
     ("invalid_service", |s| Box::pin(invalid_service(s))),
     ("eventing", |s| Box::pin(eventing(s))),
 ];
