@@ -609,6 +609,29 @@ pub async fn crash_loop(server: ApiServer) {
     reconcilers.stop().await;
 }
 
+/// A watch that fails (the Service CRD not installed yet: 404 on the first LIST) is counted
+/// and reported for readiness, and retried until it works.
+pub async fn watch_fails(server: ApiServer) {
+    server.fail_next("list", "services", None, 404);
+    let reconcilers = Reconcilers::start(&server);
+    let problem = server
+        .wait_for("the failed watch reported", |_| {
+            reconcilers.metrics.watch_problem()
+        })
+        .await;
+    assert!(
+        problem.starts_with("watching Services fails: "),
+        "{problem}"
+    );
+    server.create(&hello());
+    server
+        .wait_for("Revision hello-00001 once the watch works", |s| {
+            s.get::<Revision>(NAMESPACE, "hello-00001")
+        })
+        .await;
+    reconcilers.stop().await;
+}
+
 /// What a schema lets through but local mode refuses: `Ready=False`, reason `InvalidSpec`,
 /// local mode's message naming the field; no Revision is made.
 pub async fn invalid_service(server: ApiServer) {
@@ -715,6 +738,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("delete_cascades", |s| Box::pin(delete_cascades(s))),
     ("conflict_retried", |s| Box::pin(conflict_retried(s))),
     ("crash_loop", |s| Box::pin(crash_loop(s))),
+    ("watch_fails", |s| Box::pin(watch_fails(s))),
     ("invalid_service", |s| Box::pin(invalid_service(s))),
     ("eventing", |s| Box::pin(eventing(s))),
 ];
