@@ -101,7 +101,7 @@ async fn service_steps(service: &Service, context: &Context) -> Result<Action, E
     let listed = api
         .list(&ListParams::default().labels(&format!("{}={name}", desired::SERVICE_LABEL)))
         .await
-        .map_err(|e| ApiError::new::<Revision>("list", &namespace, &name, e))?;
+        .map_err(|e| ApiError::new::<Revision>("list", &namespace, &format!("{name}-*"), e))?;
     let uid = service.uid();
     let mut revisions: Vec<Revision> = listed
         .items
@@ -181,7 +181,9 @@ async fn revision_steps(revision: &Revision, context: &Context) -> Result<Action
         Api::<Pod>::namespaced(client.clone(), &namespace)
             .list(&ListParams::default().labels(&format!("{}={name}", desired::REVISION_LABEL)))
             .await
-            .map_err(|e| ApiError::new::<Pod>("list", &namespace, &name, e))?
+            .map_err(|e| {
+                ApiError::new::<Pod>("list", &namespace, &format!("{name}-deployment-*"), e)
+            })?
             .items
     };
     let computed = status::revision(revision, Some(&observed), &pods, &now());
