@@ -511,6 +511,8 @@ pub async fn conflict_retried(server: ApiServer) {
     for _ in 0..3 {
         server.fail_next("patch", "deployments", None, 409);
     }
+    // And the Service's first status write.
+    server.fail_next("patch", "services", Some("status"), 409);
     let reconcilers = Reconcilers::start(&server);
     server.create(&hello());
     make_ready(&server, "hello-00001").await;
@@ -546,6 +548,13 @@ pub async fn conflict_retried(server: ApiServer) {
         (ready.status.as_str(), ready.reason.as_deref()),
         ("True", None)
     );
+    server
+        .wait_for("Service hello Ready after its status conflict", |s| {
+            let status = s.get::<Service>(NAMESPACE, "hello")?.status?;
+            is(&status.conditions, "Ready", "True").then_some(())
+        })
+        .await;
+    assert_eq!(reconcilers.metrics.failures("Service", "conflict"), 1);
     reconcilers.stop().await;
 }
 
