@@ -109,6 +109,7 @@ where
     let body = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
+        "metadata": { "name": name, "namespace": namespace },
         "status": status,
     });
     api.patch_status(&name, &params(), &Patch::Apply(body))

@@ -2,7 +2,7 @@
 //! `k8s-openapi` are among the slowest crates to build, and local mode needs neither.
 //!
 //! - [`crd`]: Knative's kinds as custom resources, wrapping the `crds` crate's spec types;
-//!   [`crds`] and [`to_yaml`] are what the `crdgen` binary writes into `deploy/crds/`.
+//!   [`crds()`] and [`to_yaml`] are what the `crdgen` binary writes into `deploy/crds/`.
 //! - [`admission`]: the checks a schema cannot express, run by local mode's validators, their
 //!   refusal as a `Ready` condition.
 //! - [`desired`]: the objects the serving reconciler wants (Revision, Deployment, headless

@@ -1,8 +1,9 @@
 //! Knative-compatible status as pure functions of what the reconcilers observed — no client,
 //! no clock (the time of a transition is passed in), so unit tests pin every case:
 //!
-//! - [`revision`]: Revision + its observed Deployment → `Ready`, `ContainerHealthy`,
-//!   `ResourcesAvailable`, `Active`, `actualReplicas`, `desiredReplicas`;
+//! - [`revision`]: Revision + its observed Deployment (and, while none of its pods is ready,
+//!   the pods) → `Ready`, `ContainerHealthy`, `ResourcesAvailable`, `Active`,
+//!   `actualReplicas`, `desiredReplicas`;
 //! - [`service`]: Service + the Revisions it owns → `url`, `latestCreatedRevisionName`,
 //!   `latestReadyRevisionName`, `traffic` (with `latestRevision: true` resolved to the latest
 //!   *ready* revision's name, as Knative's route does; while some target does not resolve,
@@ -19,6 +20,7 @@
 //! writes nothing (and wakes nobody).
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use crate::crd::{
@@ -79,12 +81,56 @@ impl Default for Addresses {
 
 /// Knative's default domain when `config-domain` names none.
 pub const DEFAULT_DOMAIN: &str = "example.com";
+
+/// The domain of Service URLs from `config-domain`'s data, read as Knative reads it: every key
+/// is a domain, its value a label selector (`selector: {app: web}`), empty for the default;
+/// `_example` is documentation. Mecha serves one domain for every Service: the default one
+/// (the first by name when several are, as Knative breaks ties), else [`DEFAULT_DOMAIN`].
+/// Returns it with the domains that have selectors, which are not supported (the caller logs
+/// them); an entry that is not a selector is an error naming its key.
+pub fn domain_from_config(
+    data: &std::collections::BTreeMap<String, String>,
+) -> Result<(String, Vec<String>), String> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        #[serde(default)]
+        selector: std::collections::BTreeMap<String, String>,
+    }
+    let mut default = None;
+    let mut ignored = Vec::new();
+    for (domain, value) in data {
+        if domain == "_example" {
+            continue;
+        }
+        let entry: Entry = if value.trim().is_empty() {
+            Entry::default()
+        } else {
+            serde_saphyr::from_str(value)
+                .map_err(|e| format!("config-domain: {domain:?}: not a label selector: {e}"))?
+        };
+        if entry.selector.is_empty() {
+            default.get_or_insert_with(|| domain.clone());
+        } else {
+            ignored.push(domain.clone());
+        }
+    }
+    Ok((default.unwrap_or_else(|| DEFAULT_DOMAIN.into()), ignored))
+}
 /// The `mecha-broker` Service in the installation namespace (port 80 → the ingress).
 pub const DEFAULT_BROKER_BASE_URL: &str = "http://mecha-broker.mecha-system.svc";
 
-/// A Revision's status from its observed Deployment (`None`: not created yet). `now` is the
-/// RFC 3339 time recorded on conditions that change.
-pub fn revision(revision: &Revision, deployment: Option<&Deployment>, now: &str) -> RevisionStatus {
+/// A Revision's status from its observed Deployment (`None`: not created yet) and its pods
+/// (read while none is ready: a user container that exited makes `ContainerHealthy` `False`
+/// with reason `ExitCode{n}`, and when the Deployment has stalled, a container waiting — an
+/// image that cannot be pulled — names why in `ResourcesAvailable`, as Knative does). `now` is
+/// the RFC 3339 time recorded on conditions that change.
+pub fn revision(
+    revision: &Revision,
+    deployment: Option<&Deployment>,
+    pods: &[Pod],
+    now: &str,
+) -> RevisionStatus {
     let previous = revision.status.clone().unwrap_or_default();
     let was = |type_: &str| state_of(&previous.conditions, type_);
     let spec = deployment.and_then(|d| d.spec.as_ref());
@@ -111,8 +157,20 @@ pub fn revision(revision: &Revision, deployment: Option<&Deployment>, now: &str)
                 c.message.clone(),
             )
         });
+    let (exited, waiting) = if ready_replicas > 0 {
+        (None, None)
+    } else {
+        user_container_trouble(pods)
+    };
     let resources = if deployment.is_none() {
         unknown(RESOURCES_AVAILABLE, DEPLOYING, None)
+    } else if let (Some((reason, message)), Some(_)) = (&waiting, &stalled) {
+        condition(
+            RESOURCES_AVAILABLE,
+            State::False,
+            Some(reason),
+            message.clone(),
+        )
     } else if let Some(failure) = failure {
         condition(
             RESOURCES_AVAILABLE,
@@ -129,7 +187,14 @@ pub fn revision(revision: &Revision, deployment: Option<&Deployment>, now: &str)
     };
 
     // ContainerHealthy: a pod whose containers passed readiness (through the sidecar) once.
-    let healthy = if ready_replicas > 0 || was(CONTAINER_HEALTHY) == State::True {
+    let healthy = if let Some((reason, message)) = exited {
+        condition(
+            CONTAINER_HEALTHY,
+            State::False,
+            Some(&reason),
+            Some(message),
+        )
+    } else if ready_replicas > 0 || was(CONTAINER_HEALTHY) == State::True {
         condition(CONTAINER_HEALTHY, State::True, None, None)
     } else {
         unknown(CONTAINER_HEALTHY, DEPLOYING, None)
@@ -429,6 +494,49 @@ fn traffic(
         }
     };
     (resolved, routes)
+}
+
+/// The first pod's user container (any but the sidecar) that exited — `(ExitCode{n}, message)`
+/// — and the first that is waiting to start — `(reason, message)`.
+#[allow(
+    clippy::type_complexity,
+    reason = "two (reason, message) pairs, named at the call"
+)]
+fn user_container_trouble(
+    pods: &[Pod],
+) -> (Option<(String, String)>, Option<(String, Option<String>)>) {
+    let statuses = pods
+        .iter()
+        .filter_map(|p| p.status.as_ref()?.container_statuses.as_ref())
+        .flatten()
+        .filter(|c| c.name != desired::SIDECAR_NAME);
+    let mut exited = None;
+    let mut waiting = None;
+    for status in statuses {
+        if exited.is_none()
+            && let Some(t) = status
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+        {
+            let message = match t.message.as_deref().filter(|m| !m.is_empty()) {
+                Some(m) => m.to_string(),
+                None if t.exit_code == 0 => "container exited with no error".into(),
+                None => t.reason.clone().unwrap_or_else(|| "no message".into()),
+            };
+            exited = Some((
+                format!("ExitCode{}", t.exit_code),
+                format!("Container failed with: {message}"),
+            ));
+        }
+        if waiting.is_none()
+            && let Some(w) = status.state.as_ref().and_then(|s| s.waiting.as_ref())
+            && let Some(reason) = w.reason.clone()
+        {
+            waiting = Some((reason, w.message.clone()));
+        }
+    }
+    (exited, waiting)
 }
 
 /// A Revision's number when `service` owns it by name (`{service}-{n}`).

@@ -33,6 +33,16 @@ async fn a_conflict_on_apply_is_reported_counted_and_retried() {
 }
 
 #[tokio::test]
+async fn a_crashing_container_makes_the_revision_unhealthy_with_its_exit_code() {
+    serving::crash_loop(ApiServer::new()).await;
+}
+
+#[tokio::test]
+async fn a_failing_watch_is_reported_and_retried() {
+    serving::watch_fails(ApiServer::new()).await;
+}
+
+#[tokio::test]
 async fn a_refused_service_is_ready_false_naming_the_field() {
     serving::invalid_service(ApiServer::new()).await;
 }

@@ -9,6 +9,7 @@ use k8s::status::{self, Addresses};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentCondition, DeploymentSpec, DeploymentStatus,
 };
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
 const T0: &str = "2026-01-01T00:00:00Z";
@@ -90,7 +91,7 @@ fn triple(t: &str, s: &str, r: Option<&str>) -> (String, String, Option<String>)
 
 #[test]
 fn a_revision_without_its_deployment_is_deploying() {
-    let status = status::revision(&revision(1, None), None, T0);
+    let status = status::revision(&revision(1, None), None, &[], T0);
     assert_eq!(
         states(&status.conditions),
         [
@@ -112,6 +113,7 @@ fn a_revision_with_a_ready_pod_is_ready_and_active() {
     let status = status::revision(
         &revision(1, None),
         Some(&deployment(Some(2), 1, vec![])),
+        &[],
         T0,
     );
     for type_ in ["Ready", "ContainerHealthy", "ResourcesAvailable", "Active"] {
@@ -129,9 +131,10 @@ fn scaled_to_zero_a_revision_stays_ready_but_inactive_and_wakes_queued() {
     rev.status = Some(status::revision(
         &rev,
         Some(&deployment(Some(1), 1, vec![])),
+        &[],
         T0,
     ));
-    let idle = status::revision(&rev, Some(&deployment(Some(0), 0, vec![])), T1);
+    let idle = status::revision(&rev, Some(&deployment(Some(0), 0, vec![])), &[], T1);
     assert_eq!(get(&idle.conditions, "Ready").status, "True");
     let active = get(&idle.conditions, "Active");
     assert_eq!(
@@ -152,7 +155,7 @@ fn scaled_to_zero_a_revision_stays_ready_but_inactive_and_wakes_queued() {
     assert_eq!(active.last_transition_time.as_deref(), Some(T1));
 
     rev.status = Some(idle);
-    let waking = status::revision(&rev, Some(&deployment(Some(1), 0, vec![])), T1);
+    let waking = status::revision(&rev, Some(&deployment(Some(1), 0, vec![])), &[], T1);
     let active = get(&waking.conditions, "Active");
     assert_eq!(
         (active.status.as_str(), active.reason.as_deref()),
@@ -173,6 +176,7 @@ fn a_stalled_or_failing_deployment_makes_the_revision_not_ready_saying_why() {
     let status = status::revision(
         &revision(1, None),
         Some(&deployment(Some(1), 0, vec![stalled])),
+        &[],
         T0,
     );
     let ready = get(&status.conditions, "Ready");
@@ -202,6 +206,7 @@ fn a_stalled_or_failing_deployment_makes_the_revision_not_ready_saying_why() {
     let status = status::revision(
         &revision(1, None),
         Some(&deployment(Some(1), 0, vec![quota])),
+        &[],
         T0,
     );
     let ready = get(&status.conditions, "Ready");
@@ -212,13 +217,95 @@ fn a_stalled_or_failing_deployment_makes_the_revision_not_ready_saying_why() {
     assert_eq!(ready.message.as_deref(), Some("exceeded quota: compute"));
 }
 
+fn pod(container: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": "hello-00001-deployment-abc", "namespace": "web" },
+        "status": { "containerStatuses": [
+            { "name": "activator-sidecar", "ready": false, "restartCount": 0, "image": "s", "imageID": "" },
+            container,
+        ] },
+    }))
+    .expect("a Pod")
+}
+
+#[test]
+fn a_user_container_that_exits_is_not_healthy_naming_its_exit_code() {
+    let crashed = pod(json!({
+        "name": "user-container", "ready": false, "restartCount": 3, "image": "hello:1", "imageID": "",
+        "state": { "waiting": { "reason": "CrashLoopBackOff" } },
+        "lastState": { "terminated": { "exitCode": 1, "message": "panicked at main.rs:3" } },
+    }));
+    let status = status::revision(
+        &revision(1, None),
+        Some(&deployment(Some(1), 0, vec![])),
+        &[crashed],
+        T0,
+    );
+    let healthy = get(&status.conditions, "ContainerHealthy");
+    assert_eq!(
+        (healthy.status.as_str(), healthy.reason.as_deref()),
+        ("False", Some("ExitCode1"))
+    );
+    assert_eq!(
+        healthy.message.as_deref(),
+        Some("Container failed with: panicked at main.rs:3")
+    );
+    let ready = get(&status.conditions, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_deref()),
+        ("False", Some("ExitCode1"))
+    );
+    // Waiting alone, before the Deployment stalls, is still deploying.
+    assert_eq!(
+        get(&status.conditions, "ResourcesAvailable").status,
+        "Unknown"
+    );
+}
+
+#[test]
+fn an_image_that_cannot_be_pulled_names_why_once_the_deployment_stalls() {
+    let pulling = pod(json!({
+        "name": "user-container", "ready": false, "restartCount": 0, "image": "hello:nope", "imageID": "",
+        "state": { "waiting": { "reason": "ImagePullBackOff", "message": "Back-off pulling image \"hello:nope\"" } },
+    }));
+    let stalled = DeploymentCondition {
+        type_: "Progressing".into(),
+        status: "False".into(),
+        reason: Some("ProgressDeadlineExceeded".into()),
+        ..DeploymentCondition::default()
+    };
+    let status = status::revision(
+        &revision(1, None),
+        Some(&deployment(Some(1), 0, vec![stalled])),
+        std::slice::from_ref(&pulling),
+        T0,
+    );
+    let resources = get(&status.conditions, "ResourcesAvailable");
+    assert_eq!(
+        (resources.status.as_str(), resources.reason.as_deref()),
+        ("False", Some("ImagePullBackOff"))
+    );
+    assert_eq!(
+        resources.message.as_deref(),
+        Some("Back-off pulling image \"hello:nope\"")
+    );
+    // Pods are not read once one is ready.
+    let fine = status::revision(
+        &revision(1, None),
+        Some(&deployment(Some(2), 1, vec![])),
+        &[pulling],
+        T0,
+    );
+    assert_eq!(get(&fine.conditions, "Ready").status, "True");
+}
+
 #[test]
 fn the_same_observations_give_the_same_status() {
     let mut rev = revision(1, None);
-    let first = status::revision(&rev, Some(&deployment(Some(1), 1, vec![])), T0);
+    let first = status::revision(&rev, Some(&deployment(Some(1), 1, vec![])), &[], T0);
     rev.status = Some(first.clone());
     assert_eq!(
-        status::revision(&rev, Some(&deployment(Some(1), 1, vec![])), T1),
+        status::revision(&rev, Some(&deployment(Some(1), 1, vec![])), &[], T1),
         first
     );
 }
@@ -431,6 +518,35 @@ fn a_broker_is_addressed_at_the_ingress() {
     );
     assert_eq!(get(&status.conditions, "Ready").status, "True");
     assert_eq!(status.observed_generation, Some(2));
+}
+
+#[test]
+fn the_domain_is_config_domains_default_one() {
+    let data = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    };
+    assert_eq!(
+        status::domain_from_config(&data(&[])),
+        Ok(("example.com".into(), vec![]))
+    );
+    assert_eq!(
+        status::domain_from_config(&data(&[
+            (
+                "_example",
+                "# documentation\nexample.org: |\n  selector: {}"
+            ),
+            ("svc.example.org", "selector:\n  app: nonprofit\n"),
+            ("fn.example.net", ""),
+            ("z.example.net", ""),
+        ])),
+        Ok(("fn.example.net".into(), vec!["svc.example.org".to_string()]))
+    );
+    let error = status::domain_from_config(&data(&[("bad.example", "[1, 2]")]))
+        .expect_err("not a selector");
+    assert!(error.contains("\"bad.example\""), "{error}");
 }
 
 #[test]

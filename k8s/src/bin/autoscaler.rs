@@ -319,6 +319,9 @@ async fn run(
             return ExitCode::from(1);
         }
     };
+    // A reconciler that cannot watch (CRDs missing, RBAC refused) changes nothing: unready.
+    let watching = reconcile_metrics.clone();
+    health.add_check(move || watching.watch_problem());
     let pods = PodSettings {
         sidecar_image: config.sidecar_image.clone(),
         autoscaler_addr: config.autoscaler_addr.clone(),

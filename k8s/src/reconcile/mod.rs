@@ -12,9 +12,10 @@
 //!     immutable `Revision` (`{service}-00001`, …) for every `spec.template` change
 //!     ([`crate::desired::next_revision`]), and writes the Service's status
 //!     ([`crate::status::service`]);
-//!   - `Revision` (owns `Deployment`s and `Service`s): applies the revision's Deployment and
-//!     headless Service ([`crate::desired`]) and writes its status from the observed
-//!     Deployment ([`crate::status::revision`]);
+//!   - `Revision` (owns `Deployment`s and `Service`s, watches its pods): applies the
+//!     revision's Deployment and headless Service ([`crate::desired`]) and writes its status
+//!     from the observed Deployment and, while none is ready, its pods
+//!     ([`crate::status::revision`]);
 //!   - `Broker` and `Trigger` (when [`ServingSettings::eventing`]): their status from their
 //!     validators.
 //!
@@ -27,8 +28,9 @@
 //!   condition says what failed and where (reason `ReconcileFailed`), the failure counts in
 //!   `mecha_reconcile_failures_total{kind,error}`, and the object is reconciled again after a
 //!   backoff that doubles from [`Retry::first`] to [`Retry::max`] and resets on success. A
-//!   watch that fails is retried by the controller with its own backoff and counted in
-//!   `mecha_reconcile_watch_errors_total{kind}`.
+//!   watch that fails is retried by the controller with its own backoff, counted in
+//!   `mecha_reconcile_watch_errors_total{kind}`, and reported by [`Metrics::watch_problem`]
+//!   (for the binary's `/ready`) until it has not failed for [`WATCH_PROBLEM_WINDOW`].
 //! - **Returns** once `shutdown` fires and the reconciles in flight have finished. It never
 //!   returns early on errors: every failure is retried.
 //!
@@ -83,7 +85,14 @@ pub struct Metrics {
     reconciliations: IntCounterVec,
     failures: IntCounterVec,
     watch_errors: IntCounterVec,
+    /// The last watch error of each kind, and when it happened.
+    last_watch_error: Arc<Mutex<HashMap<&'static str, (tokio::time::Instant, String)>>>,
 }
+
+/// How long after its last failure a watch counts as failing ([`Metrics::watch_problem`]):
+/// longer than the controller's longest backoff between tries, so a watch that keeps failing
+/// never looks healthy in between.
+pub const WATCH_PROBLEM_WINDOW: Duration = Duration::from_secs(120);
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +171,34 @@ impl Metrics {
             reconciliations,
             failures,
             watch_errors,
+            last_watch_error: Arc::default(),
         })
+    }
+
+    /// The watches that failed within [`WATCH_PROBLEM_WINDOW`], with their last error, or
+    /// `None` while every watch works: a readiness check for the binary
+    /// (`health.add_check(move || metrics.watch_problem())`), since a reconciler that cannot
+    /// watch (CRDs missing, RBAC refused) changes nothing and would otherwise only log.
+    pub fn watch_problem(&self) -> Option<String> {
+        let errors = self
+            .last_watch_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut failing: Vec<String> = errors
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() < WATCH_PROBLEM_WINDOW)
+            .map(|(kind, (_, error))| format!("watching {kind}s fails: {error}"))
+            .collect();
+        failing.sort();
+        (!failing.is_empty()).then(|| failing.join("; "))
+    }
+
+    fn watch_failed(&self, kind: &'static str, error: &str) {
+        self.watch_errors.with_label_values(&[kind]).inc();
+        self.last_watch_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(kind, (tokio::time::Instant::now(), error.to_string()));
     }
 
     /// Failed reconciles of `kind` with error label `error` so far.
@@ -311,11 +347,7 @@ where
             match result {
                 Ok(_) | Err(controller::Error::ReconcilerFailed(..)) => {}
                 Err(controller::Error::QueueError(error)) => {
-                    context
-                        .metrics
-                        .watch_errors
-                        .with_label_values(&[kind])
-                        .inc();
+                    context.metrics.watch_failed(kind, &error.to_string());
                     tracing::error!(kind, %error, "watching the API server failed; retrying with backoff");
                 }
                 Err(error) => tracing::debug!(kind, %error, "controller"),

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use mecha_common::ShutdownSignal;
@@ -35,7 +36,8 @@ pub(super) async fn services(context: Arc<Context>, shutdown: ShutdownSignal) {
     drain(SERVICE, context, stream).await;
 }
 
-/// The Revision controller: watches Revisions and the Deployments and Services they own.
+/// The Revision controller: watches Revisions, the Deployments and Services they own, and
+/// their pods (which a ReplicaSet owns; the revision label leads back).
 pub(super) async fn revisions(context: Arc<Context>, shutdown: ShutdownSignal) {
     let client = context.client.clone();
     let ours = || watcher::Config::default().labels(desired::REVISION_LABEL);
@@ -44,7 +46,11 @@ pub(super) async fn revisions(context: Arc<Context>, shutdown: ShutdownSignal) {
         watcher::Config::default(),
     )
     .owns(Api::<Deployment>::all(client.clone()), ours())
-    .owns(Api::<KubeService>::all(client), ours())
+    .owns(Api::<KubeService>::all(client.clone()), ours())
+    .watches(Api::<Pod>::all(client), ours(), |pod: Pod| {
+        let revision = pod.labels().get(desired::REVISION_LABEL)?.clone();
+        Some(ObjectRef::<Revision>::new(&revision).within(&pod.namespace()?))
+    })
     .graceful_shutdown_on(shutdown.recv())
     .run(reconcile_revision, revision_error, context.clone());
     drain(REVISION, context, stream).await;
@@ -95,7 +101,7 @@ async fn service_steps(service: &Service, context: &Context) -> Result<Action, E
     let listed = api
         .list(&ListParams::default().labels(&format!("{}={name}", desired::SERVICE_LABEL)))
         .await
-        .map_err(|e| ApiError::new::<Revision>("list", &namespace, &name, e))?;
+        .map_err(|e| ApiError::new::<Revision>("list", &namespace, &format!("{name}-*"), e))?;
     let uid = service.uid();
     let mut revisions: Vec<Revision> = listed
         .items
@@ -161,7 +167,26 @@ async fn revision_steps(revision: &Revision, context: &Context) -> Result<Action
     let observed = apply::apply(client, &deployment).await?;
     apply::apply(client, &headless).await?;
 
-    let computed = status::revision(revision, Some(&observed), &now());
+    // Pods say why none is ready; once one is, they are not read.
+    let ready = observed
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let pods = if ready > 0 {
+        Vec::new()
+    } else {
+        let namespace = revision.namespace().unwrap_or_default();
+        let name = revision.name_any();
+        Api::<Pod>::namespaced(client.clone(), &namespace)
+            .list(&ListParams::default().labels(&format!("{}={name}", desired::REVISION_LABEL)))
+            .await
+            .map_err(|e| {
+                ApiError::new::<Pod>("list", &namespace, &format!("{name}-deployment-*"), e)
+            })?
+            .items
+    };
+    let computed = status::revision(revision, Some(&observed), &pods, &now());
     write_status(client, revision, revision.status.as_ref(), &computed).await?;
     Ok(Action::requeue(context.settings.resync))
 }

@@ -9,6 +9,22 @@
 //! serving reconcilers against it, `tests/rbac.rs` checks what it recorded against the
 //! ClusterRole. Not a Kubernetes API server: see [`ApiServer`] for what it models and what
 //! it does not.
+//!
+//! ```ignore
+//! let server = ApiServer::new();
+//! server.fail_next("patch", "deployments", Some("scale"), 409); // the next scale PATCH fails
+//! server.on("create", "tokenreviews", Arc::new(|request| (201, json!({ /* a TokenReview */ }))));
+//! let client = server.client();                   // hand it to the code under test
+//! server.create(&lease);                          // objects as a user or controller writes them
+//! let d = server.wait_for("3 replicas", |s| {     // awaits store changes, panics after WAIT
+//!     s.get::<Deployment>("default", "hello-00001-deployment")
+//!         .filter(|d| d.spec.as_ref().and_then(|s| s.replicas) == Some(3))
+//! }).await;
+//! let calls = server.requests();                  // verb, group, resource, subresource, …
+//! ```
+//!
+//! A new group of scenarios goes in a module beside [`serving`] with its own `ALL` list, which
+//! `tests/rbac.rs` runs too, so its requests are checked against the roles.
 #![allow(
     dead_code,
     reason = "each test file uses the part of the shared harness it needs"
@@ -90,7 +106,8 @@ pub type Handler = Arc<dyn Fn(&Recorded) -> (u16, Value) + Send + Sync>;
 /// Deployment's `scale` subresource (`spec.replicas`); watches from a resource version, with
 /// label selectors (`k`, `!k`, `k=v`, `k!=v`) and `metadata.name`/`metadata.namespace` field
 /// selectors; a write that changes nothing neither bumps the version nor wakes watchers;
-/// deleting an object deletes, transitively, every object whose `ownerReferences` name it.
+/// deleting an object deletes, transitively, every object whose `ownerReferences` name it,
+/// and an object written with owners none of which exists is deleted at once.
 ///
 /// What it does not: server-side apply's field ownership (an apply is a deep merge of the
 /// applied object into the stored one, lists replaced; a field dropped from the applied
@@ -616,10 +633,19 @@ impl ApiServer {
         }
         let new = match target.subresource.as_deref() {
             Some("status") => with_status_of(&old, &body),
+            Some("scale") => {
+                let mut new = old.clone();
+                new["spec"]["replicas"] =
+                    body.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
+                new
+            }
             _ => with_status_of(&body, &old),
         };
         let stored = store.write(key, Some(&old), new);
-        respond(200, &stored)
+        match target.subresource.as_deref() {
+            Some("scale") => respond(200, &scale_of(&stored)),
+            _ => respond(200, &stored),
+        }
     }
 
     fn patch_one(&self, target: &Target, content_type: &str, patch: Value) -> Response<Body> {
@@ -738,11 +764,33 @@ impl Store {
         self.objects.insert(key.clone(), new.clone());
         self.events.push(Event {
             version: self.version,
-            key,
+            key: key.clone(),
             kind,
             object: new.clone(),
         });
+        // The garbage collector removes an object whose owners are all gone (made by a
+        // reconcile that raced its owner's deletion).
+        if self.orphaned(&new) {
+            self.delete(&key);
+        }
         new
+    }
+
+    /// Whether `object` has owners and none of them exists.
+    fn orphaned(&self, object: &Value) -> bool {
+        let Some(owners) = object
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .filter(|o| !o.is_empty())
+        else {
+            return false;
+        };
+        owners.iter().all(|owner| {
+            !self
+                .objects
+                .values()
+                .any(|o| o.pointer("/metadata/uid") == owner.get("uid"))
+        })
     }
 
     /// Deletes the object and, as the garbage collector does, every object it owns.

@@ -478,16 +478,29 @@ pub async fn delete_cascades(server: ApiServer) {
     assert!(server.list::<Revision>().is_empty());
     assert!(server.list::<Deployment>().is_empty());
     assert!(server.list::<KubeService>().is_empty());
-    // And the reconcilers, told of the deletions, make nothing again.
-    let requests = server.requests().len();
+    // And the reconcilers, told of the deletions, make nothing again. Watch events come in
+    // order, so once they have made another Service's objects they have seen the deletions.
+    let mut other = hello();
+    other.metadata.name = Some("other".into());
+    server.create(&other);
     server
-        .wait_for("the reconcilers to see the deletions", |s| {
-            (s.requests().len() > requests || s.list::<Revision>().is_empty()).then_some(())
+        .wait_for("Deployment other-00001-deployment", |s| {
+            s.get::<Deployment>(NAMESPACE, "other-00001-deployment")
         })
         .await;
     reconcilers.stop().await;
-    assert!(server.list::<Revision>().is_empty());
-    assert!(server.list::<Deployment>().is_empty());
+    let revisions: Vec<String> = server
+        .list::<Revision>()
+        .iter()
+        .map(|r| r.name_any())
+        .collect();
+    assert_eq!(revisions, ["other-00001"]);
+    let deployments: Vec<String> = server
+        .list::<Deployment>()
+        .iter()
+        .map(|d| d.name_any())
+        .collect();
+    assert_eq!(deployments, ["other-00001-deployment"]);
 }
 
 /// A 409 Conflict on applying the Deployment fails the Revision's reconcile: the status
@@ -498,6 +511,8 @@ pub async fn conflict_retried(server: ApiServer) {
     for _ in 0..3 {
         server.fail_next("patch", "deployments", None, 409);
     }
+    // And the Service's first status write.
+    server.fail_next("patch", "services", Some("status"), 409);
     let reconcilers = Reconcilers::start(&server);
     server.create(&hello());
     make_ready(&server, "hello-00001").await;
@@ -533,6 +548,96 @@ pub async fn conflict_retried(server: ApiServer) {
         (ready.status.as_str(), ready.reason.as_deref()),
         ("True", None)
     );
+    server
+        .wait_for("Service hello Ready after its status conflict", |s| {
+            let status = s.get::<Service>(NAMESPACE, "hello")?.status?;
+            is(&status.conditions, "Ready", "True").then_some(())
+        })
+        .await;
+    assert_eq!(reconcilers.metrics.failures("Service", "conflict"), 1);
+    reconcilers.stop().await;
+}
+
+/// A user container that keeps exiting: the pods' status (watched through the revision label)
+/// makes the Revision's `ContainerHealthy` `False` with its exit code, and the Service says the
+/// latest revision failed.
+pub async fn crash_loop(server: ApiServer) {
+    let reconcilers = Reconcilers::start(&server);
+    server.create(&hello());
+    server
+        .wait_for("Deployment hello-00001-deployment", |s| {
+            s.get::<Deployment>(NAMESPACE, "hello-00001-deployment")
+        })
+        .await;
+    // The kubelet's report on the Deployment's one pod.
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "hello-00001-deployment-7d9f-x2x", "namespace": NAMESPACE,
+            "labels": { "serving.knative.dev/revision": "hello-00001" },
+        },
+        "status": { "containerStatuses": [{
+            "name": "user-container", "ready": false, "restartCount": 2,
+            "image": "ghcr.io/example/hello:1.0", "imageID": "",
+            "state": { "waiting": { "reason": "CrashLoopBackOff" } },
+            "lastState": { "terminated": { "exitCode": 2, "message": "no TARGET" } },
+        }] },
+    }))
+    .expect("a Pod");
+    server.create(&pod);
+
+    let status = server
+        .wait_for("Revision hello-00001 unhealthy", |s| {
+            let status = s.get::<Revision>(NAMESPACE, "hello-00001")?.status?;
+            is(&status.conditions, "ContainerHealthy", "False").then_some(status)
+        })
+        .await;
+    let healthy = condition(&status.conditions, "ContainerHealthy").expect("ContainerHealthy");
+    assert_eq!(healthy.reason.as_deref(), Some("ExitCode2"));
+    assert_eq!(
+        healthy.message.as_deref(),
+        Some("Container failed with: no TARGET")
+    );
+    let service = server
+        .wait_for("Service hello's configuration failed", |s| {
+            let status = s.get::<Service>(NAMESPACE, "hello")?.status?;
+            is(&status.conditions, "ConfigurationsReady", "False").then_some(status)
+        })
+        .await;
+    let configurations =
+        condition(&service.conditions, "ConfigurationsReady").expect("ConfigurationsReady");
+    assert_eq!(configurations.reason.as_deref(), Some("RevisionFailed"));
+    assert!(
+        configurations
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no TARGET"),
+        "{configurations:?}"
+    );
+    reconcilers.stop().await;
+}
+
+/// A watch that fails (the Service CRD not installed yet: 404 on the first LIST) is counted
+/// and reported for readiness, and retried until it works.
+pub async fn watch_fails(server: ApiServer) {
+    server.fail_next("list", "services", None, 404);
+    let reconcilers = Reconcilers::start(&server);
+    let problem = server
+        .wait_for("the failed watch reported", |_| {
+            reconcilers.metrics.watch_problem()
+        })
+        .await;
+    assert!(
+        problem.starts_with("watching Services fails: "),
+        "{problem}"
+    );
+    server.create(&hello());
+    server
+        .wait_for("Revision hello-00001 once the watch works", |s| {
+            s.get::<Revision>(NAMESPACE, "hello-00001")
+        })
+        .await;
     reconcilers.stop().await;
 }
 
@@ -641,6 +746,8 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("traffic_split", |s| Box::pin(traffic_split(s))),
     ("delete_cascades", |s| Box::pin(delete_cascades(s))),
     ("conflict_retried", |s| Box::pin(conflict_retried(s))),
+    ("crash_loop", |s| Box::pin(crash_loop(s))),
+    ("watch_fails", |s| Box::pin(watch_fails(s))),
     ("invalid_service", |s| Box::pin(invalid_service(s))),
     ("eventing", |s| Box::pin(eventing(s))),
 ];
