@@ -217,7 +217,14 @@ impl<A: Actuator> Controller<A> {
                         RevisionScaling {
                             revision: revision.clone(),
                             kpa: Kpa::new(spec.clone()),
-                            scaler: Scaler::new(spec.clone()),
+                            scaler: match self.actuator.running(revision) {
+                                Some(running) => Scaler::resume(
+                                    spec.clone(),
+                                    running,
+                                    self.actuator.ever_ready(name),
+                                ),
+                                None => Scaler::new(spec.clone()),
+                            },
                             spec,
                             reachable,
                             last: None,

@@ -5,7 +5,10 @@
 //!
 //! Only the leader writes: on a follower [`KubeActuator::scale`] changes nothing (the
 //! controller still runs there, to serve routes from its own caches). Leadership gained
-//! forgets what was applied before, so the new leader writes every count once.
+//! forgets what was applied before, so the new leader writes every count once. A controller
+//! that meets a revision whose Deployment already runs goes on from its `spec.replicas`
+//! ([`Running`]), not from the initial scale: a restart or a new leader neither wakes
+//! scaled-to-zero revisions nor shrinks busy ones.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -29,12 +32,18 @@ pub fn deployment_name(revision: &str) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct EverReady(Arc<RwLock<HashSet<String>>>);
 
+/// The replicas each revision's Deployment is set to (`spec.replicas`), by namespace and
+/// revision, from the desired state's watch of Deployments: where a new leader goes on from.
+#[derive(Debug, Clone, Default)]
+pub struct Running(Arc<RwLock<HashMap<(String, String), u32>>>);
+
 /// Sets Deployment replicas and reports ready endpoints.
 #[derive(Clone)]
 pub struct KubeActuator {
     client: kube::Client,
     endpoints: watch::Receiver<Arc<EndpointTable>>,
     ever_ready: EverReady,
+    running: Running,
     leading: watch::Receiver<bool>,
     /// Revision → the replica count last written while leading (an unchanged count is not
     /// written again).
@@ -61,6 +70,23 @@ impl EverReady {
     }
 }
 
+// === impl Running ===
+
+impl Running {
+    /// Replaces everything known with `counts` ((namespace, revision) → replicas).
+    pub fn set_all(&self, counts: HashMap<(String, String), u32>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = counts;
+    }
+
+    pub fn get(&self, namespace: &str, revision: &str) -> Option<u32> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(namespace.to_string(), revision.to_string()))
+            .copied()
+    }
+}
+
 // === impl KubeActuator ===
 
 impl std::fmt::Debug for KubeActuator {
@@ -73,18 +99,20 @@ impl std::fmt::Debug for KubeActuator {
 }
 
 impl KubeActuator {
-    /// `endpoints` and `ever_ready` are fed by [`crate::endpoints::run`]; `leading` by
-    /// [`crate::leader`].
+    /// `endpoints` and `ever_ready` are fed by [`crate::endpoints::run`] (and `ever_ready`,
+    /// `running` by [`crate::state::run`]); `leading` by [`crate::leader`].
     pub fn new(
         client: kube::Client,
         endpoints: watch::Receiver<Arc<EndpointTable>>,
         ever_ready: EverReady,
+        running: Running,
         leading: watch::Receiver<bool>,
     ) -> Self {
         Self {
             client,
             endpoints,
             ever_ready,
+            running,
             leading,
             applied: Arc::default(),
         }
@@ -142,6 +170,11 @@ impl Actuator for KubeActuator {
 
     fn ever_ready(&self, revision: &str) -> bool {
         self.ever_ready.contains(revision)
+    }
+
+    fn running(&self, revision: &RevisionSpec) -> Option<u32> {
+        self.running
+            .get(&revision.service.namespace, &revision.name)
     }
 }
 

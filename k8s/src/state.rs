@@ -1,7 +1,8 @@
 //! The desired state in a cluster: the [`ServingState`] the KPA controller reads, rebuilt from
 //! watches of the `serving.knative.dev` Services and Revisions (the Revisions are the serving
 //! reconciler's, so their names come from the cluster, not from local numbering) and of the
-//! `config-autoscaler` and `config-domain` ConfigMaps in the autoscaler's namespace.
+//! `config-autoscaler` and `config-domain` ConfigMaps in the autoscaler's namespace; and, for
+//! the actuator, the replicas each revision's Deployment runs ([`Running`]).
 //!
 //! [`serving_state`] is the pure part (objects in, state out) and [`run`] keeps it current.
 //! A revision name is unique within a namespace only, while the tables the sidecars read are
@@ -17,6 +18,7 @@ use crds::Source;
 use crds::config::AutoscalerConfig;
 use crds::serving::{RevisionTemplate, TemplateMeta};
 use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, reflector};
@@ -25,9 +27,9 @@ use mecha_common::ShutdownSignal;
 use mecha_common::admin::Health;
 use tokio::sync::watch;
 
-use crate::actuator::EverReady;
+use crate::actuator::{EverReady, Running};
 use crate::crd::{Revision, Service};
-use crate::desired::{CONFIGURATION_GENERATION_LABEL, SERVICE_LABEL};
+use crate::desired::{CONFIGURATION_GENERATION_LABEL, REVISION_LABEL, SERVICE_LABEL};
 
 /// The ConfigMap of the autoscaler's defaults, in the autoscaler's namespace.
 pub const AUTOSCALER_CONFIG: &str = crds::config::NAME;
@@ -339,22 +341,26 @@ fn valid_domain(domain: &str) -> bool {
 
 /// Keeps `state_tx` current from the cluster until shutdown: Services and Revisions in every
 /// namespace, the two ConfigMaps in `namespace`. Revisions the reconciler marked `Ready` go
-/// into `ever_ready`. Each watch is retried with backoff when it fails; until all three have
-/// listed once nothing is published (and `/ready` says so).
+/// into `ever_ready`, the replicas of revisions' Deployments into `running`. Each watch is
+/// retried with backoff when it fails; until all four have listed once nothing is published
+/// (and `/ready` says so), so the controller never meets a revision before its Deployment.
 pub async fn run(
     client: kube::Client,
     namespace: String,
     state_tx: watch::Sender<Arc<ServingState>>,
     ever_ready: EverReady,
+    running: Running,
     caches: Caches,
     shutdown: ShutdownSignal,
 ) {
     let services_flag = caches.register("services");
     let revisions_flag = caches.register("revisions");
     let configs_flag = caches.register("configmaps");
+    let deployments_flag = caches.register("deployments");
     let (services, services_writer) = reflector::store::<Service>();
     let (revisions, revisions_writer) = reflector::store::<Revision>();
     let (configs, configs_writer) = reflector::store::<ConfigMap>();
+    let (deployments, deployments_writer) = reflector::store::<Deployment>();
     let services_events = watcher::watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -370,19 +376,32 @@ pub async fn run(
     .reflect(revisions_writer)
     .map(|e| (1usize, e.map(|e| matches!(e, Event::InitDone))));
     let configs_events = watcher::watcher(
-        Api::<ConfigMap>::namespaced(client, &namespace),
+        Api::<ConfigMap>::namespaced(client.clone(), &namespace),
         watcher::Config::default(),
     )
     .default_backoff()
     .reflect(configs_writer)
     .map(|e| (2usize, e.map(|e| matches!(e, Event::InitDone))));
-    let flags = [services_flag, revisions_flag, configs_flag];
-    let kinds = ["Services", "Revisions", "ConfigMaps"];
+    let deployments_events = watcher::watcher(
+        Api::<Deployment>::all(client.clone()),
+        watcher::Config::default().labels(REVISION_LABEL),
+    )
+    .default_backoff()
+    .reflect(deployments_writer)
+    .map(|e| (3usize, e.map(|e| matches!(e, Event::InitDone))));
+    let flags = [
+        services_flag,
+        revisions_flag,
+        configs_flag,
+        deployments_flag,
+    ];
+    let kinds = ["Services", "Revisions", "ConfigMaps", "Deployments"];
     // Bursts (the first lists) are taken together: one rebuild per burst.
     let events = futures_util::stream::select_all([
         services_events.boxed(),
         revisions_events.boxed(),
         configs_events.boxed(),
+        deployments_events.boxed(),
     ])
     .ready_chunks(1024);
     tokio::pin!(events);
@@ -414,6 +433,21 @@ pub async fn run(
         if !flags.iter().all(CacheFlag::is_synced) {
             continue;
         }
+        running.set_all(
+            deployments
+                .state()
+                .iter()
+                .filter_map(|d| {
+                    let revision = d.labels().get(REVISION_LABEL)?.clone();
+                    // The API server defaults an unset `replicas` to 1.
+                    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    Some((
+                        (d.namespace()?, revision),
+                        u32::try_from(replicas).unwrap_or(0),
+                    ))
+                })
+                .collect(),
+        );
         let configs = configs.state();
         let named = |name: &str| configs.iter().find(|c| c.name_any() == name).map(|c| &**c);
         let revisions = revisions.state();

@@ -34,6 +34,11 @@ async fn token_reviews_accept_refuse_and_cache() {
     runtime::token_reviews(ApiServer::new()).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_restarted_autoscaler_goes_on_from_the_replicas_deployments_run() {
+    runtime::a_new_leader_goes_on_from_the_running_replicas(ApiServer::new()).await;
+}
+
 #[tokio::test]
 async fn a_follower_passes_reports_and_pokes_on_to_the_leader() {
     runtime::a_follower_passes_reports_to_the_leader(ApiServer::new()).await;

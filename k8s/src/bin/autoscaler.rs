@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use autoscaler::{Controller, ServingState};
 use axum::Router;
-use k8s::actuator::{EverReady, KubeActuator};
+use k8s::actuator::{EverReady, KubeActuator, Running};
 use k8s::auth::TokenReviewer;
 use k8s::desired::PodSettings;
 use k8s::forward::ToLeader;
@@ -267,11 +267,13 @@ async fn run(
     // Desired state and endpoints, from this replica's own caches.
     let (state_tx, state_rx) = watch::channel(Arc::<ServingState>::default());
     let ever_ready = EverReady::default();
+    let running = Running::default();
     let state_task = tokio::spawn(k8s::state::run(
         client.clone(),
         config.namespace.clone(),
         state_tx,
         ever_ready.clone(),
+        running.clone(),
         caches.clone(),
         shutdown.signal(),
     ));
@@ -298,7 +300,13 @@ async fn run(
     let mut elector_task = tokio::spawn(elector.run(shutdown.signal()));
 
     // The KPA controller, on every replica (followers serve its routes, never write).
-    let actuator = KubeActuator::new(client.clone(), endpoints_rx, ever_ready, leading.clone());
+    let actuator = KubeActuator::new(
+        client.clone(),
+        endpoints_rx,
+        ever_ready,
+        running,
+        leading.clone(),
+    );
     let (activation, pokes) = Activation::new();
     let controller = Controller::new(
         state_rx.clone(),

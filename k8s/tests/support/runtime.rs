@@ -16,7 +16,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
-use k8s::actuator::{EverReady, KubeActuator};
+use k8s::actuator::{EverReady, KubeActuator, Running};
 use k8s::auth::TokenReviewer;
 use k8s::crd::Revision;
 use k8s::forward::ToLeader;
@@ -77,6 +77,7 @@ impl Runtime {
         let shutdown = Shutdown::new();
         let caches = Caches::default();
         let ever_ready = EverReady::default();
+        let running = Running::default();
         let (state_tx, state) = watch::channel(Arc::<ServingState>::default());
         let (endpoints_tx, endpoints) = watch::channel(Arc::<EndpointTable>::default());
         let (leading, leading_rx) = watch::channel(leader.is_none());
@@ -91,6 +92,7 @@ impl Runtime {
                 SYSTEM.into(),
                 state_tx,
                 ever_ready.clone(),
+                running.clone(),
                 caches.clone(),
                 shutdown.signal(),
             )),
@@ -107,6 +109,7 @@ impl Runtime {
             client.clone(),
             endpoints.clone(),
             ever_ready.clone(),
+            running,
             leading_rx,
         );
         let (activation, pokes) = Activation::new();
@@ -305,7 +308,11 @@ pub fn revision_with_deployment(
     .expect("a Revision");
     server.create(&revision);
     let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "hello-00001-deployment", "namespace": namespace},
+        "metadata": {
+            "name": "hello-00001-deployment",
+            "namespace": namespace,
+            "labels": {"serving.knative.dev/revision": "hello-00001"},
+        },
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": {"serving.knative.dev/revision": "hello-00001"}},
@@ -857,6 +864,56 @@ pub async fn a_follower_passes_reports_to_the_leader(server: ApiServer) {
     follower.stop().await;
 }
 
+/// A restarted autoscaler (or a new leader) goes on from the replicas each Deployment runs:
+/// a scaled-to-zero revision is not woken to its initial scale, a busy one is not shrunk to it.
+pub async fn a_new_leader_goes_on_from_the_running_replicas(server: ApiServer) {
+    revision_with_deployment(&server, "default", &[], 0);
+    let mut runtime = Runtime::start(&server);
+    runtime.wait_for_revision("hello-00001").await;
+    server
+        .wait_for("the count the Deployment runs, written once", |s| {
+            (!scale_patches(s).is_empty()).then_some(())
+        })
+        .await;
+    // Ticks and decisions pass (paused time): nothing wakes it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        scale_patches(&server),
+        [0],
+        "not woken to the initial scale"
+    );
+    runtime.stop().await;
+
+    // Meanwhile the revision was scaled to three ready replicas; the next autoscaler keeps them.
+    server.update::<Deployment>("default", "hello-00001-deployment", |d| {
+        if let Some(spec) = d.spec.as_mut() {
+            spec.replicas = Some(3);
+        }
+    });
+    server.create(&slice(
+        "default",
+        "hello-00001-abcde",
+        &[
+            ("hello-00001-deployment-a", "10.0.0.1", Some(true)),
+            ("hello-00001-deployment-b", "10.0.0.2", Some(true)),
+            ("hello-00001-deployment-c", "10.0.0.3", Some(true)),
+        ],
+    ));
+    let mut runtime = Runtime::start(&server);
+    runtime.wait_for_revision("hello-00001").await;
+    server
+        .wait_for("a count written by the new autoscaler", |s| {
+            (scale_patches(s).len() > 1).then_some(())
+        })
+        .await;
+    assert_eq!(
+        scale_patches(&server)[1],
+        3,
+        "goes on from the running count, not from the initial scale"
+    );
+    runtime.stop().await;
+}
+
 type Scenario = fn(ApiServer) -> Pin<Box<dyn Future<Output = ()>>>;
 
 /// Every scenario, by name, and whether it runs under paused time (the scripted server
@@ -876,6 +933,11 @@ pub const ALL: &[(&str, bool, Scenario)] = &[
         Box::pin(lease_acquire_renew_takeover(s))
     }),
     ("token_reviews", true, |s| Box::pin(token_reviews(s))),
+    (
+        "a_new_leader_goes_on_from_the_running_replicas",
+        true,
+        |s| Box::pin(a_new_leader_goes_on_from_the_running_replicas(s)),
+    ),
     ("a_follower_passes_reports_to_the_leader", false, |s| {
         Box::pin(a_follower_passes_reports_to_the_leader(s))
     }),
