@@ -9,16 +9,24 @@
 //! Only the leader runs the reconcilers and writes replica counts; every replica serves the
 //! control-plane API from its own caches (see docs/architecture.md).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use autoscaler::ServingState;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
-use mecha_common::ShutdownSignal;
+use mecha_common::admin::Health;
+use mecha_common::{Shutdown, ShutdownSignal};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::reconcile::{Metrics, ServingSettings};
+use crate::state::Caches;
+use crate::status::Addresses;
 
 /// The Lease's name (in the autoscaler's namespace).
 pub const LEASE_NAME: &str = "mecha-autoscaler";
@@ -324,6 +332,105 @@ impl Elector {
             }
         }
         self.release().await;
+    }
+}
+
+/// Runs the reconcilers ([`crate::reconcile::run`]) while this replica leads and `caches` are
+/// synced, with the domain of the current desired state; restarts them when the domain
+/// changes, stops them when leadership is lost, and restarts them with backoff if they end on
+/// their own (`/ready` says so meanwhile). Returns on shutdown.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "what the reconcilers need and what decides when they run"
+)]
+pub async fn reconcile_while_leading(
+    client: kube::Client,
+    settings: ServingSettings,
+    metrics: Metrics,
+    mut leading: watch::Receiver<bool>,
+    mut state: watch::Receiver<Arc<ServingState>>,
+    caches: Caches,
+    health: Health,
+    shutdown: ShutdownSignal,
+) {
+    let stop = shutdown.clone().recv();
+    tokio::pin!(stop);
+    let mut failures = 0u32;
+    loop {
+        // Wait to lead, with synced caches.
+        while !(*leading.borrow_and_update() && caches.synced()) {
+            health.set_problem("reconcilers", None);
+            tokio::select! {
+                changed = leading.changed() => if changed.is_err() { return },
+                changed = state.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = &mut stop => return,
+            }
+        }
+        let domain = state
+            .borrow_and_update()
+            .domain()
+            .unwrap_or(crate::status::DEFAULT_DOMAIN)
+            .to_string();
+        let mut settings = settings.clone();
+        settings.addresses = Addresses {
+            domain: domain.clone(),
+            ..settings.addresses
+        };
+        tracing::info!(%domain, "starting the reconcilers");
+        let run_shutdown = Shutdown::new();
+        let mut task = tokio::spawn(crate::reconcile::run(
+            client.clone(),
+            settings,
+            metrics.clone(),
+            run_shutdown.signal(),
+        ));
+        health.set_problem("reconcilers", None);
+        let ended = loop {
+            tokio::select! {
+                result = &mut task => break Some(result),
+                changed = leading.changed() => {
+                    if changed.is_err() || !*leading.borrow_and_update() {
+                        break None;
+                    }
+                }
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break None;
+                    }
+                    if state.borrow_and_update().domain().unwrap_or(crate::status::DEFAULT_DOMAIN) != domain {
+                        tracing::info!("config-domain changed: restarting the reconcilers");
+                        break None;
+                    }
+                }
+                () = &mut stop => break None,
+            }
+        };
+        match ended {
+            None => {
+                run_shutdown.trigger();
+                let _ = task.await;
+                failures = 0;
+            }
+            Some(result) => {
+                // `run` returns only on shutdown; ending otherwise is a failure to retry.
+                failures += 1;
+                let why = match result {
+                    Ok(()) => "stopped unexpectedly".to_string(),
+                    Err(error) => format!("failed: {error}"),
+                };
+                let backoff = Duration::from_secs(1 << failures.min(5));
+                tracing::error!(%why, "the reconcilers ended; restarting in {backoff:?}");
+                health.set_problem("reconcilers", Some(format!("{why}; restarting")));
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut stop => return,
+                }
+            }
+        }
+        if shutdown.is_triggered() {
+            return;
+        }
     }
 }
 

@@ -39,6 +39,11 @@ async fn a_restarted_autoscaler_goes_on_from_the_replicas_deployments_run() {
     runtime::a_new_leader_goes_on_from_the_running_replicas(ApiServer::new()).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_reconcilers_run_while_leading_with_the_current_domain() {
+    runtime::reconcilers_run_while_leading(ApiServer::new()).await;
+}
+
 #[tokio::test]
 async fn a_follower_passes_reports_and_pokes_on_to_the_leader() {
     runtime::a_follower_passes_reports_to_the_leader(ApiServer::new()).await;

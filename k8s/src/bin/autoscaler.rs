@@ -22,7 +22,6 @@ use k8s::forward::ToLeader;
 use k8s::leader::{Elector, LEASE_NAME, LeaseTimings};
 use k8s::reconcile::{Metrics, ServingSettings};
 use k8s::state::Caches;
-use k8s::status::Addresses;
 use kube::Api;
 use mecha_common::admin::Health;
 use mecha_common::auth::Refusals;
@@ -338,7 +337,7 @@ async fn run(
     let mut serving = ServingSettings::new(pods);
     serving.eventing = config.eventing;
     serving.addresses.broker_base_url = config.broker_base_url.clone();
-    let leader_task = tokio::spawn(lead(
+    let leader_task = tokio::spawn(k8s::leader::reconcile_while_leading(
         client.clone(),
         serving,
         reconcile_metrics,
@@ -403,104 +402,6 @@ async fn run(
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
-}
-
-/// Runs the reconcilers while this replica leads and its caches are synced, with the domain
-/// of the current desired state; restarts them when the domain changes, stops them when
-/// leadership is lost. `/ready` says so while a leader's reconcilers are not running.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the binary's one composition point"
-)]
-async fn lead(
-    client: kube::Client,
-    settings: ServingSettings,
-    metrics: Metrics,
-    mut leading: watch::Receiver<bool>,
-    mut state: watch::Receiver<Arc<ServingState>>,
-    caches: Caches,
-    health: Health,
-    shutdown: ShutdownSignal,
-) {
-    let stop = shutdown.clone().recv();
-    tokio::pin!(stop);
-    let mut failures = 0u32;
-    loop {
-        // Wait to lead, with synced caches.
-        while !(*leading.borrow_and_update() && caches.synced()) {
-            health.set_problem("reconcilers", None);
-            tokio::select! {
-                changed = leading.changed() => if changed.is_err() { return },
-                changed = state.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                () = &mut stop => return,
-            }
-        }
-        let domain = state
-            .borrow_and_update()
-            .domain()
-            .unwrap_or(k8s::status::DEFAULT_DOMAIN)
-            .to_string();
-        let mut settings = settings.clone();
-        settings.addresses = Addresses {
-            domain: domain.clone(),
-            ..settings.addresses
-        };
-        tracing::info!(%domain, "starting the reconcilers");
-        let run_shutdown = Shutdown::new();
-        let mut task = tokio::spawn(k8s::reconcile::run(
-            client.clone(),
-            settings,
-            metrics.clone(),
-            run_shutdown.signal(),
-        ));
-        health.set_problem("reconcilers", None);
-        let ended = loop {
-            tokio::select! {
-                result = &mut task => break Some(result),
-                changed = leading.changed() => {
-                    if changed.is_err() || !*leading.borrow_and_update() {
-                        break None;
-                    }
-                }
-                changed = state.changed() => {
-                    if changed.is_err() {
-                        break None;
-                    }
-                    if state.borrow_and_update().domain().unwrap_or(k8s::status::DEFAULT_DOMAIN) != domain {
-                        tracing::info!("config-domain changed: restarting the reconcilers");
-                        break None;
-                    }
-                }
-                () = &mut stop => break None,
-            }
-        };
-        match ended {
-            None => {
-                run_shutdown.trigger();
-                let _ = task.await;
-                failures = 0;
-            }
-            Some(result) => {
-                // `run` returns only on shutdown; ending otherwise is a failure to retry.
-                failures += 1;
-                let why = match result {
-                    Ok(()) => "stopped unexpectedly".to_string(),
-                    Err(error) => format!("failed: {error}"),
-                };
-                let backoff = Duration::from_secs(1 << failures.min(5));
-                tracing::error!(%why, "the reconcilers ended; restarting in {backoff:?}");
-                health.set_problem("reconcilers", Some(format!("{why}; restarting")));
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = &mut stop => return,
-                }
-            }
-        }
-        if shutdown.is_triggered() {
-            return;
-        }
-    }
 }
 
 /// Logs and reports (as a readiness problem) a task that ends before shutdown.

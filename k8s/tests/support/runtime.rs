@@ -914,6 +914,86 @@ pub async fn a_new_leader_goes_on_from_the_running_replicas(server: ApiServer) {
     runtime.stop().await;
 }
 
+/// The reconcilers run only while leading: nothing is reconciled by a follower; once it leads,
+/// the Service gets its Revision and a URL in the domain of the desired state; a new domain
+/// (`config-domain` changed) restarts them with it.
+pub async fn reconcilers_run_while_leading(server: ApiServer) {
+    server.create(&hello());
+    let (leading_tx, leading) = watch::channel(false);
+    let with_domain = |domain: &str| {
+        let mut state = ServingState::default();
+        state.set_domain(Some(domain.into()));
+        Arc::new(state)
+    };
+    let (state_tx, state) = watch::channel(with_domain("one.example"));
+    let health = mecha_common::admin::Health::default();
+    health.set_ready(true);
+    let shutdown = Shutdown::new();
+    let mut settings = k8s::reconcile::ServingSettings::new(super::serving::pod_settings());
+    settings.retry = k8s::reconcile::Retry {
+        first: Duration::from_millis(20),
+        max: Duration::from_millis(500),
+    };
+    let task = tokio::spawn(k8s::leader::reconcile_while_leading(
+        server.client(),
+        settings,
+        k8s::reconcile::Metrics::register(&prometheus::Registry::new()).expect("metrics"),
+        leading,
+        state,
+        Caches::default(),
+        health.clone(),
+        shutdown.signal(),
+    ));
+    // A follower: some time passes (paused), nothing is asked of the API server.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+
+    leading_tx.send_replace(true);
+    let url = |s: &ApiServer| {
+        s.get::<k8s::crd::Service>("default", "hello")
+            .and_then(|s| s.status)
+            .and_then(|s| s.url)
+    };
+    server
+        .wait_for("the URL in the first domain", |s| {
+            (url(s).as_deref() == Some("http://hello.default.one.example")).then_some(())
+        })
+        .await;
+    assert!(server.get::<Revision>("default", "hello-00001").is_some());
+    assert!(health.is_ready(), "{:?}", health.problems());
+
+    state_tx.send_replace(with_domain("two.example"));
+    server
+        .wait_for("the URL in the new domain", |s| {
+            (url(s).as_deref() == Some("http://hello.default.two.example")).then_some(())
+        })
+        .await;
+
+    // Leadership lost: the reconcilers stop (a new Service gets no Revision); taken again,
+    // they run again.
+    leading_tx.send_replace(false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut other = hello();
+    other.metadata.name = Some("other".into());
+    server.create(&other);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        server.get::<Revision>("default", "other-00001").is_none(),
+        "a follower reconciles nothing"
+    );
+    leading_tx.send_replace(true);
+    server
+        .wait_for("the new Service's Revision once leading again", |s| {
+            s.get::<Revision>("default", "other-00001")
+        })
+        .await;
+    shutdown.trigger();
+    tokio::time::timeout(super::WAIT, task)
+        .await
+        .expect("returns on shutdown")
+        .expect("no panic");
+}
+
 type Scenario = fn(ApiServer) -> Pin<Box<dyn Future<Output = ()>>>;
 
 /// Every scenario, by name, and whether it runs under paused time (the scripted server
@@ -938,6 +1018,9 @@ pub const ALL: &[(&str, bool, Scenario)] = &[
         true,
         |s| Box::pin(a_new_leader_goes_on_from_the_running_replicas(s)),
     ),
+    ("reconcilers_run_while_leading", true, |s| {
+        Box::pin(reconcilers_run_while_leading(s))
+    }),
     ("a_follower_passes_reports_to_the_leader", false, |s| {
         Box::pin(a_follower_passes_reports_to_the_leader(s))
     }),
