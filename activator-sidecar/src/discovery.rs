@@ -4,7 +4,9 @@
 //! force, so warm traffic keeps flowing and only cold starts wait.
 //!
 //! Every request to the autoscaler carries its credential ([`ControlPlane`]): `mecha up`'s
-//! admin token, given as `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`.
+//! admin token, given as `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`; in a cluster, the
+//! pod's projected service-account token in `AUTOSCALER_TOKEN_FILE`, read again whenever
+//! kubelet rotates it.
 //!
 //! [`serve_gateway`] puts it together: the gateway role in a process of its own.
 
@@ -21,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mecha_common::activation::Poke;
 use mecha_common::admin::Health;
-use mecha_common::auth::{self, AdminToken};
+use mecha_common::auth::{AdminToken, ClientToken, TokenFile};
 use mecha_common::outlier::OutlierConfig;
 use mecha_common::wire::{POKE_PATH, STATS_PATH, Snapshot, SnapshotReader, Stat, WATCH_PATH};
 use mecha_common::{Activation, EndpointTable, RoutingTable, ShutdownSignal};
@@ -56,7 +58,7 @@ pub struct GatewayConfig {
     /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_MAX_CONNECTIONS`.
     pub limits: crate::limits::Limits,
     /// `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`: the autoscaler's credential.
-    pub token: Option<AdminToken>,
+    pub token: Option<ClientToken>,
     /// `GATEWAY_OUTLIER_FAILURES` (3; 0: off), `GATEWAY_OUTLIER_EJECTION_TIME` (30s),
     /// `GATEWAY_OUTLIER_MAX_EJECTION_TIME` (300s): replicas that fail that many requests in a
     /// row (timeouts, refused connections) leave the rotation for the ejection time × times
@@ -71,7 +73,7 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
     addr: String,
-    token: Option<AdminToken>,
+    token: Option<ClientToken>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -79,7 +81,7 @@ pub struct ControlPlane {
 pub const TOKEN_FILE_HELP: (&str, &str, &str) = (
     "--autoscaler-token-file",
     "AUTOSCALER_TOKEN_FILE",
-    "file with the autoscaler's credential, e.g. mecha up's STATE_DIR/admin-token (or the token itself in AUTOSCALER_TOKEN, never a flag: arguments are visible to every user)",
+    "file with the autoscaler's credential, read again when it changes: mecha up's STATE_DIR/admin-token, or in a cluster the pod's projected token (or the token itself in AUTOSCALER_TOKEN, never a flag: arguments are visible to every user)",
 );
 
 /// Who the gateway and outbound roles believe: nobody by default, since requests enter there.
@@ -275,11 +277,13 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// The autoscaler's credential from `AUTOSCALER_TOKEN` (the token) or `AUTOSCALER_TOKEN_FILE`
-/// (a file holding it, checked like `mecha`'s own: this user's, readable by nobody else).
-/// Without either the sidecar still starts, and says why the autoscaler refuses it.
+/// (a file holding it, read again whenever it changes; checked like `mecha`'s own — this
+/// user's, readable by nobody else — unless kubelet projected it, see
+/// [`mecha_common::auth::read_any`]). Without either the sidecar still starts, and says why
+/// the autoscaler refuses it.
 pub fn autoscaler_token(
     get: &impl Fn(&str) -> Option<String>,
-) -> Result<Option<AdminToken>, ConfigError> {
+) -> Result<Option<ClientToken>, ConfigError> {
     match (get("AUTOSCALER_TOKEN"), get("AUTOSCALER_TOKEN_FILE")) {
         (Some(_), Some(file)) => Err(ConfigError {
             setting: "AUTOSCALER_TOKEN_FILE",
@@ -287,15 +291,15 @@ pub fn autoscaler_token(
             reason: "set AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE, not both".into(),
         }),
         (Some(token), None) => AdminToken::parse(&token)
-            .map(Some)
+            .map(|token| Some(ClientToken::Fixed(token)))
             .map_err(|reason| ConfigError {
                 setting: "AUTOSCALER_TOKEN",
                 // Never echo a secret back.
                 value: "…".into(),
                 reason,
             }),
-        (None, Some(file)) => auth::read(std::path::Path::new(&file))
-            .map(Some)
+        (None, Some(file)) => TokenFile::open(std::path::Path::new(&file))
+            .map(|file| Some(ClientToken::File(file)))
             .map_err(|error| ConfigError {
                 setting: "AUTOSCALER_TOKEN_FILE",
                 value: file,
@@ -308,7 +312,7 @@ pub fn autoscaler_token(
 // === impl ControlPlane ===
 
 impl ControlPlane {
-    pub fn new(addr: impl Into<String>, token: Option<AdminToken>) -> Self {
+    pub fn new(addr: impl Into<String>, token: Option<ClientToken>) -> Self {
         Self {
             addr: addr.into(),
             token,
@@ -360,7 +364,9 @@ impl ControlPlane {
             .method(method)
             .uri(format!("http://{}{path}", self.addr));
         match &self.token {
-            Some(token) => request.header(http::header::AUTHORIZATION, token.header_value()),
+            Some(token) => {
+                request.header(http::header::AUTHORIZATION, token.current().header_value())
+            }
             None => request,
         }
     }
@@ -651,6 +657,7 @@ mod tests {
     use axum::serve::ListenerExt;
     use futures_util::StreamExt;
     use mecha_common::Shutdown;
+    use mecha_common::auth;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -761,7 +768,9 @@ mod tests {
 
         let control = ControlPlane::new(
             addr.to_string(),
-            Some(AdminToken::parse("s3cret-0123456789abcdef0123456789ab").expect("token")),
+            Some(ClientToken::Fixed(
+                AdminToken::parse("s3cret-0123456789abcdef0123456789ab").expect("token"),
+            )),
         );
         let (activation, _pokes) = Activation::new();
         let (routes_tx, mut routes) = watch::channel(Arc::<RoutingTable>::default());
@@ -885,7 +894,10 @@ mod tests {
         })
         .expect("ok")
         .expect("some");
-        assert_eq!(token.as_str(), "s3cret-0123456789abcdef0123456789ab");
+        assert_eq!(
+            token.current().as_str(),
+            "s3cret-0123456789abcdef0123456789ab"
+        );
         let error = autoscaler_token(&|k: &str| (k == "AUTOSCALER_TOKEN").then(|| " ".into()))
             .expect_err("empty");
         assert_eq!(error.setting, "AUTOSCALER_TOKEN");
@@ -910,6 +922,6 @@ mod tests {
             autoscaler_token(&|k: &str| (k == "AUTOSCALER_TOKEN_FILE").then(|| file.clone()))
                 .expect("ok");
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(read, Some(made));
+        assert_eq!(read.map(|t| t.current()), Some(made));
     }
 }

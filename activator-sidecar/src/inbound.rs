@@ -13,7 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use mecha_common::admin::Health;
-use mecha_common::auth::AdminToken;
+use mecha_common::auth::ClientToken;
 use mecha_common::probe::{ProbeKind, ProbeSpec};
 use mecha_common::routing::{ServiceKey, UpstreamProtocol};
 use mecha_common::wire::Stat;
@@ -79,7 +79,7 @@ pub struct Report {
     pub revision: String,
     pub replica: String,
     /// `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`: the autoscaler's credential.
-    pub token: Option<AdminToken>,
+    pub token: Option<ClientToken>,
 }
 
 /// The running inbound proxy.

@@ -33,6 +33,15 @@ pub trait Actuator: Send + Sync + 'static {
     /// Whether the revision has had a ready replica (Knative's `Ready` condition, and what
     /// `latestRevision: true` routes to).
     fn ever_ready(&self, revision: &str) -> bool;
+
+    /// The replica count the runtime already runs for a revision this controller has not
+    /// scaled yet — in a cluster, what the previous leader set — so the controller goes on
+    /// from there instead of from the initial scale. `None` (the default, and local mode's:
+    /// a new process runs nothing) starts it at its initial scale.
+    fn running(&self, revision: &RevisionSpec) -> Option<u32> {
+        let _ = revision;
+        None
+    }
 }
 
 /// Why a revision's step failed; [`ActuationError::label`] is its metric label.

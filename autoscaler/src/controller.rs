@@ -115,8 +115,8 @@ struct Metrics {
 // === impl Controller ===
 
 impl<A: Actuator> Controller<A> {
-    /// `domain` is the suffix of service hosts (`localhost` in local mode); `pokes` is the
-    /// receiving end of `activation`.
+    /// `domain` is the suffix of service hosts (`localhost` in local mode) unless the state
+    /// names one ([`ServingState::domain`]); `pokes` is the receiving end of `activation`.
     pub fn new(
         state: watch::Receiver<Arc<ServingState>>,
         actuator: A,
@@ -180,7 +180,8 @@ impl<A: Actuator> Controller<A> {
     /// Routes and the set of active revisions from the current state, then replica counts.
     pub async fn reconcile(&mut self) {
         let state = self.state.borrow().clone();
-        let desired = state.desired(&self.domain, |r| self.actuator.ever_ready(r));
+        let domain = state.domain().unwrap_or(&self.domain);
+        let desired = state.desired(domain, |r| self.actuator.ever_ready(r));
         let routed: Vec<&str> = desired
             .routes
             .hosts()
@@ -218,7 +219,14 @@ impl<A: Actuator> Controller<A> {
                         RevisionScaling {
                             revision: revision.clone(),
                             kpa: Kpa::new(spec.clone()),
-                            scaler: Scaler::new(spec.clone()),
+                            scaler: match self.actuator.running(revision) {
+                                Some(running) => Scaler::resume(
+                                    spec.clone(),
+                                    running,
+                                    self.actuator.ever_ready(name),
+                                ),
+                                None => Scaler::new(spec.clone()),
+                            },
                             spec,
                             reachable,
                             last: None,

@@ -352,6 +352,21 @@ impl Scaler {
         }
     }
 
+    /// A revision the runtime already runs at `current` replicas (a new leader in a cluster
+    /// takes over revisions another decided for): it goes on from that count, bounded, rather
+    /// than from its initial scale. `initialized` says whether it has been ready before (then
+    /// the initial scale no longer holds it up).
+    pub fn resume(spec: DeciderSpec, current: u32, initialized: bool) -> Self {
+        let current = spec.bound(current);
+        Self {
+            spec,
+            initialized,
+            zero_since: None,
+            started: None,
+            current,
+        }
+    }
+
     pub fn current(&self) -> u32 {
         self.current
     }

@@ -4,6 +4,10 @@
 //! `-00002`, …; `spec.traffic` splits requests between revisions, where `latestRevision: true`
 //! means the newest revision that has become ready (so a new revision only takes traffic once
 //! it can serve it, as in Knative).
+//!
+//! Local mode numbers revisions itself ([`ServingState::apply`]); in a cluster the serving
+//! reconciler makes them as `Revision` objects, and the state is rebuilt from what the cluster
+//! holds ([`ServingState::observe`], [`RevisionSpec::named`]), under the cluster's names.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -45,7 +49,7 @@ impl RevisionSpec {
 }
 
 /// One Service and the revisions it has made, oldest first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceRecord {
     pub key: ServiceKey,
     pub service: Service,
@@ -54,10 +58,13 @@ pub struct ServiceRecord {
 }
 
 /// Everything the user has applied.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServingState {
     services: BTreeMap<ServiceKey, ServiceRecord>,
     config: Arc<AutoscalerConfig>,
+    /// The domain of service hosts when the installation sets one (a cluster's
+    /// `config-domain`); otherwise the controller's own (`localhost` in local mode).
+    domain: Option<String>,
 }
 
 /// What applying a Service did.
@@ -98,6 +105,16 @@ impl ServingState {
     /// The `config-autoscaler` settings in force (Knative's defaults until one is applied).
     pub fn config(&self) -> &AutoscalerConfig {
         &self.config
+    }
+
+    /// The domain service hosts answer on, when the installation sets one.
+    pub fn domain(&self) -> Option<&str> {
+        self.domain.as_deref()
+    }
+
+    /// Applies a cluster's `config-domain`; `None` leaves the controller's own domain.
+    pub fn set_domain(&mut self, domain: Option<String>) {
+        self.domain = domain;
     }
 
     /// Applies `config-autoscaler`; `None` (it was deleted) restores the defaults.
@@ -157,6 +174,23 @@ impl ServingState {
             },
         );
         Ok(outcome)
+    }
+
+    /// Puts a Service with revisions made elsewhere — in a cluster, the `Revision` objects the
+    /// serving reconciler created — as they are, oldest first: nothing is numbered or checked
+    /// here (the reconciler shows a bad traffic target in the Service's status; routing falls
+    /// back to the latest ready revision for it).
+    pub fn observe(&mut self, service: Service, source: Source, revisions: Vec<Arc<RevisionSpec>>) {
+        let key = ServiceKey::new(service.namespace(), &service.metadata.name);
+        self.services.insert(
+            key.clone(),
+            ServiceRecord {
+                key,
+                service,
+                source,
+                revisions,
+            },
+        );
     }
 
     /// Removes a Service and its revisions; `false` when there was none.
@@ -273,27 +307,43 @@ fn revision_spec(
     service: &Service,
     workdir: PathBuf,
 ) -> RevisionSpec {
-    let template = service.spec.template.clone();
-    let container = service.container().cloned().unwrap_or_default();
-    RevisionSpec {
-        name: format!("{}-{generation:05}", key.name),
-        service: key.clone(),
+    RevisionSpec::named(
+        format!("{}-{generation:05}", key.name),
         generation,
-        container_concurrency: template.spec.container_concurrency.unwrap_or(0),
-        timeout: Duration::from_secs(service.timeout_seconds()),
-        scaling: service.scaling(),
-        buffer: {
-            let defaults = BufferLimits::default();
-            let (requests, bytes) = service.buffer_annotations();
-            BufferLimits {
-                requests: requests.unwrap_or(defaults.requests),
-                bytes: bytes.unwrap_or(defaults.bytes),
-            }
-        },
-        protocol: container.protocol(),
-        container,
+        service,
         workdir,
-        template,
+    )
+}
+
+// === impl RevisionSpec ===
+
+impl RevisionSpec {
+    /// The revision `name` of `service`, made from the service's current template (in a
+    /// cluster: a Service whose template is the `Revision` object's).
+    pub fn named(name: String, generation: u32, service: &Service, workdir: PathBuf) -> Self {
+        let key = ServiceKey::new(service.namespace(), &service.metadata.name);
+        let template = service.spec.template.clone();
+        let container = service.container().cloned().unwrap_or_default();
+        Self {
+            name,
+            service: key,
+            generation,
+            container_concurrency: template.spec.container_concurrency.unwrap_or(0),
+            timeout: Duration::from_secs(service.timeout_seconds()),
+            scaling: service.scaling(),
+            buffer: {
+                let defaults = BufferLimits::default();
+                let (requests, bytes) = service.buffer_annotations();
+                BufferLimits {
+                    requests: requests.unwrap_or(defaults.requests),
+                    bytes: bytes.unwrap_or(defaults.bytes),
+                }
+            },
+            protocol: container.protocol(),
+            container,
+            workdir,
+            template,
+        }
     }
 }
 

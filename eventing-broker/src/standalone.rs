@@ -36,7 +36,7 @@ use activator_sidecar::{ProxyError, server};
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::BodyExt as _;
 use mecha_common::admin::Health;
-use mecha_common::auth::AdminToken;
+use mecha_common::auth::ClientToken;
 use mecha_common::wire::EVENTING_WATCH_PATH;
 use mecha_common::{Shutdown, ShutdownSignal};
 use prometheus::Registry;
@@ -59,7 +59,7 @@ pub struct StandaloneConfig {
     /// `AUTOSCALER_ADDR` (required): the control plane serving Brokers and Triggers.
     pub autoscaler: String,
     /// `AUTOSCALER_TOKEN` or `AUTOSCALER_TOKEN_FILE`.
-    pub token: Option<AdminToken>,
+    pub token: Option<ClientToken>,
     /// `BROKER_GATEWAY_ADDR` (`127.0.0.1:8080`): Service and Broker `ref`s are reached
     /// through the gateway, which wakes zero-scaled functions.
     pub gateway: String,

@@ -63,7 +63,7 @@ impl ControlPlane {
         let app = mecha_common::auth::guard(
             axum::Router::new(),
             api,
-            Credential::new(token, "the test's token", refusals.clone()),
+            Credential::new(token, "the test's token"),
             refusals,
         );
         let signal = shutdown.signal();

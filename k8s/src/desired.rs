@@ -8,6 +8,10 @@
 //! - [`headless_service`]: Revision → the headless Service whose EndpointSlices the
 //!   autoscaler watches.
 //!
+//! The sidecar alone mounts a projected service-account token (audience
+//! [`AUTOSCALER_TOKEN_AUDIENCE`], at [`AUTOSCALER_TOKEN_FILE`], named by
+//! `AUTOSCALER_TOKEN_FILE`), with which it authenticates to the autoscaler.
+//!
 //! The Deployment never sets `replicas`: the autoscaler owns that field, through the scale
 //! subresource, and server-side apply of these objects must not take it back.
 
@@ -16,8 +20,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Service as KubeService, ServicePort,
-    ServiceSpec as KubeServiceSpec,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, Service as KubeService,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec as KubeServiceSpec, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -39,6 +44,19 @@ pub const SIDECAR_SERVING_PORT: i32 = 8012;
 pub const SIDECAR_ADMIN_PORT: i32 = 8022;
 /// The sidecar's container name.
 pub const SIDECAR_NAME: &str = "activator-sidecar";
+
+/// The audience of the service-account token a sidecar presents to the autoscaler, which
+/// checks it with a `TokenReview` naming this audience.
+pub const AUTOSCALER_TOKEN_AUDIENCE: &str = "mecha-autoscaler";
+/// Where the projected token is mounted in the sidecar (the kubelet rotates the file).
+pub const AUTOSCALER_TOKEN_DIR: &str = "/var/run/secrets/mecha";
+/// The token file inside [`AUTOSCALER_TOKEN_DIR`], given to the sidecar as
+/// `AUTOSCALER_TOKEN_FILE`.
+pub const AUTOSCALER_TOKEN_FILE: &str = "/var/run/secrets/mecha/token";
+/// The projected token's lifetime; the kubelet renews it at 80 % of that.
+pub const AUTOSCALER_TOKEN_SECONDS: i64 = 3600;
+/// The pod volume holding the token.
+const TOKEN_VOLUME: &str = "mecha-autoscaler-token";
 
 /// What every revision's pod gets from the installation rather than from the Service.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,6 +213,7 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
         value("SERVING_SERVICE", &service),
         value("SERVING_REVISION", &name),
         value("AUTOSCALER_ADDR", &settings.autoscaler_addr),
+        value("AUTOSCALER_TOKEN_FILE", AUTOSCALER_TOKEN_FILE),
         EnvVar {
             name: "POD_NAME".into(),
             value_from: Some(EnvVarSource {
@@ -251,7 +270,30 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
             requests: non_empty(quantities(&settings.sidecar_requests)),
             ..ResourceRequirements::default()
         }),
+        // Only the sidecar sees the token: the user's code never gets a credential for the
+        // control plane.
+        volume_mounts: Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: AUTOSCALER_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
+    };
+    let token_volume = Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(AUTOSCALER_TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(AUTOSCALER_TOKEN_SECONDS),
+                    path: "token".into(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
     };
 
     let timeout = i64::try_from(timeout).unwrap_or(i64::MAX);
@@ -276,6 +318,7 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
                 }),
                 spec: Some(PodSpec {
                     containers: vec![user, sidecar],
+                    volumes: Some(vec![token_volume]),
                     enable_service_links: Some(false),
                     // Requests may take the revision's timeout to finish after SIGTERM.
                     termination_grace_period_seconds: Some(timeout),

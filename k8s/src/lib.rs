@@ -2,16 +2,38 @@
 //! `k8s-openapi` are among the slowest crates to build, and local mode needs neither.
 //!
 //! - [`crd`]: Knative's kinds as custom resources, wrapping the `crds` crate's spec types;
-//!   [`crds`] and [`to_yaml`] are what the `crdgen` binary writes into `deploy/crds/`.
+//!   [`crds()`] and [`to_yaml`] are what the `crdgen` binary writes into `deploy/crds/`.
 //! - [`admission`]: the checks a schema cannot express, run by local mode's validators, their
 //!   refusal as a `Ready` condition.
 //! - [`desired`]: the objects the serving reconciler wants (Revision, Deployment, headless
 //!   Service) as pure functions of what it observed.
+//! - [`status`]: Knative's status of each kind as pure functions of what was observed.
+//! - [`apply`]: server-side apply with the field manager `mecha`.
+//! - [`reconcile`]: the controllers; [`reconcile::run`] is the entry point the `autoscaler`
+//!   binary calls while it leads.
+//! - [`state`]: the KPA controller's desired state, from watches of Services, Revisions and
+//!   the `config-autoscaler` / `config-domain` ConfigMaps.
+//! - [`actuator`]: the Kubernetes `Actuator` (Deployment `scale` subresource) and
+//!   [`endpoints`]: ready endpoints from EndpointSlices.
+//! - [`leader`]: leader election with a `coordination.k8s.io/v1` Lease; [`forward`]: a
+//!   follower passes load reports and pokes on to the leader.
+//! - [`auth`]: the control-plane API's credential check with `TokenReview`.
+//!
+//! The `autoscaler` binary (`src/bin/autoscaler.rs`) puts them together.
 #![forbid(unsafe_code)]
 
+pub mod actuator;
 pub mod admission;
+pub mod apply;
+pub mod auth;
 pub mod crd;
 pub mod desired;
+pub mod endpoints;
+pub mod forward;
+pub mod leader;
+pub mod reconcile;
+pub mod state;
+pub mod status;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSON,

@@ -24,8 +24,8 @@ fn service() -> k8s::Service {
 
 fn settings() -> PodSettings {
     PodSettings {
-        sidecar_image: "ghcr.io/mecha/activator-sidecar:dev".into(),
-        autoscaler_addr: "autoscaler.mecha-system.svc:8081".into(),
+        sidecar_image: "mecha/activator-sidecar:dev".into(),
+        autoscaler_addr: "mecha-autoscaler.mecha-system.svc:8080".into(),
         sidecar_requests: BTreeMap::from([
             ("cpu".into(), "25m".into()),
             ("memory".into(), "32Mi".into()),
@@ -128,6 +128,44 @@ fn a_revision_runs_as_a_deployment_with_the_sidecar() {
     assert!(
         pod.containers[0].readiness_probe.is_none(),
         "probed through the sidecar"
+    );
+    // The sidecar, and only the sidecar, gets the projected token for the autoscaler.
+    let sidecar = &pod.containers[1];
+    let sidecar_env: BTreeMap<&str, &str> = sidecar
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+        .collect();
+    assert_eq!(
+        sidecar_env["AUTOSCALER_TOKEN_FILE"],
+        "/var/run/secrets/mecha/token"
+    );
+    assert_eq!(
+        sidecar_env["AUTOSCALER_ADDR"],
+        "mecha-autoscaler.mecha-system.svc:8080"
+    );
+    let mount = &sidecar.volume_mounts.as_ref().expect("a mount")[0];
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        ("/var/run/secrets/mecha", Some(true))
+    );
+    assert!(pod.containers[0].volume_mounts.is_none(), "not the user's");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mounted volume");
+    let token = volume
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s[0].service_account_token.as_ref())
+        .expect("a projected service-account token");
+    assert_eq!(
+        (token.audience.as_deref(), token.path.as_str()),
+        (Some("mecha-autoscaler"), "token")
     );
     assert_golden::<Deployment>("hello-00001.deployment.yaml", &deployment);
 

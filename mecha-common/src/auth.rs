@@ -11,15 +11,23 @@
 //! Every request to the admin API must also name a loopback `Host`: a web page that rebinds
 //! its own DNS name to 127.0.0.1 reaches the port, but its requests still carry its name.
 //!
-//! The rules live here once; `mecha` (server and client) and `activator-sidecar` use them.
+//! In a cluster the same header carries a projected service-account token (audience
+//! `mecha-autoscaler`), which the autoscaler checks with the API server (`k8s::auth`, a
+//! [`Verify`] of its own) and the sidecars re-read when kubelet rotates it ([`TokenFile`]).
+//! There the `Host` rule does not apply: callers are other pods, naming the autoscaler's
+//! Service ([`guard_remote`]).
+//!
+//! The rules live here once; `mecha` (server and client), `activator-sidecar` and the
+//! cluster's `autoscaler` binary use them.
 
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -40,6 +48,10 @@ pub const TOKEN_ENV: &str = "MECHA_ADMIN_TOKEN";
 const TOKEN_BYTES: usize = 32;
 /// A token file larger than this is not one of ours.
 const MAX_TOKEN_FILE: u64 = 4096;
+/// A projected service-account token is a signed JWT: a few kilobytes at most.
+const MAX_PROJECTED_TOKEN_FILE: u64 = 16 * 1024;
+/// The directory link kubelet's atomic writer swaps to update a projected volume at once.
+const KUBELET_DATA_LINK: &str = "..data";
 
 /// A bearer token. Its `Debug` form never shows the secret.
 #[derive(Clone)]
@@ -90,7 +102,60 @@ pub struct Credential {
     token: AdminToken,
     /// Where a client finds the token, for the error answer.
     hint: Arc<str>,
+}
+
+/// What a [`Verify`] says of a presented bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    /// Not a credential this API takes: 401, with the reason.
+    Refused(String),
+    /// It cannot be checked now (the cluster's token API did not answer): 503, try again.
+    Unavailable(String),
+}
+
+/// Checks presented bearer tokens — the one question every guarded API asks. Locally it is
+/// [`Credential`] (`mecha up`'s admin token); in a cluster, the API server's `TokenReview`.
+pub trait Verify: Clone + Send + Sync + 'static {
+    fn verify(&self, token: &str) -> impl Future<Output = Verdict> + Send;
+
+    /// Where a refused client finds the right credential, said after the problem.
+    fn hint(&self) -> &str;
+}
+
+/// A verifier with the counter of what it refused: the state of [`require_verified`].
+#[derive(Debug, Clone)]
+pub struct Gate<V> {
+    verifier: V,
     refusals: Refusals,
+}
+
+/// A credential a client presents: fixed (given in a variable), or read from a file and read
+/// again whenever the file changes.
+#[derive(Debug, Clone)]
+pub enum ClientToken {
+    Fixed(AdminToken),
+    File(TokenFile),
+}
+
+/// A credential file that is read again when it changes, since kubelet rotates projected
+/// service-account tokens in place (a new directory behind the volume's `..data` link). When a
+/// re-read fails the last good token is kept, and the failure logged.
+#[derive(Debug, Clone)]
+pub struct TokenFile {
+    path: Arc<Path>,
+    current: Arc<Mutex<(Stamp, AdminToken)>>,
+}
+
+/// What tells a changed file from the one read: its identity, size and modification time, as
+/// `stat` sees them through links.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
 }
 
 /// `mecha_admin_refused_requests_total{reason}`: refused requests show up in metrics, so a
@@ -177,30 +242,17 @@ impl Eq for AdminToken {}
 
 impl Credential {
     /// `hint` tells a refused client where the token is (e.g. the token file's path).
-    pub fn new(token: AdminToken, hint: impl Into<Arc<str>>, refusals: Refusals) -> Self {
+    pub fn new(token: AdminToken, hint: impl Into<Arc<str>>) -> Self {
         Self {
             token,
             hint: hint.into(),
-            refusals,
         }
     }
 
     /// Whether `headers` carry exactly one `Authorization: Bearer` with this token; the error
     /// says what is wrong.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), &'static str> {
-        let mut values = headers.get_all(header::AUTHORIZATION).iter();
-        let (Some(value), None) = (values.next(), values.next()) else {
-            return Err("missing credential");
-        };
-        let value = value.as_bytes();
-        let Some(token) = value
-            .get(..7)
-            .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
-            .map(|_| value[7..].trim_ascii())
-        else {
-            return Err("missing credential (the Authorization header must be `Bearer TOKEN`)");
-        };
-        if self.token.matches(token) {
+        if self.token.matches(bearer(headers)?) {
             Ok(())
         } else {
             Err("wrong credential")
@@ -208,21 +260,75 @@ impl Credential {
     }
 }
 
-/// Middleware for the routes that need the credential: 401 without it, and the route never
-/// runs (so nothing is applied, posted or streamed).
-pub async fn require_credential(
-    State(credential): State<Credential>,
+impl Verify for Credential {
+    async fn verify(&self, token: &str) -> Verdict {
+        if self.token.matches(token.as_bytes()) {
+            Verdict::Accepted
+        } else {
+            Verdict::Refused("wrong credential".into())
+        }
+    }
+
+    fn hint(&self) -> &str {
+        &self.hint
+    }
+}
+
+/// The token of a request's one `Authorization: Bearer` header; the error says what is wrong.
+pub fn bearer(headers: &HeaderMap) -> Result<&[u8], &'static str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err("missing credential");
+    };
+    let value = value.as_bytes();
+    value
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map(|_| value[7..].trim_ascii())
+        .filter(|token| !token.is_empty())
+        .ok_or("missing credential (the Authorization header must be `Bearer TOKEN`)")
+}
+
+// === impl Gate ===
+
+impl<V: Verify> Gate<V> {
+    pub fn new(verifier: V, refusals: Refusals) -> Self {
+        Self { verifier, refusals }
+    }
+}
+
+/// Middleware for the routes that need a credential: 401 without a good one (503 when it
+/// cannot be checked now), and the route never runs (so nothing is applied, posted or
+/// streamed).
+pub async fn require_verified<V: Verify>(
+    State(gate): State<Gate<V>>,
     request: Request,
     next: Next,
 ) -> Response {
-    match credential.check(request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(problem) => {
-            credential.refusals.count("credential");
+    let verdict = match bearer(request.headers()) {
+        Err(problem) => Verdict::Refused(problem.into()),
+        Ok(token) => match std::str::from_utf8(token) {
+            Ok(token) => gate.verifier.verify(token).await,
+            Err(_) => Verdict::Refused("wrong credential".into()),
+        },
+    };
+    match verdict {
+        Verdict::Accepted => next.run(request).await,
+        Verdict::Refused(problem) => {
+            gate.refusals.count("credential");
             (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer realm=\"mecha\"")],
-                format!("{problem}: {}\n", credential.hint),
+                format!("{problem}: {}\n", gate.verifier.hint()),
+            )
+                .into_response()
+        }
+        Verdict::Unavailable(problem) => {
+            gate.refusals.count("unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                format!("the credential cannot be checked now: {problem}\n"),
             )
                 .into_response()
         }
@@ -258,14 +364,25 @@ pub fn guard(
 ) -> Router {
     // The Host rule covers the open routes too: they are harmless to a local process, but
     // through DNS rebinding `/metrics` would show a web page every service's name.
+    guard_remote(open, protected, credential, refusals.clone()).layer(
+        axum::middleware::from_fn_with_state(refusals, require_loopback_host),
+    )
+}
+
+/// How an API that other machines call is served (the cluster's autoscaler): the `protected`
+/// routes need a credential `verifier` accepts; `open` routes need nothing. No `Host` rule:
+/// callers name the autoscaler's Service, and a web page rebinding a name to it holds no
+/// service-account token.
+pub fn guard_remote<V: Verify>(
+    open: Router,
+    protected: Router,
+    verifier: V,
+    refusals: Refusals,
+) -> Router {
     open.merge(protected.route_layer(axum::middleware::from_fn_with_state(
-        credential,
-        require_credential,
+        Gate::new(verifier, refusals),
+        require_verified::<V>,
     )))
-    .layer(axum::middleware::from_fn_with_state(
-        refusals,
-        require_loopback_host,
-    ))
 }
 
 // === impl Refusals ===
@@ -275,7 +392,7 @@ impl Refusals {
         let counter = IntCounterVec::new(
             Opts::new(
                 "mecha_admin_refused_requests_total",
-                "Admin API requests refused, by reason: credential (missing or wrong) or host (not loopback)",
+                "Admin and control-plane API requests refused, by reason: credential (missing or wrong), host (not loopback) or unavailable (the credential could not be checked)",
             ),
             &["reason"],
         )
@@ -451,6 +568,142 @@ pub fn read(path: &Path) -> Result<AdminToken, TokenError> {
         path: path.to_path_buf(),
         reason: format!("{reason}; delete the file and restart `mecha up` to make a new one"),
     })
+}
+
+/// The token in the file at `path`, checked by who wrote it: a file kubelet projected (a link
+/// to `..data/NAME` beside it, how kubelet's atomic writer lays out every projected volume) is
+/// taken with the ownership and mode kubelet gives it; any other file must pass [`read`]'s
+/// checks of `mecha up`'s own token file.
+pub fn read_any(path: &Path) -> Result<AdminToken, TokenError> {
+    if !is_kubelet_projected(path) {
+        return read(path);
+    }
+    let io = |action| {
+        move |source| TokenError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let mut file = File::open(path).map_err(io("opening"))?;
+    let meta = file.metadata().map_err(io("reading"))?;
+    if !meta.is_file() || meta.len() > MAX_PROJECTED_TOKEN_FILE {
+        return Err(TokenError::Invalid {
+            what: "the projected token file",
+            path: path.to_path_buf(),
+            reason: format!("is not a regular file of at most {MAX_PROJECTED_TOKEN_FILE} bytes"),
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io("reading"))?;
+    AdminToken::parse(&text).map_err(|reason| TokenError::Invalid {
+        what: "the projected token in",
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Whether `path` is laid out as kubelet projects a volume's files: a symbolic link to
+/// `..data/NAME`, where `..data` beside it is itself a link (to the current timestamped
+/// directory).
+fn is_kubelet_projected(path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return false;
+    };
+    let Ok(target) = fs::read_link(path) else {
+        return false;
+    };
+    target == Path::new(KUBELET_DATA_LINK).join(name)
+        && fs::symlink_metadata(dir.join(KUBELET_DATA_LINK)).is_ok_and(|m| m.is_symlink())
+}
+
+// === impl ClientToken ===
+
+impl ClientToken {
+    /// The token to present now.
+    pub fn current(&self) -> AdminToken {
+        match self {
+            Self::Fixed(token) => token.clone(),
+            Self::File(file) => file.current(),
+        }
+    }
+}
+
+impl PartialEq for ClientToken {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Fixed(a), Self::Fixed(b)) => a == b,
+            (Self::File(a), Self::File(b)) => a.path == b.path,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ClientToken {}
+
+impl From<AdminToken> for ClientToken {
+    fn from(token: AdminToken) -> Self {
+        Self::Fixed(token)
+    }
+}
+
+// === impl TokenFile ===
+
+impl TokenFile {
+    /// Reads the file now ([`read_any`]'s checks); an error here is a setting to fix.
+    pub fn open(path: &Path) -> Result<Self, TokenError> {
+        let stamp = Stamp::of(path);
+        let token = read_any(path)?;
+        Ok(Self {
+            path: path.into(),
+            current: Arc::new(Mutex::new((stamp.unwrap_or_default(), token))),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's token, read again first if the file changed since the last read.
+    pub fn current(&self) -> AdminToken {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        match Stamp::of(&self.path) {
+            Some(stamp) if stamp != current.0 => match read_any(&self.path) {
+                Ok(token) => {
+                    tracing::info!(path = %self.path.display(), "the credential file changed; using the new token");
+                    *current = (stamp, token);
+                }
+                Err(error) => {
+                    // Marked as read, so the warning comes once per change, not per request.
+                    current.0 = stamp;
+                    tracing::warn!(%error, "cannot read the changed credential file; keeping the last token");
+                }
+            },
+            Some(_) => {}
+            None if current.0 != Stamp::default() => {
+                // Said once: the stamp of "no file" is the default one.
+                current.0 = Stamp::default();
+                tracing::warn!(path = %self.path.display(), "the credential file is gone; keeping the last token");
+            }
+            None => {}
+        }
+        current.1.clone()
+    }
+}
+
+// === impl Stamp ===
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Self> {
+        let meta = fs::metadata(path).ok()?;
+        Some(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        })
+    }
 }
 
 /// Creates `dir` (mode 0700) or checks the one there: ours, and not writable by every user
@@ -696,11 +949,7 @@ pub(crate) mod tests {
         let token = AdminToken::generate().expect("random");
         let registry = Registry::new();
         let refusals = Refusals::register(&registry);
-        let credential = Credential::new(
-            token.clone(),
-            "read it from .mecha/admin-token",
-            refusals.clone(),
-        );
+        let credential = Credential::new(token.clone(), "read it from .mecha/admin-token");
         let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = ran.clone();
         let app = guard(
@@ -797,5 +1046,144 @@ pub(crate) mod tests {
             call(&app, live("evil.example")).await.0,
             StatusCode::FORBIDDEN
         );
+    }
+
+    /// Lays `token` out as kubelet projects a volume: `DIR/..TIMESTAMP/token`, `..data` a
+    /// link to that directory, `token` a link to `..data/token`; mode 0644, as kubelet's
+    /// default for projected files.
+    fn project(dir: &Path, stamp: &str, token: &str) {
+        use std::os::unix::fs::symlink;
+        let data = dir.join(format!("..{stamp}"));
+        fs::create_dir_all(&data).expect("mkdir");
+        fs::write(data.join("token"), token).expect("write");
+        fs::set_permissions(data.join("token"), fs::Permissions::from_mode(0o644)).expect("chmod");
+        // Swapped atomically, as kubelet's atomic writer does.
+        let next = dir.join("..data_tmp");
+        let _ = fs::remove_file(&next);
+        symlink(format!("..{stamp}"), &next).expect("link");
+        fs::rename(&next, dir.join("..data")).expect("swap");
+        if fs::symlink_metadata(dir.join("token")).is_err() {
+            symlink("..data/token", dir.join("token")).expect("link");
+        }
+    }
+
+    #[test]
+    fn a_projected_token_is_taken_with_kubelets_permissions_and_read_again_when_rotated() {
+        let scratch = Scratch::new("projected");
+        fs::create_dir_all(&scratch.0).expect("mkdir");
+        let first = "eyJhbGciOiJSUzI1NiJ9.first-token-0123456789abcdef.signature";
+        project(&scratch.0, "2026_11_30_17_00_00.1", first);
+        let path = scratch.0.join("token");
+        // The strict reader refuses it (a link, readable by others) ...
+        assert!(read(&path).is_err());
+        // ... the one for credential files takes it, since kubelet laid it out.
+        let file = TokenFile::open(&path).expect("projected token");
+        assert_eq!(file.current().as_str(), first);
+
+        let second = "eyJhbGciOiJSUzI1NiJ9.second-token-0123456789abcdef.signature";
+        project(&scratch.0, "2026_11_30_18_00_00.2", second);
+        assert_eq!(file.current().as_str(), second, "rotated in place");
+        // A rotation to something unreadable keeps the last good token.
+        project(&scratch.0, "2026_11_30_19_00_00.3", " ");
+        assert_eq!(file.current().as_str(), second);
+    }
+
+    #[test]
+    fn a_token_file_not_laid_out_by_kubelet_gets_the_strict_checks() {
+        use std::os::unix::fs::symlink;
+        let scratch = Scratch::new("strict");
+        fs::create_dir_all(&scratch.0).expect("mkdir");
+        let token = AdminToken::generate().expect("random");
+        let real = scratch.0.join("real");
+        fs::write(&real, token.as_str()).expect("write");
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let error = TokenFile::open(&real).expect_err("readable by others");
+        assert!(matches!(error, TokenError::Exposed { .. }), "{error}");
+        // A link that only looks projected (no `..data` link beside it) is still a link.
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o600)).expect("chmod");
+        fs::create_dir_all(scratch.0.join("..data")).expect("mkdir");
+        symlink("..data/token", scratch.0.join("token")).expect("link");
+        fs::write(scratch.0.join("..data/token"), token.as_str()).expect("write");
+        fs::set_permissions(
+            scratch.0.join("..data/token"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        assert!(TokenFile::open(&scratch.0.join("token")).is_err());
+        // mecha up's own file: read again when it is replaced (a new file renamed over it,
+        // as atomic writers do; a rewrite in place within the same clock tick would keep its
+        // size and time).
+        let file = TokenFile::open(&real).expect("private file");
+        assert_eq!(file.current(), token);
+        let next = AdminToken::generate().expect("random");
+        let replacement = scratch.0.join("real.new");
+        fs::write(&replacement, next.as_str()).expect("write");
+        fs::set_permissions(&replacement, fs::Permissions::from_mode(0o600)).expect("chmod");
+        fs::rename(&replacement, &real).expect("rename");
+        assert_eq!(file.current(), next);
+    }
+
+    #[derive(Clone)]
+    struct Flaky;
+
+    impl Verify for Flaky {
+        async fn verify(&self, token: &str) -> Verdict {
+            match token {
+                "good" => Verdict::Accepted,
+                "later" => Verdict::Unavailable("the token API did not answer".into()),
+                _ => Verdict::Refused("wrong credential".into()),
+            }
+        }
+
+        fn hint(&self) -> &str {
+            "present the pod's token"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_guard_asks_its_verifier_and_has_no_host_rule() {
+        let registry = Registry::new();
+        let refusals = Refusals::register(&registry);
+        let app = guard_remote(
+            Router::new().route("/live", get(|| async { "ok" })),
+            Router::new().route("/api", post(|| async { "done" })),
+            Flaky,
+            refusals,
+        );
+        let post = |token: &str| {
+            axum::http::Request::post("/api")
+                .header(header::HOST, "mecha-autoscaler.mecha-system.svc:8080")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        };
+        assert_eq!(
+            call(&app, post("good")).await,
+            (StatusCode::OK, "done".into())
+        );
+        let (status, body) = call(&app, post("bad")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, "wrong credential: present the pod's token\n");
+        let (status, body) = call(&app, post("later")).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not a refusal: {body}"
+        );
+        let (status, _) = call(
+            &app,
+            axum::http::Request::post("/api").header(header::HOST, "anything"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            call(
+                &app,
+                axum::http::Request::get("/live").header(header::HOST, "x")
+            )
+            .await
+            .0,
+            StatusCode::OK
+        );
+        let text = format!("{:?}", registry.gather());
+        assert!(text.contains("unavailable"), "{text}");
     }
 }

@@ -253,6 +253,12 @@ impl Endpoint {
         self.load.in_flight()
     }
 
+    /// What this endpoint notifies when one of its requests finishes, to share with new
+    /// endpoints of the same revision.
+    pub fn released(&self) -> Arc<Notify> {
+        self.released.clone()
+    }
+
     /// The replica's load since the last sample (the autoscaler is the one sampler).
     pub fn sample(&self) -> LoadSample {
         self.load.sample()

@@ -797,7 +797,7 @@ mod tests {
             control,
             Health::default(),
             registry,
-            Credential::new(token.clone(), "read .mecha/admin-token", refusals.clone()),
+            Credential::new(token.clone(), "read .mecha/admin-token"),
             refusals,
         );
         Fixture {

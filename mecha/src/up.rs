@@ -276,7 +276,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         control_api,
         health.clone(),
         registry.clone(),
-        Credential::new(token, hint, refusals.clone()),
+        Credential::new(token, hint),
         refusals,
     );
     let admin_shutdown = shutdown.signal();

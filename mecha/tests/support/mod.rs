@@ -492,7 +492,7 @@ pub fn start_gateway(
         domain: "localhost".into(),
         drain_timeout: Duration::from_secs(1),
         name: "test-gateway".into(),
-        token,
+        token: token.map(Into::into),
         trusted_proxies: activator_sidecar::rules::TrustedProxies::none(),
         fast_path,
         limits: activator_sidecar::limits::Limits::default(),

@@ -1,0 +1,492 @@
+//! `autoscaler [--flag value ...]`: Mecha's control plane in a cluster.
+//!
+//! Every replica watches Services, Revisions, EndpointSlices and its ConfigMaps, runs the KPA
+//! controller, and serves the control-plane API (`/api/v1/watch`, `/stats`, `/pokes`) to the
+//! sidecars and gateways, who authenticate with projected service-account tokens checked by
+//! `TokenReview`. Only the replica holding the `mecha-autoscaler` Lease writes: it runs the
+//! serving reconcilers and sets Deployment replicas. `/live`, `/ready`, `/metrics` are on the
+//! admin port; SIGTERM drains (unready, lease released, streams ended, servers closed).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use autoscaler::{Controller, ServingState};
+use axum::Router;
+use k8s::actuator::{EverReady, KubeActuator, Running};
+use k8s::auth::TokenReviewer;
+use k8s::desired::PodSettings;
+use k8s::forward::ToLeader;
+use k8s::leader::{Elector, LEASE_NAME, LeaseTimings};
+use k8s::reconcile::{Metrics, ServingSettings};
+use k8s::state::Caches;
+use kube::Api;
+use mecha_common::admin::Health;
+use mecha_common::auth::Refusals;
+use mecha_common::settings::{self, ConfigError, Table};
+use mecha_common::telemetry::{LogFormat, init_tracing};
+use mecha_common::{Activation, Shutdown, ShutdownSignal};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The binary's settings, from the environment or the equivalent flags.
+#[derive(Debug, Clone, PartialEq)]
+struct Config {
+    port: u16,
+    admin_port: u16,
+    pod_name: String,
+    /// `host:port` where followers reach this replica while it leads.
+    address: Option<String>,
+    namespace: String,
+    sidecar_image: String,
+    autoscaler_addr: String,
+    broker_base_url: String,
+    drain_timeout: Duration,
+    lease: LeaseTimings,
+    eventing: bool,
+}
+
+const SETTINGS: Table = &[
+    (
+        "--port",
+        "AUTOSCALER_PORT",
+        "the control-plane API: /api/v1/watch, /stats, /pokes (8080)",
+    ),
+    (
+        "--admin-port",
+        "AUTOSCALER_ADMIN_PORT",
+        "/live, /ready, /metrics (8022)",
+    ),
+    (
+        "--pod-name",
+        "POD_NAME",
+        "this replica, the Lease holder's identity (required; the downward API's metadata.name)",
+    ),
+    (
+        "--pod-ip",
+        "POD_IP",
+        "this replica's address (the downward API's status.podIP): followers pass stats and pokes on to the leader there (unset: not passed on)",
+    ),
+    (
+        "--namespace",
+        "POD_NAMESPACE",
+        "where the Lease and the config-autoscaler, config-domain ConfigMaps are (mecha-system)",
+    ),
+    (
+        "--sidecar-image",
+        "SIDECAR_IMAGE",
+        "the activator-sidecar image of revision pods (mecha/activator-sidecar)",
+    ),
+    (
+        "--autoscaler-addr",
+        "AUTOSCALER_ADDR",
+        "host:port revision pods' sidecars report to (mecha-autoscaler.NAMESPACE.svc:8080)",
+    ),
+    (
+        "--broker-base-url",
+        "BROKER_BASE_URL",
+        "the broker ingress in Brokers' addresses (http://mecha-broker.mecha-system.svc)",
+    ),
+    (
+        "--drain-timeout",
+        "DRAIN_TIMEOUT",
+        "longest wait for open requests on SIGTERM (30s)",
+    ),
+    (
+        "--lease-duration",
+        "LEASE_DURATION",
+        "how long others wait for an unrenewed Lease (15s)",
+    ),
+    (
+        "--lease-renew-deadline",
+        "LEASE_RENEW_DEADLINE",
+        "the leader steps down when it could not renew for this long (10s)",
+    ),
+    (
+        "--lease-retry-period",
+        "LEASE_RETRY_PERIOD",
+        "how often the Lease is renewed or tried (2s)",
+    ),
+    (
+        "--eventing",
+        "RECONCILE_EVENTING",
+        "reconcile Brokers and Triggers too (true)",
+    ),
+];
+
+fn usage() -> String {
+    format!(
+        "usage: autoscaler [--flag value ...]\n\n\
+         Mecha's control plane in a Kubernetes cluster: the control-plane API for sidecars\n\
+         and gateways, the KPA autoscaler, and (on the Lease's holder) the serving reconcilers.\n\
+         The cluster is found as kubectl finds it (in a pod: its service account).\n\n{}\n\
+         Logs: MECHA_LOG (tracing filter), MECHA_LOG_FORMAT=json.\n",
+        settings::help(SETTINGS)
+    )
+}
+
+// === impl Config ===
+
+impl Config {
+    fn from_args_and_env(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let get = settings::overlay(args, SETTINGS, env)?;
+        let pod_name = get("POD_NAME")
+            .filter(|n| !n.is_empty())
+            .ok_or(ConfigError {
+                setting: "POD_NAME",
+                value: String::new(),
+                reason: "required: the Lease names its holder by it (set it from the downward API)"
+                    .into(),
+            })?;
+        let namespace = get("POD_NAMESPACE").unwrap_or_else(|| "mecha-system".into());
+        let port = settings::number(&get, "AUTOSCALER_PORT", 8080u16, settings::port)?;
+        let autoscaler_addr = get("AUTOSCALER_ADDR")
+            .unwrap_or_else(|| format!("mecha-autoscaler.{namespace}.svc:{port}"));
+        settings::host_port("AUTOSCALER_ADDR", &autoscaler_addr)?;
+        let lease = LeaseTimings {
+            duration: settings::duration(&get, "LEASE_DURATION", LeaseTimings::default().duration)?,
+            renew_deadline: settings::duration(
+                &get,
+                "LEASE_RENEW_DEADLINE",
+                LeaseTimings::default().renew_deadline,
+            )?,
+            renew_every: settings::duration(
+                &get,
+                "LEASE_RETRY_PERIOD",
+                LeaseTimings::default().renew_every,
+            )?,
+        };
+        if lease.renew_every.is_zero()
+            || lease.renew_every >= lease.renew_deadline
+            || lease.renew_deadline >= lease.duration
+        {
+            return Err(ConfigError {
+                setting: "LEASE_RENEW_DEADLINE",
+                value: format!("{:?}", lease.renew_deadline),
+                reason: "must be between LEASE_RETRY_PERIOD and LEASE_DURATION (a leader must stop before another may start)".into(),
+            });
+        }
+        let address = match get("POD_IP") {
+            None => None,
+            Some(ip) => {
+                let parsed: std::net::IpAddr = ip.trim().parse().map_err(|_| ConfigError {
+                    setting: "POD_IP",
+                    value: ip.clone(),
+                    reason: "not an IP address".into(),
+                })?;
+                Some(SocketAddr::new(parsed, port).to_string())
+            }
+        };
+        Ok(Self {
+            address,
+            port,
+            admin_port: settings::number(&get, "AUTOSCALER_ADMIN_PORT", 8022u16, settings::port)?,
+            pod_name,
+            namespace,
+            sidecar_image: get("SIDECAR_IMAGE").unwrap_or_else(|| "mecha/activator-sidecar".into()),
+            autoscaler_addr,
+            broker_base_url: get("BROKER_BASE_URL")
+                .unwrap_or_else(|| k8s::status::DEFAULT_BROKER_BASE_URL.into()),
+            drain_timeout: settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?,
+            lease,
+            eventing: settings::flag(&get, "RECONCILE_EVENTING", true)?,
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        return ExitCode::SUCCESS;
+    }
+    let format = match std::env::var("MECHA_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    init_tracing("MECHA_LOG", "info", format);
+    let config = match Config::from_args_and_env(&args, |key| std::env::var(key).ok()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}\n\n{}", usage());
+            return ExitCode::from(2);
+        }
+    };
+    let api_listener = match bind(config.port, "the control-plane API (AUTOSCALER_PORT)").await {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let admin_listener = match bind(
+        config.admin_port,
+        "/live, /ready, /metrics (AUTOSCALER_ADMIN_PORT)",
+    )
+    .await
+    {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!(
+                "error: cannot find the Kubernetes API server (in-cluster service account or KUBECONFIG): {error}"
+            );
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(
+        pod = %config.pod_name,
+        namespace = %config.namespace,
+        api = config.port,
+        admin = config.admin_port,
+        "autoscaler starting"
+    );
+    run(config, client, api_listener, admin_listener).await
+}
+
+async fn run(
+    config: Config,
+    client: kube::Client,
+    api_listener: TcpListener,
+    admin_listener: TcpListener,
+) -> ExitCode {
+    let registry = Registry::new();
+    let health = Health::default();
+    let shutdown = Shutdown::new();
+    let caches = Caches::default();
+    caches.report_to(&health);
+
+    // Desired state and endpoints, from this replica's own caches.
+    let (state_tx, state_rx) = watch::channel(Arc::<ServingState>::default());
+    let ever_ready = EverReady::default();
+    let running = Running::default();
+    let state_task = tokio::spawn(k8s::state::run(
+        client.clone(),
+        config.namespace.clone(),
+        state_tx,
+        ever_ready.clone(),
+        running.clone(),
+        caches.clone(),
+        shutdown.signal(),
+    ));
+    let (endpoints_tx, endpoints_rx) = watch::channel(Arc::default());
+    let endpoints_task = tokio::spawn(k8s::endpoints::run(
+        Api::all(client.clone()),
+        state_rx.clone(),
+        endpoints_tx,
+        ever_ready.clone(),
+        caches.register("endpointslices"),
+        shutdown.signal(),
+    ));
+
+    // Leadership.
+    let elector = Elector::new(
+        Api::namespaced(client.clone(), &config.namespace),
+        LEASE_NAME,
+        config.pod_name.clone(),
+        config.lease,
+    )
+    .with_address(config.address.clone());
+    let leading = elector.leading();
+    let to_leader = ToLeader::new(leading.clone(), elector.leader_address(), &registry);
+    let mut elector_task = tokio::spawn(elector.run(shutdown.signal()));
+
+    // The KPA controller, on every replica (followers serve its routes, never write).
+    let actuator = KubeActuator::new(
+        client.clone(),
+        endpoints_rx,
+        ever_ready,
+        running,
+        leading.clone(),
+    );
+    let (activation, pokes) = Activation::new();
+    let controller = Controller::new(
+        state_rx.clone(),
+        actuator,
+        activation,
+        pokes,
+        k8s::status::DEFAULT_DOMAIN,
+        &registry,
+    );
+    let api_state = controller.api(shutdown.signal());
+    let controller_task = tokio::spawn(controller.run(shutdown.signal()));
+
+    // The reconcilers, while leading.
+    let reconcile_metrics = match Metrics::register(&registry) {
+        Ok(metrics) => metrics,
+        Err(error) => {
+            eprintln!("error: cannot register the reconcilers' metrics: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    // A reconciler that cannot watch (CRDs missing, RBAC refused) changes nothing: unready.
+    let watching = reconcile_metrics.clone();
+    health.add_check(move || watching.watch_problem());
+    let pods = PodSettings {
+        sidecar_image: config.sidecar_image.clone(),
+        autoscaler_addr: config.autoscaler_addr.clone(),
+        sidecar_requests: [("cpu".to_string(), "25m".to_string())].into(),
+    };
+    let mut serving = ServingSettings::new(pods);
+    serving.eventing = config.eventing;
+    serving.addresses.broker_base_url = config.broker_base_url.clone();
+    let leader_task = tokio::spawn(k8s::leader::reconcile_while_leading(
+        client.clone(),
+        serving,
+        reconcile_metrics,
+        leading.clone(),
+        state_rx,
+        caches.clone(),
+        health.clone(),
+        shutdown.signal(),
+    ));
+
+    // Tasks that must not end before shutdown: their death makes the replica unready.
+    for (name, task) in [
+        ("desired state", state_task),
+        ("endpoints", endpoints_task),
+        ("controller", controller_task),
+        ("reconcilers", leader_task),
+    ] {
+        watch_task(&health, &shutdown, name, task);
+    }
+
+    // The control-plane API: a token the API server vouches for; nothing before the caches
+    // are synced (a sidecar keeps its last tables rather than take empty ones).
+    let refusals = Refusals::register(&registry);
+    let reviewer = TokenReviewer::new(client, &registry);
+    let api = k8s::auth::control_plane(api_state, reviewer, refusals, caches, Some(to_leader));
+    let admin = mecha_common::admin::router(health.clone(), registry);
+
+    let api_server = tokio::spawn(serve(api_listener, api, shutdown.signal()));
+    let admin_server = tokio::spawn(serve(admin_listener, admin, shutdown.signal()));
+    health.set_ready(true);
+
+    // The elector never ends before shutdown; if it dies, this replica can no longer know
+    // whether it leads: it exits, and Kubernetes starts it again.
+    let stopped = tokio::select! {
+        stopped = stop_signal() => stopped,
+        ended = &mut elector_task => {
+            tracing::error!(?ended, "leader election ended unexpectedly; exiting");
+            shutdown.trigger();
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(code) = stopped {
+        return code;
+    }
+    tracing::info!("draining");
+    health.set_ready(false);
+    shutdown.trigger();
+    let drained = tokio::time::timeout(config.drain_timeout, async {
+        let _ = api_server.await;
+        let _ = admin_server.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?config.drain_timeout, "drain timed out");
+    }
+    // The elector releases the Lease on shutdown, so a successor need not wait it out.
+    if tokio::time::timeout(Duration::from_secs(5), elector_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the Lease was not released within 5s; it expires on its own");
+    }
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Logs and reports (as a readiness problem) a task that ends before shutdown.
+fn watch_task(
+    health: &Health,
+    shutdown: &Shutdown,
+    name: &'static str,
+    task: tokio::task::JoinHandle<()>,
+) {
+    let (health, stopping) = (health.clone(), shutdown.signal());
+    tokio::spawn(async move {
+        let why = match task.await {
+            Ok(()) if stopping.is_triggered() => return,
+            Ok(()) => "stopped unexpectedly".to_string(),
+            Err(error) => format!("failed: {error}"),
+        };
+        tracing::error!(task = name, %why, "a background task ended");
+        health.set_problem(name, Some(why));
+    });
+}
+
+async fn bind(port: u16, what: &str) -> Result<TcpListener, ExitCode> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    TcpListener::bind(addr).await.map_err(|error| {
+        eprintln!("error: cannot listen on {addr} for {what}: {error}");
+        ExitCode::from(1)
+    })
+}
+
+async fn serve(listener: TcpListener, router: Router, shutdown: ShutdownSignal) {
+    if let Err(error) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.recv())
+        .await
+    {
+        tracing::error!(%error, "server failed");
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn stop_signal() -> Result<(), ExitCode> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|error| {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            ExitCode::from(1)
+        })?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_args_and_env(&[], move |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn settings_have_the_contract_defaults_and_name_what_is_wrong() {
+        let config = config(&[("POD_NAME", "autoscaler-0")]).expect("defaults");
+        assert_eq!((config.port, config.admin_port), (8080, 8022));
+        assert_eq!(config.namespace, "mecha-system");
+        assert_eq!(
+            config.autoscaler_addr,
+            "mecha-autoscaler.mecha-system.svc:8080"
+        );
+        assert_eq!(config.lease, LeaseTimings::default());
+        assert_eq!(config.address, None);
+        let config =
+            super::tests::config(&[("POD_NAME", "a"), ("POD_IP", "fd00::1")]).expect("IPv6");
+        assert_eq!(config.address.as_deref(), Some("[fd00::1]:8080"));
+        let error = super::tests::config(&[]).expect_err("no pod name");
+        assert_eq!(error.setting, "POD_NAME");
+        let error = super::tests::config(&[("POD_NAME", "a"), ("LEASE_RENEW_DEADLINE", "20s")])
+            .expect_err("deadline past the duration");
+        assert_eq!(error.setting, "LEASE_RENEW_DEADLINE");
+        let error = super::tests::config(&[("POD_NAME", "a"), ("AUTOSCALER_PORT", "0")])
+            .expect_err("port 0");
+        assert_eq!(error.setting, "AUTOSCALER_PORT");
+    }
+}

@@ -1,0 +1,229 @@
+//! The Service and Revision reconcilers.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use mecha_common::ShutdownSignal;
+use tracing::instrument;
+
+use super::{Context, Error, RECONCILE_FAILED, drain, now};
+use crate::apply::{self, ApiError};
+use crate::crd::{Revision, Service};
+use crate::{admission, desired, status};
+
+const SERVICE: &str = "Service";
+const REVISION: &str = "Revision";
+
+/// The Service controller: watches Services and the Revisions they own.
+pub(super) async fn services(context: Arc<Context>, shutdown: ShutdownSignal) {
+    let client = context.client.clone();
+    let stream = Controller::new(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<Revision>::all(client),
+        watcher::Config::default().labels(desired::SERVICE_LABEL),
+    )
+    .graceful_shutdown_on(shutdown.recv())
+    .run(reconcile_service, service_error, context.clone());
+    drain(SERVICE, context, stream).await;
+}
+
+/// The Revision controller: watches Revisions, the Deployments and Services they own, and
+/// their pods (which a ReplicaSet owns; the revision label leads back).
+pub(super) async fn revisions(context: Arc<Context>, shutdown: ShutdownSignal) {
+    let client = context.client.clone();
+    let ours = || watcher::Config::default().labels(desired::REVISION_LABEL);
+    let stream = Controller::new(
+        Api::<Revision>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), ours())
+    .owns(Api::<KubeService>::all(client.clone()), ours())
+    .watches(Api::<Pod>::all(client), ours(), |pod: Pod| {
+        let revision = pod.labels().get(desired::REVISION_LABEL)?.clone();
+        Some(ObjectRef::<Revision>::new(&revision).within(&pod.namespace()?))
+    })
+    .graceful_shutdown_on(shutdown.recv())
+    .run(reconcile_revision, revision_error, context.clone());
+    drain(REVISION, context, stream).await;
+}
+
+fn service_error(service: Arc<Service>, error: &Error, context: Arc<Context>) -> Action {
+    context.failed(SERVICE, service.as_ref(), error)
+}
+
+fn revision_error(revision: Arc<Revision>, error: &Error, context: Arc<Context>) -> Action {
+    context.failed(REVISION, revision.as_ref(), error)
+}
+
+#[instrument(skip_all, fields(namespace = service.namespace(), name = service.name_any()))]
+async fn reconcile_service(service: Arc<Service>, context: Arc<Context>) -> Result<Action, Error> {
+    if service.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    match service_steps(&service, &context).await {
+        Ok(action) => {
+            context.succeeded(SERVICE, service.as_ref());
+            Ok(action)
+        }
+        Err(error) => {
+            let previous = service.status.clone().unwrap_or_default();
+            let failed = status::failed(previous, RECONCILE_FAILED, &error.to_string(), &now());
+            report(&context, service.as_ref(), service.status.as_ref(), &failed).await;
+            Err(error)
+        }
+    }
+}
+
+/// Check, make the next Revision if the template changed, write the status.
+async fn service_steps(service: &Service, context: &Context) -> Result<Action, Error> {
+    let client = &context.client;
+    let namespace = service.namespace().unwrap_or_default();
+    let name = service.name_any();
+
+    if let Some(refusal) = admission::service(service) {
+        let previous = service.status.clone().unwrap_or_default();
+        let refused = status::refused(previous, &refusal, service.metadata.generation, &now());
+        write_status(client, service, service.status.as_ref(), &refused).await?;
+        // Nothing to retry: the user has to change the spec, which wakes us.
+        return Ok(Action::await_change());
+    }
+
+    let api: Api<Revision> = Api::namespaced(client.clone(), &namespace);
+    let listed = api
+        .list(&ListParams::default().labels(&format!("{}={name}", desired::SERVICE_LABEL)))
+        .await
+        .map_err(|e| ApiError::new::<Revision>("list", &namespace, &format!("{name}-*"), e))?;
+    let uid = service.uid();
+    let mut revisions: Vec<Revision> = listed
+        .items
+        .into_iter()
+        .filter(|r| {
+            r.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
+        })
+        .collect();
+
+    if let Some(next) = desired::next_revision(service, &revisions) {
+        tracing::info!(revision = next.name_any(), "new revision");
+        let created = apply::apply(client, &next).await?;
+        revisions.push(created);
+    }
+
+    let computed = status::service(service, &revisions, &context.settings.addresses, &now());
+    write_status(client, service, service.status.as_ref(), &computed).await?;
+    Ok(Action::requeue(context.settings.resync))
+}
+
+#[instrument(skip_all, fields(namespace = revision.namespace(), name = revision.name_any()))]
+async fn reconcile_revision(
+    revision: Arc<Revision>,
+    context: Arc<Context>,
+) -> Result<Action, Error> {
+    if revision.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    match revision_steps(&revision, &context).await {
+        Ok(action) => {
+            context.succeeded(REVISION, revision.as_ref());
+            Ok(action)
+        }
+        Err(error) => {
+            let previous = revision.status.clone().unwrap_or_default();
+            let failed = status::failed(previous, RECONCILE_FAILED, &error.to_string(), &now());
+            report(
+                &context,
+                revision.as_ref(),
+                revision.status.as_ref(),
+                &failed,
+            )
+            .await;
+            Err(error)
+        }
+    }
+}
+
+/// Apply the Deployment and the headless Service, write the status from what came back.
+async fn revision_steps(revision: &Revision, context: &Context) -> Result<Action, Error> {
+    let client = &context.client;
+    let invalid = |message: &str| Error::Invalid {
+        kind: REVISION,
+        namespace: revision.namespace().unwrap_or_default(),
+        name: revision.name_any(),
+        message: message.into(),
+    };
+    let deployment = desired::deployment(revision, &context.settings.pods)
+        .ok_or_else(|| invalid("spec.containers: a revision runs one container; it has none"))?;
+    let headless = desired::headless_service(revision).ok_or_else(|| invalid("no name"))?;
+    let observed = apply::apply(client, &deployment).await?;
+    apply::apply(client, &headless).await?;
+
+    // Pods say why none is ready; once one is, they are not read.
+    let ready = observed
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let pods = if ready > 0 {
+        Vec::new()
+    } else {
+        let namespace = revision.namespace().unwrap_or_default();
+        let name = revision.name_any();
+        Api::<Pod>::namespaced(client.clone(), &namespace)
+            .list(&ListParams::default().labels(&format!("{}={name}", desired::REVISION_LABEL)))
+            .await
+            .map_err(|e| {
+                ApiError::new::<Pod>("list", &namespace, &format!("{name}-deployment-*"), e)
+            })?
+            .items
+    };
+    let computed = status::revision(revision, Some(&observed), &pods, &now());
+    write_status(client, revision, revision.status.as_ref(), &computed).await?;
+    Ok(Action::requeue(context.settings.resync))
+}
+
+/// Applies `status` unless the object already has it (an unchanged status is not written,
+/// so it wakes no watcher).
+pub(super) async fn write_status<K, S>(
+    client: &kube::Client,
+    object: &K,
+    current: Option<&S>,
+    status: &S,
+) -> Result<(), ApiError>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    S: serde::Serialize + PartialEq,
+{
+    if current == Some(status) {
+        return Ok(());
+    }
+    apply::apply_status(client, object, status).await?;
+    Ok(())
+}
+
+/// Writes a failure into the object's status; a status that cannot be written either is
+/// logged (the failure is counted and retried regardless).
+pub(super) async fn report<K, S>(context: &Context, object: &K, current: Option<&S>, status: &S)
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    S: serde::Serialize + PartialEq,
+{
+    if let Err(error) = write_status(&context.client, object, current, status).await {
+        tracing::warn!(%error, "the failure could not be written into the status either");
+    }
+}
