@@ -1044,6 +1044,26 @@ fn cargo_build_of(dockerfile: &str) -> CargoBuild {
     build
 }
 
+/// The features a build turns on: `asked` and `default`, and everything they imply.
+fn enabled_features(table: &Value, asked: &[String]) -> BTreeSet<String> {
+    let mut enabled = BTreeSet::new();
+    let mut pending: Vec<String> = asked.to_vec();
+    pending.push("default".into());
+    while let Some(feature) = pending.pop() {
+        if !enabled.insert(feature.clone()) {
+            continue;
+        }
+        for implied in table[feature.as_str()].as_array().into_iter().flatten() {
+            let implied = implied.as_str().unwrap_or_default();
+            // `dep:x` and `x/feature` name dependencies, not features of this package.
+            if !implied.starts_with("dep:") && !implied.contains('/') {
+                pending.push(implied.to_string());
+            }
+        }
+    }
+    enabled
+}
+
 #[test]
 fn the_dockerfiles_build_workspace_binaries_and_run_them_unprivileged() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -1095,26 +1115,37 @@ fn the_dockerfiles_build_workspace_binaries_and_run_them_unprivileged() {
             .iter()
             .find(|p| p["name"] == build.package.as_str())
             .unwrap_or_else(|| panic!("{file}: no package {} in the workspace", build.package));
-        let has_bin = package["targets"]
+        let bin = package["targets"]
             .as_array()
             .expect("targets")
             .iter()
-            .any(|t| {
+            .find(|t| {
                 t["name"] == build.bin.as_str()
                     && t["kind"]
                         .as_array()
                         .is_some_and(|k| k.contains(&"bin".into()))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{file}: package {} has no binary {}",
+                    build.package, build.bin
+                )
             });
-        assert!(
-            has_bin,
-            "{file}: package {} has no binary {}",
-            build.package, build.bin
-        );
         for feature in &build.features {
             assert!(
                 package["features"].get(feature).is_some(),
                 "{file}: package {} has no feature {feature}",
                 build.package
+            );
+        }
+        // The binary's required features are on: asked for, or default, or implied by those.
+        let enabled = enabled_features(&package["features"], &build.features);
+        for required in bin["required-features"].as_array().into_iter().flatten() {
+            let required = required.as_str().unwrap_or_default();
+            assert!(
+                enabled.contains(required),
+                "{file}: {} needs feature {required}, which the build leaves off",
+                build.bin
             );
         }
         if stem == "eventing-broker" {
