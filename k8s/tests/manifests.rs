@@ -784,6 +784,26 @@ fn the_components_keep_the_cluster_contract() {
     assert_eq!(service_port(build.service("mecha-broker")).0, 80);
 }
 
+/// A pod's grace period outlasts its components' drain: SIGKILL never cuts a drain short.
+#[test]
+fn grace_periods_outlast_the_drain_timeouts() {
+    let build = base();
+    for name in ["mecha-autoscaler", "mecha-gateway", "mecha-broker"] {
+        let deployment = build.deployment(name);
+        let pod = pod_spec(name, &deployment.spec.as_ref().expect("spec").template);
+        let grace = pod.termination_grace_period_seconds.unwrap_or(30);
+        for c in &pod.containers {
+            let drain = env_value(c, "DRAIN_TIMEOUT");
+            let drain = crds::autoscaling::parse_go_duration(&drain)
+                .unwrap_or_else(|e| panic!("{name}: DRAIN_TIMEOUT: {e}"));
+            assert!(
+                u64::try_from(grace).unwrap_or(0) > drain.as_secs(),
+                "{name}: terminationGracePeriodSeconds {grace} ≤ DRAIN_TIMEOUT {drain:?}"
+            );
+        }
+    }
+}
+
 /// Every Service reaches pods that exist on a port they name; every Deployment has a
 /// PodDisruptionBudget that selects its pods.
 #[test]
