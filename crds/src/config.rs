@@ -154,7 +154,8 @@ impl AutoscalerConfig {
     }
 }
 
-const SUPPORTED_KEYS: &[&str] = &[
+/// Every key [`AutoscalerConfig::from_data`] reads (besides `_example`, which it skips).
+pub const SUPPORTED_KEYS: &[&str] = &[
     "enable-scale-to-zero",
     "scale-to-zero-grace-period",
     "scale-to-zero-pod-retention-period",
