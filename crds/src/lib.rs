@@ -12,6 +12,7 @@ pub mod error;
 pub mod eventing;
 pub mod load;
 pub mod meta;
+pub mod queues;
 #[cfg(feature = "schema")]
 pub mod schema;
 pub mod serving;
@@ -21,5 +22,6 @@ pub use error::{FieldError, LoadError};
 pub use eventing::{Broker, Trigger};
 pub use load::{Loaded, Mode, Resource, Source, load_paths, load_str};
 pub use meta::ObjectMeta;
+pub use queues::{MqttSource, NatsSource, RedisStreamSource};
 pub use serving::Service;
 pub use sources::{GitHubSource, GitLabSource, PingSource, SourceResource};

@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
 use crate::eventing::{self, Broker, Trigger};
+use crate::queues::{self, MqttSource, NatsSource, RedisStreamSource};
 use crate::serving::{self, Service};
 use crate::sources::{self, GitHubSource, GitLabSource, PingSource, SourceResource};
 
@@ -350,6 +351,21 @@ fn typed_document(
             let source = SourceResource::GitLab(source);
             valid(source.validate(mode), Resource::Source(source), at)
         }
+        (sources::ALPHA_API_VERSION, queues::REDIS_KIND) => {
+            let source: RedisStreamSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Redis(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (queues::MECHA_API_VERSION, queues::NATS_KIND) => {
+            let source: NatsSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Nats(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (queues::MECHA_API_VERSION, queues::MQTT_KIND) => {
+            let source: MqttSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Mqtt(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
         ("v1", "ConfigMap") => {
             let map: ConfigMap = typed(value).map_err(|e| vec![at(e)])?;
             if map.metadata.name != config::NAME || map.metadata.namespace() != config::NAMESPACE {
@@ -375,7 +391,7 @@ fn typed_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}), {}, {} and {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
                 eventing::BROKER_KIND,
@@ -385,7 +401,11 @@ fn typed_document(
                 sources::API_VERSION,
                 sources::GITHUB_KIND,
                 sources::GITLAB_KIND,
+                queues::REDIS_KIND,
                 sources::ALPHA_API_VERSION,
+                queues::NATS_KIND,
+                queues::MQTT_KIND,
+                queues::MECHA_API_VERSION,
                 config::NAMESPACE,
                 config::NAME
             ),

@@ -17,6 +17,7 @@ use crate::error::FieldError;
 use crate::eventing::Destination;
 use crate::load::Mode;
 use crate::meta::ObjectMeta;
+use crate::queues::{self, MqttSource, NatsSource, RedisStreamSource};
 
 pub const API_VERSION: &str = "sources.knative.dev/v1";
 pub const PING_KIND: &str = "PingSource";
@@ -211,6 +212,9 @@ pub enum SourceResource {
     Ping(PingSource),
     GitHub(GitHubSource),
     GitLab(GitLabSource),
+    Redis(RedisStreamSource),
+    Nats(NatsSource),
+    Mqtt(MqttSource),
 }
 
 // === impl SourceResource ===
@@ -221,6 +225,9 @@ impl SourceResource {
             SourceResource::Ping(_) => PING_KIND,
             SourceResource::GitHub(_) => GITHUB_KIND,
             SourceResource::GitLab(_) => GITLAB_KIND,
+            SourceResource::Redis(_) => queues::REDIS_KIND,
+            SourceResource::Nats(_) => queues::NATS_KIND,
+            SourceResource::Mqtt(_) => queues::MQTT_KIND,
         }
     }
 
@@ -229,6 +236,9 @@ impl SourceResource {
             SourceResource::Ping(s) => &s.metadata,
             SourceResource::GitHub(s) => &s.metadata,
             SourceResource::GitLab(s) => &s.metadata,
+            SourceResource::Redis(s) => &s.metadata,
+            SourceResource::Nats(s) => &s.metadata,
+            SourceResource::Mqtt(s) => &s.metadata,
         }
     }
 
@@ -245,6 +255,9 @@ impl SourceResource {
             SourceResource::Ping(s) => &s.spec.sink,
             SourceResource::GitHub(s) => &s.spec.sink,
             SourceResource::GitLab(s) => &s.spec.sink,
+            SourceResource::Redis(s) => &s.spec.sink,
+            SourceResource::Nats(s) => &s.spec.sink,
+            SourceResource::Mqtt(s) => &s.spec.sink,
         }
     }
 
@@ -254,6 +267,9 @@ impl SourceResource {
             SourceResource::Ping(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::GitHub(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::GitLab(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Redis(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Nats(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Mqtt(s) => s.spec.ce_overrides.as_ref(),
         };
         overrides.map(|o| o.extensions.clone()).unwrap_or_default()
     }
@@ -264,6 +280,9 @@ impl SourceResource {
             SourceResource::Ping(s) => s.event_source(),
             SourceResource::GitHub(s) => s.event_source(),
             SourceResource::GitLab(s) => s.spec.project_url.clone(),
+            SourceResource::Redis(s) => s.event_source(),
+            SourceResource::Nats(s) => s.event_source(),
+            SourceResource::Mqtt(s) => s.event_source(),
         }
     }
 
@@ -272,13 +291,19 @@ impl SourceResource {
             SourceResource::Ping(s) => s.validate(),
             SourceResource::GitHub(s) => s.validate(mode),
             SourceResource::GitLab(s) => s.validate(mode),
+            SourceResource::Redis(s) => s.validate(),
+            SourceResource::Nats(s) => s.validate(),
+            SourceResource::Mqtt(s) => s.validate(),
         }
     }
 
     /// The path of a webhook source's receiver on the gateway port.
     pub fn webhook_path(&self) -> Option<String> {
         let provider = match self {
-            SourceResource::Ping(_) => return None,
+            SourceResource::Ping(_)
+            | SourceResource::Redis(_)
+            | SourceResource::Nats(_)
+            | SourceResource::Mqtt(_) => return None,
             SourceResource::GitHub(_) => "github",
             SourceResource::GitLab(_) => "gitlab",
         };
@@ -587,7 +612,10 @@ fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
-fn validate_overrides(overrides: Option<&CloudEventOverrides>, errors: &mut Vec<FieldError>) {
+pub(crate) fn validate_overrides(
+    overrides: Option<&CloudEventOverrides>,
+    errors: &mut Vec<FieldError>,
+) {
     let Some(overrides) = overrides else {
         return;
     };

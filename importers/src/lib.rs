@@ -11,7 +11,13 @@
 
 pub mod context;
 pub mod metrics;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod ping;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod runtime;
 pub mod sink;
 pub mod source;

@@ -18,7 +18,7 @@ use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::context::SourceContext;
+use crate::context::{Health, SourceContext};
 use crate::metrics::SourceMetrics;
 use crate::sink::HttpSink;
 use crate::source::{Running, SourceConfig};
@@ -54,6 +54,8 @@ struct Inner {
     sender: HttpSender,
     /// Why a source does not run, by key; absent when it does.
     problems: Mutex<HashMap<Key, String>>,
+    /// The running sources' own readiness, by key.
+    health: Mutex<HashMap<Key, Health>>,
     /// The webhook receivers, by path.
     webhooks: RwLock<HashMap<String, Arc<Receiver>>>,
 }
@@ -114,6 +116,7 @@ impl Importers {
                 state,
                 sender: HttpSender::new(),
                 problems: Mutex::default(),
+                health: Mutex::default(),
                 webhooks: RwLock::default(),
             }),
         }
@@ -149,7 +152,14 @@ impl Importers {
                     self.inner.config.ingress.port()
                 )
             }),
-            problem: self.problems().get(&key).cloned(),
+            problem: self.problems().get(&key).cloned().or_else(|| {
+                let health = self.health().get(&key).cloned()?;
+                let why = health
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                why
+            }),
             sent,
             failed,
         }
@@ -185,6 +195,13 @@ impl Importers {
                 ),
             ),
         }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Health>> {
+        self.inner
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn webhooks(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Receiver>>> {
@@ -243,6 +260,7 @@ impl Importers {
                     task.abort();
                 }
                 self.problems().remove(key);
+                self.health().remove(key);
                 if let Some(path) = run.resource.webhook_path() {
                     self.webhooks().remove(&path);
                 }
@@ -305,6 +323,7 @@ impl Importers {
             resource.extensions(),
             self.inner.metrics.clone(),
         );
+        self.health().insert(key.clone(), cx.health());
         match resource.build(cx)? {
             Running::Task(task) => Ok(Some(task)),
             Running::Webhook(receiver) => {

@@ -121,7 +121,10 @@ impl WebhookConfig {
                     })
                     .collect(),
             ),
-            SourceResource::Ping(_) => return None,
+            SourceResource::Ping(_)
+            | SourceResource::Redis(_)
+            | SourceResource::Nats(_)
+            | SourceResource::Mqtt(_) => return None,
         };
         Some(Self {
             provider,

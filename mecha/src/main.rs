@@ -142,7 +142,7 @@ enum Command {
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         files: Vec<PathBuf>,
         /// What to delete: service (ksvc, svc), broker, trigger, pingsource, githubsource,
-        /// gitlabsource.
+        /// gitlabsource, redisstreamsource, natssource, mqttsource.
         #[arg(required_unless_present = "files", requires = "name")]
         kind: Option<String>,
         /// Its name.
