@@ -46,6 +46,8 @@ pub struct RedisConfig {
     group: String,
     consumers: usize,
     source: String,
+    /// Entries pending this long with another consumer are taken over ([`CLAIM_IDLE`]).
+    claim_idle: Duration,
 }
 
 /// One stream entry: its id and its field/value pairs in order (`None` when it was deleted
@@ -74,7 +76,14 @@ impl RedisConfig {
             group: source.group(),
             consumers: usize::try_from(source.consumers()).unwrap_or(1).max(1),
             source: source.event_source(),
+            claim_idle: CLAIM_IDLE,
         })
+    }
+
+    /// Takes over other consumers' entries after `idle` instead of [`CLAIM_IDLE`] (tests).
+    pub fn with_claim_idle(mut self, idle: Duration) -> Self {
+        self.claim_idle = idle;
+        self
     }
 
     /// The event of one entry.
@@ -219,7 +228,7 @@ impl RedisConfig {
         for entry in entries {
             if entry.fields.is_some() {
                 let sent = cx
-                    .emit_acked(self.event(&entry), Some(CLAIM_IDLE / 6), || {
+                    .emit_acked(self.event(&entry), Some(self.claim_idle / 6), || {
                         // Still ours: reset its idle time so no other consumer takes it over.
                         let mut keep = conn.clone();
                         let mut claim = redis::cmd("XCLAIM");
@@ -288,7 +297,7 @@ impl RedisConfig {
             .arg(&self.stream)
             .arg(&self.group)
             .arg(consumer)
-            .arg(u64::try_from(CLAIM_IDLE.as_millis()).unwrap_or(u64::MAX))
+            .arg(u64::try_from(self.claim_idle.as_millis()).unwrap_or(u64::MAX))
             .arg(cursor)
             .arg("COUNT")
             .arg(COUNT)

@@ -154,11 +154,9 @@ impl Importers {
             }),
             problem: self.problems().get(&key).cloned().or_else(|| {
                 let health = self.health().get(&key).cloned()?;
-                let why = health
+                health
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                why
+                    .map_or_else(|p| p.into_inner().clone(), |g| g.clone())
             }),
             sent,
             failed,
