@@ -17,6 +17,11 @@ pub const MECHA_API_VERSION: &str = "sources.mecha.dev/v1alpha1";
 pub const REDIS_KIND: &str = "RedisStreamSource";
 pub const NATS_KIND: &str = "NatsSource";
 pub const MQTT_KIND: &str = "MqttSource";
+/// Knative's RedisStreamSource event type.
+pub const REDIS_EVENT_TYPE: &str = "dev.knative.sources.redisstream";
+/// Mecha's own event types.
+pub const NATS_EVENT_TYPE: &str = "dev.mecha.sources.nats";
+pub const MQTT_EVENT_TYPE: &str = "dev.mecha.sources.mqtt";
 /// Most consumers one RedisStreamSource runs.
 pub const MAX_CONSUMERS: i32 = 64;
 

@@ -59,6 +59,21 @@ pub const GITLAB_EVENTS: &[(&str, &str, &str)] = &[
     ("deployment_events", "Deployment Hook", "deployment"),
     ("releases_events", "Release Hook", "release"),
 ];
+/// Knative's event types: PingSource's...
+pub const PING_EVENT_TYPE: &str = "dev.knative.sources.ping";
+/// ...GitHubSource's, followed by the `X-GitHub-Event`...
+pub const GITHUB_TYPE_PREFIX: &str = "dev.knative.source.github.";
+/// ...and GitLabSource's, followed by the event's suffix in [`GITLAB_EVENTS`].
+pub const GITLAB_TYPE_PREFIX: &str = "dev.knative.sources.gitlab.";
+
+/// One kind of event a source sends: Knative's `status.ceAttributes` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CeAttributes {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+}
+
 /// Knative's default schedule: every minute.
 pub const DEFAULT_SCHEDULE: &str = "* * * * *";
 
@@ -283,6 +298,42 @@ impl SourceResource {
             SourceResource::Redis(s) => s.event_source(),
             SourceResource::Nats(s) => s.event_source(),
             SourceResource::Mqtt(s) => s.event_source(),
+        }
+    }
+
+    /// The types and sources of the events it sends (Knative's `status.ceAttributes`).
+    pub fn ce_attributes(&self) -> Vec<CeAttributes> {
+        let source = self.event_source();
+        let one = |kind: &str| {
+            vec![CeAttributes {
+                kind: kind.to_string(),
+                source: source.clone(),
+            }]
+        };
+        match self {
+            SourceResource::Ping(_) => one(PING_EVENT_TYPE),
+            SourceResource::GitHub(s) => s
+                .spec
+                .event_types
+                .iter()
+                .map(|event| CeAttributes {
+                    kind: format!("{GITHUB_TYPE_PREFIX}{event}"),
+                    source: source.clone(),
+                })
+                .collect(),
+            SourceResource::GitLab(s) => s
+                .spec
+                .event_types
+                .iter()
+                .filter_map(|name| GITLAB_EVENTS.iter().find(|(known, _, _)| known == name))
+                .map(|(_, _, suffix)| CeAttributes {
+                    kind: format!("{GITLAB_TYPE_PREFIX}{suffix}"),
+                    source: source.clone(),
+                })
+                .collect(),
+            SourceResource::Redis(_) => one(queues::REDIS_EVENT_TYPE),
+            SourceResource::Nats(_) => one(queues::NATS_EVENT_TYPE),
+            SourceResource::Mqtt(_) => one(queues::MQTT_EVENT_TYPE),
         }
     }
 
@@ -698,6 +749,20 @@ mod tests {
 
     fn paths(errors: Vec<FieldError>) -> Vec<String> {
         errors.into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn ce_attributes_list_each_event_type_with_the_source() {
+        let source = SourceResource::GitHub(github(&[(SECRET_ENV_ANNOTATION, "GH")], false));
+        assert_eq!(
+            source.ce_attributes(),
+            [CeAttributes {
+                kind: "dev.knative.source.github.push".into(),
+                source: "https://github.com/octo/hello".into(),
+            }]
+        );
+        let json = serde_json::to_value(&source.ce_attributes()[0]).unwrap_or_default();
+        assert_eq!(json["type"], "dev.knative.source.github.push");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::context::SourceContext;
 
-pub const EVENT_TYPE: &str = "dev.mecha.sources.mqtt";
+pub const EVENT_TYPE: &str = crds::queues::MQTT_EVENT_TYPE;
 /// Largest message accepted from the broker.
 pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// Messages the broker may have delivered and not had acknowledged (MQTT's receive maximum

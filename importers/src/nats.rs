@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::context::SourceContext;
 
-pub const EVENT_TYPE: &str = "dev.mecha.sources.nats";
+pub const EVENT_TYPE: &str = crds::queues::NATS_EVENT_TYPE;
 /// How long the server waits for an acknowledgement before it delivers a message again
 /// (reset by the progress acknowledgements sent while the sink fails), unless the source says.
 const ACK_WAIT: Duration = Duration::from_secs(30);

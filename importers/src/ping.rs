@@ -27,7 +27,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::context::SourceContext;
 
 /// Knative's event type for PingSource events.
-pub const EVENT_TYPE: &str = "dev.knative.sources.ping";
+pub const EVENT_TYPE: &str = crds::sources::PING_EVENT_TYPE;
 
 /// A PingSource, read and checked.
 #[derive(Debug, Clone)]

@@ -24,7 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::context::SourceContext;
 
-pub const EVENT_TYPE: &str = "dev.knative.sources.redisstream";
+pub const EVENT_TYPE: &str = crds::queues::REDIS_EVENT_TYPE;
 /// How long a read waits for new entries before it looks for abandoned ones again.
 const BLOCK: Duration = Duration::from_secs(5);
 /// Entries pending this long with another consumer are taken over.

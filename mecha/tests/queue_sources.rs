@@ -101,6 +101,10 @@ fn exercise(queue: &Queue<'_>, sink: &Sink) {
     dir.write("source.yaml", &queue.yaml);
     let mut mecha = Mecha::up(&[&dir.path]);
     wait_ready(&mecha);
+    assert_eq!(
+        source_json(&mecha)["ceAttributes"],
+        serde_json::json!([{"type": queue.event_type, "source": queue.event_source}])
+    );
 
     // 1. Delivered byte for byte, with the event's attributes.
     let payloads = [
