@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod autoscaling;
+pub mod bindings;
 pub mod config;
 pub mod error;
 pub mod eventing;
@@ -18,6 +19,7 @@ pub mod schema;
 pub mod serving;
 pub mod sources;
 
+pub use bindings::{ContainerSource, SinkBinding};
 pub use error::{FieldError, LoadError};
 pub use eventing::{Broker, Trigger};
 pub use load::{Loaded, Mode, Resource, Source, load_paths, load_str};

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::bindings::{self, ContainerSource, SinkBinding};
 use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
 use crate::eventing::{self, Broker, Trigger};
@@ -62,8 +63,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("serving.knative.dev/v1", "Configuration"),
     ("serving.knative.dev/v1", "Route"),
     ("serving.knative.dev/v1", "Revision"),
-    ("sources.knative.dev/v1", "SinkBinding"),
-    ("sources.knative.dev/v1", "ContainerSource"),
     ("sources.knative.dev/v1", "ApiServerSource"),
 ];
 
@@ -351,6 +350,17 @@ fn typed_document(
             let source = SourceResource::GitLab(source);
             valid(source.validate(mode), Resource::Source(source), at)
         }
+        (sources::API_VERSION, bindings::CONTAINER_KIND) => {
+            let mut source: ContainerSource = typed(value).map_err(|e| vec![at(e)])?;
+            source.anchor(&source_info.dir);
+            let source = SourceResource::Container(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::API_VERSION, bindings::BINDING_KIND) => {
+            let source: SinkBinding = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Binding(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
         (sources::ALPHA_API_VERSION, queues::REDIS_KIND) => {
             let source: RedisStreamSource = typed(value).map_err(|e| vec![at(e)])?;
             let source = SourceResource::Redis(source);
@@ -391,13 +401,15 @@ fn typed_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}), {}, {} and {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {}, {}, {} ({}), {}, {} and {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
                 eventing::BROKER_KIND,
                 eventing::TRIGGER_KIND,
                 eventing::API_VERSION,
                 sources::PING_KIND,
+                bindings::CONTAINER_KIND,
+                bindings::BINDING_KIND,
                 sources::API_VERSION,
                 sources::GITHUB_KIND,
                 sources::GITLAB_KIND,
@@ -547,10 +559,10 @@ spec:
             ),
             "{errors:?}"
         );
-        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: SinkBinding\n");
+        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: ApiServerSource\n");
         assert!(
             errors[0]
-                .contains("SinkBinding (sources.knative.dev/v1) is not supported by Mecha yet")
+                .contains("ApiServerSource (sources.knative.dev/v1) is not supported by Mecha yet")
         );
     }
 

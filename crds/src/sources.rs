@@ -13,6 +13,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
+use crate::bindings::{self, ContainerSource, SinkBinding};
 use crate::error::FieldError;
 use crate::eventing::Destination;
 use crate::load::Mode;
@@ -230,6 +231,8 @@ pub enum SourceResource {
     Redis(RedisStreamSource),
     Nats(NatsSource),
     Mqtt(MqttSource),
+    Container(ContainerSource),
+    Binding(SinkBinding),
 }
 
 // === impl SourceResource ===
@@ -243,6 +246,8 @@ impl SourceResource {
             SourceResource::Redis(_) => queues::REDIS_KIND,
             SourceResource::Nats(_) => queues::NATS_KIND,
             SourceResource::Mqtt(_) => queues::MQTT_KIND,
+            SourceResource::Container(_) => bindings::CONTAINER_KIND,
+            SourceResource::Binding(_) => bindings::BINDING_KIND,
         }
     }
 
@@ -254,6 +259,8 @@ impl SourceResource {
             SourceResource::Redis(s) => &s.metadata,
             SourceResource::Nats(s) => &s.metadata,
             SourceResource::Mqtt(s) => &s.metadata,
+            SourceResource::Container(s) => &s.metadata,
+            SourceResource::Binding(s) => &s.metadata,
         }
     }
 
@@ -273,6 +280,8 @@ impl SourceResource {
             SourceResource::Redis(s) => &s.spec.sink,
             SourceResource::Nats(s) => &s.spec.sink,
             SourceResource::Mqtt(s) => &s.spec.sink,
+            SourceResource::Container(s) => &s.spec.sink,
+            SourceResource::Binding(s) => &s.spec.sink,
         }
     }
 
@@ -285,6 +294,8 @@ impl SourceResource {
             SourceResource::Redis(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::Nats(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::Mqtt(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Container(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Binding(s) => s.spec.ce_overrides.as_ref(),
         };
         overrides.map(|o| o.extensions.clone()).unwrap_or_default()
     }
@@ -298,6 +309,8 @@ impl SourceResource {
             SourceResource::Redis(s) => s.event_source(),
             SourceResource::Nats(s) => s.event_source(),
             SourceResource::Mqtt(s) => s.event_source(),
+            // The program chooses its events' sources.
+            SourceResource::Container(_) | SourceResource::Binding(_) => String::new(),
         }
     }
 
@@ -334,6 +347,8 @@ impl SourceResource {
             SourceResource::Redis(_) => one(queues::REDIS_EVENT_TYPE),
             SourceResource::Nats(_) => one(queues::NATS_EVENT_TYPE),
             SourceResource::Mqtt(_) => one(queues::MQTT_EVENT_TYPE),
+            // Knative leaves these empty too: the program decides.
+            SourceResource::Container(_) | SourceResource::Binding(_) => Vec::new(),
         }
     }
 
@@ -345,6 +360,8 @@ impl SourceResource {
             SourceResource::Redis(s) => s.validate(),
             SourceResource::Nats(s) => s.validate(),
             SourceResource::Mqtt(s) => s.validate(),
+            SourceResource::Container(s) => s.validate(mode),
+            SourceResource::Binding(s) => s.validate(),
         }
     }
 
@@ -354,7 +371,9 @@ impl SourceResource {
             SourceResource::Ping(_)
             | SourceResource::Redis(_)
             | SourceResource::Nats(_)
-            | SourceResource::Mqtt(_) => return None,
+            | SourceResource::Mqtt(_)
+            | SourceResource::Container(_)
+            | SourceResource::Binding(_) => return None,
             SourceResource::GitHub(_) => "github",
             SourceResource::GitLab(_) => "gitlab",
         };

@@ -24,6 +24,10 @@ pub struct SourceContext {
     /// Why the running source is not ready (its server unreachable, its sink failing);
     /// `None` when it is. Read by [`Importers::status`](crate::Importers::status).
     health: Health,
+    /// The sink's URL (`K_SINK` of a program that sends the events itself).
+    sink_uri: Option<String>,
+    /// Where a ContainerSource's program runs.
+    processes: Option<Arc<dyn crate::bindings::Processes>>,
 }
 
 /// A running source's readiness, shared with whoever shows it.
@@ -53,7 +57,30 @@ impl SourceContext {
             extensions,
             metrics,
             health: Health::default(),
+            sink_uri: None,
+            processes: None,
         }
+    }
+
+    pub fn with_sink_uri(mut self, uri: String) -> Self {
+        self.sink_uri = Some(uri);
+        self
+    }
+
+    pub fn with_processes(
+        mut self,
+        processes: Option<Arc<dyn crate::bindings::Processes>>,
+    ) -> Self {
+        self.processes = processes;
+        self
+    }
+
+    pub fn sink_uri(&self) -> Option<&str> {
+        self.sink_uri.as_deref()
+    }
+
+    pub fn processes(&self) -> Option<Arc<dyn crate::bindings::Processes>> {
+        self.processes.clone()
     }
 
     /// The handle [`set_problem`](Self::set_problem) writes to.

@@ -9,6 +9,7 @@
 //! their changes; `mecha up` composes it with the gateway and the broker.
 #![forbid(unsafe_code)]
 
+pub mod bindings;
 pub mod context;
 pub mod metrics;
 #[cfg(feature = "mqtt")]
@@ -24,6 +25,7 @@ pub mod source;
 pub mod state;
 pub mod webhook;
 
+pub use bindings::Processes;
 pub use context::SourceContext;
 pub use metrics::SourceMetrics;
 pub use runtime::{Importers, ImportersConfig, SourceStatus};

@@ -38,6 +38,8 @@ pub struct ImportersConfig {
     pub delivery: Delivery,
     /// Per attempt.
     pub timeout: Duration,
+    /// Where ContainerSources' programs run (`None`: they cannot, and say so).
+    pub processes: Option<Arc<dyn crate::bindings::Processes>>,
 }
 
 /// The running sources; cheap to clone.
@@ -97,6 +99,7 @@ impl ImportersConfig {
                 format: Format::Binary,
             },
             timeout: Duration::from_secs(30),
+            processes: None,
         }
     }
 }
@@ -308,6 +311,7 @@ impl Importers {
     ) -> Result<Option<JoinHandle<()>>, String> {
         let target = self.sink(resource).map_err(|why| format!("sink: {why}"))?;
         let config = &self.inner.config;
+        let sink_uri = target.url.clone();
         let sink = HttpSink::new(
             target,
             config.delivery.clone(),
@@ -320,7 +324,9 @@ impl Importers {
             Arc::new(sink),
             resource.extensions(),
             self.inner.metrics.clone(),
-        );
+        )
+        .with_sink_uri(sink_uri)
+        .with_processes(config.processes.clone());
         self.health().insert(key.clone(), cx.health());
         match resource.build(cx)? {
             Running::Task(task) => Ok(Some(task)),

@@ -80,6 +80,20 @@ impl SourceConfig for SourceResource {
             SourceResource::Redis(s) => build_redis(s, cx),
             SourceResource::Nats(s) => build_nats(s, cx),
             SourceResource::Mqtt(s) => build_mqtt(s, cx),
+            SourceResource::Container(s) => {
+                let processes = cx
+                    .processes()
+                    .ok_or("this runtime cannot run a ContainerSource's program")?;
+                let sink = cx.sink_uri().ok_or("the sink has no URL")?.to_string();
+                Ok(Running::Task(crate::bindings::run_container(
+                    s, cx, processes, &sink,
+                )?))
+            }
+            // Its variables reach the Services it selects through `bindings::bound_env`; the
+            // source itself only waits to be stopped.
+            SourceResource::Binding(_) => Ok(Running::Task(tokio::spawn(async move {
+                cx.shutdown.clone().recv().await;
+            }))),
         }
     }
 }

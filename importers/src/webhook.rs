@@ -124,7 +124,9 @@ impl WebhookConfig {
             SourceResource::Ping(_)
             | SourceResource::Redis(_)
             | SourceResource::Nats(_)
-            | SourceResource::Mqtt(_) => return None,
+            | SourceResource::Mqtt(_)
+            | SourceResource::Container(_)
+            | SourceResource::Binding(_) => return None,
         };
         Some(Self {
             provider,

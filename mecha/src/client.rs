@@ -382,7 +382,7 @@ pub async fn delete_one(
 ) -> Result<ExitCode, ClientError> {
     let Some(kind) = resource_kind(kind) else {
         eprintln!(
-            "error: unknown kind {kind:?}: use service (ksvc, svc), broker, trigger, pingsource, githubsource, gitlabsource, redisstreamsource, natssource or mqttsource"
+            "error: unknown kind {kind:?}: use service (ksvc, svc), broker, trigger, pingsource, githubsource, gitlabsource, redisstreamsource, natssource, mqttsource, containersource or sinkbinding"
         );
         return Ok(ExitCode::from(2));
     };
@@ -431,6 +431,8 @@ fn resource_kind(word: &str) -> Option<&'static str> {
         "redisstreamsource" | "redisstreamsources" => crds::queues::REDIS_KIND,
         "natssource" | "natssources" => crds::queues::NATS_KIND,
         "mqttsource" | "mqttsources" => crds::queues::MQTT_KIND,
+        "containersource" | "containersources" => crds::bindings::CONTAINER_KIND,
+        "sinkbinding" | "sinkbindings" => crds::bindings::BINDING_KIND,
         _ => return None,
     })
 }

@@ -205,7 +205,12 @@ pub async fn run(config: UpConfig) -> ExitCode {
     // Triggers run before the gateway (and with it the ingress) takes a request.
     let importers = importers::Importers::new(
         store.subscribe_sources(),
-        importers::ImportersConfig::new(gateway_addr, DOMAIN),
+        importers::ImportersConfig {
+            processes: Some(Arc::new(crate::workloads::SupervisedProcesses::new(
+                supervisor.clone(),
+            ))),
+            ..importers::ImportersConfig::new(gateway_addr, DOMAIN)
+        },
         &registry,
     );
     let broker_task = watch_task(
@@ -254,6 +259,18 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &shutdown,
         "importers (event sources)",
         importers.clone().start(shutdown.signal()),
+    );
+    let bindings_task = watch_task(
+        &health,
+        &shutdown,
+        "sink bindings",
+        tokio::spawn(crate::workloads::follow_bindings(
+            importers.clone(),
+            store.subscribe_sources(),
+            store.subscribe(),
+            supervisor.clone(),
+            shutdown.signal(),
+        )),
     );
     let admin_router = admin::router(
         AdminState {
@@ -354,6 +371,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
     shutdown.trigger();
     let graceful = async {
         let _ = importers_task.await;
+        let _ = bindings_task.await;
         let _ = controller_task.await;
         let _ = gateway_task.await;
         // Deliveries in flight stop here; their events stay in the log for the next start.

@@ -1,0 +1,115 @@
+//! Local mode's side of ContainerSource and SinkBinding: a ContainerSource's program runs under
+//! the process supervisor (as a replica does, without probes), and SinkBindings' variables are
+//! handed to the supervisor for the Services they select.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use autoscaler::Supervisor;
+use autoscaler::serving::{RevisionSpec, ServingState, source_process};
+use crds::serving::Container;
+use importers::{Importers, SourcesState};
+use mecha_common::ShutdownSignal;
+use mecha_common::routing::ServiceKey;
+use tokio::sync::watch;
+
+/// [`importers::Processes`] on the supervisor.
+#[derive(Debug, Clone)]
+pub struct SupervisedProcesses {
+    supervisor: Supervisor,
+    running: Arc<Mutex<HashMap<(String, String), Arc<RevisionSpec>>>>,
+}
+
+impl SupervisedProcesses {
+    pub fn new(supervisor: Supervisor) -> Self {
+        Self {
+            supervisor,
+            running: Arc::default(),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<RevisionSpec>>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl importers::Processes for SupervisedProcesses {
+    fn run(&self, namespace: &str, name: &str, container: &Container, env: Vec<(String, String)>) {
+        let spec = Arc::new(source_process(namespace, name, container.clone(), env));
+        self.supervisor.set_replicas(&spec, 1);
+        self.running()
+            .insert((namespace.to_string(), name.to_string()), spec);
+    }
+
+    fn stop(&self, namespace: &str, name: &str) {
+        let spec = self
+            .running()
+            .remove(&(namespace.to_string(), name.to_string()));
+        if let Some(spec) = spec {
+            self.supervisor.set_replicas(&spec, 0);
+        }
+    }
+
+    fn problem(&self, namespace: &str, name: &str) -> Option<String> {
+        let spec = self
+            .running()
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()?;
+        let status = self.supervisor.status(&spec.name);
+        let replicas = status.map(|s| s.replicas).unwrap_or_default();
+        if replicas.iter().any(|r| r.ready) {
+            return None;
+        }
+        let last = replicas.iter().find_map(|r| {
+            r.last_exit
+                .as_ref()
+                .map(|exit| format!("{exit}; restarted {} times", r.restarts))
+        });
+        Some(match last {
+            Some(last) => format!("its process is not running (it ended: {last})"),
+            None => "its process is starting".to_string(),
+        })
+    }
+}
+
+/// Follows sources and Services: the variables of every SinkBinding reach the replicas of the
+/// Services it selects (a change replaces their replicas), until `shutdown`.
+pub async fn follow_bindings(
+    importers: Importers,
+    mut sources: watch::Receiver<Arc<SourcesState>>,
+    mut serving: watch::Receiver<Arc<ServingState>>,
+    supervisor: Supervisor,
+    shutdown: ShutdownSignal,
+) {
+    loop {
+        let state = sources.borrow_and_update().clone();
+        let services = serving.borrow_and_update().clone();
+        let listed: Vec<(String, String, std::collections::BTreeMap<String, String>)> = services
+            .services()
+            .map(|r| {
+                (
+                    r.key.namespace.clone(),
+                    r.key.name.clone(),
+                    r.service.metadata.labels.clone(),
+                )
+            })
+            .collect();
+        let bound = importers::bindings::bound_env(
+            &state,
+            listed.iter().map(|(ns, n, l)| (ns.as_str(), n.as_str(), l)),
+            |resource| importers.sink(resource).ok().map(|t| t.url),
+        );
+        let bound: HashMap<ServiceKey, Vec<(String, String)>> = bound
+            .into_iter()
+            .map(|((ns, name), env)| (ServiceKey::new(ns, name), env))
+            .collect();
+        for key in supervisor.bind_env(bound) {
+            tracing::info!(service = %format!("{}/{}", key.namespace, key.name), "the service's bound variables (K_SINK, K_CE_OVERRIDES) changed");
+        }
+        tokio::select! {
+            changed = sources.changed() => if changed.is_err() { return },
+            changed = serving.changed() => if changed.is_err() { return },
+            () = shutdown.clone().recv() => return,
+        }
+    }
+}
