@@ -6,6 +6,7 @@
 //! required in local mode`. Fields Mecha does not support are rejected by name, never silently ignored.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod autoscaling;
 pub mod bindings;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod schema;
 pub mod serving;
 pub mod sources;
 
+pub use apiserver::ApiServerSource;
 pub use bindings::{ContainerSource, SinkBinding};
 pub use error::{FieldError, LoadError};
 pub use eventing::{Broker, Trigger};

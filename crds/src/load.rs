@@ -63,7 +63,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("serving.knative.dev/v1", "Configuration"),
     ("serving.knative.dev/v1", "Route"),
     ("serving.knative.dev/v1", "Revision"),
-    ("sources.knative.dev/v1", "ApiServerSource"),
 ];
 
 // === impl Resource ===
@@ -356,6 +355,11 @@ fn typed_document(
             let source = SourceResource::Container(source);
             valid(source.validate(mode), Resource::Source(source), at)
         }
+        (sources::API_VERSION, crate::apiserver::KIND) => {
+            let source: crate::ApiServerSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::ApiServer(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
         (sources::API_VERSION, bindings::BINDING_KIND) => {
             let source: SinkBinding = typed(value).map_err(|e| vec![at(e)])?;
             let source = SourceResource::Binding(source);
@@ -401,7 +405,7 @@ fn typed_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {}, {}, {} ({}), {}, {} and {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {}, {}, {}, {} ({}), {}, {} and {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
                 eventing::BROKER_KIND,
@@ -410,6 +414,7 @@ fn typed_document(
                 sources::PING_KIND,
                 bindings::CONTAINER_KIND,
                 bindings::BINDING_KIND,
+                crate::apiserver::KIND,
                 sources::API_VERSION,
                 sources::GITHUB_KIND,
                 sources::GITLAB_KIND,
@@ -559,11 +564,8 @@ spec:
             ),
             "{errors:?}"
         );
-        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: ApiServerSource\n");
-        assert!(
-            errors[0]
-                .contains("ApiServerSource (sources.knative.dev/v1) is not supported by Mecha yet")
-        );
+        let errors = errors_of("apiVersion: serving.knative.dev/v1\nkind: Route\n");
+        assert!(errors[0].contains("Route (serving.knative.dev/v1) is not supported by Mecha yet"));
     }
 
     #[test]

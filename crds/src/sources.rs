@@ -13,6 +13,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
+use crate::apiserver::{self, ApiServerSource};
 use crate::bindings::{self, ContainerSource, SinkBinding};
 use crate::error::FieldError;
 use crate::eventing::Destination;
@@ -66,6 +67,9 @@ pub const PING_EVENT_TYPE: &str = "dev.knative.sources.ping";
 pub const GITHUB_TYPE_PREFIX: &str = "dev.knative.source.github.";
 /// ...and GitLabSource's, followed by the event's suffix in [`GITLAB_EVENTS`].
 pub const GITLAB_TYPE_PREFIX: &str = "dev.knative.sources.gitlab.";
+
+/// The `source` of a local ApiServerSource's events (Knative: the API server's URL).
+pub const API_SERVER_EVENT_SOURCE: &str = "mecha://local";
 
 /// One kind of event a source sends: Knative's `status.ceAttributes` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +237,7 @@ pub enum SourceResource {
     Mqtt(MqttSource),
     Container(ContainerSource),
     Binding(SinkBinding),
+    ApiServer(ApiServerSource),
 }
 
 // === impl SourceResource ===
@@ -248,6 +253,7 @@ impl SourceResource {
             SourceResource::Mqtt(_) => queues::MQTT_KIND,
             SourceResource::Container(_) => bindings::CONTAINER_KIND,
             SourceResource::Binding(_) => bindings::BINDING_KIND,
+            SourceResource::ApiServer(_) => apiserver::KIND,
         }
     }
 
@@ -261,6 +267,7 @@ impl SourceResource {
             SourceResource::Mqtt(s) => &s.metadata,
             SourceResource::Container(s) => &s.metadata,
             SourceResource::Binding(s) => &s.metadata,
+            SourceResource::ApiServer(s) => &s.metadata,
         }
     }
 
@@ -282,6 +289,7 @@ impl SourceResource {
             SourceResource::Mqtt(s) => &s.spec.sink,
             SourceResource::Container(s) => &s.spec.sink,
             SourceResource::Binding(s) => &s.spec.sink,
+            SourceResource::ApiServer(s) => &s.spec.sink,
         }
     }
 
@@ -296,6 +304,7 @@ impl SourceResource {
             SourceResource::Mqtt(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::Container(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::Binding(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::ApiServer(s) => s.spec.ce_overrides.as_ref(),
         };
         overrides.map(|o| o.extensions.clone()).unwrap_or_default()
     }
@@ -311,7 +320,24 @@ impl SourceResource {
             SourceResource::Mqtt(s) => s.event_source(),
             // The program chooses its events' sources.
             SourceResource::Container(_) | SourceResource::Binding(_) => String::new(),
+            SourceResource::ApiServer(_) => API_SERVER_EVENT_SOURCE.to_string(),
         }
+    }
+
+    /// The resource as written (what an ApiServerSource in mode `Resource` sends).
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = match self {
+            SourceResource::Ping(s) => serde_json::to_value(s),
+            SourceResource::GitHub(s) => serde_json::to_value(s),
+            SourceResource::GitLab(s) => serde_json::to_value(s),
+            SourceResource::Redis(s) => serde_json::to_value(s),
+            SourceResource::Nats(s) => serde_json::to_value(s),
+            SourceResource::Mqtt(s) => serde_json::to_value(s),
+            SourceResource::Container(s) => serde_json::to_value(s),
+            SourceResource::Binding(s) => serde_json::to_value(s),
+            SourceResource::ApiServer(s) => serde_json::to_value(s),
+        };
+        value.unwrap_or_default()
     }
 
     /// The types and sources of the events it sends (Knative's `status.ceAttributes`).
@@ -349,6 +375,20 @@ impl SourceResource {
             SourceResource::Mqtt(_) => one(queues::MQTT_EVENT_TYPE),
             // Knative leaves these empty too: the program decides.
             SourceResource::Container(_) | SourceResource::Binding(_) => Vec::new(),
+            SourceResource::ApiServer(s) => {
+                let prefix = if s.resource_mode() {
+                    apiserver::RESOURCE_TYPE_PREFIX
+                } else {
+                    apiserver::REF_TYPE_PREFIX
+                };
+                ["add", "update", "delete"]
+                    .iter()
+                    .map(|change| CeAttributes {
+                        kind: format!("{prefix}{change}"),
+                        source: source.clone(),
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -362,6 +402,7 @@ impl SourceResource {
             SourceResource::Mqtt(s) => s.validate(),
             SourceResource::Container(s) => s.validate(mode),
             SourceResource::Binding(s) => s.validate(),
+            SourceResource::ApiServer(s) => s.validate(),
         }
     }
 
@@ -373,7 +414,8 @@ impl SourceResource {
             | SourceResource::Nats(_)
             | SourceResource::Mqtt(_)
             | SourceResource::Container(_)
-            | SourceResource::Binding(_) => return None,
+            | SourceResource::Binding(_)
+            | SourceResource::ApiServer(_) => return None,
             SourceResource::GitHub(_) => "github",
             SourceResource::GitLab(_) => "gitlab",
         };

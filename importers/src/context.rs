@@ -28,6 +28,8 @@ pub struct SourceContext {
     sink_uri: Option<String>,
     /// Where a ContainerSource's program runs.
     processes: Option<Arc<dyn crate::bindings::Processes>>,
+    /// The resources an ApiServerSource watches.
+    objects: Option<tokio::sync::watch::Receiver<Arc<crate::apiserver::Objects>>>,
 }
 
 /// A running source's readiness, shared with whoever shows it.
@@ -59,7 +61,20 @@ impl SourceContext {
             health: Health::default(),
             sink_uri: None,
             processes: None,
+            objects: None,
         }
+    }
+
+    pub fn with_objects(
+        mut self,
+        objects: Option<tokio::sync::watch::Receiver<Arc<crate::apiserver::Objects>>>,
+    ) -> Self {
+        self.objects = objects;
+        self
+    }
+
+    pub fn objects(&self) -> Option<tokio::sync::watch::Receiver<Arc<crate::apiserver::Objects>>> {
+        self.objects.clone()
     }
 
     pub fn with_sink_uri(mut self, uri: String) -> Self {

@@ -9,6 +9,7 @@
 //! their changes; `mecha up` composes it with the gateway and the broker.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod bindings;
 pub mod context;
 pub mod metrics;

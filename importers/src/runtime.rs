@@ -40,6 +40,8 @@ pub struct ImportersConfig {
     pub timeout: Duration,
     /// Where ContainerSources' programs run (`None`: they cannot, and say so).
     pub processes: Option<Arc<dyn crate::bindings::Processes>>,
+    /// The resources ApiServerSources watch (`None`: they cannot, and say so).
+    pub objects: Option<watch::Receiver<Arc<crate::apiserver::Objects>>>,
 }
 
 /// The running sources; cheap to clone.
@@ -100,6 +102,7 @@ impl ImportersConfig {
             },
             timeout: Duration::from_secs(30),
             processes: None,
+            objects: None,
         }
     }
 }
@@ -326,7 +329,8 @@ impl Importers {
             self.inner.metrics.clone(),
         )
         .with_sink_uri(sink_uri)
-        .with_processes(config.processes.clone());
+        .with_processes(config.processes.clone())
+        .with_objects(config.objects.clone());
         self.health().insert(key.clone(), cx.health());
         match resource.build(cx)? {
             Running::Task(task) => Ok(Some(task)),

@@ -94,6 +94,14 @@ impl SourceConfig for SourceResource {
             SourceResource::Binding(_) => Ok(Running::Task(tokio::spawn(async move {
                 cx.shutdown.clone().recv().await;
             }))),
+            SourceResource::ApiServer(s) => {
+                let objects = cx
+                    .objects()
+                    .ok_or("this runtime has no resources for an ApiServerSource to watch")?;
+                Ok(Running::Task(
+                    crate::apiserver::ApiServerConfig::from_resource(s).build(cx, objects),
+                ))
+            }
         }
     }
 }

@@ -126,7 +126,8 @@ impl WebhookConfig {
             | SourceResource::Nats(_)
             | SourceResource::Mqtt(_)
             | SourceResource::Container(_)
-            | SourceResource::Binding(_) => return None,
+            | SourceResource::Binding(_)
+            | SourceResource::ApiServer(_) => return None,
         };
         Some(Self {
             provider,
