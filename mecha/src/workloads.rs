@@ -140,11 +140,14 @@ pub async fn publish_objects(
     }
 }
 
+/// The running ContainerSources' processes, by `(namespace, name)`.
+type Running = HashMap<(String, String), Arc<RevisionSpec>>;
+
 /// [`importers::Processes`] on the supervisor.
 #[derive(Debug, Clone)]
 pub struct SupervisedProcesses {
     supervisor: Supervisor,
-    running: Arc<Mutex<HashMap<(String, String), Arc<RevisionSpec>>>>,
+    running: Arc<Mutex<Running>>,
 }
 
 impl SupervisedProcesses {
@@ -155,7 +158,7 @@ impl SupervisedProcesses {
         }
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<RevisionSpec>>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
