@@ -158,3 +158,36 @@ fn a_sink_binding_gives_the_services_it_selects_k_sink_and_replaces_their_replic
         pid != bound_pid && sink.is_empty()
     });
 }
+
+#[test]
+fn bad_container_sources_bindings_and_api_server_sources_are_load_errors_naming_the_field() {
+    let dir = Workdir::new("bindings-bad");
+    let file = dir.write(
+        "bad.yaml",
+        "apiVersion: sources.knative.dev/v1\nkind: ContainerSource\nmetadata:\n  name: c\nspec:\n  template:\n    spec:\n      containers:\n        - image: x\n          env:\n            - name: K_SINK\n              value: http://elsewhere/\n  sink:\n    uri: http://127.0.0.1:1/\n---\napiVersion: sources.knative.dev/v1\nkind: SinkBinding\nmetadata:\n  name: b\nspec:\n  subject:\n    apiVersion: apps/v1\n    kind: Deployment\n    name: d\n  sink:\n    uri: http://127.0.0.1:1/\n---\napiVersion: sources.knative.dev/v1\nkind: ApiServerSource\nmetadata:\n  name: a\nspec:\n  mode: Everything\n  resources:\n    - apiVersion: v1\n      kind: Pod\n  sink:\n    uri: http://127.0.0.1:1/\n",
+    );
+    let output = std::process::Command::new(support::mecha_bin())
+        .args([
+            "up",
+            file.to_str().unwrap(),
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path.join(".state"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "document 1 (ContainerSource default/c): spec.template.spec.containers[0].command: required in local mode",
+        "document 1 (ContainerSource default/c): spec.template.spec.containers[0].env[0].name: K_SINK is set by Mecha",
+        "document 2 (SinkBinding default/b): spec.subject: Mecha binds Service (serving.knative.dev/v1) subjects, not Deployment (apps/v1)",
+        "document 3 (ApiServerSource default/a): spec.resources[0]: Pod (v1) is not a Mecha resource",
+        "document 3 (ApiServerSource default/a): spec.mode: \"Everything\" is not Reference or Resource",
+    ] {
+        assert!(stderr.contains(needle), "{needle}\n{stderr}");
+    }
+}
