@@ -43,6 +43,19 @@ if ! command -v kubectl >/dev/null 2>&1; then
   kubectl version --client >/dev/null
 fi
 
+# The queue sources' tests start real Redis and MQTT brokers and publish with their clients.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing ${missing[*]} (needed by the queue sources' tests)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
 cargo fmt --all -- --check
 # `mecha up` is what a newcomer builds first: the Kubernetes crates (and the schema feature that
 # only the CRDs need) stay out of its dependency tree, in the `k8s` crate.

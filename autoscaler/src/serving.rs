@@ -39,6 +39,9 @@ pub struct RevisionSpec {
     pub protocol: PortProtocol,
     /// Bounds of the requests callers hold while the revision has no free replica.
     pub buffer: BufferLimits,
+    /// `false` for a program that serves nothing (a ContainerSource's): not probed, ready
+    /// while it runs.
+    pub serves_requests: bool,
 }
 
 impl RevisionSpec {
@@ -343,7 +346,48 @@ impl RevisionSpec {
             container,
             workdir,
             template,
+            serves_requests: true,
         }
+    }
+}
+
+/// The process of a ContainerSource `namespace/name`, run by the supervisor like a replica
+/// (restarted with backoff, stopped with SIGTERM then SIGKILL) but never probed or routed to:
+/// revision `{name}-source-{namespace}` of a Service key of the source's name.
+pub fn source_process(
+    namespace: &str,
+    name: &str,
+    mut container: Container,
+    env: Vec<(String, String)>,
+) -> RevisionSpec {
+    container.env.extend(
+        env.into_iter()
+            .map(|(name, value)| crds::serving::EnvVar { name, value }),
+    );
+    let workdir = container
+        .working_dir
+        .as_deref()
+        .map_or_else(|| PathBuf::from("."), PathBuf::from);
+    RevisionSpec {
+        name: format!("{name}-source-{namespace}"),
+        service: ServiceKey::new(namespace, name),
+        generation: 1,
+        template: RevisionTemplate {
+            metadata: crds::serving::TemplateMeta::default(),
+            spec: crds::serving::RevisionSpec {
+                containers: vec![container.clone()],
+                container_concurrency: None,
+                timeout_seconds: None,
+            },
+        },
+        protocol: container.protocol(),
+        container,
+        workdir,
+        container_concurrency: 0,
+        timeout: Duration::from_secs(300),
+        scaling: ScalingAnnotations::default(),
+        buffer: BufferLimits::default(),
+        serves_requests: false,
     }
 }
 

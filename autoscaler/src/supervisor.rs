@@ -69,6 +69,8 @@ struct Inner {
     ports: Arc<Mutex<HashSet<u16>>>,
     /// Replica tasks still running; shutdown waits for zero.
     live: watch::Sender<usize>,
+    /// Variables added to the replicas of a Service (a SinkBinding's `K_SINK`, …).
+    bound_env: Mutex<HashMap<ServiceKey, Vec<(String, String)>>>,
     metrics: Metrics,
 }
 
@@ -165,6 +167,7 @@ impl Supervisor {
                 ever_ready: Mutex::default(),
                 ports: Arc::default(),
                 live: watch::channel(0).0,
+                bound_env: Mutex::default(),
                 metrics: Metrics::register(registry),
             }),
         }
@@ -200,6 +203,54 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Sets the variables bound to each Service's replicas (Services not named get none).
+    /// New replicas start with them; the replicas of a Service whose variables changed are
+    /// replaced: new ones are started and the old ones drained and stopped, as a scale-down
+    /// stops them. Returns the Services whose replicas were replaced.
+    pub fn bind_env(
+        &self,
+        bindings: HashMap<ServiceKey, Vec<(String, String)>>,
+    ) -> Vec<ServiceKey> {
+        let changed: Vec<ServiceKey> = {
+            let mut bound = lock(&self.inner.bound_env);
+            let keys: HashSet<&ServiceKey> = bound.keys().chain(bindings.keys()).collect();
+            let changed = keys
+                .into_iter()
+                .filter(|key| bound.get(*key) != bindings.get(*key))
+                .cloned()
+                .collect();
+            *bound = bindings;
+            changed
+        };
+        let mut revisions = lock(&self.inner.revisions);
+        for runner in revisions.values_mut() {
+            if !runner.spec.serves_requests || !changed.contains(&runner.spec.service) {
+                continue;
+            }
+            let old: Vec<_> = runner
+                .replicas
+                .iter()
+                .filter(|r| !r.is_stopping())
+                .cloned()
+                .collect();
+            if old.is_empty() {
+                continue;
+            }
+            self.inner.logs.event(
+                &runner.spec.service,
+                &runner.spec.name,
+                &runner.spec.name,
+                "replacing replicas: the variables bound to the service changed",
+            );
+            for replica in &old {
+                replica.stop.send_replace(true);
+            }
+            self.inner.scale(runner);
+            self.inner.publish(runner);
+        }
+        changed
     }
 
     /// Whether the revision has had a ready replica (Knative's Ready condition).
@@ -443,7 +494,14 @@ impl Inner {
 
     /// One replica from first start to final exit.
     async fn run_replica(self: Arc<Self>, spec: Arc<RevisionSpec>, replica: Arc<Replica>) {
-        let probe = crate::probe::for_container(&spec.container);
+        let probe = if spec.serves_requests {
+            crate::probe::for_container(&spec.container)
+        } else {
+            mecha_common::probe::ProbeSpec {
+                kind: mecha_common::probe::ProbeKind::Running,
+                ..mecha_common::probe::ProbeSpec::tcp()
+            }
+        };
         let mut stop = replica.stop.subscribe();
         let mut backoff = self.config.restart_backoff;
         loop {
@@ -453,10 +511,16 @@ impl Inner {
             let started = Instant::now();
             let spawned = PortLease::take(&self.ports, free_port).and_then(|lease| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], lease.port));
+                let bound = lock(&self.bound_env)
+                    .get(&spec.service)
+                    .filter(|_| spec.serves_requests)
+                    .cloned()
+                    .unwrap_or_default();
                 spawn_process(
                     &spec,
                     &replica.name,
                     lease.port,
+                    &bound,
                     self.config.guard.as_deref(),
                 )
                 .map(|child| (child, addr, lease))
@@ -821,6 +885,7 @@ fn spawn_process(
     spec: &RevisionSpec,
     replica: &str,
     port: u16,
+    bound: &[(String, String)],
     guard: Option<&std::path::Path>,
 ) -> std::io::Result<Child> {
     let container = &spec.container;
@@ -857,6 +922,7 @@ fn spawn_process(
         .env("K_CONFIGURATION", &spec.service.name)
         .env("K_REVISION", &spec.name)
         .env("MECHA_REPLICA", replica)
+        .envs(bound.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

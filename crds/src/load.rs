@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::bindings::{self, ContainerSource, SinkBinding};
 use crate::config::{self, AutoscalerConfig, ConfigMap};
 use crate::error::{FieldError, LoadError, Location};
 use crate::eventing::{self, Broker, Trigger};
+use crate::queues::{self, MqttSource, NatsSource, RedisStreamSource};
 use crate::serving::{self, Service};
 use crate::sources::{self, GitHubSource, GitLabSource, PingSource, SourceResource};
 
@@ -61,9 +63,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("serving.knative.dev/v1", "Configuration"),
     ("serving.knative.dev/v1", "Route"),
     ("serving.knative.dev/v1", "Revision"),
-    ("sources.knative.dev/v1", "SinkBinding"),
-    ("sources.knative.dev/v1", "ContainerSource"),
-    ("sources.knative.dev/v1", "ApiServerSource"),
 ];
 
 // === impl Resource ===
@@ -350,6 +349,37 @@ fn typed_document(
             let source = SourceResource::GitLab(source);
             valid(source.validate(mode), Resource::Source(source), at)
         }
+        (sources::API_VERSION, bindings::CONTAINER_KIND) => {
+            let mut source: ContainerSource = typed(value).map_err(|e| vec![at(e)])?;
+            source.anchor(&source_info.dir);
+            let source = SourceResource::Container(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::API_VERSION, crate::apiserver::KIND) => {
+            let source: crate::ApiServerSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::ApiServer(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::API_VERSION, bindings::BINDING_KIND) => {
+            let source: SinkBinding = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Binding(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (sources::ALPHA_API_VERSION, queues::REDIS_KIND) => {
+            let source: RedisStreamSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Redis(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (queues::MECHA_API_VERSION, queues::NATS_KIND) => {
+            let source: NatsSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Nats(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
+        (queues::MECHA_API_VERSION, queues::MQTT_KIND) => {
+            let source: MqttSource = typed(value).map_err(|e| vec![at(e)])?;
+            let source = SourceResource::Mqtt(source);
+            valid(source.validate(mode), Resource::Source(source), at)
+        }
         ("v1", "ConfigMap") => {
             let map: ConfigMap = typed(value).map_err(|e| vec![at(e)])?;
             if map.metadata.name != config::NAME || map.metadata.namespace() != config::NAMESPACE {
@@ -375,17 +405,24 @@ fn typed_document(
         (api, kind) => Err(vec![at(FieldError::new(
             "kind",
             format!(
-                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
+                "unsupported kind {kind} ({api}); Mecha understands {} ({}), {} and {} ({}), {}, {}, {}, {} ({}), {}, {} and {} ({}), {} and {} ({}) and the {}/{} ConfigMap",
                 serving::KIND,
                 serving::API_VERSION,
                 eventing::BROKER_KIND,
                 eventing::TRIGGER_KIND,
                 eventing::API_VERSION,
                 sources::PING_KIND,
+                bindings::CONTAINER_KIND,
+                bindings::BINDING_KIND,
+                crate::apiserver::KIND,
                 sources::API_VERSION,
                 sources::GITHUB_KIND,
                 sources::GITLAB_KIND,
+                queues::REDIS_KIND,
                 sources::ALPHA_API_VERSION,
+                queues::NATS_KIND,
+                queues::MQTT_KIND,
+                queues::MECHA_API_VERSION,
                 config::NAMESPACE,
                 config::NAME
             ),
@@ -527,11 +564,8 @@ spec:
             ),
             "{errors:?}"
         );
-        let errors = errors_of("apiVersion: sources.knative.dev/v1\nkind: SinkBinding\n");
-        assert!(
-            errors[0]
-                .contains("SinkBinding (sources.knative.dev/v1) is not supported by Mecha yet")
-        );
+        let errors = errors_of("apiVersion: serving.knative.dev/v1\nkind: Route\n");
+        assert!(errors[0].contains("Route (serving.knative.dev/v1) is not supported by Mecha yet"));
     }
 
     #[test]

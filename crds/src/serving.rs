@@ -317,7 +317,7 @@ impl RevisionSpec {
 // === impl Container ===
 
 impl Container {
-    fn validate(&self, path: &str, mode: Mode, errors: &mut Vec<FieldError>) {
+    pub(crate) fn validate(&self, path: &str, mode: Mode, errors: &mut Vec<FieldError>) {
         match mode {
             Mode::Local => {
                 if self.command.first().is_none_or(|c| c.trim().is_empty()) {

@@ -13,10 +13,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
+use crate::apiserver::{self, ApiServerSource};
+use crate::bindings::{self, ContainerSource, SinkBinding};
 use crate::error::FieldError;
 use crate::eventing::Destination;
 use crate::load::Mode;
 use crate::meta::ObjectMeta;
+use crate::queues::{self, MqttSource, NatsSource, RedisStreamSource};
 
 pub const API_VERSION: &str = "sources.knative.dev/v1";
 pub const PING_KIND: &str = "PingSource";
@@ -58,6 +61,24 @@ pub const GITLAB_EVENTS: &[(&str, &str, &str)] = &[
     ("deployment_events", "Deployment Hook", "deployment"),
     ("releases_events", "Release Hook", "release"),
 ];
+/// Knative's event types: PingSource's...
+pub const PING_EVENT_TYPE: &str = "dev.knative.sources.ping";
+/// ...GitHubSource's, followed by the `X-GitHub-Event`...
+pub const GITHUB_TYPE_PREFIX: &str = "dev.knative.source.github.";
+/// ...and GitLabSource's, followed by the event's suffix in [`GITLAB_EVENTS`].
+pub const GITLAB_TYPE_PREFIX: &str = "dev.knative.sources.gitlab.";
+
+/// The `source` of a local ApiServerSource's events (Knative: the API server's URL).
+pub const API_SERVER_EVENT_SOURCE: &str = "mecha://local";
+
+/// One kind of event a source sends: Knative's `status.ceAttributes` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CeAttributes {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+}
+
 /// Knative's default schedule: every minute.
 pub const DEFAULT_SCHEDULE: &str = "* * * * *";
 
@@ -211,6 +232,12 @@ pub enum SourceResource {
     Ping(PingSource),
     GitHub(GitHubSource),
     GitLab(GitLabSource),
+    Redis(RedisStreamSource),
+    Nats(NatsSource),
+    Mqtt(MqttSource),
+    Container(ContainerSource),
+    Binding(SinkBinding),
+    ApiServer(ApiServerSource),
 }
 
 // === impl SourceResource ===
@@ -221,6 +248,12 @@ impl SourceResource {
             SourceResource::Ping(_) => PING_KIND,
             SourceResource::GitHub(_) => GITHUB_KIND,
             SourceResource::GitLab(_) => GITLAB_KIND,
+            SourceResource::Redis(_) => queues::REDIS_KIND,
+            SourceResource::Nats(_) => queues::NATS_KIND,
+            SourceResource::Mqtt(_) => queues::MQTT_KIND,
+            SourceResource::Container(_) => bindings::CONTAINER_KIND,
+            SourceResource::Binding(_) => bindings::BINDING_KIND,
+            SourceResource::ApiServer(_) => apiserver::KIND,
         }
     }
 
@@ -229,6 +262,12 @@ impl SourceResource {
             SourceResource::Ping(s) => &s.metadata,
             SourceResource::GitHub(s) => &s.metadata,
             SourceResource::GitLab(s) => &s.metadata,
+            SourceResource::Redis(s) => &s.metadata,
+            SourceResource::Nats(s) => &s.metadata,
+            SourceResource::Mqtt(s) => &s.metadata,
+            SourceResource::Container(s) => &s.metadata,
+            SourceResource::Binding(s) => &s.metadata,
+            SourceResource::ApiServer(s) => &s.metadata,
         }
     }
 
@@ -245,6 +284,12 @@ impl SourceResource {
             SourceResource::Ping(s) => &s.spec.sink,
             SourceResource::GitHub(s) => &s.spec.sink,
             SourceResource::GitLab(s) => &s.spec.sink,
+            SourceResource::Redis(s) => &s.spec.sink,
+            SourceResource::Nats(s) => &s.spec.sink,
+            SourceResource::Mqtt(s) => &s.spec.sink,
+            SourceResource::Container(s) => &s.spec.sink,
+            SourceResource::Binding(s) => &s.spec.sink,
+            SourceResource::ApiServer(s) => &s.spec.sink,
         }
     }
 
@@ -254,6 +299,12 @@ impl SourceResource {
             SourceResource::Ping(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::GitHub(s) => s.spec.ce_overrides.as_ref(),
             SourceResource::GitLab(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Redis(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Nats(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Mqtt(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Container(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::Binding(s) => s.spec.ce_overrides.as_ref(),
+            SourceResource::ApiServer(s) => s.spec.ce_overrides.as_ref(),
         };
         overrides.map(|o| o.extensions.clone()).unwrap_or_default()
     }
@@ -264,6 +315,80 @@ impl SourceResource {
             SourceResource::Ping(s) => s.event_source(),
             SourceResource::GitHub(s) => s.event_source(),
             SourceResource::GitLab(s) => s.spec.project_url.clone(),
+            SourceResource::Redis(s) => s.event_source(),
+            SourceResource::Nats(s) => s.event_source(),
+            SourceResource::Mqtt(s) => s.event_source(),
+            // The program chooses its events' sources.
+            SourceResource::Container(_) | SourceResource::Binding(_) => String::new(),
+            SourceResource::ApiServer(_) => API_SERVER_EVENT_SOURCE.to_string(),
+        }
+    }
+
+    /// The resource as written (what an ApiServerSource in mode `Resource` sends).
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = match self {
+            SourceResource::Ping(s) => serde_json::to_value(s),
+            SourceResource::GitHub(s) => serde_json::to_value(s),
+            SourceResource::GitLab(s) => serde_json::to_value(s),
+            SourceResource::Redis(s) => serde_json::to_value(s),
+            SourceResource::Nats(s) => serde_json::to_value(s),
+            SourceResource::Mqtt(s) => serde_json::to_value(s),
+            SourceResource::Container(s) => serde_json::to_value(s),
+            SourceResource::Binding(s) => serde_json::to_value(s),
+            SourceResource::ApiServer(s) => serde_json::to_value(s),
+        };
+        value.unwrap_or_default()
+    }
+
+    /// The types and sources of the events it sends (Knative's `status.ceAttributes`).
+    pub fn ce_attributes(&self) -> Vec<CeAttributes> {
+        let source = self.event_source();
+        let one = |kind: &str| {
+            vec![CeAttributes {
+                kind: kind.to_string(),
+                source: source.clone(),
+            }]
+        };
+        match self {
+            SourceResource::Ping(_) => one(PING_EVENT_TYPE),
+            SourceResource::GitHub(s) => s
+                .spec
+                .event_types
+                .iter()
+                .map(|event| CeAttributes {
+                    kind: format!("{GITHUB_TYPE_PREFIX}{event}"),
+                    source: source.clone(),
+                })
+                .collect(),
+            SourceResource::GitLab(s) => s
+                .spec
+                .event_types
+                .iter()
+                .filter_map(|name| GITLAB_EVENTS.iter().find(|(known, _, _)| known == name))
+                .map(|(_, _, suffix)| CeAttributes {
+                    kind: format!("{GITLAB_TYPE_PREFIX}{suffix}"),
+                    source: source.clone(),
+                })
+                .collect(),
+            SourceResource::Redis(_) => one(queues::REDIS_EVENT_TYPE),
+            SourceResource::Nats(_) => one(queues::NATS_EVENT_TYPE),
+            SourceResource::Mqtt(_) => one(queues::MQTT_EVENT_TYPE),
+            // Knative leaves these empty too: the program decides.
+            SourceResource::Container(_) | SourceResource::Binding(_) => Vec::new(),
+            SourceResource::ApiServer(s) => {
+                let prefix = if s.resource_mode() {
+                    apiserver::RESOURCE_TYPE_PREFIX
+                } else {
+                    apiserver::REF_TYPE_PREFIX
+                };
+                ["add", "update", "delete"]
+                    .iter()
+                    .map(|change| CeAttributes {
+                        kind: format!("{prefix}{change}"),
+                        source: source.clone(),
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -272,13 +397,25 @@ impl SourceResource {
             SourceResource::Ping(s) => s.validate(),
             SourceResource::GitHub(s) => s.validate(mode),
             SourceResource::GitLab(s) => s.validate(mode),
+            SourceResource::Redis(s) => s.validate(),
+            SourceResource::Nats(s) => s.validate(),
+            SourceResource::Mqtt(s) => s.validate(),
+            SourceResource::Container(s) => s.validate(mode),
+            SourceResource::Binding(s) => s.validate(),
+            SourceResource::ApiServer(s) => s.validate(),
         }
     }
 
     /// The path of a webhook source's receiver on the gateway port.
     pub fn webhook_path(&self) -> Option<String> {
         let provider = match self {
-            SourceResource::Ping(_) => return None,
+            SourceResource::Ping(_)
+            | SourceResource::Redis(_)
+            | SourceResource::Nats(_)
+            | SourceResource::Mqtt(_)
+            | SourceResource::Container(_)
+            | SourceResource::Binding(_)
+            | SourceResource::ApiServer(_) => return None,
             SourceResource::GitHub(_) => "github",
             SourceResource::GitLab(_) => "gitlab",
         };
@@ -587,7 +724,10 @@ fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
-fn validate_overrides(overrides: Option<&CloudEventOverrides>, errors: &mut Vec<FieldError>) {
+pub(crate) fn validate_overrides(
+    overrides: Option<&CloudEventOverrides>,
+    errors: &mut Vec<FieldError>,
+) {
     let Some(overrides) = overrides else {
         return;
     };
@@ -670,6 +810,20 @@ mod tests {
 
     fn paths(errors: Vec<FieldError>) -> Vec<String> {
         errors.into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn ce_attributes_list_each_event_type_with_the_source() {
+        let source = SourceResource::GitHub(github(&[(SECRET_ENV_ANNOTATION, "GH")], false));
+        assert_eq!(
+            source.ce_attributes(),
+            [CeAttributes {
+                kind: "dev.knative.source.github.push".into(),
+                source: "https://github.com/octo/hello".into(),
+            }]
+        );
+        let json = serde_json::to_value(&source.ce_attributes()[0]).unwrap_or_default();
+        assert_eq!(json["type"], "dev.knative.source.github.push");
     }
 
     #[test]

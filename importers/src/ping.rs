@@ -27,7 +27,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::context::SourceContext;
 
 /// Knative's event type for PingSource events.
-pub const EVENT_TYPE: &str = "dev.knative.sources.ping";
+pub const EVENT_TYPE: &str = crds::sources::PING_EVENT_TYPE;
 
 /// A PingSource, read and checked.
 #[derive(Debug, Clone)]
@@ -143,7 +143,12 @@ impl PingConfig {
 /// A tick's id: a UUID-shaped digest of the source and the scheduled second, the same for
 /// every send of that tick.
 pub fn event_id(source: &str, slot: Timestamp) -> String {
-    let digest = Sha256::digest(format!("{source}\n{}", slot.as_second()).as_bytes());
+    digest_id(&format!("{source}\n{}", slot.as_second()))
+}
+
+/// A UUID-shaped SHA-256 digest of `text`: the ids sources derive.
+pub fn digest_id(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",
@@ -153,6 +158,18 @@ pub fn event_id(source: &str, slot: Timestamp) -> String {
         &hex[16..20],
         &hex[20..]
     )
+}
+
+/// An id for an event its upstream gives none that survives a redelivery: a digest of the
+/// source, the time and a counter of this process, so never the same twice.
+pub fn unique_id(source: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    digest_id(&format!(
+        "{source}\n{}\n{}\n{n}",
+        Timestamp::now().as_nanosecond(),
+        std::process::id()
+    ))
 }
 
 // === impl Clock ===

@@ -18,7 +18,7 @@ use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::context::SourceContext;
+use crate::context::{Health, SourceContext};
 use crate::metrics::SourceMetrics;
 use crate::sink::HttpSink;
 use crate::source::{Running, SourceConfig};
@@ -38,6 +38,10 @@ pub struct ImportersConfig {
     pub delivery: Delivery,
     /// Per attempt.
     pub timeout: Duration,
+    /// Where ContainerSources' programs run (`None`: they cannot, and say so).
+    pub processes: Option<Arc<dyn crate::bindings::Processes>>,
+    /// The resources ApiServerSources watch (`None`: they cannot, and say so).
+    pub objects: Option<watch::Receiver<Arc<crate::apiserver::Objects>>>,
 }
 
 /// The running sources; cheap to clone.
@@ -54,6 +58,8 @@ struct Inner {
     sender: HttpSender,
     /// Why a source does not run, by key; absent when it does.
     problems: Mutex<HashMap<Key, String>>,
+    /// The running sources' own readiness, by key.
+    health: Mutex<HashMap<Key, Health>>,
     /// The webhook receivers, by path.
     webhooks: RwLock<HashMap<String, Arc<Receiver>>>,
 }
@@ -95,6 +101,8 @@ impl ImportersConfig {
                 format: Format::Binary,
             },
             timeout: Duration::from_secs(30),
+            processes: None,
+            objects: None,
         }
     }
 }
@@ -114,6 +122,7 @@ impl Importers {
                 state,
                 sender: HttpSender::new(),
                 problems: Mutex::default(),
+                health: Mutex::default(),
                 webhooks: RwLock::default(),
             }),
         }
@@ -149,7 +158,12 @@ impl Importers {
                     self.inner.config.ingress.port()
                 )
             }),
-            problem: self.problems().get(&key).cloned(),
+            problem: self.problems().get(&key).cloned().or_else(|| {
+                let health = self.health().get(&key).cloned()?;
+                health
+                    .lock()
+                    .map_or_else(|p| p.into_inner().clone(), |g| g.clone())
+            }),
             sent,
             failed,
         }
@@ -185,6 +199,13 @@ impl Importers {
                 ),
             ),
         }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Health>> {
+        self.inner
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn webhooks(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Receiver>>> {
@@ -243,6 +264,7 @@ impl Importers {
                     task.abort();
                 }
                 self.problems().remove(key);
+                self.health().remove(key);
                 if let Some(path) = run.resource.webhook_path() {
                     self.webhooks().remove(&path);
                 }
@@ -292,6 +314,7 @@ impl Importers {
     ) -> Result<Option<JoinHandle<()>>, String> {
         let target = self.sink(resource).map_err(|why| format!("sink: {why}"))?;
         let config = &self.inner.config;
+        let sink_uri = target.url.clone();
         let sink = HttpSink::new(
             target,
             config.delivery.clone(),
@@ -304,7 +327,11 @@ impl Importers {
             Arc::new(sink),
             resource.extensions(),
             self.inner.metrics.clone(),
-        );
+        )
+        .with_sink_uri(sink_uri)
+        .with_processes(config.processes.clone())
+        .with_objects(config.objects.clone());
+        self.health().insert(key.clone(), cx.health());
         match resource.build(cx)? {
             Running::Task(task) => Ok(Some(task)),
             Running::Webhook(receiver) => {

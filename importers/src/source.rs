@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use crds::load::Mode;
 use crds::sources::SecretRef;
-use crds::{FieldError, GitHubSource, GitLabSource, PingSource, SourceResource};
+use crds::{
+    FieldError, GitHubSource, GitLabSource, MqttSource, NatsSource, PingSource, RedisStreamSource,
+    SourceResource,
+};
 use tokio::task::JoinHandle;
 
 use crate::context::SourceContext;
@@ -74,8 +77,80 @@ impl SourceConfig for SourceResource {
             SourceResource::Ping(s) => s.build(cx),
             SourceResource::GitHub(s) => s.build(cx),
             SourceResource::GitLab(s) => s.build(cx),
+            SourceResource::Redis(s) => build_redis(s, cx),
+            SourceResource::Nats(s) => build_nats(s, cx),
+            SourceResource::Mqtt(s) => build_mqtt(s, cx),
+            SourceResource::Container(s) => {
+                let processes = cx
+                    .processes()
+                    .ok_or("this runtime cannot run a ContainerSource's program")?;
+                let sink = cx.sink_uri().ok_or("the sink has no URL")?.to_string();
+                Ok(Running::Task(crate::bindings::run_container(
+                    s, cx, processes, &sink,
+                )?))
+            }
+            // Its variables reach the Services it selects through `bindings::bound_env`; the
+            // source itself only waits to be stopped.
+            SourceResource::Binding(_) => Ok(Running::Task(tokio::spawn(async move {
+                cx.shutdown.clone().recv().await;
+            }))),
+            SourceResource::ApiServer(s) => {
+                let objects = cx
+                    .objects()
+                    .ok_or("this runtime has no resources for an ApiServerSource to watch")?;
+                Ok(Running::Task(
+                    crate::apiserver::ApiServerConfig::from_resource(s).build(cx, objects),
+                ))
+            }
         }
     }
+}
+
+#[cfg(feature = "redis")]
+fn build_redis(source: &RedisStreamSource, cx: SourceContext) -> Result<Running, String> {
+    Ok(Running::Task(
+        crate::redis::RedisConfig::from_resource(source)?.build(cx),
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+fn build_redis(_: &RedisStreamSource, _: SourceContext) -> Result<Running, String> {
+    Err(not_built("redis"))
+}
+
+#[cfg(feature = "nats")]
+fn build_nats(source: &NatsSource, cx: SourceContext) -> Result<Running, String> {
+    Ok(Running::Task(
+        crate::nats::NatsConfig::from_resource(source)?.build(cx),
+    ))
+}
+
+#[cfg(not(feature = "nats"))]
+fn build_nats(_: &NatsSource, _: SourceContext) -> Result<Running, String> {
+    Err(not_built("nats"))
+}
+
+#[cfg(feature = "mqtt")]
+fn build_mqtt(source: &MqttSource, cx: SourceContext) -> Result<Running, String> {
+    Ok(Running::Task(
+        crate::mqtt::MqttConfig::from_resource(source)?.build(cx),
+    ))
+}
+
+#[cfg(not(feature = "mqtt"))]
+fn build_mqtt(_: &MqttSource, _: SourceContext) -> Result<Running, String> {
+    Err(not_built("mqtt"))
+}
+
+/// Why a queue source whose client was left out of this build does not run.
+#[cfg_attr(
+    all(feature = "redis", feature = "nats", feature = "mqtt"),
+    allow(dead_code)
+)]
+fn not_built(feature: &str) -> String {
+    format!(
+        "this mecha was built without the {feature} client: build it with `--features {feature}`"
+    )
 }
 
 /// A webhook source: its secret read from where its annotation says (the environment of

@@ -27,8 +27,8 @@ use crate::context::SourceContext;
 
 /// GitHub caps payloads at 25 MB; pushes of ordinary size are far below 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 4 << 20;
-pub const GITHUB_TYPE_PREFIX: &str = "dev.knative.source.github.";
-pub const GITLAB_TYPE_PREFIX: &str = "dev.knative.sources.gitlab.";
+pub const GITHUB_TYPE_PREFIX: &str = crds::sources::GITHUB_TYPE_PREFIX;
+pub const GITLAB_TYPE_PREFIX: &str = crds::sources::GITLAB_TYPE_PREFIX;
 
 /// A webhook secret; its `Debug` never shows it.
 #[derive(Clone)]
@@ -121,7 +121,13 @@ impl WebhookConfig {
                     })
                     .collect(),
             ),
-            SourceResource::Ping(_) => return None,
+            SourceResource::Ping(_)
+            | SourceResource::Redis(_)
+            | SourceResource::Nats(_)
+            | SourceResource::Mqtt(_)
+            | SourceResource::Container(_)
+            | SourceResource::Binding(_)
+            | SourceResource::ApiServer(_) => return None,
         };
         Some(Self {
             provider,

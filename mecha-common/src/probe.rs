@@ -21,6 +21,8 @@ pub const DEFAULT_PERIOD: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeKind {
     Tcp,
+    /// Ready while the process runs: a program that serves nothing (a ContainerSource).
+    Running,
     Http {
         path: String,
         headers: Vec<(String, String)>,
@@ -71,10 +73,13 @@ impl ProbeSpec {
 
     /// One probe of the replica at `addr`.
     pub async fn check(&self, addr: SocketAddr) -> bool {
+        if self.kind == ProbeKind::Running {
+            return true;
+        }
         let attempt = async {
             let mut stream = TcpStream::connect(addr).await.ok()?;
             match &self.kind {
-                ProbeKind::Tcp => Some(true),
+                ProbeKind::Tcp | ProbeKind::Running => Some(true),
                 ProbeKind::Http { path, headers } => {
                     http_get(&mut stream, addr, path, headers).await.ok()
                 }

@@ -197,6 +197,7 @@ pub fn source_views(
                 reason,
                 sent: status.sent,
                 failed: status.failed,
+                ce_attributes: source.ce_attributes(),
             }
         })
         .collect()

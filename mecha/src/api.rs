@@ -147,6 +147,9 @@ pub struct SourceView {
     /// Events the sink accepted, and events given up on after every retry.
     pub sent: u64,
     pub failed: u64,
+    /// The types and sources of the events it sends (Knative's `status.ceAttributes`).
+    #[serde(default)]
+    pub ce_attributes: Vec<crds::sources::CeAttributes>,
 }
 
 /// `GET /api/v1/version`.

@@ -382,7 +382,7 @@ pub async fn delete_one(
 ) -> Result<ExitCode, ClientError> {
     let Some(kind) = resource_kind(kind) else {
         eprintln!(
-            "error: unknown kind {kind:?}: use service (ksvc, svc), broker, trigger, pingsource, githubsource or gitlabsource"
+            "error: unknown kind {kind:?}: use service (ksvc, svc), broker, trigger, pingsource, githubsource, gitlabsource, redisstreamsource, natssource, mqttsource, containersource or sinkbinding"
         );
         return Ok(ExitCode::from(2));
     };
@@ -428,6 +428,11 @@ fn resource_kind(word: &str) -> Option<&'static str> {
         "pingsource" | "pingsources" => crds::sources::PING_KIND,
         "githubsource" | "githubsources" => crds::sources::GITHUB_KIND,
         "gitlabsource" | "gitlabsources" => crds::sources::GITLAB_KIND,
+        "redisstreamsource" | "redisstreamsources" => crds::queues::REDIS_KIND,
+        "natssource" | "natssources" => crds::queues::NATS_KIND,
+        "mqttsource" | "mqttsources" => crds::queues::MQTT_KIND,
+        "containersource" | "containersources" => crds::bindings::CONTAINER_KIND,
+        "sinkbinding" | "sinkbindings" => crds::bindings::BINDING_KIND,
         _ => return None,
     })
 }

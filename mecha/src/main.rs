@@ -7,6 +7,7 @@ mod client;
 mod output;
 mod store;
 mod up;
+mod workloads;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -142,7 +143,8 @@ enum Command {
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
         files: Vec<PathBuf>,
         /// What to delete: service (ksvc, svc), broker, trigger, pingsource, githubsource,
-        /// gitlabsource.
+        /// gitlabsource, redisstreamsource, natssource, mqttsource, containersource,
+        /// sinkbinding.
         #[arg(required_unless_present = "files", requires = "name")]
         kind: Option<String>,
         /// Its name.

@@ -208,10 +208,29 @@ pub async fn run(config: UpConfig) -> ExitCode {
         let broker = broker.clone();
         move || broker.problem().map(|why| format!("broker: {why}"))
     });
+    // What ApiServerSources watch: every resource, Revisions with their readiness.
+    let objects_tx = tokio::sync::watch::channel(Arc::new(importers::apiserver::Objects::new())).0;
+    let objects_task = watch_task(
+        &health,
+        &shutdown,
+        "resource feed (ApiServerSources)",
+        tokio::spawn(crate::workloads::publish_objects(
+            store.clone(),
+            supervisor.clone(),
+            objects_tx.clone(),
+            shutdown.signal(),
+        )),
+    );
     // Triggers run before the gateway (and with it the ingress) takes a request.
     let importers = importers::Importers::new(
         store.subscribe_sources(),
-        importers::ImportersConfig::new(gateway_addr, DOMAIN),
+        importers::ImportersConfig {
+            processes: Some(Arc::new(crate::workloads::SupervisedProcesses::new(
+                supervisor.clone(),
+            ))),
+            objects: Some(objects_tx.subscribe()),
+            ..importers::ImportersConfig::new(gateway_addr, DOMAIN)
+        },
         &registry,
     );
     let broker_task = watch_task(
@@ -260,6 +279,18 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &shutdown,
         "importers (event sources)",
         importers.clone().start(shutdown.signal()),
+    );
+    let bindings_task = watch_task(
+        &health,
+        &shutdown,
+        "sink bindings",
+        tokio::spawn(crate::workloads::follow_bindings(
+            importers.clone(),
+            store.subscribe_sources(),
+            store.subscribe(),
+            supervisor.clone(),
+            shutdown.signal(),
+        )),
     );
     let admin_router = admin::router(
         AdminState {
@@ -360,6 +391,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
     shutdown.trigger();
     let graceful = async {
         let _ = importers_task.await;
+        let _ = bindings_task.await;
+        let _ = objects_task.await;
         let _ = controller_task.await;
         let _ = gateway_task.await;
         // Deliveries in flight stop here; their events stay in the log for the next start.

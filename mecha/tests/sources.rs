@@ -79,6 +79,10 @@ fn ping_source_events_reach_a_subscriber_in_their_time_zone() {
     );
     assert!(tick["sent"].as_u64().unwrap() >= 3, "{tick}");
     assert_eq!(tick["failed"], 0);
+    assert_eq!(
+        tick["ceAttributes"],
+        serde_json::json!([{"type": "dev.knative.sources.ping", "source": SOURCE}])
+    );
     let table = mecha.cli(&["get", "sources"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod nats;
+pub mod servers;
 
 /// `N` distinct ports on 127.0.0.1 that were free a moment ago, for processes a test starts.
 /// All `N` are held until all are picked: a port picked and released can be handed out again
