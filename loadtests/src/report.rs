@@ -45,6 +45,9 @@ pub fn write(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, String> {
     if let Some(broker) = &results.broker {
         broker_section(&mut md, broker, dir, &caption, &mut files)?;
     }
+    if let Some(js) = &results.jetstream {
+        jetstream_section(&mut md, js);
+    }
     if let Some(tick) = &results.autoscaler_tick {
         let t = sorted(&tick.tick_ms);
         let _ = writeln!(
@@ -522,6 +525,46 @@ fn broker_section(
         );
     }
     Ok(())
+}
+
+fn jetstream_section(md: &mut String, js: &crate::results::JetStream) {
+    let _ = writeln!(
+        md,
+        "## Standalone broker on JetStream\n\n\
+         `eventing-broker` on a one-node JetStream, {} closed-loop HTTP clients for {} s per \
+         round, against {} tasks publishing the same stored bytes straight to a stream of the \
+         same settings (the baseline), alternating.\n\n\
+         | round | broker events/s | raw publish msg/s | ratio | CPU µs/event: broker, nats-server, clients | raw: nats-server, publishers |\n\
+         |---|---|---|---|---|---|",
+        js.clients, js.seconds, js.clients
+    );
+    for (i, r) in js.rounds.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.2} | {:.1}, {:.1}, {:.1} | {:.1}, {:.1} |",
+            i + 1,
+            r.broker_per_s,
+            r.raw_per_s,
+            r.broker_per_s / r.raw_per_s.max(f64::MIN_POSITIVE),
+            r.broker_cpu_us[0],
+            r.broker_cpu_us[1],
+            r.broker_cpu_us[2],
+            r.raw_cpu_us[1],
+            r.raw_cpu_us[2]
+        );
+    }
+    let s = sorted(&js.delivery.samples_us);
+    let _ = writeln!(
+        md,
+        "\nPOST → subscriber at {} events/s, one trigger: {} accepted, {} delivered, p50 {:.0} µs, \
+         p90 {:.0} µs, p99 {:.0} µs.\n",
+        js.delivery.rate_per_s,
+        js.delivery.accepted,
+        s.len(),
+        quantile(&s, 0.5),
+        quantile(&s, 0.9),
+        quantile(&s, 0.99)
+    );
 }
 
 /// At most ~400 points of the empirical CDF of sorted `samples`, up to `x_max`.

@@ -19,6 +19,8 @@ pub struct Results {
     pub scale: Option<ScaleFromZero>,
     pub broker: Option<Broker>,
     pub autoscaler_tick: Option<AutoscalerTick>,
+    #[serde(default)]
+    pub jetstream: Option<JetStream>,
     /// Benchmarks that failed in this run, each with why.
     #[serde(default)]
     pub failures: Vec<String>,
@@ -235,6 +237,27 @@ pub struct Backlog {
     pub rss_kib: u64,
     pub idle_rss_kib: u64,
     pub log_bytes: u64,
+}
+
+/// `broker-jetstream`: the standalone broker on JetStream against raw JetStream publishing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JetStream {
+    pub seconds: u64,
+    pub clients: u64,
+    pub rounds: Vec<JetStreamRound>,
+    pub delivery: Delivery,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JetStreamRound {
+    /// Events/s through the broker, each `202` after the stream's acknowledgement.
+    pub broker_per_s: f64,
+    /// Messages/s raw publishers get acknowledged (the baseline).
+    pub raw_per_s: f64,
+    /// CPU µs per event through the broker: the broker, nats-server, the HTTP clients.
+    pub broker_cpu_us: [f64; 3],
+    /// CPU µs per message of raw publishing: (unused), nats-server, the publishers.
+    pub raw_cpu_us: [f64; 3],
 }
 
 /// `autoscaler-tick`: one tick over many revisions, per pass.

@@ -81,6 +81,7 @@ fn writes_markdown_whose_plots_exist_and_are_well_formed_svg() {
         "20000 events waiting",
         "in `--quick` mode",
         "## Making your own",
+        "| 1 | 15000 | 45000 | 0.33 | 29.0, 13.5, 12.8 | 9.1, 7.2 |",
     ] {
         assert!(
             markdown.contains(needle),

@@ -68,6 +68,7 @@ const PROXY: &str = "proxy-throughput.json";
 const SCALE: &str = "scale-from-zero.json";
 const BROKER: &str = "broker.json";
 const TICK: &str = "autoscaler-tick.json";
+const JETSTREAM: &str = "broker-jetstream.json";
 
 fn run(args: &Args) -> Result<Results, String> {
     let results = match &args.from {
@@ -98,6 +99,7 @@ fn load(dir: &Path) -> Result<Results, String> {
         scale: optional(SCALE).map(|p| read_json(&p)).transpose()?,
         broker: optional(BROKER).map(|p| read_json(&p)).transpose()?,
         autoscaler_tick: optional(TICK).map(|p| read_json(&p)).transpose()?,
+        jetstream: optional(JETSTREAM).map(|p| read_json(&p)).transpose()?,
         failures: Vec::new(),
     })
 }
@@ -202,6 +204,23 @@ fn measure(args: &Args) -> Result<Results, String> {
     .args(["--json", &path(TICK)]);
     step("autoscaler-tick", tick, TICK);
 
+    // The standalone broker on JetStream, when its binary is built (it needs nats-server).
+    if bin.join("eventing-broker").is_file() {
+        let mut js = Command::new(bin.join("broker-jetstream"));
+        js.args(["--clients", "32", "--rate", "1000"])
+            .args(if q {
+                ["--seconds", "2", "--rounds", "1"]
+            } else {
+                ["--seconds", "5", "--rounds", "3"]
+            })
+            .args(["--json", &path(JETSTREAM)]);
+        step("broker-jetstream", js, JETSTREAM);
+    } else {
+        println!(
+            "== broker-jetstream skipped: build it with cargo build --release -p eventing-broker"
+        );
+    }
+
     results.machine.load_after = load_average();
     let read = |name: &str| -> Option<PathBuf> { Some(kept.join(name)).filter(|p| p.exists()) };
     results.gateway = read(GATEWAY).map(|p| read_json(&p)).transpose()?;
@@ -209,6 +228,7 @@ fn measure(args: &Args) -> Result<Results, String> {
     results.scale = read(SCALE).map(|p| read_json(&p)).transpose()?;
     results.broker = read(BROKER).map(|p| read_json(&p)).transpose()?;
     results.autoscaler_tick = read(TICK).map(|p| read_json(&p)).transpose()?;
+    results.jetstream = read(JETSTREAM).map(|p| read_json(&p)).transpose()?;
     write_json(
         &kept.join(MACHINE),
         &serde_json::json!({ "machine": results.machine, "quick": results.quick }),
