@@ -70,7 +70,7 @@ pub fn write(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, String> {
 const HOW_TO: &str = "## Making your own\n\n\
 ```sh\n\
 cargo build --release -p mecha -p activator-sidecar -p loadtests\n\
-target/release/report --quick        # a few minutes; without --quick, longer rounds (about half an hour)\n\
+target/release/report --quick        # a few minutes; without --quick, longer and repeated rounds (about ten minutes)\n\
 ```\n\n\
 It runs every benchmark of `loadtests/` with its baseline (nginx and wrk are installed from \
 Debian when missing), keeps each one's JSON in `loadtests/report/results/`, and rewrites this \
@@ -314,7 +314,9 @@ fn scale_section(
              gateway; before each, the benchmark spawns the same `python3 app.py` itself and \
              times it until its port accepts (the process start, the baseline). The platform's \
              overhead is the difference, run by run: the poke, the spawn, readiness probing, \
-             forwarding.\n\n![cold start breakdown](cold-start.svg)\n\n\
+             forwarding. A negative overhead means that run's bare start was the slower one: \
+             two starts of the same process differ by that much on this machine.\n\n\
+             ![cold start breakdown](cold-start.svg)\n\n\
              | ms | p50 | p90 | max |\n|---|---|---|---|\n\
              | process start (baseline) | {} |\n| first response through mecha | {} |\n\
              | platform overhead | {} |\n",
@@ -454,6 +456,18 @@ fn broker_section(
                 i.broker_per_s,
                 i.plain_per_s,
                 i.broker_per_s / i.plain_per_s.max(f64::MIN_POSITIVE)
+            );
+        }
+        if let Some(one) = broker
+            .ingest
+            .iter()
+            .find(|i| i.clients == 1 && i.broker_per_s > 0.0)
+        {
+            let _ = writeln!(
+                md,
+                "\nWith one client every event waits for its own group commit: {:.2} ms per \
+                 event, an upper bound on what the disk's fsync costs on this machine.",
+                1e3 / one.broker_per_s
             );
         }
         md.push('\n');
@@ -742,7 +756,8 @@ fn cold_start_chart(path: &Path, scale: &ScaleFromZero, caption: &str) -> Result
     chart
         .draw_series(runs.iter().enumerate().map(|(i, c)| {
             let x = i as f64;
-            let top = c.process_start_ms + c.platform_overhead_ms();
+            // A negative overhead (noise) draws no bar.
+            let top = c.process_start_ms + c.platform_overhead_ms().max(0.0);
             Rectangle::new([(x - 0.35, c.process_start_ms), (x + 0.35, top)], over)
         }))
         .map_err(|x| e(&x))?
