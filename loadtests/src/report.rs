@@ -225,10 +225,11 @@ fn hops_section(
         .iter()
         .map(|p| (p.name.clone(), sorted(&p.samples_us)))
         .collect();
-    // The x axis ends at the slowest path's 99th percentile: the tail beyond is in the table.
+    // The x axis ends at the slowest path's 95th percentile, where the paths differ; the tail
+    // beyond is in the table.
     let x_max = sorted_paths
         .iter()
-        .map(|(_, s)| quantile(s, 0.99))
+        .map(|(_, s)| quantile(s, 0.95))
         .fold(0.0, f64::max);
     let series: Vec<Series> = sorted_paths
         .iter()
@@ -241,7 +242,7 @@ fn hops_section(
     let path = dir.join("hop-latency-cdf.svg");
     line_chart(
         &path,
-        "Request latency per path (CDF, to the slowest path's p99)",
+        "Request latency per path (CDF, to the slowest path's p95)",
         "latency (µs)",
         "fraction of requests",
         &series,
