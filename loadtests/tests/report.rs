@@ -105,4 +105,5 @@ fn a_run_with_some_benchmarks_missing_links_only_what_it_drew() {
     }
     assert!(!dir.join("proxy-throughput.svg").exists());
     assert!(!markdown.contains("## Broker ingest"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
