@@ -9,6 +9,10 @@
 # Installs nginx and wrk from Debian when missing.
 #
 #   cargo build --release -p activator-sidecar && loadtests/proxy-throughput.sh [seconds] [connections] [rounds]
+#
+# `connections` may be a comma-separated list (`1,8,32,128`): every round then loads each proxy
+# at each count. With JSON=PATH in the environment the rounds are also written there as JSON
+# (`loadtests::results::ProxyThroughput`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10}"
@@ -80,10 +84,13 @@ ticks() {
 }
 hz=$(getconf CLK_TCK)
 
-run() { # name port pid
-  local before after out rps p50 p99 requests
+IFS=',' read -r -a connection_counts <<<"$connections"
+points=()
+run() { # name port pid [connections round]
+  local before after out rps p50 p99 requests c="${4:-${connection_counts[0]}}"
+  local threads=$(( c < 2 ? c : 2 ))   # wrk needs at least one connection per thread
   before=$(ticks "$3")
-  out=$(wrk -t2 -c"$connections" -d"${duration}s" --latency "http://127.0.0.1:$2/")
+  out=$(wrk -t"$threads" -c"$c" -d"${duration}s" --latency "http://127.0.0.1:$2/")
   after=$(ticks "$3")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -91,23 +98,26 @@ run() { # name port pid
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   local cpu_us
   cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
-  printf '%-28s %12s %10s %10s %14s\n' "$1" "$rps" "$p50" "$p99" "$cpu_us"
+  printf '%-28s %6s %12s %10s %10s %14s\n' "$1" "$c" "$rps" "$p50" "$p99" "$cpu_us"
+  points+=("$(printf '{"proxy":"%s","connections":%s,"round":%s,"requests_per_s":%s,"cpu_us_per_request":%s,"latency_p50":"%s","latency_p99":"%s"}' \
+    "$1" "$c" "${5:-1}" "$rps" "$cpu_us" "$p50" "$p99")")
   echo "$rps" > "$work/$1.rps"
   echo "$cpu_us" > "$work/$1.cpu"
 }
 
-echo "wrk -t2 -c$connections -d${duration}s per round, $rounds rounds, upstream nginx returning a static 200"
+echo "wrk -c$connections -d${duration}s per round, $rounds rounds, upstream nginx returning a static 200"
 for port in "$nginx_proxy" "$serving" "$hyper_serving"; do   # warm-up
-  wrk -t2 -c"$connections" -d2s "http://127.0.0.1:$port/" >/dev/null
+  wrk -t2 -c"${connection_counts[-1]}" -d2s "http://127.0.0.1:$port/" >/dev/null
 done
-printf '%-28s %12s %10s %10s %14s\n' "proxy" "requests/s" "p50" "p99" "CPU µs/request"
+printf '%-28s %6s %12s %10s %10s %14s\n' "proxy" "conns" "requests/s" "p50" "p99" "CPU µs/request"
 ratios=()
 capacities=()
 fast_savings=()
 for round in $(seq "$rounds"); do
-  run nginx-reverse-proxy "$nginx_proxy" "$proxy_master"
-  run mecha-inbound-sidecar "$serving" "$sidecar"
-  run mecha-inbound-hyper-only "$hyper_serving" "$hyper_sidecar"
+ for c in "${connection_counts[@]}"; do
+  run nginx-reverse-proxy "$nginx_proxy" "$proxy_master" "$c" "$round"
+  run mecha-inbound-sidecar "$serving" "$sidecar" "$c" "$round"
+  run mecha-inbound-hyper-only "$hyper_serving" "$hyper_sidecar" "$c" "$round"
   # How much less CPU per request the fast path costs than hyper alone (the fast path stays
   # only while this is at least 25%).
   fast_savings+=("$(awk -v f="$(cat "$work/mecha-inbound-sidecar.cpu")" -v h="$(cat "$work/mecha-inbound-hyper-only.cpu")" \
@@ -117,10 +127,16 @@ for round in $(seq "$rounds"); do
   # Requests per CPU-second of the proxy itself: the ratio a proxy with cores of its own sees.
   capacities+=("$(awk -v s="$(cat "$work/mecha-inbound-sidecar.cpu")" -v n="$(cat "$work/nginx-reverse-proxy.cpu")" \
     'BEGIN { printf "%.2f", n / s }')")
-  echo "round $round: sidecar/nginx ${ratios[-1]} (requests per proxy CPU-second: ${capacities[-1]}); fast path saves ${fast_savings[-1]}% CPU/request over hyper-only"
+  echo "round $round, $c connections: sidecar/nginx ${ratios[-1]} (requests per proxy CPU-second: ${capacities[-1]}); fast path saves ${fast_savings[-1]}% CPU/request over hyper-only"
+ done
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo "throughput ratio sidecar/nginx: $(median "${ratios[@]}") (median of ${ratios[*]})"
 echo "requests per proxy CPU-second, sidecar/nginx: $(median "${capacities[@]}") (median of ${capacities[*]})"
 echo "CPU per request saved by the fast path over hyper-only: $(median "${fast_savings[@]}")% (median of ${fast_savings[*]}; the fast path earns its place at 25% or more)"
 echo "sidecar idle RSS: $((idle_rss_kb / 1024)) MiB ($idle_rss_kb KiB)"
+if [ -n "${JSON:-}" ]; then
+  joined=$(IFS=,; echo "${points[*]}")
+  printf '{"seconds":%s,"rounds":%s,"sidecar_idle_rss_kib":%s,"points":[%s]}\n' \
+    "$duration" "$rounds" "$idle_rss_kb" "$joined" > "$JSON"
+fi

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod events;
+pub mod report;
+pub mod results;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

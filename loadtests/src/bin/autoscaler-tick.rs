@@ -1,7 +1,7 @@
 //! Autoscaler decision cost: one tick (a KPA decision and the scaler step) over 10,000
 //! revisions that each have a full stable window of load, timed over repeated passes.
 //!
-//! cargo run --release -p loadtests --bin autoscaler-tick [-- --revisions 10000 --passes 20]
+//! cargo run --release -p loadtests --bin autoscaler-tick [-- --revisions 10000 --passes 20 --json PATH]
 
 use std::time::{Duration, Instant};
 
@@ -12,14 +12,17 @@ use crds::config::AutoscalerConfig;
 fn main() {
     let mut revisions = 10_000usize;
     let mut passes = 20usize;
+    let mut json = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().and_then(|v| v.parse().ok());
-        match (flag.as_str(), value) {
-            ("--revisions", Some(v)) => revisions = v,
-            ("--passes", Some(v)) => passes = v,
+        let value = args.next();
+        let number = value.as_deref().and_then(|v| v.parse().ok());
+        match (flag.as_str(), number, value) {
+            ("--revisions", Some(v), _) => revisions = v,
+            ("--passes", Some(v), _) => passes = v.max(1),
+            ("--json", _, Some(path)) => json = Some(std::path::PathBuf::from(path)),
             _ => {
-                eprintln!("usage: autoscaler-tick [--revisions N] [--passes N]");
+                eprintln!("usage: autoscaler-tick [--revisions N] [--passes N] [--json PATH]");
                 std::process::exit(2);
             }
         }
@@ -55,6 +58,16 @@ fn main() {
             total += u64::from(scaler.apply(now, &decision));
         }
         times.push(started.elapsed());
+    }
+    if let Some(path) = &json {
+        let result = loadtests::results::AutoscalerTick {
+            revisions: revisions as u64,
+            tick_ms: times.iter().map(|d| d.as_secs_f64() * 1e3).collect(),
+        };
+        if let Err(error) = loadtests::results::write_json(path, &result) {
+            eprintln!("error: {error}");
+            std::process::exit(1);
+        }
     }
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;

@@ -8,7 +8,7 @@
 //!   median of the rounds' ratios.
 //! - **latency**: POST → subscriber at `--rate` events/s (open loop), one trigger.
 //!
-//! `broker-jetstream [--seconds 5] [--clients 32] [--rounds 3] [--rate 1000]`
+//! `broker-jetstream [--seconds 5] [--clients 32] [--rounds 3] [--rate 1000] [--json PATH]`
 //!
 //! Starts its own `nats-server` (JetStream, one node, a temporary store), `mecha up` as the
 //! control plane (Brokers and Triggers), and one `eventing-broker` reading them from it.
@@ -23,6 +23,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use loadtests::events::{Receiver, closed_loop, epoch, fresh_ids, post, post_client};
+use loadtests::results::{Delivery, JetStream, JetStreamRound, us, write_json};
 use loadtests::{Percentiles, Platform, main_with};
 use test_support::nats::NatsServer;
 
@@ -31,6 +32,7 @@ struct Args {
     clients: usize,
     rounds: usize,
     rate: u64,
+    json: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,6 +41,7 @@ fn parse_args() -> Result<Args, String> {
         clients: 32,
         rounds: 3,
         rate: 1000,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
             "--clients" => args.clients = number()? as usize,
             "--rounds" => args.rounds = number()?.max(1) as usize,
             "--rate" => args.rate = number()?,
+            "--json" => args.json = Some(value.clone().into()),
             other => return Err(format!("unknown flag {other}; see the file's header")),
         }
     }
@@ -247,6 +251,11 @@ async fn run(args: Args) -> Result<(), String> {
     raw_publish(&context, "BENCH_RAW", args.clients, 1, &next).await?;
     closed_loop(uri.clone(), args.clients, 1, 202).await?;
     let mut ratios = Vec::new();
+    let mut result = JetStream {
+        seconds: args.seconds,
+        clients: args.clients as u64,
+        ..JetStream::default()
+    };
     let pids = Pids {
         broker: broker.child.id(),
         nats: nats.pid().unwrap_or(0),
@@ -270,6 +279,12 @@ async fn run(args: Args) -> Result<(), String> {
             broker_cpu[0], broker_cpu[1], broker_cpu[2], raw_cpu[1], raw_cpu[2]
         );
         ratios.push(through / raw);
+        result.rounds.push(JetStreamRound {
+            broker_per_s: through,
+            raw_per_s: raw,
+            broker_cpu_us: broker_cpu,
+            raw_cpu_us: raw_cpu,
+        });
     }
     ratios.sort_by(f64::total_cmp);
     println!(
@@ -325,6 +340,15 @@ async fn run(args: Args) -> Result<(), String> {
         p.p90,
         p.p99
     );
+    result.delivery = Delivery {
+        triggers: 1,
+        rate_per_s: args.rate,
+        accepted,
+        samples_us: samples.iter().copied().map(us).collect(),
+    };
+    if let Some(path) = &args.json {
+        write_json(path, &result)?;
+    }
     drop(broker);
     drop(platform);
     let _ = std::fs::remove_dir_all(&dir);

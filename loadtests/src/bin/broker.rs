@@ -4,7 +4,11 @@
 //! - end-to-end latency from POST to subscriber at a fixed rate, with 1 and with 10 triggers;
 //! - memory of `mecha up` while a subscriber is down and 100,000 events wait in the log.
 //!
-//! `broker [--seconds 5] [--clients 32] [--rate 1000] [--backlog 100000]`
+//! `broker [--seconds 5] [--clients 32] [--rate 1000] [--backlog 100000] [--json PATH]`
+//!
+//! `--clients` takes a comma-separated list (`1,8,32,128`) for ingest at each count; the
+//! backlog uses the largest. `--backlog 0` skips the backlog. `--json PATH` also writes the
+//! results and every latency sample there (see `loadtests::results`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,11 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use loadtests::events::{Receiver, closed_loop, epoch, post, post_client};
+use loadtests::results::{Backlog, Broker as BrokerResult, Delivery, Ingest, us, write_json};
 use loadtests::{Percentiles, Platform, main_with};
 
 struct Args {
     seconds: u64,
-    clients: usize,
+    clients: Vec<usize>,
+    json: Option<PathBuf>,
     rate: u64,
     backlog: u64,
 }
@@ -25,9 +31,10 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         seconds: 5,
-        clients: 32,
+        clients: vec![32],
         rate: 1000,
         backlog: 100_000,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,7 +46,14 @@ fn parse_args() -> Result<Args, String> {
         };
         match flag.as_str() {
             "--seconds" => args.seconds = number()?,
-            "--clients" => args.clients = number()? as usize,
+            "--clients" => {
+                args.clients = value
+                    .split(',')
+                    .map(|v| v.trim().parse::<usize>().ok().filter(|&n| n > 0))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| format!("--clients: {value:?} is not a list of counts"))?
+            }
+            "--json" => args.json = Some(value.clone().into()),
             "--rate" => args.rate = number()?,
             "--backlog" => args.backlog = number()?,
             other => return Err(format!("unknown flag {other}; see the file's header")),
@@ -74,7 +88,7 @@ async fn latency(
     dir: &std::path::Path,
     triggers: usize,
     args: &Args,
-) -> Result<(), String> {
+) -> Result<Delivery, String> {
     let receiver = Receiver::default();
     let addr = receiver.start().await?;
     let file = write_yaml(dir, triggers, addr, "")?;
@@ -113,7 +127,12 @@ async fn latency(
         p.p90,
         p.p99
     );
-    Ok(())
+    Ok(Delivery {
+        triggers: triggers as u64,
+        rate_per_s: args.rate,
+        accepted,
+        samples_us: samples.iter().copied().map(us).collect(),
+    })
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -123,47 +142,74 @@ async fn run(args: Args) -> Result<(), String> {
         .with_file_name("mecha");
     let dir = std::env::temp_dir().join(format!("mecha-broker-bench-{}", std::process::id()));
 
-    // Ingest: a broker with no trigger (retention keeps the log short) vs a plain receiver.
+    // Ingest: a broker with no trigger (retention keeps the log short) vs a plain receiver,
+    // at each client count, the two back to back.
     let receiver = Receiver::default();
     let plain = receiver.start().await?;
-    let baseline = closed_loop(format!("http://{plain}/"), args.clients, args.seconds, 202).await?;
     let file = write_yaml(&dir, 0, plain, "")?;
     let platform = Platform::start(&mecha, &[file])?;
-    let ingest = closed_loop(
-        format!("http://{}/default/default", platform.gateway),
-        args.clients,
-        args.seconds,
-        202,
-    )
-    .await?;
+    let mut result = BrokerResult {
+        seconds: args.seconds,
+        ..BrokerResult::default()
+    };
+    for &clients in &args.clients {
+        let baseline = closed_loop(format!("http://{plain}/"), clients, args.seconds, 202).await?;
+        let ingest = closed_loop(
+            format!("http://{}/default/default", platform.gateway),
+            clients,
+            args.seconds,
+            202,
+        )
+        .await?;
+        println!(
+            "ingest, {clients} clients for {} s: broker {ingest:.0} events/s durable; plain receiver {baseline:.0} requests/s; ratio {:.2}",
+            args.seconds,
+            ingest / baseline
+        );
+        result.ingest.push(Ingest {
+            clients: clients as u64,
+            broker_per_s: ingest,
+            plain_per_s: baseline,
+        });
+    }
     drop(platform);
-    println!(
-        "ingest, {} clients for {} s: broker {ingest:.0} events/s durable; plain receiver {baseline:.0} requests/s; ratio {:.2}",
-        args.clients,
-        args.seconds,
-        ingest / baseline
-    );
 
-    latency(&mecha, &dir, 1, &args).await?;
-    latency(&mecha, &dir, 10, &args).await?;
+    result.delivery.push(latency(&mecha, &dir, 1, &args).await?);
+    result
+        .delivery
+        .push(latency(&mecha, &dir, 10, &args).await?);
+    if args.backlog > 0 {
+        result.backlog = Some(backlog(&mecha, &dir, &args).await?);
+    }
+    if let Some(path) = &args.json {
+        write_json(path, &result)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
 
+async fn backlog(
+    mecha: &std::path::Path,
+    dir: &std::path::Path,
+    args: &Args,
+) -> Result<Backlog, String> {
     // Backlog: the subscriber is down; events pile up in the log, not in memory.
     let receiver = Receiver::default();
     receiver.down.store(true, Ordering::Relaxed);
     let addr = receiver.start().await?;
     let file = write_yaml(
-        &dir,
+        dir,
         1,
         addr,
         "  delivery:\n    retry: 100\n    backoffPolicy: linear\n    backoffDelay: PT10S\n",
     )?;
-    let platform = Platform::start(&mecha, &[file])?;
+    let platform = Platform::start(mecha, &[file])?;
     let idle = platform.rss_kib();
     let client = post_client();
     let uri = format!("http://{}/default/default", platform.gateway);
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..args.clients {
+    for _ in 0..args.clients.iter().copied().max().unwrap_or(32) {
         let (client, uri, next) = (client.clone(), uri.clone(), next.clone());
         let backlog = args.backlog;
         tasks.push(tokio::spawn(async move {
@@ -193,8 +239,12 @@ async fn run(args: Args) -> Result<(), String> {
         log as f64 / 1_048_576.0
     );
     drop(platform);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(Backlog {
+        events: args.backlog,
+        rss_kib: loaded,
+        idle_rss_kib: idle,
+        log_bytes: log,
+    })
 }
 
 #[tokio::main]

@@ -8,10 +8,14 @@
 //! cargo build --release -p mecha -p activator-sidecar -p loadtests
 //! target/release/gateway-latency [--requests 5000] [--rate 1000] [--mecha target/release/mecha]
 //!     [--sidecar target/release/activator-sidecar] [--example examples/hello-python --service hello]
+//!     [--json PATH]
+//!
+//! `--json PATH` also writes every sample of every path there (see `loadtests::results`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use loadtests::results::{GatewayLatency, PathSamples, us, write_json};
 use loadtests::{Percentiles, Platform, client, free_ports, get};
 
 struct Args {
@@ -21,6 +25,7 @@ struct Args {
     example: PathBuf,
     service: String,
     requests: usize,
+    json: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,6 +37,7 @@ fn parse_args() -> Result<Args, String> {
         example: root.join("examples/hello-python"),
         service: "hello".into(),
         requests: 5000,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--example" => args.example = value.into(),
             "--service" => args.service = value,
+            "--json" => args.json = Some(value.into()),
             "--requests" => {
                 args.requests = value
                     .parse()
@@ -131,6 +138,23 @@ async fn run(args: Args) -> Result<(), String> {
             get(&http, *addr, &host, "/").await?;
             samples[path].push(t.elapsed());
         }
+    }
+    if let Some(path) = &args.json {
+        let names = ["direct", "gateway", "inbound sidecar", "nginx"];
+        let result = GatewayLatency {
+            service: args.service.clone(),
+            rate: args.rate,
+            up_to_first_200_ms: first_ok.as_secs_f64() * 1e3,
+            paths: names
+                .iter()
+                .zip(&samples)
+                .map(|(name, samples)| PathSamples {
+                    name: (*name).into(),
+                    samples_us: samples.iter().copied().map(us).collect(),
+                })
+                .collect(),
+        };
+        write_json(path, &result)?;
     }
     let mut percentiles = samples.iter_mut().map(|s| Percentiles::of(s));
     let (Some(d), Some(g), Some(i)) = (percentiles.next(), percentiles.next(), percentiles.next())
