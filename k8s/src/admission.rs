@@ -25,23 +25,31 @@ pub fn service(service: &Service) -> Option<Condition> {
 }
 
 pub fn broker(broker: &Broker) -> Option<Condition> {
-    let local = crds::Broker {
+    refuse(local_broker(broker).validate())
+}
+
+pub fn trigger(trigger: &Trigger) -> Option<Condition> {
+    refuse(local_trigger(trigger).validate())
+}
+
+/// The cluster's Broker as the `crds` type the broker runtime reads.
+pub fn local_broker(broker: &Broker) -> crds::Broker {
+    crds::Broker {
         api_version: crds::eventing::API_VERSION.into(),
         kind: crds::eventing::BROKER_KIND.into(),
         metadata: local_meta(&broker.metadata),
         spec: broker.spec.0.clone(),
-    };
-    refuse(local.validate())
+    }
 }
 
-pub fn trigger(trigger: &Trigger) -> Option<Condition> {
-    let local = crds::Trigger {
+/// The cluster's Trigger as the `crds` type the broker runtime reads.
+pub fn local_trigger(trigger: &Trigger) -> crds::Trigger {
+    crds::Trigger {
         api_version: crds::eventing::API_VERSION.into(),
         kind: crds::eventing::TRIGGER_KIND.into(),
         metadata: local_meta(&trigger.metadata),
         spec: trigger.spec.0.clone(),
-    };
-    refuse(local.validate())
+    }
 }
 
 /// The part of Kubernetes' metadata that users write, as local mode reads it.

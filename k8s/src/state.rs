@@ -28,7 +28,7 @@ use mecha_common::admin::Health;
 use tokio::sync::watch;
 
 use crate::actuator::{EverReady, Running};
-use crate::crd::{Revision, Service};
+use crate::crd::{Broker, Revision, Service, Trigger};
 use crate::desired::{CONFIGURATION_GENERATION_LABEL, REVISION_LABEL, SERVICE_LABEL};
 
 /// The ConfigMap of the autoscaler's defaults, in the autoscaler's namespace.
@@ -467,6 +467,99 @@ pub async fn run(
             last_problems = problems;
         }
         state_tx.send_if_modified(|current| {
+            if **current == next {
+                false
+            } else {
+                *current = Arc::new(next);
+                true
+            }
+        });
+    }
+}
+
+/// Brokers and Triggers as the broker replicas read them from the control plane
+/// (`GET /api/v1/eventing/watch`): every Broker and Trigger the cluster has, as the `crds`
+/// types, except those admission refuses (their `Ready` condition says why; the reconciler
+/// writes it).
+pub fn eventing_state(
+    brokers: &[Arc<Broker>],
+    triggers: &[Arc<Trigger>],
+) -> crds::eventing::EventingState {
+    let mut state = crds::eventing::EventingState::default();
+    for broker in brokers {
+        let local = crate::admission::local_broker(broker);
+        if local.validate().is_empty() {
+            state.apply_broker(local);
+        }
+    }
+    for trigger in triggers {
+        let local = crate::admission::local_trigger(trigger);
+        if local.validate().is_empty() {
+            state.apply_trigger(local);
+        }
+    }
+    state
+}
+
+/// Keeps `eventing_tx` current from the Broker and Trigger CRDs in every namespace until
+/// shutdown; nothing is published until both have listed once (until then the control
+/// plane's eventing watch answers as not ready), and a failing watch is retried with
+/// backoff, keeping the last state.
+pub async fn run_eventing(
+    client: kube::Client,
+    eventing_tx: watch::Sender<Arc<crds::eventing::EventingState>>,
+    caches: Caches,
+    shutdown: ShutdownSignal,
+) {
+    let flags = [caches.register("brokers"), caches.register("triggers")];
+    let kinds = ["Brokers", "Triggers"];
+    let (brokers, brokers_writer) = reflector::store::<Broker>();
+    let (triggers, triggers_writer) = reflector::store::<Trigger>();
+    let brokers_events = watcher::watcher(
+        Api::<Broker>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(brokers_writer)
+    .map(|e| (0usize, e.map(|e| matches!(e, Event::InitDone))));
+    let triggers_events = watcher::watcher(Api::<Trigger>::all(client), watcher::Config::default())
+        .default_backoff()
+        .reflect(triggers_writer)
+        .map(|e| (1usize, e.map(|e| matches!(e, Event::InitDone))));
+    let events =
+        futures_util::stream::select_all([brokers_events.boxed(), triggers_events.boxed()])
+            .ready_chunks(1024);
+    tokio::pin!(events);
+    let stop = shutdown.recv();
+    tokio::pin!(stop);
+    loop {
+        let batch = tokio::select! {
+            batch = events.next() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+            () = &mut stop => return,
+        };
+        for (which, event) in batch {
+            match event {
+                Ok(init_done) => {
+                    flags[which].set_error(None);
+                    if init_done {
+                        flags[which].set_synced();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "watching {} failed; keeping the last state and retrying", kinds[which]);
+                    flags[which].set_error(Some(format!("watching {}: {error}", kinds[which])));
+                }
+            }
+        }
+        if !flags.iter().all(CacheFlag::is_synced) {
+            continue;
+        }
+        let next = eventing_state(&brokers.state(), &triggers.state());
+        // Each change is a line to every broker replica: only real changes are sent.
+        eventing_tx.send_if_modified(|current| {
             if **current == next {
                 false
             } else {

@@ -166,3 +166,60 @@ fn config_domain_gives_the_default_domain_in_knatives_format() {
     let (state, _) = serving_state(&[service("default")], &[], None, Some(&config));
     assert_eq!(state.domain(), Some("fn.example.org"));
 }
+
+fn broker(namespace: &str, name: &str) -> Arc<k8s::crd::Broker> {
+    Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "eventing.knative.dev/v1",
+            "kind": "Broker",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {},
+        }))
+        .expect("a Broker"),
+    )
+}
+
+fn trigger(name: &str, cesql: &str) -> Arc<k8s::crd::Trigger> {
+    Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "eventing.knative.dev/v1",
+            "kind": "Trigger",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "broker": "default",
+                "filters": [{"cesql": cesql}],
+                "subscriber": {"uri": "http://sink.default.svc/"},
+            },
+        }))
+        .expect("a Trigger"),
+    )
+}
+
+#[test]
+fn brokers_and_triggers_for_the_broker_replicas_leave_out_what_admission_refuses() {
+    let state = k8s::state::eventing_state(
+        &[broker("default", "default"), broker("team-b", "orders")],
+        &[
+            trigger("good", "type = 'a'"),
+            trigger("bad", "type = 'a' AND"),
+        ],
+    );
+    let keys: Vec<_> = state.brokers.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [
+            ("default".to_string(), "default".to_string()),
+            ("team-b".to_string(), "orders".to_string())
+        ]
+    );
+    let triggers: Vec<_> = state
+        .triggers
+        .keys()
+        .map(|(_, name)| name.clone())
+        .collect();
+    assert_eq!(triggers, ["good"]);
+    // The trigger as the broker runtime reads it: the cluster's spec, unchanged.
+    let good = &state.triggers[&("default".to_string(), "good".to_string())];
+    assert_eq!(good.spec.broker, "default");
+    assert_eq!(good.metadata.namespace.as_deref(), Some("default"));
+}

@@ -315,7 +315,15 @@ async fn run(
         k8s::status::DEFAULT_DOMAIN,
         &registry,
     );
-    let api_state = controller.api(shutdown.signal());
+    // Brokers and Triggers for the broker replicas, from this replica's own watches.
+    let (eventing_tx, eventing_rx) = watch::channel(Arc::default());
+    let eventing_task = tokio::spawn(k8s::state::run_eventing(
+        client.clone(),
+        eventing_tx,
+        caches.clone(),
+        shutdown.signal(),
+    ));
+    let api_state = controller.api(shutdown.signal()).with_eventing(eventing_rx);
     let controller_task = tokio::spawn(controller.run(shutdown.signal()));
 
     // The reconcilers, while leading.
@@ -352,6 +360,7 @@ async fn run(
     for (name, task) in [
         ("desired state", state_task),
         ("endpoints", endpoints_task),
+        ("brokers and triggers", eventing_task),
         ("controller", controller_task),
         ("reconcilers", leader_task),
     ] {
