@@ -265,7 +265,7 @@ impl EventBroker {
                 .insert(TTL.into(), cesql::Value::Integer(ttl));
             stored.push(Record {
                 key: dedup_key(&event),
-                data: event.to_json_bytes(),
+                data: crate::record::encode(&event),
             });
         }
         if stored.is_empty() {
@@ -744,11 +744,8 @@ fn delivery_failed(finished: Result<(), tokio::task::JoinError>) -> Result<(), S
 }
 
 /// An event as stored; an unreadable one is logged and skipped (it can never be delivered).
-fn decode(trigger: &str, seq: u64, bytes: &[u8]) -> Option<Event> {
-    let event = serde_json::from_slice(bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|json| Event::from_json(json).map_err(|e| e.to_string()));
-    match event {
+fn decode(trigger: &str, seq: u64, bytes: &bytes::Bytes) -> Option<Event> {
+    match crate::record::decode(bytes) {
         Ok(event) => Some(event),
         Err(error) => {
             tracing::error!(%trigger, seq, %error, "skipping an unreadable event in the log");
