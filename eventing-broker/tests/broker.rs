@@ -777,3 +777,43 @@ mod jetstream_only {
         task.await.unwrap();
     }
 }
+
+/// A trigger whose subscriber answers slowly does not hold back another trigger of the same
+/// broker: the fast one has every event while the slow one is still working through them,
+/// and the slow one still gets all of them in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_trigger_does_not_hold_back_a_fast_one() {
+    each_backend("slow-fast", |backend| async move {
+        let (fast, got_fast) = subscriber().await;
+        let (slow, got_slow) = support::slow_subscriber(Duration::from_millis(100)).await;
+        let shutdown = mecha_common::Shutdown::new();
+        let registry = Registry::new();
+        let log = backend.open().await;
+        let running = broker(log.clone(), state(&[fast, slow]), &registry);
+        let task = running.clone().start(shutdown.signal()).await;
+        for batch in 0..10 {
+            let events = (0..20)
+                .map(|i| event(&format!("{}", batch * 20 + i)))
+                .collect();
+            running.ingest("default", "b", events).await.unwrap();
+        }
+        until("200 events at the fast trigger", || {
+            counts(&got_fast).len() == 200
+        })
+        .await;
+        // 8 deliveries at a time, 100 ms each: the slow one needs 2.5 s for all 200.
+        let slow_then = counts(&got_slow).len();
+        assert!(
+            slow_then < 200,
+            "{}: the slow trigger had {slow_then} when the fast one finished",
+            backend.name
+        );
+        until("200 events at the slow trigger", || {
+            counts(&got_slow).len() == 200
+        })
+        .await;
+        shutdown.trigger();
+        task.await.unwrap();
+    })
+    .await;
+}
