@@ -3,7 +3,8 @@
 //!
 //! Attributes keep the CloudEvents type they arrived with (structured mode can carry Integer
 //! and Boolean extensions; binary-mode headers are always strings), because CESQL filters see
-//! those types. The log stores events in structured JSON, which keeps the types.
+//! those types. The log stores events as [`crate::record`]s, which keep the types and the data
+//! as it arrived.
 
 use std::collections::BTreeMap;
 
