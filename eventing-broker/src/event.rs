@@ -71,6 +71,14 @@ impl Event {
         self.attributes.get(name).map(ToString::to_string)
     }
 
+    /// A String attribute's value, borrowed (`None` for other types or when absent).
+    pub fn text(&self, name: &str) -> Option<&str> {
+        match self.attributes.get(name) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     pub fn set(&mut self, name: &str, value: impl Into<String>) {
         self.attributes
             .insert(name.to_string(), Value::String(value.into()));
@@ -97,19 +105,19 @@ impl Event {
                 }
             }
         }
-        if self.string("specversion").as_deref() != Some("1.0") {
+        let specversion = self.text("specversion").unwrap_or_default();
+        if specversion != "1.0" {
             return invalid(format!(
-                "specversion {:?} is not supported; Mecha reads CloudEvents 1.0",
-                self.string("specversion").unwrap_or_default()
+                "specversion {specversion:?} is not supported; Mecha reads CloudEvents 1.0"
             ));
         }
-        if let Some(source) = self.string("source")
+        if let Some(source) = self.text("source")
             && source.chars().any(char::is_whitespace)
         {
             return invalid(format!("source {source:?} is not a URI-reference"));
         }
-        if let Some(time) = self.string("time")
-            && !is_rfc3339(&time)
+        if let Some(time) = self.text("time")
+            && !is_rfc3339(time)
         {
             return invalid(format!("time {time:?} is not an RFC 3339 timestamp"));
         }
@@ -359,11 +367,17 @@ impl Event {
                 }
                 continue;
             }
-            let Ok(header_name) = http::HeaderName::from_bytes(format!("ce-{name}").as_bytes())
-            else {
+            let mut header_name = String::with_capacity(3 + name.len());
+            header_name.push_str("ce-");
+            header_name.push_str(name);
+            let Ok(header_name) = http::HeaderName::try_from(header_name) else {
                 continue;
             };
-            if let Ok(v) = HeaderValue::from_str(&percent_encode(&value.to_string())) {
+            let encoded = match value {
+                Value::String(s) => percent_encode(s),
+                other => percent_encode(&other.to_string()),
+            };
+            if let Ok(v) = HeaderValue::try_from(encoded) {
                 headers.insert(header_name, v);
             }
         }
@@ -451,14 +465,22 @@ fn is_text(content_type: Option<&str>) -> bool {
 /// printable ASCII (as UTF-8 bytes).
 pub fn percent_encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
+    percent_encode_into(&mut out, value);
+    out
+}
+
+/// [`percent_encode`], appending to `out`.
+pub fn percent_encode_into(out: &mut String, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for byte in value.bytes() {
         if byte == b' ' || byte == b'"' || byte == b'%' || !(0x21..=0x7e).contains(&byte) {
-            out.push_str(&format!("%{byte:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
         } else {
-            out.push(byte as char);
+            out.push(char::from(byte));
         }
     }
-    out
 }
 
 /// Decodes `%XY` sequences once and requires the result to be UTF-8.

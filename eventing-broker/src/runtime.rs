@@ -539,11 +539,15 @@ fn cursor_key(trigger: &Trigger) -> String {
 /// makes unique together. Percent-encoded (no spaces, no control characters), so the space
 /// between them is unambiguous and the key fits a header.
 fn dedup_key(event: &Event) -> String {
-    format!(
-        "{} {}",
-        crate::event::percent_encode(&event.string("source").unwrap_or_default()),
-        crate::event::percent_encode(&event.id())
-    )
+    let (source, id) = (
+        event.text("source").unwrap_or_default(),
+        event.text("id").unwrap_or_default(),
+    );
+    let mut key = String::with_capacity(source.len() + id.len() + 1);
+    crate::event::percent_encode_into(&mut key, source);
+    key.push(' ');
+    crate::event::percent_encode_into(&mut key, id);
+    key
 }
 
 /// Runs a trigger's dispatch loop in a task of its own and starts it again when it fails (an
