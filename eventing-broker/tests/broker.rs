@@ -817,3 +817,56 @@ async fn a_slow_trigger_does_not_hold_back_a_fast_one() {
     })
     .await;
 }
+
+/// An `events.redb` whose events were stored before the record format (each event
+/// re-serialized as structured JSON, as brokers until then wrote it) still delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_log_of_json_records_still_delivers() {
+    const OLD: [&str; 2] = [
+        r#"{"data":{"a":1,"b":[1,2]},"datacontenttype":"application/json","id":"old-1","knativebrokerttl":254,"source":"/s","specversion":"1.0","type":"t"}"#,
+        r#"{"data_base64":"AJ//","datacontenttype":"application/octet-stream","id":"old-2","knativebrokerttl":254,"note":"café","source":"/s","specversion":"1.0","type":"t"}"#,
+    ];
+    let dir = TempDir::new("json-records");
+    let path = dir.0.join("events.redb");
+    let (addr, seen) = support::raw_subscriber().await;
+    {
+        let log = RedbLog::open(&path).unwrap();
+        // The trigger existed when the events were accepted.
+        drop(
+            EventLog::consumer(&log, "default/b", "default/b/t0")
+                .await
+                .unwrap(),
+        );
+        log.append(
+            "default/b",
+            OLD.iter().map(|r| r.as_bytes().to_vec()).collect(),
+        )
+        .await
+        .unwrap();
+        log.close();
+    }
+    let shutdown = mecha_common::Shutdown::new();
+    let registry = Registry::new();
+    let log: Arc<dyn EventLog> = Arc::new(RedbLog::open(&path).unwrap());
+    let running = broker(log, state(&[addr]), &registry);
+    let task = running.clone().start(shutdown.signal()).await;
+    until("both old events delivered", || {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    let find = |id: &str| {
+        seen.iter()
+            .find(|s| s.header("ce-id") == Some(id.as_bytes()))
+            .unwrap_or_else(|| panic!("{id} not delivered"))
+            .clone()
+    };
+    let first = find("old-1");
+    assert_eq!(first.body, br#"{"a":1,"b":[1,2]}"#);
+    assert_eq!(first.header("content-type"), Some(&b"application/json"[..]));
+    let second = find("old-2");
+    assert_eq!(second.body, [0, 0x9f, 0xff]);
+    assert_eq!(second.header("ce-note"), Some(&b"caf%C3%A9"[..]));
+    shutdown.trigger();
+    task.await.unwrap();
+}
