@@ -13,7 +13,7 @@ use std::time::Duration;
 
 #[cfg(feature = "jetstream")]
 use eventing_broker::log::jetstream::{JetStreamConfig, JetStreamLog};
-use eventing_broker::log::{Consumer, EventLog, Fault, Message, Record, RedbLog};
+use eventing_broker::log::{Consumer, EventLog, Fault, Message, Record, RedbLog, RedbOptions};
 use eventing_broker::{BrokerConfig, Event, EventBroker, EventingState};
 use prometheus::Registry;
 use tokio::sync::watch;
@@ -439,7 +439,15 @@ async fn every_event_reaches_every_trigger_and_a_restart_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_trigger_is_not_ready_with_the_reason_and_recovers() {
     let dir = TempDir::new("failing");
-    let log = RedbLog::open(&dir.0.join("events.redb")).unwrap();
+    // No in-memory tail: every read goes to the file, whose failure this test injects.
+    let log = RedbLog::open_with(
+        &dir.0.join("events.redb"),
+        RedbOptions {
+            tail_bytes: 0,
+            ..RedbOptions::default()
+        },
+    )
+    .unwrap();
     let (addr, received) = subscriber().await;
     let registry = Registry::new();
     let broker = broker(Arc::new(log.clone()), state(&[addr]), &registry);
