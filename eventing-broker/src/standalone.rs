@@ -76,7 +76,7 @@ pub struct StandaloneConfig {
     pub drain_timeout: Duration,
     /// `SIDECAR_FAST_PATH` (`true`).
     pub fast_path: bool,
-    /// `BROKER_TAIL_BYTES` (16 MiB) and `BROKER_LOG_CACHE_BYTES` (32 MiB): the embedded log's
+    /// `BROKER_TAIL_BYTES` (4 MiB) and `BROKER_LOG_CACHE_BYTES` (8 MiB): the embedded log's
     /// memory (its in-memory tail of recent events, its page cache).
     pub redb: RedbOptions,
     /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`,
@@ -151,12 +151,12 @@ impl StandaloneConfig {
         (
             "--tail-bytes",
             "BROKER_TAIL_BYTES",
-            "embedded log: bytes of recent events kept in memory, from which every trigger takes new events without reading the file (16777216)",
+            "embedded log: bytes of recent events kept in memory, from which every trigger takes new events without reading the file (4194304)",
         ),
         (
             "--log-cache-bytes",
             "BROKER_LOG_CACHE_BYTES",
-            "embedded log: the store's page cache in bytes, at least 1048576 (33554432)",
+            "embedded log: the store's page cache in bytes, at least 1048576 (8388608)",
         ),
         settings::FAST_PATH_HELP,
     ];

@@ -50,8 +50,8 @@ pub struct RedbOptions {
 impl Default for RedbOptions {
     fn default() -> Self {
         Self {
-            tail_bytes: 16 << 20,
-            cache_bytes: 32 << 20,
+            tail_bytes: 4 << 20,
+            cache_bytes: 8 << 20,
         }
     }
 }
