@@ -106,8 +106,10 @@ impl Tail {
         if *first > after.saturating_add(1) {
             return None;
         }
+        // Sequences in the queue are contiguous: the position is arithmetic, not a walk.
         let skip = usize::try_from(after.saturating_add(1) - first).ok()?;
-        Some(queue.iter().skip(skip).take(max).cloned().collect())
+        let end = skip.saturating_add(max).min(queue.len());
+        Some(queue.range(skip.min(end)..end).cloned().collect())
     }
 }
 
