@@ -3,7 +3,8 @@
 //!
 //! Attributes keep the CloudEvents type they arrived with (structured mode can carry Integer
 //! and Boolean extensions; binary-mode headers are always strings), because CESQL filters see
-//! those types. The log stores events in structured JSON, which keeps the types.
+//! those types. The log stores events as [`crate::record`]s, which keep the types and the data
+//! as it arrived.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +13,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use cesql::Value;
 use http::{HeaderMap, HeaderValue, header};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
+use serde_json::value::RawValue;
 
 pub const STRUCTURED: &str = "application/cloudevents+json";
 pub const BATCH: &str = "application/cloudevents-batch+json";
@@ -26,7 +28,13 @@ const REQUIRED: [&str; 4] = ["id", "source", "specversion", "type"];
 pub struct Event {
     /// Context attributes and extensions, by name (`datacontenttype` included).
     pub attributes: BTreeMap<String, Value>,
+    /// The data as binary mode carries it (the HTTP body).
     pub data: Option<Bytes>,
+    /// The JSON text of structured mode's `data` member exactly as it arrived, when the event
+    /// arrived that way: structured delivery writes it back unchanged. It shares its bytes with
+    /// `data` unless `data` is a JSON string of a non-JSON content type (then `data` is the
+    /// string's text). Whoever changes `data` clears it.
+    pub json_data: Option<Bytes>,
 }
 
 /// Why a request or a reply is not a valid CloudEvent.
@@ -55,11 +63,20 @@ impl Event {
         Self {
             attributes,
             data: None,
+            json_data: None,
         }
     }
 
     pub fn string(&self, name: &str) -> Option<String> {
         self.attributes.get(name).map(ToString::to_string)
+    }
+
+    /// A String attribute's value, borrowed (`None` for other types or when absent).
+    pub fn text(&self, name: &str) -> Option<&str> {
+        match self.attributes.get(name) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
     }
 
     pub fn set(&mut self, name: &str, value: impl Into<String>) {
@@ -88,19 +105,19 @@ impl Event {
                 }
             }
         }
-        if self.string("specversion").as_deref() != Some("1.0") {
+        let specversion = self.text("specversion").unwrap_or_default();
+        if specversion != "1.0" {
             return invalid(format!(
-                "specversion {:?} is not supported; Mecha reads CloudEvents 1.0",
-                self.string("specversion").unwrap_or_default()
+                "specversion {specversion:?} is not supported; Mecha reads CloudEvents 1.0"
             ));
         }
-        if let Some(source) = self.string("source")
+        if let Some(source) = self.text("source")
             && source.chars().any(char::is_whitespace)
         {
             return invalid(format!("source {source:?} is not a URI-reference"));
         }
-        if let Some(time) = self.string("time")
-            && !is_rfc3339(&time)
+        if let Some(time) = self.text("time")
+            && !is_rfc3339(time)
         {
             return invalid(format!("time {time:?} is not an RFC 3339 timestamp"));
         }
@@ -124,65 +141,106 @@ impl Event {
 
     // --- structured JSON ---
 
-    /// The event as a structured-mode JSON object.
+    /// The event as a structured-mode JSON object (for tests and diagnostics).
     pub fn to_json(&self) -> Json {
-        let mut object = Map::new();
-        for (name, value) in &self.attributes {
-            object.insert(
-                name.clone(),
-                match value {
-                    Value::String(s) => Json::String(s.clone()),
-                    Value::Integer(i) => Json::from(*i),
-                    Value::Boolean(b) => Json::Bool(*b),
-                },
-            );
-        }
-        if let Some(data) = &self.data {
-            let content_type = self.content_type();
-            let json_data = is_json(content_type.as_deref())
-                .then(|| serde_json::from_slice::<Json>(data).ok())
-                .flatten();
-            match (json_data, std::str::from_utf8(data)) {
-                (Some(value), _) => {
-                    object.insert("data".into(), value);
-                }
-                (None, Ok(text)) if is_text(content_type.as_deref()) => {
-                    object.insert("data".into(), Json::String(text.to_string()));
-                }
-                _ => {
-                    object.insert("data_base64".into(), Json::String(BASE64.encode(data)));
-                }
-            }
-        }
-        Json::Object(object)
+        serde_json::from_slice(&self.to_json_bytes()).unwrap_or(Json::Null)
     }
 
+    /// The event in structured mode. Data that arrived as structured `data` is written back as
+    /// the JSON text that arrived; binary-mode data as that text when it is JSON of a JSON
+    /// content type, as a string when it is text, and as `data_base64` otherwise.
     pub fn to_json_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.to_json()).unwrap_or_default()
+        let data_len = self.data.as_ref().map_or(0, |d| d.len() * 4 / 3 + 16);
+        let mut out = Vec::with_capacity(64 + 32 * self.attributes.len() + data_len);
+        out.push(b'{');
+        let mut first = true;
+        let mut member = |out: &mut Vec<u8>, name: &str| {
+            if !std::mem::take(&mut first) {
+                out.push(b',');
+            }
+            write_json_string(out, name);
+            out.push(b':');
+        };
+        for (name, value) in &self.attributes {
+            member(&mut out, name);
+            match value {
+                Value::String(s) => write_json_string(&mut out, s),
+                Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+                Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            }
+        }
+        match (&self.json_data, &self.data) {
+            (Some(raw), _) => {
+                member(&mut out, "data");
+                out.extend_from_slice(raw);
+            }
+            (None, Some(data)) => {
+                let content_type = self.content_type();
+                let is_json_text = is_json(content_type.as_deref())
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok();
+                match std::str::from_utf8(data) {
+                    _ if is_json_text => {
+                        member(&mut out, "data");
+                        out.extend_from_slice(data);
+                    }
+                    Ok(text) if is_text(content_type.as_deref()) => {
+                        member(&mut out, "data");
+                        write_json_string(&mut out, text);
+                    }
+                    _ => {
+                        member(&mut out, "data_base64");
+                        out.push(b'"');
+                        out.extend_from_slice(BASE64.encode(data).as_bytes());
+                        out.push(b'"');
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        out.push(b'}');
+        out
     }
 
     /// Reads one structured-mode JSON object (not yet validated).
     pub fn from_json(value: Json) -> Result<Self, EventError> {
-        let Json::Object(object) = value else {
-            return Err(EventError::Invalid(
-                "a structured CloudEvent must be a JSON object".into(),
-            ));
-        };
+        let text = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+        Self::from_structured(&text)
+    }
+
+    /// Reads one structured-mode event from its JSON text (not yet validated). The `data`
+    /// member is kept as the text that arrived (a slice of `text`, not a copy).
+    pub fn from_structured(text: &Bytes) -> Result<Self, EventError> {
+        let raw: &RawValue = parse_json(text)?;
+        Self::from_raw(text, raw)
+    }
+
+    /// One structured event whose JSON text `raw` lies inside `body`.
+    fn from_raw(body: &Bytes, raw: &RawValue) -> Result<Self, EventError> {
+        let members: Vec<(String, &RawValue)> =
+            match serde_json::from_str::<RawObject<'_>>(raw.get()) {
+                Ok(object) => object.0,
+                Err(_) => {
+                    return Err(EventError::Invalid(
+                        "a structured CloudEvent must be a JSON object".into(),
+                    ));
+                }
+            };
         let mut attributes = BTreeMap::new();
         let mut data = None;
-        let mut data_json = None;
-        for (name, value) in object {
+        let mut data_json: Option<&RawValue> = None;
+        for (name, value) in members {
             match name.as_str() {
                 "data" => data_json = Some(value),
                 "data_base64" => {
-                    let Json::String(encoded) = value else {
-                        return Err(EventError::Invalid("data_base64 must be a string".into()));
-                    };
+                    let encoded: String = serde_json::from_str(value.get())
+                        .map_err(|_| EventError::Invalid("data_base64 must be a string".into()))?;
                     data = Some(Bytes::from(BASE64.decode(encoded.as_bytes()).map_err(
                         |e| EventError::Invalid(format!("data_base64 is not base64: {e}")),
                     )?));
                 }
                 _ => {
+                    let value: Json = serde_json::from_str(value.get())
+                        .map_err(|e| EventError::Invalid(format!("attribute {name}: {e}")))?;
                     let value = match value {
                         // A null attribute is an absent one.
                         Json::Null => continue,
@@ -207,24 +265,24 @@ impl Event {
                 }
             }
         }
-        if let Some(value) = data_json {
+        let mut json_data = None;
+        if let Some(value) = data_json.filter(|v| v.get() != "null") {
             if data.is_some() {
                 return Err(EventError::Invalid(
                     "an event carries data or data_base64, not both".into(),
                 ));
             }
+            let raw = body.slice_ref(value.get().as_bytes());
             let content_type = attributes.get("datacontenttype").map(ToString::to_string);
-            data = match value {
-                Json::Null => None,
-                // Text data of a non-JSON content type travels as a JSON string.
-                Json::String(text) if !is_json(content_type.as_deref()) => {
-                    Some(Bytes::from(text.into_bytes()))
-                }
-                other => Some(Bytes::from(serde_json::to_vec(&other).unwrap_or_default())),
-            };
+            data = Some(json_data_bytes(&raw, content_type.as_deref())?);
+            json_data = Some(raw);
             // Missing datacontenttype with JSON `data` means application/json.
         }
-        Ok(Self { attributes, data })
+        Ok(Self {
+            attributes,
+            data,
+            json_data,
+        })
     }
 
     // --- HTTP binding ---
@@ -238,17 +296,15 @@ impl Event {
             .unwrap_or("");
         let media = media_type(content_type);
         if media.starts_with(BATCH) {
-            let value: Json = parse_json(body)?;
-            let Json::Array(items) = value else {
-                return Err(EventError::Invalid(
-                    "a batch must be a JSON array of events".into(),
-                ));
-            };
+            let raw: &RawValue = parse_json(body)?;
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+                EventError::Invalid("a batch must be a JSON array of events".into())
+            })?;
             return items
                 .into_iter()
                 .enumerate()
                 .map(|(i, item)| {
-                    Self::from_json(item)
+                    Self::from_raw(body, item)
                         .map_err(|e| EventError::Invalid(format!("event {i} of the batch: {e}")))
                 })
                 .collect();
@@ -259,7 +315,7 @@ impl Event {
                     "event format {media} is not supported; use {STRUCTURED}, {BATCH} or binary mode"
                 )));
             }
-            return Ok(vec![Self::from_json(parse_json(body)?)?]);
+            return Ok(vec![Self::from_structured(body)?]);
         }
         Self::from_binary(headers, body).map(|e| vec![e])
     }
@@ -297,6 +353,7 @@ impl Event {
         Ok(Self {
             attributes,
             data: (!body.is_empty()).then(|| body.clone()),
+            json_data: None,
         })
     }
 
@@ -310,11 +367,17 @@ impl Event {
                 }
                 continue;
             }
-            let Ok(header_name) = http::HeaderName::from_bytes(format!("ce-{name}").as_bytes())
-            else {
+            let mut header_name = String::with_capacity(3 + name.len());
+            header_name.push_str("ce-");
+            header_name.push_str(name);
+            let Ok(header_name) = http::HeaderName::try_from(header_name) else {
                 continue;
             };
-            if let Ok(v) = HeaderValue::from_str(&percent_encode(&value.to_string())) {
+            let encoded = match value {
+                Value::String(s) => percent_encode(s),
+                other => percent_encode(&other.to_string()),
+            };
+            if let Ok(v) = HeaderValue::try_from(encoded) {
                 headers.insert(header_name, v);
             }
         }
@@ -322,9 +385,55 @@ impl Event {
     }
 }
 
-fn parse_json(body: &Bytes) -> Result<Json, EventError> {
+fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, EventError> {
     serde_json::from_slice(body)
         .map_err(|e| EventError::Invalid(format!("the body is not valid JSON: {e}")))
+}
+
+/// A structured `data` member's value as binary mode carries it: a JSON string of a non-JSON
+/// content type is its text; any other JSON value is its JSON text, unchanged.
+pub(crate) fn json_data_bytes(
+    raw: &Bytes,
+    content_type: Option<&str>,
+) -> Result<Bytes, EventError> {
+    if raw.first() == Some(&b'"') && !is_json(content_type) {
+        let text: String =
+            serde_json::from_slice(raw).map_err(|e| EventError::Invalid(format!("data: {e}")))?;
+        return Ok(Bytes::from(text.into_bytes()));
+    }
+    Ok(raw.clone())
+}
+
+/// Writes `text` as a JSON string.
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// A JSON object's members in order, values unparsed.
+struct RawObject<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for RawObject<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Members<'a> {
+            type Value = RawObject<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(member) = map.next_entry::<String, &'a RawValue>()? {
+                    members.push(member);
+                }
+                Ok(RawObject(members))
+            }
+        }
+        deserializer.deserialize_map(Members(std::marker::PhantomData))
+    }
 }
 
 fn is_json(content_type: Option<&str>) -> bool {
@@ -356,14 +465,22 @@ fn is_text(content_type: Option<&str>) -> bool {
 /// printable ASCII (as UTF-8 bytes).
 pub fn percent_encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
+    percent_encode_into(&mut out, value);
+    out
+}
+
+/// [`percent_encode`], appending to `out`.
+pub fn percent_encode_into(out: &mut String, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for byte in value.bytes() {
         if byte == b' ' || byte == b'"' || byte == b'%' || !(0x21..=0x7e).contains(&byte) {
-            out.push_str(&format!("%{byte:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
         } else {
-            out.push(byte as char);
+            out.push(char::from(byte));
         }
     }
-    out
 }
 
 /// Decodes `%XY` sequences once and requires the result to be UTF-8.

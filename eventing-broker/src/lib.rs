@@ -16,6 +16,7 @@ pub mod filter;
 pub mod ingress;
 pub mod log;
 pub mod metrics;
+pub mod record;
 pub mod runtime;
 #[cfg(feature = "standalone")]
 pub mod standalone;

@@ -31,7 +31,7 @@ use bytes::Bytes;
 pub mod jetstream;
 pub mod redb;
 
-pub use self::redb::{Fault, Progress, RedbLog};
+pub use self::redb::{Fault, Progress, RedbLog, RedbOptions};
 
 /// What every log operation returns: boxed, so that the trait stays usable as `dyn EventLog`.
 pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LogError>> + Send + 'a>>;

@@ -265,7 +265,7 @@ impl EventBroker {
                 .insert(TTL.into(), cesql::Value::Integer(ttl));
             stored.push(Record {
                 key: dedup_key(&event),
-                data: event.to_json_bytes(),
+                data: crate::record::encode(&event),
             });
         }
         if stored.is_empty() {
@@ -539,11 +539,15 @@ fn cursor_key(trigger: &Trigger) -> String {
 /// makes unique together. Percent-encoded (no spaces, no control characters), so the space
 /// between them is unambiguous and the key fits a header.
 fn dedup_key(event: &Event) -> String {
-    format!(
-        "{} {}",
-        crate::event::percent_encode(&event.string("source").unwrap_or_default()),
-        crate::event::percent_encode(&event.id())
-    )
+    let (source, id) = (
+        event.text("source").unwrap_or_default(),
+        event.text("id").unwrap_or_default(),
+    );
+    let mut key = String::with_capacity(source.len() + id.len() + 1);
+    crate::event::percent_encode_into(&mut key, source);
+    key.push(' ');
+    crate::event::percent_encode_into(&mut key, id);
+    key
 }
 
 /// Runs a trigger's dispatch loop in a task of its own and starts it again when it fails (an
@@ -744,11 +748,8 @@ fn delivery_failed(finished: Result<(), tokio::task::JoinError>) -> Result<(), S
 }
 
 /// An event as stored; an unreadable one is logged and skipped (it can never be delivered).
-fn decode(trigger: &str, seq: u64, bytes: &[u8]) -> Option<Event> {
-    let event = serde_json::from_slice(bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|json| Event::from_json(json).map_err(|e| e.to_string()));
-    match event {
+fn decode(trigger: &str, seq: u64, bytes: &bytes::Bytes) -> Option<Event> {
+    match crate::record::decode(bytes) {
         Ok(event) => Some(event),
         Err(error) => {
             tracing::error!(%trigger, seq, %error, "skipping an unreadable event in the log");

@@ -43,6 +43,7 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::log::RedbOptions;
 use crate::log::jetstream::{JetStreamConfig, JetStreamLog};
 use crate::runtime::MIN_EVENT_SIZE;
 use crate::{BrokerConfig, EventBroker, EventLog, EventingState, RedbLog};
@@ -75,6 +76,9 @@ pub struct StandaloneConfig {
     pub drain_timeout: Duration,
     /// `SIDECAR_FAST_PATH` (`true`).
     pub fast_path: bool,
+    /// `BROKER_TAIL_BYTES` (4 MiB) and `BROKER_LOG_CACHE_BYTES` (8 MiB): the embedded log's
+    /// memory (its in-memory tail of recent events, its page cache).
+    pub redb: RedbOptions,
     /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`,
     /// `SIDECAR_MAX_CONNECTIONS`: the ingress listener's limits.
     pub limits: Limits,
@@ -143,6 +147,16 @@ impl StandaloneConfig {
             "--drain-timeout",
             "DRAIN_TIMEOUT",
             "after SIGTERM: time for ingress requests, then for deliveries in flight (30s)",
+        ),
+        (
+            "--tail-bytes",
+            "BROKER_TAIL_BYTES",
+            "embedded log: bytes of recent events kept in memory, from which every trigger takes new events without reading the file (4194304)",
+        ),
+        (
+            "--log-cache-bytes",
+            "BROKER_LOG_CACHE_BYTES",
+            "embedded log: the store's page cache in bytes, at least 1048576 (8388608)",
         ),
         settings::FAST_PATH_HELP,
     ];
@@ -237,6 +251,26 @@ impl StandaloneConfig {
             delivery_timeout,
             drain_timeout: settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?,
             fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
+            redb: RedbOptions {
+                tail_bytes: settings::number(
+                    &get,
+                    "BROKER_TAIL_BYTES",
+                    RedbOptions::default().tail_bytes,
+                    |_| Ok(()),
+                )?,
+                cache_bytes: settings::number(
+                    &get,
+                    "BROKER_LOG_CACHE_BYTES",
+                    RedbOptions::default().cache_bytes,
+                    |n| {
+                        if *n >= 1 << 20 {
+                            Ok(())
+                        } else {
+                            Err("must be at least 1048576".into())
+                        }
+                    },
+                )?,
+            },
             limits: settings::limits(&get)?,
         })
     }
@@ -254,7 +288,7 @@ pub async fn run(
     let own_ingress = ingress
         .local_addr()
         .map_err(|e| format!("the ingress listener's address: {e}"))?;
-    let log = open_log(&config.event_log).await?;
+    let log = open_log(&config.event_log, config.redb).await?;
     let registry = Registry::new();
     let health = Health::default();
     let (state_tx, state_rx) = watch::channel(Arc::new(EventingState::default()));
@@ -467,7 +501,10 @@ async fn resolve_gateway(gateway: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("BROKER_GATEWAY_ADDR={gateway}: resolves to no address"))
 }
 
-async fn open_log(setting: &EventLogSetting) -> Result<Arc<dyn EventLog>, String> {
+async fn open_log(
+    setting: &EventLogSetting,
+    redb: RedbOptions,
+) -> Result<Arc<dyn EventLog>, String> {
     match setting {
         EventLogSetting::JetStream(config) => {
             let servers = config.servers.clone();
@@ -477,7 +514,8 @@ async fn open_log(setting: &EventLogSetting) -> Result<Arc<dyn EventLog>, String
             Ok(Arc::new(log))
         }
         EventLogSetting::File(path) => {
-            let log = RedbLog::open(path).map_err(|e| format!("BROKER_EVENT_LOG: {e}"))?;
+            let log =
+                RedbLog::open_with(path, redb).map_err(|e| format!("BROKER_EVENT_LOG: {e}"))?;
             Ok(Arc::new(log))
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 #[cfg(feature = "jetstream")]
 use eventing_broker::log::jetstream::{JetStreamConfig, JetStreamLog};
-use eventing_broker::log::{Consumer, EventLog, Fault, Message, Record, RedbLog};
+use eventing_broker::log::{Consumer, EventLog, Fault, Message, Record, RedbLog, RedbOptions};
 use eventing_broker::{BrokerConfig, Event, EventBroker, EventingState};
 use prometheus::Registry;
 use tokio::sync::watch;
@@ -439,7 +439,15 @@ async fn every_event_reaches_every_trigger_and_a_restart_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_trigger_is_not_ready_with_the_reason_and_recovers() {
     let dir = TempDir::new("failing");
-    let log = RedbLog::open(&dir.0.join("events.redb")).unwrap();
+    // No in-memory tail: every read goes to the file, whose failure this test injects.
+    let log = RedbLog::open_with(
+        &dir.0.join("events.redb"),
+        RedbOptions {
+            tail_bytes: 0,
+            ..RedbOptions::default()
+        },
+    )
+    .unwrap();
     let (addr, received) = subscriber().await;
     let registry = Registry::new();
     let broker = broker(Arc::new(log.clone()), state(&[addr]), &registry);
@@ -776,4 +784,97 @@ mod jetstream_only {
         shutdown.trigger();
         task.await.unwrap();
     }
+}
+
+/// A trigger whose subscriber answers slowly does not hold back another trigger of the same
+/// broker: the fast one has every event while the slow one is still working through them,
+/// and the slow one still gets all of them in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_trigger_does_not_hold_back_a_fast_one() {
+    each_backend("slow-fast", |backend| async move {
+        let (fast, got_fast) = subscriber().await;
+        let (slow, got_slow) = support::slow_subscriber(Duration::from_millis(100)).await;
+        let shutdown = mecha_common::Shutdown::new();
+        let registry = Registry::new();
+        let log = backend.open().await;
+        let running = broker(log.clone(), state(&[fast, slow]), &registry);
+        let task = running.clone().start(shutdown.signal()).await;
+        for batch in 0..10 {
+            let events = (0..20)
+                .map(|i| event(&format!("{}", batch * 20 + i)))
+                .collect();
+            running.ingest("default", "b", events).await.unwrap();
+        }
+        until("200 events at the fast trigger", || {
+            counts(&got_fast).len() == 200
+        })
+        .await;
+        // 8 deliveries at a time, 100 ms each: the slow one needs 2.5 s for all 200.
+        let slow_then = counts(&got_slow).len();
+        assert!(
+            slow_then < 200,
+            "{}: the slow trigger had {slow_then} when the fast one finished",
+            backend.name
+        );
+        until("200 events at the slow trigger", || {
+            counts(&got_slow).len() == 200
+        })
+        .await;
+        shutdown.trigger();
+        task.await.unwrap();
+    })
+    .await;
+}
+
+/// An `events.redb` whose events were stored before the record format (each event
+/// re-serialized as structured JSON, as brokers until then wrote it) still delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_log_of_json_records_still_delivers() {
+    const OLD: [&str; 2] = [
+        r#"{"data":{"a":1,"b":[1,2]},"datacontenttype":"application/json","id":"old-1","knativebrokerttl":254,"source":"/s","specversion":"1.0","type":"t"}"#,
+        r#"{"data_base64":"AJ//","datacontenttype":"application/octet-stream","id":"old-2","knativebrokerttl":254,"note":"café","source":"/s","specversion":"1.0","type":"t"}"#,
+    ];
+    let dir = TempDir::new("json-records");
+    let path = dir.0.join("events.redb");
+    let (addr, seen) = support::raw_subscriber().await;
+    {
+        let log = RedbLog::open(&path).unwrap();
+        // The trigger existed when the events were accepted.
+        drop(
+            EventLog::consumer(&log, "default/b", "default/b/t0")
+                .await
+                .unwrap(),
+        );
+        log.append(
+            "default/b",
+            OLD.iter().map(|r| r.as_bytes().to_vec()).collect(),
+        )
+        .await
+        .unwrap();
+        log.close();
+    }
+    let shutdown = mecha_common::Shutdown::new();
+    let registry = Registry::new();
+    let log: Arc<dyn EventLog> = Arc::new(RedbLog::open(&path).unwrap());
+    let running = broker(log, state(&[addr]), &registry);
+    let task = running.clone().start(shutdown.signal()).await;
+    until("both old events delivered", || {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    let find = |id: &str| {
+        seen.iter()
+            .find(|s| s.header("ce-id") == Some(id.as_bytes()))
+            .unwrap_or_else(|| panic!("{id} not delivered"))
+            .clone()
+    };
+    let first = find("old-1");
+    assert_eq!(first.body, br#"{"a":1,"b":[1,2]}"#);
+    assert_eq!(first.header("content-type"), Some(&b"application/json"[..]));
+    let second = find("old-2");
+    assert_eq!(second.body, [0, 0x9f, 0xff]);
+    assert_eq!(second.header("ce-note"), Some(&b"caf%C3%A9"[..]));
+    shutdown.trigger();
+    task.await.unwrap();
 }

@@ -25,7 +25,7 @@ use tokio::task::block_in_place;
 use tokio::time::Instant;
 
 mod support;
-use support::{counts, subscriber, until};
+use support::{Seen, counts, raw_post, raw_subscriber, subscriber, until};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -702,6 +702,225 @@ async fn a_broker_ref_is_posted_to_the_brokers_own_ingress() {
         delivered("sink", &got, &expected, Duration::from_secs(30)).await,
         0
     );
+}
+
+/// One event posted as raw bytes, and what its subscribers must see.
+struct Sent {
+    id: &'static str,
+    /// Headers after the request line and `Host`, each ending in CRLF.
+    headers: &'static str,
+    body: &'static [u8],
+    /// At the binary-mode subscriber: header (name, exact value) pairs, and the exact body.
+    binary_headers: &'static [(&'static str, &'static [u8])],
+    binary_body: &'static [u8],
+    /// Text the structured-mode subscriber's body must contain (the data member as sent).
+    structured: &'static str,
+}
+
+/// Every mode and kind of data the byte-for-byte test posts.
+fn sent() -> Vec<Sent> {
+    vec![
+        Sent {
+            id: "b-json",
+            headers: "ce-specversion: 1.0\r\nce-id: b-json\r\nce-source: /raw\r\nce-type: t\r\nce-note: caf%C3%A9%20%25\r\ncontent-type: application/json\r\n",
+            body: br#"{"b": [1,  2],   "a":"\u00e9" }"#,
+            binary_headers: &[("content-type", b"application/json"), ("ce-note", b"caf%C3%A9%20%25"), ("ce-source", b"/raw")],
+            binary_body: br#"{"b": [1,  2],   "a":"\u00e9" }"#,
+            structured: r#""data":{"b": [1,  2],   "a":"\u00e9" }"#,
+        },
+        Sent {
+            id: "b-text",
+            headers: "ce-specversion: 1.0\r\nce-id: b-text\r\nce-source: /raw\r\nce-type: t\r\ncontent-type: text/plain; charset=utf-8\r\n",
+            body: "h\u{e9}llo,\n  world ".as_bytes(),
+            binary_headers: &[("content-type", b"text/plain; charset=utf-8")],
+            binary_body: "h\u{e9}llo,\n  world ".as_bytes(),
+            structured: r#""data":"h"#,
+        },
+        Sent {
+            id: "b-bytes",
+            headers: "ce-specversion: 1.0\r\nce-id: b-bytes\r\nce-source: /raw\r\nce-type: t\r\ncontent-type: application/octet-stream\r\n",
+            body: &[0, 0x9f, 0xff, 0x80, b'{'],
+            binary_headers: &[("content-type", b"application/octet-stream")],
+            binary_body: &[0, 0x9f, 0xff, 0x80, b'{'],
+            structured: r#""data_base64":"AJ//gHs=""#,
+        },
+        Sent {
+            id: "b-empty",
+            headers: "ce-specversion: 1.0\r\nce-id: b-empty\r\nce-source: /raw\r\nce-type: t\r\nce-pct: %E6%97%A5%20x%22%2541\r\n",
+            body: b"",
+            binary_headers: &[("ce-pct", b"%E6%97%A5%20x%22%2541")],
+            binary_body: b"",
+            structured: r#""pct":"日 x\"%41""#,
+        },
+        Sent {
+            id: "s-json",
+            headers: "content-type: application/cloudevents+json; charset=utf-8\r\n",
+            body: br#"{ "data" : {"z": 1,  "a" :[ "\u00e9", 1.50 ]} , "specversion":"1.0","id":"s-json","source":"/raw","type":"t","datacontenttype":"application/json","note":"\u65e5\u672c %"}"#,
+            binary_headers: &[("content-type", b"application/json"), ("ce-note", b"%E6%97%A5%E6%9C%AC%20%25")],
+            binary_body: br#"{"z": 1,  "a" :[ "\u00e9", 1.50 ]}"#,
+            structured: r#""data":{"z": 1,  "a" :[ "\u00e9", 1.50 ]}"#,
+        },
+        Sent {
+            id: "s-base64",
+            headers: "content-type: application/cloudevents+json\r\n",
+            body: br#"{"specversion":"1.0","id":"s-base64","source":"/raw","type":"t","datacontenttype":"application/octet-stream","data_base64":"AJ//gA=="}"#,
+            binary_headers: &[("content-type", b"application/octet-stream")],
+            binary_body: &[0, 0x9f, 0xff, 0x80],
+            structured: r#""data_base64":"AJ//gA==""#,
+        },
+        Sent {
+            id: "s-text",
+            headers: "content-type: application/cloudevents+json\r\n",
+            body: br#"{"specversion":"1.0","id":"s-text","source":"/raw","type":"t","datacontenttype":"text/plain","data":"caf\u00e9 \"q\"\n"}"#,
+            binary_headers: &[("content-type", b"text/plain")],
+            binary_body: "caf\u{e9} \"q\"\n".as_bytes(),
+            structured: r#""data":"caf\u00e9 \"q\"\n""#,
+        },
+        Sent {
+            id: "s-none",
+            headers: "content-type: application/cloudevents+json\r\n",
+            body: br#"{"specversion":"1.0","id":"s-none","source":"/raw","type":"t"}"#,
+            binary_headers: &[],
+            binary_body: b"",
+            structured: r#""id":"s-none""#,
+        },
+        Sent {
+            id: "batch",
+            headers: "content-type: application/cloudevents-batch+json\r\n",
+            body: br#"[ {"specversion":"1.0","id":"k-1","source":"/raw","type":"t","data":{"x" :1,"x":2}},
+              {"specversion":"1.0","id":"k-2","source":"/raw","type":"t","datacontenttype":"image/png","data_base64":"iVBORw=="} ]"#,
+            binary_headers: &[],
+            binary_body: b"",
+            structured: "",
+        },
+    ]
+}
+
+/// Posts every [`sent`] event to a broker running on `event_log` as raw bytes, and compares
+/// what a raw binary-mode subscriber and a structured-mode one get, byte for byte.
+async fn events_arrive_as_sent(event_log: &str) {
+    let (binary_addr, binary_seen) = raw_subscriber().await;
+    let (json_addr, json_seen) = raw_subscriber().await;
+    let yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: binary\nspec:\n  broker: b\n  subscriber:\n    uri: http://{binary_addr}/\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: structured\nspec:\n  broker: b\n  subscriber:\n    uri: http://{json_addr}/\n  delivery:\n    format: json\n"
+    );
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, load(&yaml)).await;
+    let broker = Broker::start(event_log, control_addr, &token);
+    ready(&client(), &broker).await;
+    let all = sent();
+    for event in &all {
+        let mut request = format!(
+            "POST /default/b HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n{}\r\n",
+            broker.ingress,
+            event.body.len(),
+            event.headers
+        )
+        .into_bytes();
+        request.extend_from_slice(event.body);
+        assert_eq!(
+            raw_post(broker.ingress, &request).await,
+            202,
+            "{}",
+            event.id
+        );
+    }
+    // The batch arrives as its two events.
+    let ids = |seen: &Mutex<Vec<Seen>>| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|s| {
+                s.header("ce-id")
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    let count = all.len() + 1;
+    until("every event at the binary subscriber", || {
+        ids(&binary_seen).len() >= count
+    })
+    .await;
+    let binary = binary_seen.lock().unwrap().clone();
+    let find = |id: &str| {
+        binary
+            .iter()
+            .find(|s| s.header("ce-id") == Some(id.as_bytes()))
+            .unwrap_or_else(|| panic!("{id} never arrived"))
+    };
+    for event in all.iter().filter(|e| e.id != "batch") {
+        let got = find(event.id);
+        assert_eq!(got.body, event.binary_body, "{}: data", event.id);
+        for (name, value) in event.binary_headers {
+            assert_eq!(got.header(name), Some(*value), "{}: {name}", event.id);
+        }
+        if event.binary_body.is_empty() {
+            assert_eq!(
+                got.header("content-type"),
+                None,
+                "{}: no data, no content type",
+                event.id
+            );
+        }
+        assert_eq!(got.header("ce-knativebrokerttl"), None, "{}", event.id);
+    }
+    assert_eq!(find("k-1").body, br#"{"x" :1,"x":2}"#);
+    assert_eq!(find("k-2").body, [0x89, b'P', b'N', b'G']);
+    assert_eq!(find("k-2").header("content-type"), Some(&b"image/png"[..]));
+
+    let bodies = || {
+        json_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| (s.header("content-type").map(<[u8]>::to_vec), s.body.clone()))
+            .collect::<Vec<_>>()
+    };
+    until("every event at the structured subscriber", || {
+        bodies().len() >= count
+    })
+    .await;
+    let structured = bodies();
+    let find = |id: &str| {
+        let needle = format!(r#""id":"{id}""#);
+        structured
+            .iter()
+            .find(|(_, body)| String::from_utf8_lossy(body).contains(&needle))
+            .unwrap_or_else(|| panic!("{id} never arrived in structured mode"))
+    };
+    for event in all.iter().filter(|e| e.id != "batch") {
+        let (content_type, body) = find(event.id);
+        assert_eq!(
+            content_type.as_deref(),
+            Some(&b"application/cloudevents+json"[..])
+        );
+        let body = String::from_utf8(body.clone()).unwrap();
+        assert!(
+            body.contains(event.structured),
+            "{}: {body} lacks {}",
+            event.id,
+            event.structured
+        );
+        serde_json::from_str::<serde_json::Value>(&body).expect("valid JSON");
+    }
+    assert!(String::from_utf8_lossy(&find("k-1").1).contains(r#""data":{"x" :1,"x":2}"#));
+    assert!(String::from_utf8_lossy(&find("k-2").1).contains(r#""data_base64":"iVBORw==""#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_byte_for_byte_through_an_embedded_log() {
+    let dir = std::env::temp_dir().join(format!("mecha-as-sent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    events_arrive_as_sent(dir.join("events.redb").to_str().unwrap()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_byte_for_byte_through_jetstream() {
+    let nats = block_in_place(NatsServer::start);
+    events_arrive_as_sent(&nats.url()).await;
 }
 
 /// `--help` lists every setting; a missing or bad one stops the binary with status 2 and a

@@ -757,7 +757,8 @@ fn a_damaged_or_locked_event_log_is_refused_with_what_to_do() {
     let original = bytes.clone();
     let mut hit = 0;
     for page in bytes.chunks_mut(4096).skip(1) {
-        if page.windows(5).any(|w| w == b"\"d150") {
+        // The id of event d150, as its record holds it (length-prefixed, no quotes).
+        if page.windows(4).any(|w| w == b"d150") {
             for (i, b) in page.iter_mut().enumerate() {
                 *b = (i * 31 + 7) as u8;
             }

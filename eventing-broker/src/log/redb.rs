@@ -10,7 +10,7 @@
 //! kept per broker, so they survive retention emptying the log). A trigger's cursor is the
 //! highest sequence below which it has handled everything.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -36,6 +36,82 @@ const PROGRESS: TableDefinition<&str, &[u8]> = TableDefinition::new("progress");
 
 /// Most operations folded into one commit.
 const MAX_BATCH: usize = 4096;
+
+/// How the embedded log uses memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedbOptions {
+    /// Bytes of recently committed events kept in memory, across brokers, from which every
+    /// trigger takes new events without reading the file (see [`Tail`]).
+    pub tail_bytes: usize,
+    /// The store's page cache in bytes (redb's own default is 1 GiB, which a backlog fills).
+    pub cache_bytes: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self {
+            tail_bytes: 4 << 20,
+            cache_bytes: 8 << 20,
+        }
+    }
+}
+
+/// The events committed last, per broker, in order and without gaps: the writer adds each
+/// commit's events (before it announces the new head), consumers whose position lies inside
+/// take them from here (a shared `Bytes`, no copy and no read of the file), and the oldest
+/// are dropped once the total passes [`RedbOptions::tail_bytes`]. A consumer that fell behind
+/// the tail reads the file until it has caught up. Nothing waits for a consumer, so no trigger
+/// can hold back another, and memory stays bounded.
+#[derive(Debug, Default)]
+struct Tail {
+    brokers: HashMap<String, VecDeque<(u64, Bytes)>>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Tail {
+    fn push(&mut self, broker: &str, first: u64, events: Vec<Bytes>) {
+        let queue = match self.brokers.get_mut(broker) {
+            Some(queue) => queue,
+            None => self.brokers.entry(broker.to_string()).or_default(),
+        };
+        // Sequences only follow on: anything else (never expected) starts the queue afresh.
+        if queue.back().is_some_and(|(last, _)| *last + 1 != first) {
+            self.bytes -= queue.iter().map(|(_, e)| e.len()).sum::<usize>();
+            queue.clear();
+        }
+        for (i, event) in events.into_iter().enumerate() {
+            self.bytes += event.len();
+            queue.push_back((first + i as u64, event));
+        }
+        // The broker holding the most events gives up its oldest first, so that a busy
+        // broker cannot push a quiet one's recent events out.
+        while self.bytes > self.limit {
+            let Some(queue) = self.brokers.values_mut().max_by_key(|q| q.len()) else {
+                break;
+            };
+            let Some((_, event)) = queue.pop_front() else {
+                break;
+            };
+            self.bytes -= event.len();
+        }
+    }
+
+    /// Up to `max` events after `after`, if the tail holds everything from `after + 1` on
+    /// (then an empty answer means there is nothing newer yet); `None` when the caller must
+    /// read the file.
+    fn read(&self, broker: &str, after: u64, max: usize) -> Option<Vec<(u64, Bytes)>> {
+        let queue = self.brokers.get(broker)?;
+        let (first, _) = queue.front()?;
+        if *first > after.saturating_add(1) {
+            return None;
+        }
+        // Sequences in the queue are contiguous: the position is arithmetic, not a walk.
+        let skip = usize::try_from(after.saturating_add(1) - first).ok()?;
+        let end = skip.saturating_add(max).min(queue.len());
+        Some(queue.range(skip.min(end)..end).cloned().collect())
+    }
+}
 
 /// How far a trigger got: everything up to `read_upto` was handled except the sequences in
 /// `pending`, which were being delivered. Recording `pending` (at most the delivery concurrency)
@@ -86,6 +162,7 @@ struct Inner {
     truncated: Mutex<HashMap<String, u64>>,
     /// Wakes the runtime's maintenance before its tick (a trigger reached [`CHECKPOINT_COUNT`]).
     due: Notify,
+    tail: Mutex<Tail>,
 }
 
 /// A trigger that has finished this many events since its progress was last recorded asks for
@@ -222,6 +299,11 @@ impl RedbLog {
     /// thread. A damaged file is refused with [`LogError::Damaged`], a file another process
     /// holds with [`LogError::InUse`].
     pub fn open(path: &Path) -> Result<Self, LogError> {
+        Self::open_with(path, RedbOptions::default())
+    }
+
+    /// [`RedbLog::open`] with memory settings.
+    pub fn open_with(path: &Path, options: RedbOptions) -> Result<Self, LogError> {
         owner_only_file(path)?;
         let repaired = Arc::new(AtomicBool::new(false));
         let db = {
@@ -233,6 +315,7 @@ impl RedbLog {
             let opened = catch_unwind(AssertUnwindSafe(|| {
                 Builder::new()
                     .set_check_integrity_on_open(true)
+                    .set_cache_size(options.cache_bytes)
                     .set_repair_callback(move |_| repaired.store(true, Ordering::Relaxed))
                     .create(path)
             }));
@@ -276,6 +359,10 @@ impl RedbLog {
             consumers: Mutex::default(),
             truncated: Mutex::default(),
             due: Notify::new(),
+            tail: Mutex::new(Tail {
+                limit: options.tail_bytes,
+                ..Tail::default()
+            }),
         });
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
@@ -719,7 +806,11 @@ impl RedbConsumer {
                 continue;
             }
             self.head.borrow_and_update();
-            let batch = self.log.read(&self.broker, self.next, max)?;
+            let recent = lock(&self.log.inner.tail).read(&self.broker, self.next, max);
+            let batch = match recent {
+                Some(batch) => batch,
+                None => self.log.read(&self.broker, self.next, max)?,
+            };
             let Some(&(last, _)) = batch.last() else {
                 if std::mem::take(&mut self.first) {
                     return Ok(Vec::new());
@@ -912,16 +1003,39 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Op>, inner: &std::sync::Weak<Inner>
         let inner = inner.upgrade();
         match outcome {
             Ok(results) => {
+                let mut answers = Vec::with_capacity(batch.len());
+                {
+                    // Into the tail before the head moves, so that a consumer woken by the
+                    // head finds them there.
+                    let mut tail = inner.as_ref().map(|inner| lock(&inner.tail));
+                    for (op, result) in batch.into_iter().zip(results) {
+                        match op {
+                            Op::Append {
+                                broker,
+                                events,
+                                done,
+                            } => {
+                                if let Some(tail) = tail.as_mut() {
+                                    let first = result + 1 - events.len() as u64;
+                                    tail.push(
+                                        &broker,
+                                        first,
+                                        events.into_iter().map(Bytes::from).collect(),
+                                    );
+                                }
+                                answers.push((done, result));
+                            }
+                            Op::Cursors { done, .. } => answers.push((done, result)),
+                        }
+                    }
+                }
                 if let Some(inner) = &inner {
                     lock(&inner.problems).remove("write");
                     for (broker, head) in &touched {
                         publish(inner, broker, *head);
                     }
                 }
-                for (op, result) in batch.into_iter().zip(results) {
-                    let done = match op {
-                        Op::Append { done, .. } | Op::Cursors { done, .. } => done,
-                    };
+                for (done, result) in answers {
                     let _ = done.send(Ok(result));
                 }
             }
@@ -1159,5 +1273,134 @@ mod tests {
         assert_eq!(Progress::decode(&progress.encode()), Some(progress.clone()));
         assert_eq!(progress.cursor(), 69);
         assert_eq!(Progress::decode(&[1, 2, 3]), None);
+    }
+
+    fn ten_bytes(n: u64) -> Vec<u8> {
+        format!("event-{n:04}").into_bytes()
+    }
+
+    async fn fetch_seqs(
+        consumer: &mut Box<dyn Consumer>,
+        max: usize,
+    ) -> Result<Vec<u64>, LogError> {
+        let messages = consumer.fetch(max).await?;
+        let seqs = messages.iter().map(|m| m.seq).collect();
+        for message in messages {
+            message.ack().await?;
+        }
+        Ok(seqs)
+    }
+
+    #[tokio::test]
+    async fn triggers_take_recent_events_from_the_tail_and_a_slow_one_catches_up_from_the_file() {
+        let log = RedbLog::open_with(
+            &temp("tail"),
+            RedbOptions {
+                tail_bytes: 100,
+                cache_bytes: 1 << 20,
+            },
+        )
+        .expect("open");
+        let mut fast = EventLog::consumer(&log, "default/b", "fast")
+            .await
+            .expect("fast");
+        let mut slow = EventLog::consumer(&log, "default/b", "slow")
+            .await
+            .expect("slow");
+        assert!(fetch_seqs(&mut fast, 10).await.expect("first").is_empty());
+        assert!(fetch_seqs(&mut slow, 10).await.expect("first").is_empty());
+        log.append("default/b", (1..=5).map(ten_bytes).collect())
+            .await
+            .expect("append");
+        // With every read of the file failing, the fast trigger still gets what is new: from
+        // memory.
+        log.inject_fault(Fault::ReadError);
+        assert_eq!(
+            fetch_seqs(&mut fast, 10).await.expect("from the tail"),
+            [1, 2, 3, 4, 5]
+        );
+        // The slow trigger has read nothing, and holds nobody up: appends go on, and the tail
+        // drops its oldest events to stay within its bound.
+        for n in 6..=15 {
+            log.append("default/b", vec![ten_bytes(n)])
+                .await
+                .expect("append");
+        }
+        {
+            let tail = lock(&log.inner.tail);
+            assert!(tail.bytes <= 100, "{} bytes in the tail", tail.bytes);
+            let held: Vec<u64> = tail.brokers["default/b"].iter().map(|(s, _)| *s).collect();
+            assert_eq!(held, (6..=15).collect::<Vec<_>>());
+        }
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            got.extend(fetch_seqs(&mut fast, 4).await.expect("from the tail"));
+        }
+        assert_eq!(got, (6..=15).collect::<Vec<_>>());
+        // The slow one is behind the tail: it must read the file, which fails for now.
+        assert!(fetch_seqs(&mut slow, 10).await.is_err());
+        log.inject_fault(Fault::None);
+        let mut caught_up = Vec::new();
+        while caught_up.len() < 15 {
+            caught_up.extend(fetch_seqs(&mut slow, 4).await.expect("catches up"));
+        }
+        assert_eq!(caught_up, (1..=15).collect::<Vec<_>>());
+        // Caught up, it is served from memory again.
+        log.inject_fault(Fault::ReadError);
+        log.append("default/b", vec![ten_bytes(16)])
+            .await
+            .expect("append");
+        assert_eq!(
+            fetch_seqs(&mut slow, 10).await.expect("from the tail"),
+            [16]
+        );
+        assert_eq!(
+            fetch_seqs(&mut fast, 10).await.expect("from the tail"),
+            [16]
+        );
+        log.inject_fault(Fault::None);
+        log.close();
+    }
+
+    #[test]
+    fn the_tail_stays_within_its_bytes_across_brokers() {
+        let mut tail = Tail {
+            limit: 1000,
+            ..Tail::default()
+        };
+        let events = |n: usize| (0..n).map(|_| Bytes::from(vec![7u8; 100])).collect();
+        tail.push("a", 1, events(8));
+        tail.push("b", 1, events(5));
+        assert!(tail.bytes <= 1000);
+        // The broker holding the most events loses its oldest first.
+        assert_eq!(tail.brokers["b"].len(), 5);
+        assert_eq!(tail.brokers["a"].front().map(|(s, _)| *s), Some(4));
+        tail.push("b", 6, events(12));
+        assert!(tail.bytes <= 1000);
+        assert_eq!(
+            tail.bytes,
+            tail.brokers
+                .values()
+                .flatten()
+                .map(|(_, e)| e.len())
+                .sum::<usize>()
+        );
+        assert_eq!(tail.brokers["b"].back().map(|(s, _)| *s), Some(17));
+        // Inside the tail: served (empty when nothing is newer); before it: the file.
+        assert_eq!(tail.read("b", 17, 10).map(|v| v.len()), Some(0));
+        assert_eq!(tail.read("b", 15, 10).map(|v| v.len()), Some(2));
+        assert!(tail.read("b", 1, 10).is_none());
+        assert!(tail.read("c", 0, 10).is_none());
+        // A gap (never expected) restarts the broker's queue instead of serving across it.
+        tail.push("b", 30, events(1));
+        assert_eq!(tail.brokers["b"].len(), 1);
+        assert_eq!(
+            tail.bytes,
+            tail.brokers
+                .values()
+                .flatten()
+                .map(|(_, e)| e.len())
+                .sum::<usize>()
+        );
     }
 }

@@ -93,3 +93,85 @@ pub async fn stream_leader(servers: &[String], broker: &str) -> String {
         .and_then(|c| c.leader.clone())
         .expect("an R3 stream has a leader")
 }
+
+/// One request as a [`raw_subscriber`] read it off the socket.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Header names lower-cased, values as the bytes that arrived.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// A keep-alive subscriber that keeps every request's headers and body bytes exactly as they
+/// arrived (Content-Length bodies, as the broker sends) and answers 202.
+pub async fn raw_subscriber() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let all = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let all = all.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut headers = Vec::new();
+                    let mut length = 0;
+                    let mut first = true;
+                    loop {
+                        let mut line = Vec::new();
+                        if stream.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == b"\r\n" {
+                            break;
+                        }
+                        if std::mem::take(&mut first) {
+                            continue; // the request line
+                        }
+                        let line = line.strip_suffix(b"\r\n").unwrap_or(&line);
+                        let colon = line.iter().position(|b| *b == b':').unwrap();
+                        let name = String::from_utf8_lossy(&line[..colon]).to_ascii_lowercase();
+                        let value = line[colon + 1..].trim_ascii().to_vec();
+                        if name == "content-length" {
+                            length = String::from_utf8_lossy(&value).parse().unwrap();
+                        }
+                        headers.push((name, value));
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    all.lock().unwrap().push(Seen { headers, body });
+                    let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) over a plain socket; the
+/// status code of the answer.
+pub async fn raw_post(addr: SocketAddr, request: &[u8]) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let status = answer.get(9..12).unwrap_or_default();
+    String::from_utf8_lossy(status)
+        .parse()
+        .unwrap_or_else(|_| panic!("no HTTP answer: {:?}", String::from_utf8_lossy(&answer)))
+}
