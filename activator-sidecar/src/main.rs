@@ -15,7 +15,6 @@ use activator_sidecar::server::Workers;
 use activator_sidecar::settings;
 use mecha_common::Shutdown;
 use mecha_common::admin::Health;
-use mecha_common::telemetry::{LogFormat, init_tracing};
 use tokio::net::TcpListener;
 
 fn usage() -> String {
@@ -40,11 +39,7 @@ fn usage() -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let format = match std::env::var("MECHA_LOG_FORMAT").as_deref() {
-        Ok("json") => LogFormat::Json,
-        _ => LogFormat::Text,
-    };
-    init_tracing("MECHA_LOG", "info", format);
+    mecha_common::telemetry::init_tracing_from_env();
     match args.first().map(String::as_str) {
         Some("inbound") => run_inbound(&args[1..]).await,
         Some("gateway") => run_gateway(&args[1..], Role::Gateway).await,
@@ -128,8 +123,12 @@ async fn run_inbound(args: &[String]) -> ExitCode {
     ));
     let admin_task = serve_admin(admin, health.clone(), registry, shutdown.signal());
 
-    if let Err(code) = stop_signal().await {
-        return code;
+    match mecha_common::shutdown::stop_signals() {
+        Ok(stop) => stop.await,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::from(1);
+        }
     }
     tracing::info!("draining");
     // Unready first, so nothing new is routed here, then finish what is in flight.
@@ -204,8 +203,12 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     let gateway = tokio::spawn(async move {
         serve_gateway(listener, config, &registry, ready, signal).await;
     });
-    if let Err(code) = stop_signal().await {
-        return code;
+    match mecha_common::shutdown::stop_signals() {
+        Ok(stop) => stop.await,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::from(1);
+        }
     }
     tracing::info!("draining");
     health.set_ready(false);
@@ -239,18 +242,4 @@ fn serve_admin(
             .with_graceful_shutdown(shutdown.recv())
             .await;
     })
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-async fn stop_signal() -> Result<(), ExitCode> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|error| {
-            eprintln!("error: cannot listen for SIGTERM: {error}");
-            ExitCode::from(1)
-        })?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    Ok(())
 }

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use activator_sidecar::settings;
 use eventing_broker::standalone::{self, StandaloneConfig};
-use mecha_common::telemetry::{LogFormat, init_tracing};
 use tokio::net::TcpListener;
 
 fn usage() -> String {
@@ -33,11 +32,7 @@ async fn main() -> ExitCode {
         print!("{}", usage());
         return ExitCode::SUCCESS;
     }
-    let format = match std::env::var("MECHA_LOG_FORMAT").as_deref() {
-        Ok("json") => LogFormat::Json,
-        _ => LogFormat::Text,
-    };
-    init_tracing("MECHA_LOG", "info", format);
+    mecha_common::telemetry::init_tracing_from_env();
     let config = match StandaloneConfig::from_args_and_env(&args, |key| std::env::var(key).ok()) {
         Ok(config) => config,
         Err(error) => {
@@ -52,17 +47,11 @@ async fn main() -> ExitCode {
         return ExitCode::from(1);
     };
     // Listened for before anything starts, so that a SIGTERM during start-up drains too.
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
+    let stop = match mecha_common::shutdown::stop_signals() {
+        Ok(stop) => stop,
         Err(error) => {
             eprintln!("error: cannot listen for SIGTERM: {error}");
             return ExitCode::from(1);
-        }
-    };
-    let stop = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
         }
     };
     match standalone::run(config, ingress, admin, stop).await {

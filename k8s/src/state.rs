@@ -416,21 +416,7 @@ pub async fn run(
             },
             () = &mut stop => return,
         };
-        for (which, event) in batch {
-            match event {
-                Ok(init_done) => {
-                    flags[which].set_error(None);
-                    if init_done {
-                        flags[which].set_synced();
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "watching {} failed; keeping the last state and retrying", kinds[which]);
-                    flags[which].set_error(Some(format!("watching {}: {error}", kinds[which])));
-                }
-            }
-        }
-        if !flags.iter().all(CacheFlag::is_synced) {
+        if !absorb(batch, &flags, &kinds) {
             continue;
         }
         running.set_all(
@@ -475,6 +461,31 @@ pub async fn run(
             }
         });
     }
+}
+
+/// Takes one burst of watch events (`(which watch, Ok(list done) | Err)`) into the watches'
+/// cache flags: errors are logged and shown until the watch recovers. Whether every watch has
+/// listed once, so that a state built from the stores is whole.
+fn absorb<E: std::fmt::Display>(
+    batch: Vec<(usize, Result<bool, E>)>,
+    flags: &[CacheFlag],
+    kinds: &[&str],
+) -> bool {
+    for (which, event) in batch {
+        match event {
+            Ok(init_done) => {
+                flags[which].set_error(None);
+                if init_done {
+                    flags[which].set_synced();
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watching {} failed; keeping the last state and retrying", kinds[which]);
+                flags[which].set_error(Some(format!("watching {}: {error}", kinds[which])));
+            }
+        }
+    }
+    flags.iter().all(CacheFlag::is_synced)
 }
 
 /// Brokers and Triggers as the broker replicas read them from the control plane
@@ -540,21 +551,7 @@ pub async fn run_eventing(
             },
             () = &mut stop => return,
         };
-        for (which, event) in batch {
-            match event {
-                Ok(init_done) => {
-                    flags[which].set_error(None);
-                    if init_done {
-                        flags[which].set_synced();
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "watching {} failed; keeping the last state and retrying", kinds[which]);
-                    flags[which].set_error(Some(format!("watching {}: {error}", kinds[which])));
-                }
-            }
-        }
-        if !flags.iter().all(CacheFlag::is_synced) {
+        if !absorb(batch, &flags, &kinds) {
             continue;
         }
         let next = eventing_state(&brokers.state(), &triggers.state());

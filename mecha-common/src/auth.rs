@@ -745,6 +745,124 @@ fn private_dir(dir: &Path) -> Result<(), TokenError> {
     }
 }
 
+/// The content of a file `mecha up` keeps in its state directory (`what` names it in errors):
+/// `None` when there is none; refused when it is a link, not a regular file, someone else's,
+/// open to other users, or longer than `max_len` — a planted file must not be believed.
+pub fn read_private(
+    path: &Path,
+    what: &'static str,
+    max_len: u64,
+) -> Result<Option<Vec<u8>>, TokenError> {
+    let invalid = |reason: &str| TokenError::Invalid {
+        what,
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    };
+    let io = |action| {
+        move |source| TokenError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let link = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io("reading")(error)),
+    };
+    if link.file_type().is_symlink() {
+        return Err(invalid("is a symbolic link; it must be a file of its own"));
+    }
+    if !link.file_type().is_file() {
+        return Err(invalid("is not a regular file"));
+    }
+    let mut file = File::open(path).map_err(io("opening"))?;
+    let meta = file.metadata().map_err(io("reading"))?;
+    owned_by_us(path, &meta)?;
+    if !meta.is_file() || meta.len() > max_len {
+        return Err(invalid(&format!(
+            "is not a regular file of at most {max_len} bytes"
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(max_len + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("reading"))?;
+    Ok(Some(bytes))
+}
+
+/// Replaces `dir/name` with `bytes`, owner-only: written whole to a new file of its own
+/// (created exclusively, so a planted link is never followed), synced, then renamed into
+/// place (which replaces a link at `name` rather than writing through it).
+pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    static ATTEMPT: AtomicUsize = AtomicUsize::new(0);
+    let temporary = dir.join(format!(
+        ".{name}.{}.{}",
+        std::process::id(),
+        ATTEMPT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_file(&temporary);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&temporary, dir.join(name)));
+    if written.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    written
+}
+
+/// The user that listens on the loopback TCP address `addr`, from the kernel's socket table
+/// (`/proc/net/tcp`, `tcp6`): `None` when nobody listens there or the table cannot be read.
+/// A client checks it before it presents the credential, so that a port another user took
+/// (after `mecha up` stopped, say) never receives it.
+pub fn listener_owner(addr: std::net::SocketAddr) -> Option<u32> {
+    const LISTEN: &str = "0A";
+    let (table, want) = match addr.ip() {
+        std::net::IpAddr::V4(ip) => (
+            "/proc/net/tcp",
+            format!("{:08X}", u32::from_le_bytes(ip.octets())),
+        ),
+        std::net::IpAddr::V6(ip) => (
+            "/proc/net/tcp6",
+            ip.octets()
+                .chunks(4)
+                .map(|word| {
+                    format!(
+                        "{:08X}",
+                        u32::from_le_bytes([word[0], word[1], word[2], word[3]])
+                    )
+                })
+                .collect(),
+        ),
+    };
+    let any = "0".repeat(want.len());
+    let text = fs::read_to_string(table).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, uid) = (fields.get(1)?, fields.get(3)?, fields.get(7)?);
+        let (ip, port) = local.split_once(':')?;
+        let matches = *state == LISTEN
+            && u16::from_str_radix(port, 16).ok()? == addr.port()
+            && (ip.eq_ignore_ascii_case(&want) || *ip == any);
+        matches.then(|| uid.parse().ok()).flatten()
+    })
+}
+
 fn owned_by_us(path: &Path, meta: &fs::Metadata) -> Result<(), TokenError> {
     let ours = rustix::process::geteuid().as_raw();
     if meta.uid() == ours {
@@ -905,6 +1023,58 @@ pub(crate) mod tests {
         fs::write(&elsewhere, "x").expect("write");
         std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
         assert!(matches!(read(&path), Err(TokenError::Invalid { .. })));
+    }
+
+    #[test]
+    fn private_files_are_written_without_following_links_and_read_only_when_ours() {
+        let dir = Scratch::new("private-files");
+        fs::create_dir_all(&dir.0).unwrap();
+        let target = dir.0.join("victim.txt");
+        fs::write(&target, "mine").unwrap();
+        // A link planted where the file goes, and where a temporary file might go.
+        std::os::unix::fs::symlink(&target, dir.0.join("kept.json")).unwrap();
+        write_private(&dir.0, "kept.json", b"{}").unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "mine");
+        assert_eq!(
+            read_private(&dir.0.join("kept.json"), "kept", 10)
+                .unwrap()
+                .unwrap(),
+            b"{}"
+        );
+        let mode = fs::metadata(dir.0.join("kept.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        // Refused: a link, a file others can read, a file too long; absent is None.
+        std::os::unix::fs::symlink(&target, dir.0.join("link")).unwrap();
+        assert!(read_private(&dir.0.join("link"), "kept", 10).is_err());
+        fs::set_permissions(dir.0.join("kept.json"), fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            read_private(&dir.0.join("kept.json"), "kept", 10),
+            Err(TokenError::Exposed { .. })
+        ));
+        fs::set_permissions(dir.0.join("kept.json"), fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_private(&dir.0.join("kept.json"), "kept", 1).is_err());
+        assert!(
+            read_private(&dir.0.join("absent"), "kept", 10)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_owner_of_a_listening_socket_is_found() {
+        let ours = rustix::process::geteuid().as_raw();
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(listener_owner(v4.local_addr().unwrap()), Some(ours));
+        if let Ok(v6) = std::net::TcpListener::bind("[::1]:0") {
+            assert_eq!(listener_owner(v6.local_addr().unwrap()), Some(ours));
+        }
+        let port = v4.local_addr().unwrap().port();
+        drop(v4);
+        assert_eq!(listener_owner(([127, 0, 0, 1], port).into()), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Graceful shutdown: one [`Shutdown`] owned by the binary, any number of [`ShutdownSignal`]s
 //! handed to library entry points (the mini-redis pattern: libraries take a shutdown future,
-//! only binaries handle OS signals).
+//! only binaries handle OS signals — through [`stop_signals`], the one way they all listen).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,6 +77,18 @@ impl ShutdownSignal {
     pub async fn recv(mut self) {
         let _ = self.rx.wait_for(|stop| *stop).await;
     }
+}
+
+/// Listens for Ctrl-C and SIGTERM from now on (so a signal during start-up is not lost); the
+/// future ends at the first of either. What every long-running binary drains on.
+pub fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]

@@ -16,6 +16,16 @@ pub enum LogFormat {
 
 /// Installs the global tracing subscriber. The filter comes from `env_var` (`RUST_LOG` syntax)
 /// and falls back to `default_filter`. Safe to call more than once: later calls are no-ops.
+/// The binaries' logging: the filter from `MECHA_LOG` (default `info`), JSON lines when
+/// `MECHA_LOG_FORMAT=json`.
+pub fn init_tracing_from_env() {
+    let format = match std::env::var("MECHA_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    init_tracing("MECHA_LOG", "info", format);
+}
+
 pub fn init_tracing(env_var: &str, default_filter: &str, format: LogFormat) {
     let filter =
         EnvFilter::try_from_env(env_var).unwrap_or_else(|_| EnvFilter::new(default_filter));

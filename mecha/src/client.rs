@@ -1,5 +1,6 @@
 //! The CLI commands that talk to a running `mecha up` through its admin API.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -41,6 +42,10 @@ pub enum ClientError {
     },
     #[error("{source}")]
     NoCredential { source: TokenError },
+    #[error(
+        "{addr} is served by another user (uid {owner}), not by your `mecha up`; the credential was not sent (is `mecha up` running? set --admin-addr or --state-dir)"
+    )]
+    ForeignListener { addr: String, owner: u32 },
 }
 
 /// The admin API's credential as the client finds it on its own: `--token` or
@@ -62,17 +67,46 @@ pub fn find_token(given: Option<&str>, state_dir: &Path) -> Result<AdminToken, C
 pub const ADMIN_ADDR_FILE: &str = "admin-addr";
 
 /// Where the admin API is: `--admin-addr` / `MECHA_ADMIN_ADDR`, else what the `mecha up`
-/// using `state_dir` wrote there (so that two `mecha up`s in two directories never mix), else
-/// the default port.
+/// using `state_dir` wrote there (so that two `mecha up`s in two directories never mix) —
+/// believed only when it is this user's own file naming a loopback address — else the
+/// default port.
 pub fn find_admin_addr(given: Option<&str>, state_dir: &Path) -> String {
     if let Some(addr) = given {
         return addr.to_string();
     }
-    std::fs::read_to_string(state_dir.join(ADMIN_ADDR_FILE))
-        .ok()
-        .map(|text| text.trim().to_string())
-        .filter(|text| !text.is_empty() && text.len() < 256)
-        .unwrap_or_else(|| "127.0.0.1:8081".to_string())
+    let path = state_dir.join(ADMIN_ADDR_FILE);
+    match auth::read_private(&path, "the admin address file", 256) {
+        Ok(Some(bytes)) => match String::from_utf8_lossy(&bytes).trim().parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => return addr.to_string(),
+            _ => {
+                tracing::warn!(path = %path.display(), "ignoring an admin address file that names no loopback address")
+            }
+        },
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "ignoring the admin address file"),
+    }
+    "127.0.0.1:8081".to_string()
+}
+
+/// Refuses to present the credential to a loopback port that another user listens on (a
+/// port a stopped `mecha up` left, taken by someone else): the kernel's socket table says
+/// who listens. Other addresses, and machines without that table, are not checked.
+fn check_listener(addr: &str) -> Result<(), ClientError> {
+    let Ok(socket) = addr.parse::<SocketAddr>() else {
+        return Ok(());
+    };
+    if !socket.ip().is_loopback() {
+        return Ok(());
+    }
+    match auth::listener_owner(socket) {
+        Some(owner) if owner != rustix::process::geteuid().as_raw() => {
+            Err(ClientError::ForeignListener {
+                addr: addr.to_string(),
+                owner,
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 impl ClientError {
@@ -110,6 +144,7 @@ impl AdminClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, hyper::body::Incoming), ClientError> {
+        check_listener(&self.addr)?;
         let request = Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr))

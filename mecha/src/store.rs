@@ -36,6 +36,8 @@ pub struct LocalStore {
 
 /// The file name of the kept resources in the state directory.
 pub const STATE_FILE: &str = "resources.json";
+/// The largest `resources.json` read back.
+const MAX_STATE_FILE: u64 = 256 << 20;
 
 /// Every resource applied, in order, with the file it came from.
 #[derive(Debug, Default, Clone)]
@@ -108,6 +110,12 @@ impl Journal {
     }
 
     fn from_disk(disk: OnDisk) -> Result<Self, String> {
+        if disk.version != 1 {
+            return Err(format!(
+                "written by a mecha with format version {}; this one reads version 1",
+                disk.version
+            ));
+        }
         let files: Vec<(PathBuf, Arc<str>)> = disk
             .files
             .into_iter()
@@ -139,10 +147,9 @@ impl Journal {
 /// Why the kept resources could not be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
+    #[error("{error}")]
+    Unsafe {
+        error: mecha_common::auth::TokenError,
     },
     #[error("{path} is not a resources file mecha wrote: {source}")]
     Parse {
@@ -186,11 +193,13 @@ impl LocalStore {
         let path = state_dir.join(STATE_FILE);
         let mut store = Self::new();
         store.state_file = Some(path.clone());
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(store),
-            Err(source) => return Err(RestoreError::Read { path, source }),
-        };
+        // Believed only when it is this user's own, owner-only file: what it holds is run.
+        let text =
+            match mecha_common::auth::read_private(&path, "the kept resources", MAX_STATE_FILE) {
+                Ok(None) => return Ok(store),
+                Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(error) => return Err(RestoreError::Unsafe { error }),
+            };
         let disk: OnDisk = serde_json::from_str(&text).map_err(|source| RestoreError::Parse {
             path: path.clone(),
             source,
@@ -244,15 +253,8 @@ impl LocalStore {
         let result = serde_json::to_vec(&journal.to_disk())
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
-                let tmp = path.with_extension("json.tmp");
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut file = options.open(&tmp)?;
-                std::io::Write::write_all(&mut file, &bytes)?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, path)
+                let dir = path.parent().unwrap_or(Path::new("."));
+                mecha_common::auth::write_private(dir, STATE_FILE, &bytes)
             });
         if let Err(error) = result {
             tracing::error!(path = %path.display(), %error, "cannot keep the applied resources for the next start");

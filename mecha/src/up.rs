@@ -133,9 +133,10 @@ pub async fn run(config: UpConfig) -> ExitCode {
     };
 
     // The client commands run with the same state directory find this instance here.
-    if let Err(error) = std::fs::write(
-        config.state_dir.join(crate::client::ADMIN_ADDR_FILE),
-        format!("{admin_addr}\n"),
+    if let Err(error) = auth::write_private(
+        &config.state_dir,
+        crate::client::ADMIN_ADDR_FILE,
+        format!("{admin_addr}\n").as_bytes(),
     ) {
         tracing::warn!(%error, "cannot record the admin address in the state directory; clients need --admin-addr");
     }
@@ -407,6 +408,8 @@ pub async fn run(config: UpConfig) -> ExitCode {
             println!("Forced stop: replicas killed.");
         }
     }
+    // Clients stop looking for this instance here (they check who listens anyway).
+    let _ = std::fs::remove_file(config.state_dir.join(crate::client::ADMIN_ADDR_FILE));
     ExitCode::SUCCESS
 }
 

@@ -419,3 +419,55 @@ fn a_revision_whose_readiness_never_passes_ends_the_wait_at_the_timeout() {
         "{stderr}"
     );
 }
+
+#[test]
+fn planted_state_files_are_not_believed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Workdir::new("cli-planted");
+    let state = dir.path.join("state");
+    let file = dir.write("svc.yaml", &echo_service("kept", &[], "", "blue"));
+    let mut mecha = Mecha::start(&[&file], &[], &[], &state);
+    mecha.keep_state();
+    mecha.wait_ready("kept", 1);
+    // Written owner-only, and the client finds the instance through it.
+    let addr_file = state.join("admin-addr");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&addr_file), 0o600);
+    assert_eq!(mode(&state.join("resources.json")), 0o600);
+    assert!(
+        cli_with_state_dir(&mecha, &["get", "ksvc"])
+            .status
+            .success()
+    );
+    // A link in its place is not followed: the client falls back to the default address.
+    let real = std::fs::read_to_string(&addr_file).unwrap();
+    let elsewhere = dir.write("elsewhere", &real);
+    std::fs::remove_file(&addr_file).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &addr_file).unwrap();
+    let output = cli_with_state_dir(&mecha, &["get", "ksvc"]);
+    assert!(!text(&output.stdout).contains("kept"), "{output:?}");
+    std::fs::remove_file(&addr_file).unwrap();
+    assert!(mecha.interrupt().success());
+    assert!(
+        !addr_file.exists(),
+        "a stopped mecha up leaves no address behind"
+    );
+
+    // Kept resources others could have written are refused, not run.
+    std::fs::set_permissions(
+        state.join("resources.json"),
+        std::fs::Permissions::from_mode(0o664),
+    )
+    .unwrap();
+    let output = std::process::Command::new(support::mecha_bin())
+        .args(["up", "--port", "0", "--admin-port", "0", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("run mecha up");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("restoring what was applied before") && stderr.contains("resources.json"),
+        "{stderr}"
+    );
+}

@@ -26,7 +26,6 @@ use kube::Api;
 use mecha_common::admin::Health;
 use mecha_common::auth::Refusals;
 use mecha_common::settings::{self, ConfigError, Table};
-use mecha_common::telemetry::{LogFormat, init_tracing};
 use mecha_common::{Activation, Shutdown, ShutdownSignal};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -207,11 +206,7 @@ async fn main() -> ExitCode {
         print!("{}", usage());
         return ExitCode::SUCCESS;
     }
-    let format = match std::env::var("MECHA_LOG_FORMAT").as_deref() {
-        Ok("json") => LogFormat::Json,
-        _ => LogFormat::Text,
-    };
-    init_tracing("MECHA_LOG", "info", format);
+    mecha_common::telemetry::init_tracing_from_env();
     let config = match Config::from_args_and_env(&args, |key| std::env::var(key).ok()) {
         Ok(config) => config,
         Err(error) => {
@@ -381,7 +376,18 @@ async fn run(
     // The elector never ends before shutdown; if it dies, this replica can no longer know
     // whether it leads: it exits, and Kubernetes starts it again.
     let stopped = tokio::select! {
-        stopped = stop_signal() => stopped,
+        stopped = async {
+            match mecha_common::shutdown::stop_signals() {
+                Ok(stop) => {
+                    stop.await;
+                    Ok(())
+                }
+                Err(error) => {
+                    eprintln!("error: cannot listen for SIGTERM: {error}");
+                    Err(ExitCode::from(1))
+                }
+            }
+        } => stopped,
         ended = &mut elector_task => {
             tracing::error!(?ended, "leader election ended unexpectedly; exiting");
             shutdown.trigger();
@@ -447,20 +453,6 @@ async fn serve(listener: TcpListener, router: Router, shutdown: ShutdownSignal) 
     {
         tracing::error!(%error, "server failed");
     }
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-async fn stop_signal() -> Result<(), ExitCode> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|error| {
-            eprintln!("error: cannot listen for SIGTERM: {error}");
-            ExitCode::from(1)
-        })?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    Ok(())
 }
 
 #[cfg(test)]
