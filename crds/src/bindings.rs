@@ -203,6 +203,18 @@ impl SinkBinding {
             }
             _ => {}
         }
+        // As Knative's webhook: a binding reaches only into its own namespace.
+        if let Some(namespace) = &subject.namespace
+            && namespace != self.metadata.namespace()
+        {
+            errors.push(FieldError::new(
+                "spec.subject.namespace",
+                format!(
+                    "{namespace:?} is not the binding's own namespace {:?}; a SinkBinding binds Services of its own namespace only",
+                    self.metadata.namespace()
+                ),
+            ));
+        }
         self.spec.sink.validate("spec.sink", &mut errors);
         validate_overrides(self.spec.ce_overrides.as_ref(), &mut errors);
         errors
@@ -212,4 +224,31 @@ impl SinkBinding {
 /// `K_CE_OVERRIDES`' value: `{"extensions":{…}}`, as Knative's adapters read it.
 pub fn ce_overrides_json(extensions: &BTreeMap<String, String>) -> String {
     serde_json::json!({ "extensions": extensions }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Mode;
+
+    #[test]
+    fn a_sink_binding_reaches_only_into_its_own_namespace() {
+        let yaml = |subject_namespace: &str| {
+            format!(
+                "apiVersion: sources.knative.dev/v1\nkind: SinkBinding\nmetadata:\n  name: b\n  namespace: team-a\nspec:\n  subject:\n    apiVersion: serving.knative.dev/v1\n    kind: Service\n    name: victim\n    namespace: {subject_namespace}\n  sink:\n    uri: http://127.0.0.1:9/\n"
+            )
+        };
+        let (loaded, errors) =
+            crate::load_str(std::path::Path::new("b.yaml"), &yaml("team-a"), Mode::Local);
+        assert!(errors.is_empty() && loaded.len() == 1, "{errors:?}");
+        let (_, errors) =
+            crate::load_str(std::path::Path::new("b.yaml"), &yaml("team-b"), Mode::Local);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("(SinkBinding team-a/b): spec.subject.namespace: \"team-b\" is not the binding's own namespace"),
+            "{}",
+            errors[0]
+        );
+    }
 }

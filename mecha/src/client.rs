@@ -454,21 +454,31 @@ pub async fn delete_one(
     Ok(code)
 }
 
-/// The kind as the admin API names it, from what a user typed.
+/// The kind as the admin API names it, from what a user typed: kn's short names, or any
+/// kind Mecha loads, singular or plural, in any case.
 fn resource_kind(word: &str) -> Option<&'static str> {
-    Some(match word.to_ascii_lowercase().as_str() {
-        "service" | "services" | "ksvc" | "svc" | "kservice" => "Service",
-        "broker" | "brokers" => crds::eventing::BROKER_KIND,
-        "trigger" | "triggers" => crds::eventing::TRIGGER_KIND,
-        "pingsource" | "pingsources" => crds::sources::PING_KIND,
-        "githubsource" | "githubsources" => crds::sources::GITHUB_KIND,
-        "gitlabsource" | "gitlabsources" => crds::sources::GITLAB_KIND,
-        "redisstreamsource" | "redisstreamsources" => crds::queues::REDIS_KIND,
-        "natssource" | "natssources" => crds::queues::NATS_KIND,
-        "mqttsource" | "mqttsources" => crds::queues::MQTT_KIND,
-        "containersource" | "containersources" => crds::bindings::CONTAINER_KIND,
-        "sinkbinding" | "sinkbindings" => crds::bindings::BINDING_KIND,
-        _ => return None,
+    let word = word.to_ascii_lowercase();
+    if matches!(word.as_str(), "ksvc" | "svc" | "kservice") {
+        return Some(crds::serving::KIND);
+    }
+    [
+        crds::serving::KIND,
+        crds::eventing::BROKER_KIND,
+        crds::eventing::TRIGGER_KIND,
+        crds::sources::PING_KIND,
+        crds::sources::GITHUB_KIND,
+        crds::sources::GITLAB_KIND,
+        crds::queues::REDIS_KIND,
+        crds::queues::NATS_KIND,
+        crds::queues::MQTT_KIND,
+        crds::bindings::CONTAINER_KIND,
+        crds::bindings::BINDING_KIND,
+        crds::apiserver::KIND,
+    ]
+    .into_iter()
+    .find(|kind| {
+        let kind = kind.to_ascii_lowercase();
+        word == kind || word.strip_suffix('s') == Some(kind.as_str())
     })
 }
 
@@ -841,7 +851,9 @@ async fn print_tail(
     revision: &str,
 ) -> Result<(), ClientError> {
     let path = format!(
-        "/api/v1/namespaces/{namespace}/services/{name}/logs?tail={FAILURE_TAIL}&revision={}",
+        "/api/v1/namespaces/{}/services/{}/logs?tail={FAILURE_TAIL}&revision={}",
+        percent_query(namespace),
+        percent_query(name),
         percent_query(revision)
     );
     let (status, bytes) = client.call_bytes(Method::GET, &path, None).await?;
@@ -874,8 +886,11 @@ pub async fn logs(
     options: &LogsOptions,
 ) -> Result<ExitCode, ClientError> {
     let mut path = format!(
-        "/api/v1/namespaces/{namespace}/services/{name}/logs?follow={}&timestamps={}",
-        options.follow, options.timestamps
+        "/api/v1/namespaces/{}/services/{}/logs?follow={}&timestamps={}",
+        percent_query(namespace),
+        percent_query(name),
+        options.follow,
+        options.timestamps
     );
     if let Some(tail) = options.tail {
         path.push_str(&format!("&tail={tail}"));
