@@ -333,7 +333,16 @@ impl Event {
             }
             let decoded = percent_decode(value.as_bytes())
                 .map_err(|why| EventError::Invalid(format!("header {name}: {why}")))?;
-            attributes.insert(attribute.to_string(), Value::String(decoded));
+            // Two values for one attribute: which is the event? Refused rather than guessed
+            // (an intermediary taking the other one would disagree about its identity).
+            if attributes
+                .insert(attribute.to_string(), Value::String(decoded))
+                .is_some()
+            {
+                return Err(EventError::Invalid(format!(
+                    "header {name} appears more than once; an attribute has one value"
+                )));
+            }
         }
         if attributes.is_empty() {
             return Err(EventError::Invalid(
@@ -608,6 +617,21 @@ mod tests {
         assert!(binary(&[("ce-id", "%FF")], "").is_err(), "invalid UTF-8");
         assert!(binary(&[("ce-id", "%4")], "").is_err(), "truncated escape");
         assert!(binary(&[("ce-datacontenttype", "x")], "").is_err());
+        let mut twice = HeaderMap::new();
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e17"),
+            ("ce-id", "e17b"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+        ] {
+            twice.append(k, HeaderValue::from_static(v));
+        }
+        let refused = Event::from_http(&twice, &Bytes::new()).expect_err("two ids");
+        assert!(
+            refused.to_string().contains("ce-id appears more than once"),
+            "{refused}"
+        );
         assert!(binary(&[], "hello").is_err(), "no ce- headers");
     }
 
