@@ -166,21 +166,7 @@ fn bad_container_sources_bindings_and_api_server_sources_are_load_errors_naming_
         "bad.yaml",
         "apiVersion: sources.knative.dev/v1\nkind: ContainerSource\nmetadata:\n  name: c\nspec:\n  template:\n    spec:\n      containers:\n        - image: x\n          env:\n            - name: K_SINK\n              value: http://elsewhere/\n  sink:\n    uri: http://127.0.0.1:1/\n---\napiVersion: sources.knative.dev/v1\nkind: SinkBinding\nmetadata:\n  name: b\nspec:\n  subject:\n    apiVersion: apps/v1\n    kind: Deployment\n    name: d\n  sink:\n    uri: http://127.0.0.1:1/\n---\napiVersion: sources.knative.dev/v1\nkind: ApiServerSource\nmetadata:\n  name: a\nspec:\n  mode: Everything\n  resources:\n    - apiVersion: v1\n      kind: Pod\n  sink:\n    uri: http://127.0.0.1:1/\n",
     );
-    let output = std::process::Command::new(support::mecha_bin())
-        .args([
-            "up",
-            file.to_str().unwrap(),
-            "--port",
-            "0",
-            "--admin-port",
-            "0",
-        ])
-        .arg("--state-dir")
-        .arg(dir.path.join(".state"))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = support::refused_up(&file, &dir.path.join(".state"));
     for needle in [
         "document 1 (ContainerSource default/c): spec.template.spec.containers[0].command: required in local mode",
         "document 1 (ContainerSource default/c): spec.template.spec.containers[0].env[0].name: K_SINK is set by Mecha",

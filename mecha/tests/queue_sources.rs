@@ -324,21 +324,7 @@ fn bad_queue_sources_are_load_errors_naming_the_field() {
         "bad.yaml",
         "apiVersion: sources.knative.dev/v1alpha1\nkind: RedisStreamSource\nmetadata:\n  name: r\nspec:\n  address: rediss://cache:6379\n  stream: \"\"\n  consumers: 0\n  sink:\n    uri: http://127.0.0.1:1/\n---\napiVersion: sources.mecha.dev/v1alpha1\nkind: MqttSource\nmetadata:\n  name: m\nspec:\n  brokerUrl: mqtt://broker:1883\n  topics: [\"a/#/b\"]\n  sink:\n    uri: http://127.0.0.1:1/\n---\napiVersion: sources.mecha.dev/v1alpha1\nkind: NatsSource\nmetadata:\n  name: orders\nspec:\n  url: nats://127.0.0.1:4222\n  subject: \"a..b\"\n  consumer: durable\n  sink:\n    uri: http://127.0.0.1:1/\n",
     );
-    let output = std::process::Command::new(support::mecha_bin())
-        .args([
-            "up",
-            file.to_str().unwrap(),
-            "--port",
-            "0",
-            "--admin-port",
-            "0",
-        ])
-        .arg("--state-dir")
-        .arg(dir.path.join(".state"))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = support::refused_up(&file, &dir.path.join(".state"));
     for needle in [
         "document 1 (RedisStreamSource default/r): spec.address: \"rediss://cache:6379\": the scheme must be redis",
         "document 1 (RedisStreamSource default/r): spec.stream: required",

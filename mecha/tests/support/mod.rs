@@ -101,6 +101,19 @@ pub fn recorder_service(name: &str, log: &Path) -> String {
     )
 }
 
+/// `mecha up FILE` that must refuse to start (a load error): its stderr.
+pub fn refused_up(file: &Path, state_dir: &Path) -> String {
+    let output = Command::new(mecha_bin())
+        .arg("up")
+        .arg(file)
+        .args(["--port", "0", "--admin-port", "0", "--state-dir"])
+        .arg(state_dir)
+        .output()
+        .expect("run mecha up");
+    assert!(!output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 pub fn mecha_bin() -> &'static str {
     env!("CARGO_BIN_EXE_mecha")
 }
