@@ -64,6 +64,10 @@ pub struct GatewayConfig {
     /// row (timeouts, refused connections) leave the rotation for the ejection time × times
     /// ejected, capped.
     pub outlier: OutlierConfig,
+    /// The outbound role only: `OUTBOUND_PASS_THROUGH_TIMEOUT` (300s) — calls for hosts that
+    /// are no Service's go on to those hosts, within this time
+    /// ([`Gateway::with_pass_through`](crate::gateway::Gateway::with_pass_through)).
+    pub pass_through: Option<Duration>,
 }
 
 /// The sidecar's one control-plane client: the autoscaler's address, the credential every
@@ -171,6 +175,11 @@ impl GatewayConfig {
             "time for in-flight requests after SIGTERM (30s)",
         ),
         ("--pod-name", "POD_NAME", "this sidecar's name in reports"),
+        (
+            "--pass-through-timeout",
+            "OUTBOUND_PASS_THROUGH_TIMEOUT",
+            "calls for hosts that are no Service's go on to them, within this time (300s)",
+        ),
         EDGE_TRUSTED_PROXIES_HELP,
         settings::FAST_PATH_HELP,
         OUTLIER_HELP[0],
@@ -187,11 +196,14 @@ impl GatewayConfig {
         args: &[String],
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        Self::read(
-            settings::overlay(args, Self::OUTBOUND_SETTINGS, env)?,
-            "OUTBOUND_PORT",
-            15001,
-        )
+        let get = settings::overlay(args, Self::OUTBOUND_SETTINGS, env)?;
+        let mut config = Self::read(&get, "OUTBOUND_PORT", 15001)?;
+        config.pass_through = Some(settings::duration(
+            &get,
+            "OUTBOUND_PASS_THROUGH_TIMEOUT",
+            Duration::from_secs(300),
+        )?);
+        Ok(config)
     }
 
     fn read(
@@ -227,6 +239,7 @@ impl GatewayConfig {
             limits: settings::limits(&get)?,
             token: autoscaler_token(&get)?,
             outlier: outlier_config(&get)?,
+            pass_through: None,
         })
     }
 
@@ -595,6 +608,7 @@ pub async fn serve_gateway(
         fast_path,
         limits,
         outlier,
+        pass_through,
         ..
     } = config;
     if token.is_none() {
@@ -616,6 +630,10 @@ pub async fn serve_gateway(
     )
     .with_trusted_proxies(trusted_proxies)
     .with_outlier_detection(outlier);
+    let gateway = match (pass_through, listener.local_addr()) {
+        (Some(timeout), Ok(own)) => gateway.with_pass_through(timeout, own),
+        _ => gateway,
+    };
     let watcher = tokio::spawn(watch(
         control.clone(),
         activation.clone(),

@@ -56,6 +56,13 @@ pub enum ProxyError {
         service: ServiceKey,
         timeout: Duration,
     },
+    /// The outbound role could not pass a call for a host outside Mecha on.
+    #[error("cannot pass the call on to {authority}: {reason}")]
+    PassThrough {
+        authority: String,
+        reason: String,
+        status: StatusCode,
+    },
     #[error("service {service} failed: {source}")]
     Upstream {
         service: ServiceKey,
@@ -76,6 +83,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::PassThrough { status, .. } => *status,
             ProxyError::BufferFull { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

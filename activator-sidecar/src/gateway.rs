@@ -49,8 +49,22 @@ pub struct Gateway {
     policy: Arc<HopPolicy>,
     /// Takes replicas that stop answering out of rotation.
     outliers: Outliers,
+    /// The outbound role's: a host that is no Service's is passed on to where it names
+    /// ([`Gateway::with_pass_through`]).
+    pass_through: Option<PassThrough>,
     metrics: Metrics,
 }
+
+/// How the outbound role passes calls for other hosts on.
+#[derive(Debug, Clone, Copy)]
+struct PassThrough {
+    timeout: Duration,
+    /// The proxy's own address, never a destination (a call to it would come back forever).
+    own: SocketAddr,
+}
+
+/// The service label of calls the outbound role passed through.
+const PASSED_THROUGH: &str = "(pass-through)";
 
 #[derive(Debug, Clone)]
 struct Metrics {
@@ -83,8 +97,19 @@ impl Gateway {
                 start_trace: true,
             }),
             outliers: Outliers::new(OutlierConfig::DEFAULT, registry),
+            pass_through: None,
             metrics: Metrics::register(registry),
         }
+    }
+
+    /// The outbound role: a plain-HTTP call for a host that is no Service's goes on to that
+    /// host as an ordinary forward proxy would send it (within `timeout`), so a meshed
+    /// function's other calls still work through `HTTP_PROXY`. Never for the gateway, which
+    /// would become an open proxy. A call for the proxy's own address (`own`, where it
+    /// listens) is refused rather than sent round in a loop.
+    pub fn with_pass_through(mut self, timeout: Duration, own: SocketAddr) -> Self {
+        self.pass_through = Some(PassThrough { timeout, own });
+        self
     }
 
     /// Ejects replicas that fail requests in a row as `config` says (by default 3 failures,
@@ -181,7 +206,20 @@ impl Gateway {
         peer: SocketAddr,
     ) -> Result<(ServiceKey, Response<ProxyBody>), (Option<ServiceKey>, ProxyError)> {
         let host = request_host(&request).ok_or((None, ProxyError::MissingHost))?;
-        let (service, target) = self.target(&host).map_err(|refusal| *refusal)?;
+        let (service, target) = match self.target(&host) {
+            Ok(found) => found,
+            Err(refusal) => match (*refusal, self.pass_through) {
+                ((_, ProxyError::UnknownHost { .. }), Some(pass)) => {
+                    let service = ServiceKey::new("-", PASSED_THROUGH);
+                    return self
+                        .pass_on(request, peer, pass)
+                        .await
+                        .map(|response| (service, response))
+                        .map_err(|error| (None, error));
+                }
+                (refusal, _) => return Err(refusal),
+            },
+        };
         self.forward(request, &service, &target, peer)
             .await
             .map(|response| (service.clone(), response))
@@ -256,6 +294,115 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Sends a call for a host outside Mecha on to the origin its absolute target (or `Host`)
+    /// names, port 80 unless it says otherwise.
+    async fn pass_on(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        pass: PassThrough,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let timeout = pass.timeout;
+        let deadline = Instant::now() + timeout;
+        let raw = match request.uri().authority() {
+            Some(authority) => authority.as_str().to_string(),
+            None => request
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        };
+        let refuse = |status: http::StatusCode, reason: String| ProxyError::PassThrough {
+            authority: raw.clone(),
+            reason,
+            status,
+        };
+        if request
+            .uri()
+            .scheme()
+            .is_some_and(|s| s != &http::uri::Scheme::HTTP)
+        {
+            return Err(refuse(
+                http::StatusCode::BAD_REQUEST,
+                "only plain http:// calls go through the proxy (HTTPS_PROXY is not set)".into(),
+            ));
+        }
+        let authority: http::uri::Authority = raw
+            .parse()
+            .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "not a host[:port]".into()))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let resolved = tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| {
+                refuse(
+                    http::StatusCode::GATEWAY_TIMEOUT,
+                    "name lookup timed out".into(),
+                )
+            })?
+            .map_err(|e| {
+                refuse(
+                    http::StatusCode::BAD_GATEWAY,
+                    format!("name lookup failed: {e}"),
+                )
+            })?;
+        let addrs: Vec<SocketAddr> = resolved.collect();
+        let itself = |a: &SocketAddr| {
+            a.ip().is_unspecified() || (a.ip().is_loopback() && a.port() == pass.own.port())
+        };
+        let Some(addr) = addrs.iter().copied().find(|a| !itself(a)) else {
+            return Err(refuse(
+                if addrs.is_empty() {
+                    http::StatusCode::BAD_GATEWAY
+                } else {
+                    http::StatusCode::LOOP_DETECTED
+                },
+                if addrs.is_empty() {
+                    "the name has no address".into()
+                } else {
+                    "that is this proxy itself".into()
+                },
+            ));
+        };
+        let endpoint = Endpoint::standalone(PASSED_THROUGH, addr);
+        let guard = endpoint.track();
+        let request = request.map(Either::Left);
+        tokio::time::timeout_at(
+            deadline,
+            self.forwarder.forward(
+                request,
+                &endpoint,
+                guard,
+                UpstreamProtocol::Http1,
+                peer,
+                &self.policy,
+                deadline,
+            ),
+        )
+        .await
+        .unwrap_or(Err(Failure::Timeout))
+        .map_err(|failure| match failure {
+            Failure::Refused(refusal) => ProxyError::Refused(refusal),
+            Failure::Timeout => refuse(
+                http::StatusCode::GATEWAY_TIMEOUT,
+                format!("no answer within {}s", timeout.as_secs_f64()),
+            ),
+            Failure::Connect(error) | Failure::Upstream(error) => {
+                let mut reason = error.to_string();
+                let mut cause = error.source();
+                while let Some(inner) = cause {
+                    reason.push_str(&format!(": {inner}"));
+                    cause = inner.source();
+                }
+                refuse(http::StatusCode::BAD_GATEWAY, reason)
+            }
+        })
     }
 
     /// A ready replica of the target revision with room for one more request (its
@@ -370,6 +517,13 @@ impl Role for Gateway {
         };
         let (service, target) = match self.target(host) {
             Ok(found) => found,
+            // Calls passed through go by the general server, which sees the target's port.
+            Err(refusal)
+                if self.pass_through.is_some()
+                    && matches!(refusal.1, ProxyError::UnknownHost { .. }) =>
+            {
+                return Decision::Fallback;
+            }
             Err(refusal) => {
                 let (service, error) = *refusal;
                 return refuse(service.as_ref(), error);

@@ -68,6 +68,11 @@ pub struct ServingState {
     /// The domain of service hosts when the installation sets one (a cluster's
     /// `config-domain`); otherwise the controller's own (`localhost` in local mode).
     domain: Option<String>,
+    /// In a cluster, the cluster's DNS domain (`cluster.local`): every Service and tag also
+    /// answers on its cluster-local hosts, `{name}.{namespace}.svc.{cluster domain}` (Knative's
+    /// `status.address`) and `{name}.{namespace}.svc`, which meshed callers and the cluster's
+    /// own clients use.
+    cluster_domain: Option<String>,
 }
 
 /// What applying a Service did.
@@ -118,6 +123,12 @@ impl ServingState {
     /// Applies a cluster's `config-domain`; `None` leaves the controller's own domain.
     pub fn set_domain(&mut self, domain: Option<String>) {
         self.domain = domain;
+    }
+
+    /// Makes every route answer on its cluster-local hosts too (see the field); `None` (local
+    /// mode) serves the domain's hosts only.
+    pub fn set_cluster_domain(&mut self, cluster_domain: Option<String>) {
+        self.cluster_domain = cluster_domain;
     }
 
     /// Applies `config-autoscaler`; `None` (it was deleted) restores the defaults.
@@ -205,8 +216,13 @@ impl ServingState {
     /// least once (Knative's Ready condition), which decides what `latestRevision` means.
     pub fn desired(&self, domain: &str, ever_ready: impl Fn(&str) -> bool) -> Desired {
         let mut desired = Desired::default();
+        let mut domains = vec![domain.to_string()];
+        if let Some(cluster) = &self.cluster_domain {
+            domains.push(format!("svc.{cluster}"));
+            domains.push("svc".into());
+        }
         for record in self.services.values() {
-            record.desired_into(domain, &ever_ready, &mut desired);
+            record.desired_into(&domains, &ever_ready, &mut desired);
         }
 
         desired
@@ -229,7 +245,13 @@ impl ServiceRecord {
         self.revisions.iter().find(|r| r.name == name)
     }
 
-    fn desired_into(&self, domain: &str, ever_ready: &impl Fn(&str) -> bool, out: &mut Desired) {
+    /// Adds this Service's routes — on its hosts in each of `domains` — and active revisions.
+    fn desired_into(
+        &self,
+        domains: &[String],
+        ever_ready: &impl Fn(&str) -> bool,
+        out: &mut Desired,
+    ) {
         let Some(latest) = self.latest() else {
             return;
         };
@@ -259,24 +281,26 @@ impl ServiceRecord {
                 None => main.push(target(revision, percent)),
             }
             if let Some(tag) = &entry.tag {
-                out.routes.insert(
-                    tag_host(tag, &self.key, domain),
-                    Route {
-                        service: self.key.clone(),
-                        tag: Some(tag.clone()),
-                        targets: vec![target(revision, 100)],
-                    },
-                );
+                let route = Route {
+                    service: self.key.clone(),
+                    tag: Some(tag.clone()),
+                    targets: vec![target(revision, 100)],
+                };
+                for domain in domains {
+                    out.routes
+                        .insert(tag_host(tag, &self.key, domain), route.clone());
+                }
             }
         }
-        out.routes.insert(
-            service_host(&self.key, domain),
-            Route {
-                service: self.key.clone(),
-                tag: None,
-                targets: main,
-            },
-        );
+        let route = Route {
+            service: self.key.clone(),
+            tag: None,
+            targets: main,
+        };
+        for domain in domains {
+            out.routes
+                .insert(service_host(&self.key, domain), route.clone());
+        }
         for revision in active {
             out.active.entry(revision.name.clone()).or_insert(revision);
         }
@@ -556,6 +580,34 @@ mod tests {
             .expect("green tag");
         assert_eq!(green.targets[0].revision, "hello-00002");
         assert_eq!(desired.active.len(), 2);
+    }
+
+    #[test]
+    fn a_cluster_serves_cluster_local_hosts_too() {
+        let mut state = ServingState::default();
+        let traffic =
+            "  traffic:\n    - latestRevision: true\n      percent: 100\n      tag: blue\n";
+        apply(&mut state, &hello("blue", traffic)).expect("v1");
+        let local = state.desired("localhost", |_| true);
+        assert_eq!(local.routes.len(), 2, "local mode: the domain's hosts only");
+        state.set_cluster_domain(Some("cluster.local".into()));
+        let desired = state.desired("example.com", |_| true);
+        let main = desired
+            .routes
+            .lookup("hello.default.example.com")
+            .expect("main");
+        for host in ["hello.default.svc.cluster.local", "hello.default.svc"] {
+            assert_eq!(desired.routes.lookup(host), Some(main), "{host}");
+        }
+        for host in [
+            "blue-hello.default.example.com",
+            "blue-hello.default.svc.cluster.local",
+            "blue-hello.default.svc",
+        ] {
+            let tagged = desired.routes.lookup(host).expect(host);
+            assert_eq!(tagged.tag.as_deref(), Some("blue"), "{host}");
+        }
+        assert_eq!(desired.routes.len(), 6);
     }
 
     #[test]

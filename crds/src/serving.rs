@@ -26,6 +26,51 @@ pub const MAX_BUFFERED_REQUESTS: &str = "mecha.dev/max-buffered-requests";
 /// Most declared body bytes (`Content-Length`) of the requests held for a revision.
 pub const MAX_BUFFERED_BYTES: &str = "mecha.dev/max-buffered-bytes";
 
+/// `"true"`: the function joins the mesh — its calls to other functions go through a proxy
+/// of its own (the sidecar's outbound role in a cluster) straight to a replica of the callee,
+/// waking it from zero, with `HTTP_PROXY` set for it ([`mesh_env`]).
+pub const MESH: &str = "mecha.dev/mesh";
+/// Where a meshed function's proxy listens: the outbound role's loopback port in its pod.
+pub const MESH_PROXY_PORT: u16 = 15001;
+/// Hosts a meshed function reaches without its proxy (its own pod).
+pub const MESH_NO_PROXY: &[&str] = &["localhost", "127.0.0.1", "::1"];
+
+/// The variables that send a meshed function's HTTP calls through `proxy`
+/// (`http://127.0.0.1:15001`): `HTTP_PROXY` and `http_proxy` (curl reads only the lower-case
+/// one), and `NO_PROXY`/`no_proxy` — [`MESH_NO_PROXY`], then `extra_no_proxy` (the
+/// installation's), then what the container's own `NO_PROXY` lists. `HTTPS_PROXY` is left
+/// alone: TLS calls go directly.
+pub fn mesh_env(
+    proxy: &str,
+    container: &Container,
+    extra_no_proxy: &[String],
+) -> Vec<(String, String)> {
+    let mut no_proxy: Vec<String> = MESH_NO_PROXY.iter().map(|h| (*h).to_string()).collect();
+    no_proxy.extend(extra_no_proxy.iter().cloned());
+    for own in container
+        .env
+        .iter()
+        .filter(|e| e.name == "NO_PROXY" || e.name == "no_proxy")
+    {
+        no_proxy.extend(
+            own.value
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(String::from),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    no_proxy.retain(|h| seen.insert(h.clone()));
+    let no_proxy = no_proxy.join(",");
+    vec![
+        ("HTTP_PROXY".into(), proxy.into()),
+        ("http_proxy".into(), proxy.into()),
+        ("NO_PROXY".into(), no_proxy.clone()),
+        ("no_proxy".into(), no_proxy),
+    ]
+}
+
 /// Environment variables Mecha sets itself; a container may not set them.
 pub const RESERVED_ENV: &[&str] = &["PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"];
 
@@ -259,6 +304,11 @@ impl Service {
         )
     }
 
+    /// Whether the template joins the mesh ([`MESH`]).
+    pub fn meshed(&self) -> bool {
+        meshed(&self.spec.template.metadata.annotations)
+    }
+
     /// Checks everything that can be checked on the Service alone. Traffic targets that name
     /// revisions are checked against the existing revisions when the Service is applied.
     pub fn validate(&self, mode: Mode) -> Vec<FieldError> {
@@ -468,6 +518,11 @@ impl Probe {
     }
 }
 
+/// Whether template `annotations` join the mesh ([`MESH`] is `"true"`).
+pub fn meshed(annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get(MESH).is_some_and(|v| v.trim() == "true")
+}
+
 fn validate_mecha_annotations(
     annotations: &BTreeMap<String, String>,
     errors: &mut Vec<FieldError>,
@@ -480,10 +535,19 @@ fn validate_mecha_annotations(
         let valid = match key.as_str() {
             MAX_BUFFERED_REQUESTS => value.trim().parse::<u32>().is_ok_and(|n| n > 0),
             MAX_BUFFERED_BYTES => value.trim().parse::<u64>().is_ok(),
+            MESH => {
+                if !matches!(value.trim(), "true" | "false") {
+                    errors.push(FieldError::new(
+                        at,
+                        format!("{value:?} is not \"true\" or \"false\""),
+                    ));
+                }
+                continue;
+            }
             _ => {
                 errors.push(FieldError::new(
                     at,
-                    format!("unknown Mecha annotation; supported: {MAX_BUFFERED_REQUESTS}, {MAX_BUFFERED_BYTES}"),
+                    format!("unknown Mecha annotation; supported: {MAX_BUFFERED_REQUESTS}, {MAX_BUFFERED_BYTES}, {MESH}"),
                 ));
                 continue;
             }

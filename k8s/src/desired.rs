@@ -44,6 +44,10 @@ pub const SIDECAR_SERVING_PORT: i32 = 8012;
 pub const SIDECAR_ADMIN_PORT: i32 = 8022;
 /// The sidecar's container name.
 pub const SIDECAR_NAME: &str = "activator-sidecar";
+/// The outbound role's container in a meshed revision's pod (`mecha.dev/mesh: "true"`).
+pub const OUTBOUND_NAME: &str = "activator-outbound";
+/// The outbound role's `/live`, `/ready`, `/metrics` (the inbound sidecar has 8022).
+pub const OUTBOUND_ADMIN_PORT: i32 = 8023;
 
 /// The audience of the service-account token a sidecar presents to the autoscaler, which
 /// checks it with a `TokenReview` naming this audience.
@@ -67,6 +71,9 @@ pub struct PodSettings {
     pub autoscaler_addr: String,
     /// The sidecar's resource requests (`cpu`, `memory`).
     pub sidecar_requests: BTreeMap<String, String>,
+    /// Hosts meshed functions reach without the proxy, besides their own pod's
+    /// ([`crds::serving::mesh_env`]).
+    pub mesh_no_proxy: Vec<String>,
 }
 
 /// The Revision `service`'s template calls for, or `None` when the newest of `revisions`
@@ -169,6 +176,16 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
         value("K_CONFIGURATION", &configuration),
         value("K_REVISION", &name),
     ]);
+    let meshed = crds::serving::meshed(&revision.metadata.annotations.clone().unwrap_or_default());
+    if meshed {
+        let proxy = format!("http://127.0.0.1:{}", crds::serving::MESH_PROXY_PORT);
+        for (key, proxy_value) in
+            crds::serving::mesh_env(&proxy, container, &settings.mesh_no_proxy)
+        {
+            env.retain(|e| e.name != key);
+            env.push(value(&key, &proxy_value));
+        }
+    }
     let user = Container {
         name: container
             .name
@@ -214,17 +231,7 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
         value("SERVING_REVISION", &name),
         value("AUTOSCALER_ADDR", &settings.autoscaler_addr),
         value("AUTOSCALER_TOKEN_FILE", AUTOSCALER_TOKEN_FILE),
-        EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        },
+        pod_name(),
     ];
     if let Some(path) = readiness_path {
         sidecar_env.push(value("SERVING_READINESS_PATH", &path));
@@ -270,16 +277,15 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
             requests: non_empty(quantities(&settings.sidecar_requests)),
             ..ResourceRequirements::default()
         }),
-        // Only the sidecar sees the token: the user's code never gets a credential for the
+        // Only the sidecars see the token: the user's code never gets a credential for the
         // control plane.
-        volume_mounts: Some(vec![VolumeMount {
-            name: TOKEN_VOLUME.into(),
-            mount_path: AUTOSCALER_TOKEN_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![token_mount()]),
         ..Container::default()
     };
+    let mut containers = vec![user, sidecar];
+    if meshed {
+        containers.push(outbound_container(settings));
+    }
     let token_volume = Volume {
         name: TOKEN_VOLUME.into(),
         projected: Some(ProjectedVolumeSource {
@@ -317,7 +323,7 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![user, sidecar],
+                    containers,
                     volumes: Some(vec![token_volume]),
                     enable_service_links: Some(false),
                     // Requests may take the revision's timeout to finish after SIGTERM.
@@ -326,6 +332,94 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
                 }),
             },
             ..DeploymentSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The outbound role in a meshed pod: the function's HTTP proxy on `127.0.0.1:15001`, routing
+/// calls to other functions straight to their replicas (holding and poking for one at zero),
+/// passing other plain-HTTP calls through to where they were going.
+fn outbound_container(settings: &PodSettings) -> Container {
+    Container {
+        name: OUTBOUND_NAME.into(),
+        image: Some(settings.sidecar_image.clone()),
+        args: Some(vec!["outbound".into()]),
+        env: Some(vec![
+            value("OUTBOUND_PORT", &crds::serving::MESH_PROXY_PORT.to_string()),
+            value("GATEWAY_ADMIN_PORT", &OUTBOUND_ADMIN_PORT.to_string()),
+            value("AUTOSCALER_ADDR", &settings.autoscaler_addr),
+            value("AUTOSCALER_TOKEN_FILE", AUTOSCALER_TOKEN_FILE),
+            pod_name(),
+        ]),
+        // Ready once the first routes have arrived: until then calls would find no function.
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/ready".into()),
+                port: IntOrString::Int(OUTBOUND_ADMIN_PORT),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(1),
+            ..Probe::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: non_empty(quantities(&settings.sidecar_requests)),
+            ..ResourceRequirements::default()
+        }),
+        volume_mounts: Some(vec![token_mount()]),
+        ..Container::default()
+    }
+}
+
+fn token_mount() -> VolumeMount {
+    VolumeMount {
+        name: TOKEN_VOLUME.into(),
+        mount_path: AUTOSCALER_TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+/// `POD_NAME` from the downward API: the sidecars' name in reports.
+fn pod_name() -> EnvVar {
+    EnvVar {
+        name: "POD_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// The Kubernetes Service named after a Knative Service, as Knative makes it: an
+/// `ExternalName` pointing at the gateway (`gateway_host`), so
+/// `{name}.{namespace}.svc.{cluster domain}` — the Service's `status.address` — resolves
+/// inside the cluster, and the gateway routes it by its `Host`. Meshed callers never resolve
+/// it: their proxy routes the name itself.
+pub fn cluster_local_service(service: &Service, gateway_host: &str) -> Option<KubeService> {
+    let name = service.metadata.name.clone()?;
+    Some(KubeService {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: service.metadata.namespace.clone(),
+            labels: Some(BTreeMap::from([(SERVICE_LABEL.into(), name)])),
+            owner_references: service.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(KubeServiceSpec {
+            type_: Some("ExternalName".into()),
+            external_name: Some(gateway_host.into()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..KubeServiceSpec::default()
         }),
         status: None,
     })

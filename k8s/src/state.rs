@@ -297,14 +297,34 @@ pub fn revision_ready(revision: &Revision) -> bool {
 /// default is used (one domain for every route); domains with selectors are reported. Without
 /// a default: [`crate::status::DEFAULT_DOMAIN`].
 pub fn domain_from(config: Option<&ConfigMap>) -> (String, Problems) {
+    /// A value of `config-domain`: `selector: {label: value}`, or empty for the default.
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        #[serde(default)]
+        selector: BTreeMap<String, String>,
+    }
     let mut problems = Problems::new();
     let data = config.and_then(|c| c.data.clone()).unwrap_or_default();
     let mut default = None;
-    for (domain, selector) in &data {
+    for (domain, value) in &data {
         if domain == "_example" {
             continue;
         }
-        if !selector.trim().is_empty() {
+        let entry: Entry = if value.trim().is_empty() {
+            Entry::default()
+        } else {
+            match serde_saphyr::from_str(value) {
+                Ok(entry) => entry,
+                Err(error) => {
+                    problems.push(format!(
+                        "{DOMAIN_CONFIG}: data[{domain:?}] is not a label selector: {error}"
+                    ));
+                    continue;
+                }
+            }
+        };
+        if !entry.selector.is_empty() {
             problems.push(format!(
                 "{DOMAIN_CONFIG}: domain {domain:?} has a selector; only the default domain (an empty value) is supported, so it is not used"
             ));
@@ -344,9 +364,11 @@ fn valid_domain(domain: &str) -> bool {
 /// into `ever_ready`, the replicas of revisions' Deployments into `running`. Each watch is
 /// retried with backoff when it fails; until all four have listed once nothing is published
 /// (and `/ready` says so), so the controller never meets a revision before its Deployment.
+/// Routes answer on cluster-local hosts under `cluster_domain` too.
 pub async fn run(
     client: kube::Client,
     namespace: String,
+    cluster_domain: String,
     state_tx: watch::Sender<Arc<ServingState>>,
     ever_ready: EverReady,
     running: Running,
@@ -440,12 +462,13 @@ pub async fn run(
         for revision in revisions.iter().filter(|r| revision_ready(r)) {
             ever_ready.mark(&revision.name_any());
         }
-        let (next, problems) = serving_state(
+        let (mut next, problems) = serving_state(
             &services.state(),
             &revisions,
             named(AUTOSCALER_CONFIG),
             named(DOMAIN_CONFIG),
         );
+        next.set_cluster_domain(Some(cluster_domain.clone()));
         if problems != last_problems {
             for problem in &problems {
                 tracing::warn!(%problem, "part of the cluster's desired state is not used");

@@ -66,6 +66,12 @@ pub struct Addresses {
     /// The broker ingress's base URL (no trailing `/`); a Broker's address is
     /// `{base}/{namespace}/{name}` (the ingress's `POST /{namespace}/{broker}`).
     pub broker_base_url: String,
+    /// The cluster's DNS domain: a Service's cluster-local address (`status.address`) is
+    /// `http://{name}.{namespace}.svc.{cluster domain}`.
+    pub cluster_domain: String,
+    /// The gateway Service's DNS name, where every Service's cluster-local name points
+    /// ([`crate::desired::cluster_local_service`]).
+    pub gateway_host: String,
 }
 
 // === impl Addresses ===
@@ -75,48 +81,36 @@ impl Default for Addresses {
         Self {
             domain: DEFAULT_DOMAIN.into(),
             broker_base_url: DEFAULT_BROKER_BASE_URL.into(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
+            gateway_host: format!("mecha-gateway.mecha-system.svc.{DEFAULT_CLUSTER_DOMAIN}"),
         }
     }
+}
+
+/// Kubernetes' default cluster DNS domain.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// The cluster's DNS domain as Knative finds it: the `svc.{domain}` entry of the `search` line
+/// of a pod's `/etc/resolv.conf` (`resolv_conf`), else [`DEFAULT_CLUSTER_DOMAIN`].
+pub fn cluster_domain_from_resolv_conf(resolv_conf: &str) -> String {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("search"))
+        .flat_map(str::split_whitespace)
+        .filter_map(|entry| entry.trim_end_matches('.').split_once(".svc."))
+        .map(|(_, domain)| domain.to_string())
+        .find(|domain| !domain.is_empty())
+        .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.into())
+}
+
+/// `http://{name}.{namespace}.svc.{cluster domain}`: a Service's address inside the cluster.
+pub fn cluster_local_url(name: &str, namespace: &str, cluster_domain: &str) -> String {
+    format!("http://{name}.{namespace}.svc.{cluster_domain}")
 }
 
 /// Knative's default domain when `config-domain` names none.
 pub const DEFAULT_DOMAIN: &str = "example.com";
 
-/// The domain of Service URLs from `config-domain`'s data, read as Knative reads it: every key
-/// is a domain, its value a label selector (`selector: {app: web}`), empty for the default;
-/// `_example` is documentation. Mecha serves one domain for every Service: the default one
-/// (the first by name when several are, as Knative breaks ties), else [`DEFAULT_DOMAIN`].
-/// Returns it with the domains that have selectors, which are not supported (the caller logs
-/// them); an entry that is not a selector is an error naming its key.
-pub fn domain_from_config(
-    data: &std::collections::BTreeMap<String, String>,
-) -> Result<(String, Vec<String>), String> {
-    #[derive(serde::Deserialize, Default)]
-    #[serde(deny_unknown_fields)]
-    struct Entry {
-        #[serde(default)]
-        selector: std::collections::BTreeMap<String, String>,
-    }
-    let mut default = None;
-    let mut ignored = Vec::new();
-    for (domain, value) in data {
-        if domain == "_example" {
-            continue;
-        }
-        let entry: Entry = if value.trim().is_empty() {
-            Entry::default()
-        } else {
-            serde_saphyr::from_str(value)
-                .map_err(|e| format!("config-domain: {domain:?}: not a label selector: {e}"))?
-        };
-        if entry.selector.is_empty() {
-            default.get_or_insert_with(|| domain.clone());
-        } else {
-            ignored.push(domain.clone());
-        }
-    }
-    Ok((default.unwrap_or_else(|| DEFAULT_DOMAIN.into()), ignored))
-}
 /// The `mecha-broker` Service in the installation namespace (port 80 → the ingress).
 pub const DEFAULT_BROKER_BASE_URL: &str = "http://mecha-broker.mecha-system.svc";
 
@@ -298,7 +292,13 @@ pub fn service(
             now,
         ),
         url: Some(service_url(&name, &namespace, &addresses.domain)),
-        address: previous.address,
+        address: Some(Addressable {
+            url: Some(cluster_local_url(
+                &name,
+                &namespace,
+                &addresses.cluster_domain,
+            )),
+        }),
         latest_created_revision_name: latest_created.map(ResourceExt::name_any),
         latest_ready_revision_name: latest_ready.map(ResourceExt::name_any),
         traffic,

@@ -30,6 +30,7 @@ fn settings() -> PodSettings {
             ("cpu".into(), "25m".into()),
             ("memory".into(), "32Mi".into()),
         ]),
+        mesh_no_proxy: vec!["db.internal".into()],
     }
 }
 
@@ -219,4 +220,114 @@ fn the_sidecar_probes_the_way_the_container_asks() {
     container.ports.clear();
     container.readiness_probe = None;
     assert_eq!(env_of(&service)["USER_PORT"], "8080");
+}
+
+#[test]
+fn a_meshed_function_gets_the_outbound_role_and_its_proxy() {
+    let mut service = service();
+    let template = &mut service.spec.0.template;
+    template
+        .metadata
+        .annotations
+        .insert(crds::serving::MESH.into(), "true".into());
+    template.spec.containers[0].env.push(crds::serving::EnvVar {
+        name: "NO_PROXY".into(),
+        value: "metadata.internal, localhost".into(),
+    });
+    let revision = created(desired::next_revision(&service, &[]).expect("revision"));
+    let deployment = desired::deployment(&revision, &settings()).expect("deployment");
+    let pod = deployment
+        .spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .spec
+        .clone()
+        .expect("pod");
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["user-container", "activator-sidecar", "activator-outbound"]
+    );
+    let env_of = |container: &k8s_openapi::api::core::v1::Container| -> Vec<(String, String)> {
+        container
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    };
+    let user = env_of(&pod.containers[0]);
+    let get = |key: &str| -> Vec<&str> {
+        user.iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(get("HTTP_PROXY"), ["http://127.0.0.1:15001"]);
+    assert_eq!(get("http_proxy"), ["http://127.0.0.1:15001"]);
+    assert!(get("HTTPS_PROXY").is_empty(), "TLS calls go directly");
+    // The pod's own hosts, the installation's, then the container's own — once each, and the
+    // container's own NO_PROXY replaced rather than listed twice.
+    assert_eq!(
+        get("NO_PROXY"),
+        ["localhost,127.0.0.1,::1,db.internal,metadata.internal"]
+    );
+    assert_eq!(get("no_proxy"), get("NO_PROXY"));
+    let outbound = &pod.containers[2];
+    assert_eq!(
+        outbound.args.as_deref(),
+        Some(&["outbound".to_string()][..])
+    );
+    let outbound_env: BTreeMap<String, String> = env_of(outbound).into_iter().collect();
+    assert_eq!(outbound_env["OUTBOUND_PORT"], "15001");
+    assert_eq!(
+        outbound_env["GATEWAY_ADMIN_PORT"], "8023",
+        "the inbound sidecar has 8022"
+    );
+    assert_eq!(
+        outbound_env["AUTOSCALER_TOKEN_FILE"],
+        "/var/run/secrets/mecha/token"
+    );
+    assert_eq!(
+        outbound.volume_mounts.as_ref().expect("the token")[0].mount_path,
+        "/var/run/secrets/mecha"
+    );
+    assert_golden::<Deployment>("hello-00001.meshed.deployment.yaml", &deployment);
+
+    // "false" and no annotation are the same pod.
+    service
+        .spec
+        .0
+        .template
+        .metadata
+        .annotations
+        .insert(crds::serving::MESH.into(), "false".into());
+    let revision = created(desired::next_revision(&service, &[]).expect("revision"));
+    let pod = desired::deployment(&revision, &settings())
+        .and_then(|d| d.spec?.template.spec)
+        .expect("pod");
+    assert_eq!(pod.containers.len(), 2);
+}
+
+#[test]
+fn a_service_has_a_cluster_local_name_at_the_gateway() {
+    let local =
+        desired::cluster_local_service(&service(), "mecha-gateway.mecha-system.svc.cluster.local")
+            .expect("service");
+    let spec = local.spec.as_ref().expect("spec");
+    assert_eq!(
+        (spec.type_.as_deref(), spec.external_name.as_deref()),
+        (
+            Some("ExternalName"),
+            Some("mecha-gateway.mecha-system.svc.cluster.local")
+        )
+    );
+    assert_eq!(local.metadata.name.as_deref(), Some("hello"));
+    let owner = &local.metadata.owner_references.as_ref().expect("owned")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Service", "hello")
+    );
+    assert_golden::<KubeService>("hello.cluster-local.service.yaml", &local);
 }

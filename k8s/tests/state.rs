@@ -156,15 +156,24 @@ fn config_domain_gives_the_default_domain_in_knatives_format() {
             ("prod.example.org", "selector:\n  app: prod\n"),
             ("fn.example.org", ""),
             ("Not A Domain", ""),
+            ("bad.example", "[1, 2]"),
+            ("empty.example.org", "selector: {}"),
         ],
     );
     let (domain, problems) = domain_from(Some(&config));
-    assert_eq!(domain, "fn.example.org");
-    assert_eq!(problems.len(), 2, "{problems:?}");
+    // An empty selector is the default too; the first default by name wins.
+    assert_eq!(domain, "empty.example.org");
+    assert_eq!(problems.len(), 3, "{problems:?}");
     assert!(problems.iter().any(|p| p.contains("has a selector")));
     assert!(problems.iter().any(|p| p.contains("not a DNS name")));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("data[\"bad.example\"] is not a label selector")),
+        "{problems:?}"
+    );
     let (state, _) = serving_state(&[service("default")], &[], None, Some(&config));
-    assert_eq!(state.domain(), Some("fn.example.org"));
+    assert_eq!(state.domain(), Some("empty.example.org"));
 }
 
 fn broker(namespace: &str, name: &str) -> Arc<k8s::crd::Broker> {

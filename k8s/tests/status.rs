@@ -338,6 +338,7 @@ fn a_new_service_has_its_url_and_waits_for_a_ready_revision() {
 fn latest_revision_resolves_to_the_latest_ready_one() {
     let addresses = Addresses {
         domain: "fn.example.org".into(),
+        cluster_domain: "corp.internal".into(),
         ..Addresses::default()
     };
     let revisions = [
@@ -349,6 +350,11 @@ fn latest_revision_resolves_to_the_latest_ready_one() {
     assert_eq!(
         status.url.as_deref(),
         Some("http://hello.web.fn.example.org")
+    );
+    assert_eq!(
+        status.address.and_then(|a| a.url).as_deref(),
+        Some("http://hello.web.svc.corp.internal"),
+        "Knative's cluster-local address"
     );
     assert_eq!(
         status.latest_created_revision_name.as_deref(),
@@ -521,35 +527,6 @@ fn a_broker_is_addressed_at_the_ingress() {
 }
 
 #[test]
-fn the_domain_is_config_domains_default_one() {
-    let data = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-            .collect()
-    };
-    assert_eq!(
-        status::domain_from_config(&data(&[])),
-        Ok(("example.com".into(), vec![]))
-    );
-    assert_eq!(
-        status::domain_from_config(&data(&[
-            (
-                "_example",
-                "# documentation\nexample.org: |\n  selector: {}"
-            ),
-            ("svc.example.org", "selector:\n  app: nonprofit\n"),
-            ("fn.example.net", ""),
-            ("z.example.net", ""),
-        ])),
-        Ok(("fn.example.net".into(), vec!["svc.example.org".to_string()]))
-    );
-    let error = status::domain_from_config(&data(&[("bad.example", "[1, 2]")]))
-        .expect_err("not a selector");
-    assert!(error.contains("\"bad.example\""), "{error}");
-}
-
-#[test]
 fn retries_double_up_to_the_cap() {
     let retry = Retry {
         first: Duration::from_millis(100),
@@ -558,4 +535,18 @@ fn retries_double_up_to_the_cap() {
     let delays: Vec<u128> = (1..=6).map(|n| retry.delay(n).as_millis()).collect();
     assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
     assert_eq!(retry.delay(200), Duration::from_secs(1), "no overflow");
+}
+
+#[test]
+fn the_cluster_domain_comes_from_resolv_conf_as_knative_reads_it() {
+    let pod = "nameserver 10.96.0.10\nsearch web.svc.corp.internal svc.corp.internal corp.internal\noptions ndots:5\n";
+    assert_eq!(
+        status::cluster_domain_from_resolv_conf(pod),
+        "corp.internal"
+    );
+    assert_eq!(
+        status::cluster_domain_from_resolv_conf("nameserver 1.1.1.1\nsearch example.org\n"),
+        "cluster.local"
+    );
+    assert_eq!(status::cluster_domain_from_resolv_conf(""), "cluster.local");
 }

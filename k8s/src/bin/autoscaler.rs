@@ -43,10 +43,16 @@ struct Config {
     sidecar_image: String,
     autoscaler_addr: String,
     broker_base_url: String,
+    cluster_domain: String,
+    mesh_no_proxy: Vec<String>,
     drain_timeout: Duration,
     lease: LeaseTimings,
     eventing: bool,
 }
+
+/// The gateway's Kubernetes Service in the installation namespace (`deploy/base/`), where
+/// Services' cluster-local names point.
+const GATEWAY_SERVICE: &str = "mecha-gateway";
 
 const SETTINGS: Table = &[
     (
@@ -88,6 +94,16 @@ const SETTINGS: Table = &[
         "--broker-base-url",
         "BROKER_BASE_URL",
         "the broker ingress in Brokers' addresses (http://mecha-broker.mecha-system.svc)",
+    ),
+    (
+        "--cluster-domain",
+        "CLUSTER_DOMAIN",
+        "the cluster's DNS domain in Services' cluster-local names (from /etc/resolv.conf's search line, else cluster.local)",
+    ),
+    (
+        "--mesh-no-proxy",
+        "MESH_NO_PROXY",
+        "comma-separated hosts meshed functions call without their proxy, besides their own pod (none)",
     ),
     (
         "--drain-timeout",
@@ -192,6 +208,19 @@ impl Config {
             autoscaler_addr,
             broker_base_url: get("BROKER_BASE_URL")
                 .unwrap_or_else(|| k8s::status::DEFAULT_BROKER_BASE_URL.into()),
+            cluster_domain: match get("CLUSTER_DOMAIN").filter(|d| !d.trim().is_empty()) {
+                Some(domain) => domain.trim().trim_end_matches('.').to_string(),
+                None => k8s::status::cluster_domain_from_resolv_conf(
+                    &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                ),
+            },
+            mesh_no_proxy: get("MESH_NO_PROXY")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(String::from)
+                .collect(),
             drain_timeout: settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?,
             lease,
             eventing: settings::flag(&get, "RECONCILE_EVENTING", true)?,
@@ -265,6 +294,7 @@ async fn run(
     let state_task = tokio::spawn(k8s::state::run(
         client.clone(),
         config.namespace.clone(),
+        config.cluster_domain.clone(),
         state_tx,
         ever_ready.clone(),
         running.clone(),
@@ -336,10 +366,16 @@ async fn run(
         sidecar_image: config.sidecar_image.clone(),
         autoscaler_addr: config.autoscaler_addr.clone(),
         sidecar_requests: [("cpu".to_string(), "25m".to_string())].into(),
+        mesh_no_proxy: config.mesh_no_proxy.clone(),
     };
     let mut serving = ServingSettings::new(pods);
     serving.eventing = config.eventing;
     serving.addresses.broker_base_url = config.broker_base_url.clone();
+    serving.addresses.cluster_domain = config.cluster_domain.clone();
+    serving.addresses.gateway_host = format!(
+        "{GATEWAY_SERVICE}.{}.svc.{}",
+        config.namespace, config.cluster_domain
+    );
     let leader_task = tokio::spawn(k8s::leader::reconcile_while_leading(
         client.clone(),
         serving,

@@ -28,7 +28,11 @@ pub(super) async fn services(context: Arc<Context>, shutdown: ShutdownSignal) {
         watcher::Config::default(),
     )
     .owns(
-        Api::<Revision>::all(client),
+        Api::<Revision>::all(client.clone()),
+        watcher::Config::default().labels(desired::SERVICE_LABEL),
+    )
+    .owns(
+        Api::<KubeService>::all(client),
         watcher::Config::default().labels(desired::SERVICE_LABEL),
     )
     .graceful_shutdown_on(shutdown.recv())
@@ -96,6 +100,16 @@ async fn service_steps(service: &Service, context: &Context) -> Result<Action, E
         // Nothing to retry: the user has to change the spec, which wakes us.
         return Ok(Action::await_change());
     }
+
+    let cluster_local =
+        desired::cluster_local_service(service, &context.settings.addresses.gateway_host)
+            .ok_or_else(|| Error::Invalid {
+                kind: SERVICE,
+                namespace: namespace.clone(),
+                name: name.clone(),
+                message: "no name".into(),
+            })?;
+    apply::apply(client, &cluster_local).await?;
 
     let api: Api<Revision> = Api::namespaced(client.clone(), &namespace);
     let listed = api

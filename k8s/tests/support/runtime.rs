@@ -90,6 +90,7 @@ impl Runtime {
             tokio::spawn(k8s::state::run(
                 client.clone(),
                 SYSTEM.into(),
+                "cluster.local".into(),
                 state_tx,
                 ever_ready.clone(),
                 running.clone(),

@@ -69,6 +69,7 @@ pub fn pod_settings() -> k8s::desired::PodSettings {
         sidecar_image: "mecha/activator-sidecar:test".into(),
         autoscaler_addr: "mecha-autoscaler.mecha-system.svc:8080".into(),
         sidecar_requests: BTreeMap::from([("cpu".into(), "25m".into())]),
+        mesh_no_proxy: Vec::new(),
     }
 }
 
@@ -193,6 +194,20 @@ pub async fn create(server: ApiServer) {
         headless.spec.and_then(|s| s.cluster_ip).as_deref(),
         Some("None")
     );
+    // The Knative Service's cluster-local name points at the gateway, owned by the Service.
+    let cluster_local = server
+        .wait_for("Service hello (ExternalName)", |s| {
+            s.get::<KubeService>(NAMESPACE, "hello")
+        })
+        .await;
+    assert_eq!(
+        cluster_local.spec.and_then(|s| s.external_name).as_deref(),
+        Some("mecha-gateway.mecha-system.svc.cluster.local")
+    );
+    assert_eq!(
+        Some(&cluster_local.owner_references()[0].uid),
+        service.uid().as_ref()
+    );
 
     // Every write was a server-side apply by `mecha`, and no Deployment apply carried
     // `replicas`.
@@ -236,6 +251,10 @@ pub async fn create(server: ApiServer) {
     assert_eq!(
         status.url.as_deref(),
         Some("http://hello.default.example.com")
+    );
+    assert_eq!(
+        status.address.and_then(|a| a.url).as_deref(),
+        Some("http://hello.default.svc.cluster.local")
     );
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(

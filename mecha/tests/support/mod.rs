@@ -494,6 +494,37 @@ pub fn start_gateway(
     fast_path: bool,
     shutdown: &Shutdown,
 ) -> (SocketAddr, Health, tokio::task::JoinHandle<()>) {
+    start_data_path(runtime, mecha, token, fast_path, None, shutdown)
+}
+
+/// The outbound role in-process against `mecha`: the gateway that passes calls for other
+/// hosts on (within 10 s), as `activator-sidecar outbound` runs in a meshed pod.
+#[allow(dead_code)]
+pub fn start_outbound(
+    runtime: &tokio::runtime::Runtime,
+    mecha: &Mecha,
+    token: Option<AdminToken>,
+    fast_path: bool,
+    shutdown: &Shutdown,
+) -> (SocketAddr, Health, tokio::task::JoinHandle<()>) {
+    start_data_path(
+        runtime,
+        mecha,
+        token,
+        fast_path,
+        Some(Duration::from_secs(10)),
+        shutdown,
+    )
+}
+
+fn start_data_path(
+    runtime: &tokio::runtime::Runtime,
+    mecha: &Mecha,
+    token: Option<AdminToken>,
+    fast_path: bool,
+    pass_through: Option<Duration>,
+    shutdown: &Shutdown,
+) -> (SocketAddr, Health, tokio::task::JoinHandle<()>) {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
@@ -510,6 +541,7 @@ pub fn start_gateway(
         fast_path,
         limits: activator_sidecar::limits::Limits::default(),
         outlier: Default::default(),
+        pass_through,
     };
     let health = Health::default();
     let ready = health.clone();

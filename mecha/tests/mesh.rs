@@ -1,0 +1,153 @@
+//! The mesh from a function's side: the outbound role as its `HTTP_PROXY`, driven by curl the
+//! way a function's HTTP client uses it — calls to other functions go straight to a replica
+//! (waking one at zero), calls for other hosts pass through byte for byte, and the proxy
+//! refuses to call itself.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::Command;
+
+use mecha_common::Shutdown;
+use mecha_common::auth::AdminToken;
+use support::{FAST_CONFIG, Mecha, Workdir, echo_service, start_outbound, wait_until};
+
+/// `curl` with `proxy` as its `http_proxy` (the variable a meshed function gets): status line
+/// code and body.
+fn curl_via(proxy: SocketAddr, url: &str, extra: &[&str]) -> (u16, String) {
+    let output = Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "30"])
+        .args(extra)
+        .arg(url)
+        .env_clear()
+        .env("http_proxy", format!("http://{proxy}"))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').expect("a status code");
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A plain HTTP origin outside Mecha on 127.0.0.1:0 that answers one request with what it
+/// received, verbatim, as its body.
+fn mirror() -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        // Head, then the body its Content-Length announces.
+        loop {
+            let n = stream.read(&mut buffer).expect("read");
+            assert!(n > 0, "the request ended early: {seen:?}");
+            seen.extend_from_slice(&buffer[..n]);
+            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().expect("length"));
+                if seen.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        let reply = format!(
+            "HTTP/1.1 201 Created\r\ncontent-length: {}\r\nx-origin: mirror\r\nconnection: close\r\n\r\n",
+            seen.len()
+        );
+        stream.write_all(reply.as_bytes()).expect("write");
+        stream.write_all(&seen).expect("write");
+        seen
+    });
+    (addr, served)
+}
+
+#[test]
+fn a_meshed_function_calls_functions_directly_and_other_hosts_through() {
+    let dir = Workdir::new("mesh");
+    dir.write("config.yaml", FAST_CONFIG);
+    let cold = echo_service("callee", &[("initial-scale", "0")], "", "blue");
+    dir.write("svc.yaml", &cold);
+    let mecha = Mecha::up(&[&dir.path]);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let shutdown = Shutdown::new();
+    let token = AdminToken::parse(&mecha.token()).expect("token");
+    for fast_path in [true, false] {
+        let (proxy, health, _served) =
+            start_outbound(&runtime, &mecha, Some(token.clone()), fast_path, &shutdown);
+        wait_until("the outbound role's first routes", || health.is_ready());
+
+        // A function at zero, called by its URL through the proxy: held, woken, answered.
+        let (status, body) = curl_via(proxy, "http://callee.default.localhost/hi", &[]);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("callee-00001"), "{body}");
+
+        // Another host: passed on as sent — method, path, query, headers, body bytes.
+        let (origin, seen) = mirror();
+        let url = format!("http://localhost:{}/p%20q/r?s=1&t=%2F", origin.port());
+        let payload = "caf\u{e9} \u{1f980} {\"a\": 1,  \"b\": [1, 2]}";
+        let (status, body) = curl_via(
+            proxy,
+            &url,
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "X-Custom: one, two",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                payload,
+            ],
+        );
+        let seen = String::from_utf8(seen.join().expect("the origin answered")).expect("utf-8");
+        assert_eq!(status, 201, "{body}");
+        assert!(
+            seen.starts_with("PUT /p%20q/r?s=1&t=%2F HTTP/1.1\r\n"),
+            "origin-form target, as sent: {seen}"
+        );
+        let lower = seen.to_ascii_lowercase();
+        assert!(
+            lower.contains(&format!("\r\nhost: localhost:{}\r\n", origin.port())),
+            "{seen}"
+        );
+        assert!(lower.contains("\r\nx-custom: one, two\r\n"), "{seen}");
+        assert!(seen.ends_with(&format!("\r\n\r\n{payload}")), "{seen}");
+        assert_eq!(body, seen, "the origin's answer comes back byte for byte");
+
+        // The proxy itself, by any of its names: refused, not looped.
+        for url in [
+            format!("http://127.0.0.1:{}/", proxy.port()),
+            format!("http://localhost:{}/", proxy.port()),
+            format!("http://0.0.0.0:{}/", proxy.port()),
+        ] {
+            let (status, body) = curl_via(proxy, &url, &[]);
+            assert_eq!(status, 508, "{url}: {body}");
+            assert!(body.contains("this proxy itself"), "{body}");
+        }
+        // A name that does not resolve, and nobody listening: 502 naming the host.
+        let (status, body) = curl_via(proxy, "http://no-such-host.invalid/", &[]);
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("no-such-host.invalid"), "{body}");
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let (status, body) = curl_via(proxy, &format!("http://{closed}/"), &[]);
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains(&closed.to_string()), "{body}");
+    }
+
+    // The gateway role never passes through: it would be an open proxy.
+    let (gateway, health, _served) =
+        support::start_gateway(&runtime, &mecha, Some(token), true, &shutdown);
+    wait_until("the gateway's first routes", || health.is_ready());
+    let (status, body) = curl_via(gateway, "http://example.org/", &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no service answers on host"), "{body}");
+    shutdown.trigger();
+}
