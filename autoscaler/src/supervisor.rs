@@ -49,6 +49,10 @@ pub struct SupervisorConfig {
     /// under it. Without one, replicas are started directly and a grandchild can outlive a
     /// SIGKILLed Mecha.
     pub guard: Option<std::path::PathBuf>,
+    /// The mesh proxy's URL (`http://127.0.0.1:PORT`, the outbound role `mecha up` runs):
+    /// replicas of revisions annotated `mecha.dev/mesh: "true"` get it as `HTTP_PROXY`
+    /// ([`crds::serving::mesh_env`]).
+    pub mesh_proxy: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +148,7 @@ impl Default for SupervisorConfig {
             restart_backoff: Duration::from_millis(100),
             max_restart_backoff: Duration::from_secs(30),
             guard: None,
+            mesh_proxy: None,
         }
     }
 }
@@ -511,11 +516,16 @@ impl Inner {
             let started = Instant::now();
             let spawned = PortLease::take(&self.ports, free_port).and_then(|lease| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], lease.port));
-                let bound = lock(&self.bound_env)
+                let mut bound = lock(&self.bound_env)
                     .get(&spec.service)
                     .filter(|_| spec.serves_requests)
                     .cloned()
                     .unwrap_or_default();
+                if let Some(proxy) = &self.config.mesh_proxy
+                    && crds::serving::meshed(&spec.template.metadata.annotations)
+                {
+                    bound.extend(crds::serving::mesh_env(proxy, &spec.container, &[]));
+                }
                 spawn_process(
                     &spec,
                     &replica.name,

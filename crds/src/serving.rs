@@ -32,8 +32,11 @@ pub const MAX_BUFFERED_BYTES: &str = "mecha.dev/max-buffered-bytes";
 pub const MESH: &str = "mecha.dev/mesh";
 /// Where a meshed function's proxy listens: the outbound role's loopback port in its pod.
 pub const MESH_PROXY_PORT: u16 = 15001;
-/// Hosts a meshed function reaches without its proxy (its own pod).
-pub const MESH_NO_PROXY: &[&str] = &["localhost", "127.0.0.1", "::1"];
+/// Hosts a meshed function reaches without its proxy (its own pod). Not `localhost`: HTTP
+/// clients read a name in `NO_PROXY` as that domain and all below it, and local mode's
+/// Services are `{name}.{namespace}.localhost`; a call to `localhost:PORT` goes through the
+/// proxy to the same place.
+pub const MESH_NO_PROXY: &[&str] = &["127.0.0.1", "::1"];
 
 /// The variables that send a meshed function's HTTP calls through `proxy`
 /// (`http://127.0.0.1:15001`): `HTTP_PROXY` and `http_proxy` (curl reads only the lower-case

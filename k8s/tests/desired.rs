@@ -271,7 +271,7 @@ fn a_meshed_function_gets_the_outbound_role_and_its_proxy() {
     // container's own NO_PROXY replaced rather than listed twice.
     assert_eq!(
         get("NO_PROXY"),
-        ["localhost,127.0.0.1,::1,db.internal,metadata.internal"]
+        ["127.0.0.1,::1,db.internal,metadata.internal,localhost"]
     );
     assert_eq!(get("no_proxy"), get("NO_PROXY"));
     let outbound = &pod.containers[2];

@@ -125,9 +125,24 @@ pub async fn run(config: UpConfig) -> ExitCode {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    let (Ok(gateway_addr), Ok(admin_addr)) =
-        (gateway_listener.local_addr(), admin_listener.local_addr())
-    else {
+    // The mesh proxy of meshed functions (`mecha.dev/mesh: "true"`): the outbound role, on
+    // loopback only, like the admin API.
+    let mesh_listener = match bind(
+        IpAddr::from([127, 0, 0, 1]),
+        0,
+        "the mesh proxy",
+        "a free port",
+    )
+    .await
+    {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let (Ok(gateway_addr), Ok(admin_addr), Ok(mesh_addr)) = (
+        gateway_listener.local_addr(),
+        admin_listener.local_addr(),
+        mesh_listener.local_addr(),
+    ) else {
         eprintln!("error: cannot read the listening addresses");
         return ExitCode::from(1);
     };
@@ -160,6 +175,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
                     tracing::warn!(%error, "cannot find the mecha binary to guard replicas with; a replica's children may outlive a crash of mecha up");
                 })
                 .ok(),
+            mesh_proxy: Some(format!("http://{mesh_addr}")),
             ..SupervisorConfig::default()
         },
         logs.clone(),
@@ -189,6 +205,11 @@ pub async fn run(config: UpConfig) -> ExitCode {
     )
     .with_trusted_proxies(config.trusted_proxies.clone())
     .with_outlier_detection(config.outlier);
+    // Meshed functions' calls: the same routes, holding and replica choice, and calls for
+    // hosts outside Mecha passed on (as the outbound role in a cluster's pods does).
+    let mesh = gateway
+        .clone()
+        .with_pass_through(MESH_PASS_THROUGH_TIMEOUT, mesh_addr);
     let broker = EventBroker::new(
         log,
         store.subscribe_eventing(),
@@ -246,6 +267,19 @@ pub async fn run(config: UpConfig) -> ExitCode {
         "controller",
         tokio::spawn(controller.run(shutdown.signal())),
     );
+    let serve_options = activator_sidecar::server::ServeOptions {
+        fast_path: true,
+        drain_timeout: config.grace_period,
+        // After raising the file limit, so the default follows the raised one.
+        limits: activator_sidecar::limits::Limits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            body_read_timeout: config.body_read_timeout,
+            max_connections: config
+                .max_connections
+                .unwrap_or_else(activator_sidecar::limits::max_from_file_limit),
+        },
+    };
     let gateway_task = watch_task(
         &health,
         &shutdown,
@@ -259,19 +293,19 @@ pub async fn run(config: UpConfig) -> ExitCode {
             }),
             activator_sidecar::server::Workers::current(),
             shutdown.signal(),
-            activator_sidecar::server::ServeOptions {
-                fast_path: true,
-                drain_timeout: config.grace_period,
-                // After raising the file limit, so the default follows the raised one.
-                limits: activator_sidecar::limits::Limits {
-                    header_read_timeout: config.header_read_timeout,
-                    idle_timeout: config.idle_timeout,
-                    body_read_timeout: config.body_read_timeout,
-                    max_connections: config
-                        .max_connections
-                        .unwrap_or_else(activator_sidecar::limits::max_from_file_limit),
-                },
-            },
+            serve_options.clone(),
+        )),
+    );
+    let mesh_task = watch_task(
+        &health,
+        &shutdown,
+        "mesh proxy",
+        tokio::spawn(activator_sidecar::server::serve(
+            mesh_listener,
+            Arc::new(mesh),
+            activator_sidecar::server::Workers::current(),
+            shutdown.signal(),
+            serve_options,
         )),
     );
     // Sources send through the gateway's listener (bound above), so they start after it.
@@ -396,6 +430,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
         let _ = objects_task.await;
         let _ = controller_task.await;
         let _ = gateway_task.await;
+        let _ = mesh_task.await;
         // Deliveries in flight stop here; their events stay in the log for the next start.
         let _ = broker_task.await;
         supervisor.shutdown().await;
@@ -584,6 +619,9 @@ async fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<TcpListen
         ExitCode::from(1)
     })
 }
+
+/// How long the mesh proxy waits for a host outside Mecha that a meshed function calls.
+const MESH_PASS_THROUGH_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Prints a line when each service's newest revision first becomes ready, and a hint when
 /// that takes long: the user sees progress instead of silence.

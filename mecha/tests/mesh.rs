@@ -151,3 +151,78 @@ fn a_meshed_function_calls_functions_directly_and_other_hosts_through() {
     assert!(body.contains("no service answers on host"), "{body}");
     shutdown.trigger();
 }
+
+/// A function that calls `callee` at its URL with a plain HTTP client (urllib reads
+/// `http_proxy`), and answers with what it got and the proxy it was given.
+const CALLER: &str = r#"
+import http.server, os, urllib.request
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            got = urllib.request.urlopen("http://callee.default.localhost" + self.path, timeout=30).read()
+        except Exception as e:
+            got = ("error: %r" % e).encode()
+        body = b"proxy=" + os.environ.get("http_proxy", "").encode() + b"\n" + got
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[test]
+fn locally_a_meshed_function_reaches_others_by_url_through_mecha_ups_mesh_proxy() {
+    let dir = Workdir::new("mesh-local");
+    dir.write("config.yaml", FAST_CONFIG);
+    dir.write("caller.py", CALLER);
+    let callee = echo_service("callee", &[("initial-scale", "0")], "", "blue");
+    let caller = |name: &str, mesh: &str| {
+        format!(
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  template:\n    metadata:\n      annotations:\n        mecha.dev/mesh: \"{mesh}\"\n    spec:\n      containers:\n        - command: [python3, caller.py]\n"
+        )
+    };
+    dir.write(
+        "svc.yaml",
+        &format!(
+            "{callee}---\n{}---\n{}",
+            caller("meshed", "true"),
+            caller("plain", "false")
+        ),
+    );
+    let mecha = Mecha::up(&[&dir.path]);
+    mecha.wait_ready("meshed", 1);
+
+    // The callee is at zero: the call through the mesh proxy wakes it.
+    let response = support::http(mecha.gateway, "meshed.default.localhost", "/x?y=1");
+    assert_eq!(response.status, 200, "{response:?}");
+    let (proxy, got) = response.body.split_once('\n').expect("two parts");
+    let proxy = proxy.strip_prefix("proxy=http://127.0.0.1:").expect(proxy);
+    assert!(
+        proxy
+            .parse::<u16>()
+            .is_ok_and(|p| p != mecha.gateway.port()),
+        "{proxy}"
+    );
+    assert!(got.contains("callee-00001"), "{got}");
+
+    // Without the annotation there is no proxy, and the URL leads nowhere.
+    mecha.wait_ready("plain", 1);
+    let response = support::http(mecha.gateway, "plain.default.localhost", "/");
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(response.body.starts_with("proxy=\n"), "{}", response.body);
+    assert!(response.body.contains("error:"), "{}", response.body);
+
+    // A bad value is a load error naming the field.
+    let bad = dir.write("bad.yaml", &caller("bad", "yes"));
+    let stderr = support::refused_up(&bad, &dir.path.join("bad-state"));
+    assert!(
+        stderr.contains("spec.template.metadata.annotations[\"mecha.dev/mesh\"]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\"yes\" is not \"true\" or \"false\""),
+        "{stderr}"
+    );
+}
