@@ -170,9 +170,13 @@ impl InboundConfig {
                     })?;
                 let replica =
                     get("POD_NAME").unwrap_or_else(|| format!("{revision}-{}", std::process::id()));
+                // In a cluster the autoscaler's tables name revisions by namespace too.
+                let key = get("SERVING_REVISION_KEY")
+                    .filter(|k| !k.is_empty())
+                    .unwrap_or(revision);
                 Some(Report {
                     autoscaler: addr,
-                    revision,
+                    revision: key,
                     replica,
                     token: discovery::autoscaler_token(&get)?,
                 })
@@ -252,6 +256,11 @@ impl InboundConfig {
             "--revision",
             "SERVING_REVISION",
             "the revision reported for (with AUTOSCALER_ADDR)",
+        ),
+        (
+            "--revision-key",
+            "SERVING_REVISION_KEY",
+            "the revision's key in the autoscaler's tables, when not its name (in a cluster: NAMESPACE/REVISION)",
         ),
         ("--pod-name", "POD_NAME", "this replica's name in reports"),
         discovery::TOKEN_FILE_HELP,
@@ -652,6 +661,20 @@ mod tests {
                 replica: "pod-a".into(),
                 token: None,
             })
+        );
+        // In a cluster the load is reported under the revision's key.
+        let config = InboundConfig::from_env(env(&[
+            ("AUTOSCALER_ADDR", "autoscaler:8081"),
+            ("SERVING_REVISION", "hello-00001"),
+            ("SERVING_REVISION_KEY", "staging/hello-00001"),
+        ]))
+        .expect("ok");
+        let report = config.report.expect("reporting");
+        assert_eq!(report.revision, "staging/hello-00001");
+        assert!(
+            report.replica.starts_with("hello-00001-"),
+            "{}",
+            report.replica
         );
     }
 

@@ -26,6 +26,8 @@ use crate::kpa::DeciderSpec;
 /// A Revision: an immutable snapshot of a Service's template, as the runtime runs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RevisionSpec {
+    /// Its key in the tables: the revision's name locally, `{namespace}/{name}` in a cluster
+    /// ([`mecha_common::routing::revision_key`]).
     pub name: String,
     pub service: ServiceKey,
     pub generation: u32,
@@ -45,9 +47,14 @@ pub struct RevisionSpec {
 }
 
 impl RevisionSpec {
-    /// The labels of its series in `/metrics`: namespace, service, revision.
+    /// The labels of its series in `/metrics`: namespace, service, revision (its name, not
+    /// its [key](mecha_common::routing::revision_key)).
     pub fn metric_labels(&self) -> [&str; 3] {
-        [&self.service.namespace, &self.service.name, &self.name]
+        [
+            &self.service.namespace,
+            &self.service.name,
+            mecha_common::routing::revision_name(&self.name),
+        ]
     }
 }
 

@@ -18,6 +18,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use mecha_common::EndpointTable;
+use mecha_common::routing::revision_name;
 use tokio::sync::watch;
 
 /// The Deployment that runs a revision's pods (named as Knative names it, and as
@@ -140,7 +141,7 @@ impl Actuator for KubeActuator {
         }
         let api: Api<Deployment> =
             Api::namespaced(self.client.clone(), &revision.service.namespace);
-        let name = deployment_name(&revision.name);
+        let name = deployment_name(revision_name(&revision.name));
         let patch = serde_json::json!({ "spec": { "replicas": replicas } });
         match api
             .patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -174,7 +175,7 @@ impl Actuator for KubeActuator {
 
     fn running(&self, revision: &RevisionSpec) -> Option<u32> {
         self.running
-            .get(&revision.service.namespace, &revision.name)
+            .get(&revision.service.namespace, revision_name(&revision.name))
     }
 }
 

@@ -229,6 +229,11 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
         value("SERVING_NAMESPACE", &namespace),
         value("SERVING_SERVICE", &service),
         value("SERVING_REVISION", &name),
+        // The autoscaler's tables key revisions by namespace too.
+        value(
+            "SERVING_REVISION_KEY",
+            &mecha_common::routing::revision_key(&namespace, &name),
+        ),
         value("AUTOSCALER_ADDR", &settings.autoscaler_addr),
         value("AUTOSCALER_TOKEN_FILE", AUTOSCALER_TOKEN_FILE),
         pod_name(),

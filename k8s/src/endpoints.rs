@@ -5,10 +5,10 @@
 //!
 //! An endpoint is a pod's address with the sidecar's serving port (the slice's `http` port,
 //! 8012); only endpoints whose `ready` condition is not false count, and only for revisions
-//! the desired state knows in the slice's namespace — revision names are unique within a
-//! namespace only, and a slice in another namespace must not receive a revision's traffic.
+//! the desired state knows, keyed as it keys them: `{namespace}/{name}` of the slice's
+//! namespace and revision label (revision names are unique within a namespace only).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, reflector};
+use mecha_common::routing::revision_key;
 use mecha_common::{Endpoint, EndpointTable, RevisionEndpoints, ShutdownSignal};
 use tokio::sync::{Notify, watch};
 
@@ -32,17 +33,12 @@ pub fn table<'a>(
     state: &ServingState,
     previous: &EndpointTable,
 ) -> EndpointTable {
-    let owners: HashMap<&str, &str> = state
+    let known: HashSet<&str> = state
         .services()
-        .flat_map(|record| {
-            record
-                .revisions
-                .iter()
-                .map(|r| (r.name.as_str(), r.service.namespace.as_str()))
-        })
+        .flat_map(|record| record.revisions.iter().map(|r| r.name.as_str()))
         .collect();
-    // Revision → replica → address; sorted, so equal inputs give equal tables.
-    let mut ready: BTreeMap<&str, BTreeMap<String, SocketAddr>> = BTreeMap::new();
+    // Revision key → replica → address; sorted, so equal inputs give equal tables.
+    let mut ready: BTreeMap<String, BTreeMap<String, SocketAddr>> = BTreeMap::new();
     for slice in slices {
         let Some(revision) = slice
             .metadata
@@ -53,7 +49,8 @@ pub fn table<'a>(
             continue;
         };
         let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
-        if owners.get(revision.as_str()) != Some(&namespace) {
+        let key = revision_key(namespace, revision);
+        if !known.contains(key.as_str()) {
             continue;
         }
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
@@ -83,7 +80,7 @@ pub fn table<'a>(
                 .and_then(|t| t.name.clone())
                 .unwrap_or_else(|| ip.to_string());
             ready
-                .entry(revision.as_str())
+                .entry(key.clone())
                 .or_default()
                 .entry(replica)
                 .or_insert(SocketAddr::new(ip, port));
@@ -91,7 +88,7 @@ pub fn table<'a>(
     }
     let mut table = EndpointTable::default();
     for (revision, replicas) in ready {
-        let old = previous.ready(revision);
+        let old = previous.ready(&revision);
         let released = old
             .first()
             .map(Endpoint::released)
@@ -105,7 +102,7 @@ pub fn table<'a>(
                     .unwrap_or_else(|| Endpoint::new(replica, addr, released.clone()))
             })
             .collect();
-        table.set(revision.to_string(), RevisionEndpoints { ready: endpoints });
+        table.set(revision, RevisionEndpoints { ready: endpoints });
     }
     table
 }

@@ -5,11 +5,11 @@
 //! the actuator, the replicas each revision's Deployment runs ([`Running`]).
 //!
 //! [`serving_state`] is the pure part (objects in, state out) and [`run`] keeps it current.
-//! A revision name is unique within a namespace only, while the tables the sidecars read are
-//! keyed by revision name: when two namespaces hold a revision of the same name, the older
-//! one keeps it and the other is left out, with a warning (see docs/architecture.md).
+//! A revision name is unique within a namespace only, so the revisions of the state — and with
+//! them every table the sidecars read — are keyed `{namespace}/{name}`
+//! ([`mecha_common::routing::revision_key`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -148,26 +148,6 @@ pub fn serving_state(
     problems.extend(domain_problems);
     state.set_domain(Some(domain));
 
-    // Revision names are keys of the sidecars' tables: the oldest revision of a name keeps it.
-    let mut owner_of_name: HashMap<&str, &Revision> = HashMap::new();
-    for revision in revisions {
-        let name = revision.name_any();
-        let Some(name) = revision
-            .metadata
-            .name
-            .as_deref()
-            .filter(|_| !name.is_empty())
-        else {
-            continue;
-        };
-        match owner_of_name.get(name) {
-            Some(kept) if older(kept, revision) => {}
-            _ => {
-                owner_of_name.insert(name, revision);
-            }
-        }
-    }
-
     for service in services {
         let Some(name) = service.metadata.name.clone() else {
             continue;
@@ -190,23 +170,8 @@ pub fn serving_state(
                 r.namespace().as_deref() == Some(namespace.as_str())
                     && r.labels().get(SERVICE_LABEL) == Some(&name)
             })
-            .filter_map(|r| {
-                let revision_name = r.metadata.name.as_deref()?;
-                let kept = owner_of_name
-                    .get(revision_name)
-                    .is_some_and(|kept| std::ptr::eq(*kept, &**r));
-                if !kept {
-                    problems.push(format!(
-                        "revision {revision_name} in namespace {namespace} is left out: a revision of that name in namespace {} is older, and revision names must be unique across namespaces",
-                        owner_of_name
-                            .get(revision_name)
-                            .and_then(|k| k.namespace())
-                            .unwrap_or_default()
-                    ));
-                    return None;
-                }
-                Some((generation(r), &**r))
-            })
+            .filter(|r| r.metadata.name.as_deref().is_some_and(|n| !n.is_empty()))
+            .map(|r| (generation(r), &**r))
             .collect();
         owned.sort_by(|(a, ra), (b, rb)| {
             a.cmp(b)
@@ -256,7 +221,10 @@ fn revision_spec(
         spec: revision.spec.0.clone(),
     };
     RevisionSpec::named(
-        revision.name_any(),
+        mecha_common::routing::revision_key(
+            &revision.namespace().unwrap_or_default(),
+            &revision.name_any(),
+        ),
         generation,
         &with_template,
         PathBuf::new(),
@@ -270,16 +238,6 @@ fn generation(revision: &Revision) -> u32 {
         .get(CONFIGURATION_GENERATION_LABEL)
         .and_then(|g| g.parse().ok())
         .unwrap_or(0)
-}
-
-/// Whether `a` was made before `b` (ties: by namespace; an object without a creation time,
-/// which the API server always sets, counts as newest), for the one that keeps a name.
-fn older(a: &Revision, b: &Revision) -> bool {
-    let key = |r: &Revision| {
-        let created = r.metadata.creation_timestamp.clone();
-        (created.is_none(), created, r.namespace())
-    };
-    key(a) < key(b)
 }
 
 /// Whether the reconciler has marked the revision `Ready`.
@@ -460,7 +418,10 @@ pub async fn run(
         let named = |name: &str| configs.iter().find(|c| c.name_any() == name).map(|c| &**c);
         let revisions = revisions.state();
         for revision in revisions.iter().filter(|r| revision_ready(r)) {
-            ever_ready.mark(&revision.name_any());
+            ever_ready.mark(&mecha_common::routing::revision_key(
+                &revision.namespace().unwrap_or_default(),
+                &revision.name_any(),
+            ));
         }
         let (mut next, problems) = serving_state(
             &services.state(),

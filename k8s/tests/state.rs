@@ -78,7 +78,7 @@ fn revisions_keep_their_cluster_names_and_templates_oldest_first() {
     assert!(problems.is_empty(), "{problems:?}");
     let record = state.services().next().expect("hello");
     let names: Vec<&str> = record.revisions.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(names, ["hello-00001", "hello-00002"]);
+    assert_eq!(names, ["default/hello-00001", "default/hello-00002"]);
     // Each revision runs its own template, not the Service's current one.
     let first = &record.revisions[0];
     assert_eq!(first.container_concurrency, 1);
@@ -95,33 +95,61 @@ fn revisions_keep_their_cluster_names_and_templates_oldest_first() {
             .expect("route")
             .targets[0]
             .revision,
-        "hello-00002"
+        "default/hello-00002"
     );
 }
 
 #[test]
-fn a_revision_name_in_two_namespaces_stays_with_the_older() {
+fn a_revision_name_in_two_namespaces_is_two_revisions() {
     let (state, problems) = serving_state(
-        &[service("default"), service("intruder")],
+        &[service("default"), service("staging")],
         &[
-            revision("intruder", 1, "2026-11-30T13:00:00Z", "1"),
+            revision("staging", 1, "2026-11-30T13:00:00Z", "1"),
             revision("default", 1, "2026-11-30T12:00:00Z", "1"),
         ],
         None,
         None,
     );
-    let owners: Vec<(String, usize)> = state
+    assert!(problems.is_empty(), "{problems:?}");
+    let keys: Vec<(String, Vec<String>)> = state
         .services()
-        .map(|s| (s.key.namespace.clone(), s.revisions.len()))
+        .map(|s| {
+            (
+                s.key.namespace.clone(),
+                s.revisions.iter().map(|r| r.name.clone()).collect(),
+            )
+        })
         .collect();
     assert_eq!(
-        owners,
-        [("default".to_string(), 1), ("intruder".to_string(), 0)]
+        keys,
+        [
+            (
+                "default".to_string(),
+                vec!["default/hello-00001".to_string()]
+            ),
+            (
+                "staging".to_string(),
+                vec!["staging/hello-00001".to_string()]
+            ),
+        ]
     );
-    assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(
-        problems[0].contains("hello-00001 in namespace intruder is left out"),
-        "{problems:?}"
+    // Each namespace's host routes to its own revision; both run.
+    let desired = state.desired("example.com", |_| true);
+    for namespace in ["default", "staging"] {
+        let route = desired
+            .routes
+            .lookup(&format!("hello.{namespace}.example.com"))
+            .expect("route");
+        assert_eq!(
+            route.targets[0].revision,
+            format!("{namespace}/hello-00001")
+        );
+    }
+    assert_eq!(desired.active.len(), 2);
+    // Metrics still name the revision, with its namespace beside it.
+    assert_eq!(
+        desired.active["staging/hello-00001"].metric_labels(),
+        ["staging", "hello", "hello-00001"]
     );
 }
 

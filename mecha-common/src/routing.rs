@@ -111,6 +111,19 @@ pub struct Endpoint {
     released: Arc<Notify>,
 }
 
+/// A revision's key in a cluster's tables (routes' targets, endpoints, stats, pokes, the
+/// KPA's): `{namespace}/{name}`, because Knative names revisions `{service}-{n}` and so two
+/// namespaces' Services of one name have revisions of one name. Local mode keys revisions by
+/// name.
+pub fn revision_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The revision's own name in a key (the key itself when it has no namespace).
+pub fn revision_name(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(_, name)| name)
+}
+
 /// The host a Service answers on: `{name}.{namespace}.{domain}`.
 pub fn service_host(service: &ServiceKey, domain: &str) -> String {
     format!("{}.{}.{domain}", service.name, service.namespace)

@@ -374,14 +374,14 @@ pub async fn scale_from_zero_on_a_poke(server: ApiServer) {
         0,
     );
     let mut runtime = Runtime::start(&server);
-    runtime.wait_for_revision("hello-00001").await;
+    runtime.wait_for_revision("default/hello-00001").await;
     server
         .wait_for("the first count (0) written once", |s| {
             (scale_patches(s) == [0]).then_some(())
         })
         .await;
 
-    let poke = r#"[{"revision":"hello-00001","waiting":1}]"#;
+    let poke = r#"[{"revision":"default/hello-00001","waiting":1}]"#;
     for token in [
         None,
         Some("not-a-token-0123456789abcdef0123456789"),
@@ -447,7 +447,7 @@ pub async fn scale_to_zero_after_the_grace_period(server: ApiServer) {
         &[("hello-00001-deployment-a", "10.0.0.1", Some(true))],
     ));
     let mut runtime = Runtime::start(&server);
-    runtime.wait_for_revision("hello-00001").await;
+    runtime.wait_for_revision("default/hello-00001").await;
     server
         .wait_for("the revision scaled to zero", |s| {
             (replicas(s, "default") == Some(0)).then_some(())
@@ -467,7 +467,7 @@ pub async fn scale_to_zero_after_the_grace_period(server: ApiServer) {
         .call(post(
             "/api/v1/pokes",
             None,
-            r#"[{"revision":"hello-00001","waiting":1}]"#,
+            r#"[{"revision":"default/hello-00001","waiting":1}]"#,
         ))
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -476,7 +476,7 @@ pub async fn scale_to_zero_after_the_grace_period(server: ApiServer) {
         .call(post(
             "/api/v1/pokes",
             Some(SIDECAR_TOKEN),
-            r#"[{"revision":"hello-00001","waiting":1}]"#,
+            r#"[{"revision":"default/hello-00001","waiting":1}]"#,
         ))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
@@ -543,7 +543,7 @@ fn listed(table: &EndpointTable) -> Vec<(String, String, String)> {
 pub async fn endpoint_slices_feed_the_table(server: ApiServer) {
     revision_with_deployment(&server, "default", &[], 2);
     let mut runtime = Runtime::start(&server);
-    runtime.wait_for_revision("hello-00001").await;
+    runtime.wait_for_revision("default/hello-00001").await;
     server.create(&slice(
         "default",
         "hello-00001-abcde",
@@ -561,18 +561,31 @@ pub async fn endpoint_slices_feed_the_table(server: ApiServer) {
     ));
     let wanted = vec![
         (
-            "hello-00001".to_string(),
+            "default/hello-00001".to_string(),
             "hello-00001-deployment-a".to_string(),
             "10.0.0.1:8012".to_string(),
         ),
         (
-            "hello-00001".to_string(),
+            "default/hello-00001".to_string(),
             "hello-00001-deployment-c".to_string(),
             "10.0.0.3:8012".to_string(),
         ),
     ];
     wait_for_table(&mut runtime, &wanted).await;
-    assert!(runtime.ever_ready.contains("hello-00001"));
+    assert!(runtime.ever_ready.contains("default/hello-00001"));
+    // Once that namespace has its own `hello-00001`, the slice is that revision's, apart.
+    revision_with_deployment(&server, "intruder", &[], 1);
+    runtime.wait_for_revision("intruder/hello-00001").await;
+    let mut both = wanted.clone();
+    both.push((
+        "intruder/hello-00001".to_string(),
+        "evil".to_string(),
+        "10.9.9.9:8012".to_string(),
+    ));
+    both.sort();
+    wait_for_table(&mut runtime, &both).await;
+    server.delete::<EndpointSlice>("intruder", "hello-00001-zzzzz");
+    wait_for_table(&mut runtime, &wanted).await;
 
     // The API sends it to sidecars.
     script_token_reviews(&server);
@@ -817,9 +830,9 @@ pub async fn a_follower_passes_reports_to_the_leader(server: ApiServer) {
     });
     let leader_task = tokio::spawn(async move { axum::serve(listener, app).await });
     let mut follower = Runtime::follower_of(&server, leader);
-    follower.wait_for_revision("hello-00001").await;
+    follower.wait_for_revision("default/hello-00001").await;
 
-    let stats = r#"[{"revision":"hello-00001","replica":"p1","concurrency":2.0,"requests":3,"seconds":1.0}]"#;
+    let stats = r#"[{"revision":"default/hello-00001","replica":"p1","concurrency":2.0,"requests":3,"seconds":1.0}]"#;
     let (status, body) = follower.call(post("/api/v1/stats", None, stats)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(
@@ -834,7 +847,7 @@ pub async fn a_follower_passes_reports_to_the_leader(server: ApiServer) {
         .call(post(
             "/api/v1/pokes",
             Some(SIDECAR_TOKEN),
-            r#"[{"revision":"hello-00001","waiting":1}]"#,
+            r#"[{"revision":"default/hello-00001","waiting":1}]"#,
         ))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
@@ -870,7 +883,7 @@ pub async fn a_follower_passes_reports_to_the_leader(server: ApiServer) {
 pub async fn a_new_leader_goes_on_from_the_running_replicas(server: ApiServer) {
     revision_with_deployment(&server, "default", &[], 0);
     let mut runtime = Runtime::start(&server);
-    runtime.wait_for_revision("hello-00001").await;
+    runtime.wait_for_revision("default/hello-00001").await;
     server
         .wait_for("the count the Deployment runs, written once", |s| {
             (!scale_patches(s).is_empty()).then_some(())
@@ -901,7 +914,7 @@ pub async fn a_new_leader_goes_on_from_the_running_replicas(server: ApiServer) {
         ],
     ));
     let mut runtime = Runtime::start(&server);
-    runtime.wait_for_revision("hello-00001").await;
+    runtime.wait_for_revision("default/hello-00001").await;
     server
         .wait_for("a count written by the new autoscaler", |s| {
             (scale_patches(s).len() > 1).then_some(())

@@ -201,7 +201,10 @@ pub async fn create(server: ApiServer) {
         })
         .await;
     assert_eq!(
-        cluster_local.spec.and_then(|s| s.external_name).as_deref(),
+        cluster_local
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_name.as_deref()),
         Some("mecha-gateway.mecha-system.svc.cluster.local")
     );
     assert_eq!(
@@ -253,7 +256,7 @@ pub async fn create(server: ApiServer) {
         Some("http://hello.default.example.com")
     );
     assert_eq!(
-        status.address.and_then(|a| a.url).as_deref(),
+        status.address.as_ref().and_then(|a| a.url.as_deref()),
         Some("http://hello.default.svc.cluster.local")
     );
     assert_eq!(status.observed_generation, Some(1));
@@ -741,7 +744,7 @@ pub async fn eventing(server: ApiServer) {
         })
         .await;
     assert_eq!(
-        status.address.and_then(|a| a.url).as_deref(),
+        status.address.as_ref().and_then(|a| a.url.as_deref()),
         Some("http://mecha-broker.mecha-system.svc/default/default")
     );
     let status = server
