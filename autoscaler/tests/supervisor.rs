@@ -58,6 +58,7 @@ fn new_supervisor(grace: Duration) -> (Supervisor, LogHub) {
         restart_backoff: Duration::from_millis(50),
         max_restart_backoff: Duration::from_millis(400),
         guard: None,
+        mesh_proxy: None,
     };
     (
         Supervisor::new(

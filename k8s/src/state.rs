@@ -317,16 +317,24 @@ fn valid_domain(domain: &str) -> bool {
         })
 }
 
+/// Where Mecha is installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installation {
+    /// The autoscaler's namespace, with the `config-autoscaler` and `config-domain` ConfigMaps.
+    pub namespace: String,
+    /// The cluster's DNS domain (`cluster.local`): routes answer on cluster-local hosts too.
+    pub cluster_domain: String,
+}
+
 /// Keeps `state_tx` current from the cluster until shutdown: Services and Revisions in every
-/// namespace, the two ConfigMaps in `namespace`. Revisions the reconciler marked `Ready` go
-/// into `ever_ready`, the replicas of revisions' Deployments into `running`. Each watch is
-/// retried with backoff when it fails; until all four have listed once nothing is published
-/// (and `/ready` says so), so the controller never meets a revision before its Deployment.
-/// Routes answer on cluster-local hosts under `cluster_domain` too.
+/// namespace, the two ConfigMaps in the installation's namespace. Revisions the reconciler
+/// marked `Ready` go into `ever_ready`, the replicas of revisions' Deployments into `running`.
+/// Each watch is retried with backoff when it fails; until all four have listed once nothing
+/// is published (and `/ready` says so), so the controller never meets a revision before its
+/// Deployment.
 pub async fn run(
     client: kube::Client,
-    namespace: String,
-    cluster_domain: String,
+    installation: Installation,
     state_tx: watch::Sender<Arc<ServingState>>,
     ever_ready: EverReady,
     running: Running,
@@ -356,7 +364,7 @@ pub async fn run(
     .reflect(revisions_writer)
     .map(|e| (1usize, e.map(|e| matches!(e, Event::InitDone))));
     let configs_events = watcher::watcher(
-        Api::<ConfigMap>::namespaced(client.clone(), &namespace),
+        Api::<ConfigMap>::namespaced(client.clone(), &installation.namespace),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -429,7 +437,7 @@ pub async fn run(
             named(AUTOSCALER_CONFIG),
             named(DOMAIN_CONFIG),
         );
-        next.set_cluster_domain(Some(cluster_domain.clone()));
+        next.set_cluster_domain(Some(installation.cluster_domain.clone()));
         if problems != last_problems {
             for problem in &problems {
                 tracing::warn!(%problem, "part of the cluster's desired state is not used");

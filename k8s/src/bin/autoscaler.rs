@@ -293,8 +293,10 @@ async fn run(
     let running = Running::default();
     let state_task = tokio::spawn(k8s::state::run(
         client.clone(),
-        config.namespace.clone(),
-        config.cluster_domain.clone(),
+        k8s::state::Installation {
+            namespace: config.namespace.clone(),
+            cluster_domain: config.cluster_domain.clone(),
+        },
         state_tx,
         ever_ready.clone(),
         running.clone(),

@@ -89,8 +89,10 @@ impl Runtime {
         let mut tasks = vec![
             tokio::spawn(k8s::state::run(
                 client.clone(),
-                SYSTEM.into(),
-                "cluster.local".into(),
+                k8s::state::Installation {
+                    namespace: SYSTEM.into(),
+                    cluster_domain: "cluster.local".into(),
+                },
                 state_tx,
                 ever_ready.clone(),
                 running.clone(),
