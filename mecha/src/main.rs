@@ -38,9 +38,9 @@ struct Cli {
     /// every user's process list: prefer MECHA_ADMIN_TOKEN).
     #[arg(long, global = true, env = auth::TOKEN_ENV, hide_env_values = true)]
     token: Option<String>,
-    /// The longest a client command's request to `mecha up` may take (opening the
-    /// connection included); `logs -f` and `get -w` keep streaming past it, but their answer
-    /// must start within it.
+    /// The longest a client command's request to `mecha up` may take, opening the
+    /// connection included (`get -w` asks every second, each time within it); `logs -f`
+    /// streams past it, but its answer must start within it.
     #[arg(long, global = true, env = "MECHA_REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     request_timeout: Duration,
     /// Log format on stderr (the filter is read from MECHA_LOG, e.g. MECHA_LOG=debug).

@@ -278,7 +278,7 @@ impl LocalStore {
             path: path.clone(),
             source,
         })?;
-        let journal = Journal::from_disk(disk).map_err(|message| RestoreError::Invalid {
+        let mut journal = Journal::from_disk(disk).map_err(|message| RestoreError::Invalid {
             path: path.clone(),
             errors: vec![message],
         })?;
@@ -287,7 +287,9 @@ impl LocalStore {
         // Service as it was last applied (the last document naming it in that file).
         let mut loaded = Vec::new();
         let mut errors = Vec::new();
-        for kept in &journal.resources {
+        // Services kept by a mecha that did not keep revisions: (index, their documents).
+        let mut legacy: Vec<(usize, Vec<Loaded>)> = Vec::new();
+        for (at, kept) in journal.resources.iter().enumerate() {
             for revision in &kept.revisions {
                 let (ok, bad) =
                     crds::load_str(&revision.file, &revision.content, crds::Mode::Local);
@@ -312,6 +314,10 @@ impl LocalStore {
             errors.extend(bad.iter().map(ToString::to_string));
             let mine = ok.into_iter().filter(|l| key_of(l) == kept.key);
             if kept.revisions.is_empty() {
+                let mine: Vec<Loaded> = mine.collect();
+                if kept.key.kind == crds::serving::KIND {
+                    legacy.push((at, mine.clone()));
+                }
                 loaded.extend(mine);
             } else {
                 loaded.extend(mine.last());
@@ -328,6 +334,31 @@ impl LocalStore {
         // Revisions come back under the names they had, and as old as they were.
         {
             let snapshot = store.snapshot();
+            // From now on, legacy Services keep the revisions just made, each with the first
+            // document of its template.
+            for (at, documents) in legacy {
+                let kept = &mut journal.resources[at];
+                let key = ServiceKey::new(&kept.key.namespace, &kept.key.name);
+                let Some(record) = snapshot.get(&key) else {
+                    continue;
+                };
+                kept.revisions = record
+                    .revisions
+                    .iter()
+                    .filter_map(|revision| {
+                        let document = documents.iter().find(|d| {
+                            matches!(&d.resource, Resource::Service(s) if s.spec.template == revision.template)
+                        })?;
+                        Some(KeptRevision {
+                            name: revision.name.clone(),
+                            file: kept.file.clone(),
+                            content: kept.content.clone(),
+                            document: document.source.document,
+                            created: store.created(&revision.name),
+                        })
+                    })
+                    .collect();
+            }
             let mut created = store.created.lock().unwrap_or_else(PoisonError::into_inner);
             for kept in journal.resources.iter().filter(|k| !k.revisions.is_empty()) {
                 let key = ServiceKey::new(&kept.key.namespace, &kept.key.name);
@@ -645,5 +676,113 @@ pub struct ResourceKey {
 impl Default for LocalStore {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(color: &str) -> String {
+        format!(
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: hello\nspec:\n  template:\n    spec:\n      containers:\n        - command: [python3, app.py]\n          env: [{{name: COLOR, value: {color}}}]\n"
+        )
+    }
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir() -> Dir {
+        let path = std::env::temp_dir().join(format!(
+            "mecha-store-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&path).expect("dir");
+        Dir(path)
+    }
+
+    fn names(store: &LocalStore) -> Vec<String> {
+        store
+            .snapshot()
+            .get(&ServiceKey::new("default", "hello"))
+            .expect("hello")
+            .revisions
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    fn apply(store: &LocalStore, file: &Path, content: &str) -> Option<String> {
+        let outcomes = store
+            .apply_files(&[(file.to_path_buf(), content.to_string())])
+            .expect("applies");
+        outcomes.last().and_then(|o| o.revision.clone())
+    }
+
+    #[test]
+    fn revisions_keep_their_names_across_restores_and_numbering_continues() {
+        let dir = dir();
+        let file = dir.0.join("svc.yaml");
+        let store = LocalStore::restore(&dir.0).expect("empty");
+        // Two versions in one file, then a third alone.
+        apply(
+            &store,
+            &file,
+            &format!("{}---\n{}", hello("blue"), hello("green")),
+        );
+        apply(&store, &file, &hello("red"));
+        assert_eq!(names(&store), ["hello-00001", "hello-00002", "hello-00003"]);
+        let created = store.created("hello-00002");
+        drop(store);
+
+        let store = LocalStore::restore(&dir.0).expect("restores");
+        assert_eq!(names(&store), ["hello-00001", "hello-00002", "hello-00003"]);
+        assert_eq!(store.created("hello-00002"), created);
+        let record = store
+            .snapshot()
+            .get(&ServiceKey::new("default", "hello"))
+            .cloned()
+            .expect("hello");
+        let color = |i: usize| record.revisions[i].container.env[0].value.clone();
+        assert_eq!([color(0), color(1), color(2)], ["blue", "green", "red"]);
+        assert_eq!(
+            apply(&store, &file, &hello("white")).as_deref(),
+            Some("hello-00004")
+        );
+        drop(store);
+        let store = LocalStore::restore(&dir.0).expect("restores again");
+        assert_eq!(names(&store).len(), 4);
+    }
+
+    #[test]
+    fn a_file_kept_without_revisions_restores_as_before_and_keeps_them_from_then_on() {
+        let dir = dir();
+        let file = dir.0.join("svc.yaml");
+        let legacy = serde_json::json!({
+            "version": 1,
+            "files": [{"path": file, "content": format!("{}---\n{}", hello("blue"), hello("green"))}],
+            "resources": [{"kind": "Service", "namespace": "default", "name": "hello", "file": 0}],
+        });
+        mecha_common::auth::write_private(&dir.0, STATE_FILE, legacy.to_string().as_bytes())
+            .expect("write");
+        let store = LocalStore::restore(&dir.0).expect("restores");
+        assert_eq!(names(&store), ["hello-00001", "hello-00002"]);
+        assert_eq!(
+            apply(&store, &file, &hello("red")).as_deref(),
+            Some("hello-00003")
+        );
+        drop(store);
+        let store = LocalStore::restore(&dir.0).expect("restores again");
+        assert_eq!(names(&store), ["hello-00001", "hello-00002", "hello-00003"]);
+        assert_eq!(
+            apply(&store, &file, &hello("white")).as_deref(),
+            Some("hello-00004")
+        );
     }
 }
