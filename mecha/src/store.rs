@@ -312,7 +312,7 @@ impl LocalStore {
             }
             let (ok, bad) = crds::load_str(&kept.file, &kept.content, crds::Mode::Local);
             errors.extend(bad.iter().map(ToString::to_string));
-            let mine = ok.into_iter().filter(|l| key_of(l) == kept.key);
+            let mut mine = ok.into_iter().filter(|l| key_of(l) == kept.key);
             if kept.revisions.is_empty() {
                 let mine: Vec<Loaded> = mine.collect();
                 if kept.key.kind == crds::serving::KIND {
@@ -320,7 +320,7 @@ impl LocalStore {
                 }
                 loaded.extend(mine);
             } else {
-                loaded.extend(mine.last());
+                loaded.extend(mine.next_back());
             }
         }
         if errors.is_empty()

@@ -489,10 +489,10 @@ fn planted_state_files_are_not_believed() {
 fn revision_condition(mecha: &Mecha, revision: &str, kind: &str) -> serde_json::Value {
     let output = mecha.cli(&["get", "revisions", revision, "-o", "json"]);
     assert!(output.status.success(), "{output:?}");
-    let view: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let view: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     view["conditions"]
         .as_array()
-        .unwrap()
+        .expect("conditions")
         .iter()
         .find(|c| c["type"] == kind)
         .cloned()
@@ -502,10 +502,10 @@ fn revision_condition(mecha: &Mecha, revision: &str, kind: &str) -> serde_json::
 #[test]
 fn a_revision_that_crash_loops_after_being_ready_is_not_ready_and_apply_says_why() {
     let dir = Workdir::new("cli-flaky");
-    // Serves for 1.5 s, then ends, every time.
+    // Serves for 3 s, then ends, every time.
     let file = dir.write(
         "svc.yaml",
-        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: flaky\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"timeout 1.5 python3 echo.py; echo lost the database connection; exit 3\"]\n",
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: flaky\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"timeout 3 python3 echo.py; echo lost the database connection; exit 3\"]\n",
     );
     let mecha = Mecha::up(&[]);
     // Ready before its first crash: kn's wait ends there too (the outcome is not asserted,
