@@ -121,13 +121,19 @@ impl Gateway {
 
     /// Records whether one attempt at `endpoint` (of `revision`) got a response head — the one
     /// place both paths report to the outlier detector.
-    fn record_reply(&self, revision: &str, endpoint: &Endpoint, reply: Result<(), &Failure>) {
+    fn record_reply(
+        &self,
+        service: &ServiceKey,
+        revision: &str,
+        endpoint: &Endpoint,
+        reply: Result<(), &Failure>,
+    ) {
         if Outliers::judge(reply).is_none() {
             return;
         }
         let table = self.endpoints.borrow();
         self.outliers
-            .record(revision, endpoint, table.ready(revision), reply);
+            .record(service, revision, endpoint, table.ready(revision), reply);
     }
 
     /// Believes the forwarding headers of these proxies (by default, nobody's: the gateway is
@@ -154,28 +160,36 @@ impl Gateway {
         {
             request.headers_mut().insert("traceparent", value);
         }
-        let (service, response) = match self.route(request, peer).await {
-            Ok((service, response)) => (service.to_string(), response),
-            Err((service, error)) => {
+        let (service, revision, response) = match self.route(request, peer).await {
+            Ok((service, revision, response)) => (Some(service), Some(revision), response),
+            Err((service, revision, error)) => {
                 log_refusal(&error, trace);
-                (label(service.as_ref()), error.into_response())
+                (service, revision, error.into_response())
             }
         };
         let status = response.status();
-        tracing::debug!(trace_id = trace.map(tracing::field::display), %service, %status, "request");
-        self.record(&service, status, started);
+        tracing::debug!(trace_id = trace.map(tracing::field::display), service = %label(service.as_ref()), %status, "request");
+        self.record(service.as_ref(), revision.as_deref(), status, started);
         response
     }
 
-    /// Counts an answered request and its duration under its service (`-` for none).
-    fn record(&self, service: &str, status: http::StatusCode, started: Instant) {
+    /// Counts an answered request and its duration under its service and revision (`-` for
+    /// what it never reached).
+    fn record(
+        &self,
+        service: Option<&ServiceKey>,
+        revision: Option<&str>,
+        status: http::StatusCode,
+        started: Instant,
+    ) {
+        let [namespace, name, revision] = labels(service, revision);
         self.metrics
             .requests
-            .with_label_values(&[service, status.as_str()])
+            .with_label_values(&[namespace, name, revision, status.as_str()])
             .inc();
         self.metrics
             .duration
-            .with_label_values(&[service])
+            .with_label_values(&[namespace, name, revision])
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -204,8 +218,11 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
-    ) -> Result<(ServiceKey, Response<ProxyBody>), (Option<ServiceKey>, ProxyError)> {
-        let host = request_host(&request).ok_or((None, ProxyError::MissingHost))?;
+    ) -> Result<
+        (ServiceKey, String, Response<ProxyBody>),
+        (Option<ServiceKey>, Option<String>, ProxyError),
+    > {
+        let host = request_host(&request).ok_or((None, None, ProxyError::MissingHost))?;
         let (service, target) = match self.target(&host) {
             Ok(found) => found,
             Err(refusal) => match (*refusal, self.pass_through) {
@@ -214,16 +231,16 @@ impl Gateway {
                     return self
                         .pass_on(request, peer, pass)
                         .await
-                        .map(|response| (service, response))
-                        .map_err(|error| (None, error));
+                        .map(|response| (service, "-".to_string(), response))
+                        .map_err(|error| (None, None, error));
                 }
-                (refusal, _) => return Err(refusal),
+                ((service, error), _) => return Err((service, None, error)),
             },
         };
         self.forward(request, &service, &target, peer)
             .await
-            .map(|response| (service.clone(), response))
-            .map_err(|error| (Some(service), error))
+            .map(|response| (service.clone(), target.revision.clone(), response))
+            .map_err(|error| (Some(service), Some(target.revision.clone()), error))
     }
 
     async fn forward(
@@ -276,7 +293,12 @@ impl Gateway {
             )
             .await
             .unwrap_or(Err(Failure::Timeout));
-            self.record_reply(&target.revision, &endpoint, forwarded.as_ref().map(|_| ()));
+            self.record_reply(
+                service,
+                &target.revision,
+                &endpoint,
+                forwarded.as_ref().map(|_| ()),
+            );
             match forwarded {
                 Ok(response) => return Ok(response),
                 Err(Failure::Connect(source))
@@ -440,7 +462,7 @@ impl Gateway {
                 if let Some((_, since, _)) = held {
                     self.metrics
                         .held
-                        .with_label_values(&[&service.to_string()])
+                        .with_label_values(&labels(Some(service), Some(&target.revision)))
                         .observe(since.elapsed().as_secs_f64());
                 }
                 return Ok(picked);
@@ -457,7 +479,7 @@ impl Gateway {
                             BufferFull::Bytes(n) => format!("{n} bytes"),
                         },
                     })?;
-                let gauge = BufferedGauge::new(&self.metrics, &target.revision);
+                let gauge = BufferedGauge::new(&self.metrics, service, &target.revision);
                 held = Some((waiting, Instant::now(), gauge));
             }
             tokio::select! {
@@ -507,13 +529,13 @@ impl Role for Gateway {
 
     async fn dispatch(&self, head: &RequestHead, retry: &[SocketAddr]) -> Decision<Forwarded> {
         let started = Instant::now();
-        let refuse = |service: Option<&ServiceKey>, error: ProxyError| {
+        let refuse = |service: Option<&ServiceKey>, revision: Option<&str>, error: ProxyError| {
             log_refusal(&error, head.trace);
-            self.record(&label(service), error.status(), started);
+            self.record(service, revision, error.status(), started);
             Decision::Answer(Answer::from(&error))
         };
         let Some(host) = head.host.as_deref().filter(|h| !h.is_empty()) else {
-            return refuse(None, ProxyError::MissingHost);
+            return refuse(None, None, ProxyError::MissingHost);
         };
         let (service, target) = match self.target(host) {
             Ok(found) => found,
@@ -526,7 +548,7 @@ impl Role for Gateway {
             }
             Err(refusal) => {
                 let (service, error) = *refusal;
-                return refuse(service.as_ref(), error);
+                return refuse(service.as_ref(), None, error);
             }
         };
         if target.protocol != UpstreamProtocol::Http1 {
@@ -549,7 +571,7 @@ impl Role for Gateway {
                     _guard: guard,
                 },
             },
-            Err(error) => refuse(Some(&service), error),
+            Err(error) => refuse(Some(&service), Some(&target.revision), error),
         }
     }
 
@@ -558,7 +580,12 @@ impl Role for Gateway {
     }
 
     fn replied(&self, ticket: &Forwarded, reply: Result<(), &Failure>) {
-        self.record_reply(&ticket.target.revision, &ticket.endpoint, reply);
+        self.record_reply(
+            &ticket.service,
+            &ticket.target.revision,
+            &ticket.endpoint,
+            reply,
+        );
     }
 
     fn failed(&self, ticket: &Forwarded, failure: Failure) -> ProxyError {
@@ -574,7 +601,12 @@ impl Role for Gateway {
                 %status,
                 "request"
             );
-            self.record(&ticket.service.to_string(), status, ticket.started);
+            self.record(
+                Some(&ticket.service),
+                Some(&ticket.target.revision),
+                status,
+                ticket.started,
+            );
         }
     }
 }
@@ -595,12 +627,25 @@ fn label(service: Option<&ServiceKey>) -> String {
     service.map_or_else(|| "-".to_string(), ToString::to_string)
 }
 
+/// The `namespace`, `service` and `revision` labels of a request's series (as the control
+/// plane's: `RevisionSpec::metric_labels`), `-` for what it never reached.
+fn labels<'a>(service: Option<&'a ServiceKey>, revision: Option<&'a str>) -> [&'a str; 3] {
+    [
+        service.map_or("-", |s| s.namespace.as_str()),
+        service.map_or("-", |s| s.name.as_str()),
+        // Its name: in a cluster the key carries the namespace, which has a label of its own.
+        revision.map_or("-", mecha_common::routing::revision_name),
+    ]
+}
+
 /// Counts a request in `mecha_gateway_buffered_requests` while it is held.
 struct BufferedGauge(prometheus::IntGauge);
 
 impl BufferedGauge {
-    fn new(metrics: &Metrics, revision: &str) -> Self {
-        let gauge = metrics.buffered.with_label_values(&[revision]);
+    fn new(metrics: &Metrics, service: &ServiceKey, revision: &str) -> Self {
+        let gauge = metrics
+            .buffered
+            .with_label_values(&labels(Some(service), Some(revision)));
         gauge.inc();
         Self(gauge)
     }
@@ -690,6 +735,9 @@ fn replayable(parts: &Parts) -> impl Fn() -> Request<RequestBody> + use<> {
 
 // === impl Metrics ===
 
+/// The labels of the per-revision series, here and in [`crate::outlier`].
+pub(crate) const REVISION_LABELS: [&str; 3] = ["namespace", "service", "revision"];
+
 impl Metrics {
     fn register(registry: &Registry) -> Self {
         let requests = IntCounterVec::new(
@@ -697,7 +745,7 @@ impl Metrics {
                 "mecha_gateway_requests_total",
                 "Requests served by the gateway",
             ),
-            &["service", "code"],
+            &["namespace", "service", "revision", "code"],
         )
         .expect("valid metric");
         let duration = HistogramVec::new(
@@ -709,7 +757,7 @@ impl Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0, 60.0,
             ]),
-            &["service"],
+            &REVISION_LABELS,
         )
         .expect("valid metric");
         let buffered = IntGaugeVec::new(
@@ -717,7 +765,7 @@ impl Metrics {
                 "mecha_gateway_buffered_requests",
                 "Requests held because the revision has no free replica",
             ),
-            &["revision"],
+            &REVISION_LABELS,
         )
         .expect("valid metric");
         let held = HistogramVec::new(
@@ -728,7 +776,7 @@ impl Metrics {
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
-            &["service"],
+            &REVISION_LABELS,
         )
         .expect("valid metric");
         let _ = registry.register(Box::new(requests.clone()));

@@ -9,6 +9,7 @@
 
 use mecha_common::Endpoint;
 use mecha_common::outlier::{Outcome, OutlierConfig, Routable, Transition};
+use mecha_common::routing::ServiceKey;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::time::Instant;
 
@@ -31,7 +32,7 @@ impl Outliers {
                 "mecha_gateway_replica_ejections_total",
                 "Replicas taken out of rotation for failing requests in a row (timeouts, refused connections)",
             ),
-            &["revision"],
+            &crate::gateway::REVISION_LABELS,
         )
         .expect("valid metric");
         let ejected = IntGaugeVec::new(
@@ -39,7 +40,7 @@ impl Outliers {
                 "mecha_gateway_ejected_replicas",
                 "Replicas out of rotation now for failing requests",
             ),
-            &["revision"],
+            &crate::gateway::REVISION_LABELS,
         )
         .expect("valid metric");
         let _ = registry.register(Box::new(ejections.clone()));
@@ -72,10 +73,11 @@ impl Outliers {
         }
     }
 
-    /// Records one attempt at `endpoint`, a replica of `revision` whose ready replicas are
-    /// `peers` (itself included or not).
+    /// Records one attempt at `endpoint`, a replica of `service`'s `revision` whose ready
+    /// replicas are `peers` (itself included or not).
     pub fn record(
         &self,
+        service: &ServiceKey,
         revision: &str,
         endpoint: &Endpoint,
         peers: &[Endpoint],
@@ -101,8 +103,13 @@ impl Outliers {
                 outlier.record(now, outcome, others, &self.config),
             )
         });
+        let labels = [
+            service.namespace.as_str(),
+            service.name.as_str(),
+            mecha_common::routing::revision_name(revision),
+        ];
         if returned.is_some() {
-            self.returned(revision, endpoint);
+            self.returned(&labels, endpoint);
         }
         match transition {
             Some(Transition::Ejected {
@@ -119,18 +126,18 @@ impl Outliers {
                     ejected_for = ?ejected_for,
                     "replica ejected: it failed requests in a row (no response before the timeout, or no connection); other replicas take its requests until it is tried again"
                 );
-                self.ejections.with_label_values(&[revision]).inc();
-                self.ejected.with_label_values(&[revision]).inc();
+                self.ejections.with_label_values(&labels).inc();
+                self.ejected.with_label_values(&labels).inc();
                 // Said when its time is over even if no request comes to try it.
-                let (outliers, revision, endpoint) =
-                    (self.clone(), revision.to_string(), endpoint.clone());
+                let (outliers, labels, endpoint) =
+                    (self.clone(), labels.map(String::from), endpoint.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep_until(now + ejected_for).await;
                     let returned = endpoint
                         .outlier()
                         .update(|outlier| outlier.settle(Instant::now()));
                     if returned.is_some() {
-                        outliers.returned(&revision, &endpoint);
+                        outliers.returned(&labels.each_ref().map(String::as_str), &endpoint);
                     }
                 });
             }
@@ -150,10 +157,11 @@ impl Outliers {
         }
     }
 
-    fn returned(&self, revision: &str, endpoint: &Endpoint) {
-        self.ejected.with_label_values(&[revision]).dec();
+    /// `labels`: namespace, service, revision.
+    fn returned(&self, labels: &[&str; 3], endpoint: &Endpoint) {
+        self.ejected.with_label_values(labels).dec();
         tracing::info!(
-            revision,
+            revision = labels[2],
             replica = %endpoint.replica,
             addr = %endpoint.addr,
             "ejected replica back in rotation, on trial: one request at a time until one is answered"
@@ -200,8 +208,15 @@ mod tests {
         Endpoint::standalone(name, ([127, 0, 0, 1], port).into())
     }
 
+    fn svc() -> ServiceKey {
+        ServiceKey::new("default", "svc")
+    }
+
     fn gauge(outliers: &Outliers) -> i64 {
-        outliers.ejected.with_label_values(&["rev"]).get()
+        outliers
+            .ejected
+            .with_label_values(&["default", "svc", "rev"])
+            .get()
     }
 
     #[tokio::test(start_paused = true)]
@@ -211,21 +226,28 @@ mod tests {
         let peers = [hung.clone(), good.clone()];
         // Refused requests and broken answers say nothing; timeouts and refused connects do.
         let refused = Failure::Upstream("reset".into());
-        outliers.record("rev", &hung, &peers, Err(&refused));
-        outliers.record("rev", &hung, &peers, Err(&Failure::Timeout));
+        outliers.record(&svc(), "rev", &hung, &peers, Err(&refused));
+        outliers.record(&svc(), "rev", &hung, &peers, Err(&Failure::Timeout));
         outliers.record(
+            &svc(),
             "rev",
             &hung,
             &peers,
             Err(&Failure::Connect("refused".into())),
         );
         assert_eq!(outliers.routable(vec![&hung, &good]).len(), 2);
-        outliers.record("rev", &hung, &peers, Err(&Failure::Timeout));
+        outliers.record(&svc(), "rev", &hung, &peers, Err(&Failure::Timeout));
         let picked = outliers.routable(vec![&hung, &good]);
         assert_eq!(picked.len(), 1);
         assert_eq!(&*picked[0].replica, "good");
         assert_eq!(gauge(&outliers), 1);
-        assert_eq!(outliers.ejections.with_label_values(&["rev"]).get(), 1);
+        assert_eq!(
+            outliers
+                .ejections
+                .with_label_values(&["default", "svc", "rev"])
+                .get(),
+            1
+        );
         // Alone among the candidates (the good one is excluded after a failed connect, say),
         // an ejected replica is still used: never zero.
         assert_eq!(outliers.routable(vec![&hung]).len(), 1);
@@ -237,7 +259,7 @@ mod tests {
         let trial = hung.track();
         assert_eq!(outliers.routable(vec![&hung, &good]).len(), 1);
         drop(trial);
-        outliers.record("rev", &hung, &peers, Ok(()));
+        outliers.record(&svc(), "rev", &hung, &peers, Ok(()));
         let _busy = hung.track();
         assert_eq!(outliers.routable(vec![&hung, &good]).len(), 2);
     }
@@ -248,12 +270,12 @@ mod tests {
         let (a, b) = (endpoint("a", 1), endpoint("b", 2));
         let peers = [a.clone(), b.clone()];
         for _ in 0..3 {
-            outliers.record("rev", &a, &peers, Err(&Failure::Timeout));
+            outliers.record(&svc(), "rev", &a, &peers, Err(&Failure::Timeout));
         }
         assert_eq!(gauge(&outliers), 1);
         // b hangs too, but a is out: b stays.
         for _ in 0..5 {
-            outliers.record("rev", &b, &peers, Err(&Failure::Timeout));
+            outliers.record(&svc(), "rev", &b, &peers, Err(&Failure::Timeout));
         }
         assert_eq!(gauge(&outliers), 1);
         assert!(b.routable(Instant::now()));
@@ -261,6 +283,7 @@ mod tests {
         let lone = endpoint("lone", 3);
         for _ in 0..5 {
             outliers.record(
+                &svc(),
                 "rev",
                 &lone,
                 std::slice::from_ref(&lone),

@@ -281,11 +281,12 @@ impl<A: Actuator> Controller<A> {
                 Metric::Rps => rps,
             };
             scaling.kpa.record(now, value);
+            let labels = scaling.revision.metric_labels();
             self.metrics
                 .concurrency
-                .with_label_values(&[name])
+                .with_label_values(&labels)
                 .set(concurrency);
-            self.metrics.rps.with_label_values(&[name]).set(rps);
+            self.metrics.rps.with_label_values(&labels).set(rps);
         }
     }
 
@@ -316,7 +317,10 @@ impl<A: Actuator> Controller<A> {
             let before = scaling.scaler.current();
             let after = scaling.scaler.activate(waiting);
             if before == 0 && after > 0 {
-                self.metrics.activations.with_label_values(&[&name]).inc();
+                self.metrics
+                    .activations
+                    .with_label_values(&scaling.revision.metric_labels())
+                    .inc();
                 tracing::info!(revision = %name, waiting, replicas = after, "activating");
             }
         }
@@ -346,14 +350,17 @@ impl<A: Actuator> Controller<A> {
                 Ok(()) => {
                     if replicas == 0 && self.retired.remove(name).is_some() {
                         // Retired and at zero: its series leave `/metrics` with it.
-                        self.metrics.forget(name);
+                        self.metrics.forget(&revision);
                     }
                     if let Some(failing) = self.failing.remove(name) {
                         tracing::info!(revision = %name, replicas, attempts = failing.attempts, "actuated after failures");
-                        let _ = self.metrics.actuation_failing.remove_label_values(&[name]);
+                        let _ = self
+                            .metrics
+                            .actuation_failing
+                            .remove_label_values(&revision.metric_labels());
                     }
                 }
-                Err(error) => self.failed(name, error, now),
+                Err(error) => self.failed(&revision, error, now),
             }
         }
         // Forget failures of revisions that are neither active nor retired any more.
@@ -364,7 +371,8 @@ impl<A: Actuator> Controller<A> {
     }
 
     /// A revision's step failed: counted, logged, retried after the next backoff.
-    fn failed(&mut self, name: &str, error: ActuationError, now: Instant) {
+    fn failed(&mut self, revision: &RevisionSpec, error: ActuationError, now: Instant) {
+        let name = revision.name.as_str();
         let failing = self.failing.entry(name.to_string()).or_insert(Failing {
             attempts: 0,
             retry_at: now,
@@ -377,13 +385,14 @@ impl<A: Actuator> Controller<A> {
         failing.retry_at = now + backoff;
         tracing::warn!(revision = %name, %error, attempts = failing.attempts, "actuation failed; retrying in {backoff:?}");
         failing.error = error;
+        let [namespace, service, name] = revision.metric_labels();
         self.metrics
             .actuation_failures
-            .with_label_values(&[name, failing.error.label()])
+            .with_label_values(&[namespace, service, name, failing.error.label()])
             .inc();
         self.metrics
             .actuation_failing
-            .with_label_values(&[name])
+            .with_label_values(&revision.metric_labels())
             .set(1);
     }
 
@@ -404,13 +413,14 @@ impl<A: Actuator> Controller<A> {
                 panic: scaling.last.map_or(0.0, |d| d.panic_value),
                 actuation_error: self.failing.get(name).map(|f| f.error.to_string()),
             };
+            let labels = scaling.revision.metric_labels();
             self.metrics
                 .desired
-                .with_label_values(&[name])
+                .with_label_values(&labels)
                 .set(i64::from(status.desired));
             self.metrics
                 .panic
-                .with_label_values(&[name])
+                .with_label_values(&labels)
                 .set(i64::from(status.panicking));
             board.insert(name.clone(), status);
         }
@@ -491,26 +501,32 @@ impl StatusBoard {
 
 // === impl Metrics ===
 
+/// The labels of a revision's series, as [`RevisionSpec::metric_labels`] gives them (the
+/// supervisor's series carry the same).
+const REVISION_LABELS: [&str; 3] = ["namespace", "service", "revision"];
+
 impl Metrics {
     /// Removes a revision's series (it left the active set and runs nothing).
-    fn forget(&self, revision: &str) {
+    fn forget(&self, revision: &RevisionSpec) {
+        let labels = revision.metric_labels();
         for gauge in [&self.desired, &self.panic, &self.actuation_failing] {
-            let _ = gauge.remove_label_values(&[revision]);
+            let _ = gauge.remove_label_values(&labels);
         }
         for gauge in [&self.concurrency, &self.rps] {
-            let _ = gauge.remove_label_values(&[revision]);
+            let _ = gauge.remove_label_values(&labels);
         }
-        let _ = self.activations.remove_label_values(&[revision]);
+        let _ = self.activations.remove_label_values(&labels);
     }
 
     fn register(registry: &Registry) -> Self {
         let gauge = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["revision"]).expect("valid metric");
+            let g =
+                IntGaugeVec::new(Opts::new(name, help), &REVISION_LABELS).expect("valid metric");
             let _ = registry.register(Box::new(g.clone()));
             g
         };
         let float = |name: &str, help: &str| {
-            let g = GaugeVec::new(Opts::new(name, help), &["revision"]).expect("valid metric");
+            let g = GaugeVec::new(Opts::new(name, help), &REVISION_LABELS).expect("valid metric");
             let _ = registry.register(Box::new(g.clone()));
             g
         };
@@ -519,7 +535,7 @@ impl Metrics {
                 "mecha_autoscaler_activations_total",
                 "Scale-ups from zero replicas on a caller's poke",
             ),
-            &["revision"],
+            &REVISION_LABELS,
         )
         .expect("valid metric");
         let _ = registry.register(Box::new(activations.clone()));
@@ -528,7 +544,7 @@ impl Metrics {
                 "mecha_autoscaler_actuation_failures_total",
                 "Replica counts the runtime did not take, by revision and reason; each is retried with backoff",
             ),
-            &["revision", "reason"],
+            &["namespace", "service", "revision", "reason"],
         )
         .expect("valid metric");
         let _ = registry.register(Box::new(actuation_failures.clone()));

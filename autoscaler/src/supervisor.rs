@@ -3,9 +3,13 @@
 //! A replica is the container's `command` + `args`, started in the YAML file's directory with
 //! the container's `env`, a free `PORT`, and Knative's `K_SERVICE`, `K_REVISION` and
 //! `K_CONFIGURATION`. It is probed until ready (see [`crate::probe`]), then published as an
-//! endpoint. A replica that exits is restarted with exponential backoff. A replica that is
-//! stopped is first taken out of rotation, then allowed to finish its in-flight requests, then
-//! sent SIGTERM, and SIGKILL after the grace period.
+//! endpoint. A replica that exits is restarted with exponential backoff, as Kubernetes restarts
+//! a container but shorter, since a local process starts in milliseconds: by default 100 ms
+//! doubling to 30 s (Kubernetes: 10 s to 5 min), reset once a process has run [`STABLE_RUN`];
+//! one that keeps ending before that ([`ReplicaStatus::recent_exits`]) is crash looping
+//! (Kubernetes' `CrashLoopBackOff`; `mecha up` makes its revision `ContainerHealthy=False`). A
+//! replica that is stopped is first taken out of rotation, then allowed to finish its
+//! in-flight requests, then sent SIGTERM, and SIGKILL after the grace period.
 //!
 //! Every replica runs in its own process group, so stopping it stops whatever it spawned, and
 //! with `PR_SET_PDEATHSIG` so the kernel kills it if Mecha itself dies without cleaning up.
@@ -32,8 +36,10 @@ use crate::logs::LogHub;
 use crate::probe::ProbeSpec;
 use crate::serving::RevisionSpec;
 
-/// A replica that ran at least this long before exiting starts its backoff afresh.
-const STABLE_RUN: Duration = Duration::from_secs(10);
+/// A replica that ran at least this long before exiting starts its backoff afresh, and its
+/// earlier exits no longer count as a crash loop (Kubernetes forgets a container's backoff
+/// after 10 minutes; local processes start in milliseconds, so a tenth of that).
+pub const STABLE_RUN: Duration = Duration::from_secs(60);
 /// How often a replica being stopped checks whether its last request has finished.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
@@ -42,7 +48,8 @@ pub struct SupervisorConfig {
     /// Between SIGTERM and SIGKILL, and the longest a stopping replica may take to finish its
     /// in-flight requests.
     pub grace_period: Duration,
-    /// Wait before the first restart of a crashed replica; doubled on every crash after that.
+    /// Wait before the first restart of a crashed replica; doubled on every crash after that,
+    /// up to `max_restart_backoff`, until a process runs [`STABLE_RUN`].
     pub restart_backoff: Duration,
     pub max_restart_backoff: Duration,
     /// A program that runs [`crate::guard`] (`mecha` itself): each replica's command is started
@@ -100,6 +107,10 @@ struct ReplicaState {
     /// Set while the replica is ready and in rotation.
     endpoint: Option<Endpoint>,
     restarts: u32,
+    /// Exits in a row, none after running [`STABLE_RUN`].
+    crash_streak: u32,
+    /// When the running process started.
+    started: Option<Instant>,
     /// How the process last ended (`exit status: 1`, `signal: 9 (SIGKILL)`, or why it could
     /// not start).
     last_exit: Option<String>,
@@ -121,6 +132,10 @@ pub struct ReplicaStatus {
     pub ready: bool,
     pub stopping: bool,
     pub restarts: u32,
+    /// Times in a row the process ended before running [`STABLE_RUN`]; 0 once the running
+    /// process has lasted that long. What makes a replica crash looping.
+    #[serde(default)]
+    pub recent_exits: u32,
     pub in_flight: u32,
     /// How the replica's process last ended, when it has crashed before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -560,6 +575,7 @@ impl Inner {
                         let mut state = lock(&replica.state);
                         state.pid = pid;
                         state.addr = Some(addr);
+                        state.started = Some(started);
                     }
                     self.forward_output(&spec.service, &replica.name, &mut child);
                     self.logs.event(
@@ -597,7 +613,8 @@ impl Inner {
                 }
             };
             if let Outcome::Exited(status) = outcome {
-                if started.elapsed() >= STABLE_RUN {
+                let stable = started.elapsed() >= STABLE_RUN;
+                if stable {
                     backoff = self.config.restart_backoff;
                 }
                 let status = match status {
@@ -613,7 +630,9 @@ impl Inner {
                 let restarts = {
                     let mut state = lock(&replica.state);
                     state.restarts += 1;
+                    state.crash_streak = if stable { 1 } else { state.crash_streak + 1 };
                     state.pid = None;
+                    state.started = None;
                     state.last_exit = Some(status.clone());
                     state.restarts
                 };
@@ -778,6 +797,11 @@ impl Replica {
             ready: state.endpoint.is_some(),
             stopping: self.is_stopping(),
             restarts: state.restarts,
+            recent_exits: if state.started.is_some_and(|at| at.elapsed() >= STABLE_RUN) {
+                0
+            } else {
+                state.crash_streak
+            },
             in_flight: state.endpoint.as_ref().map_or(0, Endpoint::in_flight),
             last_exit: state.last_exit.clone(),
         }

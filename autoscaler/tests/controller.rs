@@ -230,7 +230,11 @@ async fn scales_to_zero_after_the_grace_period_and_back_on_a_poke() {
     assert_eq!(
         fixture.metric(
             "mecha_autoscaler_activations_total",
-            &[("revision", REVISION)]
+            &[
+                ("namespace", "default"),
+                ("service", "hello"),
+                ("revision", REVISION)
+            ]
         ),
         Some(1.0)
     );
@@ -269,14 +273,23 @@ async fn a_failed_step_is_retried_with_backoff_and_shows_until_it_succeeds() {
     assert_eq!(
         fixture.metric(
             "mecha_autoscaler_actuation_failures_total",
-            &[("revision", REVISION), ("reason", "refused")]
+            &[
+                ("namespace", "default"),
+                ("service", "hello"),
+                ("revision", REVISION),
+                ("reason", "refused")
+            ]
         ),
         Some(3.0)
     );
     assert_eq!(
         fixture.metric(
             "mecha_autoscaler_actuation_failing",
-            &[("revision", REVISION)]
+            &[
+                ("namespace", "default"),
+                ("service", "hello"),
+                ("revision", REVISION)
+            ]
         ),
         Some(1.0)
     );
@@ -289,7 +302,11 @@ async fn a_failed_step_is_retried_with_backoff_and_shows_until_it_succeeds() {
     assert_eq!(
         fixture.metric(
             "mecha_autoscaler_actuation_failing",
-            &[("revision", REVISION)]
+            &[
+                ("namespace", "default"),
+                ("service", "hello"),
+                ("revision", REVISION)
+            ]
         ),
         None,
         "no longer failing"

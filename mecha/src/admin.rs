@@ -432,8 +432,10 @@ fn unprocessable(errors: Vec<LoadError>) -> Response {
         .into_response()
 }
 
-/// A revision that never became ready and whose replica has ended this many times is failing
-/// (Knative would report the container's exit; a local process has no other signal).
+/// A revision with a replica whose process has ended this many times in a row, each before
+/// running `autoscaler::supervisor::STABLE_RUN`, is crash looping: `ContainerHealthy=False`
+/// and `Ready=False`, whether or not it was ready before (Knative reports the container's
+/// exit once a Deployment has no available pod; a local process has no other signal).
 pub const CRASH_LOOP_RESTARTS: u32 = 3;
 
 /// What `mecha get services|revisions` and `describe` show, from the desired state and the
@@ -504,27 +506,27 @@ pub fn service_views(
                 .rev()
                 .map(|revision| {
                     let status = supervisor.status(&revision.name);
-                    let ready = supervisor.ever_ready(&revision.name);
                     let replicas = status
                         .as_ref()
                         .map(|s| s.replicas.clone())
                         .unwrap_or_default();
-                    let reason = if ready {
-                        None
-                    } else {
-                        replicas
-                            .iter()
-                            .filter(|r| r.restarts >= CRASH_LOOP_RESTARTS)
-                            .max_by_key(|r| r.restarts)
-                            .map(|r| {
-                                format!(
-                                    "CrashLoop: replica {} ended {} times, last: {}",
-                                    r.name,
-                                    r.restarts,
-                                    r.last_exit.as_deref().unwrap_or("unknown")
-                                )
-                            })
-                    };
+                    let reason = replicas
+                        .iter()
+                        .filter(|r| !r.stopping && r.recent_exits >= CRASH_LOOP_RESTARTS)
+                        .max_by_key(|r| r.recent_exits)
+                        .map(|r| {
+                            format!(
+                                "CrashLoop: replica {} ended {} times in a row, each within {}s of starting, last: {}",
+                                r.name,
+                                r.recent_exits,
+                                autoscaler::supervisor::STABLE_RUN.as_secs(),
+                                r.last_exit.as_deref().unwrap_or("unknown")
+                            )
+                        });
+                    // Ready once it has served, until it crash loops (routing still follows
+                    // the latest revision that has been ready, as Knative's
+                    // latestReadyRevisionName does not go back).
+                    let ready = supervisor.ever_ready(&revision.name) && reason.is_none();
                     let waiting_for_request =
                         !ready && revision.scaling.initial_scale == Some(0) && replicas.is_empty();
                     let serving = replicas.iter().any(|r| r.ready && !r.stopping);

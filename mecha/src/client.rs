@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -21,16 +22,31 @@ pub struct AdminClient {
     addr: String,
     token: AdminToken,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// The longest a request may take, answer included (`--request-timeout`); a streamed
+    /// answer (`logs -f`) only has this long to start.
+    timeout: Duration,
 }
+
+/// The longest a connection may take to open (within the request timeout): a loopback port
+/// answers at once, a dropped packet would otherwise wait for the kernel's minutes.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach mecha at {addr}: {source} — is `mecha up` running? (set --admin-addr or MECHA_ADMIN_ADDR)"
+        "cannot reach mecha at {addr}: {} — is `mecha up` running? (set --admin-addr or MECHA_ADMIN_ADDR)", chain(.source)
     )]
     Unreachable {
         addr: String,
         source: hyper_util::client::legacy::Error,
+    },
+    #[error(
+        "no answer from {addr} within {}s ({what}; --request-timeout) — is it a `mecha up` admin port? (set --admin-addr or MECHA_ADMIN_ADDR)", .after.as_secs_f64()
+    )]
+    Timeout {
+        addr: String,
+        what: &'static str,
+        after: Duration,
     },
     #[error("reading the answer from {addr}: {message}")]
     Protocol { addr: String, message: String },
@@ -124,17 +140,40 @@ impl ClientError {
     }
 }
 
+/// An error and its causes, `outer: inner: …` (hyper's own text says only "client error").
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 // === impl AdminClient ===
 
 impl AdminClient {
-    pub fn new(addr: &str, token: AdminToken) -> Self {
+    /// `timeout`: the longest one request may take (see [`AdminClient::timeout`]).
+    pub fn new(addr: &str, token: AdminToken, timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT.min(timeout)));
         Self {
             addr: addr
                 .trim_start_matches("http://")
                 .trim_end_matches('/')
                 .to_string(),
             token,
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            timeout,
+        }
+    }
+
+    fn timed_out(&self, addr: &str, what: &'static str) -> ClientError {
+        ClientError::Timeout {
+            addr: addr.to_string(),
+            what,
+            after: self.timeout,
         }
     }
 
@@ -152,23 +191,17 @@ impl AdminClient {
             .header(hyper::header::AUTHORIZATION, self.token.header_value())
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| self.protocol(e))?;
-        let response =
-            self.http
-                .request(request)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
+        let response = tokio::time::timeout(self.timeout, self.http.request(request))
+            .await
+            .map_err(|_| self.timed_out(&self.addr, "waiting for the answer to start"))?
+            .map_err(|source| ClientError::Unreachable {
+                addr: self.addr.clone(),
+                source,
+            })?;
         let status = response.status();
         // The server's answer says what is missing and where to get it.
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| self.protocol(e))?
-                .to_bytes();
+            let bytes = self.collect(response.into_body()).await?;
             return Err(ClientError::Refused {
                 addr: self.addr.clone(),
                 status,
@@ -184,13 +217,23 @@ impl AdminClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let (status, body) = self.call(method, path, body).await?;
-        let bytes = body
-            .collect()
+        let bytes = tokio::time::timeout_at(deadline, body.collect())
             .await
+            .map_err(|_| self.timed_out(&self.addr, "reading the answer"))?
             .map_err(|e| self.protocol(e))?
             .to_bytes();
         Ok((status, bytes))
+    }
+
+    /// A whole answer's body, within the request timeout.
+    async fn collect(&self, body: hyper::body::Incoming) -> Result<Bytes, ClientError> {
+        Ok(tokio::time::timeout(self.timeout, body.collect())
+            .await
+            .map_err(|_| self.timed_out(&self.addr, "reading the answer"))?
+            .map_err(|e| self.protocol(e))?
+            .to_bytes())
     }
 
     fn protocol(&self, error: impl std::fmt::Display) -> ClientError {
@@ -627,22 +670,15 @@ pub async fn send_event(client: &AdminClient, send: SendRequest) -> Result<ExitC
     let request = request
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| client.protocol(e))?;
-    let response =
-        client
-            .http
-            .request(request)
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                addr: target.clone(),
-                source,
-            })?;
-    let status = response.status();
-    let text = response
-        .into_body()
-        .collect()
+    let response = tokio::time::timeout(client.timeout, client.http.request(request))
         .await
-        .map_err(|e| client.protocol(e))?
-        .to_bytes();
+        .map_err(|_| client.timed_out(&target, "waiting for the broker's answer"))?
+        .map_err(|source| ClientError::Unreachable {
+            addr: target.clone(),
+            source,
+        })?;
+    let status = response.status();
+    let text = client.collect(response.into_body()).await?;
     if status.is_success() {
         println!("{status}: event {id} accepted by broker {namespace}/{name}");
         Ok(ExitCode::SUCCESS)
@@ -700,14 +736,13 @@ pub async fn send_files(
     if status.is_success() {
         let outcomes: OutcomesResponse =
             serde_json::from_slice(&bytes).map_err(|e| client.protocol(e))?;
-        let new_revisions: Vec<(String, String, String)> = outcomes
+        // Every Service the files hold: its new revision, or (unchanged or only its traffic
+        // changed) whatever keeps it from being Ready.
+        let services: Vec<(String, String, Option<String>)> = outcomes
             .results
             .iter()
             .filter(|o| o.kind == "Service")
-            .filter_map(|o| {
-                let revision = o.revision.clone()?;
-                Some((o.namespace.clone(), o.name.clone(), revision))
-            })
+            .map(|o| (o.namespace.clone(), o.name.clone(), o.revision.clone()))
             .collect();
         for o in outcomes.results {
             let revision = o
@@ -722,10 +757,10 @@ pub async fn send_files(
                 o.action
             );
         }
-        if delete || !wait.enabled || new_revisions.is_empty() {
+        if delete || !wait.enabled || services.is_empty() {
             return Ok(ExitCode::SUCCESS);
         }
-        return wait_ready(client, new_revisions, wait.timeout).await;
+        return wait_ready(client, services, wait.timeout).await;
     }
     match serde_json::from_slice::<ErrorsResponse>(&bytes) {
         Ok(errors) => output::print_errors(errors.errors),
@@ -739,12 +774,37 @@ const FAILURE_TAIL: usize = 10;
 /// How often a wait with nothing new to say prints that it is still waiting.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The revision a Service that is not Ready waits on: a failing one its traffic or its latest
+/// revision names, else its latest; `None` when the Service is Ready (or has no revision).
+fn holding_back(service: &crate::api::ServiceView) -> Option<String> {
+    let ready = service
+        .conditions
+        .iter()
+        .any(|c| c.kind == "Ready" && c.is_true());
+    if ready {
+        return None;
+    }
+    let named = |revision: &&crate::api::RevisionView| {
+        service.latest_revision.as_ref() == Some(&revision.name)
+            || service.traffic.iter().any(|t| t.revision == revision.name)
+    };
+    service
+        .revisions
+        .iter()
+        .filter(named)
+        .find(|r| r.reason.is_some())
+        .map(|r| r.name.clone())
+        .or_else(|| service.latest_revision.clone())
+}
+
 /// Waits until each `(namespace, service, revision)` is ready (printing its URL), has failed
-/// (printing the reason and the end of its output), or `timeout` passes. Progress is printed
-/// when it changes and every few seconds.
+/// (printing the reason and the end of its output), or `timeout` passes; a Service given
+/// without a revision (applied unchanged) is waited on only while it is not Ready, through
+/// the revision that holds it back. Progress is printed when it changes and every few
+/// seconds.
 async fn wait_ready(
     client: &AdminClient,
-    mut pending: Vec<(String, String, String)>,
+    mut pending: Vec<(String, String, Option<String>)>,
     timeout: std::time::Duration,
 ) -> Result<ExitCode, ClientError> {
     use crate::api::ServiceView;
@@ -755,14 +815,32 @@ async fn wait_ready(
     loop {
         let services: Vec<ServiceView> = client.get_json("/api/v1/services").await?;
         let mut still = Vec::new();
-        for (namespace, name, revision) in pending {
+        for (namespace, name, wanted) in pending {
             let service = services
                 .iter()
                 .find(|s| s.namespace == namespace && s.name == name);
+            let revision = match (&wanted, service) {
+                (Some(revision), _) => revision.clone(),
+                (None, Some(service)) => match holding_back(service) {
+                    Some(revision) => revision,
+                    None => {
+                        // Ready: said only when it was waited on.
+                        if last_progress
+                            .keys()
+                            .any(|k| k.starts_with(&format!("{namespace}/{name}/")))
+                        {
+                            println!("Service {namespace}/{name}: ready");
+                            println!("  {}", service.url);
+                        }
+                        continue;
+                    }
+                },
+                (None, None) => String::new(),
+            };
             let view = service.and_then(|s| s.revisions.iter().find(|r| r.name == revision));
             let (Some(service), Some(view)) = (service, view) else {
                 eprintln!(
-                    "error: Service {namespace}/{name} was deleted while waiting for {revision}"
+                    "error: Service {namespace}/{name} was deleted while waiting for it to be ready"
                 );
                 failed = true;
                 continue;
@@ -819,7 +897,8 @@ async fn wait_ready(
                 }
             );
             let now = tokio::time::Instant::now();
-            let say = match last_progress.get(&revision) {
+            let key = format!("{namespace}/{name}/{revision}");
+            let say = match last_progress.get(&key) {
                 Some((said, at)) => *said != progress || now - *at >= PROGRESS_EVERY,
                 None => true,
             };
@@ -827,9 +906,9 @@ async fn wait_ready(
                 eprintln!(
                     "waiting for Service {namespace}/{name} revision {revision}: {progress} ({seconds:.0}s)"
                 );
-                last_progress.insert(revision.clone(), (progress, now));
+                last_progress.insert(key, (progress, now));
             }
-            still.push((namespace, name, revision));
+            still.push((namespace, name, wanted));
         }
         pending = still;
         if pending.is_empty() {
@@ -901,18 +980,24 @@ pub async fn logs(
     if let Some(revision) = &options.revision {
         path.push_str(&format!("&revision={}", percent_query(revision)));
     }
+    // Only the start of the answer is timed: with --follow it lasts as long as the user wants.
     let (status, mut body) = client.call(Method::GET, &path, None).await?;
     if !status.is_success() {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| client.protocol(e))?
-            .to_bytes();
+        let bytes = client.collect(body).await?;
         eprintln!("error: {}", String::from_utf8_lossy(&bytes).trim_end());
         return Ok(ExitCode::from(1));
     }
     use std::io::Write;
-    while let Some(frame) = body.frame().await {
+    // Without --follow the answer is whole, and timed like any other.
+    let deadline = (!options.follow).then(|| tokio::time::Instant::now() + client.timeout);
+    loop {
+        let next = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, body.frame())
+                .await
+                .map_err(|_| client.timed_out(&client.addr, "reading the answer"))?,
+            None => body.frame().await,
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| client.protocol(e))?;
         if let Some(data) = frame.data_ref() {
             let mut out = std::io::stdout().lock();

@@ -38,6 +38,11 @@ struct Cli {
     /// every user's process list: prefer MECHA_ADMIN_TOKEN).
     #[arg(long, global = true, env = auth::TOKEN_ENV, hide_env_values = true)]
     token: Option<String>,
+    /// The longest a client command's request to `mecha up` may take, opening the
+    /// connection included (`get -w` asks every second, each time within it); `logs -f`
+    /// streams past it, but its answer must start within it.
+    #[arg(long, global = true, env = "MECHA_REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    request_timeout: Duration,
     /// Log format on stderr (the filter is read from MECHA_LOG, e.g. MECHA_LOG=debug).
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
     log_format: LogFormatArg,
@@ -369,7 +374,11 @@ async fn main() -> ExitCode {
     let result = match client::find_token(cli.token.as_deref(), &cli.state_dir) {
         Ok(token) => {
             let addr = client::find_admin_addr(cli.admin_addr.as_deref(), &cli.state_dir);
-            run_client(&AdminClient::new(&addr, token), command).await
+            run_client(
+                &AdminClient::new(&addr, token, cli.request_timeout),
+                command,
+            )
+            .await
         }
         Err(error) => Err(error),
     };

@@ -6,6 +6,12 @@
 //! and content as they were then): restoring loads those files again, through the same
 //! validation as `mecha apply`, and applies only the resources still present, in the order
 //! they were applied. A Service's working directory is its file's directory, as at apply.
+//!
+//! A Service also keeps the file version (and document) each of its revisions was made from:
+//! restoring applies those first, in order, so its revisions come back under their names
+//! (`hello-00001`, `hello-00002`, …) with their templates, traffic naming an old revision
+//! still finds it, and the next template change after a restart makes `hello-00003` rather
+//! than reusing a name.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +58,18 @@ struct Kept {
     /// resources applied from it together).
     file: PathBuf,
     content: Arc<str>,
+    /// A Service's revisions, oldest first, each with the file version it was made from.
+    revisions: Vec<KeptRevision>,
+}
+
+#[derive(Debug, Clone)]
+struct KeptRevision {
+    name: String,
+    file: PathBuf,
+    content: Arc<str>,
+    /// 1-based, as `crds::Source::document`.
+    document: usize,
+    created: Option<SystemTime>,
 }
 
 /// `resources.json`: each file version once, resources pointing at theirs.
@@ -74,34 +92,49 @@ struct DiskResource {
     key: ResourceKey,
     /// Index into `files`.
     file: usize,
+    /// A Service's revisions, oldest first (absent in files written before they were kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revisions: Vec<DiskRevision>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DiskRevision {
+    name: String,
+    /// Index into `files`.
+    file: usize,
+    document: usize,
+    /// When it was made, in nanoseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created_ns: Option<u64>,
 }
 
 impl Journal {
     fn to_disk(&self) -> OnDisk {
         let mut files: Vec<DiskFile> = Vec::new();
-        let mut seen: Vec<*const str> = Vec::new();
-        let resources = self
-            .resources
-            .iter()
-            .map(|kept| {
-                let pointer = Arc::as_ptr(&kept.content);
-                let index = match seen.iter().position(|p| std::ptr::eq(*p, pointer)) {
-                    Some(index) => index,
-                    None => {
-                        seen.push(pointer);
-                        files.push(DiskFile {
-                            path: kept.file.clone(),
-                            content: kept.content.to_string(),
-                        });
-                        files.len() - 1
-                    }
-                };
-                DiskResource {
-                    key: kept.key.clone(),
-                    file: index,
-                }
-            })
-            .collect();
+        // Each file version once, however many resources and revisions came from it.
+        let mut seen: HashMap<(&Path, &str), usize> = HashMap::new();
+        let mut resources = Vec::new();
+        for kept in &self.resources {
+            let file = disk_file(&mut seen, &mut files, &kept.file, &kept.content);
+            let revisions = kept
+                .revisions
+                .iter()
+                .map(|revision| DiskRevision {
+                    name: revision.name.clone(),
+                    file: disk_file(&mut seen, &mut files, &revision.file, &revision.content),
+                    document: revision.document,
+                    created_ns: revision.created.and_then(|at| {
+                        let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+                        u64::try_from(since.as_nanos()).ok()
+                    }),
+                })
+                .collect();
+            resources.push(DiskResource {
+                key: kept.key.clone(),
+                file,
+                revisions,
+            });
+        }
         OnDisk {
             version: 1,
             files,
@@ -133,15 +166,56 @@ impl Journal {
                         files.len()
                     )
                 })?;
+                let revisions = r
+                    .revisions
+                    .into_iter()
+                    .map(|revision| {
+                        let (file, content) = files.get(revision.file).ok_or_else(|| {
+                            format!(
+                                "revision {} names file {} of {}",
+                                revision.name,
+                                revision.file,
+                                files.len()
+                            )
+                        })?;
+                        Ok(KeptRevision {
+                            name: revision.name,
+                            file: file.clone(),
+                            content: content.clone(),
+                            document: revision.document,
+                            created: revision.created_ns.and_then(|ns| {
+                                std::time::UNIX_EPOCH
+                                    .checked_add(std::time::Duration::from_nanos(ns))
+                            }),
+                        })
+                    })
+                    .collect::<Result<_, String>>()?;
                 Ok(Kept {
                     key: r.key,
                     file: file.clone(),
                     content: content.clone(),
+                    revisions,
                 })
             })
             .collect::<Result<_, String>>()?;
         Ok(Self { resources })
     }
+}
+
+/// The index in `files` of one file version, added when it is not there yet.
+fn disk_file<'a>(
+    seen: &mut HashMap<(&'a Path, &'a str), usize>,
+    files: &mut Vec<DiskFile>,
+    file: &'a Path,
+    content: &'a str,
+) -> usize {
+    *seen.entry((file, content)).or_insert_with(|| {
+        files.push(DiskFile {
+            path: file.to_path_buf(),
+            content: content.to_string(),
+        });
+        files.len() - 1
+    })
 }
 
 /// Why the kept resources could not be restored.
@@ -204,17 +278,50 @@ impl LocalStore {
             path: path.clone(),
             source,
         })?;
-        let journal = Journal::from_disk(disk).map_err(|message| RestoreError::Invalid {
+        let mut journal = Journal::from_disk(disk).map_err(|message| RestoreError::Invalid {
             path: path.clone(),
             errors: vec![message],
         })?;
-        // Each kept resource, from its own file version, in the order they were applied.
+        // Each kept resource, from its own file version, in the order they were applied; a
+        // Service's revisions first, each from the document it was made from, then the
+        // Service as it was last applied (the last document naming it in that file).
         let mut loaded = Vec::new();
         let mut errors = Vec::new();
-        for kept in &journal.resources {
+        // Services kept by a mecha that did not keep revisions: (index, their documents).
+        let mut legacy: Vec<(usize, Vec<Loaded>)> = Vec::new();
+        for (at, kept) in journal.resources.iter().enumerate() {
+            for revision in &kept.revisions {
+                let (ok, bad) =
+                    crds::load_str(&revision.file, &revision.content, crds::Mode::Local);
+                errors.extend(bad.iter().map(ToString::to_string));
+                match ok
+                    .into_iter()
+                    .find(|l| key_of(l) == kept.key && l.source.document == revision.document)
+                {
+                    Some(document) => loaded.push(document),
+                    None => errors.push(format!(
+                        "{}: document {} no longer holds revision {} of {} {}/{}",
+                        revision.file.display(),
+                        revision.document,
+                        revision.name,
+                        kept.key.kind,
+                        kept.key.namespace,
+                        kept.key.name
+                    )),
+                }
+            }
             let (ok, bad) = crds::load_str(&kept.file, &kept.content, crds::Mode::Local);
             errors.extend(bad.iter().map(ToString::to_string));
-            loaded.extend(ok.into_iter().filter(|l| key_of(l) == kept.key));
+            let mut mine = ok.into_iter().filter(|l| key_of(l) == kept.key);
+            if kept.revisions.is_empty() {
+                let mine: Vec<Loaded> = mine.collect();
+                if kept.key.kind == crds::serving::KIND {
+                    legacy.push((at, mine.clone()));
+                }
+                loaded.extend(mine);
+            } else {
+                loaded.extend(mine.next_back());
+            }
         }
         if errors.is_empty()
             && let Err(bad) = store.apply_loaded(loaded, None)
@@ -223,6 +330,52 @@ impl LocalStore {
         }
         if !errors.is_empty() {
             return Err(RestoreError::Invalid { path, errors });
+        }
+        // Revisions come back under the names they had, and as old as they were.
+        {
+            let snapshot = store.snapshot();
+            // From now on, legacy Services keep the revisions just made, each with the first
+            // document of its template.
+            for (at, documents) in legacy {
+                let kept = &mut journal.resources[at];
+                let key = ServiceKey::new(&kept.key.namespace, &kept.key.name);
+                let Some(record) = snapshot.get(&key) else {
+                    continue;
+                };
+                kept.revisions = record
+                    .revisions
+                    .iter()
+                    .filter_map(|revision| {
+                        let document = documents.iter().find(|d| {
+                            matches!(&d.resource, Resource::Service(s) if s.spec.template == revision.template)
+                        })?;
+                        Some(KeptRevision {
+                            name: revision.name.clone(),
+                            file: kept.file.clone(),
+                            content: kept.content.clone(),
+                            document: document.source.document,
+                            created: store.created(&revision.name),
+                        })
+                    })
+                    .collect();
+            }
+            let mut created = store.created.lock().unwrap_or_else(PoisonError::into_inner);
+            for kept in journal.resources.iter().filter(|k| !k.revisions.is_empty()) {
+                let key = ServiceKey::new(&kept.key.namespace, &kept.key.name);
+                let now: Vec<&str> = snapshot
+                    .get(&key)
+                    .map(|r| r.revisions.iter().map(|r| r.name.as_str()).collect())
+                    .unwrap_or_default();
+                let was: Vec<&str> = kept.revisions.iter().map(|r| r.name.as_str()).collect();
+                if now != was {
+                    tracing::warn!(service = %key, ?was, ?now, "restored revisions are named differently from before");
+                }
+                for revision in &kept.revisions {
+                    if let Some(at) = revision.created {
+                        created.insert(revision.name.clone(), at);
+                    }
+                }
+            }
         }
         *store.journal.lock().unwrap_or_else(PoisonError::into_inner) = journal;
         Ok(store)
@@ -304,9 +457,9 @@ impl LocalStore {
         files: Option<&[(PathBuf, String)]>,
     ) -> Result<Vec<Outcome>, Vec<LoadError>> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let keys: Vec<(ResourceKey, PathBuf)> = resources
+        let keys: Vec<(ResourceKey, PathBuf, usize)> = resources
             .iter()
-            .map(|l| (key_of(l), l.source.file.clone()))
+            .map(|l| (key_of(l), l.source.file.clone(), l.source.document))
             .collect();
         let (mut next, mut eventing, mut sources) = state.clone();
         let mut outcomes = Vec::new();
@@ -403,15 +556,32 @@ impl LocalStore {
         if let Some(files) = files {
             let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
             let shared: Vec<Arc<str>> = files.iter().map(|(_, c)| Arc::from(c.as_str())).collect();
-            for (key, file) in keys {
+            // One outcome per resource, in order.
+            for ((key, file, document), outcome) in keys.into_iter().zip(&outcomes) {
                 let Some(index) = files.iter().position(|(path, _)| *path == file) else {
                     continue;
                 };
-                journal.resources.retain(|kept| kept.key != key);
+                let file = std::path::absolute(&file).unwrap_or(file);
+                let mut revisions = journal
+                    .resources
+                    .iter()
+                    .position(|kept| kept.key == key)
+                    .map(|at| journal.resources.remove(at).revisions)
+                    .unwrap_or_default();
+                if let Some(name) = &outcome.revision {
+                    revisions.push(KeptRevision {
+                        name: name.clone(),
+                        file: file.clone(),
+                        content: shared[index].clone(),
+                        document,
+                        created: Some(now),
+                    });
+                }
                 journal.resources.push(Kept {
                     key,
-                    file: std::path::absolute(&file).unwrap_or(file),
+                    file,
                     content: shared[index].clone(),
+                    revisions,
                 });
             }
             self.persist(&journal);
@@ -506,5 +676,113 @@ pub struct ResourceKey {
 impl Default for LocalStore {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(color: &str) -> String {
+        format!(
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: hello\nspec:\n  template:\n    spec:\n      containers:\n        - command: [python3, app.py]\n          env: [{{name: COLOR, value: {color}}}]\n"
+        )
+    }
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir() -> Dir {
+        let path = std::env::temp_dir().join(format!(
+            "mecha-store-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&path).expect("dir");
+        Dir(path)
+    }
+
+    fn names(store: &LocalStore) -> Vec<String> {
+        store
+            .snapshot()
+            .get(&ServiceKey::new("default", "hello"))
+            .expect("hello")
+            .revisions
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    fn apply(store: &LocalStore, file: &Path, content: &str) -> Option<String> {
+        let outcomes = store
+            .apply_files(&[(file.to_path_buf(), content.to_string())])
+            .expect("applies");
+        outcomes.last().and_then(|o| o.revision.clone())
+    }
+
+    #[test]
+    fn revisions_keep_their_names_across_restores_and_numbering_continues() {
+        let dir = dir();
+        let file = dir.0.join("svc.yaml");
+        let store = LocalStore::restore(&dir.0).expect("empty");
+        // Two versions in one file, then a third alone.
+        apply(
+            &store,
+            &file,
+            &format!("{}---\n{}", hello("blue"), hello("green")),
+        );
+        apply(&store, &file, &hello("red"));
+        assert_eq!(names(&store), ["hello-00001", "hello-00002", "hello-00003"]);
+        let created = store.created("hello-00002");
+        drop(store);
+
+        let store = LocalStore::restore(&dir.0).expect("restores");
+        assert_eq!(names(&store), ["hello-00001", "hello-00002", "hello-00003"]);
+        assert_eq!(store.created("hello-00002"), created);
+        let record = store
+            .snapshot()
+            .get(&ServiceKey::new("default", "hello"))
+            .cloned()
+            .expect("hello");
+        let color = |i: usize| record.revisions[i].container.env[0].value.clone();
+        assert_eq!([color(0), color(1), color(2)], ["blue", "green", "red"]);
+        assert_eq!(
+            apply(&store, &file, &hello("white")).as_deref(),
+            Some("hello-00004")
+        );
+        drop(store);
+        let store = LocalStore::restore(&dir.0).expect("restores again");
+        assert_eq!(names(&store).len(), 4);
+    }
+
+    #[test]
+    fn a_file_kept_without_revisions_restores_as_before_and_keeps_them_from_then_on() {
+        let dir = dir();
+        let file = dir.0.join("svc.yaml");
+        let legacy = serde_json::json!({
+            "version": 1,
+            "files": [{"path": file, "content": format!("{}---\n{}", hello("blue"), hello("green"))}],
+            "resources": [{"kind": "Service", "namespace": "default", "name": "hello", "file": 0}],
+        });
+        mecha_common::auth::write_private(&dir.0, STATE_FILE, legacy.to_string().as_bytes())
+            .expect("write");
+        let store = LocalStore::restore(&dir.0).expect("restores");
+        assert_eq!(names(&store), ["hello-00001", "hello-00002"]);
+        assert_eq!(
+            apply(&store, &file, &hello("red")).as_deref(),
+            Some("hello-00003")
+        );
+        drop(store);
+        let store = LocalStore::restore(&dir.0).expect("restores again");
+        assert_eq!(names(&store), ["hello-00001", "hello-00002", "hello-00003"]);
+        assert_eq!(
+            apply(&store, &file, &hello("white")).as_deref(),
+            Some("hello-00004")
+        );
     }
 }

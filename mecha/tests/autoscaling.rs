@@ -33,7 +33,7 @@ fn a_zero_scaled_service_wakes_on_a_request_and_returns_to_zero() {
     wait_until("the autoscaler's first decision", || {
         support::http(mecha.admin, "localhost", "/metrics")
             .body
-            .contains("mecha_autoscaler_desired_replicas{revision=\"sleeper-00001\"} 0")
+            .contains("mecha_autoscaler_desired_replicas{namespace=\"default\",revision=\"sleeper-00001\",service=\"sleeper\"} 0")
     });
     assert_eq!(ready_and_desired(&mecha, "sleeper"), (0, 0));
     let response = mecha.get("sleeper.default.localhost", "/");
@@ -48,7 +48,16 @@ fn a_zero_scaled_service_wakes_on_a_request_and_returns_to_zero() {
     assert_eq!(mecha.get("sleeper.default.localhost", "/").status, 200);
     let metrics = support::http(mecha.admin, "localhost", "/metrics").body;
     assert!(
-        metrics.contains("mecha_autoscaler_activations_total{revision=\"sleeper-00001\"} 2"),
+        metrics.contains("mecha_autoscaler_activations_total{namespace=\"default\",revision=\"sleeper-00001\",service=\"sleeper\"} 2"),
+        "{metrics}"
+    );
+    // The gateway's series are labelled as the control plane's.
+    assert!(
+        metrics.contains("mecha_gateway_requests_total{code=\"200\",namespace=\"default\",revision=\"sleeper-00001\",service=\"sleeper\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mecha_gateway_request_duration_seconds_count{namespace=\"default\",revision=\"sleeper-00001\",service=\"sleeper\"} 2"),
         "{metrics}"
     );
 }
@@ -117,7 +126,7 @@ fn a_full_buffer_answers_503_with_retry_after() {
     wait_until("the first request to be held", || {
         support::http(mecha.admin, "localhost", "/metrics")
             .body
-            .contains("mecha_gateway_buffered_requests{revision=\"stuck-00001\"} 1")
+            .contains("mecha_gateway_buffered_requests{namespace=\"default\",revision=\"stuck-00001\",service=\"stuck\"} 1")
     });
     let response = mecha.get("stuck.default.localhost", "/");
     assert_eq!(response.status, 503, "{response:?}");

@@ -36,7 +36,7 @@ fn apply_ends_the_wait_with_a_failing_revisions_reason_and_output() {
         "{stdout}"
     );
     assert!(
-        stderr.contains("error: Service default/crashy: revision crashy-00002 failed: CrashLoop: replica crashy-00002-1 ended 3 times, last: exit status: 7"),
+        stderr.contains("error: Service default/crashy: revision crashy-00002 failed: CrashLoop: replica crashy-00002-1 ended 3 times in a row, each within 60s of starting, last: exit status: 7"),
         "{stderr}"
     );
     // The last output of that revision's replicas, and only of that revision.
@@ -418,6 +418,19 @@ fn a_revision_whose_readiness_never_passes_ends_the_wait_at_the_timeout() {
         stderr.contains("[slow/slow-00001-1] warming up forever"),
         "{stderr}"
     );
+
+    // The same file again: nothing changed, but the Service is still not Ready.
+    let output = mecha.cli(&["apply", "-f", file.to_str().unwrap(), "--timeout", "1s"]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.lines().next(),
+        Some("service/default/slow unchanged")
+    );
+    assert!(
+        stderr.contains("revision slow-00001 not ready after 1s (--timeout)"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -469,5 +482,189 @@ fn planted_state_files_are_not_believed() {
     assert!(
         stderr.contains("restoring what was applied before") && stderr.contains("resources.json"),
         "{stderr}"
+    );
+}
+
+/// The revision's `type` condition from `mecha get revisions NAME -o json`.
+fn revision_condition(mecha: &Mecha, revision: &str, kind: &str) -> serde_json::Value {
+    let output = mecha.cli(&["get", "revisions", revision, "-o", "json"]);
+    assert!(output.status.success(), "{output:?}");
+    let view: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    view["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == kind)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {kind} in {view}"))
+}
+
+#[test]
+fn a_revision_that_crash_loops_after_being_ready_is_not_ready_and_apply_says_why() {
+    let dir = Workdir::new("cli-flaky");
+    // Serves for 3 s, then ends, every time.
+    let file = dir.write(
+        "svc.yaml",
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: flaky\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"timeout 3 python3 echo.py; echo lost the database connection; exit 3\"]\n",
+    );
+    let mecha = Mecha::up(&[]);
+    // Ready before its first crash: kn's wait ends there too (the outcome is not asserted,
+    // a slow machine may see the crash first).
+    let _ = mecha.cli(&["apply", "-f", file.to_str().unwrap()]);
+    support::wait_until("flaky-00001 to have been ready", || {
+        mecha
+            .stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("flaky-00001-1") && l.contains("ready in"))
+    });
+
+    support::wait_until("flaky-00001 to be ContainerHealthy=False", || {
+        revision_condition(&mecha, "flaky-00001", "ContainerHealthy")["status"] == "False"
+    });
+    let healthy = revision_condition(&mecha, "flaky-00001", "ContainerHealthy");
+    let message = healthy["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("CrashLoop: replica flaky-00001-1 ended ")
+            && message.contains("times in a row")
+            && message.ends_with("last: exit status: 3"),
+        "{healthy}"
+    );
+    let ready = revision_condition(&mecha, "flaky-00001", "Ready");
+    assert_eq!(ready["status"], "False", "{ready}");
+    let services = mecha.services_json();
+    let service_ready = services[0]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .unwrap();
+    assert_eq!(service_ready["status"], "False", "{services}");
+    assert_eq!(services[0]["revisions"][0]["ready"], false, "{services}");
+
+    // Applying the same file again waits on it, and fails with the reason and its output.
+    let output = mecha.cli(&["apply", "-f", file.to_str().unwrap(), "--timeout", "60s"]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("service/default/flaky unchanged"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(
+            "error: Service default/flaky: revision flaky-00001 failed: CrashLoop: replica flaky-00001-1 ended "
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[flaky/flaky-00001-1] lost the database connection"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn client_requests_to_a_port_that_never_answers_time_out_naming_it() {
+    // Accepts connections (the kernel does) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let started = Instant::now();
+        let mut child = std::process::Command::new(support::mecha_bin())
+            .args(args)
+            .env("MECHA_ADMIN_ADDR", &addr)
+            .env("MECHA_ADMIN_TOKEN", "f".repeat(64))
+            .env("MECHA_REQUEST_TIMEOUT", "1s")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Without a timeout the client would hang: give it 20 s, then call it a failure.
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("mecha {args:?} still waits after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        (child.wait_with_output().unwrap(), started.elapsed())
+    };
+    for args in [
+        &["get", "ksvc"][..],
+        &["logs", "hello", "-f"],
+        &["get", "ksvc", "-w"],
+    ] {
+        let (output, took) = run(args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("no answer from {addr} within 1s")),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(10),
+            "{args:?}: {took:?}"
+        );
+    }
+}
+
+#[test]
+fn revision_names_and_traffic_to_old_revisions_survive_a_restart() {
+    let dir = Workdir::new("cli-revisions-restart");
+    let state = dir.path.join("state");
+    let v1 = dir.write("svc.yaml", &echo_service("hello", &[], "", "blue"));
+    let mut mecha = Mecha::start(&[], &[], &[], &state);
+    mecha.keep_state();
+    let output = mecha.cli(&["apply", "-f", v1.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    // The second version keeps a tag on the first revision.
+    let v2 = format!(
+        "{}  traffic:\n    - revisionName: hello-00001\n      percent: 0\n      tag: old\n    - latestRevision: true\n      percent: 100\n",
+        echo_service("hello", &[], "", "green")
+    );
+    dir.write("svc.yaml", &v2);
+    let output = mecha.cli(&["apply", "-f", v1.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        text(&output.stdout).contains("(revision hello-00002)"),
+        "{output:?}"
+    );
+    let created = |mecha: &Mecha| -> Vec<(String, String)> {
+        mecha.services_json()[0]["revisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap().to_string(),
+                    r["created"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let before = created(&mecha);
+    assert!(mecha.interrupt().success());
+
+    let mecha = Mecha::start(&[], &[], &[], &state);
+    // Both revisions, under their names, with their templates and ages.
+    assert_eq!(created(&mecha), before);
+    support::wait_until("both revisions to answer", || {
+        mecha.get("hello.default.localhost", "/").echo().0 == "hello-00002"
+            && mecha.get("old-hello.default.localhost", "/").echo().0 == "hello-00001"
+    });
+    assert_eq!(
+        mecha.get("old-hello.default.localhost", "/").echo().2,
+        "blue"
+    );
+    assert_eq!(mecha.get("hello.default.localhost", "/").echo().2, "green");
+    // The next template change makes a new name.
+    dir.write("svc.yaml", &echo_service("hello", &[], "", "white"));
+    let output = mecha.cli(&["apply", "-f", v1.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        text(&output.stdout).trim_end().lines().next().unwrap(),
+        "service/default/hello configured (revision hello-00003)"
     );
 }

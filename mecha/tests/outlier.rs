@@ -147,9 +147,9 @@ fn stopped_replica_scenario(path: Path) {
             started.elapsed()
         );
     }
-    let revision = "mecha_gateway_replica_ejections_total{revision=\"hung-00001\"}";
+    let revision = "mecha_gateway_replica_ejections_total{namespace=\"default\",revision=\"hung-00001\",service=\"hung\"}";
     assert_eq!(metric(&mecha, revision), Some(1.0));
-    let gauge = "mecha_gateway_ejected_replicas{revision=\"hung-00001\"}";
+    let gauge = "mecha_gateway_ejected_replicas{namespace=\"default\",revision=\"hung-00001\",service=\"hung\"}";
     assert_eq!(metric(&mecha, gauge), Some(1.0));
     assert!(
         ejected_at.elapsed() < EJECTION,

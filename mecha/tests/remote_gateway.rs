@@ -48,7 +48,7 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
     assert_eq!(
         metric(
             &mecha,
-            "mecha_autoscaler_activations_total{revision=\"cold-00001\"}"
+            "mecha_autoscaler_activations_total{namespace=\"default\",revision=\"cold-00001\",service=\"cold\"}"
         ),
         None,
         "a refused poke woke the service"
@@ -91,7 +91,7 @@ fn a_gateway_fed_over_the_wire_routes_and_wakes_zero_scaled_services() {
     assert_eq!(response.echo().0, "cold-00001");
     let metrics = support::http(mecha.admin, "localhost", "/metrics").body;
     assert!(
-        metrics.contains("mecha_autoscaler_activations_total{revision=\"cold-00001\"} 1"),
+        metrics.contains("mecha_autoscaler_activations_total{namespace=\"default\",revision=\"cold-00001\",service=\"cold\"} 1"),
         "{metrics}"
     );
 
