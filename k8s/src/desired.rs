@@ -278,10 +278,7 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
             failure_threshold: period(|p| p.failure_threshold),
             ..Probe::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: non_empty(quantities(&settings.sidecar_requests)),
-            ..ResourceRequirements::default()
-        }),
+        resources: Some(sidecar_resources(settings)),
         // Only the sidecars see the token: the user's code never gets a credential for the
         // control plane.
         volume_mounts: Some(vec![token_mount()]),
@@ -367,12 +364,17 @@ fn outbound_container(settings: &PodSettings) -> Container {
             period_seconds: Some(1),
             ..Probe::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: non_empty(quantities(&settings.sidecar_requests)),
-            ..ResourceRequirements::default()
-        }),
+        resources: Some(sidecar_resources(settings)),
         volume_mounts: Some(vec![token_mount()]),
         ..Container::default()
+    }
+}
+
+/// What a sidecar container (inbound or outbound) requests.
+fn sidecar_resources(settings: &PodSettings) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: non_empty(quantities(&settings.sidecar_requests)),
+        ..ResourceRequirements::default()
     }
 }
 
