@@ -17,6 +17,10 @@ use serde::de::DeserializeOwned;
 
 /// The field manager of everything Mecha applies.
 pub const FIELD_MANAGER: &str = "mecha";
+/// The field manager of a Deployment's first `replicas` (the revision's initial scale), set
+/// once by [`create`]: an owner apart from [`FIELD_MANAGER`], so that applying the Deployment
+/// without `replicas` afterwards does not remove the field.
+pub const CREATE_MANAGER: &str = "mecha-initial-scale";
 
 /// A failed API call: what was asked, of which object, and the API's answer.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +92,29 @@ where
     api.patch(&name, &params(), &Patch::Apply(body))
         .await
         .map_err(|e| ApiError::new::<K>("apply", &namespace, &name, e))
+}
+
+/// Creates `object` (by [`CREATE_MANAGER`]) unless something of its name exists already.
+pub async fn create<K>(client: &kube::Client, object: &K) -> Result<(), ApiError>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let namespace = object.namespace().unwrap_or_default();
+    let name = object.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
+    let params = kube::api::PostParams {
+        field_manager: Some(CREATE_MANAGER.into()),
+        ..kube::api::PostParams::default()
+    };
+    match api.create(&params, object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(ApiError::new::<K>("create", &namespace, &name, e)),
+    }
 }
 
 /// Applies `status` to `object`'s status subresource.

@@ -339,6 +339,15 @@ pub fn deployment(revision: &Revision, settings: &PodSettings) -> Option<Deploym
     })
 }
 
+/// The replicas a new revision's Deployment starts with when its template sets
+/// `autoscaling.knative.dev/initial-scale` (otherwise the API server's default, 1, which is
+/// Knative's default initial scale too). The autoscaler bounds it once it runs the revision.
+pub fn initial_replicas(revision: &Revision) -> Option<i32> {
+    let annotations = revision.metadata.annotations.clone().unwrap_or_default();
+    let scaling = crds::autoscaling::ScalingAnnotations::parse(&annotations, "", &mut Vec::new());
+    scaling.initial_scale.and_then(|n| i32::try_from(n).ok())
+}
+
 /// The outbound role in a meshed pod: the function's HTTP proxy on `127.0.0.1:15001`, routing
 /// calls to other functions straight to their replicas (holding and poking for one at zero),
 /// passing other plain-HTTP calls through to where they were going.

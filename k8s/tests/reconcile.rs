@@ -13,6 +13,11 @@ async fn a_service_makes_a_revision_a_deployment_and_a_headless_service_and_repo
 }
 
 #[tokio::test]
+async fn an_initial_scale_of_zero_creates_the_deployment_at_zero_and_keeps_it() {
+    serving::initial_scale(ApiServer::new()).await;
+}
+
+#[tokio::test]
 async fn a_template_change_makes_a_second_revision_and_traffic_follows_once_ready() {
     serving::template_change(ApiServer::new()).await;
 }

@@ -178,6 +178,18 @@ async fn revision_steps(revision: &Revision, context: &Context) -> Result<Action
     let deployment = desired::deployment(revision, &context.settings.pods)
         .ok_or_else(|| invalid("spec.containers: a revision runs one container; it has none"))?;
     let headless = desired::headless_service(revision).ok_or_else(|| invalid("no name"))?;
+    // A revision that asks for another initial scale than the API server's default (1)
+    // starts at it: the Deployment is created with those replicas the first time round, then
+    // applied without them like any other (the autoscaler owns them from then on).
+    if revision.status.is_none()
+        && let Some(initial) = desired::initial_replicas(revision)
+    {
+        let mut first = deployment.clone();
+        if let Some(spec) = first.spec.as_mut() {
+            spec.replicas = Some(initial);
+        }
+        apply::create(client, &first).await?;
+    }
     let observed = apply::apply(client, &deployment).await?;
     apply::apply(client, &headless).await?;
 

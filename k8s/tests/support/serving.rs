@@ -764,6 +764,7 @@ type Scenario = fn(ApiServer) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Every scenario above, by name.
 pub const ALL: &[(&str, Scenario)] = &[
     ("create", |s| Box::pin(create(s))),
+    ("initial_scale", |s| Box::pin(initial_scale(s))),
     ("template_change", |s| Box::pin(template_change(s))),
     ("traffic_split", |s| Box::pin(traffic_split(s))),
     ("delete_cascades", |s| Box::pin(delete_cascades(s))),
@@ -773,6 +774,60 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("invalid_service", |s| Box::pin(invalid_service(s))),
     ("eventing", |s| Box::pin(eventing(s))),
 ];
+
+/// A template with `initial-scale: "0"`: its Deployment is created at zero replicas (by the
+/// creation manager, once), and no apply ever carries `replicas`, so none resets it.
+pub async fn initial_scale(server: ApiServer) {
+    let reconcilers = Reconcilers::start(&server);
+    let mut service = hello();
+    service
+        .spec
+        .0
+        .template
+        .metadata
+        .annotations
+        .insert("autoscaling.knative.dev/initial-scale".into(), "0".into());
+    server.create(&service);
+    let deployment = server
+        .wait_for("Deployment hello-00001-deployment", |s| {
+            s.get::<Deployment>(NAMESPACE, "hello-00001-deployment")
+        })
+        .await;
+    assert_eq!(deployment.spec.and_then(|s| s.replicas), Some(0));
+    // Reconciled again (a status change of the Revision), still at zero.
+    server
+        .wait_for("Revision hello-00001 with a status", |s| {
+            s.get::<Revision>(NAMESPACE, "hello-00001")?.status
+        })
+        .await;
+    reconcilers.stop().await;
+    let requests = server.requests();
+    let created: Vec<_> = requests
+        .iter()
+        .filter(|r| r.verb == "create" && r.resource == "deployments")
+        .collect();
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(
+        created[0].field_manager.as_deref(),
+        Some("mecha-initial-scale")
+    );
+    assert_eq!(
+        created[0].body.0.pointer("/spec/replicas"),
+        Some(&serde_json::json!(0))
+    );
+    for apply in requests
+        .iter()
+        .filter(|r| r.verb == "patch" && r.resource == "deployments")
+    {
+        assert_eq!(apply.body.0.pointer("/spec/replicas"), None, "{apply:?}");
+    }
+    assert_eq!(
+        server
+            .get::<Deployment>(NAMESPACE, "hello-00001-deployment")
+            .and_then(|d| d.spec?.replicas),
+        Some(0)
+    );
+}
 
 /// Runs every scenario on a server of its own; the requests they made, by scenario.
 pub async fn all() -> Vec<(&'static str, Vec<Recorded>)> {
