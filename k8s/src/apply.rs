@@ -94,6 +94,38 @@ where
         .map_err(|e| ApiError::new::<K>("apply", &namespace, &name, e))
 }
 
+/// Applies `object` unless an object of its name exists that its controlling owner does not
+/// control (a user's own Service of that name): `false`, and nothing is written.
+pub async fn apply_if_ours<K>(client: &kube::Client, object: &K) -> Result<bool, ApiError>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let namespace = object.namespace().unwrap_or_default();
+    let name = object.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
+    let existing = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| ApiError::new::<K>("get", &namespace, &name, e))?;
+    let controller = |o: &K| {
+        o.owner_references()
+            .iter()
+            .find(|r| r.controller == Some(true))
+            .map(|r| r.uid.clone())
+    };
+    if let Some(existing) = existing
+        && controller(&existing) != controller(object)
+    {
+        return Ok(false);
+    }
+    apply(client, object).await?;
+    Ok(true)
+}
+
 /// Creates `object` (by [`CREATE_MANAGER`]) unless something of its name exists already.
 pub async fn create<K>(client: &kube::Client, object: &K) -> Result<(), ApiError>
 where

@@ -18,6 +18,11 @@ async fn an_initial_scale_of_zero_creates_the_deployment_at_zero_and_keeps_it() 
 }
 
 #[tokio::test]
+async fn a_users_own_service_of_the_name_is_left_alone_and_reported_not_owned() {
+    serving::not_owned(ApiServer::new()).await;
+}
+
+#[tokio::test]
 async fn a_template_change_makes_a_second_revision_and_traffic_follows_once_ready() {
     serving::template_change(ApiServer::new()).await;
 }

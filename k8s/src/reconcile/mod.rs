@@ -106,6 +106,16 @@ pub enum Error {
         name: String,
         message: String,
     },
+    /// An object of the name Mecha would make exists and is not Mecha's (Knative's
+    /// `NotOwned`): it is left alone.
+    #[error(
+        "there is an existing {kind} {namespace}/{name} that this resource does not own; delete or rename it"
+    )]
+    NotOwned {
+        kind: String,
+        namespace: String,
+        name: String,
+    },
 }
 
 // === impl ServingSettings ===
@@ -220,6 +230,15 @@ impl Error {
         match self {
             Self::Api(e) => e.metric_label(),
             Self::Invalid { .. } => "invalid".into(),
+            Self::NotOwned { .. } => "not_owned".into(),
+        }
+    }
+
+    /// The reason of the `Ready` condition it puts on the resource.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotOwned { .. } => NOT_OWNED,
+            _ => RECONCILE_FAILED,
         }
     }
 }
@@ -328,6 +347,8 @@ impl Context {
 
 /// The condition reason of a reconcile step that failed.
 pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+/// The condition reason when a name Mecha would use is taken by an object it does not own.
+pub const NOT_OWNED: &str = "NotOwned";
 
 /// Drains a controller's result stream: reconcile failures are counted where they happen
 /// ([`Context::failed`]); watch failures are logged and counted here.

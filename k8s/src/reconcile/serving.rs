@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use mecha_common::ShutdownSignal;
 use tracing::instrument;
 
-use super::{Context, Error, RECONCILE_FAILED, drain, now};
+use super::{Context, Error, drain, now};
 use crate::apply::{self, ApiError};
 use crate::crd::{Revision, Service};
 use crate::{admission, desired, status};
@@ -78,16 +78,19 @@ async fn reconcile_service(service: Arc<Service>, context: Arc<Context>) -> Resu
             context.succeeded(SERVICE, service.as_ref());
             Ok(action)
         }
+        // A name taken by someone else's object: the status already says so.
+        Err(error @ Error::NotOwned { .. }) => Err(error),
         Err(error) => {
             let previous = service.status.clone().unwrap_or_default();
-            let failed = status::failed(previous, RECONCILE_FAILED, &error.to_string(), &now());
+            let failed = status::failed(previous, error.reason(), &error.to_string(), &now());
             report(&context, service.as_ref(), service.status.as_ref(), &failed).await;
             Err(error)
         }
     }
 }
 
-/// Check, make the next Revision if the template changed, write the status.
+/// Check, make the next Revision if the template changed, point the cluster-local name at the
+/// gateway, write the status.
 async fn service_steps(service: &Service, context: &Context) -> Result<Action, Error> {
     let client = &context.client;
     let namespace = service.namespace().unwrap_or_default();
@@ -100,16 +103,6 @@ async fn service_steps(service: &Service, context: &Context) -> Result<Action, E
         // Nothing to retry: the user has to change the spec, which wakes us.
         return Ok(Action::await_change());
     }
-
-    let cluster_local =
-        desired::cluster_local_service(service, &context.settings.addresses.gateway_host)
-            .ok_or_else(|| Error::Invalid {
-                kind: SERVICE,
-                namespace: namespace.clone(),
-                name: name.clone(),
-                message: "no name".into(),
-            })?;
-    apply::apply(client, &cluster_local).await?;
 
     let api: Api<Revision> = Api::namespaced(client.clone(), &namespace);
     let listed = api
@@ -134,6 +127,26 @@ async fn service_steps(service: &Service, context: &Context) -> Result<Action, E
     }
 
     let computed = status::service(service, &revisions, &context.settings.addresses, &now());
+    // Knative's placeholder Service: a user's own Service of this name is left alone, and
+    // the Service is not ready while it is there (revisions are still made).
+    let cluster_local =
+        desired::cluster_local_service(service, &context.settings.addresses.gateway_host)
+            .ok_or_else(|| Error::Invalid {
+                kind: SERVICE,
+                namespace: namespace.clone(),
+                name: name.clone(),
+                message: "no name".into(),
+            })?;
+    if !apply::apply_if_ours(client, &cluster_local).await? {
+        let error = Error::NotOwned {
+            kind: "Service".into(),
+            namespace,
+            name,
+        };
+        let failed = status::failed(computed, error.reason(), &error.to_string(), &now());
+        write_status(client, service, service.status.as_ref(), &failed).await?;
+        return Err(error);
+    }
     write_status(client, service, service.status.as_ref(), &computed).await?;
     Ok(Action::requeue(context.settings.resync))
 }
@@ -153,7 +166,7 @@ async fn reconcile_revision(
         }
         Err(error) => {
             let previous = revision.status.clone().unwrap_or_default();
-            let failed = status::failed(previous, RECONCILE_FAILED, &error.to_string(), &now());
+            let failed = status::failed(previous, error.reason(), &error.to_string(), &now());
             report(
                 &context,
                 revision.as_ref(),

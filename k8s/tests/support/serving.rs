@@ -765,6 +765,7 @@ type Scenario = fn(ApiServer) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 pub const ALL: &[(&str, Scenario)] = &[
     ("create", |s| Box::pin(create(s))),
     ("initial_scale", |s| Box::pin(initial_scale(s))),
+    ("not_owned", |s| Box::pin(not_owned(s))),
     ("template_change", |s| Box::pin(template_change(s))),
     ("traffic_split", |s| Box::pin(traffic_split(s))),
     ("delete_cascades", |s| Box::pin(delete_cascades(s))),
@@ -827,6 +828,78 @@ pub async fn initial_scale(server: ApiServer) {
             .and_then(|d| d.spec?.replicas),
         Some(0)
     );
+}
+
+/// A user's own Service `hello` is in the way of the Knative Service's cluster-local name: it
+/// is left as it was, the revision is still made, and the Service is `Ready=False`/`NotOwned`
+/// until the user's Service is gone.
+pub async fn not_owned(server: ApiServer) {
+    let theirs: KubeService = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "hello", "namespace": NAMESPACE},
+        "spec": {"selector": {"app": "legacy"}, "ports": [{"port": 80}]},
+    }))
+    .expect("a Service");
+    server.create(&theirs);
+    let reconcilers = Reconcilers::start(&server);
+    server.create(&hello());
+    let status = server
+        .wait_for("Service hello NotOwned", |s| {
+            let status = s.get::<Service>(NAMESPACE, "hello")?.status?;
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (ready.reason.as_deref() == Some("NotOwned")).then_some(status)
+        })
+        .await;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("existing Service default/hello")),
+        "{ready:?}"
+    );
+    assert_eq!(
+        status.latest_created_revision_name.as_deref(),
+        Some("hello-00001")
+    );
+    let untouched = server
+        .get::<KubeService>(NAMESPACE, "hello")
+        .expect("still there");
+    assert_eq!(
+        untouched.spec.as_ref().and_then(|s| s.type_.as_deref()),
+        None
+    );
+    assert!(untouched.owner_references().is_empty());
+    assert!(
+        !server.requests().iter().any(|r| r.verb == "patch"
+            && r.resource == "services"
+            && r.group.is_empty()
+            && r.name.as_deref() == Some("hello")),
+        "never applied over theirs"
+    );
+
+    // Once theirs is gone, the name is made and the Service is ready.
+    assert!(server.delete::<KubeService>(NAMESPACE, "hello"));
+    make_ready(&server, "hello-00001").await;
+    server
+        .wait_for("Service hello Ready", |s| {
+            let status = s.get::<Service>(NAMESPACE, "hello")?.status?;
+            is(&status.conditions, "Ready", "True").then_some(())
+        })
+        .await;
+    assert!(
+        server
+            .get::<KubeService>(NAMESPACE, "hello")
+            .and_then(|s| s.spec?.external_name)
+            .is_some()
+    );
+    reconcilers.stop().await;
 }
 
 /// Runs every scenario on a server of its own; the requests they made, by scenario.
