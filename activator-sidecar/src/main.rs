@@ -237,9 +237,10 @@ fn serve_admin(
     shutdown: mecha_common::ShutdownSignal,
 ) -> tokio::task::JoinHandle<()> {
     let router = mecha_common::admin::router(health, registry);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.recv())
-            .await;
-    })
+    tokio::spawn(mecha_common::serve::serve(
+        listener,
+        router,
+        mecha_common::serve::ServeLimits::default(),
+        shutdown,
+    ))
 }

@@ -330,14 +330,12 @@ pub async fn run(
     let admin_task = tokio::spawn({
         let router = mecha_common::admin::router(health.clone(), registry.clone());
         let signal = admin_stop.signal();
-        async move {
-            if let Err(error) = axum::serve(admin, router)
-                .with_graceful_shutdown(signal.recv())
-                .await
-            {
-                tracing::error!(%error, "the admin endpoints failed");
-            }
-        }
+        mecha_common::serve::serve(
+            admin,
+            router,
+            mecha_common::serve::ServeLimits::default(),
+            signal,
+        )
     });
     let ingress_task = tokio::spawn(server::serve(
         ingress,

@@ -14,6 +14,7 @@ pub mod load;
 pub mod outlier;
 pub mod probe;
 pub mod routing;
+pub mod serve;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

@@ -350,14 +350,15 @@ pub async fn run(config: UpConfig) -> ExitCode {
         &health,
         &shutdown,
         "admin API",
-        tokio::spawn(async move {
-            let served = axum::serve(admin_listener, admin_router)
-                .with_graceful_shutdown(admin_shutdown.recv())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "admin API failed");
-            }
-        }),
+        tokio::spawn(mecha_common::serve::serve(
+            admin_listener,
+            admin_router,
+            mecha_common::serve::ServeLimits {
+                drain_timeout: config.grace_period,
+                ..mecha_common::serve::ServeLimits::default()
+            },
+            admin_shutdown,
+        )),
     );
 
     println!("Mecha is running in local mode.");

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use autoscaler::{Controller, ServingState};
-use axum::Router;
 use k8s::actuator::{EverReady, KubeActuator, Running};
 use k8s::auth::TokenReviewer;
 use k8s::desired::PodSettings;
@@ -25,8 +24,9 @@ use k8s::state::Caches;
 use kube::Api;
 use mecha_common::admin::Health;
 use mecha_common::auth::Refusals;
+use mecha_common::serve::ServeLimits;
 use mecha_common::settings::{self, ConfigError, Table};
-use mecha_common::{Activation, Shutdown, ShutdownSignal};
+use mecha_common::{Activation, Shutdown};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -407,8 +407,22 @@ async fn run(
     let api = k8s::auth::control_plane(api_state, reviewer, refusals, caches, Some(to_leader));
     let admin = mecha_common::admin::router(health.clone(), registry);
 
-    let api_server = tokio::spawn(serve(api_listener, api, shutdown.signal()));
-    let admin_server = tokio::spawn(serve(admin_listener, admin, shutdown.signal()));
+    let limits = ServeLimits {
+        drain_timeout: config.drain_timeout,
+        ..ServeLimits::default()
+    };
+    let api_server = tokio::spawn(mecha_common::serve::serve(
+        api_listener,
+        api,
+        limits,
+        shutdown.signal(),
+    ));
+    let admin_server = tokio::spawn(mecha_common::serve::serve(
+        admin_listener,
+        admin,
+        limits,
+        shutdown.signal(),
+    ));
     health.set_ready(true);
 
     // The elector never ends before shutdown; if it dies, this replica can no longer know
@@ -482,15 +496,6 @@ async fn bind(port: u16, what: &str) -> Result<TcpListener, ExitCode> {
         eprintln!("error: cannot listen on {addr} for {what}: {error}");
         ExitCode::from(1)
     })
-}
-
-async fn serve(listener: TcpListener, router: Router, shutdown: ShutdownSignal) {
-    if let Err(error) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.recv())
-        .await
-    {
-        tracing::error!(%error, "server failed");
-    }
 }
 
 #[cfg(test)]
