@@ -1,0 +1,17 @@
+//! The event sources in a cluster against the scripted API server of `tests/support`: each
+//! test is one scenario of `support::sources`, which `tests/rbac.rs` also runs.
+
+mod support;
+
+use support::ApiServer;
+use support::sources;
+
+#[tokio::test]
+async fn every_source_kind_gets_its_status_and_a_refused_one_names_the_field() {
+    sources::status(ApiServer::new()).await;
+}
+
+#[tokio::test]
+async fn the_importers_snapshot_follows_the_source_crds_with_resolved_sinks() {
+    sources::snapshot(ApiServer::new()).await;
+}
