@@ -63,6 +63,11 @@ pub trait SourceKind:
     /// The source as local mode reads it.
     fn local(&self) -> SourceResource;
     fn source_status(&self) -> Option<&SourceStatus>;
+    /// The workload the source runs as in the cluster, given its resolved sink (a
+    /// ContainerSource's Deployment); `None` for the kinds the importers run.
+    fn workload(&self, _sink_uri: &str) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+        None
+    }
 }
 
 // === impl SinkSettings ===
@@ -103,9 +108,25 @@ source_kind! {
     RedisStreamSource => Redis(RedisStreamSource, crds::sources::ALPHA_API_VERSION),
     NatsSource => Nats(NatsSource, crds::queues::MECHA_API_VERSION),
     MqttSource => Mqtt(MqttSource, crds::queues::MECHA_API_VERSION),
-    ContainerSource => Container(ContainerSource, crds::sources::API_VERSION),
     SinkBinding => Binding(SinkBinding, crds::sources::API_VERSION),
     ApiServerSource => ApiServer(ApiServerSource, crds::sources::API_VERSION),
+}
+
+impl SourceKind for ContainerSource {
+    fn local(&self) -> SourceResource {
+        SourceResource::Container(crds::ContainerSource {
+            api_version: crds::sources::API_VERSION.into(),
+            kind: crds::bindings::CONTAINER_KIND.into(),
+            metadata: local_meta(&self.metadata),
+            spec: self.spec.0.clone(),
+        })
+    }
+    fn source_status(&self) -> Option<&SourceStatus> {
+        self.status.as_ref()
+    }
+    fn workload(&self, sink_uri: &str) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+        container_deployment(self, sink_uri)
+    }
 }
 
 /// The part of Kubernetes' metadata that users write, as local mode reads it.
@@ -268,6 +289,118 @@ fn ready(status: &str, reason: Option<&str>, message: Option<String>) -> Conditi
         message,
         ..Condition::default()
     }
+}
+
+/// The label naming a ContainerSource on the Deployment (and pods) made for it.
+pub const CONTAINER_SOURCE_LABEL: &str = "sources.knative.dev/containerSource";
+
+/// A ContainerSource's Deployment, `{name}-deployment` (Knative's name): one replica of its
+/// template's container with `K_SINK` (the resolved sink) and `K_CE_OVERRIDES`
+/// (`{"extensions":{…}}`) added to its environment, controlled by the source (deleting the
+/// source deletes it). `None` without a name or a container (its validators refuse that).
+pub fn container_deployment(
+    source: &ContainerSource,
+    sink_uri: &str,
+) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+    use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+    use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    let name = source.metadata.name.clone()?;
+    let spec = &source.spec.0;
+    let container = spec.template.spec.containers.first()?;
+    let extensions = spec
+        .ce_overrides
+        .as_ref()
+        .map(|o| o.extensions.clone())
+        .unwrap_or_default();
+    let mut env: Vec<EnvVar> = container
+        .env
+        .iter()
+        .map(|e| EnvVar {
+            name: e.name.clone(),
+            value: Some(e.value.clone()),
+            ..EnvVar::default()
+        })
+        .collect();
+    for (key, value) in [
+        (crds::bindings::K_SINK, sink_uri.to_string()),
+        (
+            crds::bindings::K_CE_OVERRIDES,
+            crds::bindings::ce_overrides_json(&extensions),
+        ),
+    ] {
+        env.push(EnvVar {
+            name: key.into(),
+            value: Some(value),
+            ..EnvVar::default()
+        });
+    }
+    let mut labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .map(|m| m.labels.clone())
+        .unwrap_or_default();
+    labels.insert(CONTAINER_SOURCE_LABEL.into(), name.clone());
+    let selector =
+        std::collections::BTreeMap::from([(CONTAINER_SOURCE_LABEL.to_string(), name.clone())]);
+    let user = Container {
+        name: container.name.clone().unwrap_or_else(|| "source".into()),
+        image: container.image.clone(),
+        command: (!container.command.is_empty()).then(|| container.command.clone()),
+        args: (!container.args.is_empty()).then(|| container.args.clone()),
+        working_dir: container.working_dir.clone(),
+        env: Some(env),
+        resources: container.resources.as_ref().map(|r| {
+            let quantities = |m: &std::collections::BTreeMap<String, String>| {
+                (!m.is_empty()).then(|| {
+                    m.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                k8s_openapi::apimachinery::pkg::api::resource::Quantity(v.clone()),
+                            )
+                        })
+                        .collect()
+                })
+            };
+            k8s_openapi::api::core::v1::ResourceRequirements {
+                limits: quantities(&r.limits),
+                requests: quantities(&r.requests),
+                ..Default::default()
+            }
+        }),
+        ..Container::default()
+    };
+    Some(Deployment {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-deployment")),
+            namespace: source.metadata.namespace.clone(),
+            labels: Some(labels.clone()),
+            owner_references: source.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![user],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    })
 }
 
 /// One kind's reflector: its store read as local sources, and its events.

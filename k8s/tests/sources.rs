@@ -15,3 +15,8 @@ async fn every_source_kind_gets_its_status_and_a_refused_one_names_the_field() {
 async fn the_importers_snapshot_follows_the_source_crds_with_resolved_sinks() {
     sources::snapshot(ApiServer::new()).await;
 }
+
+#[tokio::test]
+async fn a_container_source_runs_as_its_own_deployment_with_k_sink_and_goes_with_it() {
+    sources::container_source(ApiServer::new()).await;
+}

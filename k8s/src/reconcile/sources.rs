@@ -2,7 +2,8 @@
 //! run the sources they read from the control plane; here each gets Knative's status from
 //! what the control plane knows ([`crate::sources::status`]): `Ready=False` with local mode's
 //! message when its validators refuse it, or when its sink cannot be resolved; otherwise
-//! `sinkUri`, `ceAttributes` and, for a webhook source, `url`.
+//! `sinkUri`, `ceAttributes` and, for a webhook source, `url`. A ContainerSource's Deployment
+//! ([`crate::sources::container_deployment`]) is applied here too.
 
 use std::sync::Arc;
 
@@ -59,6 +60,21 @@ async fn reconcile<K: SourceKind>(
         &now(),
     );
     let current = source.source_status();
+    // A ContainerSource runs as a Deployment of its own, once it is valid and its sink
+    // resolved (owned by the source: deleting the source deletes it).
+    let ready = computed
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::READY && c.status == "True");
+    if let (true, Some(sink)) = (ready, computed.sink_uri.as_deref())
+        && let Some(deployment) = source.workload(sink)
+        && let Err(error) = crate::apply::apply(&context.client, &deployment).await
+    {
+        let error = Error::from(error);
+        let failed = status::failed(computed, RECONCILE_FAILED, &error.to_string(), &now());
+        report(&context, source.as_ref(), current, &failed).await;
+        return Err(error);
+    }
     match write_status(&context.client, source.as_ref(), current, &computed).await {
         Ok(()) => {
             context.succeeded(kind, source.as_ref());

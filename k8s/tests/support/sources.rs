@@ -313,12 +313,85 @@ pub async fn snapshot(server: ApiServer) {
     task.await.expect("run returns on shutdown");
 }
 
+/// A ContainerSource runs as a Deployment of its own with `K_SINK` and `K_CE_OVERRIDES`,
+/// owned by the source: deleting the source deletes it.
+pub async fn container_source(server: ApiServer) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let reconcilers = Reconcilers::start(&server);
+    let source = object::<ContainerSource>(
+        "sources.knative.dev/v1",
+        "ContainerSource",
+        "heartbeat",
+        json!({
+            "template": {
+                "metadata": { "labels": { "app": "heartbeat" } },
+                "spec": { "containers": [{
+                    "image": "example.com/heartbeat:1",
+                    "args": ["--period", "5"],
+                    "env": [{ "name": "POD", "value": "x" }],
+                }] },
+            },
+            "ceOverrides": { "extensions": { "team": "blue" } },
+            "sink": broker_sink(),
+        }),
+    );
+    server.create(&source);
+    let deployment = server
+        .wait_for("Deployment heartbeat-deployment", |s| {
+            s.get::<Deployment>(NAMESPACE, "heartbeat-deployment")
+        })
+        .await;
+    let owner = &deployment
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("an owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("ContainerSource", "heartbeat", Some(true))
+    );
+    let pod = deployment.spec.as_ref().expect("spec").template.clone();
+    let labels = pod.metadata.and_then(|m| m.labels).unwrap_or_default();
+    assert_eq!(labels.get("app").map(String::as_str), Some("heartbeat"));
+    let container = &pod.spec.expect("pod spec").containers[0];
+    assert_eq!(container.image.as_deref(), Some("example.com/heartbeat:1"));
+    assert_eq!(
+        container.args.as_deref(),
+        Some(&["--period".to_string(), "5".to_string()][..])
+    );
+    let env: std::collections::BTreeMap<String, String> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(env["K_SINK"], BROKER_SINK);
+    assert_eq!(env["K_CE_OVERRIDES"], r#"{"extensions":{"team":"blue"}}"#);
+    assert_eq!(env["POD"], "x");
+    let status = server
+        .wait_for("ContainerSource heartbeat ready", |s| {
+            let status = s.get::<ContainerSource>(NAMESPACE, "heartbeat")?.status?;
+            status.sink_uri.is_some().then_some(status)
+        })
+        .await;
+    assert_eq!(status.sink_uri.as_deref(), Some(BROKER_SINK));
+
+    assert!(server.delete::<ContainerSource>(NAMESPACE, "heartbeat"));
+    assert!(
+        server
+            .get::<Deployment>(NAMESPACE, "heartbeat-deployment")
+            .is_none()
+    );
+    reconcilers.stop().await;
+}
+
 type Scenario = fn(ApiServer) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Every scenario above, by name.
 pub const ALL: &[(&str, Scenario)] = &[
     ("source_status", |s| Box::pin(status(s))),
     ("source_snapshot", |s| Box::pin(snapshot(s))),
+    ("container_source", |s| Box::pin(container_source(s))),
 ];
 
 /// Runs every scenario on a server of its own; the requests they made, by scenario.
