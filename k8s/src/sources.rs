@@ -403,6 +403,70 @@ pub fn container_deployment(
     })
 }
 
+/// `K_SINK` and `K_CE_OVERRIDES` for the Knative Service `service` (with `labels`) in
+/// `namespace`, from the SinkBindings that select it — by name or by labels, in its own
+/// namespace, valid, with a resolvable sink; when several do, the last by name wins, as
+/// locally. Empty when none does.
+pub fn binding_env(
+    bindings: &[SinkBinding],
+    namespace: &str,
+    service: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    settings: &SinkSettings,
+) -> Vec<(String, String)> {
+    let mut ordered: Vec<SourceResource> = bindings.iter().map(SourceKind::local).collect();
+    ordered.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+    let mut env = Vec::new();
+    for local in &ordered {
+        let SourceResource::Binding(binding) = local else {
+            continue;
+        };
+        if refusal(local).is_some() || !binding.selects(namespace, service, labels) {
+            continue;
+        }
+        if let Ok(sink) = resolve_sink(local, settings) {
+            env = vec![
+                (crds::bindings::K_SINK.to_string(), sink.url),
+                (
+                    crds::bindings::K_CE_OVERRIDES.to_string(),
+                    crds::bindings::ce_overrides_json(&local.extensions()),
+                ),
+            ];
+        }
+    }
+    env
+}
+
+/// Adds `env` to the user's container of a revision's desired Deployment (every container
+/// but the sidecar), replacing variables of the same names: how a SinkBinding reaches the
+/// Services it selects. A changed environment changes the pod template, so the Deployment
+/// rolls its pods, as Knative's SinkBinding does.
+pub fn bind_env(deployment: &mut k8s_openapi::api::apps::v1::Deployment, env: &[(String, String)]) {
+    use k8s_openapi::api::core::v1::EnvVar;
+    if env.is_empty() {
+        return;
+    }
+    let Some(pod) = deployment
+        .spec
+        .as_mut()
+        .and_then(|spec| spec.template.spec.as_mut())
+    else {
+        return;
+    };
+    for container in &mut pod.containers {
+        if container.name == crate::desired::SIDECAR_NAME {
+            continue;
+        }
+        let vars = container.env.get_or_insert_with(Vec::new);
+        vars.retain(|v| !env.iter().any(|(name, _)| *name == v.name));
+        vars.extend(env.iter().map(|(name, value)| EnvVar {
+            name: name.clone(),
+            value: Some(value.clone()),
+            ..EnvVar::default()
+        }));
+    }
+}
+
 /// One kind's reflector: its store read as local sources, and its events.
 struct Reflected {
     read: Box<dyn Fn() -> Vec<SourceResource> + Send>,

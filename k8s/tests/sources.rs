@@ -20,3 +20,8 @@ async fn the_importers_snapshot_follows_the_source_crds_with_resolved_sinks() {
 async fn a_container_source_runs_as_its_own_deployment_with_k_sink_and_goes_with_it() {
     sources::container_source(ApiServer::new()).await;
 }
+
+#[tokio::test]
+async fn a_sink_binding_puts_k_sink_into_the_selected_services_revisions_and_takes_it_back() {
+    sources::sink_binding(ApiServer::new()).await;
+}

@@ -385,6 +385,80 @@ pub async fn container_source(server: ApiServer) {
     reconcilers.stop().await;
 }
 
+/// The user container's environment of a revision's Deployment, once it exists.
+fn user_env(
+    server: &ApiServer,
+    deployment: &str,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    let deployment = server.get::<k8s_openapi::api::apps::v1::Deployment>(NAMESPACE, deployment)?;
+    let pod = deployment.spec?.template.spec?;
+    let user = pod
+        .containers
+        .iter()
+        .find(|c| c.name != k8s::desired::SIDECAR_NAME)?;
+    Some(
+        user.env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect(),
+    )
+}
+
+/// A SinkBinding selecting a Knative Service by its labels puts `K_SINK` and
+/// `K_CE_OVERRIDES` into its revision's Deployment (not into a Service it does not select,
+/// nor into the sidecar), and takes them out again when it is deleted.
+pub async fn sink_binding(server: ApiServer) {
+    use k8s::crd::Service;
+    let reconcilers = Reconcilers::start(&server);
+    server.create(&object::<SinkBinding>(
+        "sources.knative.dev/v1",
+        "SinkBinding",
+        "bind",
+        json!({
+            "subject": {
+                "apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                "selector": { "matchLabels": { "team": "blue" } },
+            },
+            "ceOverrides": { "extensions": { "team": "blue" } },
+            "sink": broker_sink(),
+        }),
+    ));
+    let mut bound = super::serving::hello();
+    bound.metadata.labels = Some([("team".to_string(), "blue".to_string())].into());
+    server.create(&bound);
+    let mut other = super::serving::hello();
+    other.metadata.name = Some("other".into());
+    server.create(&other);
+
+    let env = server
+        .wait_for("hello's Deployment with K_SINK", |s| {
+            user_env(s, "hello-00001-deployment").filter(|env| env.contains_key("K_SINK"))
+        })
+        .await;
+    assert_eq!(env["K_SINK"], BROKER_SINK);
+    assert_eq!(env["K_CE_OVERRIDES"], r#"{"extensions":{"team":"blue"}}"#);
+    assert_eq!(env["TARGET"], "blue", "the container's own variables stay");
+    let other_env = server
+        .wait_for("other's Deployment", |s| {
+            user_env(s, "other-00001-deployment")
+        })
+        .await;
+    assert!(!other_env.contains_key("K_SINK"), "{other_env:?}");
+
+    assert!(server.delete::<SinkBinding>(NAMESPACE, "bind"));
+    let env = server
+        .wait_for("hello's Deployment without K_SINK", |s| {
+            user_env(s, "hello-00001-deployment").filter(|env| !env.contains_key("K_SINK"))
+        })
+        .await;
+    assert_eq!(env["TARGET"], "blue");
+    let _ = server
+        .get::<Service>(NAMESPACE, "hello")
+        .expect("hello stays");
+    reconcilers.stop().await;
+}
+
 type Scenario = fn(ApiServer) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Every scenario above, by name.
@@ -392,6 +466,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("source_status", |s| Box::pin(status(s))),
     ("source_snapshot", |s| Box::pin(snapshot(s))),
     ("container_source", |s| Box::pin(container_source(s))),
+    ("sink_binding", |s| Box::pin(sink_binding(s))),
 ];
 
 /// Runs every scenario on a server of its own; the requests they made, by scenario.
