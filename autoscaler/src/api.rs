@@ -377,6 +377,81 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_sources_watch_streams_every_source_per_change() {
+        let (routes, routes_rx) = watch::channel(Arc::<RoutingTable>::default());
+        let (endpoints, endpoints_rx) = watch::channel(Arc::<EndpointTable>::default());
+        let (stats, _stats) = mpsc::unbounded_channel();
+        let (activation, _pokes) = Activation::new();
+        let shutdown = Shutdown::new();
+        let state = ApiState {
+            routes: routes_rx,
+            endpoints: endpoints_rx,
+            stats,
+            activation,
+            shutdown: shutdown.signal(),
+            eventing: None,
+            sources: None,
+        };
+        let get = || {
+            Request::get(SOURCES_WATCH_PATH)
+                .body(Body::empty())
+                .expect("request")
+        };
+        let response = router(state.clone())
+            .oneshot(get())
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            text(response)
+                .await
+                .contains("does not serve event sources")
+        );
+
+        let (sources, sources_rx) = watch::channel(Arc::new(SourcesSnapshot::default()));
+        let response = router(state.with_sources(sources_rx))
+            .oneshot(get())
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let mut next_line = async || -> SourcesSnapshot {
+            let frame = body.frame().await.expect("a line").expect("frame");
+            let data = frame.into_data().expect("data");
+            assert_eq!(data.last(), Some(&b'\n'));
+            serde_json::from_slice(&data).expect("a sources snapshot")
+        };
+        assert_eq!(
+            next_line().await,
+            SourcesSnapshot::default(),
+            "the sources now"
+        );
+        let ping = crds::SourceResource::from_json(serde_json::json!({
+            "apiVersion": "sources.knative.dev/v1",
+            "kind": "PingSource",
+            "metadata": {"name": "tick", "namespace": "shop"},
+            "spec": {"sink": {"uri": "http://example.com/"}}
+        }))
+        .expect("a PingSource");
+        let next = SourcesSnapshot {
+            sources: vec![crds::sources::PlacedSource {
+                resource: ping,
+                sink: Some(crds::sources::SinkAddress {
+                    url: "http://example.com/".into(),
+                    uri: "http://example.com/".into(),
+                    host: None,
+                }),
+                problem: None,
+            }],
+        };
+        sources.send_replace(Arc::new(next.clone()));
+        assert_eq!(next_line().await, next, "a line per change");
+        drop((routes, endpoints));
+        shutdown.trigger();
+        assert!(body.frame().await.is_none(), "the stream ends on shutdown");
+    }
+
+    #[tokio::test]
     async fn the_watch_streams_a_line_per_change_and_ends_on_shutdown() {
         let fixture = fixture();
         let response = fixture
