@@ -40,14 +40,14 @@ fi
 kubectl config use-context "kind-$cluster" >/dev/null
 
 step "building the images"
-for image in autoscaler activator-sidecar eventing-broker; do
+for image in autoscaler activator-sidecar eventing-broker importers; do
   docker build -f "deploy/docker/$image.Dockerfile" -t "mecha/$image:$tag" .
 done
 docker build -t "$example_image" examples/hello-python
 
 step "loading them into kind"
 for image in "mecha/autoscaler:$tag" "mecha/activator-sidecar:$tag" \
-  "mecha/eventing-broker:$tag" "$example_image"; do
+  "mecha/eventing-broker:$tag" "mecha/importers:$tag" "$example_image"; do
   kind load docker-image --name "$cluster" "$image"
 done
 
@@ -55,9 +55,10 @@ step "installing Mecha (deploy/overlays/dev: deploy/ plus a one-server NATS)"
 kubectl apply --server-side -k deploy/overlays/dev/
 kubectl wait --for condition=Established --timeout=60s \
   crd/services.serving.knative.dev crd/revisions.serving.knative.dev \
-  crd/brokers.eventing.knative.dev crd/triggers.eventing.knative.dev
+  crd/brokers.eventing.knative.dev crd/triggers.eventing.knative.dev \
+  crd/pingsources.sources.knative.dev
 kubectl -n mecha-system rollout status statefulset/mecha-nats --timeout=180s
-for deployment in mecha-autoscaler mecha-gateway mecha-broker; do
+for deployment in mecha-autoscaler mecha-gateway mecha-broker mecha-importers; do
   kubectl -n mecha-system rollout status "deployment/$deployment" --timeout=180s
 done
 

@@ -473,7 +473,21 @@ pub async fn follow(
     control: ControlPlane,
     path: &'static str,
     what: &'static str,
+    on_line: impl FnMut(&[u8]) -> Result<(), String>,
+    shutdown: ShutdownSignal,
+) {
+    follow_with(control, path, what, on_line, |_| {}, shutdown).await;
+}
+
+/// [`follow`], telling `on_break` why each session ended (before the backoff), so that a
+/// process whose readiness depends on the watch can say it is lost; the next line a new
+/// session delivers is the sign it is back.
+pub async fn follow_with(
+    control: ControlPlane,
+    path: &'static str,
+    what: &'static str,
     mut on_line: impl FnMut(&[u8]) -> Result<(), String>,
+    mut on_break: impl FnMut(&str),
     shutdown: ShutdownSignal,
 ) {
     let autoscaler = control.addr.clone();
@@ -517,8 +531,14 @@ pub async fn follow(
                     backoff = BACKOFF_START;
                 }
                 match result {
-                    Err(error) if refused => tracing::error!(%autoscaler, %error, "cannot watch {what}; retrying in {backoff:?}"),
-                    Err(error) => tracing::warn!(%autoscaler, %error, "watch of {what} interrupted; keeping the last state, retrying in {backoff:?}"),
+                    Err(error) if refused => {
+                        tracing::error!(%autoscaler, %error, "cannot watch {what}; retrying in {backoff:?}");
+                        on_break(&error);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%autoscaler, %error, "watch of {what} interrupted; keeping the last state, retrying in {backoff:?}");
+                        on_break(&error);
+                    }
                     Ok(()) => {}
                 }
             }

@@ -11,6 +11,10 @@
 //!   [`ApiState::with_eventing`]: `mecha up` from its store; in Kubernetes, whatever watches
 //!   the Broker and Trigger resources publishes an `EventingState` into the same kind of
 //!   `watch` channel. A control plane not given one answers 503.
+//! - `GET /api/v1/sources/watch`: for the standalone importers (`importers` binary), the same
+//!   shape for every event source with its sink resolved by the control plane
+//!   (`crds::sources::SourcesSnapshot`, `{"sources":[{"resource":…,"sink":{"url","uri","host"}}]}`),
+//!   fed by [`ApiState::with_sources`]; 503 when not given one.
 //!
 //! [`router`] has no credential or `Host` check of its own: whoever serves it puts it behind
 //! `mecha_common::auth::guard` (`mecha up` with its admin API; the rule is in one place).
@@ -25,9 +29,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crds::eventing::EventingState;
+use crds::sources::SourcesSnapshot;
 use futures_util::StreamExt;
 use mecha_common::wire::{
-    EVENTING_WATCH_PATH, POKE_PATH, Poke, STATS_PATH, Snapshot, Stat, WATCH_PATH,
+    EVENTING_WATCH_PATH, POKE_PATH, Poke, SOURCES_WATCH_PATH, STATS_PATH, Snapshot, Stat,
+    WATCH_PATH,
 };
 use mecha_common::{Activation, EndpointTable, RoutingTable, ShutdownSignal};
 use tokio::sync::{mpsc, watch};
@@ -45,6 +51,9 @@ pub struct ApiState {
     /// Every Broker and Trigger, for standalone brokers; `None`: this control plane does not
     /// serve eventing (`/api/v1/eventing/watch` answers 503).
     pub eventing: Option<watch::Receiver<Arc<EventingState>>>,
+    /// Every event source with its resolved sink, for the standalone importers; `None`: this
+    /// control plane does not serve them (`/api/v1/sources/watch` answers 503).
+    pub sources: Option<watch::Receiver<Arc<SourcesSnapshot>>>,
 }
 
 // === impl ApiState ===
@@ -58,6 +67,13 @@ impl ApiState {
         self.eventing = Some(eventing);
         self
     }
+
+    /// Serves `sources` on `/api/v1/sources/watch`, as [`with_eventing`](Self::with_eventing)
+    /// serves Brokers and Triggers.
+    pub fn with_sources(mut self, sources: watch::Receiver<Arc<SourcesSnapshot>>) -> Self {
+        self.sources = Some(sources);
+        self
+    }
 }
 
 /// The control-plane routes, without authentication (see the module's documentation).
@@ -67,6 +83,7 @@ pub fn router(state: ApiState) -> Router {
         .route(POKE_PATH, post(pokes))
         .route(WATCH_PATH, get(watch_tables))
         .route(EVENTING_WATCH_PATH, get(watch_eventing))
+        .route(SOURCES_WATCH_PATH, get(watch_sources))
         .with_state(state)
 }
 
@@ -137,24 +154,44 @@ async fn watch_tables(State(state): State<ApiState>) -> Response {
 /// `GET /api/v1/eventing/watch`: every Broker and Trigger now, then on every change, one JSON
 /// line each.
 async fn watch_eventing(State(state): State<ApiState>) -> Response {
-    let Some(eventing) = state.eventing.clone() else {
-        return (
+    match state.eventing.clone() {
+        Some(eventing) => json_lines(eventing, &state.shutdown),
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "this control plane does not serve Brokers and Triggers\n",
         )
-            .into_response();
-    };
-    let lines =
-        futures_util::stream::unfold((eventing, true), |(mut eventing, first)| async move {
-            if !first {
-                eventing.changed().await.ok()?;
-            }
-            let current = eventing.borrow_and_update().clone();
-            let mut line = serde_json::to_vec(&*current).ok()?;
-            line.push(b'\n');
-            Some((Ok::<_, Infallible>(line), (eventing, false)))
-        });
-    let body = Body::from_stream(lines.take_until(state.shutdown.clone().recv()));
+            .into_response(),
+    }
+}
+
+/// `GET /api/v1/sources/watch`: every event source now, then on every change, one JSON line
+/// each.
+async fn watch_sources(State(state): State<ApiState>) -> Response {
+    match state.sources.clone() {
+        Some(sources) => json_lines(sources, &state.shutdown),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this control plane does not serve event sources\n",
+        )
+            .into_response(),
+    }
+}
+
+/// A `watch`'s value now, then on every change, one JSON line each, until `shutdown`.
+fn json_lines<T>(current: watch::Receiver<Arc<T>>, shutdown: &ShutdownSignal) -> Response
+where
+    T: serde::Serialize + Send + Sync + 'static,
+{
+    let lines = futures_util::stream::unfold((current, true), |(mut current, first)| async move {
+        if !first {
+            current.changed().await.ok()?;
+        }
+        let value = current.borrow_and_update().clone();
+        let mut line = serde_json::to_vec(&*value).ok()?;
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(line), (current, false)))
+    });
+    let body = Body::from_stream(lines.take_until(shutdown.clone().recv()));
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
@@ -189,6 +226,7 @@ mod tests {
             activation,
             shutdown: shutdown.signal(),
             eventing: None,
+            sources: None,
         });
         Fixture {
             app,
@@ -292,6 +330,7 @@ mod tests {
             activation,
             shutdown: shutdown.signal(),
             eventing: None,
+            sources: None,
         };
         let get = || {
             Request::get(EVENTING_WATCH_PATH)
@@ -331,6 +370,81 @@ mod tests {
         let mut next = EventingState::default();
         next.apply_broker(broker);
         eventing.send_replace(Arc::new(next.clone()));
+        assert_eq!(next_line().await, next, "a line per change");
+        drop((routes, endpoints));
+        shutdown.trigger();
+        assert!(body.frame().await.is_none(), "the stream ends on shutdown");
+    }
+
+    #[tokio::test]
+    async fn the_sources_watch_streams_every_source_per_change() {
+        let (routes, routes_rx) = watch::channel(Arc::<RoutingTable>::default());
+        let (endpoints, endpoints_rx) = watch::channel(Arc::<EndpointTable>::default());
+        let (stats, _stats) = mpsc::unbounded_channel();
+        let (activation, _pokes) = Activation::new();
+        let shutdown = Shutdown::new();
+        let state = ApiState {
+            routes: routes_rx,
+            endpoints: endpoints_rx,
+            stats,
+            activation,
+            shutdown: shutdown.signal(),
+            eventing: None,
+            sources: None,
+        };
+        let get = || {
+            Request::get(SOURCES_WATCH_PATH)
+                .body(Body::empty())
+                .expect("request")
+        };
+        let response = router(state.clone())
+            .oneshot(get())
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            text(response)
+                .await
+                .contains("does not serve event sources")
+        );
+
+        let (sources, sources_rx) = watch::channel(Arc::new(SourcesSnapshot::default()));
+        let response = router(state.with_sources(sources_rx))
+            .oneshot(get())
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let mut next_line = async || -> SourcesSnapshot {
+            let frame = body.frame().await.expect("a line").expect("frame");
+            let data = frame.into_data().expect("data");
+            assert_eq!(data.last(), Some(&b'\n'));
+            serde_json::from_slice(&data).expect("a sources snapshot")
+        };
+        assert_eq!(
+            next_line().await,
+            SourcesSnapshot::default(),
+            "the sources now"
+        );
+        let ping = crds::SourceResource::from_json(serde_json::json!({
+            "apiVersion": "sources.knative.dev/v1",
+            "kind": "PingSource",
+            "metadata": {"name": "tick", "namespace": "shop"},
+            "spec": {"sink": {"uri": "http://example.com/"}}
+        }))
+        .expect("a PingSource");
+        let next = SourcesSnapshot {
+            sources: vec![crds::sources::PlacedSource {
+                resource: ping,
+                sink: Some(crds::sources::SinkAddress {
+                    url: "http://example.com/".into(),
+                    uri: "http://example.com/".into(),
+                    host: None,
+                }),
+                problem: None,
+            }],
+        };
+        sources.send_replace(Arc::new(next.clone()));
         assert_eq!(next_line().await, next, "a line per change");
         drop((routes, endpoints));
         shutdown.trigger();

@@ -156,6 +156,7 @@ impl<A: Actuator> Controller<A> {
             shutdown,
             // The controller does not own Brokers and Triggers; `ApiState::with_eventing`.
             eventing: None,
+            sources: None,
         }
     }
 

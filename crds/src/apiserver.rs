@@ -44,6 +44,7 @@ pub struct ApiServerSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ApiServerSourceSpec {
     pub resources: Vec<ApiServerResource>,
     /// `Reference` (the default: data is a reference) or `Resource` (data is the object).
@@ -59,6 +60,7 @@ pub struct ApiServerSourceSpec {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ApiServerResource {
     pub api_version: String,
     pub kind: String,

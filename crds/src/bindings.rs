@@ -34,6 +34,7 @@ pub struct ContainerSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerSourceSpec {
     /// Kubernetes' `PodTemplateSpec`, of which Mecha reads one container.
     pub template: PodTemplate,
@@ -44,6 +45,7 @@ pub struct ContainerSourceSpec {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PodTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<ObjectMeta>,
@@ -52,6 +54,7 @@ pub struct PodTemplate {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PodSpec {
     pub containers: Vec<Container>,
 }
@@ -68,6 +71,7 @@ pub struct SinkBinding {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SinkBindingSpec {
     pub subject: Subject,
     pub sink: Destination,
@@ -78,6 +82,7 @@ pub struct SinkBindingSpec {
 /// Knative's `tracker.Reference`: one object by name, or every object its selector matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Subject {
     pub api_version: String,
     pub kind: String,
@@ -91,6 +96,7 @@ pub struct Subject {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LabelSelector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,

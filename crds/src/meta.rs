@@ -10,6 +10,7 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ObjectMeta {
     #[serde(default)]
     pub name: String,

@@ -37,11 +37,16 @@ pub struct RedisStreamSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RedisStreamSourceSpec {
     /// `host:port`, or `redis://[user:password@]host[:port][/db]`.
     pub address: String,
     /// Knative's TLS and password options (Kubernetes Secrets): refused, by name, until built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::any_object")
+    )]
     pub dial_options: Option<serde_json::Value>,
     pub stream: String,
     /// The consumer group; `mecha.{namespace}.{name}` when empty.
@@ -67,6 +72,7 @@ pub struct NatsSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NatsSourceSpec {
     /// `nats://host:port` (or `host:port`).
     pub url: String,
@@ -101,6 +107,7 @@ pub struct MqttSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MqttSourceSpec {
     /// `mqtt://host:port` (or `tcp://`, or `host:port`; port 1883 when absent).
     pub broker_url: String,

@@ -99,6 +99,7 @@ const RESERVED: &[&str] = &[
 /// `spec.ceOverrides`: extensions set on every event the source sends.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CloudEventOverrides {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extensions: BTreeMap<String, String>,
@@ -116,6 +117,7 @@ pub struct PingSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PingSourceSpec {
     /// Cron, five fields or six with seconds first; `* * * * *` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,6 +139,7 @@ pub struct PingSourceSpec {
 /// Knative's `SecretValueFromSource`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SecretValueFromSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<SecretKeySelector>,
@@ -144,6 +147,7 @@ pub struct SecretValueFromSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SecretKeySelector {
     #[serde(default)]
     pub name: String,
@@ -165,6 +169,7 @@ pub struct GitHubSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct GitHubSourceSpec {
     /// `owner/repository` (or an organization alone).
     pub owner_and_repository: String,
@@ -201,6 +206,7 @@ pub struct GitLabSource {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct GitLabSourceSpec {
     /// `https://gitlab.com/group/project`: the events' source.
     pub project_url: String,
@@ -435,6 +441,101 @@ impl SourceResource {
         annotations
             .get(SECRET_ENV_ANNOTATION)
             .map(|name| SecretRef::Env(name.clone()))
+    }
+}
+
+/// Every source and where its events go, as the control plane streams it to the standalone
+/// importers (`GET /api/v1/sources/watch`, one JSON line per change, `{"sources": [...]}`).
+/// The sinks are resolved by the control plane, which knows what a `ref` names in its runtime
+/// (the gateway and the broker ingress locally; the broker Service and the gateway in a
+/// cluster).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesSnapshot {
+    #[serde(default)]
+    pub sources: Vec<PlacedSource>,
+}
+
+/// One source of a [`SourcesSnapshot`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlacedSource {
+    /// The resource as written.
+    pub resource: SourceResource,
+    /// Where its events go; absent when the sink cannot be resolved (then `problem` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<SinkAddress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// A resolved sink: the address users know, where requests actually go, and the `Host`
+/// header to send when it differs (a Service reached through the gateway by host name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SinkAddress {
+    pub url: String,
+    pub uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+// === impl SourceResource (wire) ===
+
+impl Serialize for SourceResource {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SourceResource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        SourceResource::from_json(value).map_err(serde::de::Error::custom)
+    }
+}
+
+impl SourceResource {
+    /// A source from its JSON (what [`to_json`](Self::to_json) wrote), typed by its
+    /// `apiVersion` and `kind`; not validated (see [`validate`](Self::validate)).
+    pub fn from_json(value: serde_json::Value) -> Result<Self, String> {
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (api_version, kind) = (field("apiVersion"), field("kind"));
+        let typed = |e: serde_json::Error| format!("{kind} ({api_version}): {e}");
+        Ok(match (api_version.as_str(), kind.as_str()) {
+            (API_VERSION, PING_KIND) => Self::Ping(serde_json::from_value(value).map_err(typed)?),
+            (ALPHA_API_VERSION, GITHUB_KIND) => {
+                Self::GitHub(serde_json::from_value(value).map_err(typed)?)
+            }
+            (ALPHA_API_VERSION, GITLAB_KIND) => {
+                Self::GitLab(serde_json::from_value(value).map_err(typed)?)
+            }
+            (ALPHA_API_VERSION, queues::REDIS_KIND) => {
+                Self::Redis(serde_json::from_value(value).map_err(typed)?)
+            }
+            (queues::MECHA_API_VERSION, queues::NATS_KIND) => {
+                Self::Nats(serde_json::from_value(value).map_err(typed)?)
+            }
+            (queues::MECHA_API_VERSION, queues::MQTT_KIND) => {
+                Self::Mqtt(serde_json::from_value(value).map_err(typed)?)
+            }
+            (API_VERSION, bindings::CONTAINER_KIND) => {
+                Self::Container(serde_json::from_value(value).map_err(typed)?)
+            }
+            (API_VERSION, bindings::BINDING_KIND) => {
+                Self::Binding(serde_json::from_value(value).map_err(typed)?)
+            }
+            (API_VERSION, apiserver::KIND) => {
+                Self::ApiServer(serde_json::from_value(value).map_err(typed)?)
+            }
+            _ => return Err(format!("{kind} ({api_version}) is not a source kind")),
+        })
     }
 }
 
@@ -889,5 +990,66 @@ mod tests {
         assert_eq!(error.path, "spec.data");
         let error = spec(None, None, Some("!!")).expect_err("bad base64");
         assert_eq!(error.path, "spec.dataBase64");
+    }
+
+    #[test]
+    fn snapshots_carry_every_kind_as_written_and_refuse_unknown_kinds() {
+        let yaml = r#"
+apiVersion: sources.knative.dev/v1
+kind: PingSource
+metadata: {name: tick, namespace: team}
+spec:
+  schedule: "*/5 * * * * *"
+  data: hello
+  sink: {ref: {apiVersion: eventing.knative.dev/v1, kind: Broker, name: default}}
+---
+apiVersion: sources.mecha.dev/v1alpha1
+kind: NatsSource
+metadata: {name: orders}
+spec:
+  url: nats://127.0.0.1:4222
+  subject: orders
+  sink: {uri: "http://example.com/"}
+"#;
+        let (loaded, errors) =
+            crate::load_str(std::path::Path::new("/tmp/s.yaml"), yaml, Mode::Local);
+        assert!(errors.is_empty(), "{errors:?}");
+        let snapshot = SourcesSnapshot {
+            sources: loaded
+                .into_iter()
+                .map(|l| match l.resource {
+                    crate::Resource::Source(resource) => PlacedSource {
+                        resource,
+                        sink: Some(SinkAddress {
+                            url: "http://broker/team/default".into(),
+                            uri: "http://10.0.0.1/team/default".into(),
+                            host: None,
+                        }),
+                        problem: None,
+                    },
+                    other => panic!("{other:?}"),
+                })
+                .collect(),
+        };
+        let line = serde_json::to_string(&snapshot).expect("serializes");
+        let back: SourcesSnapshot = serde_json::from_str(&line).expect("parses");
+        assert_eq!(back, snapshot);
+        assert_eq!(back.sources[1].resource.kind(), queues::NATS_KIND);
+
+        let unknown = serde_json::from_str::<SourcesSnapshot>(
+            r#"{"sources":[{"resource":{"apiVersion":"v1","kind":"Pod"}}]}"#,
+        )
+        .expect_err("not a source");
+        assert!(
+            unknown
+                .to_string()
+                .contains("Pod (v1) is not a source kind"),
+            "{unknown}"
+        );
+        let bad = serde_json::from_str::<SourcesSnapshot>(
+            r#"{"sources":[{"resource":{"apiVersion":"sources.knative.dev/v1","kind":"PingSource","spec":{"sink":{},"colour":1}}}]}"#,
+        )
+        .expect_err("an unknown field");
+        assert!(bad.to_string().contains("colour"), "{bad}");
     }
 }

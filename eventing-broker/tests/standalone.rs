@@ -55,6 +55,7 @@ impl ControlPlane {
                 activation: Activation::new().0,
                 shutdown: shutdown.signal(),
                 eventing: None,
+                sources: None,
             }
             .with_eventing(eventing_rx),
         );

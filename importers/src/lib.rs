@@ -26,6 +26,8 @@ pub mod redis;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+#[cfg(feature = "standalone")]
+pub mod standalone;
 pub mod state;
 pub mod webhook;
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use crds::SourceResource;
 use crds::eventing::{BackoffPolicy, Delivery, Format};
+use crds::sources::{SinkAddress, SourcesSnapshot};
 use eventing_broker::delivery::{self, HttpSender, Target};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -42,6 +43,9 @@ pub struct ImportersConfig {
     pub processes: Option<Arc<dyn crate::bindings::Processes>>,
     /// The resources ApiServerSources watch (`None`: they cannot, and say so).
     pub objects: Option<watch::Receiver<Arc<crate::apiserver::Objects>>>,
+    /// Where webhook receivers are reached, before their `/webhooks/…` path
+    /// (`http://localhost:{ingress port}` unless set).
+    pub webhook_base: String,
 }
 
 /// The running sources; cheap to clone.
@@ -78,8 +82,22 @@ pub struct SourceStatus {
 
 struct Started {
     resource: SourceResource,
+    /// The sink the control plane resolved, when it did: a change restarts the source.
+    sink: Option<Result<SinkAddress, String>>,
     stop: Shutdown,
     task: Option<JoinHandle<()>>,
+}
+
+/// A resolved sink as the sender's target.
+fn target(address: &SinkAddress) -> Result<Target, String> {
+    Ok(Target {
+        url: address.url.clone(),
+        uri: address
+            .uri
+            .parse()
+            .map_err(|e| format!("the sink {}: {e}", address.uri))?,
+        host: address.host.clone(),
+    })
 }
 
 // === impl ImportersConfig ===
@@ -103,6 +121,7 @@ impl ImportersConfig {
             timeout: Duration::from_secs(30),
             processes: None,
             objects: None,
+            webhook_base: format!("http://localhost:{}", ingress.port()),
         }
     }
 }
@@ -136,8 +155,25 @@ impl Importers {
         self.inner.state.borrow().clone()
     }
 
-    /// Where a source's events go.
+    /// Where a source's events go: as the control plane resolved it, when it did (the
+    /// standalone importers), or through this runtime's gateway.
     pub fn sink(&self, source: &SourceResource) -> Result<Target, String> {
+        let resolved = self
+            .inner
+            .state
+            .borrow()
+            .sinks
+            .get(&SourcesState::key(source))
+            .cloned();
+        match resolved {
+            Some(Ok(address)) => target(&address),
+            Some(Err(why)) => Err(why),
+            None => self.resolve_here(source),
+        }
+    }
+
+    /// A source's sink resolved by this runtime: Brokers and Services through the gateway.
+    pub fn resolve_here(&self, source: &SourceResource) -> Result<Target, String> {
         let config = &self.inner.config;
         delivery::resolve(
             source.sink(),
@@ -147,17 +183,26 @@ impl Importers {
         )
     }
 
+    /// Every source of `state` with its sink as this runtime resolves it: what `mecha up`'s
+    /// control plane streams to standalone importers.
+    pub fn snapshot(&self, state: &SourcesState) -> SourcesSnapshot {
+        state.snapshot(|source| {
+            self.resolve_here(source).map(|target| SinkAddress {
+                url: target.url,
+                uri: target.uri.to_string(),
+                host: target.host,
+            })
+        })
+    }
+
     pub fn status(&self, source: &SourceResource) -> SourceStatus {
         let key = SourcesState::key(source);
         let (sent, failed) = self.inner.metrics.counts(&key.0, &key.1, &key.2);
         SourceStatus {
             sink_uri: self.sink(source).ok().map(|t| t.url),
-            url: source.webhook_path().map(|path| {
-                format!(
-                    "http://localhost:{}{path}",
-                    self.inner.config.ingress.port()
-                )
-            }),
+            url: source
+                .webhook_path()
+                .map(|path| format!("{}{path}", self.inner.config.webhook_base)),
             problem: self.problems().get(&key).cloned().or_else(|| {
                 let health = self.health().get(&key).cloned()?;
                 health
@@ -215,6 +260,33 @@ impl Importers {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Keeps `snapshots` current with [`snapshot`](Self::snapshot)s of the sources until
+    /// `shutdown`: what a control plane serves on `/api/v1/sources/watch`. Only real changes
+    /// are sent (each is a line to every reader).
+    pub async fn publish(
+        self,
+        snapshots: watch::Sender<Arc<SourcesSnapshot>>,
+        shutdown: ShutdownSignal,
+    ) {
+        let mut state = self.inner.state.clone();
+        let stop = shutdown.recv();
+        tokio::pin!(stop);
+        loop {
+            let next = self.snapshot(&state.borrow_and_update());
+            snapshots.send_if_modified(|current| {
+                let changed = **current != next;
+                if changed {
+                    *current = Arc::new(next);
+                }
+                changed
+            });
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { return },
+                () = &mut stop => return,
+            }
+        }
+    }
+
     /// Starts the sources of the current resources before it returns (so a webhook source's
     /// receiver answers as soon as `mecha up` says it listens), then follows changes until
     /// `shutdown` in a task of its own.
@@ -257,7 +329,8 @@ impl Importers {
 
     fn reconcile(&self, snapshot: &SourcesState, running: &mut HashMap<Key, Started>) {
         running.retain(|key, run| {
-            let keep = snapshot.sources.get(key) == Some(&run.resource);
+            let keep = snapshot.sources.get(key) == Some(&run.resource)
+                && snapshot.sinks.get(key) == run.sink.as_ref();
             if !keep {
                 run.stop.trigger();
                 if let Some(task) = run.task.take() {
@@ -280,7 +353,7 @@ impl Importers {
             let task = match self.build(key, resource, stop.signal()) {
                 Ok(task) => {
                     if let Some(path) = resource.webhook_path() {
-                        tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), url = %format!("http://localhost:{}{path}", self.inner.config.ingress.port()), "webhook source listening; Mecha does not register webhooks (accessToken is not used): register this URL with the provider");
+                        tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), url = %format!("{}{path}", self.inner.config.webhook_base), "webhook source listening; Mecha does not register webhooks (accessToken is not used): register this URL with the provider");
                     }
                     self.problems().remove(key);
                     tracing::info!(kind = %key.0, source = %format!("{}/{}", key.1, key.2), "source started");
@@ -299,6 +372,7 @@ impl Importers {
                 key.clone(),
                 Started {
                     resource: resource.clone(),
+                    sink: snapshot.sinks.get(key).cloned(),
                     stop,
                     task,
                 },

@@ -268,3 +268,141 @@ pub struct TriggerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscriber_uri: Option<String>,
 }
+
+/// One event source kind as a custom resource: its spec is the `crds` type (one definition,
+/// one validator, local mode and cluster alike), its status Knative's `SourceStatus`.
+macro_rules! source_crd {
+    ($spec:ident, $inner:ty, $group:tt, $version:tt, $kind:tt, $doc:tt) => {
+        #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(transparent)]
+        #[kube(
+                    group = $group,
+                    version = $version,
+                    kind = $kind,
+                    derive = "PartialEq",
+                    doc = $doc,
+                    namespaced,
+                    status = "SourceStatus",
+                    category = "all",
+                    category = "knative",
+                    category = "sources",
+                    printcolumn(name = "Sink", type_ = "string", json_path = ".status.sinkUri"),
+                    printcolumn(
+                        name = "Age",
+                        type_ = "date",
+                        json_path = ".metadata.creationTimestamp"
+                    ),
+                    printcolumn(
+                        name = "Ready",
+                        type_ = "string",
+                        json_path = ".status.conditions[?(@.type=='Ready')].status"
+                    ),
+                    printcolumn(
+                        name = "Reason",
+                        type_ = "string",
+                        json_path = ".status.conditions[?(@.type=='Ready')].reason"
+                    )
+                )]
+        pub struct $spec(pub $inner);
+    };
+}
+
+source_crd!(
+    PingSourceSpec,
+    crds::sources::PingSourceSpec,
+    "sources.knative.dev",
+    "v1",
+    "PingSource",
+    "Sends an event on a cron schedule, in a time zone, to a sink."
+);
+source_crd!(
+    GitHubSourceSpec,
+    crds::sources::GitHubSourceSpec,
+    "sources.knative.dev",
+    "v1alpha1",
+    "GitHubSource",
+    "A webhook receiver for one GitHub repository or organization, checked by its signature."
+);
+source_crd!(
+    GitLabSourceSpec,
+    crds::sources::GitLabSourceSpec,
+    "sources.knative.dev",
+    "v1alpha1",
+    "GitLabSource",
+    "A webhook receiver for one GitLab project, checked by its token."
+);
+source_crd!(
+    RedisStreamSourceSpec,
+    crds::queues::RedisStreamSourceSpec,
+    "sources.knative.dev",
+    "v1alpha1",
+    "RedisStreamSource",
+    "Reads a Redis stream with a consumer group; entries are acknowledged after the sink took them."
+);
+source_crd!(
+    NatsSourceSpec,
+    crds::queues::NatsSourceSpec,
+    "sources.mecha.dev",
+    "v1alpha1",
+    "NatsSource",
+    "Reads a NATS subject (core, or a JetStream durable consumer acknowledged after the sink)."
+);
+source_crd!(
+    MqttSourceSpec,
+    crds::queues::MqttSourceSpec,
+    "sources.mecha.dev",
+    "v1alpha1",
+    "MqttSource",
+    "Subscribes to MQTT topic filters at QoS 1; messages are acknowledged after the sink took them."
+);
+source_crd!(
+    ContainerSourceSpec,
+    crds::bindings::ContainerSourceSpec,
+    "sources.knative.dev",
+    "v1",
+    "ContainerSource",
+    "Runs a container told where to send its events (K_SINK, K_CE_OVERRIDES)."
+);
+source_crd!(
+    SinkBindingSpec,
+    crds::bindings::SinkBindingSpec,
+    "sources.knative.dev",
+    "v1",
+    "SinkBinding",
+    "Gives the workloads it selects K_SINK and K_CE_OVERRIDES."
+);
+source_crd!(
+    ApiServerSourceSpec,
+    crds::apiserver::ApiServerSourceSpec,
+    "sources.knative.dev",
+    "v1",
+    "ApiServerSource",
+    "Sends an event for each change of the resources it watches."
+);
+
+/// Knative's `duckv1.SourceStatus`, and a webhook source's address.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Where the events go, resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink_uri: Option<String>,
+    /// The types and sources of the events the source sends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ce_attributes: Vec<CloudEventAttributes>,
+    /// GitHubSource and GitLabSource: where the provider posts deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// Knative's `duckv1.CloudEventAttributes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CloudEventAttributes {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub source: String,
+}

@@ -18,6 +18,8 @@
 //! - [`leader`]: leader election with a `coordination.k8s.io/v1` Lease; [`forward`]: a
 //!   follower passes load reports and pokes on to the leader.
 //! - [`auth`]: the control-plane API's credential check with `TokenReview`.
+//! - [`sources`]: the event sources' CRDs as the importers run them, their sinks resolved to
+//!   cluster addresses, the snapshot the `mecha-importers` Deployment reads, their status.
 //!
 //! The `autoscaler` binary (`src/bin/autoscaler.rs`) puts them together.
 #![forbid(unsafe_code)]
@@ -32,6 +34,7 @@ pub mod endpoints;
 pub mod forward;
 pub mod leader;
 pub mod reconcile;
+pub mod sources;
 pub mod state;
 pub mod status;
 
@@ -49,6 +52,15 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         Revision::crd(),
         spec_defaults_to_empty(Broker::crd()),
         Trigger::crd(),
+        crd::PingSource::crd(),
+        crd::GitHubSource::crd(),
+        crd::GitLabSource::crd(),
+        crd::RedisStreamSource::crd(),
+        crd::NatsSource::crd(),
+        crd::MqttSource::crd(),
+        crd::ContainerSource::crd(),
+        crd::SinkBinding::crd(),
+        crd::ApiServerSource::crd(),
     ]
 }
 

@@ -458,7 +458,7 @@ pub async fn run(
 /// Takes one burst of watch events (`(which watch, Ok(list done) | Err)`) into the watches'
 /// cache flags: errors are logged and shown until the watch recovers. Whether every watch has
 /// listed once, so that a state built from the stores is whole.
-fn absorb<E: std::fmt::Display>(
+pub(crate) fn absorb<E: std::fmt::Display>(
     batch: Vec<(usize, Result<bool, E>)>,
     flags: &[CacheFlag],
     kinds: &[&str],

@@ -421,6 +421,7 @@ has_conditions! {
     RevisionStatus => [CONTAINER_HEALTHY, RESOURCES_AVAILABLE, ACTIVE],
     BrokerStatus => [],
     TriggerStatus => [],
+    crate::crd::SourceStatus => [],
 }
 
 /// Resolves `spec.traffic` (none: all to the latest ready revision, as Knative defaults it)
@@ -616,6 +617,12 @@ fn condition(
 
 fn unknown(type_: &str, reason: &str, message: Option<String>) -> Condition {
     condition(type_, State::Unknown, Some(reason), message)
+}
+
+/// `conditions` with their transition times: the previous one's when the status did not
+/// change, `now` otherwise (for the status functions of other modules).
+pub fn carry(conditions: Vec<Condition>, previous: &[Condition], now: &str) -> Vec<Condition> {
+    carried(conditions, previous, now)
 }
 
 /// `conditions` with their transition times: the previous one's when the status did not

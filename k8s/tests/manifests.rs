@@ -35,6 +35,9 @@ const CONTRACT_IMAGES: [&str; 4] = [
     "mecha/eventing-broker",
     "mecha/importers",
 ];
+/// Deployments that run one replica by design (each replica of the importers fires every
+/// PingSource tick): `Recreate`, no PodDisruptionBudget.
+const SINGLETONS: [&str; 1] = ["mecha-importers"];
 /// The only other image: the development overlay's NATS server.
 const DEV_IMAGES: [&str; 1] = ["nats"];
 const AUTOSCALER_ADDR: &str = "mecha-autoscaler.mecha-system.svc:8080";
@@ -378,7 +381,7 @@ fn every_generated_crd_is_installed_unchanged() {
         installed, files,
         "the CRDs installed are the generated ones"
     );
-    assert_eq!(build.crds.len(), 4);
+    assert_eq!(build.crds.len(), k8s::crds().len());
     // The dev overlay installs the same ones.
     assert_eq!(dev().crds, build.crds);
 }
@@ -608,7 +611,7 @@ fn images_are_the_contracts_and_move_together_with_kustomize_images() {
     };
     let base = base();
     let seen = check(&base, &[], "deploy/");
-    let expected: BTreeSet<String> = CONTRACT_IMAGES[..3].iter().map(|s| s.to_string()).collect();
+    let expected: BTreeSet<String> = CONTRACT_IMAGES.iter().map(|s| s.to_string()).collect();
     assert_eq!(seen, expected);
     let seen = check(&dev(), &DEV_IMAGES, "deploy/overlays/dev/");
     assert!(seen.contains("nats"));
@@ -631,7 +634,7 @@ fn images_are_the_contracts_and_move_together_with_kustomize_images() {
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {up}{}\nimages:\n",
         deploy.display()
     );
-    for image in &CONTRACT_IMAGES[..3] {
+    for image in &CONTRACT_IMAGES {
         kustomization.push_str(&format!(
             "  - name: {image}\n    newName: registry.example.com/{image}\n    newTag: \"9.9.9\"\n"
         ));
@@ -782,13 +785,48 @@ fn the_components_keep_the_cluster_contract() {
         "mecha-gateway.mecha-system.svc:80"
     );
     assert_eq!(service_port(build.service("mecha-broker")).0, 80);
+
+    let importers = build.deployment("mecha-importers");
+    let c = container(importers, "importers");
+    check_autoscaler_token(importers, "importers");
+    assert_eq!(
+        service_port(build.service("mecha-importers")),
+        (80, Some(IntOrString::String("http".into())))
+    );
+    // The binary's own parser takes exactly what the manifest gives it.
+    let given: std::collections::HashMap<String, String> = c
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        // The token file exists only in the pod.
+        .filter(|(name, _)| name != "AUTOSCALER_TOKEN_FILE")
+        .collect();
+    let config = importers::standalone::StandaloneConfig::from_env(|k| given.get(k).cloned())
+        .unwrap_or_else(|e| panic!("mecha-importers: {e}"));
+    assert_eq!((config.port, config.admin_port), (8080, 8022));
+    assert_eq!(config.autoscaler, AUTOSCALER_ADDR);
+    for (name, _) in env(c) {
+        assert!(
+            importers::standalone::StandaloneConfig::SETTINGS
+                .iter()
+                .any(|(_, setting, _)| *setting == name.as_str())
+                || name.starts_with("MECHA_LOG"),
+            "mecha-importers is given {name}, which it does not read"
+        );
+    }
 }
 
 /// A pod's grace period outlasts its components' drain: SIGKILL never cuts a drain short.
 #[test]
 fn grace_periods_outlast_the_drain_timeouts() {
     let build = base();
-    for name in ["mecha-autoscaler", "mecha-gateway", "mecha-broker"] {
+    for name in [
+        "mecha-autoscaler",
+        "mecha-gateway",
+        "mecha-broker",
+        "mecha-importers",
+    ] {
         let deployment = build.deployment(name);
         let pod = pod_spec(name, &deployment.spec.as_ref().expect("spec").template);
         let grace = pod.termination_grace_period_seconds.unwrap_or(30);
@@ -851,6 +889,27 @@ fn services_and_disruption_budgets_select_real_pods() {
         }
         for deployment in &build.deployments {
             let name = name_of(&deployment.metadata);
+            let spec = deployment.spec.as_ref().expect("spec");
+            if SINGLETONS.contains(&name) {
+                // One replica at a time, never two during an update, and no budget (one
+                // that allowed no disruption would block node drains for good).
+                assert_eq!(spec.replicas, Some(1), "Deployment {name}: one replica");
+                assert_eq!(
+                    spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+                    Some("Recreate"),
+                    "Deployment {name}: no overlap of old and new pods"
+                );
+                assert!(
+                    !build.pdbs.iter().any(|pdb| pdb
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.selector.as_ref())
+                        .and_then(|s| s.match_labels.clone())
+                        == spec.selector.match_labels),
+                    "Deployment {name}: a singleton has no PodDisruptionBudget"
+                );
+                continue;
+            }
             let selector = deployment
                 .spec
                 .as_ref()

@@ -167,6 +167,7 @@ async fn every_request_is_allowed_and_every_rule_is_used() {
 
     let mut recorded = support::serving::all().await;
     recorded.extend(support::runtime::all().await);
+    recorded.extend(support::sources::all().await);
     let mut used = BTreeSet::new();
     for (scenario, requests) in &recorded {
         assert!(!requests.is_empty(), "{scenario} made requests");

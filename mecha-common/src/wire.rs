@@ -8,7 +8,10 @@
 //!   on the long-lived response of [`WATCH_PATH`], whenever either changes;
 //! - autoscaler → standalone broker: every Broker and Trigger (`crds::eventing::EventingState`,
 //!   one JSON line each) on the long-lived response of [`EVENTING_WATCH_PATH`], whenever they
-//!   change.
+//!   change;
+//! - autoscaler → standalone importers: every source with its resolved sink
+//!   (`crds::sources::SourcesSnapshot`, one JSON line each) on the long-lived response of
+//!   [`SOURCES_WATCH_PATH`], whenever they change.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +32,8 @@ pub const POKE_PATH: &str = "/api/v1/pokes";
 pub const WATCH_PATH: &str = "/api/v1/watch";
 /// Where standalone brokers watch Brokers and Triggers.
 pub const EVENTING_WATCH_PATH: &str = "/api/v1/eventing/watch";
+/// Where the standalone importers watch the sources they run, with their sinks resolved.
+pub const SOURCES_WATCH_PATH: &str = "/api/v1/sources/watch";
 
 /// Everything a caller needs to route: every host's route and every revision's ready replicas.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -192,10 +192,13 @@ pub async fn run(config: UpConfig) -> ExitCode {
     );
     let scaling = controller.status_board();
     let controller_routes = controller.routes();
-    // Standalone brokers (`eventing-broker`) read the Brokers and Triggers of this store.
+    // Standalone brokers (`eventing-broker`) read the Brokers and Triggers of this store, and
+    // standalone importers (`importers`) its sources, with sinks resolved here.
+    let (sources_tx, sources_rx) = tokio::sync::watch::channel(Arc::default());
     let control_api = controller
         .api(shutdown.signal())
-        .with_eventing(store.subscribe_eventing());
+        .with_eventing(store.subscribe_eventing())
+        .with_sources(sources_rx);
     let gateway = Gateway::new(
         controller.routes(),
         supervisor.endpoints(),
@@ -315,6 +318,12 @@ pub async fn run(config: UpConfig) -> ExitCode {
         "importers (event sources)",
         importers.clone().start(shutdown.signal()),
     );
+    let snapshots_task = watch_task(
+        &health,
+        &shutdown,
+        "source snapshots (standalone importers)",
+        tokio::spawn(importers.clone().publish(sources_tx, shutdown.signal())),
+    );
     let bindings_task = watch_task(
         &health,
         &shutdown,
@@ -428,6 +437,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
     let graceful = async {
         let _ = importers_task.await;
         let _ = bindings_task.await;
+        let _ = snapshots_task.await;
         let _ = objects_task.await;
         let _ = controller_task.await;
         let _ = gateway_task.await;

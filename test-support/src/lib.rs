@@ -5,6 +5,7 @@
 
 pub mod nats;
 pub mod servers;
+pub mod subscriber;
 
 /// `N` distinct ports on 127.0.0.1 that were free a moment ago, for processes a test starts.
 /// All `N` are held until all are picked: a port picked and released can be handed out again

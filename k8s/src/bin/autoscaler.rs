@@ -45,6 +45,8 @@ struct Config {
     broker_base_url: String,
     cluster_domain: String,
     mesh_no_proxy: Vec<String>,
+    /// How the importers reach Services (the gateway) and where providers reach webhooks.
+    sinks: k8s::sources::SinkSettings,
     drain_timeout: Duration,
     lease: LeaseTimings,
     eventing: bool,
@@ -104,6 +106,16 @@ const SETTINGS: Table = &[
         "--mesh-no-proxy",
         "MESH_NO_PROXY",
         "comma-separated hosts meshed functions call without their proxy, besides their own pod (none)",
+    ),
+    (
+        "--gateway-addr",
+        "GATEWAY_ADDR",
+        "host:port of the gateway Service, through which event sources reach Services (mecha-gateway.NAMESPACE.svc:80)",
+    ),
+    (
+        "--webhook-base-url",
+        "IMPORTERS_WEBHOOK_BASE_URL",
+        "where GitHub and GitLab reach the importers' webhook port, in webhook sources' status.url (http://mecha-importers.NAMESPACE.svc)",
     ),
     (
         "--drain-timeout",
@@ -198,7 +210,34 @@ impl Config {
                 Some(SocketAddr::new(parsed, port).to_string())
             }
         };
+        let gateway =
+            get("GATEWAY_ADDR").unwrap_or_else(|| format!("mecha-gateway.{namespace}.svc:80"));
+        settings::host_port("GATEWAY_ADDR", &gateway)?;
+        let broker_base_url =
+            get("BROKER_BASE_URL").unwrap_or_else(|| k8s::status::DEFAULT_BROKER_BASE_URL.into());
+        let webhook_base_url = get("IMPORTERS_WEBHOOK_BASE_URL")
+            .unwrap_or_else(|| format!("http://mecha-importers.{namespace}.svc"));
+        if !(webhook_base_url.starts_with("http://") || webhook_base_url.starts_with("https://")) {
+            return Err(ConfigError {
+                setting: "IMPORTERS_WEBHOOK_BASE_URL",
+                value: webhook_base_url,
+                reason: "must be an http:// or https:// URL".into(),
+            });
+        }
+        let cluster_domain = match get("CLUSTER_DOMAIN").filter(|d| !d.trim().is_empty()) {
+            Some(domain) => domain.trim().trim_end_matches('.').to_string(),
+            None => k8s::status::cluster_domain_from_resolv_conf(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+        };
+        let sinks = k8s::sources::SinkSettings {
+            broker_base_url: broker_base_url.clone(),
+            gateway,
+            cluster_domain: cluster_domain.clone(),
+            webhook_base_url,
+        };
         Ok(Self {
+            sinks,
             address,
             port,
             admin_port: settings::number(&get, "AUTOSCALER_ADMIN_PORT", 8022u16, settings::port)?,
@@ -206,14 +245,8 @@ impl Config {
             namespace,
             sidecar_image: get("SIDECAR_IMAGE").unwrap_or_else(|| "mecha/activator-sidecar".into()),
             autoscaler_addr,
-            broker_base_url: get("BROKER_BASE_URL")
-                .unwrap_or_else(|| k8s::status::DEFAULT_BROKER_BASE_URL.into()),
-            cluster_domain: match get("CLUSTER_DOMAIN").filter(|d| !d.trim().is_empty()) {
-                Some(domain) => domain.trim().trim_end_matches('.').to_string(),
-                None => k8s::status::cluster_domain_from_resolv_conf(
-                    &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-                ),
-            },
+            broker_base_url,
+            cluster_domain,
             mesh_no_proxy: get("MESH_NO_PROXY")
                 .unwrap_or_default()
                 .split(',')
@@ -350,7 +383,19 @@ async fn run(
         caches.clone(),
         shutdown.signal(),
     ));
-    let api_state = controller.api(shutdown.signal()).with_eventing(eventing_rx);
+    // The event sources, with their sinks resolved, for the importers.
+    let (sources_tx, sources_rx) = watch::channel(Arc::default());
+    let sources_task = tokio::spawn(k8s::sources::run(
+        client.clone(),
+        sources_tx,
+        config.sinks.clone(),
+        caches.clone(),
+        shutdown.signal(),
+    ));
+    let api_state = controller
+        .api(shutdown.signal())
+        .with_eventing(eventing_rx)
+        .with_sources(sources_rx);
     let controller_task = tokio::spawn(controller.run(shutdown.signal()));
 
     // The reconcilers, while leading.
@@ -378,6 +423,7 @@ async fn run(
         "{GATEWAY_SERVICE}.{}.svc.{}",
         config.namespace, config.cluster_domain
     );
+    serving.sources = Some(config.sinks.clone());
     let leader_task = tokio::spawn(k8s::leader::reconcile_while_leading(
         client.clone(),
         serving,
@@ -394,6 +440,7 @@ async fn run(
         ("desired state", state_task),
         ("endpoints", endpoints_task),
         ("brokers and triggers", eventing_task),
+        ("event sources", sources_task),
         ("controller", controller_task),
         ("reconcilers", leader_task),
     ] {
@@ -521,6 +568,14 @@ mod tests {
         );
         assert_eq!(config.lease, LeaseTimings::default());
         assert_eq!(config.address, None);
+        assert_eq!(config.sinks.gateway, "mecha-gateway.mecha-system.svc:80");
+        assert_eq!(
+            config.sinks.webhook_base_url,
+            "http://mecha-importers.mecha-system.svc"
+        );
+        let error = super::tests::config(&[("POD_NAME", "a"), ("GATEWAY_ADDR", "gateway")])
+            .expect_err("no port");
+        assert_eq!(error.setting, "GATEWAY_ADDR");
         let config =
             super::tests::config(&[("POD_NAME", "a"), ("POD_IP", "fd00::1")]).expect("IPv6");
         assert_eq!(config.address.as_deref(), Some("[fd00::1]:8080"));

@@ -17,7 +17,9 @@
 //!     from the observed Deployment and, while none is ready, its pods
 //!     ([`crate::status::revision`]);
 //!   - `Broker` and `Trigger` (when [`ServingSettings::eventing`]): their status from their
-//!     validators.
+//!     validators;
+//!   - every event source kind (when [`ServingSettings::sources`]): its status from its
+//!     validators and its resolved sink ([`crate::sources::status`]).
 //!
 //!   Every write is a server-side apply by field manager `mecha` ([`crate::apply`]); every
 //!   object made carries its owner's controller reference, so deleting a Service deletes its
@@ -39,6 +41,7 @@
 
 mod eventing;
 mod serving;
+mod sources;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -70,6 +73,9 @@ pub struct ServingSettings {
     pub resync: Duration,
     /// Whether to reconcile Brokers and Triggers too.
     pub eventing: bool,
+    /// The event sources' status, with their sinks resolved as these settings say (`None`:
+    /// sources are not reconciled).
+    pub sources: Option<crate::sources::SinkSettings>,
 }
 
 /// A doubling backoff: `first`, `2 × first`, … up to `max`.
@@ -133,6 +139,7 @@ impl ServingSettings {
             },
             resync: Duration::from_secs(600),
             eventing: true,
+            sources: Some(crate::sources::SinkSettings::default()),
         }
     }
 }
@@ -252,6 +259,7 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) {
     let eventing = settings.eventing;
+    let sources = settings.sources.clone();
     let context = Arc::new(Context {
         client,
         settings,
@@ -265,6 +273,33 @@ pub async fn run(
     if eventing {
         controllers.push(eventing::brokers(context.clone(), shutdown.clone()).boxed());
         controllers.push(eventing::triggers(context.clone(), shutdown.clone()).boxed());
+    }
+    if let Some(sinks) = sources {
+        use crate::crd::{
+            ApiServerSource, ContainerSource, GitHubSource, GitLabSource, MqttSource, NatsSource,
+            PingSource, RedisStreamSource, SinkBinding,
+        };
+        let (c, s) = (&context, &shutdown);
+        controllers.extend([
+            sources::run::<PingSource>("PingSource", c.clone(), sinks.clone(), s.clone()).boxed(),
+            sources::run::<GitHubSource>("GitHubSource", c.clone(), sinks.clone(), s.clone())
+                .boxed(),
+            sources::run::<GitLabSource>("GitLabSource", c.clone(), sinks.clone(), s.clone())
+                .boxed(),
+            sources::run::<RedisStreamSource>(
+                "RedisStreamSource",
+                c.clone(),
+                sinks.clone(),
+                s.clone(),
+            )
+            .boxed(),
+            sources::run::<NatsSource>("NatsSource", c.clone(), sinks.clone(), s.clone()).boxed(),
+            sources::run::<MqttSource>("MqttSource", c.clone(), sinks.clone(), s.clone()).boxed(),
+            sources::run::<ContainerSource>("ContainerSource", c.clone(), sinks.clone(), s.clone())
+                .boxed(),
+            sources::run::<SinkBinding>("SinkBinding", c.clone(), sinks.clone(), s.clone()).boxed(),
+            sources::run::<ApiServerSource>("ApiServerSource", c.clone(), sinks, s.clone()).boxed(),
+        ]);
     }
     futures_util::future::join_all(controllers).await;
     tracing::info!("reconcilers stopped");

@@ -14,7 +14,7 @@ use tracing::instrument;
 
 use super::{Context, Error, drain, now};
 use crate::apply::{self, ApiError};
-use crate::crd::{Revision, Service};
+use crate::crd::{Revision, Service, SinkBinding};
 use crate::{admission, desired, status};
 
 const SERVICE: &str = "Service";
@@ -45,18 +45,40 @@ pub(super) async fn services(context: Arc<Context>, shutdown: ShutdownSignal) {
 pub(super) async fn revisions(context: Arc<Context>, shutdown: ShutdownSignal) {
     let client = context.client.clone();
     let ours = || watcher::Config::default().labels(desired::REVISION_LABEL);
-    let stream = Controller::new(
+    let controller = Controller::new(
         Api::<Revision>::all(client.clone()),
         watcher::Config::default(),
     )
     .owns(Api::<Deployment>::all(client.clone()), ours())
     .owns(Api::<KubeService>::all(client.clone()), ours())
-    .watches(Api::<Pod>::all(client), ours(), |pod: Pod| {
+    .watches(Api::<Pod>::all(client.clone()), ours(), |pod: Pod| {
         let revision = pod.labels().get(desired::REVISION_LABEL)?.clone();
         Some(ObjectRef::<Revision>::new(&revision).within(&pod.namespace()?))
-    })
-    .graceful_shutdown_on(shutdown.recv())
-    .run(reconcile_revision, revision_error, context.clone());
+    });
+    // A SinkBinding's change reaches the revisions of its namespace (its subjects are there).
+    let controller = if context.settings.sources.is_some() {
+        let revisions = controller.store();
+        controller.watches(
+            Api::<SinkBinding>::all(client),
+            watcher::Config::default(),
+            move |binding: SinkBinding| {
+                let namespace = binding.namespace();
+                revisions
+                    .state()
+                    .iter()
+                    .filter(|r| r.namespace() == namespace)
+                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+    } else {
+        controller
+    };
+    let stream = controller.graceful_shutdown_on(shutdown.recv()).run(
+        reconcile_revision,
+        revision_error,
+        context.clone(),
+    );
     drain(REVISION, context, stream).await;
 }
 
@@ -179,6 +201,43 @@ async fn reconcile_revision(
     }
 }
 
+/// `K_SINK` and `K_CE_OVERRIDES` from the SinkBindings selecting the revision's Service (its
+/// labels read from the Service itself, as a binding's selector means them).
+async fn bound_env(
+    client: &kube::Client,
+    revision: &Revision,
+    sinks: &crate::sources::SinkSettings,
+) -> Result<Vec<(String, String)>, Error> {
+    let namespace = revision.namespace().unwrap_or_default();
+    let bindings = Api::<SinkBinding>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| ApiError::new::<SinkBinding>("list", &namespace, "", e))?;
+    if bindings.items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let service = revision
+        .labels()
+        .get(desired::SERVICE_LABEL)
+        .cloned()
+        .unwrap_or_default();
+    let labels = Api::<Service>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default().fields(&format!("metadata.name={service}")))
+        .await
+        .map_err(|e| ApiError::new::<Service>("list", &namespace, &service, e))?
+        .items
+        .first()
+        .and_then(|s| s.metadata.labels.clone())
+        .unwrap_or_default();
+    Ok(crate::sources::binding_env(
+        &bindings.items,
+        &namespace,
+        &service,
+        &labels,
+        sinks,
+    ))
+}
+
 /// Apply the Deployment and the headless Service, write the status from what came back.
 async fn revision_steps(revision: &Revision, context: &Context) -> Result<Action, Error> {
     let client = &context.client;
@@ -188,8 +247,12 @@ async fn revision_steps(revision: &Revision, context: &Context) -> Result<Action
         name: revision.name_any(),
         message: message.into(),
     };
-    let deployment = desired::deployment(revision, &context.settings.pods)
+    let mut deployment = desired::deployment(revision, &context.settings.pods)
         .ok_or_else(|| invalid("spec.containers: a revision runs one container; it has none"))?;
+    if let Some(sinks) = &context.settings.sources {
+        let env = bound_env(client, revision, sinks).await?;
+        crate::sources::bind_env(&mut deployment, &env);
+    }
     let headless = desired::headless_service(revision).ok_or_else(|| invalid("no name"))?;
     // A revision that asks for another initial scale than the API server's default (1)
     // starts at it: the Deployment is created with those replicas the first time round, then

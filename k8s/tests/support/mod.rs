@@ -32,6 +32,7 @@
 
 pub mod runtime;
 pub mod serving;
+pub mod sources;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

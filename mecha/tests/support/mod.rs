@@ -20,7 +20,10 @@ use mecha_common::auth::AdminToken;
 pub mod corpus;
 #[path = "../../../activator-sidecar/tests/support/hostile.rs"]
 pub mod hostile;
-pub mod subscriber;
+// The recording subscriber is shared with the importers' tests (test-support); not every
+// test file that includes this module uses it.
+#[allow(unused_imports)]
+pub use test_support::subscriber;
 
 pub const ECHO: &str = include_str!("echo.py");
 

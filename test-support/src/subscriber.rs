@@ -20,6 +20,7 @@ pub type Answer = (u16, Vec<(String, String)>, String);
 type Behaviour = Arc<dyn Fn(&Received) -> Answer + Send + Sync>;
 
 /// A keep-alive HTTP/1.1 subscriber that records every request and answers as told.
+#[derive(Debug)]
 pub struct Subscriber {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,

@@ -1,0 +1,76 @@
+//! `importers [--flag value ...]`: the event sources on their own — PingSource, the GitHub and
+//! GitLab webhooks, Redis streams, NATS and MQTT — with the sources and their sinks read from
+//! the control plane. Settings come from the environment or the equivalent flags (`--help`).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use activator_sidecar::settings;
+use importers::standalone::{self, StandaloneConfig};
+use tokio::net::TcpListener;
+
+fn usage() -> String {
+    format!(
+        "usage: importers [--flag value ...]\n\n\
+         The event sources on their own: PingSource, GitHubSource, GitLabSource,\n\
+         RedisStreamSource, NatsSource and MqttSource, read with their resolved sinks from the\n\
+         control plane (AUTOSCALER_ADDR, e.g. `mecha up`'s admin address), send CloudEvents to\n\
+         their sinks; webhook deliveries are taken on /webhooks/{{github|gitlab}}/{{namespace}}/{{name}}.\n\
+         Run one replica: each replica fires every PingSource tick.\n\n{}\n\
+         Webhook listener limits (environment): SIDECAR_HEADER_READ_TIMEOUT (10s),\n\
+         SIDECAR_IDLE_TIMEOUT (60s), SIDECAR_BODY_READ_TIMEOUT (30s), SIDECAR_MAX_CONNECTIONS\n\
+         (half the file limit). Logs: MECHA_LOG (tracing filter), MECHA_LOG_FORMAT=json.\n",
+        settings::help(StandaloneConfig::SETTINGS)
+    )
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        return ExitCode::SUCCESS;
+    }
+    mecha_common::telemetry::init_tracing_from_env();
+    let config = match StandaloneConfig::from_args_and_env(&args, |key| std::env::var(key).ok()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let Ok(webhooks) = bind(config.port, "the webhook receivers (IMPORTERS_PORT)").await else {
+        return ExitCode::from(1);
+    };
+    let Ok(admin) = bind(
+        config.admin_port,
+        "the admin endpoints (IMPORTERS_ADMIN_PORT)",
+    )
+    .await
+    else {
+        return ExitCode::from(1);
+    };
+    // Listened for before anything starts, so that a SIGTERM during start-up drains too.
+    let stop = match mecha_common::shutdown::stop_signals() {
+        Ok(stop) => stop,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match standalone::run(config, webhooks, admin, stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn bind(port: u16, what: &str) -> Result<TcpListener, ()> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    TcpListener::bind(addr).await.map_err(|error| {
+        eprintln!("error: cannot listen on {addr} for {what}: {error}");
+    })
+}
