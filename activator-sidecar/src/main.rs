@@ -236,11 +236,7 @@ fn serve_admin(
     registry: prometheus::Registry,
     shutdown: mecha_common::ShutdownSignal,
 ) -> tokio::task::JoinHandle<()> {
-    let router = mecha_common::admin::router(health, registry);
-    tokio::spawn(mecha_common::serve::serve(
-        listener,
-        router,
-        mecha_common::serve::ServeLimits::default(),
-        shutdown,
+    tokio::spawn(mecha_common::serve::serve_admin(
+        listener, health, registry, shutdown,
     ))
 }

@@ -327,16 +327,12 @@ pub async fn run(
         Shutdown::new(),
         Shutdown::new(),
     );
-    let admin_task = tokio::spawn({
-        let router = mecha_common::admin::router(health.clone(), registry.clone());
-        let signal = admin_stop.signal();
-        mecha_common::serve::serve(
-            admin,
-            router,
-            mecha_common::serve::ServeLimits::default(),
-            signal,
-        )
-    });
+    let admin_task = tokio::spawn(mecha_common::serve::serve_admin(
+        admin,
+        health.clone(),
+        registry.clone(),
+        admin_stop.signal(),
+    ));
     let ingress_task = tokio::spawn(server::serve(
         ingress,
         Arc::new(Ingress {

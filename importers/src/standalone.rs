@@ -204,18 +204,12 @@ pub async fn run(
         Shutdown::new(),
         Shutdown::new(),
     );
-    let admin_task = tokio::spawn({
-        let router = mecha_common::admin::router(health.clone(), registry.clone());
-        let signal = admin_stop.signal();
-        async move {
-            if let Err(error) = axum::serve(admin, router)
-                .with_graceful_shutdown(signal.recv())
-                .await
-            {
-                tracing::error!(%error, "the admin endpoints failed");
-            }
-        }
-    });
+    let admin_task = tokio::spawn(mecha_common::serve::serve_admin(
+        admin,
+        health.clone(),
+        registry.clone(),
+        admin_stop.signal(),
+    ));
     if config.token.is_none() {
         tracing::warn!(%autoscaler, "no AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE: a control plane that wants a credential (mecha up does) will refuse the importers");
     }

@@ -101,6 +101,18 @@ pub async fn serve(
     }
 }
 
+/// `/live`, `/ready`, `/metrics` ([`crate::admin::router`]) on `listener`, with the default
+/// limits, until `shutdown`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    health: crate::admin::Health,
+    registry: prometheus::Registry,
+    shutdown: ShutdownSignal,
+) {
+    let router = crate::admin::router(health, registry);
+    serve(listener, router, ServeLimits::default(), shutdown).await;
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
