@@ -220,7 +220,7 @@ pub async fn status(server: ApiServer) {
     .await;
     assert_eq!(
         container.sink_uri.as_deref(),
-        Some("http://fn.default.example.com/")
+        Some("http://fn.default.svc.cluster.local/")
     );
     created(
         &server,
