@@ -225,6 +225,17 @@ impl Event {
                     ));
                 }
             };
+        // Two members of one name: which is the event? Refused rather than guessed, as binary
+        // mode refuses a repeated ce- header (a parser that keeps the first one would disagree
+        // about the event's identity). Names compare after JSON unescaping.
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        for (name, _) in &members {
+            if !seen.insert(name.as_str()) {
+                return Err(EventError::Invalid(format!(
+                    "member {name:?} appears more than once; an attribute has one value"
+                )));
+            }
+        }
         let mut attributes = BTreeMap::new();
         let mut data = None;
         let mut data_json: Option<&RawValue> = None;
@@ -275,8 +286,9 @@ impl Event {
             let raw = body.slice_ref(value.get().as_bytes());
             let content_type = attributes.get("datacontenttype").map(ToString::to_string);
             data = Some(json_data_bytes(&raw, content_type.as_deref())?);
+            // Without a datacontenttype, JSON `data` is application/json: binary-mode
+            // delivery says so (`to_binary`); the attributes stay as they arrived.
             json_data = Some(raw);
-            // Missing datacontenttype with JSON `data` means application/json.
         }
         Ok(Self {
             attributes,
@@ -369,6 +381,15 @@ impl Event {
     /// Headers and body of the event in binary mode.
     pub fn to_binary(&self) -> (HeaderMap, Bytes) {
         let mut headers = HeaderMap::new();
+        // Structured `data` that is JSON and names no content type is `application/json`
+        // (the JSON event format); binary mode says so in `Content-Type`, or the receiver
+        // would not know.
+        if self.json_data.is_some() && !self.attributes.contains_key("datacontenttype") {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
         for (name, value) in &self.attributes {
             if name == "datacontenttype" {
                 if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
@@ -663,6 +684,63 @@ mod tests {
         let json = raw.to_json();
         assert_eq!(json["data_base64"], "AJ//");
         assert_eq!(Event::from_json(json).expect("parses"), raw);
+    }
+
+    #[test]
+    fn a_structured_member_given_twice_is_refused_by_name() {
+        for (body, name) in [
+            (
+                r#"{"specversion":"1.0","id":"a","id":"b","source":"/s","type":"t"}"#,
+                "\"id\"",
+            ),
+            // Names compare unescaped, and `null` counts as given.
+            (
+                r#"{"specversion":"1.0","id":"a","source":"/s","type":"t","note":null,"not\u0065":"x"}"#,
+                "\"note\"",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"a","source":"/s","type":"t","data":1,"data":2}"#,
+                "\"data\"",
+            ),
+        ] {
+            let refused = Event::from_structured(&Bytes::from(body)).expect_err(body);
+            assert!(
+                refused
+                    .to_string()
+                    .contains(&format!("member {name} appears more than once")),
+                "{refused}"
+            );
+        }
+        // Inside `data`, JSON is the sender's business.
+        let fine =
+            r#"{"specversion":"1.0","id":"a","source":"/s","type":"t","data":{"x":1,"x":2}}"#;
+        assert!(Event::from_structured(&Bytes::from(fine)).is_ok());
+    }
+
+    #[test]
+    fn json_data_without_a_content_type_is_sent_as_application_json() {
+        let event = Event::from_structured(&Bytes::from_static(
+            br#"{"specversion":"1.0","id":"a","source":"/s","type":"t","data":"hi"}"#,
+        ))
+        .expect("parses");
+        let (headers, body) = event.to_binary();
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(body, r#""hi""#);
+        // The attributes stay as they arrived: structured delivery adds no member.
+        assert!(
+            !event
+                .to_json_bytes()
+                .windows(15)
+                .any(|w| w == b"datacontenttype")
+        );
+        // A named content type is kept; no data, no content type.
+        let text = Event::from_structured(&Bytes::from_static(
+            br#"{"specversion":"1.0","id":"a","source":"/s","type":"t","datacontenttype":"text/plain","data":"hi"}"#,
+        ))
+        .expect("parses");
+        assert_eq!(text.to_binary().0[header::CONTENT_TYPE], "text/plain");
+        let none = Event::new("1", "/s", "t");
+        assert!(none.to_binary().0.get(header::CONTENT_TYPE).is_none());
     }
 
     #[test]

@@ -47,6 +47,26 @@ const TRIGGER_RETRY: Duration = Duration::from_millis(100);
 const MAX_TRIGGER_RETRY: Duration = Duration::from_secs(30);
 /// The smallest body limit the HTTP binding allows an intermediary.
 pub const MIN_EVENT_SIZE: usize = 64 * 1024;
+/// The largest body limit the broker takes: an event is held whole in memory at every step
+/// (the request body, its record, each delivery), and 16 MiB is well above what the transports
+/// events come from carry by default (NATS and Kafka: 1 MiB).
+pub const MAX_EVENT_SIZE: usize = 16 << 20;
+
+/// Whether `size` is an allowed body limit ([`MIN_EVENT_SIZE`] to [`MAX_EVENT_SIZE`]); says
+/// why not. The one check of `mecha up --max-event-size` and `BROKER_MAX_EVENT_SIZE`.
+pub fn check_event_size(size: usize) -> Result<(), String> {
+    if size < MIN_EVENT_SIZE {
+        return Err(format!(
+            "{size} is below the {MIN_EVENT_SIZE} bytes the CloudEvents HTTP binding requires brokers to accept"
+        ));
+    }
+    if size > MAX_EVENT_SIZE {
+        return Err(format!(
+            "{size} is above the broker's largest event size, {MAX_EVENT_SIZE} bytes (16 MiB): every event is held whole in memory"
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {

@@ -45,7 +45,6 @@ use tokio::sync::watch;
 
 use crate::log::RedbOptions;
 use crate::log::jetstream::{JetStreamConfig, JetStreamLog};
-use crate::runtime::MIN_EVENT_SIZE;
 use crate::{BrokerConfig, EventBroker, EventLog, EventingState, RedbLog};
 
 /// The binary's settings, from the environment or the equivalent flags.
@@ -66,7 +65,7 @@ pub struct StandaloneConfig {
     pub gateway: String,
     /// `GATEWAY_DOMAIN` (`localhost`).
     pub domain: String,
-    /// `BROKER_MAX_EVENT_SIZE` (1 MiB, at least 64 KiB).
+    /// `BROKER_MAX_EVENT_SIZE` (1 MiB; 64 KiB to 16 MiB).
     pub max_event_size: usize,
     /// `BROKER_DELIVERY_CONCURRENCY` (32).
     pub delivery_concurrency: usize,
@@ -76,7 +75,7 @@ pub struct StandaloneConfig {
     pub drain_timeout: Duration,
     /// `SIDECAR_FAST_PATH` (`true`).
     pub fast_path: bool,
-    /// `BROKER_TAIL_BYTES` (4 MiB) and `BROKER_LOG_CACHE_BYTES` (8 MiB): the embedded log's
+    /// `BROKER_TAIL_BYTES` (4 MiB) and `BROKER_LOG_CACHE_BYTES` (2 MiB): the embedded log's
     /// memory (its in-memory tail of recent events, its page cache).
     pub redb: RedbOptions,
     /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`,
@@ -131,7 +130,7 @@ impl StandaloneConfig {
         (
             "--max-event-size",
             "BROKER_MAX_EVENT_SIZE",
-            "largest request body in bytes, at least 65536 (1048576)",
+            "largest request body in bytes, 65536 to 16777216 (1048576)",
         ),
         (
             "--delivery-concurrency",
@@ -151,12 +150,12 @@ impl StandaloneConfig {
         (
             "--tail-bytes",
             "BROKER_TAIL_BYTES",
-            "embedded log: bytes of recent events kept in memory, from which every trigger takes new events without reading the file (4194304)",
+            "embedded log: memory for recent events (each counts its length and 96 bytes), from which every trigger takes new events without reading the file, at most 1073741824 (4194304)",
         ),
         (
             "--log-cache-bytes",
             "BROKER_LOG_CACHE_BYTES",
-            "embedded log: the store's page cache in bytes, at least 1048576 (8388608)",
+            "embedded log: the store's page cache in bytes, 1048576 to 1073741824 (2097152)",
         ),
         settings::FAST_PATH_HELP,
     ];
@@ -215,11 +214,7 @@ impl StandaloneConfig {
         let gateway = get("BROKER_GATEWAY_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into());
         settings::host_port("BROKER_GATEWAY_ADDR", &gateway)?;
         let max_event_size = settings::number(&get, "BROKER_MAX_EVENT_SIZE", 1usize << 20, |n| {
-            if *n >= MIN_EVENT_SIZE {
-                Ok(())
-            } else {
-                Err(format!("must be at least {MIN_EVENT_SIZE}"))
-            }
+            crate::runtime::check_event_size(*n)
         })?;
         let delivery_concurrency =
             settings::number(&get, "BROKER_DELIVERY_CONCURRENCY", 32usize, |n| {
@@ -256,17 +251,23 @@ impl StandaloneConfig {
                     &get,
                     "BROKER_TAIL_BYTES",
                     RedbOptions::default().tail_bytes,
-                    |_| Ok(()),
+                    |n| {
+                        if *n <= 1 << 30 {
+                            Ok(())
+                        } else {
+                            Err("must be at most 1073741824 (1 GiB)".into())
+                        }
+                    },
                 )?,
                 cache_bytes: settings::number(
                     &get,
                     "BROKER_LOG_CACHE_BYTES",
                     RedbOptions::default().cache_bytes,
                     |n| {
-                        if *n >= 1 << 20 {
+                        if (1 << 20..=1 << 30).contains(n) {
                             Ok(())
                         } else {
-                            Err("must be at least 1048576".into())
+                            Err("must be between 1048576 and 1073741824 (1 GiB)".into())
                         }
                     },
                 )?,
@@ -634,6 +635,11 @@ mod tests {
             ("AUTOSCALER_ADDR", "no-port"),
             ("BROKER_ADMIN_PORT", "8080"),
             ("BROKER_MAX_EVENT_SIZE", "1000"),
+            ("BROKER_MAX_EVENT_SIZE", "16777217"),
+            ("BROKER_MAX_EVENT_SIZE", "18446744073709551615"),
+            ("BROKER_TAIL_BYTES", "1073741825"),
+            ("BROKER_LOG_CACHE_BYTES", "1000"),
+            ("BROKER_LOG_CACHE_BYTES", "1073741825"),
             ("BROKER_DELIVERY_CONCURRENCY", "0"),
             ("BROKER_GATEWAY_ADDR", "gateway"),
             ("DRAIN_TIMEOUT", "soon"),

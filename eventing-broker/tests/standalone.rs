@@ -25,7 +25,7 @@ use tokio::task::block_in_place;
 use tokio::time::Instant;
 
 mod support;
-use support::{Seen, counts, raw_post, raw_subscriber, subscriber, until};
+use support::{Seen, counts, raw_exchange, raw_post, raw_subscriber, subscriber, until};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -828,6 +828,33 @@ async fn events_arrive_as_sent(event_log: &str) {
             event.id
         );
     }
+    // A structured event naming one attribute twice is refused, naming it (as binary mode
+    // refuses a repeated ce- header), alone or in a batch.
+    for (content_type, body) in [
+        (
+            "application/cloudevents+json",
+            r#"{"specversion":"1.0","id":"twice","source":"/raw","type":"t","id":"other"}"#,
+        ),
+        (
+            "application/cloudevents-batch+json",
+            r#"[{"specversion":"1.0","id":"twice","source":"/raw","type":"t","type":"u"}]"#,
+        ),
+    ] {
+        let request = format!(
+            "POST /default/b HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+            broker.ingress,
+            body.len(),
+        );
+        let (status, answer) = raw_exchange(broker.ingress, request.as_bytes()).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains("appears more than once"), "{answer}");
+        let named = if content_type.contains("batch") {
+            "\"type\""
+        } else {
+            "\"id\""
+        };
+        assert!(answer.contains(named), "{answer}");
+    }
     // The batch arrives as its two events.
     let ids = |seen: &Mutex<Vec<Seen>>| {
         seen.lock()
@@ -870,6 +897,11 @@ async fn events_arrive_as_sent(event_log: &str) {
     assert_eq!(find("k-1").body, br#"{"x" :1,"x":2}"#);
     assert_eq!(find("k-2").body, [0x89, b'P', b'N', b'G']);
     assert_eq!(find("k-2").header("content-type"), Some(&b"image/png"[..]));
+    // JSON `data` with no datacontenttype is application/json (the JSON event format).
+    assert_eq!(
+        find("k-1").header("content-type"),
+        Some(&b"application/json"[..])
+    );
 
     let bodies = || {
         json_seen
@@ -968,4 +1000,19 @@ fn help_lists_the_settings_and_a_bad_one_is_named() {
         said.contains("BROKER_EVENT_LOG") && said.contains("replicas"),
         "{said}"
     );
+    // The event size limit is bounded both ways, and the help says the bounds.
+    assert!(text.contains("65536 to 16777216"), "{text}");
+    for absurd in ["16777217", "18446744073709551615", "1000"] {
+        let bad = run(
+            &[
+                ("AUTOSCALER_ADDR", "127.0.0.1:1"),
+                ("BROKER_EVENT_LOG", "/nonexistent/events.redb"),
+                ("BROKER_MAX_EVENT_SIZE", absurd),
+            ],
+            &[],
+        );
+        assert_eq!(bad.status.code(), Some(2), "{absurd}");
+        let said = String::from_utf8_lossy(&bad.stderr);
+        assert!(said.contains("BROKER_MAX_EVENT_SIZE"), "{absurd}: {said}");
+    }
 }

@@ -51,6 +51,8 @@ impl Receiver {
         let me = self.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Answers go out at once, as a subscriber's should (no Nagle wait on them).
+                let _ = stream.set_nodelay(true);
                 let me = me.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {

@@ -86,7 +86,7 @@ enum Command {
         /// How long stopping replicas may take to finish requests before SIGKILL.
         #[arg(long, default_value = "30s", value_parser = humantime_duration)]
         grace_period: Duration,
-        /// Largest event (request body) the broker ingress accepts, in bytes; at least 65536.
+        /// Largest event (request body) the broker ingress accepts, in bytes: 65536 to 16777216.
         #[arg(long, default_value_t = 1 << 20, value_parser = event_size)]
         max_event_size: usize,
         /// Deliveries each trigger has in flight at once.
@@ -293,12 +293,7 @@ fn event_size(value: &str) -> Result<usize, String> {
     let size: usize = value
         .parse()
         .map_err(|_| format!("{value:?} is not a number of bytes"))?;
-    if size < eventing_broker::runtime::MIN_EVENT_SIZE {
-        return Err(format!(
-            "{size} is below the {} bytes the CloudEvents HTTP binding requires brokers to accept",
-            eventing_broker::runtime::MIN_EVENT_SIZE
-        ));
-    }
+    eventing_broker::runtime::check_event_size(size)?;
     Ok(size)
 }
 

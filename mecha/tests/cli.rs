@@ -668,3 +668,28 @@ fn revision_names_and_traffic_to_old_revisions_survive_a_restart() {
         "service/default/hello configured (revision hello-00003)"
     );
 }
+
+/// `--max-event-size` is bounded both ways (64 KiB to 16 MiB): an absurd value stops `mecha
+/// up` with status 2 and a message naming the flag and the bound, before anything starts.
+#[test]
+fn up_refuses_an_absurd_event_size() {
+    let dir = Workdir::new("cli-event-size");
+    for (value, says) in [
+        ("1000", "65536"),
+        ("16777217", "16777216"),
+        ("18446744073709551615", "16777216"),
+    ] {
+        let output = std::process::Command::new(support::mecha_bin())
+            .args(["up", "--port", "0", "--admin-port", "0"])
+            .args(["--max-event-size", value, "--state-dir"])
+            .arg(dir.path.join("state"))
+            .output()
+            .expect("run mecha up");
+        assert_eq!(output.status.code(), Some(2), "{value}: {output:?}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("--max-event-size") && stderr.contains(says),
+            "{value}: {stderr}"
+        );
+    }
+}

@@ -166,12 +166,19 @@ pub async fn raw_subscriber() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
 /// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) over a plain socket; the
 /// status code of the answer.
 pub async fn raw_post(addr: SocketAddr, request: &[u8]) -> u16 {
+    raw_exchange(addr, request).await.0
+}
+
+/// Sends `request` as it is on a connection of its own; the answer's status and whole text.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
-    let status = answer.get(9..12).unwrap_or_default();
-    String::from_utf8_lossy(status)
-        .parse()
-        .unwrap_or_else(|_| panic!("no HTTP answer: {:?}", String::from_utf8_lossy(&answer)))
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    (status, text)
 }

@@ -103,13 +103,34 @@ async fn latency(
     for id in 0..total {
         ticker.tick().await;
         let (client, uri) = (client.clone(), uri.clone());
-        tasks.push(tokio::spawn(async move { post(&client, &uri, id).await }));
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            (post(&client, &uri, id).await, started.elapsed())
+        }));
     }
     let mut accepted = 0u64;
+    let mut answered = Vec::with_capacity(tasks.len());
     for task in tasks {
-        if task.await.map_err(|e| e.to_string())? == Ok(202) {
+        let (status, took) = task.await.map_err(|e| e.to_string())?;
+        if status == Ok(202) {
             accepted += 1;
         }
+        answered.push(took);
+    }
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let k = (answered.len() / 8).max(1);
+        let chunks: Vec<String> = answered
+            .chunks(k)
+            .map(|c| {
+                let mut c = c.to_vec();
+                c.sort();
+                format!("{:.2}", c[c.len() / 2].as_secs_f64() * 1e3)
+            })
+            .collect();
+        eprintln!(
+            "POST → 202 p50 by eighths of the run (ms): {}",
+            chunks.join(" ")
+        );
     }
     let expected = accepted * triggers as u64;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -117,6 +138,21 @@ async fn latency(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut samples = receiver.latencies.lock().expect("lock").clone();
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let k = (samples.len() / 8).max(1);
+        let chunks: Vec<String> = samples
+            .chunks(k)
+            .map(|c| {
+                let mut c = c.to_vec();
+                c.sort();
+                format!("{:.2}", c[c.len() / 2].as_secs_f64() * 1e3)
+            })
+            .collect();
+        eprintln!(
+            "POST → subscriber p50 by eighths of the run (ms): {}",
+            chunks.join(" ")
+        );
+    }
     let p = Percentiles::of(&mut samples);
     println!(
         "latency, {triggers} trigger(s), {} events/s for {} s: {accepted} accepted, {} deliveries; POST → subscriber p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs",
