@@ -56,12 +56,19 @@ pub struct Gateway {
 }
 
 /// How the outbound role passes calls for other hosts on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct PassThrough {
     timeout: Duration,
     /// The proxy's own address, never a destination (a call to it would come back forever).
     own: SocketAddr,
+    /// Calls passed through at once: each holds two sockets until its answer or timeout, and
+    /// the destination is the caller's choice, so they are bounded apart from calls to
+    /// functions.
+    slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most calls the outbound role passes through at once.
+pub const MAX_PASSED_THROUGH: usize = 256;
 
 /// The service label of calls the outbound role passed through.
 const PASSED_THROUGH: &str = "(pass-through)";
@@ -108,7 +115,11 @@ impl Gateway {
     /// would become an open proxy. A call for the proxy's own address (`own`, where it
     /// listens) is refused rather than sent round in a loop.
     pub fn with_pass_through(mut self, timeout: Duration, own: SocketAddr) -> Self {
-        self.pass_through = Some(PassThrough { timeout, own });
+        self.pass_through = Some(PassThrough {
+            timeout,
+            own,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_PASSED_THROUGH)),
+        });
         self
     }
 
@@ -225,7 +236,7 @@ impl Gateway {
         let host = request_host(&request).ok_or((None, None, ProxyError::MissingHost))?;
         let (service, target) = match self.target(&host) {
             Ok(found) => found,
-            Err(refusal) => match (*refusal, self.pass_through) {
+            Err(refusal) => match (*refusal, self.pass_through.clone()) {
                 ((_, ProxyError::UnknownHost { .. }), Some(pass)) => {
                     let service = ServiceKey::new("-", PASSED_THROUGH);
                     return self
@@ -355,7 +366,27 @@ impl Gateway {
         let authority: http::uri::Authority = raw
             .parse()
             .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "not a host[:port]".into()))?;
-        let port = authority.port_u16().unwrap_or(80);
+        // A port that is there must be one (`http` reads `:99999` or `:` as none at all).
+        let written_port = match authority.as_str().rsplit_once(':') {
+            Some((_, after)) if !after.ends_with(']') => Some(after),
+            _ => None,
+        };
+        let port = match (written_port, authority.port_u16()) {
+            (None, _) => 80,
+            (Some(_), Some(port)) if port > 0 => port,
+            (Some(written), _) => {
+                return Err(refuse(
+                    http::StatusCode::BAD_REQUEST,
+                    format!("{written:?} is not a port"),
+                ));
+            }
+        };
+        let Ok(_slot) = pass.slots.clone().try_acquire_owned() else {
+            return Err(refuse(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("{MAX_PASSED_THROUGH} calls are already being passed through; retry later"),
+            ));
+        };
         let host = authority
             .host()
             .trim_start_matches('[')
@@ -375,8 +406,10 @@ impl Gateway {
                 )
             })?;
         let addrs: Vec<SocketAddr> = resolved.collect();
+        // 0.0.0.0 and ::ffff:127.0.0.1 reach loopback too.
         let itself = |a: &SocketAddr| {
-            a.ip().is_unspecified() || (a.ip().is_loopback() && a.port() == pass.own.port())
+            let ip = a.ip().to_canonical();
+            (ip.is_loopback() || ip.is_unspecified()) && a.port() == pass.own.port()
         };
         let Some(addr) = addrs.iter().copied().find(|a| !itself(a)) else {
             return Err(refuse(

@@ -325,6 +325,9 @@ impl Service {
             &mut errors,
         );
         validate_mecha_annotations(&template.metadata.annotations, &mut errors);
+        if meshed(&template.metadata.annotations) {
+            validate_meshed_env(template, &mut errors);
+        }
         template
             .spec
             .validate("spec.template.spec", mode, &mut errors);
@@ -515,6 +518,33 @@ impl Probe {
                 errors.push(FieldError::new(
                     format!("{path}.{field}"),
                     "must be at least 1",
+                ));
+            }
+        }
+    }
+}
+
+/// A meshed container's proxy variables are the mesh's: its own `HTTP_PROXY` would be
+/// silently replaced, and `*` in its `NO_PROXY` would take it out of the mesh.
+fn validate_meshed_env(template: &RevisionTemplate, errors: &mut Vec<FieldError>) {
+    for (c, container) in template.spec.containers.iter().enumerate() {
+        for (i, env) in container.env.iter().enumerate() {
+            let at = format!("spec.template.spec.containers[{c}].env[{i}]");
+            if env.name == "HTTP_PROXY" || env.name == "http_proxy" {
+                errors.push(FieldError::new(
+                    format!("{at}.name"),
+                    format!(
+                        "{} is set by the mesh ({MESH}: \"true\"); remove it",
+                        env.name
+                    ),
+                ));
+            }
+            if (env.name == "NO_PROXY" || env.name == "no_proxy")
+                && env.value.split(',').any(|h| h.trim() == "*")
+            {
+                errors.push(FieldError::new(
+                    format!("{at}.value"),
+                    format!("\"*\" would take every call out of the mesh ({MESH}: \"true\")"),
                 ));
             }
         }

@@ -124,10 +124,24 @@ fn a_meshed_function_calls_functions_directly_and_other_hosts_through() {
             format!("http://127.0.0.1:{}/", proxy.port()),
             format!("http://localhost:{}/", proxy.port()),
             format!("http://0.0.0.0:{}/", proxy.port()),
+            format!("http://[::ffff:127.0.0.1]:{}/", proxy.port()),
+            format!("http://[::ffff:0.0.0.0]:{}/", proxy.port()),
         ] {
             let (status, body) = curl_via(proxy, &url, &[]);
             assert_eq!(status, 508, "{url}: {body}");
             assert!(body.contains("this proxy itself"), "{body}");
+        }
+        // A port that is no port is refused, not read as 80.
+        for authority in ["127.0.0.1:99999", "127.0.0.1:", "127.0.0.1:0"] {
+            let mut stream = std::net::TcpStream::connect(proxy).expect("connect");
+            write!(
+                stream,
+                "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+            )
+            .expect("write");
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).expect("read");
+            assert!(answer.starts_with("HTTP/1.1 400"), "{authority}: {answer}");
         }
         // A name that does not resolve, and nobody listening: 502 naming the host.
         let (status, body) = curl_via(proxy, "http://no-such-host.invalid/", &[]);
@@ -223,6 +237,22 @@ fn locally_a_meshed_function_reaches_others_by_url_through_mecha_ups_mesh_proxy(
     );
     assert!(
         stderr.contains("\"yes\" is not \"true\" or \"false\""),
+        "{stderr}"
+    );
+    // A meshed container's own proxy settings would be lost or would undo the mesh: refused.
+    let own = caller("own", "true").replace(
+        "        - command: [python3, caller.py]\n",
+        "        - command: [python3, caller.py]\n          env:\n            - name: http_proxy\n              value: http://10.0.0.1:3128\n            - name: NO_PROXY\n              value: \"a.example, *\"\n",
+    );
+    let own = dir.write("own.yaml", &own);
+    let stderr = support::refused_up(&own, &dir.path.join("own-state"));
+    assert!(
+        stderr.contains("spec.template.spec.containers[0].env[0].name")
+            && stderr.contains("http_proxy is set by the mesh"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.template.spec.containers[0].env[1].value"),
         "{stderr}"
     );
 }
