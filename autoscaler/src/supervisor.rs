@@ -82,6 +82,10 @@ struct Inner {
     live: watch::Sender<usize>,
     /// Variables added to the replicas of a Service (a SinkBinding's `K_SINK`, …).
     bound_env: Mutex<HashMap<ServiceKey, Vec<(String, String)>>>,
+    /// By revision, the last replica that was stopped while it kept crashing
+    /// ([`Supervisor::last_crash`]): scaling a crash-looping revision to zero must not make
+    /// it look healthy.
+    last_crash: Mutex<HashMap<String, ReplicaStatus>>,
     metrics: Metrics,
 }
 
@@ -188,6 +192,7 @@ impl Supervisor {
                 ports: Arc::default(),
                 live: watch::channel(0).0,
                 bound_env: Mutex::default(),
+                last_crash: Mutex::default(),
                 metrics: Metrics::register(registry),
             }),
         }
@@ -318,6 +323,13 @@ impl Supervisor {
                 .map(|r| r.status(self.inner.config.guard.is_some()))
                 .collect(),
         })
+    }
+
+    /// The last replica of `revision` that was stopped (scaled away) while it kept ending
+    /// before [`STABLE_RUN`] — what it was when it went — until a replica of the revision runs
+    /// that long. Kept after the revision has no replica left.
+    pub fn last_crash(&self, revision: &str) -> Option<ReplicaStatus> {
+        lock(&self.inner.last_crash).get(revision).cloned()
     }
 
     /// Stops every replica (drain, SIGTERM, SIGKILL after the grace period) and waits until
@@ -664,6 +676,16 @@ impl Inner {
             }
         }
         lock(&replica.state).pid = None;
+        let gone = replica.status(self.config.guard.is_some());
+        {
+            let mut crashes = lock(&self.last_crash);
+            if gone.recent_exits > 0 {
+                crashes.insert(spec.name.clone(), gone);
+            } else {
+                // It ran long enough, or never ended: the revision is past its crashes.
+                crashes.remove(&spec.name);
+            }
+        }
         self.with_runner(&spec.name, |runner| {
             runner.replicas.retain(|r| !Arc::ptr_eq(r, &replica));
             self.publish(runner);

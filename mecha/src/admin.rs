@@ -510,9 +510,17 @@ pub fn service_views(
                         .as_ref()
                         .map(|s| s.replicas.clone())
                         .unwrap_or_default();
+                    // The running replicas say; with none left (scaled to zero), the last
+                    // one stopped while crashing does.
+                    let stopped_crashing = replicas
+                        .is_empty()
+                        .then(|| supervisor.last_crash(&revision.name))
+                        .flatten();
                     let reason = replicas
                         .iter()
-                        .filter(|r| !r.stopping && r.recent_exits >= CRASH_LOOP_RESTARTS)
+                        .filter(|r| !r.stopping)
+                        .chain(stopped_crashing.as_ref())
+                        .filter(|r| r.recent_exits >= CRASH_LOOP_RESTARTS)
                         .max_by_key(|r| r.recent_exits)
                         .map(|r| {
                             format!(

@@ -499,6 +499,42 @@ fn revision_condition(mecha: &Mecha, revision: &str, kind: &str) -> serde_json::
         .unwrap_or_else(|| panic!("no {kind} in {view}"))
 }
 
+/// A crash-looping revision that the autoscaler takes to zero still reads unhealthy: its
+/// last replica's crashes are kept, and re-applying the file still fails.
+#[test]
+fn a_crash_loop_survives_scaling_to_zero() {
+    let dir = Workdir::new("cli-crash-zero");
+    dir.write("config.yaml", support::FAST_CONFIG);
+    let file = dir.write(
+        "svc.yaml",
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: crashy\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"timeout 0.5 python3 echo.py; exit 3\"]\n",
+    );
+    let mecha = Mecha::up(&[&dir.path.join("config.yaml")]);
+    let _ = mecha.cli(&["apply", "-f", file.to_str().unwrap(), "--no-wait"]);
+    support::wait_until("crashy-00001 to be ContainerHealthy=False", || {
+        revision_condition(&mecha, "crashy-00001", "ContainerHealthy")["status"] == "False"
+    });
+    // No traffic: the autoscaler takes it to zero (stable window 6 s).
+    let replicas = |mecha: &Mecha| -> usize {
+        let output = mecha.cli(&["get", "revisions", "crashy-00001", "-o", "json"]);
+        let view: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        view["replicas"].as_array().map_or(0, Vec::len)
+            + view["desired"].as_u64().unwrap_or(0) as usize
+    };
+    support::wait_until("crashy-00001 to have no replica", || replicas(&mecha) == 0);
+    let healthy = revision_condition(&mecha, "crashy-00001", "ContainerHealthy");
+    assert_eq!(healthy["status"], "False", "{healthy}");
+    assert!(
+        healthy["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("CrashLoop: replica crashy-00001-")),
+        "{healthy}"
+    );
+    let output = mecha.cli(&["apply", "-f", file.to_str().unwrap(), "--timeout", "20s"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(text(&output.stderr).contains("CrashLoop"), "{output:?}");
+}
+
 #[test]
 fn a_revision_that_crash_loops_after_being_ready_is_not_ready_and_apply_says_why() {
     let dir = Workdir::new("cli-flaky");
