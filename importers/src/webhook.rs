@@ -74,7 +74,7 @@ impl Secret {
     /// as editors add them) or an environment variable of `mecha up`, through `env`.
     pub fn read(from: &SecretRef, env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let text = match from {
-            SecretRef::File(path) => std::fs::read(path)
+            SecretRef::File(path) => read_secret_file(path)
                 .map_err(|error| format!("cannot read the secret file {path}: {error}"))?,
             SecretRef::Env(name) => env(name)
                 .ok_or_else(|| format!("the environment variable {name} (the secret) is not set"))?
@@ -93,6 +93,35 @@ impl Secret {
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
         Secret(bytes.into())
     }
+}
+
+/// The longest secret file read: a webhook secret is a short token.
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// A secret file's bytes: a regular file (through symlinks, as Kubernetes mounts Secrets) of
+/// at most [`MAX_SECRET_FILE`] bytes. Anything else — a FIFO or a device, which would block
+/// or never end — is refused before it is opened.
+fn read_secret_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_SECRET_FILE} bytes"
+        )));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_SECRET_FILE} bytes"
+        )));
+    }
+    Ok(bytes)
 }
 
 impl fmt::Debug for Secret {
@@ -600,5 +629,41 @@ mod tests {
         assert!(!format!("{secret:?}").contains("hunter2"));
         let missing = Secret::read(&SecretRef::Env("NOPE".into()), |_| None).unwrap_err();
         assert!(missing.contains("NOPE"), "{missing}");
+    }
+
+    #[test]
+    fn a_secret_file_is_a_small_regular_file() {
+        let dir = std::env::temp_dir().join(format!("mecha-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let read = |path: &std::path::Path| {
+            Secret::read(&SecretRef::File(path.display().to_string()), |_| None)
+        };
+        let good = dir.join("token");
+        std::fs::write(&good, "s3cret\n").expect("write");
+        assert_eq!(read(&good).expect("read").0, b"s3cret");
+        // Through a symlink, as Kubernetes mounts a Secret.
+        let link = dir.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&good, &link).expect("symlink");
+        assert!(read(&link).is_ok());
+        // A device or a FIFO would never end or never answer: refused without reading.
+        let zero = read(std::path::Path::new("/dev/zero")).expect_err("a device");
+        assert!(zero.contains("not a regular file"), "{zero}");
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .expect("mkfifo")
+                .success()
+        );
+        let refused = read(&fifo).expect_err("a FIFO");
+        assert!(refused.contains("not a regular file"), "{refused}");
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'a'; 64 * 1024 + 1]).expect("write");
+        let refused = read(&big).expect_err("too big");
+        assert!(refused.contains("larger than 65536 bytes"), "{refused}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

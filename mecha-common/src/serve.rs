@@ -1,9 +1,18 @@
 //! Serving an axum router (admin endpoints, the control-plane API) with the limits every Mecha
-//! listener has: a bound on open connections (those past it are closed at once) and on the
-//! time a client may take to send a request head (a slow-loris client is cut off), then a
-//! graceful drain on shutdown. `axum::serve` has neither limit, which is why this exists.
+//! listener has: a bound on open connections and on the time a client may take to send a
+//! request head (a slow-loris client is cut off), then a graceful drain on shutdown.
+//! `axum::serve` has neither limit, which is why this exists.
+//!
+//! At the connection limit the longest-open connection with no request in flight (a response
+//! body still streaming counts as in flight: a watch stream is never taken) is closed to make
+//! room, so idle connections held open cannot lock out probes and clients; only when every
+//! connection is busy is the new one closed.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tower::ServiceExt;
 
 use crate::ShutdownSignal;
@@ -48,10 +57,11 @@ pub async fn serve(
     limits: ServeLimits,
     shutdown: ShutdownSignal,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Connections::default();
     let graceful = GracefulShutdown::new();
     let stop = shutdown.recv();
     tokio::pin!(stop);
+    let mut next_id = 0u64;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -65,28 +75,44 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        next_id += 1;
+        let Some(slot) = open.admit(next_id, limits.max_connections) else {
             tracing::debug!(
                 limit = limits.max_connections,
-                "connection refused: too many open"
+                "connection refused: every open connection is busy"
             );
             continue;
         };
         let router = router.clone();
+        let busy = slot.busy.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let router = router.clone();
-            async move { router.oneshot(request).await }
+            let guard = InFlight::new(busy.clone());
+            async move {
+                let response = router.oneshot(request).await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                    body,
+                    _guard: guard,
+                }))
+            }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let open = open.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+            tokio::select! {
+                ended = connection => {
+                    if let Err(error) = ended {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                // Evicted to make room: dropping the connection closes it.
+                () = slot.evict.notified() => {}
             }
-            drop(permit);
+            open.remove(slot.id);
         });
     }
     drop(listener);
@@ -98,6 +124,89 @@ pub async fn serve(
             timeout = ?limits.drain_timeout,
             "requests still open after the drain timeout; dropped"
         );
+    }
+}
+
+/// The open connections, oldest first by id.
+#[derive(Clone, Default)]
+struct Connections(Arc<Mutex<BTreeMap<u64, Arc<Slot>>>>);
+
+/// One open connection: its requests in flight, and how to close it.
+struct Slot {
+    id: u64,
+    busy: Arc<AtomicUsize>,
+    evict: Notify,
+}
+
+impl Connections {
+    /// A slot for connection `id`, closing the oldest idle connection when `limit` are open;
+    /// `None` when all of them are busy.
+    fn admit(&self, id: u64, limit: usize) -> Option<Arc<Slot>> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.len() >= limit {
+            let idle = open
+                .values()
+                .find(|s| s.busy.load(Ordering::Acquire) == 0)?
+                .clone();
+            open.remove(&idle.id);
+            idle.evict.notify_one();
+        }
+        let slot = Arc::new(Slot {
+            id,
+            busy: Arc::default(),
+            evict: Notify::new(),
+        });
+        open.insert(id, slot.clone());
+        Some(slot)
+    }
+
+    fn remove(&self, id: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+}
+
+/// Counts a request in flight on its connection until its response body is done.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(busy: Arc<AtomicUsize>) -> Self {
+        busy.fetch_add(1, Ordering::AcqRel);
+        Self(busy)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted in flight until hyper drops it.
+struct Tracked {
+    body: axum::body::Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -166,40 +275,61 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn connections_past_the_limit_are_closed() {
-        let (addr, shutdown) = start(ServeLimits {
+    async fn at_the_limit_idle_connections_make_room_and_busy_ones_stay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = Shutdown::new();
+        // `/stream` answers with a body that never ends, like a watch.
+        let router = Router::new()
+            .route("/live", get(|| async { "ok\n" }))
+            .route(
+                "/stream",
+                get(|| async {
+                    let endless =
+                        futures_util::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+                    axum::body::Body::from_stream(endless)
+                }),
+            );
+        let limits = ServeLimits {
             max_connections: 2,
             ..ServeLimits::default()
-        })
-        .await;
+        };
+        tokio::spawn(serve(listener, router, limits, shutdown.signal()));
         let outcome = tokio::task::spawn_blocking(move || {
-            // Two idle connections hold both places.
-            let held: Vec<_> = (0..2)
-                .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
-                .collect();
-            // Accepted in order, so by the time the third is, both places are taken: it is
-            // closed unanswered.
-            let third = get_live(addr);
-            drop(held);
-            // With them gone, requests are served again.
-            let mut again = Err(std::io::Error::other("never tried"));
-            for _ in 0..50 {
-                again = get_live(addr);
-                if again.as_ref().is_ok_and(|a| a.starts_with("HTTP/1.1 200")) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            // A watch-like stream holds one place; an idle connection the other.
+            let mut watch = std::net::TcpStream::connect(addr).expect("connect");
+            watch
+                .write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            // Its whole head; the body never comes.
+            let mut seen = Vec::new();
+            let mut byte = [0u8; 1];
+            while !seen.ends_with(b"\r\n\r\n") {
+                watch.read_exact(&mut byte).expect("the stream's head");
+                seen.push(byte[0]);
             }
-            (third, again)
+            let head: [u8; 12] = seen[..12].try_into().expect("a status line");
+            let mut idle = std::net::TcpStream::connect(addr).expect("connect");
+            // A probe still gets in: the idle connection is closed for it.
+            let probe = get_live(addr);
+            idle.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut rest = Vec::new();
+            let idle_closed = idle.read_to_end(&mut rest).map(|n| n == 0).unwrap_or(true);
+            // The stream was never taken: it is still open (reading would block).
+            watch.set_nonblocking(true).expect("nonblocking");
+            let watch_open = matches!(
+                watch.read(&mut byte),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            );
+            (head, probe, idle_closed, watch_open)
         })
         .await
         .expect("client");
-        assert!(
-            outcome.0.as_ref().map_or(true, |a| a.is_empty()),
-            "{:?}",
-            outcome.0
-        );
+        assert_eq!(&outcome.0, b"HTTP/1.1 200");
         assert!(outcome.1.expect("served").starts_with("HTTP/1.1 200"));
+        assert!(outcome.2, "the idle connection made room");
+        assert!(outcome.3, "the streaming response was left alone");
         shutdown.trigger();
     }
 }
