@@ -14,6 +14,7 @@
 //! its HTTP status.
 #![deny(unsafe_code)]
 
+pub mod answering;
 pub mod body;
 pub mod discovery;
 pub mod error;

@@ -25,16 +25,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use activator_sidecar::body::ProxyBody;
+use activator_sidecar::answering::{Answer, Answering};
 use activator_sidecar::discovery::{self, ControlPlane};
-use activator_sidecar::h1::codec::RequestHead;
-use activator_sidecar::h1::{Decision, Failure, Role};
 use activator_sidecar::limits::Limits;
-use activator_sidecar::rules::{HopPolicy, TrustedProxies};
+use activator_sidecar::server;
 use activator_sidecar::settings::{self, ConfigError};
-use activator_sidecar::{ProxyError, server};
-use http::{HeaderValue, StatusCode, header};
-use http_body_util::BodyExt as _;
 use mecha_common::admin::Health;
 use mecha_common::auth::ClientToken;
 use mecha_common::wire::EVENTING_WATCH_PATH;
@@ -336,15 +331,11 @@ pub async fn run(
     ));
     let ingress_task = tokio::spawn(server::serve(
         ingress,
-        Arc::new(Ingress {
-            broker: broker.clone(),
-            configured: configured.clone(),
-            policy: HopPolicy {
-                trusted: TrustedProxies::none(),
-                // An event's bytes stay what the client sent: no trace is started here.
-                start_trace: false,
-            },
-        }),
+        Arc::new(Answering::new(
+            Ingress(broker.clone()),
+            configured.clone(),
+            "the broker has not received its Brokers and Triggers from the control plane yet\n",
+        )),
         server::Workers::current(),
         ingress_stop.signal(),
         server::ServeOptions {
@@ -516,63 +507,17 @@ async fn open_log(
     }
 }
 
-/// The ingress as a role of the sidecar's listener: every request is answered here, after the
-/// data path's rules and limits.
-#[derive(Debug)]
-struct Ingress {
-    broker: EventBroker,
-    configured: Arc<AtomicBool>,
-    policy: HopPolicy,
-}
+/// The ingress port: every request is answered by the broker's ingress, after the data
+/// path's rules and limits.
+struct Ingress(EventBroker);
 
-impl Role for Ingress {
-    type Ticket = ();
-
-    const NEEDS_HOST: bool = false;
-
-    fn policy(&self) -> &HopPolicy {
-        &self.policy
-    }
-
-    async fn handle(
+impl Answer for Ingress {
+    async fn answer(
         &self,
         request: hyper::Request<hyper::body::Incoming>,
-        _peer: SocketAddr,
-    ) -> hyper::Response<ProxyBody> {
-        let response = if self.configured.load(Ordering::Acquire) {
-            crate::ingress::handle(&self.broker, request).await
-        } else {
-            let mut response = hyper::Response::new(http_body_util::Full::new(
-                bytes::Bytes::from_static(
-                    b"the broker has not received its Brokers and Triggers from the control plane yet\n",
-                ),
-            ));
-            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        };
-        response.map(|body| body.map_err(|never| match never {}).boxed_unsync())
+    ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+        crate::ingress::handle(&self.0, request).await
     }
-
-    async fn dispatch(&self, _head: &RequestHead, _retry: &[SocketAddr]) -> Decision<()> {
-        // Nothing is relayed: every request is answered by `handle`.
-        Decision::Fallback
-    }
-
-    fn replied(&self, _ticket: &(), _reply: Result<(), &Failure>) {}
-
-    fn failed(&self, _ticket: &(), failure: Failure) -> ProxyError {
-        // Never called: no request is forwarded, so nothing fails on the way to a replica.
-        tracing::error!(
-            ?failure,
-            "the broker ingress was asked about a forwarded request"
-        );
-        ProxyError::MissingHost
-    }
-
-    fn finished(&self, _ticket: Option<()>, _status: StatusCode) {}
 }
 
 #[cfg(test)]

@@ -28,18 +28,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use activator_sidecar::body::ProxyBody;
+use activator_sidecar::answering::{Answer, Answering};
 use activator_sidecar::discovery::{self, ControlPlane};
-use activator_sidecar::h1::codec::RequestHead;
-use activator_sidecar::h1::{Decision, Failure, Role};
 use activator_sidecar::limits::Limits;
-use activator_sidecar::rules::{HopPolicy, TrustedProxies};
+use activator_sidecar::server;
 use activator_sidecar::settings::{self, ConfigError};
-use activator_sidecar::{ProxyError, server};
 use crds::SourceResource;
 use crds::sources::SourcesSnapshot;
-use http::{HeaderValue, StatusCode, header};
-use http_body_util::BodyExt as _;
 use mecha_common::admin::Health;
 use mecha_common::auth::ClientToken;
 use mecha_common::wire::SOURCES_WATCH_PATH;
@@ -223,14 +218,11 @@ pub async fn run(
     ));
     let webhook_task = tokio::spawn(server::serve(
         webhooks,
-        Arc::new(Webhooks {
-            importers: importers.clone(),
-            received: received.clone(),
-            policy: HopPolicy {
-                trusted: TrustedProxies::none(),
-                start_trace: false,
-            },
-        }),
+        Arc::new(Answering::new(
+            Webhooks(importers.clone()),
+            received.clone(),
+            "the importers have not received their sources from the control plane yet\n",
+        )),
         server::Workers::current(),
         webhook_stop.signal(),
         server::ServeOptions {
@@ -375,62 +367,17 @@ async fn follow_sources(
     .await;
 }
 
-/// The webhook port as a role of the sidecar's listener: every request is answered here,
-/// after the data path's rules and limits.
-#[derive(Debug)]
-struct Webhooks {
-    importers: Importers,
-    received: Arc<AtomicBool>,
-    policy: HopPolicy,
-}
+/// The webhook port: every request is answered by the webhook receivers, after the data
+/// path's rules and limits.
+struct Webhooks(Importers);
 
-impl Role for Webhooks {
-    type Ticket = ();
-
-    const NEEDS_HOST: bool = false;
-
-    fn policy(&self) -> &HopPolicy {
-        &self.policy
-    }
-
-    async fn handle(
+impl Answer for Webhooks {
+    async fn answer(
         &self,
         request: hyper::Request<hyper::body::Incoming>,
-        _peer: SocketAddr,
-    ) -> hyper::Response<ProxyBody> {
-        let response = if self.received.load(Ordering::Acquire) {
-            self.importers.handle_webhook(request).await
-        } else {
-            let mut response =
-                hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
-                    b"the importers have not received their sources from the control plane yet\n",
-                )));
-            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        };
-        response.map(|body| body.map_err(|never| match never {}).boxed_unsync())
+    ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+        self.0.handle_webhook(request).await
     }
-
-    async fn dispatch(&self, _head: &RequestHead, _retry: &[SocketAddr]) -> Decision<()> {
-        // Nothing is relayed: every request is answered by `handle`.
-        Decision::Fallback
-    }
-
-    fn replied(&self, _ticket: &(), _reply: Result<(), &Failure>) {}
-
-    fn failed(&self, _ticket: &(), failure: Failure) -> ProxyError {
-        // Never called: no request is forwarded.
-        tracing::error!(
-            ?failure,
-            "the webhook port was asked about a forwarded request"
-        );
-        ProxyError::MissingHost
-    }
-
-    fn finished(&self, _ticket: Option<()>, _status: StatusCode) {}
 }
 
 #[cfg(test)]
