@@ -478,8 +478,8 @@ async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
 async fn sigterm_lets_deliveries_in_flight_finish_and_hands_back_the_rest() {
     let nats = block_in_place(NatsServer::start);
     let log = format!("{}?ack-wait=3s", nats.url());
-    // Each delivery takes a second: SIGTERM comes while some are in flight.
-    let (slow_addr, slow) = support::slow_subscriber(Duration::from_secs(1)).await;
+    // Deliveries are held at the subscriber until SIGTERM has come: some are in flight then.
+    let (slow_addr, slow, release) = support::gated_subscriber().await;
     let token = AdminToken::generate().unwrap();
     let (control_addr, _control) =
         control_plane(&token, state(slow_addr, slow_addr, slow_addr)).await;
@@ -507,6 +507,13 @@ async fn sigterm_lets_deliveries_in_flight_finish_and_hands_back_the_rest() {
     let at_term = slow.lock().unwrap().len();
     let term = Instant::now();
     brokers[0].signal(rustix::process::Signal::TERM);
+    // Draining (unready) with its deliveries still held: now let them finish.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some((200, _)) = get(&client, brokers[0].admin, "/ready").await {
+        assert!(Instant::now() < deadline, "SIGTERM never turned it unready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    release.send(true).unwrap();
     let status = brokers[0].exited(Duration::from_secs(20)).await;
     let drained = term.elapsed();
     assert!(status.success(), "{status:?}");

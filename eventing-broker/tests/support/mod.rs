@@ -35,6 +35,29 @@ pub async fn subscriber() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 /// A keep-alive subscriber that records each event's id as it arrives and answers 202 after
 /// `delay`.
 pub async fn slow_subscriber(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    // Always open: the gate's value is read before its sender is looked at.
+    let (_, gate) = tokio::sync::watch::channel(true);
+    answering_subscriber(delay, gate).await
+}
+
+/// A keep-alive subscriber that records each event's id as it arrives and holds every answer
+/// until the returned gate is opened (`send(true)`): deliveries stay in flight as long as a
+/// test needs them to.
+#[allow(dead_code)]
+pub async fn gated_subscriber() -> (
+    SocketAddr,
+    Arc<Mutex<Vec<String>>>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let (addr, ids) = answering_subscriber(Duration::ZERO, gate).await;
+    (addr, ids, open)
+}
+
+async fn answering_subscriber(
+    delay: Duration,
+    gate: tokio::sync::watch::Receiver<bool>,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ids = Arc::new(Mutex::new(Vec::new()));
@@ -42,6 +65,7 @@ pub async fn slow_subscriber(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Stri
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let seen = seen.clone();
+            let mut gate = gate.clone();
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
                 loop {
@@ -69,6 +93,9 @@ pub async fn slow_subscriber(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Stri
                     }
                     seen.lock().unwrap().push(id);
                     tokio::time::sleep(delay).await;
+                    if gate.wait_for(|open| *open).await.is_err() {
+                        return;
+                    }
                     let answer = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
                     if stream.get_mut().write_all(answer).await.is_err() {
                         return;
