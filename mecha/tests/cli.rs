@@ -538,14 +538,13 @@ fn a_crash_loop_survives_scaling_to_zero() {
 #[test]
 fn a_revision_that_crash_loops_after_being_ready_is_not_ready_and_apply_says_why() {
     let dir = Workdir::new("cli-flaky");
-    // Serves for 3 s, then ends, every time.
+    // Serves until the file `down` appears (the database goes away), then ends, every time.
     let file = dir.write(
         "svc.yaml",
-        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: flaky\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"timeout 3 python3 echo.py; echo lost the database connection; exit 3\"]\n",
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: flaky\nspec:\n  template:\n    spec:\n      containers:\n        - command: [sh, -c, \"python3 echo.py & while [ ! -e down ]; do sleep 0.05; done; kill $!; echo lost the database connection; exit 3\"]\n",
     );
     let mecha = Mecha::up(&[]);
-    // Ready before its first crash: kn's wait ends there too (the outcome is not asserted,
-    // a slow machine may see the crash first).
+    // Ready before its first crash: kn's wait ends there too.
     let _ = mecha.cli(&["apply", "-f", file.to_str().unwrap()]);
     support::wait_until("flaky-00001 to have been ready", || {
         mecha
@@ -555,6 +554,7 @@ fn a_revision_that_crash_loops_after_being_ready_is_not_ready_and_apply_says_why
             .iter()
             .any(|l| l.contains("flaky-00001-1") && l.contains("ready in"))
     });
+    dir.write("down", "");
 
     support::wait_until("flaky-00001 to be ContainerHealthy=False", || {
         revision_condition(&mecha, "flaky-00001", "ContainerHealthy")["status"] == "False"
