@@ -372,10 +372,19 @@ async fn two_replicas_share_the_work_and_a_killed_one_loses_nothing() {
         0,
         "once each"
     );
-    let per_replica = [
-        metric(&client, &brokers[0], "mecha_broker_events_delivered_total").await,
-        metric(&client, &brokers[1], "mecha_broker_events_delivered_total").await,
-    ];
+    // The subscriber records an event before it answers; the replica counts the delivery
+    // after the answer: wait for the counts to catch up with what arrived.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let per_replica = loop {
+        let counts = [
+            metric(&client, &brokers[0], "mecha_broker_events_delivered_total").await,
+            metric(&client, &brokers[1], "mecha_broker_events_delivered_total").await,
+        ];
+        if counts[0] + counts[1] >= 600 || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     eprintln!("normal operation: 400 events, deliveries per replica {per_replica:?}, no duplicate");
     assert_eq!(
         per_replica[0] + per_replica[1],
