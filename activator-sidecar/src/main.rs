@@ -67,7 +67,7 @@ async fn run_inbound(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let serving = match bind(
+    let serving = match mecha_common::serve::listen(
         all_interfaces(config.serving_port),
         "requests (QUEUE_SERVING_PORT)",
     )
@@ -76,7 +76,7 @@ async fn run_inbound(args: &[String]) -> ExitCode {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    let admin = match bind(
+    let admin = match mecha_common::serve::listen(
         all_interfaces(config.admin_port),
         "the admin endpoints (QUEUE_ADMIN_PORT)",
     )
@@ -168,7 +168,7 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     };
     let listener = match role {
         Role::Gateway => {
-            bind(
+            mecha_common::serve::listen(
                 all_interfaces(config.port),
                 "external traffic (GATEWAY_PORT)",
             )
@@ -176,14 +176,14 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
         }
         Role::Outbound => {
             let loopback = SocketAddr::from(([127, 0, 0, 1], config.port));
-            bind(loopback, "the caller (OUTBOUND_PORT)").await
+            mecha_common::serve::listen(loopback, "the caller (OUTBOUND_PORT)").await
         }
     };
     let listener = match listener {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    let admin = match bind(
+    let admin = match mecha_common::serve::listen(
         all_interfaces(config.admin_port),
         "the admin endpoints (GATEWAY_ADMIN_PORT)",
     )
@@ -220,13 +220,6 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
 
 fn all_interfaces(port: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], port))
-}
-
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ExitCode> {
-    TcpListener::bind(addr).await.map_err(|error| {
-        eprintln!("error: cannot listen on {addr} for {what}: {error}");
-        ExitCode::from(1)
-    })
 }
 
 /// `/live`, `/ready`, `/metrics` until shutdown.

@@ -4,12 +4,10 @@
 //! come from the environment or the equivalent flags (`--help`).
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use activator_sidecar::settings;
 use eventing_broker::standalone::{self, StandaloneConfig};
-use tokio::net::TcpListener;
 
 fn usage() -> String {
     format!(
@@ -40,10 +38,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Ok(ingress) = bind(config.port, "the ingress (BROKER_PORT)").await else {
+    let Ok(ingress) =
+        mecha_common::serve::listen_all(config.port, "the ingress (BROKER_PORT)").await
+    else {
         return ExitCode::from(1);
     };
-    let Ok(admin) = bind(config.admin_port, "the admin endpoints (BROKER_ADMIN_PORT)").await else {
+    let Ok(admin) = mecha_common::serve::listen_all(
+        config.admin_port,
+        "the admin endpoints (BROKER_ADMIN_PORT)",
+    )
+    .await
+    else {
         return ExitCode::from(1);
     };
     // Listened for before anything starts, so that a SIGTERM during start-up drains too.
@@ -61,11 +66,4 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-async fn bind(port: u16, what: &str) -> Result<TcpListener, ()> {
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
-    TcpListener::bind(addr).await.map_err(|error| {
-        eprintln!("error: cannot listen on {addr} for {what}: {error}");
-    })
 }

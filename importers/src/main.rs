@@ -3,12 +3,10 @@
 //! the control plane. Settings come from the environment or the equivalent flags (`--help`).
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use activator_sidecar::settings;
 use importers::standalone::{self, StandaloneConfig};
-use tokio::net::TcpListener;
 
 fn usage() -> String {
     format!(
@@ -40,10 +38,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Ok(webhooks) = bind(config.port, "the webhook receivers (IMPORTERS_PORT)").await else {
+    let Ok(webhooks) =
+        mecha_common::serve::listen_all(config.port, "the webhook receivers (IMPORTERS_PORT)")
+            .await
+    else {
         return ExitCode::from(1);
     };
-    let Ok(admin) = bind(
+    let Ok(admin) = mecha_common::serve::listen_all(
         config.admin_port,
         "the admin endpoints (IMPORTERS_ADMIN_PORT)",
     )
@@ -66,11 +67,4 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-async fn bind(port: u16, what: &str) -> Result<TcpListener, ()> {
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
-    TcpListener::bind(addr).await.map_err(|error| {
-        eprintln!("error: cannot listen on {addr} for {what}: {error}");
-    })
 }

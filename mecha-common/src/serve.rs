@@ -210,6 +210,23 @@ impl http_body::Body for Tracked {
     }
 }
 
+/// Binds `addr` for `what` (named with its setting in the message), or prints why it cannot
+/// and gives the exit status a binary ends with (1).
+pub async fn listen(
+    addr: std::net::SocketAddr,
+    what: &str,
+) -> Result<TcpListener, std::process::ExitCode> {
+    TcpListener::bind(addr).await.map_err(|error| {
+        eprintln!("error: cannot listen on {addr} for {what}: {error}");
+        std::process::ExitCode::from(1)
+    })
+}
+
+/// `listen` on every interface at `port`.
+pub async fn listen_all(port: u16, what: &str) -> Result<TcpListener, std::process::ExitCode> {
+    listen(std::net::SocketAddr::from(([0, 0, 0, 0], port)), what).await
+}
+
 /// `/live`, `/ready`, `/metrics` ([`crate::admin::router`]) on `listener`, with the default
 /// limits, until `shutdown`.
 pub async fn serve_admin(

@@ -276,11 +276,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let api_listener = match bind(config.port, "the control-plane API (AUTOSCALER_PORT)").await {
+    let api_listener = match mecha_common::serve::listen_all(
+        config.port,
+        "the control-plane API (AUTOSCALER_PORT)",
+    )
+    .await
+    {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    let admin_listener = match bind(
+    let admin_listener = match mecha_common::serve::listen_all(
         config.admin_port,
         "/live, /ready, /metrics (AUTOSCALER_ADMIN_PORT)",
     )
@@ -535,14 +540,6 @@ fn watch_task(
         tracing::error!(task = name, %why, "a background task ended");
         health.set_problem(name, Some(why));
     });
-}
-
-async fn bind(port: u16, what: &str) -> Result<TcpListener, ExitCode> {
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
-    TcpListener::bind(addr).await.map_err(|error| {
-        eprintln!("error: cannot listen on {addr} for {what}: {error}");
-        ExitCode::from(1)
-    })
 }
 
 #[cfg(test)]
