@@ -108,6 +108,7 @@ async fn run_inbound(args: &[String]) -> ExitCode {
     };
     let inbound = Inbound::new(config, health.clone(), &registry);
     let shutdown = Shutdown::new();
+    mecha_common::memory::release_after_bursts(shutdown.signal());
     let background = tokio::spawn(inbound.clone().run_background());
     let options = activator_sidecar::server::ServeOptions {
         fast_path: inbound.config().fast_path,
@@ -195,6 +196,7 @@ async fn run_gateway(args: &[String], role: Role) -> ExitCode {
     let registry = prometheus::Registry::new();
     let health = Health::default();
     let shutdown = Shutdown::new();
+    mecha_common::memory::release_after_bursts(shutdown.signal());
     let admin_task = serve_admin(admin, health.clone(), registry.clone(), shutdown.signal());
     let signal = shutdown.signal();
     // Ready once the first routes arrive from the autoscaler, not before: a gateway that

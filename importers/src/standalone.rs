@@ -199,6 +199,7 @@ pub async fn run(
         Shutdown::new(),
         Shutdown::new(),
     );
+    mecha_common::memory::release_after_bursts(admin_stop.signal());
     let admin_task = tokio::spawn(mecha_common::serve::serve_admin(
         admin,
         health.clone(),

@@ -527,15 +527,32 @@ fn broker_section(
         md.push('\n');
     }
     if let Some(b) = &broker.backlog {
+        let ratio = |kib: u64| kib as f64 / (b.idle_rss_kib.max(1)) as f64;
+        // Results kept from before the settled reading have none.
+        let (settled, ratios) = if b.settled_rss_kib > 0 {
+            (
+                format!(
+                    " right after the last was accepted and {:.1} MiB {} s later",
+                    b.settled_rss_kib as f64 / 1024.0,
+                    crate::results::SETTLE.as_secs()
+                ),
+                format!(
+                    "ratios {:.2} and {:.2}",
+                    ratio(b.rss_kib),
+                    ratio(b.settled_rss_kib)
+                ),
+            )
+        } else {
+            (String::new(), format!("ratio {:.2}", ratio(b.rss_kib)))
+        };
         let _ = writeln!(
             md,
             "Backlog: with the subscriber answering 503 and {} events waiting in the log, \
-             `mecha up` held {:.1} MiB resident against {:.1} MiB idle with the broker (ratio \
-             {:.2}); the log file was {:.1} MiB.\n",
+             `mecha up` held {:.1} MiB resident{settled}, against {:.1} MiB idle with the \
+             broker ({ratios}); the log file was {:.1} MiB.\n",
             b.events,
             b.rss_kib as f64 / 1024.0,
             b.idle_rss_kib as f64 / 1024.0,
-            b.rss_kib as f64 / (b.idle_rss_kib.max(1)) as f64,
             b.log_bytes as f64 / 1_048_576.0
         );
     }

@@ -236,10 +236,18 @@ pub struct Delivery {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Backlog {
     pub events: u64,
+    /// Resident right after the last event was accepted (the load's connections still open).
     pub rss_kib: u64,
+    /// Resident once the load has been over for [`SETTLE`] (what stays while the events wait;
+    /// 0 in results kept from before it was measured).
+    #[serde(default)]
+    pub settled_rss_kib: u64,
     pub idle_rss_kib: u64,
     pub log_bytes: u64,
 }
+
+/// How long after the load `Backlog::settled_rss_kib` is read.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `broker-jetstream`: the standalone broker on JetStream against raw JetStream publishing.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

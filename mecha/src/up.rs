@@ -163,6 +163,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
     let refusals = Refusals::register(&registry);
     let health = Health::default();
     let shutdown = Shutdown::new();
+    mecha_common::memory::release_after_bursts(shutdown.signal());
     let logs = LogHub::new(true);
     let (activation, pokes) = Activation::new();
     let supervisor = Supervisor::new(

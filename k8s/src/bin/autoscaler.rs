@@ -322,6 +322,7 @@ async fn run(
     let registry = Registry::new();
     let health = Health::default();
     let shutdown = Shutdown::new();
+    mecha_common::memory::release_after_bursts(shutdown.signal());
     let caches = Caches::default();
     caches.report_to(&health);
 

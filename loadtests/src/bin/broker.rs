@@ -263,14 +263,20 @@ async fn backlog(
     }
     // Every post was answered 202, so every event is in the log now.
     let loaded = platform.rss_kib();
+    // What stays while the events wait: the load's connections closed, the process quiet.
+    drop(client);
+    tokio::time::sleep(loadtests::results::SETTLE).await;
+    let settled = platform.rss_kib();
     let log = std::fs::metadata(
         std::env::temp_dir().join(format!("mecha-bench-{}/events.redb", std::process::id())),
     )
     .map_or(0, |m| m.len());
     println!(
-        "backlog, subscriber down, {} events waiting: mecha RSS {:.1} MiB (idle with the broker {:.1} MiB); log file {:.1} MiB",
+        "backlog, subscriber down, {} events waiting: mecha RSS {:.1} MiB right after the load, {:.1} MiB {} s later (idle with the broker {:.1} MiB); log file {:.1} MiB",
         args.backlog,
         loaded as f64 / 1024.0,
+        settled as f64 / 1024.0,
+        loadtests::results::SETTLE.as_secs(),
         idle as f64 / 1024.0,
         log as f64 / 1_048_576.0
     );
@@ -278,6 +284,7 @@ async fn backlog(
     Ok(Backlog {
         events: args.backlog,
         rss_kib: loaded,
+        settled_rss_kib: settled,
         idle_rss_kib: idle,
         log_bytes: log,
     })
