@@ -34,6 +34,32 @@ async fn upstream() -> (u16, Arc<AtomicUsize>) {
     (port, connections)
 }
 
+/// What became of the upstream's `/hang…` requests: `(path, "started" | "ended")`.
+static HANGS: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
+
+fn note_hang(path: &str, what: &'static str) {
+    HANGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((path.to_string(), what));
+}
+
+/// Waits (up to 10 s) until the upstream noted `what` for `path`.
+async fn hang_noted(path: &str, what: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let noted = HANGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|(p, w)| p == path && *w == what);
+        if noted || Instant::now() >= deadline {
+            return noted;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Where a request head ends and how its body is framed, as any HTTP/1.1 server sees it.
 fn request_head(buf: &[u8]) -> Option<(usize, Framing)> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -102,9 +128,14 @@ async fn serve_upstream(mut stream: TcpStream, connections: Arc<AtomicUsize>) {
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
-        if path == "/hang" {
-            // Holds the request and never answers.
-            std::future::pending::<()>().await;
+        if path.starts_with("/hang") {
+            // Holds the request and never answers; notes when it arrived and when the
+            // connection it came on ended (by its path, so tests can tell theirs apart).
+            note_hang(&path, "started");
+            let mut rest = [0u8; 1024];
+            while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+            note_hang(&path, "ended");
+            return;
         }
         let echo = format!("{text}{}", String::from_utf8_lossy(&body));
         let response = match path.as_str() {
@@ -481,6 +512,71 @@ async fn a_replica_that_never_answers_times_out_with_504() {
         .send("GET /again HTTP/1.1\r\nHost: echo\r\n\r\n")
         .await;
     assert_eq!(client.reply(false).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_response_takes_the_replica_connection_with_it() {
+    let (port, _) = upstream().await;
+    // The revision's timeout is the default five minutes: only the client's leaving can end
+    // the exchange within the test's wait.
+    let sidecar = Sidecar::start(port, &[]).listening().await;
+
+    // A client that waits is left waiting (its request stays with the replica)...
+    let mut stays = Client::connect(sidecar.serving).await;
+    stays
+        .send("GET /hang-stays HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert!(hang_noted("/hang-stays", "started").await);
+
+    // ...one that closes, or half-closes, after its request ends the replica's connection.
+    for (path, half) in [("/hang-closes", false), ("/hang-half-closes", true)] {
+        let mut client = TcpStream::connect(sidecar.serving).await.expect("connect");
+        client
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: echo\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        assert!(
+            hang_noted(path, "started").await,
+            "{path} reached the replica"
+        );
+        if half {
+            client.shutdown().await.expect("half-close");
+        } else {
+            drop(client);
+        }
+        assert!(
+            hang_noted(path, "ended").await,
+            "the replica's connection for {path} is still open 10 s after the client left"
+        );
+    }
+
+    // A pipelined second request is not a client leaving: the first still waits.
+    let mut pipelined = TcpStream::connect(sidecar.serving).await.expect("connect");
+    pipelined
+        .write_all(
+            b"GET /hang-pipelined HTTP/1.1\r\nHost: echo\r\n\r\nGET /next HTTP/1.1\r\nHost: echo\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    assert!(hang_noted("/hang-pipelined", "started").await);
+    // A whole exchange on another connection: time for a wrong reading of either client to
+    // have shown.
+    let mut other = Client::connect(sidecar.serving).await;
+    other
+        .send("GET /quick HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await;
+    assert_eq!(other.reply(false).await.status, 200);
+    let noted = HANGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert!(
+        !noted
+            .iter()
+            .any(|(p, w)| (p == "/hang-stays" || p == "/hang-pipelined") && *w == "ended"),
+        "a waiting client's request was dropped: {noted:?}"
+    );
+    drop((stays, pipelined));
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -153,7 +154,19 @@ enum Exchanged {
     /// The request body broke its framing, or the client stopped (or paused too long)
     /// before its end.
     Malformed(Refusal),
+    /// The client closed its connection after its request, before the response: the replica
+    /// connection is closed too, so the replica is not left working for nobody (and the
+    /// request stops counting) until the timeout.
+    Abandoned,
 }
+
+/// How long a request whose client closed (or half-closed) its connection still waits for
+/// the response to begin before it is abandoned.
+pub const ABANDON_GRACE: Duration = Duration::from_secs(1);
+
+/// The status recorded for an abandoned request (nginx's "client closed request"); nothing
+/// is written, there is no one to write it to.
+const CLIENT_CLOSED: u16 = 499;
 
 /// How the request body is read from the client: a pause is bounded, and while the client
 /// pauses, its connection counts as idle for the connection limit (the longest waiting is
@@ -495,6 +508,11 @@ pub async fn serve<D: Role>(
                 dispatch.finished(Some(ticket), status);
                 return None;
             }
+            Exchanged::Abandoned => {
+                drop(upstream.take());
+                dispatch.finished(Some(ticket), status_code(CLIENT_CLOSED));
+                return None;
+            }
             Exchanged::Failed { .. } => return None,
         }
     }
@@ -521,6 +539,8 @@ async fn exchange<E: Future<Output = ()>>(
     let (mut upstream_read, mut upstream_write) = upstream.stream.split();
     let upstream_buf = &mut upstream.buf;
     let timeout = watch.timeout;
+    let body_sent = AtomicBool::new(false);
+    let response_started = AtomicBool::new(false);
     let send = async {
         upstream_write
             .write_all(request)
@@ -533,7 +553,22 @@ async fn exchange<E: Future<Output = ()>>(
             framing,
             &mut watch,
         )
-        .await
+        .await?;
+        body_sent.store(true, Ordering::Relaxed);
+        // The request is sent; from here the client's side only tells whether the client is
+        // still there. Its end of stream — a close, or a half-close, which TCP cannot tell
+        // apart — abandons the request unless a response has begun within ABANDON_GRACE
+        // (Go's, nginx's and Envoy's servers give up at once; the grace keeps clients that
+        // half-close and wait working with replicas that answer promptly). Bytes of a
+        // pipelined request mean the client is there: they stay for after this response.
+        let mut byte = [0u8; 1];
+        if client_buf.is_empty() && matches!(client_read.peek(&mut byte).await, Ok(0) | Err(_)) {
+            tokio::time::sleep(ABANDON_GRACE).await;
+            if !response_started.load(Ordering::Relaxed) {
+                return Err(Side::Gone);
+            }
+        }
+        std::future::pending().await
     };
     let receive = async {
         let mut received = false;
@@ -570,6 +605,7 @@ async fn exchange<E: Future<Output = ()>>(
                 }
             };
             upstream_buf.advance(response_head.len);
+            response_started.store(true, Ordering::Relaxed);
             let mut body = response_head.framing;
             let n = body
                 .consume(upstream_buf)
@@ -610,6 +646,7 @@ async fn exchange<E: Future<Output = ()>>(
                         return Exchanged::Malformed(Refusal::BAD_BODY);
                     }
                     Err(Side::Slow) => return Exchanged::Malformed(Refusal::SlowBody(timeout)),
+                    Err(Side::Gone) => return Exchanged::Abandoned,
                     _ => {}
                 }
                 sent = Some(result);
@@ -621,7 +658,7 @@ async fn exchange<E: Future<Output = ()>>(
         Ok(response_head) => {
             // A response before the whole request was sent leaves both connections in the
             // middle of a message.
-            let complete = matches!(sent, Some(Ok(())));
+            let complete = body_sent.load(Ordering::Relaxed) && !matches!(sent, Some(Err(_)));
             Exchanged::Done {
                 status: response_head.status,
                 keep_client: complete && !close && response_head.framing != Framing::UntilEof,
@@ -641,6 +678,8 @@ enum Side {
     Slow,
     /// The source broke the body's framing.
     Malformed,
+    /// The client left after its request, before the response.
+    Gone,
 }
 
 enum Received {
