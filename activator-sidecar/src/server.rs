@@ -263,11 +263,13 @@ async fn one_request<R: Role>(
 ) -> Option<(TcpStream, BytesMut)> {
     let (head_len, body) = codec::request_extent(&buf)?;
     let timeout = limits.body_read_timeout;
-    let mut io = Guarded::new(stream, buf, head_len, body).watched(state.clone(), timeout);
-    if upgrade {
-        io = io.then_open();
-    }
     let answered = Arc::new(AtomicBool::new(false));
+    let mut io = Guarded::new(stream, buf, head_len, body).watched(state.clone(), timeout);
+    io = if upgrade {
+        io.then_open()
+    } else {
+        io.watching_departure(answered.clone())
+    };
     let broken = io.broken();
     let service = {
         let (answered, broken) = (answered.clone(), broken.clone());

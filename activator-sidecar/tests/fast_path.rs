@@ -516,27 +516,42 @@ async fn a_replica_that_never_answers_times_out_with_504() {
 
 #[tokio::test]
 async fn a_client_that_leaves_before_the_response_takes_the_replica_connection_with_it() {
+    clients_leave(&[], "fast").await;
+}
+
+#[tokio::test]
+async fn on_hypers_path_too_a_client_that_leaves_takes_the_replica_connection_with_it() {
+    clients_leave(&[("SIDECAR_FAST_PATH", "false")], "hyper").await;
+}
+
+/// Clients that wait, close, half-close and pipeline behind a request the replica never
+/// answers; `tag` keeps each run's paths its own.
+async fn clients_leave(env: &[(&str, &str)], tag: &str) {
     let (port, _) = upstream().await;
     // The revision's timeout is the default five minutes: only the client's leaving can end
     // the exchange within the test's wait.
-    let sidecar = Sidecar::start(port, &[]).listening().await;
+    let sidecar = Sidecar::start(port, env).listening().await;
+    let path = |name: &str| format!("/hang-{tag}-{name}");
 
     // A client that waits is left waiting (its request stays with the replica)...
     let mut stays = Client::connect(sidecar.serving).await;
     stays
-        .send("GET /hang-stays HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .send(&format!(
+            "GET {} HTTP/1.1\r\nHost: echo\r\n\r\n",
+            path("stays")
+        ))
         .await;
-    assert!(hang_noted("/hang-stays", "started").await);
+    assert!(hang_noted(&path("stays"), "started").await);
 
     // ...one that closes, or half-closes, after its request ends the replica's connection.
-    for (path, half) in [("/hang-closes", false), ("/hang-half-closes", true)] {
+    for (path, half) in [(path("closes"), false), (path("half-closes"), true)] {
         let mut client = TcpStream::connect(sidecar.serving).await.expect("connect");
         client
             .write_all(format!("GET {path} HTTP/1.1\r\nHost: echo\r\n\r\n").as_bytes())
             .await
             .expect("write");
         assert!(
-            hang_noted(path, "started").await,
+            hang_noted(&path, "started").await,
             "{path} reached the replica"
         );
         if half {
@@ -545,7 +560,7 @@ async fn a_client_that_leaves_before_the_response_takes_the_replica_connection_w
             drop(client);
         }
         assert!(
-            hang_noted(path, "ended").await,
+            hang_noted(&path, "ended").await,
             "the replica's connection for {path} is still open 10 s after the client left"
         );
     }
@@ -554,11 +569,15 @@ async fn a_client_that_leaves_before_the_response_takes_the_replica_connection_w
     let mut pipelined = TcpStream::connect(sidecar.serving).await.expect("connect");
     pipelined
         .write_all(
-            b"GET /hang-pipelined HTTP/1.1\r\nHost: echo\r\n\r\nGET /next HTTP/1.1\r\nHost: echo\r\n\r\n",
+            format!(
+                "GET {} HTTP/1.1\r\nHost: echo\r\n\r\nGET /next HTTP/1.1\r\nHost: echo\r\n\r\n",
+                path("pipelined")
+            )
+            .as_bytes(),
         )
         .await
         .expect("write");
-    assert!(hang_noted("/hang-pipelined", "started").await);
+    assert!(hang_noted(&path("pipelined"), "started").await);
     // A whole exchange on another connection: time for a wrong reading of either client to
     // have shown.
     let mut other = Client::connect(sidecar.serving).await;
@@ -573,7 +592,7 @@ async fn a_client_that_leaves_before_the_response_takes_the_replica_connection_w
     assert!(
         !noted
             .iter()
-            .any(|(p, w)| (p == "/hang-stays" || p == "/hang-pipelined") && *w == "ended"),
+            .any(|(p, w)| (*p == path("stays") || *p == path("pipelined")) && *w == "ended"),
         "a waiting client's request was dropped: {noted:?}"
     );
     drop((stays, pipelined));

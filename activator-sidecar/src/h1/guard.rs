@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,6 +46,18 @@ pub struct Guarded {
     /// The connection's place in the limit and the longest pause in the body.
     watch: Option<(Arc<ConnState>, Duration)>,
     pause: Option<Pin<Box<Sleep>>>,
+    /// After the request: watches for the client leaving before the answer (see
+    /// [`Guarded::watching_departure`]).
+    departure: Option<Departure>,
+}
+
+/// The client's end of stream after its request, as on the fast path: unless the answer
+/// (`answered`) came within [`super::ABANDON_GRACE`] of it, the reader gets end of stream too —
+/// hyper then closes the connection and drops the request, and with it the replica's.
+#[derive(Debug)]
+struct Departure {
+    answered: Arc<AtomicBool>,
+    grace: Option<Pin<Box<Sleep>>>,
 }
 
 /// Socket reads of the general server's requests.
@@ -66,7 +78,57 @@ impl Guarded {
             broken: Arc::default(),
             watch: None,
             pause: None,
+            departure: None,
         }
+    }
+
+    /// Once the request is read, a client that closes (or half-closes) its connection and
+    /// gets no answer — `answered` still false — within [`super::ABANDON_GRACE`] abandons the
+    /// request: the reader sees end of stream.
+    pub fn watching_departure(mut self, answered: Arc<AtomicBool>) -> Self {
+        self.departure = Some(Departure {
+            answered,
+            grace: None,
+        });
+        self
+    }
+
+    /// Whether the client left (end of stream with no answer within the grace); `Pending`
+    /// otherwise, woken when that may have changed.
+    fn poll_departed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(departure) = &mut self.departure else {
+            return Poll::Pending;
+        };
+        if departure.grace.is_none() {
+            if !self.pending.is_empty() {
+                // The client already sent more (a pipelined request): it is there.
+                self.departure = None;
+                return Poll::Pending;
+            }
+            let mut byte = [0u8; 1];
+            let mut peek = ReadBuf::new(&mut byte);
+            match self.inner.poll_peek(cx, &mut peek) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.departure = None;
+                    return Poll::Pending;
+                }
+                Poll::Ready(_) => {
+                    departure.grace = Some(Box::pin(tokio::time::sleep(super::ABANDON_GRACE)));
+                }
+            }
+        }
+        let Some(grace) = departure.grace.as_mut() else {
+            return Poll::Pending;
+        };
+        if grace.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if departure.answered.load(Ordering::Acquire) {
+            self.departure = None;
+            return Poll::Pending;
+        }
+        Poll::Ready(())
     }
 
     /// While the body is awaited the connection counts as idle in `state`, may be told to
@@ -125,8 +187,12 @@ impl AsyncRead for Guarded {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.complete() && !this.then_open {
-            // Never woken: the general server is stopped once it has answered.
-            return Poll::Pending;
+            // The general server is stopped once it has answered; until then its reads only
+            // say whether the client left.
+            return match this.poll_departed(cx) {
+                Poll::Ready(()) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            };
         }
         if this.pending.is_empty() && this.then_open && this.complete() {
             // Unchecked from here: straight into the reader's buffer.
