@@ -1166,10 +1166,10 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A body that trickles in (a byte every 200 ms, never pausing long enough for the pause
-/// timeout) holds its budget only until the body timeout; a well-behaved client meanwhile
-/// gets 503 with Retry-After and a message; a chunked body whose client goes away gives its
-/// budget back at once.
+/// A body that trickles in (a byte every 200 ms, never pausing long enough for the 1 s pause
+/// timeout) holds its budget only until the 3 s body timeout; a well-behaved client meanwhile
+/// gets 503 with Retry-After and a message; a body whose sender stops gives it back at the
+/// pause timeout, and a chunked body whose client goes away at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     use test_support::hostile::PartialBody;
@@ -1187,11 +1187,24 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
         &[
             ("BROKER_MAX_EVENT_SIZE", "65536"),
             ("BROKER_BODY_BUDGET", "65536"),
-            ("BROKER_BODY_TIMEOUT", "2s"),
+            ("BROKER_BODY_TIMEOUT", "3s"),
+            ("SIDECAR_BODY_READ_TIMEOUT", "1s"),
         ],
     );
     ready(&client, &broker).await;
     assert_eq!(post(&client, broker.ingress, "first", "t").await, Some(202));
+    // A control character in a String attribute (here a percent-encoded line feed): 400,
+    // naming the attribute, as CloudEvents excludes them from Strings.
+    let bad = format!(
+        "{}{{}}",
+        event_head("bad", Some(2)).replace(
+            "host: broker\r\n",
+            "host: broker\r\nconnection: close\r\nce-subject: line%0Abreak\r\n"
+        )
+    );
+    let (status, answer) = raw_exchange(broker.ingress, bad.as_bytes()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("attribute subject contains U+000A"), "{answer}");
 
     let started = Instant::now();
     let trickler = PartialBody::start(
@@ -1216,8 +1229,8 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     let said = block_in_place(|| trickler.answer(Duration::from_secs(20)));
     let took = started.elapsed();
     assert!(said.starts_with("HTTP/1.1 408"), "{said}");
-    assert!(said.contains("did not arrive whole within 2s"), "{said}");
-    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(said.contains("did not arrive whole within 3s"), "{said}");
+    assert!(took >= Duration::from_secs(3), "{took:?}");
     in_use_until(&client, &broker, "after the timeout", |n| n == 0).await;
     assert_eq!(post(&client, broker.ingress, "after-timeout", "t").await, Some(202));
     assert_eq!(
@@ -1226,6 +1239,21 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     );
     assert!(metric(&client, &broker, "mecha_request_body_budget_refused_total").await >= 1);
     drop(trickler);
+
+    // A sender that stops: the pause timeout answers first (408, saying so rather than the
+    // body timeout) and frees its budget.
+    let stopper = PartialBody::start(
+        broker.ingress,
+        event_head("stopper", Some(65536)),
+        vec![b's'; 40_000],
+        None,
+    );
+    in_use_until(&client, &broker, "the stopper's bytes", |n| n == 65536).await;
+    let said = block_in_place(|| stopper.answer(Duration::from_secs(20)));
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("paused longer than 1s"), "{said}");
+    in_use_until(&client, &broker, "after the pause timeout", |n| n == 0).await;
+    drop(stopper);
 
     // A chunked body (no length) whose client goes away mid-body.
     let chunk = [

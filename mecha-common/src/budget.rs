@@ -88,7 +88,7 @@ pub struct Held {
 #[derive(Debug)]
 pub struct Buffered {
     bytes: Bytes,
-    _held: Held,
+    held: Held,
 }
 
 /// Why a body was not buffered; each is one status.
@@ -304,14 +304,15 @@ impl BodyBudget {
             if needed > buf.capacity() {
                 let capacity = needed.max(buf.capacity() * 2).min(expected.max(needed));
                 // Taken before the memory is: a refused body never grows.
-                self.take(&mut held, capacity - held.bytes)?;
+                let more = capacity - held.bytes;
+                self.take(&mut held, more)?;
                 buf.reserve_exact(capacity - buf.len());
             }
             buf.extend_from_slice(&data);
         }
         Ok(Buffered {
             bytes: Bytes::from(buf),
-            _held: held,
+            held,
         })
     }
 }
@@ -346,7 +347,7 @@ impl Buffered {
 
     /// The budget this body holds.
     pub fn held(&self) -> usize {
-        self._held.bytes
+        self.held.bytes
     }
 }
 
