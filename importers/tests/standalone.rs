@@ -409,11 +409,16 @@ async fn metric(http: &HttpClient, admin: SocketAddr, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// Sends `request` on a connection of its own; the answer's status and text.
+/// Sends `request` on a connection of its own; the answer's status and text (status 0:
+/// nothing listens yet, or no answer).
 async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    if stream.write_all(request).await.is_err() {
+        return (0, String::new());
+    }
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
     let text = String::from_utf8_lossy(&answer).into_owned();
