@@ -491,14 +491,14 @@ impl<'de> serde::Deserialize<'de> for Attribute {
                 Ok(Attribute::Value(Value::String(s)))
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Attribute, E> {
-                i32::try_from(n).map(|n| Attribute::Value(Value::Integer(n))).map_err(|_| {
-                    E::custom(format!("{n} is not a CloudEvents Integer (32-bit)"))
-                })
+                i32::try_from(n)
+                    .map(|n| Attribute::Value(Value::Integer(n)))
+                    .map_err(|_| E::custom(format!("{n} is not a CloudEvents Integer (32-bit)")))
             }
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Attribute, E> {
-                i32::try_from(n).map(|n| Attribute::Value(Value::Integer(n))).map_err(|_| {
-                    E::custom(format!("{n} is not a CloudEvents Integer (32-bit)"))
-                })
+                i32::try_from(n)
+                    .map(|n| Attribute::Value(Value::Integer(n)))
+                    .map_err(|_| E::custom(format!("{n} is not a CloudEvents Integer (32-bit)")))
             }
             fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Attribute, E> {
                 Err(E::custom(format!(
@@ -525,7 +525,10 @@ impl<'de> serde::Deserialize<'de> for Attribute {
 /// points of every plane). Unpaired surrogates cannot be in a Rust string.
 fn is_string_char(c: char) -> bool {
     let n = u32::from(c);
-    !(n <= 0x1f || (0x7f..=0x9f).contains(&n) || (0xfdd0..=0xfdef).contains(&n) || n & 0xfffe == 0xfffe)
+    !(n <= 0x1f
+        || (0x7f..=0x9f).contains(&n)
+        || (0xfdd0..=0xfdef).contains(&n)
+        || n & 0xfffe == 0xfffe)
 }
 
 fn is_json(content_type: Option<&str>) -> bool {
@@ -868,7 +871,10 @@ mod tests {
         ))
         .expect("parses");
         let refused = escaped.validate().expect_err("BEL").to_string();
-        assert!(refused.contains("attribute subject contains U+0007"), "{refused}");
+        assert!(
+            refused.contains("attribute subject contains U+0007"),
+            "{refused}"
+        );
         // Binary mode: a percent-encoded one too.
         let events = binary(
             &[
@@ -882,7 +888,10 @@ mod tests {
         )
         .expect("parses");
         let refused = events[0].validate().expect_err("LF").to_string();
-        assert!(refused.contains("attribute trace contains U+000A"), "{refused}");
+        assert!(
+            refused.contains("attribute trace contains U+000A"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -894,7 +903,10 @@ mod tests {
             let refused = Event::from_structured(&Bytes::from(body))
                 .expect_err(value)
                 .to_string();
-            assert!(refused.contains("attribute ext") && refused.contains(says), "{refused}");
+            assert!(
+                refused.contains("attribute ext") && refused.contains(says),
+                "{refused}"
+            );
         }
         let float = r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","ext":1.5}"#;
         let refused = Event::from_structured(&Bytes::from(float)).expect_err("float");

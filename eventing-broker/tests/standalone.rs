@@ -1118,7 +1118,9 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
             let data: Vec<u8> = (0..900 * 1024u32)
                 .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
                 .collect();
-            let mut stream = tokio::net::TcpStream::connect(broker.ingress).await.unwrap();
+            let mut stream = tokio::net::TcpStream::connect(broker.ingress)
+                .await
+                .unwrap();
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             stream
                 .write_all(event_head("large-slow", None).as_bytes())
@@ -1133,7 +1135,12 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
             stream.write_all(b"0\r\n\r\n").await.unwrap();
             let mut answer = [0u8; 12];
             stream.read_exact(&mut answer).await.unwrap();
-            assert_eq!(&answer[9..12], b"202", "{}", String::from_utf8_lossy(&answer));
+            assert_eq!(
+                &answer[9..12],
+                b"202",
+                "{}",
+                String::from_utf8_lossy(&answer)
+            );
             until("the large event at the subscriber", || {
                 seen.lock()
                     .unwrap()
@@ -1149,7 +1156,10 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
                 .unwrap()
                 .body
                 .clone();
-            assert!(got == data, "the large event's data differs from what was sent");
+            assert!(
+                got == data,
+                "the large event's data differs from what was sent"
+            );
             in_use_until(&client, &broker, "after the large event", |n| n == 0).await;
         }
     }
@@ -1204,7 +1214,10 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     );
     let (status, answer) = raw_exchange(broker.ingress, bad.as_bytes()).await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer.contains("attribute subject contains U+000A"), "{answer}");
+    assert!(
+        answer.contains("attribute subject contains U+000A"),
+        "{answer}"
+    );
 
     let started = Instant::now();
     let trickler = PartialBody::start(
@@ -1217,7 +1230,8 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     in_use_until(&client, &broker, "the trickler's bytes", |n| n == 65536).await;
     let polite = format!(
         "{}{{}}",
-        event_head("polite", Some(2)).replace("host: broker\r\n", "host: broker\r\nconnection: close\r\n")
+        event_head("polite", Some(2))
+            .replace("host: broker\r\n", "host: broker\r\nconnection: close\r\n")
     );
     let (status, answer) = raw_exchange(broker.ingress, polite.as_bytes()).await;
     assert_eq!(status, 503, "{answer}");
@@ -1232,7 +1246,10 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     assert!(said.contains("did not arrive whole within 3s"), "{said}");
     assert!(took >= Duration::from_secs(3), "{took:?}");
     in_use_until(&client, &broker, "after the timeout", |n| n == 0).await;
-    assert_eq!(post(&client, broker.ingress, "after-timeout", "t").await, Some(202));
+    assert_eq!(
+        post(&client, broker.ingress, "after-timeout", "t").await,
+        Some(202)
+    );
     assert_eq!(
         metric(&client, &broker, "mecha_request_body_timeouts_total").await,
         1
@@ -1263,10 +1280,16 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     ]
     .concat();
     let leaver = PartialBody::start(broker.ingress, event_head("leaver", None), chunk, None);
-    in_use_until(&client, &broker, "the chunked body's bytes", |n| n >= 40_000).await;
+    in_use_until(&client, &broker, "the chunked body's bytes", |n| {
+        n >= 40_000
+    })
+    .await;
     leaver.close();
     in_use_until(&client, &broker, "after the client left", |n| n == 0).await;
-    assert_eq!(post(&client, broker.ingress, "after-leaving", "t").await, Some(202));
+    assert_eq!(
+        post(&client, broker.ingress, "after-leaving", "t").await,
+        Some(202)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

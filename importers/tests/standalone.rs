@@ -455,14 +455,15 @@ async fn unauthenticated_webhook_bodies_hold_no_more_than_the_budget() {
         .send_replace(Arc::new(snapshot(GITHUB, &receiver.url("/events"))));
     let small = br#"{"ref":"refs/heads/main"}"#;
     let signed_small = |delivery: &str| {
-        let mut request =
-            push_head(delivery, &[&signature(small)], Some(small.len())).into_bytes();
+        let mut request = push_head(delivery, &[&signature(small)], Some(small.len())).into_bytes();
         request.extend_from_slice(small);
         request
     };
-    until("the receiver to take deliveries", Duration::from_secs(20), async || {
-        raw(importers.webhooks, &signed_small("warm")).await.0 == 202
-    })
+    until(
+        "the receiver to take deliveries",
+        Duration::from_secs(20),
+        async || raw(importers.webhooks, &signed_small("warm")).await.0 == 202,
+    )
     .await;
     let pid = importers.child.id();
     let before = resident(pid);
@@ -506,7 +507,12 @@ async fn unauthenticated_webhook_bodies_hold_no_more_than_the_budget() {
     assert!(holding * BODY as u64 <= BUDGET);
     assert!(grown < BUDGET + MARGIN, "+{} MiB", grown >> 20);
     assert!(
-        metric(&http, importers.admin, "mecha_request_body_budget_refused_total").await
+        metric(
+            &http,
+            importers.admin,
+            "mecha_request_body_budget_refused_total"
+        )
+        .await
             >= ATTACKERS as u64 - holding
     );
     // A signed delivery is answered meanwhile: 503 with Retry-After when the budget is
@@ -514,7 +520,10 @@ async fn unauthenticated_webhook_bodies_hold_no_more_than_the_budget() {
     let (status, answer) = raw(importers.webhooks, &signed_small("polite")).await;
     assert!(status == 202 || status == 503, "{answer}");
     if status == 503 {
-        assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
     }
 
     drop(attackers);
@@ -549,7 +558,12 @@ async fn unauthenticated_webhook_bodies_hold_no_more_than_the_budget() {
         stream.write_all(b"0\r\n\r\n").await.unwrap();
         let mut answer = [0u8; 12];
         stream.read_exact(&mut answer).await.unwrap();
-        assert_eq!(&answer[9..12], b"202", "{}", String::from_utf8_lossy(&answer));
+        assert_eq!(
+            &answer[9..12],
+            b"202",
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
     }
     let delivered = receiver
         .all()
@@ -561,7 +575,10 @@ async fn unauthenticated_webhook_bodies_hold_no_more_than_the_budget() {
     // Two signatures, one of them right: which would count? Neither.
     let mut twice = push_head(
         "twice",
-        &[&signature(small), "sha256=0000000000000000000000000000000000000000000000000000000000000000"],
+        &[
+            &signature(small),
+            "sha256=0000000000000000000000000000000000000000000000000000000000000000",
+        ],
         Some(small.len()),
     )
     .into_bytes();

@@ -478,7 +478,10 @@ mod tests {
             .collect(&length(600), Full::new(Bytes::from(vec![1u8; 600])), 800)
             .await
             .unwrap_err();
-        assert!(matches!(refused, BodyError::Busy { budget: 1000 }), "{refused}");
+        assert!(
+            matches!(refused, BodyError::Busy { budget: 1000 }),
+            "{refused}"
+        );
         let response = refused.response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], RETRY_AFTER);

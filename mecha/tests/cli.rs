@@ -713,14 +713,26 @@ fn revision_names_and_traffic_to_old_revisions_survive_a_restart() {
 fn up_refuses_a_body_budget_that_cannot_work() {
     let dir = Workdir::new("cli-body-budget");
     for (args, flag, says) in [
-        (&["--body-budget", "1048576"][..], "--body-budget", "at least 4194304"),
+        (
+            &["--body-budget", "1048576"][..],
+            "--body-budget",
+            "at least 4194304",
+        ),
         (
             &["--body-budget", "8388608", "--max-event-size", "16777216"][..],
             "--body-budget",
             "at least 16777216",
         ),
-        (&["--body-budget", "1073741825"][..], "--body-budget", "at most 1073741824"),
-        (&["--body-timeout", "0s"][..], "--body-timeout", "between 1s and 600s"),
+        (
+            &["--body-budget", "1073741825"][..],
+            "--body-budget",
+            "at most 1073741824",
+        ),
+        (
+            &["--body-timeout", "0s"][..],
+            "--body-timeout",
+            "between 1s and 600s",
+        ),
     ] {
         let output = std::process::Command::new(support::mecha_bin())
             .args(["up", "--port", "0", "--admin-port", "0"])
