@@ -121,6 +121,16 @@ impl Event {
         {
             return invalid(format!("time {time:?} is not an RFC 3339 timestamp"));
         }
+        for (name, value) in &self.attributes {
+            if let Value::String(text) = value
+                && let Some((at, c)) = text.char_indices().find(|(_, c)| !is_string_char(*c))
+            {
+                return invalid(format!(
+                    "attribute {name} contains U+{:04X} at byte {at}: CloudEvents String values exclude control characters (U+0000-U+001F, U+007F-U+009F) and Unicode noncharacters",
+                    u32::from(c)
+                ));
+            }
+        }
         for name in self.attributes.keys() {
             if name.is_empty()
                 || !name
@@ -250,26 +260,12 @@ impl Event {
                     )?));
                 }
                 _ => {
-                    let value: Json = serde_json::from_str(value.get())
-                        .map_err(|e| EventError::Invalid(format!("attribute {name}: {e}")))?;
-                    let value = match value {
+                    let value = match serde_json::from_str::<Attribute>(value.get()) {
                         // A null attribute is an absent one.
-                        Json::Null => continue,
-                        Json::String(s) => Value::String(s),
-                        Json::Bool(b) => Value::Boolean(b),
-                        Json::Number(n) => Value::Integer(
-                            n.as_i64()
-                                .and_then(|n| i32::try_from(n).ok())
-                                .ok_or_else(|| {
-                                    EventError::Invalid(format!(
-                                        "attribute {name}: {n} is not a CloudEvents Integer (32-bit)"
-                                    ))
-                                })?,
-                        ),
-                        other => {
-                            return Err(EventError::Invalid(format!(
-                                "attribute {name} must be a string, integer or boolean, not {other}"
-                            )));
+                        Ok(Attribute::Null) => continue,
+                        Ok(Attribute::Value(value)) => value,
+                        Err(e) => {
+                            return Err(EventError::Invalid(format!("attribute {name}: {e}")));
                         }
                     };
                     attributes.insert(name, value);
@@ -464,6 +460,75 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for RawObject<'a> {
         }
         deserializer.deserialize_map(Members(std::marker::PhantomData))
     }
+}
+
+/// A structured event's attribute value: a CloudEvents String, Integer or Boolean, or null
+/// (absent). An array or an object is refused at its first byte, without being built: an
+/// attribute's value is read before the event is known to be valid, from anyone.
+enum Attribute {
+    Null,
+    Value(Value),
+}
+
+impl<'de> serde::Deserialize<'de> for Attribute {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Scalar;
+        impl<'de> serde::de::Visitor<'de> for Scalar {
+            type Value = Attribute;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, integer or boolean")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Attribute, E> {
+                Ok(Attribute::Null)
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Attribute, E> {
+                Ok(Attribute::Value(Value::Boolean(b)))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Attribute, E> {
+                Ok(Attribute::Value(Value::String(s.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Attribute, E> {
+                Ok(Attribute::Value(Value::String(s)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Attribute, E> {
+                i32::try_from(n)
+                    .map(|n| Attribute::Value(Value::Integer(n)))
+                    .map_err(|_| E::custom(format!("{n} is not a CloudEvents Integer (32-bit)")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Attribute, E> {
+                i32::try_from(n)
+                    .map(|n| Attribute::Value(Value::Integer(n)))
+                    .map_err(|_| E::custom(format!("{n} is not a CloudEvents Integer (32-bit)")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Attribute, E> {
+                Err(E::custom(format!(
+                    "{n} is not a CloudEvents Integer (32-bit)"
+                )))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Attribute, A::Error> {
+                Err(serde::de::Error::custom(
+                    "must be a string, integer or boolean, not an array",
+                ))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Attribute, A::Error> {
+                Err(serde::de::Error::custom(
+                    "must be a string, integer or boolean, not an object",
+                ))
+            }
+        }
+        deserializer.deserialize_any(Scalar)
+    }
+}
+
+/// Whether CloudEvents allows `c` in a String: not a control character (U+0000-U+001F,
+/// U+007F-U+009F) and not a Unicode noncharacter (U+FDD0-U+FDEF, and the last two code
+/// points of every plane). Unpaired surrogates cannot be in a Rust string.
+fn is_string_char(c: char) -> bool {
+    let n = u32::from(c);
+    !(n <= 0x1f
+        || (0x7f..=0x9f).contains(&n)
+        || (0xfdd0..=0xfdef).contains(&n)
+        || n & 0xfffe == 0xfffe)
 }
 
 fn is_json(content_type: Option<&str>) -> bool {
@@ -772,6 +837,80 @@ mod tests {
             .expect("parses")
             .validate()
             .expect("valid time");
+    }
+
+    #[test]
+    fn string_attributes_refuse_what_cloudevents_excludes() {
+        // CloudEvents 1.0, Type System: a String excludes U+0000-U+001F, U+007F-U+009F and
+        // noncharacters. Refused by attribute name, in either mode.
+        for (name, text, code) in [
+            ("subject", "a\nb", "U+000A"),
+            ("id", "tab\there", "U+0009"),
+            ("type", "nul\u{0}", "U+0000"),
+            ("note", "del\u{7f}", "U+007F"),
+            ("note", "c1\u{85}", "U+0085"),
+            ("note", "non\u{fdd0}char", "U+FDD0"),
+            ("note", "plane\u{1fffe}", "U+1FFFE"),
+        ] {
+            let mut event = Event::new("1", "/s", "t");
+            event.set(name, text);
+            let refused = event.validate().expect_err(text).to_string();
+            assert!(
+                refused.contains(&format!("attribute {name} contains {code}")),
+                "{refused}"
+            );
+        }
+        let fine = Event::from_structured(&Bytes::from_static(
+            "{\"specversion\":\"1.0\",\"id\":\"1\",\"source\":\"/s\",\"type\":\"t\",\"note\":\"caf\u{e9} \u{1f980} \u{a0}\"}".as_bytes(),
+        ))
+        .expect("parses");
+        fine.validate().expect("printable Unicode is fine");
+        // Structured mode: an escaped control character is refused the same way.
+        let escaped = Event::from_structured(&Bytes::from_static(
+            br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","subject":"x\u0007"}"#,
+        ))
+        .expect("parses");
+        let refused = escaped.validate().expect_err("BEL").to_string();
+        assert!(
+            refused.contains("attribute subject contains U+0007"),
+            "{refused}"
+        );
+        // Binary mode: a percent-encoded one too.
+        let events = binary(
+            &[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "1"),
+                ("ce-source", "/s"),
+                ("ce-type", "t"),
+                ("ce-trace", "line%0Abreak"),
+            ],
+            "",
+        )
+        .expect("parses");
+        let refused = events[0].validate().expect_err("LF").to_string();
+        assert!(
+            refused.contains("attribute trace contains U+000A"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn an_array_or_object_attribute_is_refused_without_being_read() {
+        for (value, says) in [("[1,2,3]", "not an array"), (r#"{"a":1}"#, "not an object")] {
+            let body = format!(
+                r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","ext":{value}}}"#
+            );
+            let refused = Event::from_structured(&Bytes::from(body))
+                .expect_err(value)
+                .to_string();
+            assert!(
+                refused.contains("attribute ext") && refused.contains(says),
+                "{refused}"
+            );
+        }
+        let float = r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","ext":1.5}"#;
+        let refused = Event::from_structured(&Bytes::from(float)).expect_err("float");
+        assert!(refused.to_string().contains("32-bit"), "{refused}");
     }
 
     #[test]

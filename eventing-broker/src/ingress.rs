@@ -4,13 +4,18 @@
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
+use mecha_common::budget::{BodyBudget, BodyError};
 
 use crate::event::{Event, EventError};
 use crate::runtime::{EventBroker, IngestError};
 
-/// Handles one ingress request.
-pub async fn handle<B>(broker: &EventBroker, request: Request<B>) -> Response<Full<Bytes>>
+/// Handles one ingress request, its body read within `budget` (the listener's).
+pub async fn handle<B>(
+    broker: &EventBroker,
+    budget: &BodyBudget,
+    request: Request<B>,
+) -> Response<Full<Bytes>>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -70,38 +75,23 @@ where
             &format!("broker {namespace}/{name} not found"),
         );
     }
-    let limit = broker.config().max_event_size;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let too_large = || {
-        answer(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the request body is larger than the {limit}-byte limit"),
-        )
-    };
-    if declared.is_some_and(|n| n > limit) {
-        reject("too-large");
-        return too_large();
-    }
+    // Read whole within the listener's budget and time; held until the answer, so what the
+    // events make of the body is bounded by the budget too.
     let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            reject("too-large");
-            return too_large();
-        }
+    let body = match budget
+        .collect(&parts.headers, body, broker.config().max_event_size)
+        .await
+    {
+        Ok(body) => body,
         Err(error) => {
-            reject("invalid");
-            return answer(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot read the body: {error}"),
-            );
+            reject(error.reason());
+            if matches!(error, BodyError::Busy { .. }) {
+                tracing::debug!(%namespace, broker = %name, "request refused: the body budget is used up");
+            }
+            return error.response();
         }
     };
-    let mut events = match Event::from_http(&parts.headers, &body) {
+    let mut events = match Event::from_http(&parts.headers, body.bytes()) {
         Ok(events) => events,
         Err(EventError::Unsupported(why)) => {
             reject("unsupported-format");

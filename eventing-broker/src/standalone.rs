@@ -32,6 +32,7 @@ use activator_sidecar::server;
 use activator_sidecar::settings::{self, ConfigError};
 use mecha_common::admin::Health;
 use mecha_common::auth::ClientToken;
+use mecha_common::budget::{BodyBudget, BudgetSettings};
 use mecha_common::wire::EVENTING_WATCH_PATH;
 use mecha_common::{Shutdown, ShutdownSignal};
 use prometheus::Registry;
@@ -76,6 +77,9 @@ pub struct StandaloneConfig {
     /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`,
     /// `SIDECAR_MAX_CONNECTIONS`: the ingress listener's limits.
     pub limits: Limits,
+    /// `BROKER_BODY_BUDGET` (64 MiB) and `BROKER_BODY_TIMEOUT` (60s): the request bodies the
+    /// ingress holds at once, and how long each may take to arrive.
+    pub body_budget: BudgetSettings,
 }
 
 /// Where the events live.
@@ -126,6 +130,16 @@ impl StandaloneConfig {
             "--max-event-size",
             "BROKER_MAX_EVENT_SIZE",
             "largest request body in bytes, 65536 to 16777216 (1048576)",
+        ),
+        (
+            "--body-budget",
+            "BROKER_BODY_BUDGET",
+            "bytes of request bodies the ingress holds at once, across connections; a body that would pass it gets 503 with Retry-After; from BROKER_MAX_EVENT_SIZE to 1073741824 (67108864)",
+        ),
+        (
+            "--body-timeout",
+            "BROKER_BODY_TIMEOUT",
+            "time a request body may take to arrive whole, then 408 and its bytes are freed; 1s to 10m (60s)",
         ),
         (
             "--delivery-concurrency",
@@ -211,6 +225,12 @@ impl StandaloneConfig {
         let max_event_size = settings::number(&get, "BROKER_MAX_EVENT_SIZE", 1usize << 20, |n| {
             crate::runtime::check_event_size(*n)
         })?;
+        let body_budget = BudgetSettings::from_env(
+            &get,
+            "BROKER_BODY_BUDGET",
+            "BROKER_BODY_TIMEOUT",
+            max_event_size,
+        )?;
         let delivery_concurrency =
             settings::number(&get, "BROKER_DELIVERY_CONCURRENCY", 32usize, |n| {
                 if (1..=10_000).contains(n) {
@@ -268,6 +288,7 @@ impl StandaloneConfig {
                 )?,
             },
             limits: settings::limits(&get)?,
+            body_budget,
         })
     }
 }
@@ -333,7 +354,10 @@ pub async fn run(
     let ingress_task = tokio::spawn(server::serve(
         ingress,
         Arc::new(Answering::new(
-            Ingress(broker.clone()),
+            Ingress(
+                broker.clone(),
+                BodyBudget::new("broker-ingress", config.body_budget, &registry),
+            ),
             configured.clone(),
             "the broker has not received its Brokers and Triggers from the control plane yet\n",
         )),
@@ -510,14 +534,14 @@ async fn open_log(
 
 /// The ingress port: every request is answered by the broker's ingress, after the data
 /// path's rules and limits.
-struct Ingress(EventBroker);
+struct Ingress(EventBroker, BodyBudget);
 
 impl Answer for Ingress {
     async fn answer(
         &self,
         request: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-        crate::ingress::handle(&self.0, request).await
+        crate::ingress::handle(&self.0, &self.1, request).await
     }
 }
 
@@ -552,6 +576,7 @@ mod tests {
         assert_eq!(config.gateway, "127.0.0.1:8080");
         assert_eq!(config.max_event_size, 1 << 20);
         assert_eq!(config.delivery_concurrency, 32);
+        assert_eq!(config.body_budget, BudgetSettings::default());
         assert_eq!(config.drain_timeout, Duration::from_secs(30));
         assert!(config.token.is_none());
 
@@ -587,6 +612,9 @@ mod tests {
             ("BROKER_LOG_CACHE_BYTES", "1000"),
             ("BROKER_LOG_CACHE_BYTES", "1073741825"),
             ("BROKER_DELIVERY_CONCURRENCY", "0"),
+            ("BROKER_BODY_BUDGET", "1048575"),
+            ("BROKER_BODY_BUDGET", "1073741825"),
+            ("BROKER_BODY_TIMEOUT", "0s"),
             ("BROKER_GATEWAY_ADDR", "gateway"),
             ("DRAIN_TIMEOUT", "soon"),
             ("AUTOSCALER_TOKEN", "short"),
@@ -626,7 +654,13 @@ mod tests {
         assert!(unknown.is_err());
         // Every setting has a flag and a row of help.
         let help = settings::help(StandaloneConfig::SETTINGS);
-        for name in ["BROKER_EVENT_LOG", "AUTOSCALER_TOKEN_FILE", "DRAIN_TIMEOUT"] {
+        for name in [
+            "BROKER_EVENT_LOG",
+            "AUTOSCALER_TOKEN_FILE",
+            "DRAIN_TIMEOUT",
+            "BROKER_BODY_BUDGET",
+            "BROKER_BODY_TIMEOUT",
+        ] {
             assert!(help.contains(name), "{name}");
         }
     }

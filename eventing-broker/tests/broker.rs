@@ -567,7 +567,12 @@ mod jetstream_only {
             .header("ce-type", "t")
             .body(Full::new(Bytes::from_static(b"{}")))
             .unwrap();
-        let response = eventing_broker::ingress::handle(broker, request).await;
+        let budget = mecha_common::BodyBudget::new(
+            "test",
+            mecha_common::BudgetSettings::default(),
+            &prometheus::Registry::new(),
+        );
+        let response = eventing_broker::ingress::handle(broker, &budget, request).await;
         match response.status().as_u16() {
             202 => {
                 posted.accepted.lock().unwrap().push(id.to_string());

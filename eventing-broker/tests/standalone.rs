@@ -972,6 +972,327 @@ async fn events_arrive_byte_for_byte_through_jetstream() {
     events_arrive_as_sent(&nats.url()).await;
 }
 
+/// Broker `default/b` with one trigger to `to`.
+fn one_trigger(to: SocketAddr) -> EventingState {
+    load(&format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: b\n---\n\
+         apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: all\nspec:\n  broker: b\n  subscriber:\n    uri: http://{to}/\n"
+    ))
+}
+
+/// A broker's `mecha_request_body_bytes_in_use`.
+async fn bytes_in_use(client: &HttpClient, broker: &Broker) -> u64 {
+    metric(client, broker, "mecha_request_body_bytes_in_use").await
+}
+
+/// Waits (up to 30 s) until the broker's bytes in use satisfy `check`; the last value.
+async fn in_use_until(
+    client: &HttpClient,
+    broker: &Broker,
+    what: &str,
+    check: impl Fn(u64) -> bool,
+) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = bytes_in_use(client, broker).await;
+        if check(now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}: {now} bytes in use");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The head of a binary-mode event of `length` bytes (`chunked` without a length).
+fn event_head(id: &str, length: Option<usize>) -> String {
+    let framing = length.map_or("transfer-encoding: chunked\r\n".to_string(), |n| {
+        format!("content-length: {n}\r\n")
+    });
+    format!(
+        "POST /default/b HTTP/1.1\r\nhost: broker\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /budget\r\nce-type: t\r\ncontent-type: application/octet-stream\r\n{framing}\r\n"
+    )
+}
+
+/// The hostile review's attack, from outside: 64 connections each send all but the last byte
+/// of a 1 MiB event and hold it. With a budget that never binds (1 GiB) the broker's resident
+/// memory grows by about what they sent; with 8 MiB it stays under the budget and a margin,
+/// the rest are refused, a well-behaved client is answered (never left hanging), and once
+/// the attackers close the budget is all back, a normal event is accepted and a large one
+/// sent slowly in chunks arrives byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_hold_no_more_memory_than_the_budget() {
+    use test_support::hostile::{PartialBody, resident};
+    const ATTACKERS: usize = 64;
+    const EVENT: usize = 1 << 20;
+    const BUDGET: u64 = 8 << 20;
+    // What besides the budget may grow: connection buffers and tasks, the allocator's slack.
+    const MARGIN: u64 = 16 << 20;
+    let dir = std::env::temp_dir().join(format!("mecha-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, seen) = raw_subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+
+    let mut growth = Vec::new();
+    for (run, budget) in [("unbounded", 1u64 << 30), ("budgeted", BUDGET)] {
+        let log = dir.join(format!("{run}.redb"));
+        let broker = Broker::start_with(
+            log.to_str().unwrap(),
+            control_addr,
+            &token,
+            &[("BROKER_BODY_BUDGET", &budget.to_string())],
+        );
+        ready(&client, &broker).await;
+        for n in 0..5 {
+            let id = format!("{run}-warm-{n}");
+            assert_eq!(post(&client, broker.ingress, &id, "t").await, Some(202));
+        }
+        let pid = broker.child.id();
+        let before = resident(pid);
+        let attackers: Vec<PartialBody> = (0..ATTACKERS)
+            .map(|n| {
+                let head = event_head(&format!("{run}-attack-{n}"), Some(EVENT));
+                PartialBody::start(broker.ingress, head, vec![b'a'; EVENT - 1], None)
+            })
+            .collect();
+        block_in_place(|| {
+            for attacker in &attackers {
+                attacker.settled(Duration::from_secs(60));
+            }
+        });
+        // Settled: every attacker the broker did not refuse has its body read (its buffer
+        // at the event's full size, taken from the budget).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let holding = loop {
+            let holding = attackers.iter().filter(|a| !a.refused()).count() as u64;
+            let in_use = bytes_in_use(&client, &broker).await;
+            if in_use == holding * EVENT as u64 {
+                break holding;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{run}: {in_use} bytes in use for {holding} bodies held"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The most the process holds over the next second, while the attackers hold on.
+        let mut peak = resident(pid);
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            peak = peak.max(resident(pid));
+        }
+        let grown = peak.saturating_sub(before);
+        eprintln!(
+            "{run} (budget {budget}): {ATTACKERS} attackers, {holding} held, resident {} MiB before, {} MiB under attack (+{:.1} MiB)",
+            before >> 20,
+            peak >> 20,
+            grown as f64 / f64::from(1 << 20)
+        );
+        growth.push(grown);
+        // A well-behaved client is answered at once: 202 if room is left, else 503 with
+        // Retry-After (checked by `post`), never a wait.
+        let polite = post(&client, broker.ingress, &format!("{run}-polite"), "t").await;
+        assert!(matches!(polite, Some(202 | 503)), "{run}: {polite:?}");
+        if run == "budgeted" {
+            assert!(
+                holding * (EVENT as u64) <= BUDGET,
+                "{holding} bodies held within the budget"
+            );
+            assert!(
+                metric(&client, &broker, "mecha_request_body_budget_refused_total").await
+                    >= (ATTACKERS as u64 - holding),
+                "each attacker not held was refused for budget"
+            );
+        } else {
+            assert_eq!(holding, ATTACKERS as u64, "a budget that never binds");
+        }
+        // The attackers go away mid-body: every byte comes back.
+        drop(attackers);
+        in_use_until(&client, &broker, run, |n| n == 0).await;
+        let id = format!("{run}-after");
+        assert_eq!(post(&client, broker.ingress, &id, "t").await, Some(202));
+
+        if run == "budgeted" {
+            // Within the budget a large event sent slowly, in chunks, arrives byte for byte.
+            let data: Vec<u8> = (0..900 * 1024u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            let mut stream = tokio::net::TcpStream::connect(broker.ingress)
+                .await
+                .unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(event_head("large-slow", None).as_bytes())
+                .await
+                .unwrap();
+            for chunk in data.chunks(32 * 1024) {
+                let size = format!("{:x}\r\n", chunk.len());
+                let framed = [size.as_bytes(), chunk, b"\r\n".as_slice()].concat();
+                stream.write_all(&framed).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stream.write_all(b"0\r\n\r\n").await.unwrap();
+            let mut answer = [0u8; 12];
+            stream.read_exact(&mut answer).await.unwrap();
+            assert_eq!(
+                &answer[9..12],
+                b"202",
+                "{}",
+                String::from_utf8_lossy(&answer)
+            );
+            until("the large event at the subscriber", || {
+                seen.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s.header("ce-id") == Some(&b"large-slow"[..]))
+            })
+            .await;
+            let got = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|s| s.header("ce-id") == Some(&b"large-slow"[..]))
+                .unwrap()
+                .body
+                .clone();
+            assert!(
+                got == data,
+                "the large event's data differs from what was sent"
+            );
+            in_use_until(&client, &broker, "after the large event", |n| n == 0).await;
+        }
+    }
+    assert!(
+        growth[0] > 48 << 20,
+        "without a budget the attack holds memory (else this test measures nothing): +{} MiB",
+        growth[0] >> 20
+    );
+    assert!(
+        growth[1] < BUDGET + MARGIN,
+        "with an 8 MiB budget: +{} MiB",
+        growth[1] >> 20
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A body that trickles in (a byte every 200 ms, never pausing long enough for the 1 s pause
+/// timeout) holds its budget only until the 3 s body timeout; a well-behaved client meanwhile
+/// gets 503 with Retry-After and a message; a body whose sender stops gives it back at the
+/// pause timeout, and a chunked body whose client goes away at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
+    use test_support::hostile::PartialBody;
+    let dir = std::env::temp_dir().join(format!("mecha-trickle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, _seen) = subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+    let log = dir.join("events.redb");
+    let broker = Broker::start_with(
+        log.to_str().unwrap(),
+        control_addr,
+        &token,
+        &[
+            ("BROKER_MAX_EVENT_SIZE", "65536"),
+            ("BROKER_BODY_BUDGET", "65536"),
+            ("BROKER_BODY_TIMEOUT", "3s"),
+            ("SIDECAR_BODY_READ_TIMEOUT", "1s"),
+        ],
+    );
+    ready(&client, &broker).await;
+    assert_eq!(post(&client, broker.ingress, "first", "t").await, Some(202));
+    // A control character in a String attribute (here a percent-encoded line feed): 400,
+    // naming the attribute, as CloudEvents excludes them from Strings.
+    let bad = format!(
+        "{}{{}}",
+        event_head("bad", Some(2)).replace(
+            "host: broker\r\n",
+            "host: broker\r\nconnection: close\r\nce-subject: line%0Abreak\r\n"
+        )
+    );
+    let (status, answer) = raw_exchange(broker.ingress, bad.as_bytes()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("attribute subject contains U+000A"),
+        "{answer}"
+    );
+
+    let started = Instant::now();
+    let trickler = PartialBody::start(
+        broker.ingress,
+        event_head("trickle", Some(65536)),
+        vec![b't'; 40_000],
+        Some(Duration::from_millis(200)),
+    );
+    // 40,000 bytes of a 65,536-byte body: the buffer is the body's size, the whole budget.
+    in_use_until(&client, &broker, "the trickler's bytes", |n| n == 65536).await;
+    let polite = format!(
+        "{}{{}}",
+        event_head("polite", Some(2))
+            .replace("host: broker\r\n", "host: broker\r\nconnection: close\r\n")
+    );
+    let (status, answer) = raw_exchange(broker.ingress, polite.as_bytes()).await;
+    assert_eq!(status, 503, "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("holds at most 65536 bytes"), "{answer}");
+
+    // The body timeout: 408, and the budget is back while the client still holds on.
+    let said = block_in_place(|| trickler.answer(Duration::from_secs(20)));
+    let took = started.elapsed();
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("did not arrive whole within 3s"), "{said}");
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    in_use_until(&client, &broker, "after the timeout", |n| n == 0).await;
+    assert_eq!(
+        post(&client, broker.ingress, "after-timeout", "t").await,
+        Some(202)
+    );
+    assert_eq!(
+        metric(&client, &broker, "mecha_request_body_timeouts_total").await,
+        1
+    );
+    assert!(metric(&client, &broker, "mecha_request_body_budget_refused_total").await >= 1);
+    drop(trickler);
+
+    // A sender that stops: the pause timeout answers first (408, saying so rather than the
+    // body timeout) and frees its budget.
+    let stopper = PartialBody::start(
+        broker.ingress,
+        event_head("stopper", Some(65536)),
+        vec![b's'; 40_000],
+        None,
+    );
+    in_use_until(&client, &broker, "the stopper's bytes", |n| n == 65536).await;
+    let said = block_in_place(|| stopper.answer(Duration::from_secs(20)));
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("paused longer than 1s"), "{said}");
+    in_use_until(&client, &broker, "after the pause timeout", |n| n == 0).await;
+    drop(stopper);
+
+    // A chunked body (no length) whose client goes away mid-body.
+    let chunk = [
+        b"9c40\r\n".as_slice(),
+        [b'c'; 40_000].as_slice(),
+        b"\r\n".as_slice(),
+    ]
+    .concat();
+    let leaver = PartialBody::start(broker.ingress, event_head("leaver", None), chunk, None);
+    in_use_until(&client, &broker, "the chunked body's bytes", |n| {
+        n >= 40_000
+    })
+    .await;
+    leaver.close();
+    in_use_until(&client, &broker, "after the client left", |n| n == 0).await;
+    assert_eq!(
+        post(&client, broker.ingress, "after-leaving", "t").await,
+        Some(202)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--help` lists every setting; a missing or bad one stops the binary with status 2 and a
 /// message naming it, before anything listens.
 #[test]
@@ -988,6 +1309,8 @@ fn help_lists_the_settings_and_a_bad_one_is_named() {
         "AUTOSCALER_TOKEN_FILE",
         "BROKER_GATEWAY_ADDR",
         "DRAIN_TIMEOUT",
+        "BROKER_BODY_BUDGET",
+        "BROKER_BODY_TIMEOUT",
     ] {
         assert!(text.contains(setting), "--help names {setting}:\n{text}");
     }
@@ -1014,6 +1337,21 @@ fn help_lists_the_settings_and_a_bad_one_is_named() {
     let said = String::from_utf8_lossy(&bad.stderr);
     assert!(
         said.contains("BROKER_EVENT_LOG") && said.contains("replicas"),
+        "{said}"
+    );
+    // A budget smaller than the largest event could never take one.
+    let small = run(
+        &[
+            ("AUTOSCALER_ADDR", "127.0.0.1:1"),
+            ("BROKER_EVENT_LOG", "/nonexistent/events.redb"),
+            ("BROKER_BODY_BUDGET", "65536"),
+        ],
+        &[],
+    );
+    assert_eq!(small.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&small.stderr);
+    assert!(
+        said.contains("BROKER_BODY_BUDGET") && said.contains("at least 1048576"),
         "{said}"
     );
     // The event size limit is bounded both ways, and the help says the bounds.

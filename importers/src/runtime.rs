@@ -221,8 +221,12 @@ impl Importers {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Answers a request for `/webhooks/…` on the gateway port.
-    pub async fn handle_webhook<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    /// Answers a request for `/webhooks/…`, its body read within `budget` (the listener's).
+    pub async fn handle_webhook<B>(
+        &self,
+        budget: &mecha_common::BodyBudget,
+        request: Request<B>,
+    ) -> Response<Full<Bytes>>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -235,7 +239,7 @@ impl Importers {
             .get(request.uri().path())
             .cloned();
         match receiver {
-            Some(receiver) => receiver.handle(request).await,
+            Some(receiver) => receiver.handle(budget, request).await,
             None => answer(
                 StatusCode::NOT_FOUND,
                 &format!(

@@ -37,6 +37,7 @@ use crds::SourceResource;
 use crds::sources::SourcesSnapshot;
 use mecha_common::admin::Health;
 use mecha_common::auth::ClientToken;
+use mecha_common::budget::{BodyBudget, BudgetSettings};
 use mecha_common::wire::SOURCES_WATCH_PATH;
 use mecha_common::{Shutdown, ShutdownSignal};
 use prometheus::Registry;
@@ -66,6 +67,10 @@ pub struct StandaloneConfig {
     /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`,
     /// `SIDECAR_MAX_CONNECTIONS`: the webhook listener's limits.
     pub limits: Limits,
+    /// `IMPORTERS_BODY_BUDGET` (64 MiB) and `IMPORTERS_BODY_TIMEOUT` (60s): the webhook bodies
+    /// held at once (each read whole before its signature is checked), and how long each may
+    /// take to arrive.
+    pub body_budget: BudgetSettings,
 }
 
 // === impl StandaloneConfig ===
@@ -92,6 +97,16 @@ impl StandaloneConfig {
             "--webhook-base-url",
             "IMPORTERS_WEBHOOK_BASE_URL",
             "where GitHub and GitLab reach the webhook port, as logged for each webhook source (http://localhost:PORT)",
+        ),
+        (
+            "--body-budget",
+            "IMPORTERS_BODY_BUDGET",
+            "bytes of webhook bodies held at once, across connections (each is read whole before its signature is checked); a body that would pass it gets 503 with Retry-After; 4194304 to 1073741824 (67108864)",
+        ),
+        (
+            "--body-timeout",
+            "IMPORTERS_BODY_TIMEOUT",
+            "time a webhook body may take to arrive whole, then 408 and its bytes are freed; 1s to 10m (60s)",
         ),
         (
             "--drain-timeout",
@@ -147,6 +162,12 @@ impl StandaloneConfig {
             drain_timeout: settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?,
             fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
             limits: settings::limits(&get)?,
+            body_budget: BudgetSettings::from_env(
+                &get,
+                "IMPORTERS_BODY_BUDGET",
+                "IMPORTERS_BODY_TIMEOUT",
+                crate::webhook::DEFAULT_MAX_BODY,
+            )?,
         })
     }
 }
@@ -220,7 +241,10 @@ pub async fn run(
     let webhook_task = tokio::spawn(server::serve(
         webhooks,
         Arc::new(Answering::new(
-            Webhooks(importers.clone()),
+            Webhooks(
+                importers.clone(),
+                BodyBudget::new("webhooks", config.body_budget, &registry),
+            ),
             received.clone(),
             "the importers have not received their sources from the control plane yet\n",
         )),
@@ -370,14 +394,14 @@ async fn follow_sources(
 
 /// The webhook port: every request is answered by the webhook receivers, after the data
 /// path's rules and limits.
-struct Webhooks(Importers);
+struct Webhooks(Importers, BodyBudget);
 
 impl Answer for Webhooks {
     async fn answer(
         &self,
         request: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-        self.0.handle_webhook(request).await
+        self.0.handle_webhook(&self.1, request).await
     }
 }
 
@@ -401,6 +425,7 @@ mod tests {
         assert_eq!((config.port, config.admin_port), (8080, 8022));
         assert_eq!(config.webhook_base, "http://localhost:8080");
         assert_eq!(config.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.body_budget, BudgetSettings::default());
         assert!(config.token.is_none());
         let set = read(&[
             ("AUTOSCALER_ADDR", "127.0.0.1:1"),
@@ -417,6 +442,10 @@ mod tests {
             ("IMPORTERS_WEBHOOK_BASE_URL", "hooks.example.com"),
             ("DRAIN_TIMEOUT", "soon"),
             ("AUTOSCALER_TOKEN", "short"),
+            // Below the largest webhook body, or above 1 GiB.
+            ("IMPORTERS_BODY_BUDGET", "4194303"),
+            ("IMPORTERS_BODY_BUDGET", "1073741825"),
+            ("IMPORTERS_BODY_TIMEOUT", "11m"),
         ] {
             let mut pairs = vec![("AUTOSCALER_ADDR", "127.0.0.1:1")];
             pairs.retain(|(k, _)| *k != setting);
@@ -425,7 +454,13 @@ mod tests {
         }
         assert_eq!(read(&[]).expect_err("missing").setting, "AUTOSCALER_ADDR");
         let help = settings::help(StandaloneConfig::SETTINGS);
-        for name in ["IMPORTERS_PORT", "AUTOSCALER_TOKEN_FILE", "DRAIN_TIMEOUT"] {
+        for name in [
+            "IMPORTERS_PORT",
+            "AUTOSCALER_TOKEN_FILE",
+            "DRAIN_TIMEOUT",
+            "IMPORTERS_BODY_BUDGET",
+            "IMPORTERS_BODY_TIMEOUT",
+        ] {
             assert!(help.contains(name), "{name}");
         }
         let flags = StandaloneConfig::from_args_and_env(&["--port".into(), "9100".into()], |k| {

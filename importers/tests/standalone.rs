@@ -90,9 +90,14 @@ struct Importers {
 
 impl Importers {
     fn start(control: SocketAddr, token: &AdminToken) -> Self {
+        Self::start_with(control, token, &[])
+    }
+
+    fn start_with(control: SocketAddr, token: &AdminToken, settings: &[(&str, &str)]) -> Self {
         let [webhooks, admin] = test_support::free_ports::<2>();
         let child = Command::new(env!("CARGO_BIN_EXE_importers"))
             .env_clear()
+            .envs(settings.iter().copied())
             .env("IMPORTERS_PORT", webhooks.to_string())
             .env("IMPORTERS_ADMIN_PORT", admin.to_string())
             .env("AUTOSCALER_ADDR", control.to_string())
@@ -351,4 +356,234 @@ async fn a_refused_credential_keeps_the_importers_unready_and_says_so() {
         .await
         .unwrap();
     assert_eq!(status, 503, "webhooks wait for the first state");
+}
+
+/// The GitHubSource `team/repo` alone.
+const GITHUB: &str = r#"
+apiVersion: sources.knative.dev/v1alpha1
+kind: GitHubSource
+metadata:
+  name: repo
+  namespace: team
+  annotations: {mecha.dev/secret-token-env: HOOK_SECRET}
+spec:
+  ownerAndRepository: octo/hello
+  eventTypes: [push]
+  sink: {uri: "http://placeholder.invalid/"}
+"#;
+
+/// `sha256=` and the HMAC of `body` with the test's secret.
+fn signature(body: &[u8]) -> String {
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+/// A push delivery's head (`signatures` as given; `length` or chunked).
+fn push_head(delivery: &str, signatures: &[&str], length: Option<usize>) -> String {
+    let mut head = format!(
+        "POST /webhooks/github/team/repo HTTP/1.1\r\nhost: hooks\r\nconnection: close\r\ncontent-type: application/json\r\nx-github-event: push\r\nx-github-delivery: {delivery}\r\n"
+    );
+    for signature in signatures {
+        head.push_str(&format!("x-hub-signature-256: {signature}\r\n"));
+    }
+    match length {
+        Some(n) => head.push_str(&format!("content-length: {n}\r\n\r\n")),
+        None => head.push_str("transfer-encoding: chunked\r\n\r\n"),
+    }
+    head
+}
+
+/// The sum of a metric's series on `/metrics`.
+async fn metric(http: &HttpClient, admin: SocketAddr, name: &str) -> u64 {
+    let (_, text) = get(http, admin, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Sends `request` on a connection of its own; the answer's status and text (status 0:
+/// nothing listens yet, or no answer).
+async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    if stream.write_all(request).await.is_err() {
+        return (0, String::new());
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// Webhook bodies are read whole before their signature can be checked, so anyone can make
+/// the receivers hold them. 32 unauthenticated connections each sending 3 MiB of a 4 MiB body
+/// leave the process's resident memory within the port's budget (4 MiB here) and a margin
+/// (unbounded it would be 96 MiB); the others are refused with 503; a signed delivery is
+/// answered meanwhile; once they close, the budget is back and a large signed delivery sent
+/// slowly in chunks reaches the sink byte for byte. Two signatures are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_webhook_bodies_hold_no_more_than_the_budget() {
+    use test_support::hostile::{PartialBody, resident};
+    const ATTACKERS: usize = 32;
+    const BODY: usize = 4 << 20;
+    const BUDGET: u64 = 4 << 20;
+    const MARGIN: u64 = 16 << 20;
+    let receiver = Subscriber::ok();
+    let token = AdminToken::generate().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_addr = listener.local_addr().unwrap();
+    let control = ControlPlane::start(listener, token.clone()).await;
+    let importers = Importers::start_with(
+        control_addr,
+        &token,
+        &[("IMPORTERS_BODY_BUDGET", &BUDGET.to_string())],
+    );
+    let http = client();
+    control
+        .sources
+        .send_replace(Arc::new(snapshot(GITHUB, &receiver.url("/events"))));
+    let small = br#"{"ref":"refs/heads/main"}"#;
+    let signed_small = |delivery: &str| {
+        let mut request = push_head(delivery, &[&signature(small)], Some(small.len())).into_bytes();
+        request.extend_from_slice(small);
+        request
+    };
+    until(
+        "the receiver to take deliveries",
+        Duration::from_secs(20),
+        async || raw(importers.webhooks, &signed_small("warm")).await.0 == 202,
+    )
+    .await;
+    let pid = importers.child.id();
+    let before = resident(pid);
+
+    let attackers: Vec<PartialBody> = (0..ATTACKERS)
+        .map(|n| {
+            let head = push_head(&format!("attack-{n}"), &["sha256=00"], Some(BODY));
+            PartialBody::start(importers.webhooks, head, vec![b' '; 3 << 20], None)
+        })
+        .collect();
+    tokio::task::block_in_place(|| {
+        for attacker in &attackers {
+            attacker.settled(Duration::from_secs(60));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let holding = loop {
+        let holding = attackers.iter().filter(|a| !a.refused()).count() as u64;
+        let in_use = metric(&http, importers.admin, "mecha_request_body_bytes_in_use").await;
+        if in_use == holding * BODY as u64 {
+            break holding;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{in_use} bytes in use for {holding} bodies held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut peak = resident(pid);
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        peak = peak.max(resident(pid));
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "webhooks (budget {BUDGET}): {ATTACKERS} attackers, {holding} held, resident {} MiB before, {} MiB under attack (+{:.1} MiB)",
+        before >> 20,
+        peak >> 20,
+        grown as f64 / f64::from(1 << 20)
+    );
+    assert!(holding * BODY as u64 <= BUDGET);
+    assert!(grown < BUDGET + MARGIN, "+{} MiB", grown >> 20);
+    assert!(
+        metric(
+            &http,
+            importers.admin,
+            "mecha_request_body_budget_refused_total"
+        )
+        .await
+            >= ATTACKERS as u64 - holding
+    );
+    // A signed delivery is answered meanwhile: 503 with Retry-After when the budget is
+    // taken (as it is: one 4 MiB buffer), never left waiting.
+    let (status, answer) = raw(importers.webhooks, &signed_small("polite")).await;
+    assert!(status == 202 || status == 503, "{answer}");
+    if status == 503 {
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+    }
+
+    drop(attackers);
+    until("the budget back", Duration::from_secs(30), async || {
+        metric(&http, importers.admin, "mecha_request_body_bytes_in_use").await == 0
+    })
+    .await;
+    assert_eq!(raw(importers.webhooks, &signed_small("after")).await.0, 202);
+
+    // A large signed delivery, sent slowly in chunks, reaches the sink as it was sent.
+    let large: String = format!(
+        r#"{{"ref":"refs/heads/main","commits":[{}]}}"#,
+        (0..20_000)
+            .map(|i| format!(r#"{{"id":"{i:040x}","n":{i}}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert!(large.len() > 1 << 20 && large.len() < BODY);
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(importers.webhooks)
+            .await
+            .unwrap();
+        let head = push_head("large", &[&signature(large.as_bytes())], None);
+        stream.write_all(head.as_bytes()).await.unwrap();
+        for chunk in large.as_bytes().chunks(64 * 1024) {
+            let size = format!("{:x}\r\n", chunk.len());
+            let framed = [size.as_bytes(), chunk, b"\r\n".as_slice()].concat();
+            stream.write_all(&framed).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stream.write_all(b"0\r\n\r\n").await.unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(
+            &answer[9..12],
+            b"202",
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let delivered = receiver
+        .all()
+        .into_iter()
+        .find(|r| r.headers.get("ce-id").map(String::as_str) == Some("large"))
+        .expect("the large delivery reached the sink");
+    assert!(delivered.body == large, "the large delivery's body differs");
+
+    // Two signatures, one of them right: which would count? Neither.
+    let mut twice = push_head(
+        "twice",
+        &[
+            &signature(small),
+            "sha256=0000000000000000000000000000000000000000000000000000000000000000",
+        ],
+        Some(small.len()),
+    )
+    .into_bytes();
+    twice.extend_from_slice(small);
+    let (status, answer) = raw(importers.webhooks, &twice).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer.contains("more than once"), "{answer}");
 }

@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod duration;
 pub mod load;
 pub mod memory;
@@ -22,6 +23,7 @@ pub mod telemetry;
 pub mod wire;
 
 pub use activation::Activation;
+pub use budget::{BodyBudget, BodyError, BudgetSettings, Buffered};
 pub use load::{LoadGuard, LoadSample, LoadTracker};
 pub use routing::{
     BufferLimits, Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget, RoutingTable,

@@ -106,6 +106,16 @@ enum Command {
         /// How long a client may pause in the middle of a request body (then 408).
         #[arg(long, default_value = "30s", value_parser = positive_duration)]
         body_read_timeout: Duration,
+        /// Bytes of request bodies the gateway port holds in memory at once for the broker
+        /// ingress and the webhook receivers (each reads a body whole before checking it);
+        /// a body that would pass it gets 503 with Retry-After. From the largest body taken
+        /// (--max-event-size, 4 MiB for webhooks) to 1073741824.
+        #[arg(long, default_value_t = mecha_common::budget::DEFAULT_BYTES, value_parser = body_budget)]
+        body_budget: usize,
+        /// How long such a request body may take to arrive whole (then 408, and its bytes
+        /// are freed): 1s to 10m.
+        #[arg(long, default_value = "60s", value_parser = body_timeout)]
+        body_timeout: Duration,
         /// Client connections the gateway keeps at once; at the limit the longest idle one
         /// closes (default: half the file limit).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -289,6 +299,22 @@ fn trusted_proxies(value: &str) -> Result<activator_sidecar::rules::TrustedProxi
     activator_sidecar::rules::TrustedProxies::parse(value)
 }
 
+/// `--body-budget`: checked against the largest body at start, once --max-event-size is
+/// known.
+fn body_budget(value: &str) -> Result<usize, String> {
+    let bytes: usize = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of bytes"))?;
+    mecha_common::budget::check_bytes(bytes, 0)?;
+    Ok(bytes)
+}
+
+fn body_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = humantime_duration(value)?;
+    mecha_common::budget::check_timeout(timeout)?;
+    Ok(timeout)
+}
+
 fn event_size(value: &str) -> Result<usize, String> {
     let size: usize = value
         .parse()
@@ -324,12 +350,20 @@ async fn main() -> ExitCode {
             header_read_timeout,
             idle_timeout,
             body_read_timeout,
+            body_budget,
+            body_timeout,
             max_connections,
             outlier_failures,
             outlier_ejection_time,
             outlier_max_ejection_time,
             event_log,
         } => {
+            // The largest body the gateway port takes: an event, or a webhook delivery.
+            let largest = max_event_size.max(importers::webhook::DEFAULT_MAX_BODY);
+            if let Err(why) = mecha_common::budget::check_bytes(body_budget, largest) {
+                eprintln!("error: --body-budget {body_budget}: {why}");
+                return ExitCode::from(2);
+            }
             if outlier_max_ejection_time < outlier_ejection_time {
                 eprintln!(
                     "error: --outlier-max-ejection-time ({outlier_max_ejection_time:?}) must be at least --outlier-ejection-time ({outlier_ejection_time:?})"
@@ -349,6 +383,10 @@ async fn main() -> ExitCode {
                 header_read_timeout,
                 idle_timeout,
                 body_read_timeout,
+                body_budget: mecha_common::BudgetSettings {
+                    bytes: body_budget,
+                    body_timeout,
+                },
                 max_connections: max_connections.map(|n| n as usize),
                 outlier: OutlierConfig {
                     consecutive_failures: outlier_failures,

@@ -49,6 +49,9 @@ pub struct UpConfig {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// The request bodies the gateway port holds at once for the broker ingress and the
+    /// webhooks, and how long each may take to arrive.
+    pub body_budget: mecha_common::BudgetSettings,
     /// Client connections of the gateway; by default from the file limit.
     pub max_connections: Option<usize>,
     /// When the gateway takes a failing replica out of rotation.
@@ -294,6 +297,7 @@ pub async fn run(config: UpConfig) -> ExitCode {
                 gateway: gateway.clone(),
                 broker: broker.clone(),
                 importers: importers.clone(),
+                budget: mecha_common::BodyBudget::new("gateway", config.body_budget, &registry),
             }),
             activator_sidecar::server::Workers::current(),
             shutdown.signal(),
@@ -511,6 +515,8 @@ struct Front {
     gateway: Gateway,
     broker: eventing_broker::EventBroker,
     importers: importers::Importers,
+    /// The port's budget for the bodies the broker ingress and the webhooks read whole.
+    budget: mecha_common::BodyBudget,
 }
 
 impl Role for Front {
@@ -529,11 +535,11 @@ impl Role for Front {
     ) -> hyper::Response<ProxyBody> {
         if is_ingress_host(&request) && request.uri().path().starts_with("/webhooks/") {
             self.importers
-                .handle_webhook(request)
+                .handle_webhook(&self.budget, request)
                 .await
                 .map(|body| body.map_err(|never| match never {}).boxed_unsync())
         } else if is_ingress_host(&request) {
-            eventing_broker::ingress::handle(&self.broker, request)
+            eventing_broker::ingress::handle(&self.broker, &self.budget, request)
                 .await
                 .map(|body| body.map_err(|never| match never {}).boxed_unsync())
         } else {

@@ -705,6 +705,51 @@ fn revision_names_and_traffic_to_old_revisions_survive_a_restart() {
     );
 }
 
+/// `--body-budget` is bounded both ways: below the largest body the gateway port takes (a
+/// webhook's 4 MiB, or a larger `--max-event-size`) no such body could ever be taken, above
+/// 1 GiB it bounds nothing; `--body-timeout` is 1s to 10m. Each stops `mecha up` with status 2
+/// and a message naming the flag, before anything starts.
+#[test]
+fn up_refuses_a_body_budget_that_cannot_work() {
+    let dir = Workdir::new("cli-body-budget");
+    for (args, flag, says) in [
+        (
+            &["--body-budget", "1048576"][..],
+            "--body-budget",
+            "at least 4194304",
+        ),
+        (
+            &["--body-budget", "8388608", "--max-event-size", "16777216"][..],
+            "--body-budget",
+            "at least 16777216",
+        ),
+        (
+            &["--body-budget", "1073741825"][..],
+            "--body-budget",
+            "at most 1073741824",
+        ),
+        (
+            &["--body-timeout", "0s"][..],
+            "--body-timeout",
+            "between 1s and 600s",
+        ),
+    ] {
+        let output = std::process::Command::new(support::mecha_bin())
+            .args(["up", "--port", "0", "--admin-port", "0"])
+            .args(args)
+            .arg("--state-dir")
+            .arg(dir.path.join("state"))
+            .output()
+            .expect("run mecha up");
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 /// `--max-event-size` is bounded both ways (64 KiB to 16 MiB): an absurd value stops `mecha
 /// up` with status 2 and a message naming the flag and the bound, before anything starts.
 #[test]

@@ -876,3 +876,87 @@ fn a_body_left_unread_after_an_early_answer_is_never_parsed_as_a_request() {
         "{received}"
     );
 }
+
+/// `mecha_request_body_bytes_in_use{listener="gateway"}` on `mecha up`'s `/metrics`.
+fn gateway_bytes_in_use(mecha: &Mecha) -> u64 {
+    let metrics = support::http(mecha.admin, "localhost", "/metrics").body;
+    metrics
+        .lines()
+        .find(|line| line.starts_with("mecha_request_body_bytes_in_use{listener=\"gateway\"}"))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no gateway budget in /metrics:\n{metrics}"))
+}
+
+/// The gateway port holds the bodies of the broker ingress and the webhooks within one budget:
+/// four unfinished 1 MiB events take the whole 4 MiB, so an event is refused at once with 503
+/// and `Retry-After`, and so is a webhook delivery (its body is read before its signature is
+/// checked), until the body timeout answers the four 408 and gives every byte back; then
+/// events are taken again.
+#[test]
+fn the_gateway_port_holds_request_bodies_within_its_budget() {
+    use test_support::hostile::PartialBody;
+    let work = Workdir::new("gateway-budget");
+    let github = "---\napiVersion: sources.knative.dev/v1alpha1\nkind: GitHubSource\nmetadata:\n  name: repo\n  annotations: {mecha.dev/secret-token-env: BUDGET_HOOK_SECRET}\nspec:\n  ownerAndRepository: octo/hello\n  eventTypes: [push]\n  sink: {uri: \"http://127.0.0.1:9/\"}\n";
+    let file = work.write("broker.yaml", &format!("{BROKER}{github}"));
+    let state = Mecha::fresh_state_dir();
+    let mecha = Mecha::start(
+        &[&file],
+        &[("BUDGET_HOOK_SECRET", "a secret")],
+        &["--body-budget", "4194304", "--body-timeout", "3s"],
+        &state,
+    );
+    assert_eq!(post_binary(&mecha, "before", "t", &[]), 202);
+    let unsigned_webhook = || {
+        support::request_with(
+            mecha.gateway,
+            "POST",
+            "localhost",
+            "/webhooks/github/default/repo",
+            &[("x-github-event", "push"), ("x-github-delivery", "d1")],
+            "{}",
+        )
+    };
+    wait_until("the webhook receiver", || unsigned_webhook().status == 401);
+    let head = |id: &str| {
+        format!(
+            "POST /default/default HTTP/1.1\r\nHost: localhost\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /t\r\nce-type: t\r\nContent-Length: 1048576\r\n\r\n"
+        )
+    };
+    let holders: Vec<PartialBody> = (0..4)
+        .map(|n| {
+            PartialBody::start(
+                mecha.gateway,
+                head(&format!("held-{n}")),
+                vec![b'h'; 800_000],
+                None,
+            )
+        })
+        .collect();
+    wait_until("the holders' bodies in the budget", || {
+        gateway_bytes_in_use(&mecha) == 4 << 20
+    });
+    let (status, headers, body) = ingress(
+        mecha.gateway,
+        "POST",
+        "/default/default",
+        &[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "refused"),
+            ("ce-source", "/t"),
+            ("ce-type", "t"),
+        ],
+        "{}",
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers.get("retry-after").map(String::as_str), Some("1"));
+    assert!(body.contains("holds at most 4194304 bytes"), "{body}");
+    let webhook = unsigned_webhook();
+    assert_eq!(webhook.status, 503, "{}", webhook.body);
+    for holder in &holders {
+        let said = holder.answer(Duration::from_secs(20));
+        assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    }
+    wait_until("the budget back", || gateway_bytes_in_use(&mecha) == 0);
+    assert_eq!(post_binary(&mecha, "after", "t", &[]), 202);
+    assert_eq!(unsigned_webhook().status, 401);
+}

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod hostile;
 pub mod nats;
 pub mod servers;
 pub mod subscriber;
