@@ -131,9 +131,9 @@ impl ApiServerSource {
             let at = format!("spec.resources[{i}]");
             match mode {
                 Mode::Local => {
-                    let known = WATCHABLE.iter().any(|(api, kind)| {
-                        *api == resource.api_version && *kind == resource.kind
-                    });
+                    let known = WATCHABLE
+                        .iter()
+                        .any(|(api, kind)| *api == resource.api_version && *kind == resource.kind);
                     if !known {
                         let kinds: Vec<String> = WATCHABLE
                             .iter()
@@ -232,14 +232,14 @@ pub fn validate_api_version_kind(
     };
     let group_ok = group.is_none_or(|g| crate::meta::dns_subdomain(g).is_ok());
     let version_ok = version.strip_prefix('v').is_some_and(|rest| {
-            let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-            let (major, level) = rest.split_at(digits);
-            let level_ok = match level.strip_prefix("alpha").or(level.strip_prefix("beta")) {
-                None => level.is_empty(),
-                Some(n) => !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()),
-            };
-            !major.is_empty() && level_ok
-        });
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (major, level) = rest.split_at(digits);
+        let level_ok = match level.strip_prefix("alpha").or(level.strip_prefix("beta")) {
+            None => level.is_empty(),
+            Some(n) => !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()),
+        };
+        !major.is_empty() && level_ok
+    });
     if !group_ok || !version_ok {
         errors.push(FieldError::new(
             format!("{path}.apiVersion"),
@@ -333,10 +333,14 @@ mod tests {
         assert_eq!(every.validate(Mode::Local), []);
         assert!(every.all_namespaces());
         let owner = every.spec.owner.clone().unwrap_or_default();
-        assert!(owner.owns(&serde_json::json!({"metadata": {"ownerReferences": [
-            {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "hello"}]}})));
-        assert!(!owner.owns(&serde_json::json!({"metadata": {"ownerReferences": [
-            {"apiVersion": "apps/v1", "kind": "Service", "name": "hello"}]}})));
+        assert!(
+            owner.owns(&serde_json::json!({"metadata": {"ownerReferences": [
+            {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "hello"}]}}))
+        );
+        assert!(
+            !owner.owns(&serde_json::json!({"metadata": {"ownerReferences": [
+            {"apiVersion": "apps/v1", "kind": "Service", "name": "hello"}]}}))
+        );
         assert!(!owner.owns(&serde_json::json!({"metadata": {}})));
     }
 
@@ -350,5 +354,28 @@ mod tests {
         assert_eq!(long.validate(Mode::Kubernetes), []);
         long.metadata.name = "a".repeat(48);
         assert_eq!(paths(long.validate(Mode::Kubernetes)), ["metadata.name"]);
+    }
+
+    #[test]
+    fn a_local_namespace_selector_with_labels_is_a_load_error_naming_the_field() {
+        let yaml = "apiVersion: sources.knative.dev/v1\nkind: ApiServerSource\nmetadata:\n  name: every\nspec:\n  namespaceSelector:\n    matchLabels:\n      team: blue\n  resources:\n    - apiVersion: serving.knative.dev/v1\n      kind: Service\n  sink:\n    uri: http://127.0.0.1:9/\n";
+        let path = std::path::Path::new("a.yaml");
+        let (_, errors) = crate::load_str(path, yaml, Mode::Local);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].to_string().contains(
+                "document 1 (ApiServerSource default/every): spec.namespaceSelector: local namespaces have no labels"
+            ),
+            "{}",
+            errors[0]
+        );
+        let (loaded, errors) = crate::load_str(path, yaml, Mode::Kubernetes);
+        assert!(errors.is_empty() && loaded.len() == 1, "{errors:?}");
+        let (loaded, errors) = crate::load_str(
+            path,
+            &yaml.replace("    matchLabels:\n      team: blue\n", "    {}\n"),
+            Mode::Local,
+        );
+        assert!(errors.is_empty() && loaded.len() == 1, "{errors:?}");
     }
 }

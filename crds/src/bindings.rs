@@ -13,8 +13,8 @@ use crate::error::FieldError;
 use crate::eventing::Destination;
 use crate::load::Mode;
 use crate::meta::ObjectMeta;
-use crate::serving::Container;
 pub use crate::selector::LabelSelector;
+use crate::serving::Container;
 use crate::sources::{CloudEventOverrides, validate_overrides};
 
 pub const CONTAINER_KIND: &str = "ContainerSource";

@@ -84,7 +84,9 @@ pub fn dns_label(value: &str, letter_first: bool) -> Result<(), String> {
 pub fn dns_subdomain(value: &str) -> Result<(), String> {
     let ok = !value.is_empty()
         && value.len() <= 253
-        && value.split('.').all(|label| dns_label(label, false).is_ok());
+        && value
+            .split('.')
+            .all(|label| dns_label(label, false).is_ok());
     if ok {
         Ok(())
     } else {

@@ -116,12 +116,10 @@ impl LabelSelector {
                     format!("{at}.values"),
                     format!("{} needs at least one value", e.operator),
                 )),
-                "Exists" | "DoesNotExist" if !e.values.is_empty() => {
-                    errors.push(FieldError::new(
-                        format!("{at}.values"),
-                        format!("{} takes no values", e.operator),
-                    ))
-                }
+                "Exists" | "DoesNotExist" if !e.values.is_empty() => errors.push(FieldError::new(
+                    format!("{at}.values"),
+                    format!("{} takes no values", e.operator),
+                )),
                 "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
                 other => errors.push(FieldError::new(
                     format!("{at}.operator"),

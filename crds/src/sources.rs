@@ -825,10 +825,7 @@ fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
-pub fn validate_overrides(
-    overrides: Option<&CloudEventOverrides>,
-    errors: &mut Vec<FieldError>,
-) {
+pub fn validate_overrides(overrides: Option<&CloudEventOverrides>, errors: &mut Vec<FieldError>) {
     let Some(overrides) = overrides else {
         return;
     };

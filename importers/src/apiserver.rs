@@ -190,7 +190,10 @@ impl ApiServerConfig {
     pub fn watches(&self, (api_version, kind, namespace, _): &ObjectKey, object: &Object) -> bool {
         let spec = &self.source.spec;
         (self.source.all_namespaces() || namespace == self.source.metadata.namespace())
-            && spec.owner.as_ref().is_none_or(|owner| owner.owns(&object.body))
+            && spec
+                .owner
+                .as_ref()
+                .is_none_or(|owner| owner.owns(&object.body))
             && spec.resources.iter().any(|resource| {
                 resource.api_version == *api_version
                     && resource.kind == *kind
@@ -395,7 +398,10 @@ mod tests {
             Some("/apis/v1/namespaces/team-a")
         );
         assert_eq!(event.string("namespace"), None);
-        assert_eq!(event.string("source").as_deref(), Some("https://10.96.0.1:443"));
+        assert_eq!(
+            event.string("source").as_deref(),
+            Some("https://10.96.0.1:443")
+        );
         assert_eq!(
             event.string("type").as_deref(),
             Some("dev.knative.apiserver.ref.delete")

@@ -32,10 +32,10 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::Namespace;
+use kube::Resource;
 use kube::api::{Api, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::watcher::Event;
-use kube::Resource;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -558,8 +558,8 @@ pub fn adapter_deployment(
 ) -> Option<Deployment> {
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStrategy};
     use k8s_openapi::api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PodSecurityContext,
-        PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+        Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PodSecurityContext, PodSpec,
+        PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -592,7 +592,10 @@ pub fn adapter_deployment(
     .collect();
     let selector = BTreeMap::from([(ADAPTER_LABEL.to_string(), name.clone())]);
     let mut labels = selector.clone();
-    labels.insert("app.kubernetes.io/component".into(), "apiserver-adapter".into());
+    labels.insert(
+        "app.kubernetes.io/component".into(),
+        "apiserver-adapter".into(),
+    );
     labels.insert("app.kubernetes.io/part-of".into(), "mecha".into());
     let probe = |path: &str, period: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -697,7 +700,9 @@ pub fn adapter_deployment(
 
 /// A label selector's query as the adapter sends it (`None` for none or `{}`).
 pub fn selector_query(selector: Option<&LabelSelector>) -> Option<String> {
-    selector.map(LabelSelector::to_query).filter(|q| !q.is_empty())
+    selector
+        .map(LabelSelector::to_query)
+        .filter(|q| !q.is_empty())
 }
 
 #[cfg(test)]
@@ -716,7 +721,10 @@ mod tests {
             .map(|(c, o)| {
                 (
                     c,
-                    o["metadata"]["uid"].as_str().unwrap_or_default().to_string(),
+                    o["metadata"]["uid"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                 )
             })
             .collect()
@@ -787,7 +795,10 @@ mod tests {
             message: r.into(),
         };
         let ready = |c: Vec<Condition>| {
-            let r = c.into_iter().find(|c| c.type_ == "Ready").unwrap_or_default();
+            let r = c
+                .into_iter()
+                .find(|c| c.type_ == "Ready")
+                .unwrap_or_default();
             (r.status, r.reason)
         };
         assert_eq!(
@@ -817,7 +828,10 @@ mod tests {
         bad["allNamespaces"] = true.into();
         let error = AdapterConfig::parse(&bad.to_string()).expect_err("refused");
         assert!(error.contains("resources[0].apiVersion"), "{error}");
-        assert!(error.contains("namespaces: give namespaces or allNamespaces"), "{error}");
+        assert!(
+            error.contains("namespaces: give namespaces or allNamespaces"),
+            "{error}"
+        );
         let error = AdapterConfig::parse("{\"name\": 1}").expect_err("refused");
         assert!(error.contains("invalid type"), "{error}");
     }

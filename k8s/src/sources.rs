@@ -86,7 +86,10 @@ pub trait SourceKind:
     /// The workload the source runs as in the cluster, given its resolved sink (a
     /// ContainerSource's Deployment, an ApiServerSource's adapter); `None` for the kinds the
     /// importers run.
-    fn workload(&self, _inputs: &WorkloadInputs<'_>) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+    fn workload(
+        &self,
+        _inputs: &WorkloadInputs<'_>,
+    ) -> Option<k8s_openapi::api::apps::v1::Deployment> {
         None
     }
     /// The source as an ApiServerSource, whose reconcile also resolves namespaces, checks
@@ -149,11 +152,12 @@ impl SourceKind for ApiServerSource {
     fn source_status(&self) -> Option<&SourceStatus> {
         self.status.as_ref()
     }
-    fn workload(&self, inputs: &WorkloadInputs<'_>) -> Option<k8s_openapi::api::apps::v1::Deployment> {
-        let config = crate::apiserver::AdapterConfig::for_source(
-            &self.local_source(),
-            inputs.namespaces?,
-        );
+    fn workload(
+        &self,
+        inputs: &WorkloadInputs<'_>,
+    ) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+        let config =
+            crate::apiserver::AdapterConfig::for_source(&self.local_source(), inputs.namespaces?);
         crate::apiserver::adapter_deployment(
             self,
             inputs.sink_uri,
@@ -191,7 +195,10 @@ impl SourceKind for ContainerSource {
     fn source_status(&self) -> Option<&SourceStatus> {
         self.status.as_ref()
     }
-    fn workload(&self, inputs: &WorkloadInputs<'_>) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+    fn workload(
+        &self,
+        inputs: &WorkloadInputs<'_>,
+    ) -> Option<k8s_openapi::api::apps::v1::Deployment> {
         container_deployment(self, inputs.sink_uri)
     }
 }

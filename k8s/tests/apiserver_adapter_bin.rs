@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use importers::apiserver::Change;
 use k8s::apiserver::{AdapterConfig, event_id};
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{Value, json};
@@ -86,7 +87,8 @@ impl Receiver {
                                 kept.arrived.notify_waiters();
                                 let mut response = http::Response::new(http_body_util::Empty::<
                                     bytes::Bytes,
-                                >::new());
+                                >::new(
+                                ));
                                 *response.status_mut() = http::StatusCode::ACCEPTED;
                                 Ok::<_, Infallible>(response)
                             }
@@ -117,17 +119,17 @@ impl Receiver {
             }
         })
         .await;
-        waited.unwrap_or_else(|_| {
-            panic!(
-                "{count} events did not arrive; got {:#?}",
-                self.events()
-            )
-        })
+        waited.unwrap_or_else(|_| panic!("{count} events did not arrive; got {:#?}", self.events()))
     }
 }
 
 /// Starts the adapter for `config`, sending to `sink`, against the scripted server at `api`.
-fn adapter(dir: &Path, api: SocketAddr, sink: SocketAddr, config: &AdapterConfig) -> (Process, u16) {
+fn adapter(
+    dir: &Path,
+    api: SocketAddr,
+    sink: SocketAddr,
+    config: &AdapterConfig,
+) -> (Process, u16) {
     let kubeconfig = kubeconfig(dir, api, NAMESPACE);
     let admin_port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_apiserver-adapter"))
@@ -156,12 +158,12 @@ fn header<'a>(event: &'a Received, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} header in {event:#?}"))
 }
 
-fn pod(name: &str, app: &str, owned: bool) -> Pod {
-    let owners = if owned {
-        json!([{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-6d4f",
-                 "uid": "00000000-0000-4000-8000-00000000ffff" }])
-    } else {
-        json!([])
+/// A Pod labelled `app`, owned by the ReplicaSet `owner` (its uid) when given.
+fn pod(name: &str, app: &str, owner: Option<&str>) -> Pod {
+    let owners = match owner {
+        Some(uid) => json!([{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-6d4f",
+                              "uid": uid }]),
+        None => json!([]),
     };
     serde_json::from_value(json!({
         "metadata": { "name": name, "namespace": NAMESPACE, "labels": { "app": app },
@@ -179,11 +181,18 @@ fn as_json<K: serde::Serialize>(object: &K) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_mode_sends_the_selected_owned_pods_changes_and_drains_on_sigterm() {
     let server = ApiServer::new();
-    // The ReplicaSet owner of the owned pods is not stored: the garbage collector would take
-    // its pods. Pods made before the adapter starts are listed, the rest watched.
-    server.create(&pod("web-1", "web", true));
-    server.create(&pod("web-2", "web", false)); // not owned by a ReplicaSet
-    server.create(&pod("db", "db", true)); // not selected
+    // The pods' owner (the scripted garbage collector deletes pods whose owners are gone).
+    let replica_set: ReplicaSet = serde_json::from_value(json!({
+        "metadata": { "name": "web-6d4f", "namespace": NAMESPACE },
+        "spec": { "selector": { "matchLabels": { "app": "web" } } },
+    }))
+    .expect("a ReplicaSet");
+    let owner = server.create(&replica_set).metadata.uid.expect("a uid");
+    let owner = Some(owner.as_str());
+    // Pods made before the adapter starts are listed, the rest watched.
+    server.create(&pod("web-1", "web", owner));
+    server.create(&pod("web-2", "web", None)); // not owned by a ReplicaSet
+    server.create(&pod("db", "db", owner)); // not selected
     // The first two lists fail: not ready meanwhile, with the reason.
     server.fail_next("list", "pods", None, 500);
     server.fail_next("list", "pods", None, 500);
@@ -226,18 +235,30 @@ async fn reference_mode_sends_the_selected_owned_pods_changes_and_drains_on_sigt
             .insert("rollout".into(), "2".into());
     });
     let first = receiver.wait_for(1).await;
-    server.create(&pod("web-3", "web", true));
+    server.create(&pod("web-3", "web", owner));
     assert!(server.delete::<Pod>(NAMESPACE, "web-1"));
     let events = receiver.wait_for(4).await;
-    assert_eq!(events.len(), 4, "nothing for web-2 (no owner) or db (app=db)");
+    assert_eq!(
+        events.len(),
+        4,
+        "nothing for web-2 (no owner) or db (app=db)"
+    );
     let summary: Vec<(String, String)> = events
         .iter()
-        .map(|e| (header(e, "ce-type").to_string(), header(e, "ce-name").to_string()))
+        .map(|e| {
+            (
+                header(e, "ce-type").to_string(),
+                header(e, "ce-name").to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
         [
-            ("dev.knative.apiserver.ref.add".to_string(), "web-1".to_string()),
+            (
+                "dev.knative.apiserver.ref.add".to_string(),
+                "web-1".to_string()
+            ),
             ("dev.knative.apiserver.ref.update".into(), "web-1".into()),
             ("dev.knative.apiserver.ref.add".into(), "web-3".into()),
             ("dev.knative.apiserver.ref.delete".into(), "web-1".into()),
@@ -264,8 +285,7 @@ async fn reference_mode_sends_the_selected_owned_pods_changes_and_drains_on_sigt
         header(&events[1], "ce-id"),
         event_id(NAMESPACE, "pods", Change::Update, &as_json(&web_1))
     );
-    let ids: std::collections::BTreeSet<&str> =
-        events.iter().map(|e| header(e, "ce-id")).collect();
+    let ids: std::collections::BTreeSet<&str> = events.iter().map(|e| header(e, "ce-id")).collect();
     assert_eq!(ids.len(), 4, "every change has its own id");
 
     let metrics = process.wait_http(admin, "/metrics", 200).await;
@@ -325,7 +345,10 @@ async fn resource_mode_sends_the_object_with_its_real_plural_and_the_same_id_aft
     let (mut process, admin) = adapter(&dir, api, sink, &config);
     process.wait_http(admin, "/ready", 200).await;
     let events = receiver.wait_for(2).await;
-    assert_eq!(header(&events[1], "ce-type"), "dev.knative.apiserver.resource.add");
+    assert_eq!(
+        header(&events[1], "ce-type"),
+        "dev.knative.apiserver.resource.add"
+    );
     assert_eq!(header(&events[1], "ce-id"), id);
     assert!(process.terminate().await.success());
     let _ = std::fs::remove_dir_all(&dir);

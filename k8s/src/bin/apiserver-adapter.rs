@@ -100,7 +100,11 @@ const SETTINGS: Table = &[
         "K_SOURCE_CONFIG",
         "the source as JSON: name, namespace, mode, owner, namespaces or allNamespaces, resources (required)",
     ),
-    ("--admin-port", "ADMIN_PORT", "/live, /ready, /metrics (8022)"),
+    (
+        "--admin-port",
+        "ADMIN_PORT",
+        "/live, /ready, /metrics (8022)",
+    ),
     (
         "--drain-timeout",
         "DRAIN_TIMEOUT",
@@ -305,6 +309,14 @@ async fn run(
     api_server_url: String,
     admin: tokio::net::TcpListener,
 ) -> ExitCode {
+    // Before anything can report ready: a SIGTERM from then on drains.
+    let stop = match mecha_common::shutdown::stop_signals() {
+        Ok(stop) => stop,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::from(1);
+        }
+    };
     let registry = Registry::new();
     let health = Health::default();
     let shutdown = Shutdown::new();
@@ -356,13 +368,7 @@ async fn run(
     ));
     health.set_ready(true);
 
-    match mecha_common::shutdown::stop_signals() {
-        Ok(stop) => stop.await,
-        Err(error) => {
-            eprintln!("error: cannot listen for SIGTERM: {error}");
-            return ExitCode::from(1);
-        }
-    }
+    stop.await;
     tracing::info!("draining");
     health.set_ready(false);
     shutdown.trigger();
@@ -492,7 +498,11 @@ async fn watch(
             Event::Init | Event::InitApply(_) => {}
         }
         for (change, object) in tracker.apply(as_json(event, &resource)) {
-            if source.owner.as_ref().is_some_and(|owner| !owner.owns(&object)) {
+            if source
+                .owner
+                .as_ref()
+                .is_some_and(|owner| !owner.owns(&object))
+            {
                 continue;
             }
             let pending = Pending {
@@ -602,8 +612,8 @@ mod tests {
 
         let error = config(&[("K_SOURCE_CONFIG", SOURCE)]).expect_err("no sink");
         assert_eq!(error.setting, "K_SINK");
-        let error = config(&[("K_SINK", "https://x/"), ("K_SOURCE_CONFIG", SOURCE)])
-            .expect_err("https");
+        let error =
+            config(&[("K_SINK", "https://x/"), ("K_SOURCE_CONFIG", SOURCE)]).expect_err("https");
         assert_eq!(error.setting, "K_SINK");
         let error = config(&[
             ("K_SINK", "http://x/"),

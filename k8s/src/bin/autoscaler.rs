@@ -316,9 +316,7 @@ async fn main() -> ExitCode {
             match kube::Client::try_from(kube_config) {
                 Ok(client) => client,
                 Err(error) => {
-                    eprintln!(
-                        "error: cannot make a client for the Kubernetes API server: {error}"
-                    );
+                    eprintln!("error: cannot make a client for the Kubernetes API server: {error}");
                     return ExitCode::from(1);
                 }
             }

@@ -1034,7 +1034,12 @@ pub const DISCOVERY: &[(&str, &str, &str, bool)] = &[
     ("v1", "secrets", "Secret", true),
     ("apps/v1", "deployments", "Deployment", true),
     ("apps/v1", "replicasets", "ReplicaSet", true),
-    ("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", true),
+    (
+        "networking.k8s.io/v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+    ),
     ("serving.knative.dev/v1", "services", "Service", true),
     ("serving.knative.dev/v1", "revisions", "Revision", true),
 ];

@@ -76,7 +76,12 @@ pub fn free_port() -> u16 {
 
 /// One HTTP/1.1 request; the status and what arrived of the body within `read_for` (until
 /// the body holds `until`, when given).
-pub async fn http(port: u16, request: &str, read_for: Duration, until: Option<&str>) -> (u16, String) {
+pub async fn http(
+    port: u16,
+    request: &str,
+    read_for: Duration,
+    until: Option<&str>,
+) -> (u16, String) {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
         // Not listening yet.
         return (0, String::new());

@@ -291,9 +291,12 @@ pub async fn api_server_source(server: ApiServer) {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     for (name, team) in [("team-a", "blue"), ("team-b", "blue"), ("other", "red")] {
-        server.create(&serde_json::from_value::<Namespace>(json!({
-            "metadata": { "name": name, "labels": { "team": team } },
-        })).expect("a Namespace"));
+        server.create(
+            &serde_json::from_value::<Namespace>(json!({
+                "metadata": { "name": name, "labels": { "team": team } },
+            }))
+            .expect("a Namespace"),
+        );
     }
     let deny = Arc::new(AtomicBool::new(true));
     let denying = deny.clone();
@@ -331,15 +334,21 @@ pub async fn api_server_source(server: ApiServer) {
 
     // Denied: named, and no adapter.
     let status = server
-        .wait_for("ApiServerSource policies SufficientPermissions=False", |s| {
-            let status = s.get::<ApiServerSource>(NAMESPACE, "policies")?.status?;
-            condition(&status.conditions, "SufficientPermissions")
-                .is_some_and(|c| c.status == "False")
-                .then_some(status)
-        })
+        .wait_for(
+            "ApiServerSource policies SufficientPermissions=False",
+            |s| {
+                let status = s.get::<ApiServerSource>(NAMESPACE, "policies")?.status?;
+                condition(&status.conditions, "SufficientPermissions")
+                    .is_some_and(|c| c.status == "False")
+                    .then_some(status)
+            },
+        )
         .await;
     let permissions = condition(&status.conditions, "SufficientPermissions").expect("condition");
-    assert_eq!(permissions.reason.as_deref(), Some("InsufficientPermissions"));
+    assert_eq!(
+        permissions.reason.as_deref(),
+        Some("InsufficientPermissions")
+    );
     let message = permissions.message.clone().unwrap_or_default();
     assert!(
         message.contains(
@@ -447,16 +456,21 @@ pub async fn api_server_source(server: ApiServer) {
     );
     assert_eq!(config.resources.len(), 2);
     let status = server
-        .wait_for("ApiServerSource policies Deployed=Unknown", |s| {
-            let status = s.get::<ApiServerSource>(NAMESPACE, "policies")?.status?;
-            condition(&status.conditions, "Deployed")
-                .is_some_and(|c| c.status == "Unknown")
-                .then_some(status)
-        })
+        .wait_for(
+            "ApiServerSource policies SufficientPermissions=True, Deployed=Unknown",
+            |s| {
+                let status = s.get::<ApiServerSource>(NAMESPACE, "policies")?.status?;
+                let is = |type_: &str, state: &str| {
+                    condition(&status.conditions, type_).is_some_and(|c| c.status == state)
+                };
+                (is("SufficientPermissions", "True") && is("Deployed", "Unknown"))
+                    .then_some(status.clone())
+            },
+        )
         .await;
     assert_eq!(
-        condition(&status.conditions, "SufficientPermissions").map(|c| c.status.as_str()),
-        Some("True")
+        condition(&status.conditions, "Deployed").and_then(|c| c.reason.as_deref()),
+        Some("DeploymentUnavailable")
     );
     assert_eq!(
         condition(&status.conditions, "Ready").map(|c| c.status.as_str()),
