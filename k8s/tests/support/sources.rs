@@ -496,6 +496,40 @@ pub async fn api_server_source(server: ApiServer) {
             .get::<Deployment>(NAMESPACE, "apiserversource-policies")
             .is_none()
     );
+
+    // A kind the API server does not serve: named, and no adapter.
+    server.create(&object::<ApiServerSource>(
+        "sources.knative.dev/v1",
+        "ApiServerSource",
+        "widgets",
+        json!({
+            "resources": [{ "apiVersion": "example.com/v1", "kind": "Widget" }],
+            "sink": broker_sink(),
+        }),
+    ));
+    let status = server
+        .wait_for("ApiServerSource widgets SufficientPermissions=False", |s| {
+            let status = s.get::<ApiServerSource>(NAMESPACE, "widgets")?.status?;
+            condition(&status.conditions, "SufficientPermissions")
+                .is_some_and(|c| c.status == "False")
+                .then_some(status)
+        })
+        .await;
+    let missing = condition(&status.conditions, "SufficientPermissions").expect("condition");
+    assert_eq!(missing.reason.as_deref(), Some("ResourceNotFound"));
+    assert!(
+        missing
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("spec.resources[0]: Widget (example.com/v1) is not served"),
+        "{missing:?}"
+    );
+    assert!(
+        server
+            .get::<Deployment>(NAMESPACE, "apiserversource-widgets")
+            .is_none()
+    );
     reconcilers.stop().await;
 }
 
