@@ -320,6 +320,8 @@ async fn run(
     let registry = Registry::new();
     let health = Health::default();
     let shutdown = Shutdown::new();
+    // A re-list of many objects is a burst like any other.
+    mecha_common::memory::release_after_bursts(shutdown.signal());
     let watches = Watches::default();
     let checked = watches.clone();
     health.add_check(move || checked.problem());
