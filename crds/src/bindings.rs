@@ -13,6 +13,7 @@ use crate::error::FieldError;
 use crate::eventing::Destination;
 use crate::load::Mode;
 use crate::meta::ObjectMeta;
+pub use crate::selector::LabelSelector;
 use crate::serving::Container;
 use crate::sources::{CloudEventOverrides, validate_overrides};
 
@@ -94,14 +95,6 @@ pub struct Subject {
     pub selector: Option<LabelSelector>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-pub struct LabelSelector {
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
-}
-
 // === impl ContainerSource ===
 
 impl ContainerSource {
@@ -169,10 +162,7 @@ impl SinkBinding {
         }
         match (&subject.name, &subject.selector) {
             (Some(wanted), _) => wanted == name,
-            (None, Some(selector)) => selector
-                .match_labels
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v)),
+            (None, Some(selector)) => selector.matches(labels),
             (None, None) => false,
         }
     }
@@ -201,12 +191,11 @@ impl SinkBinding {
                 "give name or selector, not both",
             )),
             (None, None) => errors.push(FieldError::new("spec.subject", "needs name or selector")),
-            (None, Some(selector)) if selector.match_labels.is_empty() => {
-                errors.push(FieldError::new(
-                    "spec.subject.selector.matchLabels",
-                    "an empty selector would bind every Service: name at least one label",
-                ))
-            }
+            (None, Some(selector)) if selector.is_empty() => errors.push(FieldError::new(
+                "spec.subject.selector.matchLabels",
+                "an empty selector would bind every Service: name at least one label",
+            )),
+            (None, Some(selector)) => selector.validate("spec.subject.selector", &mut errors),
             _ => {}
         }
         // As Knative's webhook: a binding reaches only into its own namespace.

@@ -17,6 +17,7 @@ pub mod meta;
 pub mod queues;
 #[cfg(feature = "schema")]
 pub mod schema;
+pub mod selector;
 pub mod serving;
 pub mod sources;
 

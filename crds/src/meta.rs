@@ -79,6 +79,23 @@ pub fn dns_label(value: &str, letter_first: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// An RFC 1123 subdomain (dot-separated labels, at most 253 characters): an API group, a
+/// service account's name.
+pub fn dns_subdomain(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .split('.')
+            .all(|label| dns_label(label, false).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a valid DNS subdomain: lower-case letters, digits, '-' and '.', at most 253 characters"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -408,7 +408,7 @@ impl SourceResource {
             SourceResource::Mqtt(s) => s.validate(),
             SourceResource::Container(s) => s.validate(mode),
             SourceResource::Binding(s) => s.validate(),
-            SourceResource::ApiServer(s) => s.validate(),
+            SourceResource::ApiServer(s) => s.validate(mode),
         }
     }
 
@@ -825,10 +825,7 @@ fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
-pub(crate) fn validate_overrides(
-    overrides: Option<&CloudEventOverrides>,
-    errors: &mut Vec<FieldError>,
-) {
+pub fn validate_overrides(overrides: Option<&CloudEventOverrides>, errors: &mut Vec<FieldError>) {
     let Some(overrides) = overrides else {
         return;
     };

@@ -7,13 +7,19 @@
 //! update of that Revision), one that disappears is `delete`. As a Kubernetes informer does,
 //! the first snapshot after the source starts is all `add`s.
 //!
-//! Events (Knative's): type `dev.knative.apiserver.resource.{add,update,delete}` with the
-//! object as data (mode `Resource`), or `dev.knative.apiserver.ref.{…}` with
-//! `{apiVersion, kind, name, namespace}` (mode `Reference`, the default); subject
-//! `/apis/{apiVersion}/namespaces/{ns}/{kind}s/{name}`; extensions `apiversion`, `kind`, `name`,
-//! `namespace`; source [`crds::sources::API_SERVER_EVENT_SOURCE`]. Sent with the usual
-//! retries, one at a time in order; an event whose retries all fail is lost (counted), and
-//! changes while `mecha up` is not running are not replayed (the next start sends `add`s).
+//! Events (Knative's, made by [`event`], which a cluster's receive adapter calls too): type
+//! `dev.knative.apiserver.resource.{add,update,delete}` with the object as data (mode
+//! `Resource`), or `dev.knative.apiserver.ref.{…}` with `{apiVersion, kind, name, namespace}`
+//! (mode `Reference`, the default); subject `/apis/{apiVersion}/namespaces/{ns}/{plural}/{name}`
+//! (locally the plural is the kind lower-cased plus `s`, right for every Mecha kind);
+//! extensions `apiversion`, `kind`, `name`, `namespace`; source
+//! [`crds::sources::API_SERVER_EVENT_SOURCE`]. Sent with the usual retries, one at a time in
+//! order; an event whose retries all fail is lost (counted), and changes while `mecha up` is
+//! not running are not replayed (the next start sends `add`s).
+//!
+//! Which objects: the source's resources (kind and label selector), in its own namespace or,
+//! with `namespaceSelector: {}`, in every namespace, and with `owner`, only those with an
+//! `ownerReferences` entry of that kind (a Service's Revisions).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,6 +59,29 @@ pub struct ApiServerConfig {
     source: ApiServerSource,
 }
 
+/// The object an event is about, as its key names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectRef<'a> {
+    pub api_version: &'a str,
+    pub kind: &'a str,
+    /// `None` for a cluster-scoped object.
+    pub namespace: Option<&'a str>,
+    pub name: &'a str,
+}
+
+/// How the events of one source are made: the attributes that do not depend on the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventAttributes<'a> {
+    /// The `source` attribute: [`crds::sources::API_SERVER_EVENT_SOURCE`] locally, the API
+    /// server's URL in a cluster.
+    pub source: &'a str,
+    /// The resource's plural in the subject (locally [`local_plural`], in a cluster from
+    /// discovery).
+    pub plural: &'a str,
+    /// Whether data is the object (`Resource`) or a reference (`Reference`).
+    pub resource_mode: bool,
+}
+
 // === impl Change ===
 
 impl Change {
@@ -86,6 +115,67 @@ pub fn changes<'a>(
     out
 }
 
+/// A Mecha kind's plural, as its subject names it: the kind lower-cased plus `s`.
+pub fn local_plural(kind: &str) -> String {
+    format!("{}s", kind.to_ascii_lowercase())
+}
+
+/// The CloudEvent for one `change` of `object` (`body` its whole JSON): Knative's type for the
+/// mode and change, the attributes' `source`, subject
+/// `/apis/{apiVersion}/namespaces/{ns}/{plural}/{name}` (`/apis/{apiVersion}/{plural}/{name}`
+/// for a cluster-scoped object, which has no `namespace` extension either), extensions
+/// `apiversion`, `kind`, `name`, `namespace`, JSON data. Both modes make their events here.
+pub fn event(
+    attributes: &EventAttributes<'_>,
+    id: &str,
+    change: Change,
+    object: ObjectRef<'_>,
+    body: &serde_json::Value,
+) -> Event {
+    let prefix = if attributes.resource_mode {
+        RESOURCE_TYPE_PREFIX
+    } else {
+        REF_TYPE_PREFIX
+    };
+    let mut event = Event::new(
+        id,
+        attributes.source,
+        &format!("{prefix}{}", change.as_str()),
+    );
+    let ObjectRef {
+        api_version,
+        kind,
+        namespace,
+        name,
+    } = object;
+    let plural = attributes.plural;
+    let subject = match namespace {
+        Some(ns) => format!("/apis/{api_version}/namespaces/{ns}/{plural}/{name}"),
+        None => format!("/apis/{api_version}/{plural}/{name}"),
+    };
+    event.set("subject", subject);
+    event.set("apiversion", api_version.to_string());
+    event.set("kind", kind.to_string());
+    event.set("name", name.to_string());
+    if let Some(ns) = namespace {
+        event.set("namespace", ns.to_string());
+    }
+    event.set("datacontenttype", "application/json");
+    let data = if attributes.resource_mode {
+        body.clone()
+    } else {
+        let mut reference = serde_json::json!({
+            "apiVersion": api_version, "kind": kind, "name": name,
+        });
+        if let Some(ns) = namespace {
+            reference["namespace"] = ns.into();
+        }
+        reference
+    };
+    event.data = Some(serde_json::to_vec(&data).unwrap_or_default().into());
+    event
+}
+
 // === impl ApiServerConfig ===
 
 impl ApiServerConfig {
@@ -96,56 +186,44 @@ impl ApiServerConfig {
     }
 
     /// Whether the source watches this object: one of its resources (kind and labels), in
-    /// its namespace.
+    /// its namespace (or any, with `namespaceSelector: {}`), owned as `owner` says.
     pub fn watches(&self, (api_version, kind, namespace, _): &ObjectKey, object: &Object) -> bool {
-        namespace == self.source.metadata.namespace()
-            && self.source.spec.resources.iter().any(|resource| {
+        let spec = &self.source.spec;
+        (self.source.all_namespaces() || namespace == self.source.metadata.namespace())
+            && spec
+                .owner
+                .as_ref()
+                .is_none_or(|owner| owner.owns(&object.body))
+            && spec.resources.iter().any(|resource| {
                 resource.api_version == *api_version
                     && resource.kind == *kind
-                    && resource.selector.as_ref().is_none_or(|selector| {
-                        selector
-                            .match_labels
-                            .iter()
-                            .all(|(k, v)| object.labels.get(k) == Some(v))
-                    })
+                    && resource
+                        .selector
+                        .as_ref()
+                        .is_none_or(|selector| selector.matches(&object.labels))
             })
     }
 
     pub fn event(&self, change: Change, key: &ObjectKey, object: &Object) -> Event {
         let (api_version, kind, namespace, name) = key;
-        let resource_mode = self.source.resource_mode();
-        let prefix = if resource_mode {
-            RESOURCE_TYPE_PREFIX
-        } else {
-            REF_TYPE_PREFIX
-        };
         let source = crds::sources::API_SERVER_EVENT_SOURCE;
-        let mut event = Event::new(
+        let plural = local_plural(kind);
+        event(
+            &EventAttributes {
+                source,
+                plural: &plural,
+                resource_mode: self.source.resource_mode(),
+            },
             &crate::ping::unique_id(source),
-            source,
-            &format!("{prefix}{}", change.as_str()),
-        );
-        event.set(
-            "subject",
-            format!(
-                "/apis/{api_version}/namespaces/{namespace}/{}s/{name}",
-                kind.to_ascii_lowercase()
-            ),
-        );
-        event.set("apiversion", api_version.clone());
-        event.set("kind", kind.clone());
-        event.set("name", name.clone());
-        event.set("namespace", namespace.clone());
-        event.set("datacontenttype", "application/json");
-        let data = if resource_mode {
-            object.body.clone()
-        } else {
-            serde_json::json!({
-                "apiVersion": api_version, "kind": kind, "name": name, "namespace": namespace
-            })
-        };
-        event.data = Some(serde_json::to_vec(&data).unwrap_or_default().into());
-        event
+            change,
+            ObjectRef {
+                api_version,
+                kind,
+                namespace: Some(namespace),
+                name,
+            },
+            &object.body,
+        )
     }
 
     /// Follows `objects` until the context's shutdown, sending an event per change it watches.
@@ -266,5 +344,67 @@ mod tests {
             serde_json::from_slice(event.data.as_deref().unwrap_or_default()).unwrap_or_default();
         assert_eq!(data["name"], "a-00001");
         assert_eq!(data["namespace"], "default");
+    }
+
+    #[test]
+    fn owner_and_namespace_selector_filter_locally() {
+        let source: ApiServerSource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sources.knative.dev/v1", "kind": "ApiServerSource",
+            "metadata": {"name": "watch"},
+            "spec": {
+                "resources": [{"apiVersion": "serving.knative.dev/v1", "kind": "Revision"}],
+                "owner": {"apiVersion": "serving.knative.dev/v1", "kind": "Service"},
+                "namespaceSelector": {},
+                "sink": {"uri": "http://127.0.0.1:9/"}
+            }
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let config = ApiServerConfig::from_resource(&source);
+        let owned = Object {
+            labels: BTreeMap::new(),
+            body: serde_json::json!({"metadata": {"ownerReferences": [
+                {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "hello"}]}}),
+        };
+        let mut elsewhere = key("Revision", "a-00001");
+        elsewhere.2 = "team-b".into();
+        assert!(config.watches(&elsewhere, &owned));
+        let orphan = Object {
+            labels: BTreeMap::new(),
+            body: serde_json::json!({"metadata": {}}),
+        };
+        assert!(!config.watches(&elsewhere, &orphan));
+    }
+
+    #[test]
+    fn a_cluster_scoped_object_has_no_namespace_in_its_subject_or_extensions() {
+        let event = event(
+            &EventAttributes {
+                source: "https://10.96.0.1:443",
+                plural: "namespaces",
+                resource_mode: false,
+            },
+            "id-1",
+            Change::Delete,
+            ObjectRef {
+                api_version: "v1",
+                kind: "Namespace",
+                namespace: None,
+                name: "team-a",
+            },
+            &serde_json::Value::Null,
+        );
+        assert_eq!(
+            event.string("subject").as_deref(),
+            Some("/apis/v1/namespaces/team-a")
+        );
+        assert_eq!(event.string("namespace"), None);
+        assert_eq!(
+            event.string("source").as_deref(),
+            Some("https://10.96.0.1:443")
+        );
+        assert_eq!(
+            event.string("type").as_deref(),
+            Some("dev.knative.apiserver.ref.delete")
+        );
     }
 }

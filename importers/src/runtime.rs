@@ -100,25 +100,34 @@ fn target(address: &SinkAddress) -> Result<Target, String> {
     })
 }
 
+/// Every source's sends, as Knative's PingSource sends: 5 retries, exponential from 50 ms
+/// (about 1.5 s in all), binary mode; each attempt up to [`SEND_TIMEOUT`]. The importers and
+/// the cluster's ApiServerSource adapter both send this way.
+pub fn sink_delivery() -> Delivery {
+    Delivery {
+        retry: 5,
+        backoff_policy: Some(BackoffPolicy::Exponential),
+        backoff_delay: Some(Duration::from_millis(50)),
+        timeout: None,
+        retry_after_max: None,
+        dead_letter_sink: None,
+        format: Format::Binary,
+    }
+}
+
+/// The longest one attempt of a send takes: a zero-scaled Service has that long to start.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 // === impl ImportersConfig ===
 
 impl ImportersConfig {
-    /// Knative's PingSource sends: 5 retries, exponential from 50 ms (about 1.5 s in all),
-    /// each attempt up to 30 s (a zero-scaled Service has that long to start).
+    /// Sends as [`sink_delivery`] says, each attempt up to [`SEND_TIMEOUT`].
     pub fn new(ingress: SocketAddr, domain: impl Into<String>) -> Self {
         Self {
             ingress,
             domain: domain.into(),
-            delivery: Delivery {
-                retry: 5,
-                backoff_policy: Some(BackoffPolicy::Exponential),
-                backoff_delay: Some(Duration::from_millis(50)),
-                timeout: None,
-                retry_after_max: None,
-                dead_letter_sink: None,
-                format: Format::Binary,
-            },
-            timeout: Duration::from_secs(30),
+            delivery: sink_delivery(),
+            timeout: SEND_TIMEOUT,
             processes: None,
             objects: None,
             webhook_base: format!("http://localhost:{}", ingress.port()),

@@ -20,12 +20,17 @@
 //! - [`auth`]: the control-plane API's credential check with `TokenReview`.
 //! - [`sources`]: the event sources' CRDs as the importers run them, their sinks resolved to
 //!   cluster addresses, the snapshot the `mecha-importers` Deployment reads, their status.
+//! - [`apiserver`]: ApiServerSource's receive adapter — its Deployment, configuration,
+//!   access checks and conditions, and the [`apiserver::Tracker`] the adapter runs.
 //!
-//! The `autoscaler` binary (`src/bin/autoscaler.rs`) puts them together.
+//! The `autoscaler` binary (`src/bin/autoscaler.rs`) puts them together; the
+//! `apiserver-adapter` binary (`src/bin/apiserver-adapter.rs`) is one ApiServerSource's
+//! adapter.
 #![forbid(unsafe_code)]
 
 pub mod actuator;
 pub mod admission;
+pub mod apiserver;
 pub mod apply;
 pub mod auth;
 pub mod crd;

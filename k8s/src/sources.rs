@@ -2,7 +2,9 @@
 //! ([`local`]), their sinks resolved to cluster addresses ([`resolve_sink`]), the
 //! [`SourcesSnapshot`] the `mecha-importers` Deployment reads from the control plane
 //! (`GET /api/v1/sources/watch`, [`snapshot`], kept current by [`run`]), and each source's
-//! Knative status ([`status`]).
+//! Knative status ([`status`]). The kinds that run as workloads of their own say so through
+//! [`SourceKind::workload`]: a ContainerSource's Deployment, an ApiServerSource's adapter
+//! ([`crate::apiserver`]).
 //!
 //! Sinks, as the rest of the cluster addresses them:
 //! - a `Broker` `ref`: the broker Service's ingress, `{broker base URL}/{namespace}/{name}`
@@ -46,6 +48,22 @@ pub struct SinkSettings {
     /// Where providers reach the importers' webhook port (`IMPORTERS_WEBHOOK_BASE_URL`; the
     /// `mecha-importers` Service inside the cluster by default).
     pub webhook_base_url: String,
+    /// The image of ApiServerSources' adapters (`APISERVER_ADAPTER_IMAGE`; the control
+    /// plane's own, which holds the `apiserver-adapter` binary).
+    pub adapter_image: String,
+    /// The API server's URL as a pod's client sees it: ApiServerSources' event `source` in
+    /// their `ceAttributes`.
+    pub api_server_url: String,
+}
+
+/// What a source's workload is made from besides the source itself.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadInputs<'a> {
+    /// The resolved sink (`K_SINK`).
+    pub sink_uri: &'a str,
+    pub settings: &'a SinkSettings,
+    /// An ApiServerSource's watched namespaces, as the reconciler resolved them.
+    pub namespaces: Option<&'a crate::apiserver::Namespaces>,
 }
 
 /// The reason of a source's `Ready=False` when its sink cannot be resolved.
@@ -66,10 +84,22 @@ pub trait SourceKind:
     fn local(&self) -> SourceResource;
     fn source_status(&self) -> Option<&SourceStatus>;
     /// The workload the source runs as in the cluster, given its resolved sink (a
-    /// ContainerSource's Deployment); `None` for the kinds the importers run.
-    fn workload(&self, _sink_uri: &str) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+    /// ContainerSource's Deployment, an ApiServerSource's adapter); `None` for the kinds the
+    /// importers run.
+    fn workload(
+        &self,
+        _inputs: &WorkloadInputs<'_>,
+    ) -> Option<k8s_openapi::api::apps::v1::Deployment> {
         None
     }
+    /// The source as an ApiServerSource, whose reconcile also resolves namespaces, checks
+    /// access and reports its adapter (`None` for every other kind).
+    fn as_api_server(&self) -> Option<&ApiServerSource> {
+        None
+    }
+    /// Whether its reconciler follows the Deployments it owns (labelled
+    /// [`crate::apiserver::ADAPTER_LABEL`]), so a change of theirs reconciles it at once.
+    const OWNS_ADAPTER: bool = false;
 }
 
 // === impl SinkSettings ===
@@ -81,6 +111,8 @@ impl Default for SinkSettings {
             gateway: "mecha-gateway.mecha-system.svc:80".into(),
             cluster_domain: crate::status::DEFAULT_CLUSTER_DOMAIN.into(),
             webhook_base_url: "http://mecha-importers.mecha-system.svc".into(),
+            adapter_image: crate::apiserver::DEFAULT_ADAPTER_IMAGE.into(),
+            api_server_url: "https://kubernetes.default.svc".into(),
         }
     }
 }
@@ -111,7 +143,44 @@ source_kind! {
     NatsSource => Nats(NatsSource, crds::queues::MECHA_API_VERSION),
     MqttSource => Mqtt(MqttSource, crds::queues::MECHA_API_VERSION),
     SinkBinding => Binding(SinkBinding, crds::sources::API_VERSION),
-    ApiServerSource => ApiServer(ApiServerSource, crds::sources::API_VERSION),
+}
+
+impl SourceKind for ApiServerSource {
+    fn local(&self) -> SourceResource {
+        SourceResource::ApiServer(self.local_source())
+    }
+    fn source_status(&self) -> Option<&SourceStatus> {
+        self.status.as_ref()
+    }
+    fn workload(
+        &self,
+        inputs: &WorkloadInputs<'_>,
+    ) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+        let config =
+            crate::apiserver::AdapterConfig::for_source(&self.local_source(), inputs.namespaces?);
+        crate::apiserver::adapter_deployment(
+            self,
+            inputs.sink_uri,
+            &inputs.settings.adapter_image,
+            &config,
+        )
+    }
+    fn as_api_server(&self) -> Option<&ApiServerSource> {
+        Some(self)
+    }
+    const OWNS_ADAPTER: bool = true;
+}
+
+impl ApiServerSource {
+    /// The source as local mode's type reads it.
+    pub fn local_source(&self) -> crds::ApiServerSource {
+        crds::ApiServerSource {
+            api_version: crds::sources::API_VERSION.into(),
+            kind: crds::apiserver::KIND.into(),
+            metadata: local_meta(&self.metadata),
+            spec: self.spec.0.clone(),
+        }
+    }
 }
 
 impl SourceKind for ContainerSource {
@@ -126,8 +195,11 @@ impl SourceKind for ContainerSource {
     fn source_status(&self) -> Option<&SourceStatus> {
         self.status.as_ref()
     }
-    fn workload(&self, sink_uri: &str) -> Option<k8s_openapi::api::apps::v1::Deployment> {
-        container_deployment(self, sink_uri)
+    fn workload(
+        &self,
+        inputs: &WorkloadInputs<'_>,
+    ) -> Option<k8s_openapi::api::apps::v1::Deployment> {
+        container_deployment(self, inputs.sink_uri)
     }
 }
 
@@ -277,7 +349,11 @@ pub fn status(
             .into_iter()
             .map(|a| CloudEventAttributes {
                 type_: a.kind,
-                source: a.source,
+                // An adapter's events come from the API server it watches.
+                source: match source {
+                    SourceResource::ApiServer(_) => settings.api_server_url.clone(),
+                    _ => a.source,
+                },
             })
             .collect(),
         url: source

@@ -6,109 +6,17 @@
 
 mod support;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::coordination::v1::Lease;
 use support::ApiServer;
+use support::process::{Process, free_port, get, kubeconfig, serve_http};
 use support::runtime::{SIDECAR_TOKEN, SYSTEM, script_token_reviews};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
-/// Serves `server` over HTTP/1.1 on 127.0.0.1.
-async fn serve_http(server: ApiServer) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let server = server.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                        let server = server.clone();
-                        async move {
-                            let (parts, body) = request.into_parts();
-                            let bytes = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let request =
-                                http::Request::from_parts(parts, kube::client::Body::from(bytes));
-                            Ok::<_, Infallible>(server.handle(request).await)
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// A port free now on 127.0.0.1 (the binary binds the port it is given).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// One HTTP/1.1 request; the status and what arrived of the body within `read_for`.
+/// One request to the binary; reads until the control-plane API's tables have arrived.
 async fn http(port: u16, request: &str, read_for: Duration) -> (u16, String) {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
-        // Not listening yet.
-        return (0, String::new());
-    };
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut bytes = Vec::new();
-    let _ = tokio::time::timeout(read_for, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            }
-            if String::from_utf8_lossy(&bytes).contains("\"endpoints\"") {
-                return;
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
-
-fn get(path: &str, token: Option<&str>) -> String {
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    format!(
-        "GET {path} HTTP/1.1\r\nhost: mecha-autoscaler.mecha-system.svc\r\n{auth}connection: close\r\n\r\n"
-    )
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    support::process::http(port, request, read_for, Some("\"endpoints\"")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,15 +25,7 @@ async fn the_binary_leads_serves_the_api_behind_token_review_and_drains_on_sigte
     script_token_reviews(&server);
     let addr = serve_http(server.clone()).await;
     let dir = std::env::temp_dir().join(format!("mecha-autoscaler-bin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: scripted\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: scripted\n  context:\n    cluster: scripted\n    user: scripted\n    namespace: {SYSTEM}\ncurrent-context: scripted\nusers:\n- name: scripted\n  user: {{}}\n"
-        ),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = kubeconfig(&dir, addr, SYSTEM);
     let (api_port, admin_port) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_autoscaler"))
         .env_clear()
@@ -207,19 +107,7 @@ async fn the_binary_leads_serves_the_api_behind_token_review_and_drains_on_sigte
     assert!(metrics.contains("mecha_admin_refused_requests_total{reason=\"credential\"} 2"));
 
     // SIGTERM: drains, releases the Lease, exits 0.
-    let pid =
-        rustix::process::Pid::from_raw(i32::try_from(process.0.id()).expect("pid")).expect("a pid");
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    let exited = tokio::time::timeout(support::WAIT, async {
-        loop {
-            if let Some(status) = process.0.try_wait().expect("wait") {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the autoscaler exits after SIGTERM");
+    let exited = process.terminate().await;
     assert!(exited.success(), "{exited:?}");
     let holder = server
         .get::<Lease>(SYSTEM, "mecha-autoscaler")

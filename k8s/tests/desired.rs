@@ -331,3 +331,53 @@ fn a_service_has_a_cluster_local_name_at_the_gateway() {
     );
     assert_golden::<KubeService>("hello.cluster-local.service.yaml", &local);
 }
+
+/// An ApiServerSource's adapter Deployment: `apiserversource-{name}` under the source's
+/// service account, the control plane's image running `apiserver-adapter` with `K_SINK`,
+/// `K_CE_OVERRIDES` and `K_SOURCE_CONFIG`, probed on its admin port, unprivileged, owned by
+/// the source.
+#[test]
+fn an_api_server_source_runs_as_its_adapter_deployment() {
+    use k8s::apiserver::{AdapterConfig, Namespaces, adapter_deployment};
+    let source: k8s::crd::ApiServerSource = serde_json::from_value(serde_json::json!({
+        "apiVersion": "sources.knative.dev/v1",
+        "kind": "ApiServerSource",
+        "metadata": {
+            "name": "pods", "namespace": "team-a",
+            "uid": "6f1c2a9e-0000-4000-8000-000000000009",
+        },
+        "spec": {
+            "resources": [{ "apiVersion": "v1", "kind": "Pod",
+                            "selector": { "matchLabels": { "app": "web" } } }],
+            "owner": { "apiVersion": "apps/v1", "kind": "ReplicaSet" },
+            "serviceAccountName": "pod-watcher",
+            "ceOverrides": { "extensions": { "team": "blue" } },
+            "sink": { "ref": { "apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": "default" } },
+        },
+    }))
+    .expect("an ApiServerSource");
+    let config = AdapterConfig::for_source(
+        &source.local_source(),
+        &Namespaces::Listed(vec!["team-a".into()]),
+    );
+    let deployment = adapter_deployment(
+        &source,
+        "http://mecha-broker.mecha-system.svc/team-a/default",
+        "mecha/autoscaler:0.1.0",
+        &config,
+    )
+    .expect("a Deployment");
+    assert_golden::<Deployment>("apiserversource-pods.deployment.yaml", &deployment);
+    let pod = deployment.spec.expect("spec").template.spec.expect("pod");
+    assert_eq!(pod.service_account_name.as_deref(), Some("pod-watcher"));
+    let env: BTreeMap<String, String> = pod.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        AdapterConfig::parse(&env["K_SOURCE_CONFIG"]).expect("valid"),
+        config
+    );
+}

@@ -623,6 +623,12 @@ fn images_are_the_contracts_and_move_together_with_kustomize_images() {
     );
     let gateway = container(base.deployment("mecha-gateway"), "gateway");
     assert_eq!(Some(sidecar.as_str()), gateway.image.as_deref());
+    // ApiServerSources' adapters run the control plane's own image.
+    let autoscaler = container(base.deployment("mecha-autoscaler"), "autoscaler");
+    assert_eq!(
+        Some(env_value(autoscaler, "APISERVER_ADAPTER_IMAGE").as_str()),
+        autoscaler.image.as_deref()
+    );
 
     // An overlay of a user's own over deploy/ moves every image, the sidecar's included.
     let overlay = tempfile_dir();
@@ -658,6 +664,11 @@ fn images_are_the_contracts_and_move_together_with_kustomize_images() {
         sidecar,
         "registry.example.com/mecha/activator-sidecar:9.9.9"
     );
+    let adapter = env_value(
+        container(moved.deployment("mecha-autoscaler"), "autoscaler"),
+        "APISERVER_ADAPTER_IMAGE",
+    );
+    assert_eq!(adapter, "registry.example.com/mecha/autoscaler:9.9.9");
 }
 
 /// A directory removed when dropped.
@@ -1088,7 +1099,10 @@ fn the_dev_overlay_points_the_broker_at_its_own_jetstream_nats() {
 #[derive(Debug, Default)]
 struct CargoBuild {
     package: String,
+    /// The image's entrypoint: the first `--bin`.
     bin: String,
+    /// Every `--bin` (the control plane's image also holds the ApiServerSource adapter).
+    bins: Vec<String>,
     features: Vec<String>,
     locked: bool,
     release: bool,
@@ -1113,7 +1127,13 @@ fn cargo_build_of(dockerfile: &str) -> CargoBuild {
         let mut value = || words.next().map(str::to_string).unwrap_or_default();
         match word {
             "-p" | "--package" => build.package = value(),
-            "--bin" => build.bin = value(),
+            "--bin" => {
+                let bin = value();
+                if build.bin.is_empty() {
+                    build.bin = bin.clone();
+                }
+                build.bins.push(bin);
+            }
             "--features" | "-F" => build.features = value().split(',').map(String::from).collect(),
             "--locked" => build.locked = true,
             "--release" => build.release = true,
@@ -1194,22 +1214,25 @@ fn the_dockerfiles_build_workspace_binaries_and_run_them_unprivileged() {
             .iter()
             .find(|p| p["name"] == build.package.as_str())
             .unwrap_or_else(|| panic!("{file}: no package {} in the workspace", build.package));
-        let bin = package["targets"]
-            .as_array()
-            .expect("targets")
+        let bins: Vec<&Value> = build
+            .bins
             .iter()
-            .find(|t| {
-                t["name"] == build.bin.as_str()
-                    && t["kind"]
-                        .as_array()
-                        .is_some_and(|k| k.contains(&"bin".into()))
+            .map(|name| {
+                package["targets"]
+                    .as_array()
+                    .expect("targets")
+                    .iter()
+                    .find(|t| {
+                        t["name"] == name.as_str()
+                            && t["kind"]
+                                .as_array()
+                                .is_some_and(|k| k.contains(&"bin".into()))
+                    })
+                    .unwrap_or_else(|| {
+                        panic!("{file}: package {} has no binary {name}", build.package)
+                    })
             })
-            .unwrap_or_else(|| {
-                panic!(
-                    "{file}: package {} has no binary {}",
-                    build.package, build.bin
-                )
-            });
+            .collect();
         for feature in &build.features {
             assert!(
                 package["features"].get(feature).is_some(),
@@ -1219,13 +1242,15 @@ fn the_dockerfiles_build_workspace_binaries_and_run_them_unprivileged() {
         }
         // The binary's required features are on: asked for, or default, or implied by those.
         let enabled = enabled_features(&package["features"], &build.features);
-        for required in bin["required-features"].as_array().into_iter().flatten() {
-            let required = required.as_str().unwrap_or_default();
-            assert!(
-                enabled.contains(required),
-                "{file}: {} needs feature {required}, which the build leaves off",
-                build.bin
-            );
+        for bin in &bins {
+            for required in bin["required-features"].as_array().into_iter().flatten() {
+                let required = required.as_str().unwrap_or_default();
+                assert!(
+                    enabled.contains(required),
+                    "{file}: {} needs feature {required}, which the build leaves off",
+                    bin["name"]
+                );
+            }
         }
         if stem == "eventing-broker" {
             assert_eq!(
@@ -1252,13 +1277,14 @@ fn the_dockerfiles_build_workspace_binaries_and_run_them_unprivileged() {
         assert_ne!(uid, 0, "{file}: runs as root");
         let entrypoint = format!("ENTRYPOINT [\"/usr/local/bin/{}\"]", build.bin);
         assert!(runtime.contains(&entrypoint), "{file}: {entrypoint}");
-        assert!(
-            runtime.contains(&format!(
-                "COPY --from=builder /usr/local/bin/{0} /usr/local/bin/{0}",
-                build.bin
-            )),
-            "{file}: the runtime stage copies the built binary"
-        );
+        for bin in &build.bins {
+            assert!(
+                runtime.contains(&format!(
+                    "COPY --from=builder /usr/local/bin/{bin} /usr/local/bin/{bin}"
+                )),
+                "{file}: the runtime stage copies the built binary {bin}"
+            );
+        }
     }
     // Every image the manifests use has a Dockerfile.
     for (workload, template) in base().pods() {

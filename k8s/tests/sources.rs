@@ -25,3 +25,8 @@ async fn a_container_source_runs_as_its_own_deployment_with_k_sink_and_goes_with
 async fn a_sink_binding_puts_k_sink_into_the_selected_services_revisions_and_takes_it_back() {
     sources::sink_binding(ApiServer::new()).await;
 }
+
+#[tokio::test]
+async fn an_api_server_source_checks_its_accounts_access_and_runs_its_adapter_under_it() {
+    sources::api_server_source(ApiServer::new()).await;
+}

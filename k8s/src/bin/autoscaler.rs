@@ -118,6 +118,11 @@ const SETTINGS: Table = &[
         "where GitHub and GitLab reach the importers' webhook port, in webhook sources' status.url (http://mecha-importers.NAMESPACE.svc)",
     ),
     (
+        "--apiserver-adapter-image",
+        "APISERVER_ADAPTER_IMAGE",
+        "the image of ApiServerSources' adapters, which holds the apiserver-adapter binary (mecha/autoscaler, this image)",
+    ),
+    (
         "--drain-timeout",
         "DRAIN_TIMEOUT",
         "longest wait for open requests on SIGTERM (30s)",
@@ -235,6 +240,11 @@ impl Config {
             gateway,
             cluster_domain: cluster_domain.clone(),
             webhook_base_url,
+            adapter_image: get("APISERVER_ADAPTER_IMAGE")
+                .filter(|i| !i.trim().is_empty())
+                .unwrap_or_else(|| k8s::apiserver::DEFAULT_ADAPTER_IMAGE.into()),
+            // Replaced by the client's own once the cluster is found (`main`).
+            api_server_url: k8s::sources::SinkSettings::default().api_server_url,
         };
         Ok(Self {
             sinks,
@@ -294,8 +304,23 @@ async fn main() -> ExitCode {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
+    let mut config = config;
+    let client = match kube::Config::infer().await {
+        Ok(kube_config) => {
+            // ApiServerSources' events name the API server as a pod's client sees it.
+            config.sinks.api_server_url = kube_config
+                .cluster_url
+                .to_string()
+                .trim_end_matches('/')
+                .to_string();
+            match kube::Client::try_from(kube_config) {
+                Ok(client) => client,
+                Err(error) => {
+                    eprintln!("error: cannot make a client for the Kubernetes API server: {error}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
         Err(error) => {
             eprintln!(
                 "error: cannot find the Kubernetes API server (in-cluster service account or KUBECONFIG): {error}"
@@ -571,6 +596,7 @@ mod tests {
             config.sinks.webhook_base_url,
             "http://mecha-importers.mecha-system.svc"
         );
+        assert_eq!(config.sinks.adapter_image, "mecha/autoscaler");
         let error = super::tests::config(&[("POD_NAME", "a"), ("GATEWAY_ADDR", "gateway")])
             .expect_err("no port");
         assert_eq!(error.setting, "GATEWAY_ADDR");

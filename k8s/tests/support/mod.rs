@@ -30,6 +30,7 @@
     reason = "each test file uses the part of the shared harness it needs"
 )]
 
+pub mod process;
 pub mod runtime;
 pub mod serving;
 pub mod sources;
@@ -105,8 +106,10 @@ pub type Handler = Arc<dyn Fn(&Recorded) -> (u16, Value) + Send + Sync>;
 /// `metadata` and `status` changes), `creationTimestamp`; the `status` subresource of every
 /// kind (a write to the object keeps its status, a write to `status` changes only that); a
 /// Deployment's `scale` subresource (`spec.replicas`); watches from a resource version, with
-/// label selectors (`k`, `!k`, `k=v`, `k!=v`) and `metadata.name`/`metadata.namespace` field
-/// selectors; a write that changes nothing neither bumps the version nor wakes watchers;
+/// label selectors (`k`, `!k`, `k=v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`) and
+/// `metadata.name`/`metadata.namespace` field selectors; the discovery documents
+/// (`/api/v1`, `/apis/{group}/{version}`) of the kinds in [`DISCOVERY`], unrecorded; a
+/// write that changes nothing neither bumps the version nor wakes watchers;
 /// deleting an object deletes, transitively, every object whose `ownerReferences` name it,
 /// and an object written with owners none of which exists is deleted at once.
 ///
@@ -372,6 +375,20 @@ impl ApiServer {
     /// Answers one request (what [`ApiServer::client`] sends, or a test's HTTP server).
     pub async fn handle(&self, request: Request<kube::client::Body>) -> Response<Body> {
         let (parts, body) = request.into_parts();
+        // Discovery documents are non-resource URLs every authenticated client may read
+        // (Kubernetes' `system:discovery` role): answered, not recorded.
+        if parts.method == Method::GET
+            && let Some(group_version) = discovery_path(parts.uri.path())
+        {
+            return match discovery(&group_version) {
+                Some(document) => respond(200, &document),
+                None => status(
+                    404,
+                    "NotFound",
+                    &format!("the server could not find the requested resource ({group_version})"),
+                ),
+            };
+        }
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) => return status(400, "BadRequest", &format!("reading the body: {e}")),
@@ -938,8 +955,21 @@ fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
         .and_then(Value::as_object);
     let label = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
     let labels_ok = query.get("labelSelector").is_none_or(|selector| {
-        selector.split(',').filter(|t| !t.is_empty()).all(|term| {
-            if let Some((k, v)) = term.split_once("!=") {
+        selector_terms(selector).iter().all(|term| {
+            let set = |values: &str| -> Vec<String> {
+                values
+                    .trim()
+                    .trim_start_matches('(')
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|v| v.trim().to_string())
+                    .collect()
+            };
+            if let Some((k, values)) = term.split_once(" notin ") {
+                label(k.trim()).is_none_or(|v| !set(values).iter().any(|x| x == v))
+            } else if let Some((k, values)) = term.split_once(" in ") {
+                label(k.trim()).is_some_and(|v| set(values).iter().any(|x| x == v))
+            } else if let Some((k, v)) = term.split_once("!=") {
                 label(k.trim()) != Some(v.trim())
             } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 label(k.trim()) == Some(v.trim())
@@ -960,6 +990,83 @@ fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
         })
     });
     labels_ok && fields_ok
+}
+
+/// A label selector's terms: split at the commas outside `( … )` (`a in (x,y),b`).
+fn selector_terms(selector: &str) -> Vec<String> {
+    let mut terms = Vec::new();
+    let (mut depth, mut current) = (0usize, String::new());
+    for c in selector.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                terms.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    terms.push(current);
+    terms.retain(|t| !t.trim().is_empty());
+    terms
+}
+
+/// `/api/v1` → `v1`, `/apis/{group}/{version}` → `{group}/{version}`: a discovery document.
+fn discovery_path(path: &str) -> Option<String> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", version] => Some((*version).to_string()),
+        ["apis", group, version] => Some(format!("{group}/{version}")),
+        _ => None,
+    }
+}
+
+/// The resources the scripted server describes in its discovery documents:
+/// (group version, plural, kind, namespaced). Plurals are the API server's, not the kind
+/// lower-cased plus `s` (`networkpolicies`).
+pub const DISCOVERY: &[(&str, &str, &str, bool)] = &[
+    ("v1", "pods", "Pod", true),
+    ("v1", "namespaces", "Namespace", false),
+    ("v1", "configmaps", "ConfigMap", true),
+    ("v1", "services", "Service", true),
+    ("v1", "secrets", "Secret", true),
+    ("apps/v1", "deployments", "Deployment", true),
+    ("apps/v1", "replicasets", "ReplicaSet", true),
+    (
+        "networking.k8s.io/v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+    ),
+    ("serving.knative.dev/v1", "services", "Service", true),
+    ("serving.knative.dev/v1", "revisions", "Revision", true),
+];
+
+/// The `APIResourceList` of a group version, as the API server serves it.
+fn discovery(group_version: &str) -> Option<Value> {
+    let resources: Vec<Value> = DISCOVERY
+        .iter()
+        .filter(|(gv, ..)| *gv == group_version)
+        .map(|(_, plural, kind, namespaced)| {
+            json!({
+                "name": plural,
+                "singularName": kind.to_ascii_lowercase(),
+                "namespaced": namespaced,
+                "kind": kind,
+                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            })
+        })
+        .collect();
+    (!resources.is_empty()).then(|| {
+        json!({
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": group_version,
+            "resources": resources,
+        })
+    })
 }
 
 /// JSON merge (RFC 7386): objects merge key by key, `null` removes, anything else replaces.

@@ -231,7 +231,9 @@ pub async fn status(server: ApiServer) {
         "True",
     )
     .await;
-    created(
+    // An ApiServerSource is ready once its adapter is available too (see `api_server_source`).
+    script_access_reviews(&server, Arc::new(|_: &Value| None::<String>));
+    let changes = created(
         &server,
         object::<ApiServerSource>(
             v1,
@@ -242,10 +244,312 @@ pub async fn status(server: ApiServer) {
                 "sink": broker_sink(),
             }),
         ),
-        "True",
+        "Unknown",
     )
     .await;
+    assert_eq!(
+        changes.ce_attributes[0].type_,
+        "dev.knative.apiserver.ref.add"
+    );
+    assert_eq!(
+        changes.ce_attributes[0].source,
+        "https://kubernetes.default.svc"
+    );
     reconcilers.stop().await;
+}
+
+/// Decides a `SubjectAccessReview`: `None` allows, `Some(reason)` denies.
+pub type Reviewer = Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>;
+
+/// Answers `SubjectAccessReview`s with `review` (given the review's spec).
+pub fn script_access_reviews(server: &ApiServer, review: Reviewer) {
+    server.on(
+        "create",
+        "subjectaccessreviews",
+        Arc::new(move |request: &Recorded| {
+            let spec = request.body.0.get("spec").cloned().unwrap_or_default();
+            let denied = review(&spec);
+            let mut answer = request.body.0.clone();
+            answer["status"] = json!({
+                "allowed": denied.is_none(),
+                "reason": denied.unwrap_or_else(|| "RBAC: allowed".into()),
+            });
+            (201, answer)
+        }),
+    );
+}
+
+/// An ApiServerSource in a cluster: its `namespaceSelector` resolved by listing namespaces,
+/// its service account's access reviewed per (verb, resource, namespace) — denied, it is
+/// `SufficientPermissions=False` naming what, and no adapter runs; allowed, its adapter
+/// Deployment runs under that account with `K_SINK`, `K_CE_OVERRIDES` and `K_SOURCE_CONFIG`,
+/// `Deployed` follows the Deployment's `Available`, and deleting the source deletes it.
+pub async fn api_server_source(server: ApiServer) {
+    use k8s::apiserver::AdapterConfig;
+    use k8s_openapi::api::apps::v1::{Deployment, DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::api::core::v1::Namespace;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    for (name, team) in [("team-a", "blue"), ("team-b", "blue"), ("other", "red")] {
+        server.create(
+            &serde_json::from_value::<Namespace>(json!({
+                "metadata": { "name": name, "labels": { "team": team } },
+            }))
+            .expect("a Namespace"),
+        );
+    }
+    let deny = Arc::new(AtomicBool::new(true));
+    let denying = deny.clone();
+    script_access_reviews(
+        &server,
+        Arc::new(move |spec: &Value| {
+            let attributes = &spec["resourceAttributes"];
+            (denying.load(Ordering::SeqCst)
+                && attributes["resource"] == "networkpolicies"
+                && attributes["namespace"] == "team-b"
+                && attributes["verb"] == "watch")
+                .then(|| "no RBAC policy matched".to_string())
+        }),
+    );
+    let reconcilers = Reconcilers::start(&server);
+    let source = object::<ApiServerSource>(
+        "sources.knative.dev/v1",
+        "ApiServerSource",
+        "policies",
+        json!({
+            "resources": [
+                { "apiVersion": "v1", "kind": "Pod",
+                  "selector": { "matchExpressions": [{ "key": "app", "operator": "In", "values": ["web"] }] } },
+                { "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy" },
+            ],
+            "owner": { "apiVersion": "apps/v1", "kind": "ReplicaSet" },
+            "mode": "Resource",
+            "serviceAccountName": "watcher",
+            "namespaceSelector": { "matchLabels": { "team": "blue" } },
+            "ceOverrides": { "extensions": { "team": "blue" } },
+            "sink": broker_sink(),
+        }),
+    );
+    server.create(&source);
+
+    // Denied: named, and no adapter.
+    let status = server
+        .wait_for(
+            "ApiServerSource policies SufficientPermissions=False",
+            |s| {
+                let status = s.get::<ApiServerSource>(NAMESPACE, "policies")?.status?;
+                condition(&status.conditions, "SufficientPermissions")
+                    .is_some_and(|c| c.status == "False")
+                    .then_some(status)
+            },
+        )
+        .await;
+    let permissions = condition(&status.conditions, "SufficientPermissions").expect("condition");
+    assert_eq!(
+        permissions.reason.as_deref(),
+        Some("InsufficientPermissions")
+    );
+    let message = permissions.message.clone().unwrap_or_default();
+    assert!(
+        message.contains(
+            "service account default/watcher may not watch networkpolicies.networking.k8s.io in namespace team-b"
+        ),
+        "{message}"
+    );
+    let ready = condition(&status.conditions, "Ready").expect("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_deref()),
+        ("False", Some("InsufficientPermissions"))
+    );
+    assert_eq!(
+        condition(&status.conditions, "SinkProvided").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert!(
+        server
+            .get::<Deployment>(NAMESPACE, "apiserversource-policies")
+            .is_none()
+    );
+    let requests = server.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.verb == "list" && r.resource == "namespaces"),
+        "the namespaces were listed"
+    );
+    let reviews: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r.verb == "create" && r.resource == "subjectaccessreviews")
+        .map(|r| &r.body.0)
+        .collect();
+    assert!(!reviews.is_empty());
+    assert_eq!(
+        reviews[0]["spec"]["user"],
+        "system:serviceaccount:default:watcher"
+    );
+    let reviewed: std::collections::BTreeSet<String> = reviews
+        .iter()
+        .map(|r| {
+            let a = &r["spec"]["resourceAttributes"];
+            format!(
+                "{} {} {}",
+                a["verb"].as_str().unwrap_or_default(),
+                a["resource"].as_str().unwrap_or_default(),
+                a["namespace"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    for wanted in ["get pods team-a", "list pods team-b", "watch pods team-a"] {
+        assert!(reviewed.contains(wanted), "{wanted} in {reviewed:?}");
+    }
+    assert!(
+        !reviewed.iter().any(|r| r.ends_with(" other")),
+        "the red namespace is not watched: {reviewed:?}"
+    );
+
+    // Allowed (the user granted the role): the adapter runs as the account.
+    deny.store(false, Ordering::SeqCst);
+    server.update::<ApiServerSource>(NAMESPACE, "policies", |s| {
+        s.metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert("granted".into(), "yes".into());
+    });
+    let deployment = server
+        .wait_for("Deployment apiserversource-policies", |s| {
+            s.get::<Deployment>(NAMESPACE, "apiserversource-policies")
+        })
+        .await;
+    let owner = &deployment
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("an owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("ApiServerSource", "policies", Some(true))
+    );
+    let pod = deployment.spec.as_ref().expect("spec").template.clone();
+    let pod = pod.spec.expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some("watcher"));
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("mecha/autoscaler"));
+    assert_eq!(
+        container.command.as_deref(),
+        Some(&["/usr/local/bin/apiserver-adapter".to_string()][..])
+    );
+    let env: std::collections::BTreeMap<String, String> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(env["K_SINK"], BROKER_SINK);
+    assert_eq!(env["K_CE_OVERRIDES"], r#"{"extensions":{"team":"blue"}}"#);
+    let config = AdapterConfig::parse(&env["K_SOURCE_CONFIG"]).expect("a valid config");
+    assert_eq!(config.namespaces, ["team-a", "team-b"]);
+    assert!(!config.all_namespaces);
+    assert!(config.resource_mode());
+    assert_eq!(
+        config.owner.as_ref().map(|o| o.kind.as_str()),
+        Some("ReplicaSet")
+    );
+    assert_eq!(config.resources.len(), 2);
+    let status = server
+        .wait_for(
+            "ApiServerSource policies SufficientPermissions=True, Deployed=Unknown",
+            |s| {
+                let status = s.get::<ApiServerSource>(NAMESPACE, "policies")?.status?;
+                let is = |type_: &str, state: &str| {
+                    condition(&status.conditions, type_).is_some_and(|c| c.status == state)
+                };
+                (is("SufficientPermissions", "True") && is("Deployed", "Unknown"))
+                    .then_some(status.clone())
+            },
+        )
+        .await;
+    assert_eq!(
+        condition(&status.conditions, "Deployed").and_then(|c| c.reason.as_deref()),
+        Some("DeploymentUnavailable")
+    );
+    assert_eq!(
+        condition(&status.conditions, "Ready").map(|c| c.status.as_str()),
+        Some("Unknown")
+    );
+
+    // The adapter becomes available: the reconciler follows its Deployment.
+    server.update::<Deployment>(NAMESPACE, "apiserversource-policies", |d| {
+        d.status = Some(DeploymentStatus {
+            conditions: Some(vec![DeploymentCondition {
+                type_: "Available".into(),
+                status: "True".into(),
+                ..DeploymentCondition::default()
+            }]),
+            ..DeploymentStatus::default()
+        });
+    });
+    created_ready(&server, "policies").await;
+
+    assert!(server.delete::<ApiServerSource>(NAMESPACE, "policies"));
+    assert!(
+        server
+            .get::<Deployment>(NAMESPACE, "apiserversource-policies")
+            .is_none()
+    );
+
+    // A kind the API server does not serve: named, and no adapter.
+    server.create(&object::<ApiServerSource>(
+        "sources.knative.dev/v1",
+        "ApiServerSource",
+        "widgets",
+        json!({
+            "resources": [{ "apiVersion": "example.com/v1", "kind": "Widget" }],
+            "sink": broker_sink(),
+        }),
+    ));
+    let status = server
+        .wait_for("ApiServerSource widgets SufficientPermissions=False", |s| {
+            let status = s.get::<ApiServerSource>(NAMESPACE, "widgets")?.status?;
+            condition(&status.conditions, "SufficientPermissions")
+                .is_some_and(|c| c.status == "False")
+                .then_some(status)
+        })
+        .await;
+    let missing = condition(&status.conditions, "SufficientPermissions").expect("condition");
+    assert_eq!(missing.reason.as_deref(), Some("ResourceNotFound"));
+    assert!(
+        missing
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("spec.resources[0]: Widget (example.com/v1) is not served"),
+        "{missing:?}"
+    );
+    assert!(
+        server
+            .get::<Deployment>(NAMESPACE, "apiserversource-widgets")
+            .is_none()
+    );
+    reconcilers.stop().await;
+}
+
+/// Waits for the ApiServerSource `name` to be `Ready=True` with every condition `True`.
+async fn created_ready(server: &ApiServer, name: &str) {
+    let status = server
+        .wait_for(&format!("ApiServerSource {name} Ready=True"), |s| {
+            let status = s.get::<ApiServerSource>(NAMESPACE, name)?.status?;
+            condition(&status.conditions, "Ready")
+                .is_some_and(|c| c.status == "True")
+                .then_some(status)
+        })
+        .await;
+    for type_ in ["SinkProvided", "Deployed", "SufficientPermissions"] {
+        assert_eq!(
+            condition(&status.conditions, type_).map(|c| c.status.as_str()),
+            Some("True"),
+            "{type_}: {status:?}"
+        );
+    }
 }
 
 /// The importers' snapshot: every valid source with its resolved sink, a refused one left
@@ -467,6 +771,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("source_snapshot", |s| Box::pin(snapshot(s))),
     ("container_source", |s| Box::pin(container_source(s))),
     ("sink_binding", |s| Box::pin(sink_binding(s))),
+    ("api_server_source", |s| Box::pin(api_server_source(s))),
 ];
 
 /// Runs every scenario on a server of its own; the requests they made, by scenario.
