@@ -56,16 +56,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run_inbound(args: &[String]) -> ExitCode {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{}", usage());
-        return ExitCode::SUCCESS;
-    }
-    let config = match InboundConfig::from_args_and_env(args, |key| std::env::var(key).ok()) {
+    let config = match mecha_common::settings::read(args, usage, |args| {
+        InboundConfig::from_args_and_env(args, mecha_common::settings::process_env)
+    }) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let serving = match mecha_common::serve::listen(
         all_interfaces(config.serving_port),
@@ -151,21 +146,13 @@ enum Role {
 }
 
 async fn run_gateway(args: &[String], role: Role) -> ExitCode {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{}", usage());
-        return ExitCode::SUCCESS;
-    }
-    let env = |key: &str| std::env::var(key).ok();
-    let config = match role {
+    let env = mecha_common::settings::process_env;
+    let config = match mecha_common::settings::read(args, usage, |args| match role {
         Role::Gateway => GatewayConfig::from_args_and_env(args, env),
         Role::Outbound => GatewayConfig::outbound_from_args_and_env(args, env),
-    };
-    let config = match config {
+    }) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let listener = match role {
         Role::Gateway => {

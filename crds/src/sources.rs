@@ -825,10 +825,59 @@ fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
+/// The first character CloudEvents does not allow in a String value, with its byte offset:
+/// control characters (U+0000-U+001F, U+007F-U+009F) and Unicode noncharacters (U+FDD0-U+FDEF,
+/// and the last two code points of every plane). Unpaired surrogates cannot be in a Rust
+/// string. The broker's ingress and every source's `ceOverrides` apply this one rule.
+pub fn invalid_string_char(text: &str) -> Option<(usize, char)> {
+    text.char_indices().find(|(_, c)| {
+        let n = u32::from(*c);
+        n <= 0x1f
+            || (0x7f..=0x9f).contains(&n)
+            || (0xfdd0..=0xfdef).contains(&n)
+            || n & 0xfffe == 0xfffe
+    })
+}
+
+/// Most `ceOverrides` extensions a source may set: each becomes a header of every event, and
+/// the next hop takes at most 100 fields and 64 KiB of head.
+pub const MAX_OVERRIDES: usize = 32;
+/// Most bytes of all `ceOverrides` extension values together.
+pub const MAX_OVERRIDES_BYTES: usize = 16 * 1024;
+
 pub fn validate_overrides(overrides: Option<&CloudEventOverrides>, errors: &mut Vec<FieldError>) {
     let Some(overrides) = overrides else {
         return;
     };
+    if overrides.extensions.len() > MAX_OVERRIDES {
+        errors.push(FieldError::new(
+            "spec.ceOverrides.extensions",
+            format!(
+                "{} extensions; at most {MAX_OVERRIDES} (each is a header of every event)",
+                overrides.extensions.len()
+            ),
+        ));
+    }
+    let total: usize = overrides.extensions.values().map(String::len).sum();
+    if total > MAX_OVERRIDES_BYTES {
+        errors.push(FieldError::new(
+            "spec.ceOverrides.extensions",
+            format!(
+                "{total} bytes of values; at most {MAX_OVERRIDES_BYTES} (each is a header of every event)"
+            ),
+        ));
+    }
+    for (key, value) in &overrides.extensions {
+        if let Some((at, c)) = invalid_string_char(value) {
+            errors.push(FieldError::new(
+                format!("spec.ceOverrides.extensions.{key}"),
+                format!(
+                    "contains U+{:04X} at byte {at}: CloudEvents String values exclude control characters and Unicode noncharacters",
+                    u32::from(c)
+                ),
+            ));
+        }
+    }
     for key in overrides.extensions.keys() {
         let path = format!("spec.ceOverrides.extensions.{key}");
         let valid = !key.is_empty()
@@ -854,6 +903,40 @@ pub fn validate_overrides(overrides: Option<&CloudEventOverrides>, errors: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_are_cloudevents_strings_within_a_header_budget() {
+        let check = |extensions: Vec<(String, String)>| {
+            let overrides = CloudEventOverrides {
+                extensions: extensions.into_iter().collect(),
+            };
+            let mut errors = Vec::new();
+            validate_overrides(Some(&overrides), &mut errors);
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert!(check(vec![("team".into(), "é 🎉 数据".into())]).is_empty());
+        for bad in [
+            "a\u{1}b",
+            "\u{7f}",
+            "\u{85}",
+            "\u{fdd0}",
+            "\u{ffff}",
+            "\u{10fffe}",
+        ] {
+            let errors = check(vec![("team".into(), bad.into())]);
+            assert!(
+                errors.len() == 1 && errors[0].contains("spec.ceOverrides.extensions.team"),
+                "{bad:?}: {errors:?}"
+            );
+        }
+        assert!(check(vec![("team".into(), "\u{2028}".into())]).is_empty());
+        let many = (0..=MAX_OVERRIDES)
+            .map(|i| (format!("x{i}"), "v".into()))
+            .collect();
+        assert_eq!(check(many).len(), 1);
+        let large = vec![("big".into(), "v".repeat(MAX_OVERRIDES_BYTES + 1))];
+        assert_eq!(check(large).len(), 1);
+    }
 
     #[test]
     fn schedules_with_and_without_seconds() {

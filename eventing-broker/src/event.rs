@@ -123,7 +123,7 @@ impl Event {
         }
         for (name, value) in &self.attributes {
             if let Value::String(text) = value
-                && let Some((at, c)) = text.char_indices().find(|(_, c)| !is_string_char(*c))
+                && let Some((at, c)) = crds::sources::invalid_string_char(text)
             {
                 return invalid(format!(
                     "attribute {name} contains U+{:04X} at byte {at}: CloudEvents String values exclude control characters (U+0000-U+001F, U+007F-U+009F) and Unicode noncharacters",
@@ -518,17 +518,6 @@ impl<'de> serde::Deserialize<'de> for Attribute {
         }
         deserializer.deserialize_any(Scalar)
     }
-}
-
-/// Whether CloudEvents allows `c` in a String: not a control character (U+0000-U+001F,
-/// U+007F-U+009F) and not a Unicode noncharacter (U+FDD0-U+FDEF, and the last two code
-/// points of every plane). Unpaired surrogates cannot be in a Rust string.
-fn is_string_char(c: char) -> bool {
-    let n = u32::from(c);
-    !(n <= 0x1f
-        || (0x7f..=0x9f).contains(&n)
-        || (0xfdd0..=0xfdef).contains(&n)
-        || n & 0xfffe == 0xfffe)
 }
 
 fn is_json(content_type: Option<&str>) -> bool {

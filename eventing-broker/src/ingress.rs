@@ -10,6 +10,9 @@ use mecha_common::budget::{BodyBudget, BodyError};
 use crate::event::{Event, EventError};
 use crate::runtime::{EventBroker, IngestError};
 
+/// The `namespace` and `broker` labels of a refusal addressed to no broker.
+pub const UNKNOWN: &str = "(unknown)";
+
 /// Handles one ingress request, its body read within `budget` (the listener's).
 pub async fn handle<B>(
     broker: &EventBroker,
@@ -41,11 +44,20 @@ where
             );
         }
     };
+    // Refusals are counted under the broker's name only when it is one: names from the path
+    // of a request for no broker would make a new series each, kept for good (found from
+    // outside: 2,000 requests with 60,000-character names took 120 MB and a 132 MB /metrics).
     let reject = |reason: &str| {
+        let known = broker.state().broker(&namespace, &name).is_some();
+        let (ns, broker_name) = if known {
+            (namespace.as_str(), name.as_str())
+        } else {
+            (UNKNOWN, UNKNOWN)
+        };
         broker
             .metrics()
             .rejected
-            .with_label_values(&[namespace.as_str(), name.as_str(), reason])
+            .with_label_values(&[ns, broker_name, reason])
             .inc();
     };
     if request.method() == Method::OPTIONS {

@@ -26,18 +26,13 @@ fn usage() -> String {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{}", usage());
-        return ExitCode::SUCCESS;
-    }
-    mecha_common::telemetry::init_tracing_from_env();
-    let config = match StandaloneConfig::from_args_and_env(&args, |key| std::env::var(key).ok()) {
+    let config = match mecha_common::settings::read(&args, usage, |args| {
+        StandaloneConfig::from_args_and_env(args, mecha_common::settings::process_env)
+    }) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
+    mecha_common::telemetry::init_tracing_from_env();
     let Ok(ingress) =
         mecha_common::serve::listen_all(config.port, "the ingress (BROKER_PORT)").await
     else {

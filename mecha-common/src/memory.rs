@@ -8,7 +8,9 @@
 //!
 //! [`release_after_bursts`] watches the process's CPU time once a second and, when a busy
 //! second (at least [`BUSY`] of one core) is followed by a quiet one (at most [`QUIET`]),
-//! asks the allocator to return its free pages ([`release`]). Trimming walks and locks every
+//! asks the allocator to return its free pages ([`release`]); in a quiet second it also does
+//! when resident memory has grown by [`GROWN`] since the last trim without a busy second
+//! (held connections that close, bodies that time out free memory cheaply). Trimming walks and locks every
 //! arena in turn, so it runs only once the process has gone quiet, once per burst, never on a
 //! timer under load. Elsewhere than Linux with glibc it does nothing: musl's and other
 //! allocators return memory themselves or have no such call.
@@ -24,17 +26,41 @@ pub const BUSY: Duration = Duration::from_millis(100);
 /// ...and as quiet up to this much.
 pub const QUIET: Duration = Duration::from_millis(20);
 
-/// What the watcher does after one second of `cpu` time: whether to trim now, given whether
-/// a busy second has been seen since the last trim (updated in place).
-pub fn decide(cpu: Duration, burst_seen: &mut bool) -> bool {
+/// Resident memory this far above what stayed after the last trim also earns a trim in a
+/// quiet second: memory freed without a busy second (held connections closing, bodies timing
+/// out) would otherwise stay.
+pub const GROWN: u64 = 16 << 20;
+
+/// What the watcher remembers between seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// A busy second was seen since the last trim.
+    pub burst_seen: bool,
+    /// Resident bytes right after the last trim (or at start).
+    pub after_trim: u64,
+}
+
+/// What the watcher does after one second of `cpu` time with `resident` bytes: whether to
+/// trim now. In a quiet second it trims once after a burst, or when resident memory grew by
+/// [`GROWN`] since the last trim; the caller records what stayed with [`Watch::trimmed`].
+pub fn decide(cpu: Duration, resident: u64, watch: &mut Watch) -> bool {
     if cpu >= BUSY {
-        *burst_seen = true;
+        watch.burst_seen = true;
         false
-    } else if cpu <= QUIET && *burst_seen {
-        *burst_seen = false;
+    } else if cpu <= QUIET
+        && (watch.burst_seen || resident >= watch.after_trim.saturating_add(GROWN))
+    {
+        watch.burst_seen = false;
         true
     } else {
         false
+    }
+}
+
+impl Watch {
+    /// Records what stayed resident after a trim.
+    pub fn trimmed(&mut self, resident: u64) {
+        self.after_trim = resident;
     }
 }
 
@@ -44,15 +70,19 @@ pub fn release_after_bursts(shutdown: ShutdownSignal) -> tokio::task::JoinHandle
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = cpu_time();
-        let mut burst_seen = false;
+        let mut watch = Watch {
+            burst_seen: false,
+            after_trim: resident(),
+        };
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
                 () = shutdown.clone().recv() => return,
             }
             let now = cpu_time();
-            if decide(now.saturating_sub(last), &mut burst_seen) {
+            if decide(now.saturating_sub(last), resident(), &mut watch) {
                 let released = release();
+                watch.trimmed(resident());
                 tracing::debug!(
                     released,
                     "returned the allocator's free pages after a burst"
@@ -61,6 +91,15 @@ pub fn release_after_bursts(shutdown: ShutdownSignal) -> tokio::task::JoinHandle
             last = now;
         }
     })
+}
+
+/// Resident bytes of the process (`/proc/self/statm`'s second field, in pages); 0 where it
+/// cannot be read, which only turns off the growth rule.
+fn resident() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
 }
 
 /// CPU time the whole process has used.
@@ -95,18 +134,41 @@ mod tests {
     #[test]
     fn trims_once_when_a_busy_second_is_followed_by_a_quiet_one() {
         let ms = Duration::from_millis;
-        let mut seen = false;
+        let rss = 20 << 20;
+        let mut watch = Watch {
+            burst_seen: false,
+            after_trim: rss,
+        };
         // Quiet from the start: nothing to give back.
-        assert!(!decide(ms(0), &mut seen));
+        assert!(!decide(ms(0), rss, &mut watch));
         // A burst, then a middling second (still winding down), then quiet: one trim.
         let trims: Vec<bool> = [ms(900), ms(400), ms(50), ms(5), ms(5), ms(5)]
             .into_iter()
-            .map(|cpu| decide(cpu, &mut seen))
+            .map(|cpu| decide(cpu, rss, &mut watch))
             .collect();
         assert_eq!(trims, [false, false, false, true, false, false]);
         // The next burst earns the next trim.
-        assert!(!decide(ms(150), &mut seen));
-        assert!(decide(ms(0), &mut seen));
+        assert!(!decide(ms(150), rss, &mut watch));
+        assert!(decide(ms(0), rss, &mut watch));
+    }
+
+    #[test]
+    fn memory_grown_without_a_busy_second_is_trimmed_in_a_quiet_one_once() {
+        let ms = Duration::from_millis;
+        let mut watch = Watch {
+            burst_seen: false,
+            after_trim: 20 << 20,
+        };
+        // Grown by less than GROWN: left alone.
+        assert!(!decide(ms(5), (20 << 20) + GROWN - 1, &mut watch));
+        // Grown by GROWN while the process stayed quiet (connections that held memory
+        // closed): trimmed; not in a middling second.
+        assert!(!decide(ms(50), 300 << 20, &mut watch));
+        assert!(decide(ms(5), 300 << 20, &mut watch));
+        // What stayed is the new mark: no trim every second after.
+        watch.trimmed(290 << 20);
+        assert!(!decide(ms(5), 290 << 20, &mut watch));
+        assert!(!decide(ms(5), 295 << 20, &mut watch));
     }
 
     /// Resident memory of this process, from `/proc/self/status`.

@@ -14,6 +14,29 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// How every binary's `main` reads its settings: `-h` or `--help` among `args` prints `usage`
+/// and ends with exit 0; otherwise `parse` reads them (flags over the environment, see
+/// [`process_env`]), and an error is printed with the usage and ends with exit 2.
+pub fn read<C, E: std::fmt::Display>(
+    args: &[String],
+    usage: impl Fn() -> String,
+    parse: impl FnOnce(&[String]) -> Result<C, E>,
+) -> Result<C, std::process::ExitCode> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        return Err(std::process::ExitCode::SUCCESS);
+    }
+    parse(args).map_err(|error| {
+        eprintln!("error: {error}\n\n{}", usage());
+        std::process::ExitCode::from(2)
+    })
+}
+
+/// The process's environment, as the settings readers take it.
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
 /// A role's settings: (flag, environment variable, help).
 pub type Table = &'static [(&'static str, &'static str, &'static str)];
 

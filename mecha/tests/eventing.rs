@@ -206,6 +206,14 @@ fn ingress_accepts_each_mode_and_refuses_bad_requests_with_reasons() {
             "rejections by {reason} are counted"
         );
     }
+    // Requests for no broker are counted under one label, not under the names they made up.
+    assert!(
+        metrics.contains(
+            "rejected_total{broker=\"(unknown)\",namespace=\"(unknown)\",reason=\"unknown-broker\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("broker=\"nope\""), "{metrics}");
     assert!(
         metrics.contains(
             "mecha_broker_events_dropped_ttl_total{broker=\"default\",namespace=\"default\"} 1"

@@ -250,18 +250,13 @@ impl Watches {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{}", usage());
-        return ExitCode::SUCCESS;
-    }
-    mecha_common::telemetry::init_tracing_from_env();
-    let config = match Config::from_args_and_env(&args, |key| std::env::var(key).ok()) {
+    let config = match mecha_common::settings::read(&args, usage, |args| {
+        Config::from_args_and_env(args, mecha_common::settings::process_env)
+    }) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}\n\n{}", usage());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
+    mecha_common::telemetry::init_tracing_from_env();
     let admin = match mecha_common::serve::listen_all(
         config.admin_port,
         "/live, /ready, /metrics (ADMIN_PORT)",
