@@ -33,32 +33,10 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     mecha_common::telemetry::init_tracing_from_env();
-    let Ok(ingress) =
-        mecha_common::serve::listen_all(config.port, "the ingress (BROKER_PORT)").await
-    else {
-        return ExitCode::from(1);
-    };
-    let Ok(admin) = mecha_common::serve::listen_all(
-        config.admin_port,
-        "the admin endpoints (BROKER_ADMIN_PORT)",
+    mecha_common::serve::run_component(
+        (config.port, "the ingress (BROKER_PORT)"),
+        (config.admin_port, "the admin endpoints (BROKER_ADMIN_PORT)"),
+        |ingress, admin, stop| standalone::run(config, ingress, admin, stop),
     )
     .await
-    else {
-        return ExitCode::from(1);
-    };
-    // Listened for before anything starts, so that a SIGTERM during start-up drains too.
-    let stop = match mecha_common::shutdown::stop_signals() {
-        Ok(stop) => stop,
-        Err(error) => {
-            eprintln!("error: cannot listen for SIGTERM: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    match standalone::run(config, ingress, admin, stop).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::from(1)
-        }
-    }
 }

@@ -33,33 +33,13 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     mecha_common::telemetry::init_tracing_from_env();
-    let Ok(webhooks) =
-        mecha_common::serve::listen_all(config.port, "the webhook receivers (IMPORTERS_PORT)")
-            .await
-    else {
-        return ExitCode::from(1);
-    };
-    let Ok(admin) = mecha_common::serve::listen_all(
-        config.admin_port,
-        "the admin endpoints (IMPORTERS_ADMIN_PORT)",
+    mecha_common::serve::run_component(
+        (config.port, "the webhook receivers (IMPORTERS_PORT)"),
+        (
+            config.admin_port,
+            "the admin endpoints (IMPORTERS_ADMIN_PORT)",
+        ),
+        |webhooks, admin, stop| standalone::run(config, webhooks, admin, stop),
     )
     .await
-    else {
-        return ExitCode::from(1);
-    };
-    // Listened for before anything starts, so that a SIGTERM during start-up drains too.
-    let stop = match mecha_common::shutdown::stop_signals() {
-        Ok(stop) => stop,
-        Err(error) => {
-            eprintln!("error: cannot listen for SIGTERM: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    match standalone::run(config, webhooks, admin, stop).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::from(1)
-        }
-    }
 }

@@ -227,6 +227,43 @@ pub async fn listen_all(port: u16, what: &str) -> Result<TcpListener, std::proce
     listen(std::net::SocketAddr::from(([0, 0, 0, 0], port)), what).await
 }
 
+/// How a component with one serving port and an admin port starts (the standalone broker and
+/// importers): both bound on every interface (a failure names `what` and exits 1), SIGTERM and
+/// Ctrl-C listened for before anything starts (so a signal during start-up drains too), then
+/// `run` until it returns — exit 0, or 1 with its error said.
+pub async fn run_component<F, Fut>(
+    (port, what): (u16, &str),
+    (admin_port, admin_what): (u16, &str),
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(TcpListener, TcpListener, crate::shutdown::StopSignals) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let serving = match listen_all(port, what).await {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let admin = match listen_all(admin_port, admin_what).await {
+        Ok(listener) => listener,
+        Err(code) => return code,
+    };
+    let stop = match crate::shutdown::stop_signals() {
+        Ok(stop) => stop,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match run(serving, admin, Box::pin(stop)).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// `/live`, `/ready`, `/metrics` ([`crate::admin::router`]) on `listener`, with the default
 /// limits, until `shutdown`.
 pub async fn serve_admin(

@@ -81,6 +81,9 @@ impl ShutdownSignal {
 
 /// Listens for Ctrl-C and SIGTERM from now on (so a signal during start-up is not lost); the
 /// future ends at the first of either. What every long-running binary drains on.
+/// [`stop_signals`], boxed to be passed on by name.
+pub type StopSignals = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 pub fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     Ok(async move {
