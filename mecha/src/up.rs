@@ -61,6 +61,9 @@ pub struct UpConfig {
 }
 
 pub async fn run(config: UpConfig) -> ExitCode {
+    // Listened for before anything starts: a SIGINT or SIGTERM during start-up drains what
+    // started instead of killing the process with its event log open.
+    let mut signals = Signals::new();
     // Everything is validated before anything starts: what the last run kept, then the YAML
     // given here on top of it.
     let (files, errors) = crds::load::yaml_files(&config.paths);
@@ -432,7 +435,6 @@ pub async fn run(config: UpConfig) -> ExitCode {
         )),
     );
 
-    let mut signals = Signals::new();
     signals.next().await;
     println!(
         "Stopping: finishing in-flight requests, then stopping replicas (Ctrl-C again to force)."
@@ -697,29 +699,34 @@ async fn report_readiness(
     }
 }
 
-/// SIGINT (Ctrl-C) and SIGTERM, however many times they come.
+/// SIGINT (Ctrl-C) and SIGTERM, however many times they come; both handlers are installed
+/// when this is made, so a signal before the first `next` is kept for it.
 struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
     term: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
     fn new() -> Self {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        Self { term }
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
     }
 
     async fn next(&mut self) {
-        let term = async {
-            match &mut self.term {
-                Some(term) => {
-                    term.recv().await;
+        async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
                 }
                 None => std::future::pending().await,
             }
-        };
+        }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
+            () = recv(&mut self.int) => {}
+            () = recv(&mut self.term) => {}
         }
     }
 }

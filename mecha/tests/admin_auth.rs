@@ -227,9 +227,17 @@ fn a_restart_keeps_the_credential_and_an_exposed_one_stops_the_start() {
     let dir = Workdir::new("admin-auth-restart");
     dir.write("config.yaml", FAST_CONFIG);
     let mut mecha = Mecha::start_in(&dir.path);
+    wait_until("mecha up to start", || {
+        mecha.stdout_contains("Mecha is running")
+    });
     let first = mecha.token();
     assert_eq!(mecha.interrupt().code(), Some(0));
+    // The token file is there from the first run: wait for the second to start before
+    // interrupting it (a SIGINT before its handlers are installed would just kill it).
     let mut mecha = Mecha::start_in(&dir.path);
+    wait_until("mecha up to start again", || {
+        mecha.stdout_contains("Mecha is running")
+    });
     assert_eq!(mecha.token(), first);
     assert_eq!(mecha.interrupt().code(), Some(0));
 
