@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -288,13 +289,17 @@ async fn reference_mode_sends_the_selected_owned_pods_changes_and_drains_on_sigt
     let ids: std::collections::BTreeSet<&str> = events.iter().map(|e| header(e, "ce-id")).collect();
     assert_eq!(ids.len(), 4, "every change has its own id");
 
-    let metrics = process.wait_http(admin, "/metrics", 200).await;
-    assert!(
-        metrics.contains(
-            "mecha_source_events_sent_total{kind=\"ApiServerSource\",name=\"pods\",namespace=\"default\"} 4"
-        ),
-        "{metrics}"
-    );
+    // The receiver records an event before it answers; the adapter counts it after the answer.
+    let counted = "mecha_source_events_sent_total{kind=\"ApiServerSource\",name=\"pods\",namespace=\"default\"} 4";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = process.wait_http(admin, "/metrics", 200).await;
+        if metrics.contains(counted) || tokio::time::Instant::now() >= deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(metrics.contains(counted), "{metrics}");
     let exited = process.terminate().await;
     assert!(exited.success(), "{exited:?}");
     let _ = std::fs::remove_dir_all(&dir);
