@@ -577,9 +577,13 @@ mod tests {
             let budget = budget.clone();
             tokio::spawn(async move { budget.collect(&HeaderMap::new(), body, 100_000).await })
         };
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // The clock is paused: it moves only when told to, once the body holds its bytes.
+        while budget.in_use() < 5000 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_secs(4)).await;
         assert!(budget.in_use() >= 5000, "held while it trickles");
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
         let refused = collecting.await.unwrap().unwrap_err();
         assert!(matches!(refused, BodyError::Timeout(_)), "{refused}");
         assert_eq!(refused.response().status(), StatusCode::REQUEST_TIMEOUT);
