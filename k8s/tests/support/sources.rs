@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::serving::{NAMESPACE, Reconcilers, condition};
+use k8s_openapi::api::apps::v1::Deployment;
+
 use super::{ApiServer, Recorded};
 
 const BROKER_SINK: &str = "http://mecha-broker.mecha-system.svc/default/default";
@@ -415,20 +417,12 @@ pub async fn api_server_source(server: ApiServer) {
             .get_or_insert_with(Default::default)
             .insert("granted".into(), "yes".into());
     });
-    let deployment = server
-        .wait_for("Deployment apiserversource-policies", |s| {
-            s.get::<Deployment>(NAMESPACE, "apiserversource-policies")
-        })
-        .await;
-    let owner = &deployment
-        .metadata
-        .owner_references
-        .as_ref()
-        .expect("an owner")[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
-        ("ApiServerSource", "policies", Some(true))
-    );
+    let deployment = owned_deployment(
+        &server,
+        "apiserversource-policies",
+        ("ApiServerSource", "policies"),
+    )
+    .await;
     let pod = deployment.spec.as_ref().expect("spec").template.clone();
     let pod = pod.spec.expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some("watcher"));
@@ -620,7 +614,6 @@ pub async fn snapshot(server: ApiServer) {
 /// A ContainerSource runs as a Deployment of its own with `K_SINK` and `K_CE_OVERRIDES`,
 /// owned by the source: deleting the source deletes it.
 pub async fn container_source(server: ApiServer) {
-    use k8s_openapi::api::apps::v1::Deployment;
     let reconcilers = Reconcilers::start(&server);
     let source = object::<ContainerSource>(
         "sources.knative.dev/v1",
@@ -640,20 +633,12 @@ pub async fn container_source(server: ApiServer) {
         }),
     );
     server.create(&source);
-    let deployment = server
-        .wait_for("Deployment heartbeat-deployment", |s| {
-            s.get::<Deployment>(NAMESPACE, "heartbeat-deployment")
-        })
-        .await;
-    let owner = &deployment
-        .metadata
-        .owner_references
-        .as_ref()
-        .expect("an owner")[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
-        ("ContainerSource", "heartbeat", Some(true))
-    );
+    let deployment = owned_deployment(
+        &server,
+        "heartbeat-deployment",
+        ("ContainerSource", "heartbeat"),
+    )
+    .await;
     let pod = deployment.spec.as_ref().expect("spec").template.clone();
     let labels = pod.metadata.and_then(|m| m.labels).unwrap_or_default();
     assert_eq!(labels.get("app").map(String::as_str), Some("heartbeat"));
@@ -694,7 +679,7 @@ fn user_env(
     server: &ApiServer,
     deployment: &str,
 ) -> Option<std::collections::BTreeMap<String, String>> {
-    let deployment = server.get::<k8s_openapi::api::apps::v1::Deployment>(NAMESPACE, deployment)?;
+    let deployment = server.get::<Deployment>(NAMESPACE, deployment)?;
     let pod = deployment.spec?.template.spec?;
     let user = pod
         .containers
@@ -783,4 +768,28 @@ pub async fn all() -> Vec<(&'static str, Vec<Recorded>)> {
         recorded.push((*name, server.requests()));
     }
     recorded
+}
+
+/// Waits for the Deployment `name` a source made, and checks that the source (`kind`, `source`)
+/// controls it.
+async fn owned_deployment(
+    server: &ApiServer,
+    name: &str,
+    (kind, source): (&str, &str),
+) -> Deployment {
+    let deployment = server
+        .wait_for(&format!("Deployment {name}"), |s| {
+            s.get::<Deployment>(NAMESPACE, name)
+        })
+        .await;
+    let owner = &deployment
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("an owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        (kind, source, Some(true))
+    );
+    deployment
 }
