@@ -29,6 +29,7 @@ use bytes::Bytes;
 
 #[cfg(feature = "jetstream")]
 pub mod jetstream;
+mod journal;
 pub mod redb;
 
 pub use self::redb::{Fault, Progress, RedbLog, RedbOptions};

@@ -286,6 +286,7 @@ impl StandaloneConfig {
                         }
                     },
                 )?,
+                ..RedbOptions::default()
             },
             limits: settings::limits(&get)?,
             body_budget,

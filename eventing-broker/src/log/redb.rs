@@ -26,6 +26,7 @@ use ::redb::{
 use bytes::Bytes;
 use tokio::sync::{Notify, oneshot, watch};
 
+use super::journal::{self, Journal};
 use super::{Acker, Consumer, EventLog, LogError, LogFuture, Message, Record};
 
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
@@ -47,6 +48,10 @@ pub struct RedbOptions {
     pub tail_bytes: usize,
     /// The store's page cache in bytes (redb's own default is 1 GiB, which a backlog fills).
     pub cache_bytes: usize,
+    /// How long the store's commits may go unsynced while appends keep coming (their events
+    /// are durable in the journal); with [`journal::CHECKPOINT_BYTES`] it bounds what a start
+    /// after a crash replays.
+    pub sync_interval: std::time::Duration,
 }
 
 impl Default for RedbOptions {
@@ -58,6 +63,7 @@ impl Default for RedbOptions {
             // that reads the file re-reads pages the kernel caches anyway: more cache only
             // grows the broker's memory under a backlog (8 MiB measured 2.4x the idle RSS).
             cache_bytes: 2 << 20,
+            sync_interval: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -361,6 +367,22 @@ impl RedbLog {
             txn.open_table(PROGRESS).map_err(storage)?;
             txn.commit().map_err(storage)?;
         }
+        let journal_path = journal_path(path);
+        let mut journal = Journal::open(&journal_path)
+            .map_err(|e| LogError::Storage(format!("{}: {e}", journal_path.display())))?;
+        match replay(&db, &mut journal) {
+            Ok(0) => {}
+            Ok(restored) => {
+                tracing::info!(path = %journal_path.display(), restored, "events the store had not synced were restored from the journal");
+            }
+            Err(error) => {
+                return Err(LogError::Storage(format!(
+                    "cannot restore the journal {} into the log: {error}",
+                    journal_path.display()
+                )));
+            }
+        }
+        let sync_interval = options.sync_interval;
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             db: db.clone(),
@@ -385,7 +407,9 @@ impl RedbLog {
             .spawn(move || {
                 // The writer survives a panic in a batch (see `writer`); this catches anything
                 // else, so that a dead writer is reported instead of leaving appends hanging.
-                let died = catch_unwind(AssertUnwindSafe(|| writer(&db, &rx, &weak)));
+                let died = catch_unwind(AssertUnwindSafe(|| {
+                    writer(&db, journal, sync_interval, &rx, &weak)
+                }));
                 if let Err(panic) = died {
                     let why = format!("panicked: {}", panic_message(&*panic));
                     tracing::error!(reason = %why, "the event log writer stopped");
@@ -945,15 +969,21 @@ fn last_sequence(
     Ok(recorded.max(last))
 }
 
-/// One round's transaction: applies every op, returns each op's result.
+/// One round's store transaction: applies every op (appends at the sequences `firsts` gives
+/// them), returns each op's result. `durable`: a synced commit, which makes every earlier
+/// unsynced one durable too; otherwise the events are durable in the journal already.
 fn apply_batch(
     db: &Database,
     batch: &[Op],
-    heads: &mut HashMap<String, u64>,
-    touched: &mut Vec<(String, u64)>,
+    firsts: &[u64],
+    durable: bool,
 ) -> Result<Vec<u64>, ::redb::Error> {
     let mut results: Vec<u64> = Vec::with_capacity(batch.len());
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
+    if !durable {
+        txn.set_durability(::redb::Durability::None)
+            .map_err(|e| ::redb::Error::Corrupted(e.to_string()))?;
+    }
     {
         let mut events = txn.open_table(EVENTS)?;
         // Most rounds only append, and an append writes only the events table: the heads
@@ -962,33 +992,19 @@ fn apply_batch(
         // every table written costs a commit its pages, and an untouched one opened costs work.
         let mut head_table = None;
         let mut progress_tables = None;
-        for op in batch {
+        for (op, first) in batch.iter().zip(firsts) {
             match op {
                 Op::Append {
                     broker,
                     events: new,
                     ..
                 } => {
-                    let head = match heads.get(broker) {
-                        Some(h) => *h,
-                        None => {
-                            if head_table.is_none() {
-                                head_table = Some(txn.open_table(HEADS)?);
-                            }
-                            match head_table.as_ref() {
-                                Some(recorded) => last_sequence(&events, recorded, broker)?,
-                                None => 0,
-                            }
-                        }
-                    };
-                    let mut seq = head;
+                    let mut seq = *first;
                     for event in new {
-                        seq += 1;
                         events.insert((broker.as_str(), seq), event.as_slice())?;
+                        seq += 1;
                     }
-                    heads.insert(broker.clone(), seq);
-                    touched.push((broker.clone(), seq));
-                    results.push(seq);
+                    results.push(seq - 1);
                 }
                 Op::Cursors {
                     set,
@@ -1038,11 +1054,84 @@ fn apply_batch(
     Ok(results)
 }
 
-/// The writer thread: drains the queue into one transaction per round. A round that fails —
-/// an error or a panic inside the store — answers each of its waiters with the reason and the
-/// writer goes on with the next round, so a transient failure heals by itself.
-fn writer(db: &Database, rx: &mpsc::Receiver<Op>, inner: &std::sync::Weak<Inner>) {
+/// Where the journal of the log at `path` lives: beside it.
+fn journal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".journal");
+    PathBuf::from(name)
+}
+
+/// Applies what the journal holds beyond the store's last synced commit (after a crash, or
+/// after a round whose store commit failed), syncs the store and starts the journal over.
+/// Returns how many events it restored. Records the store has already are skipped, so
+/// replaying twice changes nothing.
+fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
+    let (entries, stopped) = journal.entries().map_err(|e| e.to_string())?;
+    if let Some(stopped) = &stopped {
+        // Normal: where the last write before a crash was torn, or where the records of
+        // before the last start-over begin.
+        tracing::debug!(
+            offset = stopped.offset,
+            why = stopped.why,
+            "the journal ends here"
+        );
+    }
+    let mut restored = 0u64;
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut events = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+        let heads = txn.open_table(HEADS).map_err(|e| e.to_string())?;
+        let mut last: HashMap<String, u64> = HashMap::new();
+        for entry in entries {
+            let head = match last.get(&entry.broker) {
+                Some(head) => *head,
+                None => last_sequence(&events, &heads, &entry.broker).map_err(|e| e.to_string())?,
+            };
+            if entry.first > head + 1 {
+                tracing::warn!(broker = %entry.broker, head, first = entry.first, "the journal continues a broker's log after a gap; restoring its events anyway");
+            }
+            let mut top = head;
+            for (i, event) in entry.events.iter().enumerate() {
+                let seq = entry.first + i as u64;
+                if seq > head {
+                    events
+                        .insert((entry.broker.as_str(), seq), event.as_slice())
+                        .map_err(|e| e.to_string())?;
+                    restored += 1;
+                }
+                top = top.max(seq);
+            }
+            last.insert(entry.broker, top);
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    journal.start_over().map_err(|e| e.to_string())?;
+    Ok(restored)
+}
+
+/// Why a round failed, and whether its events reached the journal (then the store must be
+/// brought up to the journal before anything else is written).
+struct RoundFailed {
+    why: String,
+    journaled: bool,
+}
+
+/// The writer thread: drains the queue into one round at a time — the appends' events into
+/// the journal (one write, one flush), then every op into one store transaction — and
+/// answers the round's waiters. A round that fails — an error or a panic inside the store —
+/// answers each of its waiters with the reason and the writer goes on with the next round
+/// (after bringing the store up to the journal), so a transient failure heals by itself.
+fn writer(
+    db: &Database,
+    mut journal: Journal,
+    sync_interval: std::time::Duration,
+    rx: &mpsc::Receiver<Op>,
+    inner: &std::sync::Weak<Inner>,
+) {
+    // The last sequence given out per broker, as the store will hold it.
     let mut heads: HashMap<String, u64> = HashMap::new();
+    let mut synced_at = std::time::Instant::now();
+    let mut behind_journal = false;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -1051,71 +1140,170 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Op>, inner: &std::sync::Weak<Inner>
                 Err(_) => break,
             }
         }
-        let mut touched: Vec<(String, u64)> = Vec::new();
+        if behind_journal {
+            match catch_unwind(AssertUnwindSafe(|| replay(db, &mut journal))).unwrap_or_else(
+                |panic| Err(format!("the store panicked: {}", panic_message(&*panic))),
+            ) {
+                Ok(restored) => {
+                    tracing::info!(restored, "the store caught up with the journal");
+                    behind_journal = false;
+                    synced_at = std::time::Instant::now();
+                }
+                Err(why) => {
+                    fail_round(inner, batch, &format!("cannot restore the journal: {why}"));
+                    continue;
+                }
+            }
+        }
         let inject = inner
             .upgrade()
             .is_some_and(|i| i.fault.load(Ordering::Relaxed) == Fault::WriterPanic as u8);
+        let durable = synced_at.elapsed() >= sync_interval
+            || journal.written() >= journal::CHECKPOINT_BYTES
+            || batch.iter().any(|op| matches!(op, Op::Cursors { .. }));
+        let mut journaled = false;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             if inject {
                 panic!("injected writer panic");
             }
-            apply_batch(db, &batch, &mut heads, &mut touched).map_err(|e| e.to_string())
+            let firsts = sequences(db, &batch, &mut heads).map_err(|e| e.to_string())?;
+            let appends = batch
+                .iter()
+                .zip(&firsts)
+                .filter_map(|(op, first)| match op {
+                    Op::Append { broker, events, .. } if !events.is_empty() => {
+                        Some((broker.as_str(), *first, events.as_slice()))
+                    }
+                    _ => None,
+                });
+            journal.append(appends).map_err(|e| {
+                format!("cannot write the journal {}: {e}", journal.path().display())
+            })?;
+            journaled = true;
+            let results = apply_batch(db, &batch, &firsts, durable).map_err(|e| e.to_string())?;
+            Ok::<_, String>((firsts, results))
         }))
-        .unwrap_or_else(|panic| Err(format!("the store panicked: {}", panic_message(&*panic))));
-        let inner = inner.upgrade();
+        .unwrap_or_else(|panic| Err(format!("the store panicked: {}", panic_message(&*panic))))
+        .map_err(|why| RoundFailed { why, journaled });
+        let alive = inner.upgrade();
         match outcome {
-            Ok(results) => {
+            Ok((firsts, results)) => {
+                if durable {
+                    synced_at = std::time::Instant::now();
+                    if let Err(error) = journal.start_over() {
+                        // The journal keeps its records and goes on after them: nothing is
+                        // lost, it only grows until a later start-over succeeds.
+                        tracing::warn!(%error, "cannot start the journal over");
+                    }
+                }
                 let mut answers = Vec::with_capacity(batch.len());
+                let mut touched: Vec<(&str, u64)> = Vec::new();
                 {
                     // Into the tail before the head moves, so that a consumer woken by the
                     // head finds them there.
-                    let mut tail = inner.as_ref().map(|inner| lock(&inner.tail));
-                    for (op, result) in batch.into_iter().zip(results) {
+                    let mut tail = alive.as_ref().map(|inner| lock(&inner.tail));
+                    for ((op, first), result) in batch.iter_mut().zip(&firsts).zip(&results) {
                         match op {
-                            Op::Append {
-                                broker,
-                                events,
-                                done,
-                            } => {
-                                if let Some(tail) = tail.as_mut() {
-                                    let first = result + 1 - events.len() as u64;
+                            Op::Append { broker, events, .. } => {
+                                if let Some(tail) = tail.as_mut()
+                                    && !events.is_empty()
+                                {
                                     tail.push(
-                                        &broker,
-                                        first,
-                                        events.into_iter().map(Bytes::from).collect(),
+                                        broker,
+                                        *first,
+                                        std::mem::take(events)
+                                            .into_iter()
+                                            .map(Bytes::from)
+                                            .collect(),
                                     );
                                 }
-                                answers.push((done, result));
+                                if *result >= *first {
+                                    touched.push((broker.as_str(), *result));
+                                }
                             }
-                            Op::Cursors { done, .. } => answers.push((done, result)),
+                            Op::Cursors { .. } => {}
                         }
                     }
                 }
-                if let Some(inner) = &inner {
+                if let Some(inner) = &alive {
                     lock(&inner.problems).remove("write");
                     for (broker, head) in &touched {
                         publish(inner, broker, *head);
                     }
                 }
+                for (op, result) in batch.into_iter().zip(results) {
+                    let (Op::Append { done, .. } | Op::Cursors { done, .. }) = op;
+                    answers.push((done, result));
+                }
                 for (done, result) in answers {
                     let _ = done.send(Ok(result));
                 }
             }
-            Err(error) => {
-                tracing::error!(%error, "event log commit failed");
-                if let Some(inner) = &inner {
-                    lock(&inner.problems).insert("write".into(), format!("cannot write: {error}"));
-                }
-                // The transaction was rolled back: forget the sequences it gave out.
+            Err(RoundFailed { why, journaled }) => {
+                // The store's transaction was rolled back: forget the sequences it gave out.
+                // Events already in the journal reach the store before the next round (their
+                // appends are answered with the error, so a client may send them again: at
+                // least once, as every failure of the log).
                 heads.clear();
-                for op in batch {
-                    let done = match op {
-                        Op::Append { done, .. } | Op::Cursors { done, .. } => done,
-                    };
-                    let _ = done.send(Err(error.clone()));
-                }
+                behind_journal |= journaled;
+                fail_round(inner, batch, &why);
             }
         }
+    }
+    // Closed: sync the store, so that the next start has nothing to replay.
+    let closed = db
+        .begin_write()
+        .map_err(|e| e.to_string())
+        .and_then(|txn| txn.commit().map_err(|e| e.to_string()))
+        .and_then(|()| {
+            if behind_journal {
+                Ok(())
+            } else {
+                journal.start_over().map_err(|e| e.to_string())
+            }
+        });
+    if let Err(error) = closed {
+        tracing::warn!(%error, "cannot sync the event log on close; the next start replays its journal");
+    }
+}
+
+/// The first sequence of each append in `batch` (0 for other ops), given out after the
+/// broker's last; `heads` remembers them.
+fn sequences(
+    db: &Database,
+    batch: &[Op],
+    heads: &mut HashMap<String, u64>,
+) -> Result<Vec<u64>, ::redb::Error> {
+    let mut firsts = Vec::with_capacity(batch.len());
+    for op in batch {
+        let Op::Append { broker, events, .. } = op else {
+            firsts.push(0);
+            continue;
+        };
+        let head = match heads.get(broker) {
+            Some(head) => *head,
+            None => {
+                let txn = db.begin_read()?;
+                let stored = txn.open_table(EVENTS)?;
+                let recorded = txn.open_table(HEADS)?;
+                last_sequence(&stored, &recorded, broker)?
+            }
+        };
+        firsts.push(head + 1);
+        heads.insert(broker.clone(), head + events.len() as u64);
+    }
+    Ok(firsts)
+}
+
+/// Answers every op of a failed round with `why`, and reports it.
+fn fail_round(inner: &std::sync::Weak<Inner>, batch: Vec<Op>, why: &str) {
+    tracing::error!(error = %why, "event log commit failed");
+    if let Some(inner) = inner.upgrade() {
+        lock(&inner.problems).insert("write".into(), format!("cannot write: {why}"));
+    }
+    for op in batch {
+        let (Op::Append { done, .. } | Op::Cursors { done, .. }) = op;
+        let _ = done.send(Err(why.to_string()));
     }
 }
 
@@ -1235,6 +1423,81 @@ mod tests {
                 .expect("append"),
             4
         );
+    }
+
+    /// The files as a crash leaves them (a SIGKILL keeps what was written, synced or not):
+    /// copies taken while the log runs with store commits unsynced. Every answered append is
+    /// there after the copy is opened — restored from the journal — and sequences go on.
+    #[tokio::test]
+    async fn a_crash_loses_no_answered_append_the_journal_restores_them() {
+        let path = temp("crash");
+        let log = RedbLog::open_with(
+            &path,
+            RedbOptions {
+                sync_interval: std::time::Duration::from_secs(3600),
+                ..RedbOptions::default()
+            },
+        )
+        .expect("open");
+        // Synced by a checkpoint (a store commit that syncs), then appends that only the
+        // journal holds durably.
+        log.append("ns/a", vec![b"synced".to_vec()])
+            .await
+            .expect("append");
+        log.checkpoint(vec![("t".into(), Progress::default())], vec![], vec![])
+            .await
+            .expect("checkpoint");
+        let mut tasks = Vec::new();
+        for i in 0..100u32 {
+            let log = log.clone();
+            let broker = if i % 3 == 0 { "ns/b" } else { "ns/a" };
+            tasks.push(tokio::spawn(async move {
+                log.append(broker, vec![format!("event {i}").into_bytes(), Vec::new()])
+                    .await
+                    .map(|last| (broker, last, i))
+            }));
+        }
+        let mut answered = Vec::new();
+        for task in tasks {
+            answered.push(task.await.expect("task").expect("append"));
+        }
+        let crashed = temp("crash-copy");
+        std::fs::copy(&path, &crashed).expect("copy the store");
+        std::fs::copy(journal_path(&path), journal_path(&crashed)).expect("copy the journal");
+
+        let restored = RedbLog::open(&crashed).expect("open after the crash");
+        for (broker, last, i) in &answered {
+            assert_eq!(
+                restored
+                    .read_one(broker, last - 1)
+                    .expect("read")
+                    .as_deref(),
+                Some(format!("event {i}").as_bytes()),
+                "{broker} {last}"
+            );
+            assert_eq!(
+                restored.read_one(broker, *last).expect("read").as_deref(),
+                Some(&b""[..])
+            );
+        }
+        assert_eq!(restored.len("ns/a").expect("len"), 1 + 2 * 66);
+        assert_eq!(restored.len("ns/b").expect("len"), 2 * 34);
+        assert_eq!(restored.head("ns/a"), 1 + 2 * 66);
+        assert_eq!(
+            restored
+                .append("ns/b", vec![b"next".to_vec()])
+                .await
+                .expect("append"),
+            2 * 34 + 1,
+            "sequences go on after the restored ones"
+        );
+        // Opened again after a clean close: nothing twice.
+        restored.close();
+        drop(restored);
+        let again = RedbLog::open(&crashed).expect("reopen");
+        assert_eq!(again.len("ns/b").expect("len"), 2 * 34 + 1);
+        assert_eq!(again.len("ns/a").expect("len"), 1 + 2 * 66);
+        log.close();
     }
 
     #[tokio::test]
@@ -1407,6 +1670,7 @@ mod tests {
                 // Ten events of ten bytes.
                 tail_bytes: 10 * (10 + TAIL_ENTRY_OVERHEAD),
                 cache_bytes: 1 << 20,
+                ..RedbOptions::default()
             },
         )
         .expect("open");
