@@ -103,10 +103,10 @@ impl Journal {
             let mut header = [0u8; 32];
             journal.file.read_exact_at(&mut header, 0)?;
             journal.generation = parse_header(&header).ok_or_else(|| {
-                io::Error::other(format!(
-                    "{} is not a Mecha event log journal (or its header is damaged)",
-                    path.display()
-                ))
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "it is not a Mecha event log journal, or its header is damaged",
+                )
             })?;
         }
         journal.preallocate()?;

@@ -368,8 +368,16 @@ impl RedbLog {
             txn.commit().map_err(storage)?;
         }
         let journal_path = journal_path(path);
-        let mut journal = Journal::open(&journal_path)
-            .map_err(|e| LogError::Storage(format!("{}: {e}", journal_path.display())))?;
+        let mut journal = Journal::open(&journal_path).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::InvalidData {
+                LogError::Damaged {
+                    path: journal_path.clone(),
+                    detail: error.to_string(),
+                }
+            } else {
+                LogError::Storage(format!("{}: {error}", journal_path.display()))
+            }
+        })?;
         match replay(&db, &mut journal) {
             Ok(0) => {}
             Ok(restored) => {
@@ -1583,6 +1591,16 @@ mod tests {
         file.set_len(size / 3).expect("truncate");
         let message = refused(&path);
         assert!(!message.contains("another"), "{message}");
+
+        // A journal whose header is not one.
+        let (path, _) = filled("journal-garbage").await;
+        std::fs::write(journal_path(&path), vec![b'j'; 8192]).expect("write");
+        let message = refused(&path);
+        assert!(
+            message.contains("events.redb.journal is damaged"),
+            "{message}"
+        );
+        assert!(message.contains("move it aside"), "{message}");
     }
 
     #[tokio::test]
