@@ -520,6 +520,38 @@ pub fn request_extent(input: &[u8]) -> Option<(usize, Framing)> {
     Some((len, framing))
 }
 
+/// The request head at the start of `input` (checked by [`parse_request`]) as hyper would
+/// give it to a handler: method, target (origin or absolute form), version and every header
+/// field as sent. `None` if hyper would not take it either.
+pub fn request_parts(input: &[u8]) -> Option<http::request::Parts> {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let Ok(httparse::Status::Complete(_)) =
+        request.parse_with_uninit_headers(input, &mut headers)
+    else {
+        return None;
+    };
+    let method = http::Method::from_bytes(request.method?.as_bytes()).ok()?;
+    let uri = http::Uri::try_from(request.path?).ok()?;
+    let version = match request.version? {
+        1 => http::Version::HTTP_11,
+        _ => http::Version::HTTP_10,
+    };
+    let mut map = http::HeaderMap::with_capacity(request.headers.len());
+    for header in request.headers.iter() {
+        map.append(
+            http::HeaderName::from_bytes(header.name.as_bytes()).ok()?,
+            http::HeaderValue::from_bytes(header.value).ok()?,
+        );
+    }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = map;
+    Some(parts)
+}
+
 // === responses ===
 
 /// Parses the response head at the start of `input` (`Ok(None)`: not complete yet) and
