@@ -349,7 +349,9 @@ impl Collecting {
             return Err(BodyError::TooLarge { limit: self.max });
         }
         if needed > self.buf.capacity() {
+            // Powers of two (however the pieces are cut), up to the expected length.
             let capacity = needed
+                .next_power_of_two()
                 .max(self.buf.capacity() * 2)
                 .min(self.expected.max(needed));
             let more = capacity - self.held.bytes;
