@@ -6,7 +6,9 @@
 //! their sum, memory is connections × largest body, for anyone who can open connections. With
 //! one, it is the budget: [`BodyBudget::collect`] takes budget as the body's buffer grows —
 //! as chunks arrive, whatever the `Content-Length` says (a chunked body has none) — and the
-//! [`Buffered`] body gives it back when it is dropped.
+//! [`Buffered`] body gives it back when it is dropped. A server that reads the body itself
+//! (the data path's fast path) feeds it to [`BodyBudget::start`]'s [`Collecting`] instead,
+//! which `collect` is built on: the same rules either way.
 //!
 //! The rules, in this one place for every such port:
 //! - a declared `Content-Length` above the request's maximum: 413 before a byte is read; a
@@ -589,6 +591,33 @@ mod tests {
         assert_eq!(buffered.bytes().as_ref(), sent.as_slice());
         assert!(buffered.held() >= sent.len() && buffered.held() <= 2 * sent.len());
         drop(buffered);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn pieces_fed_by_a_server_take_budget_in_powers_of_two() {
+        let (budget, _registry) = budget(1 << 20);
+        // However the pieces are cut, the buffer (and the budget taken) grows in powers of two
+        // up to the declared length.
+        let mut collecting = budget.start(Some(65_536), 100_000).unwrap();
+        for (piece, held) in [(16_210, 16_384), (16_384, 32_768), (7_406, 65_536), (1, 65_536)] {
+            collecting.push(&vec![1u8; piece]).unwrap();
+            assert_eq!(budget.in_use(), held, "after {} bytes", collecting.len());
+        }
+        let body = collecting.finish();
+        assert_eq!((body.len(), body.held()), (40_001, 65_536));
+        drop(body);
+        assert_eq!(budget.in_use(), 0);
+        // Declared too large: refused before anything is taken; growing past the maximum too.
+        let refused = budget.start(Some(100_001), 100_000).unwrap_err();
+        assert!(matches!(refused, BodyError::TooLarge { limit: 100_000 }));
+        let mut collecting = budget.start(None, 1000).unwrap();
+        collecting.push(&[0u8; 600]).unwrap();
+        let refused = collecting.push(&[0u8; 600]).unwrap_err();
+        assert!(matches!(refused, BodyError::TooLarge { .. }));
+        // A body given up on (its client left) gives its budget back when dropped.
+        assert_eq!(budget.in_use(), 1000);
+        drop(collecting);
         assert_eq!(budget.in_use(), 0);
     }
 

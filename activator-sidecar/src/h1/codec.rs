@@ -703,6 +703,27 @@ mod tests {
     }
 
     #[test]
+    fn request_parts_are_what_hyper_would_give_a_handler() {
+        let parts = request_parts(
+            b"POST http://Broker:8080/default/b?x=1 HTTP/1.1\r\nHost: broker\r\n\
+              Ce-Id: 1\r\nce-note: a%20b\r\nCe-Id: 2\r\ncontent-length: 0\r\n\r\nNEXT",
+        )
+        .expect("parts");
+        assert_eq!(parts.method, http::Method::POST);
+        assert_eq!(parts.uri.path(), "/default/b");
+        assert_eq!(parts.uri.query(), Some("x=1"));
+        assert_eq!(parts.uri.authority().map(|a| a.as_str()), Some("Broker:8080"));
+        assert_eq!(parts.version, http::Version::HTTP_11);
+        let ids: Vec<_> = parts.headers.get_all("ce-id").iter().collect();
+        assert_eq!(ids, ["1", "2"], "repeated fields kept, in order");
+        assert_eq!(parts.headers["ce-note"], "a%20b");
+        assert_eq!(parts.headers["host"], "broker");
+        let origin = request_parts(b"OPTIONS /a HTTP/1.1\r\n\r\n").expect("parts");
+        assert_eq!((origin.method, origin.uri.to_string()), (http::Method::OPTIONS, "/a".into()));
+        assert!(request_parts(b"GET /a HTTP/1.1\r\nhost: x\r\n").is_none(), "incomplete");
+    }
+
+    #[test]
     fn a_request_is_forwarded_without_hop_by_hop_headers() {
         let (head, out) = head(
             "GET /a?b=1 HTTP/1.1\r\nHost: Hello.Default.localhost:8080\r\n\

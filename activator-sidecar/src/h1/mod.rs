@@ -9,10 +9,12 @@
 //!
 //! Every HTTP/1.x request head on a connection is read and checked here, against
 //! [`crate::rules`], whichever path then answers it: a request the rules refuse is answered
-//! here; one the general hyper server answers (HTTP/1.0, `OPTIONS *`, an h2c replica, a role's
-//! own non-proxy routes, or every request when the fast path is off) is handed over alone,
-//! with the connection coming back afterwards ([`Handover::Request`]); HTTP/2 and upgrades
-//! hand the whole connection over.
+//! here; one the role answers itself with its whole body (the broker ingress) is read and
+//! answered here too when its body is framed by `Content-Length` ([`whole`]); one the general
+//! hyper server answers (HTTP/1.0, `OPTIONS *`, an h2c replica, a role's other own routes and
+//! chunked or `100-continue` bodies of the former, or every request when the fast path is off)
+//! is handed over alone, with the connection coming back afterwards ([`Handover::Request`]);
+//! HTTP/2 and upgrades hand the whole connection over.
 
 pub mod codec;
 pub mod guard;

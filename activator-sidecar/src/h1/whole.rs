@@ -281,3 +281,101 @@ impl Date {
         &self.text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::convert::Infallible;
+
+    use http::HeaderValue;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn response(status: StatusCode, body: &'static str, headers: &[(&'static str, &'static str)]) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *response.status_mut() = status;
+        for (name, value) in headers {
+            response
+                .headers_mut()
+                .append(*name, HeaderValue::from_static(value));
+        }
+        response
+    }
+
+    /// What hyper's server writes for `make()` in answer to `request`, through a real hyper
+    /// connection.
+    async fn hyper_writes(request: &'static str, make: fn() -> Response<Full<Bytes>>) -> String {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let serving = tokio::spawn(async move {
+            let service = service_fn(move |_request| async move { Ok::<_, Infallible>(make()) });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .half_close(true)
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        client.write_all(request.as_bytes()).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        serving.await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn without_date(text: &str) -> String {
+        text.split("\r\n")
+            .filter(|line| !line.starts_with("date: "))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    #[tokio::test]
+    async fn answers_are_written_as_hyper_writes_them() {
+        let cases: [(&'static str, fn() -> Response<Full<Bytes>>); 6] = [
+            ("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n", || {
+                response(StatusCode::ACCEPTED, "", &[])
+            }),
+            ("GET / HTTP/1.1\r\n\r\n", || response(StatusCode::OK, "hello\n", &[])),
+            ("PUT /a/b HTTP/1.1\r\n\r\n", || {
+                response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "PUT is not allowed: post events\n",
+                    &[("content-type", "text/plain; charset=utf-8"), ("allow", "POST, OPTIONS")],
+                )
+            }),
+            ("HEAD /a/b HTTP/1.1\r\n\r\n", || {
+                response(StatusCode::METHOD_NOT_ALLOWED, "not allowed\n", &[("allow", "POST")])
+            }),
+            ("HEAD /a/b HTTP/1.1\r\n\r\n", || response(StatusCode::OK, "", &[])),
+            ("DELETE / HTTP/1.1\r\n\r\n", || {
+                response(StatusCode::NO_CONTENT, "", &[("x-a", "1"), ("x-a", "2")])
+            }),
+        ];
+        for (request, make) in cases {
+            let head_method = request.starts_with("HEAD");
+            let mut ours = Vec::new();
+            encode(&mut ours, make(), head_method, false);
+            let ours = String::from_utf8(ours).unwrap();
+            let theirs = hyper_writes(request, make).await;
+            assert!(ours.contains("\r\ndate: "), "{ours}");
+            assert_eq!(without_date(&ours), without_date(&theirs), "{request}");
+        }
+    }
+
+    #[test]
+    fn a_closing_answer_says_so() {
+        let mut out = Vec::new();
+        encode(
+            &mut out,
+            response(StatusCode::PAYLOAD_TOO_LARGE, "too large\n", &[]),
+            false,
+            true,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 413 Payload Too Large\r\ncontent-length: 10\r\ndate: "), "{text}");
+        assert!(text.ends_with("\r\nconnection: close\r\n\r\ntoo large\n"), "{text}");
+    }
+}
