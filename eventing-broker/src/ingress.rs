@@ -27,7 +27,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = request.into_parts();
-    if let Err(response) = route(broker, &parts) {
+    if let Some(response) = route(broker, &parts) {
         return response;
     }
     // Read whole within the listener's budget and time; held until the answer, so what the
@@ -38,37 +38,37 @@ where
     answer(broker, parts, body).await
 }
 
-/// What is answered before the body is read (`Err`): a path that names no broker, `OPTIONS`,
-/// another method than `POST`, an unknown broker — each refusal counted. `Ok`: the body is
-/// to be read, at most the broker's `max_event_size`, and given to [`answer`].
-pub fn route(broker: &EventBroker, parts: &Parts) -> Result<(), Response<Full<Bytes>>> {
-    target(broker, parts).map(drop)
+/// What is answered before the body is read: a path that names no broker, `OPTIONS`, another
+/// method than `POST`, an unknown broker — each refusal counted. `None`: the body is to be
+/// read, at most the broker's `max_event_size`, and given to [`answer`].
+pub fn route(broker: &EventBroker, parts: &Parts) -> Option<Response<Full<Bytes>>> {
+    target(broker, parts).err().map(|response| *response)
 }
 
 /// The broker a request is for, or the answer without reading its body.
-fn target(
+fn target<'a>(
     broker: &EventBroker,
-    parts: &Parts,
-) -> Result<(String, String), Response<Full<Bytes>>> {
+    parts: &'a Parts,
+) -> Result<(&'a str, &'a str), Box<Response<Full<Bytes>>>> {
     let path = parts.uri.path();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (namespace, name) = match segments.as_slice() {
-        [""] => {
-            return Err(plain(
+    let mut segments = path.trim_matches('/').split('/');
+    let (namespace, name) = match (segments.next(), segments.next(), segments.next()) {
+        (Some(""), None, None) => {
+            return Err(Box::new(plain(
                 StatusCode::NOT_FOUND,
                 "no broker here: post events to /{namespace}/{broker}",
-            ));
+            )));
         }
-        [namespace, name] if !namespace.is_empty() && !name.is_empty() => {
-            ((*namespace).to_string(), (*name).to_string())
+        (Some(namespace), Some(name), None) if !namespace.is_empty() && !name.is_empty() => {
+            (namespace, name)
         }
         _ => {
-            return Err(plain(
+            return Err(Box::new(plain(
                 StatusCode::BAD_REQUEST,
                 &format!(
                     "{path} is not a broker address: post events to /{{namespace}}/{{broker}}"
                 ),
-            ));
+            )));
         }
     };
     if parts.method == Method::OPTIONS {
@@ -78,10 +78,10 @@ fn target(
         headers.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
         headers.insert("webhook-allowed-origin", HeaderValue::from_static("*"));
         headers.insert("webhook-allowed-rate", HeaderValue::from_static("*"));
-        return Err(response);
+        return Err(Box::new(response));
     }
     if parts.method != Method::POST {
-        reject(broker, &namespace, &name, "method");
+        reject(broker, namespace, name, "method");
         let mut response = plain(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed: post events", parts.method),
@@ -89,14 +89,14 @@ fn target(
         response
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
-        return Err(response);
+        return Err(Box::new(response));
     }
-    if broker.state().broker(&namespace, &name).is_none() {
-        reject(broker, &namespace, &name, "unknown-broker");
-        return Err(plain(
+    if broker.state().broker(namespace, name).is_none() {
+        reject(broker, namespace, name, "unknown-broker");
+        return Err(Box::new(plain(
             StatusCode::NOT_FOUND,
             &format!("broker {namespace}/{name} not found"),
-        ));
+        )));
     }
     Ok((namespace, name))
 }
@@ -129,9 +129,9 @@ pub async fn answer(
 ) -> Response<Full<Bytes>> {
     let (namespace, name) = match target(broker, &parts) {
         Ok(target) => target,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
-    let reject = |reason: &str| reject(broker, &namespace, &name, reason);
+    let reject = |reason: &str| reject(broker, namespace, name, reason);
     let body = match body {
         Ok(body) => body,
         Err(error) => {
@@ -170,7 +170,7 @@ pub async fn answer(
             return plain(StatusCode::BAD_REQUEST, &message);
         }
     }
-    match broker.ingest(&namespace, &name, events).await {
+    match broker.ingest(namespace, name, events).await {
         Ok(_) => plain(StatusCode::ACCEPTED, ""),
         Err(IngestError::UnknownBroker(which)) => {
             reject("unknown-broker");

@@ -548,11 +548,11 @@ impl Answer for Ingress {
 
     fn before_body(&self, parts: &http::request::Parts) -> Whole<'_> {
         match crate::ingress::route(&self.0, parts) {
-            Ok(()) => Whole::Read {
+            None => Whole::Read {
                 budget: &self.1,
                 max: self.0.config().max_event_size,
             },
-            Err(response) => Whole::Answer(response),
+            Some(response) => Whole::Answer(response),
         }
     }
 

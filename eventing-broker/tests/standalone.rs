@@ -1665,10 +1665,17 @@ async fn the_fast_path_and_hyper_answer_the_ingress_alike() {
             answers[1].comparable(),
             "{what}: the fast path (left) and hyper (right) differ"
         );
-        assert!(answers[0].header("date").is_some(), "{what}: {:?}", answers[0]);
+        assert!(
+            answers[0].header("date").is_some(),
+            "{what}: {:?}",
+            answers[0]
+        );
     }
     // And the refusals were counted alike.
-    for name in ["mecha_broker_events_rejected_total", "mecha_broker_events_received_total"] {
+    for name in [
+        "mecha_broker_events_rejected_total",
+        "mecha_broker_events_received_total",
+    ] {
         assert_eq!(
             metric(&client, &fast, name).await,
             metric(&client, &general, name).await,

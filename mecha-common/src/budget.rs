@@ -600,7 +600,12 @@ mod tests {
         // However the pieces are cut, the buffer (and the budget taken) grows in powers of two
         // up to the declared length.
         let mut collecting = budget.start(Some(65_536), 100_000).unwrap();
-        for (piece, held) in [(16_210, 16_384), (16_384, 32_768), (7_406, 65_536), (1, 65_536)] {
+        for (piece, held) in [
+            (16_210, 16_384),
+            (16_384, 32_768),
+            (7_406, 65_536),
+            (1, 65_536),
+        ] {
             collecting.push(&vec![1u8; piece]).unwrap();
             assert_eq!(budget.in_use(), held, "after {} bytes", collecting.len());
         }

@@ -565,11 +565,11 @@ impl Role for Front {
             return Whole::Fallback;
         }
         match eventing_broker::ingress::route(&self.broker, parts) {
-            Ok(()) => Whole::Read {
+            None => Whole::Read {
                 budget: &self.budget,
                 max: self.broker.config().max_event_size,
             },
-            Err(response) => Whole::Answer(response),
+            Some(response) => Whole::Answer(response),
         }
     }
 

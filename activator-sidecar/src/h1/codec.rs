@@ -526,8 +526,7 @@ pub fn request_extent(input: &[u8]) -> Option<(usize, Framing)> {
 pub fn request_parts(input: &[u8]) -> Option<http::request::Parts> {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
-    let Ok(httparse::Status::Complete(_)) =
-        request.parse_with_uninit_headers(input, &mut headers)
+    let Ok(httparse::Status::Complete(_)) = request.parse_with_uninit_headers(input, &mut headers)
     else {
         return None;
     };
@@ -712,15 +711,24 @@ mod tests {
         assert_eq!(parts.method, http::Method::POST);
         assert_eq!(parts.uri.path(), "/default/b");
         assert_eq!(parts.uri.query(), Some("x=1"));
-        assert_eq!(parts.uri.authority().map(|a| a.as_str()), Some("Broker:8080"));
+        assert_eq!(
+            parts.uri.authority().map(|a| a.as_str()),
+            Some("Broker:8080")
+        );
         assert_eq!(parts.version, http::Version::HTTP_11);
         let ids: Vec<_> = parts.headers.get_all("ce-id").iter().collect();
         assert_eq!(ids, ["1", "2"], "repeated fields kept, in order");
         assert_eq!(parts.headers["ce-note"], "a%20b");
         assert_eq!(parts.headers["host"], "broker");
         let origin = request_parts(b"OPTIONS /a HTTP/1.1\r\n\r\n").expect("parts");
-        assert_eq!((origin.method, origin.uri.to_string()), (http::Method::OPTIONS, "/a".into()));
-        assert!(request_parts(b"GET /a HTTP/1.1\r\nhost: x\r\n").is_none(), "incomplete");
+        assert_eq!(
+            (origin.method, origin.uri.to_string()),
+            (http::Method::OPTIONS, "/a".into())
+        );
+        assert!(
+            request_parts(b"GET /a HTTP/1.1\r\nhost: x\r\n").is_none(),
+            "incomplete"
+        );
     }
 
     #[test]

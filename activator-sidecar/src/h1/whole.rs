@@ -226,10 +226,9 @@ pub fn encode(out: &mut Vec<u8>, response: Response<Full<Bytes>>, head_method: b
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    if !bodiless
-        && !parts.headers.contains_key(header::CONTENT_LENGTH)
-        && !(head_method && body.is_empty())
-    {
+    // (hyper says no length for an empty answer to HEAD: it cannot tell it from none.)
+    let empty_head = head_method && body.is_empty();
+    if !bodiless && !empty_head && !parts.headers.contains_key(header::CONTENT_LENGTH) {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(body.len().to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -295,7 +294,11 @@ mod tests {
 
     use super::*;
 
-    fn response(status: StatusCode, body: &'static str, headers: &[(&'static str, &'static str)]) -> Response<Full<Bytes>> {
+    fn response(
+        status: StatusCode,
+        body: &'static str,
+        headers: &[(&'static str, &'static str)],
+    ) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
         *response.status_mut() = status;
         for (name, value) in headers {
@@ -306,9 +309,11 @@ mod tests {
         response
     }
 
+    type Make = fn() -> Response<Full<Bytes>>;
+
     /// What hyper's server writes for `make()` in answer to `request`, through a real hyper
     /// connection.
-    async fn hyper_writes(request: &'static str, make: fn() -> Response<Full<Bytes>>) -> String {
+    async fn hyper_writes(request: &'static str, make: Make) -> String {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let serving = tokio::spawn(async move {
             let service = service_fn(move |_request| async move { Ok::<_, Infallible>(make()) });
@@ -334,22 +339,33 @@ mod tests {
 
     #[tokio::test]
     async fn answers_are_written_as_hyper_writes_them() {
-        let cases: [(&'static str, fn() -> Response<Full<Bytes>>); 6] = [
+        let cases: [(&'static str, Make); 6] = [
             ("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n", || {
                 response(StatusCode::ACCEPTED, "", &[])
             }),
-            ("GET / HTTP/1.1\r\n\r\n", || response(StatusCode::OK, "hello\n", &[])),
+            ("GET / HTTP/1.1\r\n\r\n", || {
+                response(StatusCode::OK, "hello\n", &[])
+            }),
             ("PUT /a/b HTTP/1.1\r\n\r\n", || {
                 response(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "PUT is not allowed: post events\n",
-                    &[("content-type", "text/plain; charset=utf-8"), ("allow", "POST, OPTIONS")],
+                    &[
+                        ("content-type", "text/plain; charset=utf-8"),
+                        ("allow", "POST, OPTIONS"),
+                    ],
                 )
             }),
             ("HEAD /a/b HTTP/1.1\r\n\r\n", || {
-                response(StatusCode::METHOD_NOT_ALLOWED, "not allowed\n", &[("allow", "POST")])
+                response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "not allowed\n",
+                    &[("allow", "POST")],
+                )
             }),
-            ("HEAD /a/b HTTP/1.1\r\n\r\n", || response(StatusCode::OK, "", &[])),
+            ("HEAD /a/b HTTP/1.1\r\n\r\n", || {
+                response(StatusCode::OK, "", &[])
+            }),
             ("DELETE / HTTP/1.1\r\n\r\n", || {
                 response(StatusCode::NO_CONTENT, "", &[("x-a", "1"), ("x-a", "2")])
             }),
@@ -375,7 +391,13 @@ mod tests {
             true,
         );
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 413 Payload Too Large\r\ncontent-length: 10\r\ndate: "), "{text}");
-        assert!(text.ends_with("\r\nconnection: close\r\n\r\ntoo large\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 413 Payload Too Large\r\ncontent-length: 10\r\ndate: "),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\r\nconnection: close\r\n\r\ntoo large\n"),
+            "{text}"
+        );
     }
 }
