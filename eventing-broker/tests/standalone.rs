@@ -1565,6 +1565,55 @@ async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A client pausing in the middle of its body counts as idle for the connection limit, on the
+/// fast path as on hyper's: with room for two connections, both taken by bodies paused half
+/// way, a new client is served (202) by closing one of them, whose budget comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_body_makes_room_at_the_connection_limit() {
+    use test_support::hostile::PartialBody;
+    let dir = std::env::temp_dir().join(format!("mecha-paused-room-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, _seen) = subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+    let log = dir.join("events.redb");
+    let broker = Broker::start_with(
+        log.to_str().unwrap(),
+        control_addr,
+        &token,
+        &[
+            ("BROKER_MAX_EVENT_SIZE", "65536"),
+            ("SIDECAR_MAX_CONNECTIONS", "2"),
+        ],
+    );
+    ready(&client, &broker).await;
+    let pausers: Vec<PartialBody> = (0..2)
+        .map(|n| {
+            PartialBody::start(
+                broker.ingress,
+                event_head(&format!("paused-{n}"), Some(60_000)),
+                vec![b'p'; 30_000],
+                None,
+            )
+        })
+        .collect();
+    // Both bodies half read: each holds at least what arrived.
+    in_use_until(&client, &broker, "the paused bodies", |n| n >= 60_000).await;
+    let post = event("newcomer", b"{}", "connection: close\r\n");
+    let (status, answer) = raw_exchange(broker.ingress, &post).await;
+    assert_eq!(status, 202, "{answer}");
+    // One of the paused clients made room, and its budget is back.
+    until("a paused client closed", || {
+        pausers.iter().filter(|p| p.refused()).count() == 1
+    })
+    .await;
+    in_use_until(&client, &broker, "one body left", |n| n > 0 && n < 60_000).await;
+    drop(pausers);
+    in_use_until(&client, &broker, "every body gone", |n| n == 0).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same requests answered by the fast path and by hyper (`SIDECAR_FAST_PATH=false`):
 /// the same status, headers and body, valid or not, whichever the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
