@@ -1395,8 +1395,8 @@ fn event(id: &str, data: &[u8], extra: &str) -> Vec<u8> {
 
 /// The broker ingress's own answers on the fast path, from a raw socket: kept-alive and
 /// pipelined posts, a body in many pieces, an empty one, `Connection: close`; a declared
-/// length over the maximum (413, closed) and a client leaving mid-body give their budget
-/// back; chunked and `Expect: 100-continue` bodies still go through hyper; every accepted
+/// length over the maximum (413, closed), a client leaving mid-body, a body past the body
+/// timeout and one paused past the pause timeout (408) give their budget back; chunked and `Expect: 100-continue` bodies still go through hyper; every accepted
 /// event reaches a subscriber with its data and `ce-` headers as sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
@@ -1413,7 +1413,11 @@ async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
         log.to_str().unwrap(),
         control_addr,
         &token,
-        &[("BROKER_MAX_EVENT_SIZE", "65536")],
+        &[
+            ("BROKER_MAX_EVENT_SIZE", "65536"),
+            ("BROKER_BODY_TIMEOUT", "2s"),
+            ("SIDECAR_BODY_READ_TIMEOUT", "1s"),
+        ],
     );
     ready(&client, &broker).await;
     let data = |id: &str| -> Vec<u8> {
@@ -1540,6 +1544,29 @@ async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
     leaver.close();
     in_use_until(&client, &broker, "after the client left", |n| n == 0).await;
 
+    // A body that trickles past the body timeout (2 s), and one that stops for longer than
+    // the pause timeout (1 s): 408 each, saying which, and their budget back.
+    let trickler = PartialBody::start(
+        broker.ingress,
+        event_head("trickler", Some(60_000)),
+        vec![b't'; 20_000],
+        Some(Duration::from_millis(200)),
+    );
+    let stopper = PartialBody::start(
+        broker.ingress,
+        event_head("stopper", Some(60_000)),
+        vec![b's'; 20_000],
+        None,
+    );
+    let said = block_in_place(|| stopper.answer(Duration::from_secs(20)));
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("paused longer than 1s"), "{said}");
+    let said = block_in_place(|| trickler.answer(Duration::from_secs(20)));
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("did not arrive whole within 2s"), "{said}");
+    in_use_until(&client, &broker, "after the 408s", |n| n == 0).await;
+    drop((trickler, stopper));
+
     // Every accepted event arrived with its data and `ce-` headers as sent.
     until("every event at the subscriber", || {
         seen.lock().unwrap().len() >= expected.len()
@@ -1559,7 +1586,8 @@ async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
     }
     assert!(
         !got.iter().any(|s| s.header("ce-id") == Some(&b"huge"[..])
-            || s.header("ce-id") == Some(&b"leaver"[..])),
+            || s.header("ce-id") == Some(&b"leaver"[..])
+            || s.header("ce-id") == Some(&b"trickler"[..])),
         "a refused event was delivered"
     );
     let _ = std::fs::remove_dir_all(&dir);
