@@ -1642,6 +1642,54 @@ async fn a_paused_body_makes_room_at_the_connection_limit() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGTERM while a body is arriving on the fast path: the request is finished (202, its event
+/// delivered) and its answer closes the connection; then the broker exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_arriving_at_sigterm_is_finished_and_its_connection_closed() {
+    use tokio::io::AsyncWriteExt;
+    let dir = std::env::temp_dir().join(format!("mecha-fast-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, seen) = raw_subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+    let log = dir.join("events.redb");
+    let mut broker = Broker::start(log.to_str().unwrap(), control_addr, &token);
+    ready(&client, &broker).await;
+    let data = vec![b'd'; 20_000];
+    let request = event("draining", &data, "");
+    let half = request.len() - 10_000;
+    let mut stream = connect(broker.ingress).await;
+    stream.get_mut().write_all(&request[..half]).await.unwrap();
+    in_use_until(&client, &broker, "the body arriving", |n| n > 0).await;
+    broker.signal(rustix::process::Signal::TERM);
+    // Not ready any more: the drain has begun while the body is still arriving.
+    until_not_ready(&client, &broker).await;
+    stream.get_mut().write_all(&request[half..]).await.unwrap();
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    assert!(closed(&mut stream).await, "closed after the answer");
+    until("the event at the subscriber", || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.header("ce-id") == Some(&b"draining"[..]) && s.body == data)
+    })
+    .await;
+    assert!(broker.exited(Duration::from_secs(30)).await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits until the broker's `/ready` stops answering 200.
+async fn until_not_ready(client: &HttpClient, broker: &Broker) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(get(client, broker.admin, "/ready").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "still ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The same requests answered by the fast path and by hyper (`SIDECAR_FAST_PATH=false`):
 /// the same status, headers and body, valid or not, whichever the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
