@@ -1,8 +1,10 @@
 //! A port that relays nothing, behind the data path's HTTP rules and limits: every request is
 //! answered by the component itself (the standalone broker's ingress, the importers' webhook
 //! receivers). Until the component has what it needs from the control plane it answers 503
-//! with `Retry-After: 1` and says what it waits for. The bodies the component reads whole are
-//! bounded by the listener's byte budget (`mecha_common::budget`), which its [`Answer`] holds.
+//! with `Retry-After: 1` and says what it waits for. The bodies the
+//! component reads whole are bounded by the listener's byte budget (`mecha_common::budget`),
+//! which its [`Answer`] holds; a component whose [`Answer::before_body`] says so has them read
+//! on the fast path ([`crate::h1::whole`]), the others get them from hyper.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,22 +12,46 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
+use mecha_common::budget::{BodyError, Buffered};
 
 use crate::ProxyError;
 use crate::body::ProxyBody;
 use crate::h1::codec::RequestHead;
-use crate::h1::{Decision, Failure, Role};
+use crate::h1::{Decision, Failure, Role, Whole};
 use crate::rules::{HopPolicy, TrustedProxies};
 
 /// What answers every request of an [`Answering`] port.
 pub trait Answer: Send + Sync + 'static {
+    /// Answers a request the general server (hyper) parsed, its body still to be read.
     fn answer(
         &self,
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+
+    /// Whether the fast path reads this request's whole body and answers it with
+    /// [`Answer::answer_whole`] (see [`Role::before_body`]); by default, no: `answer` does.
+    fn before_body(&self, _parts: &Parts) -> Whole<'_> {
+        Whole::Fallback
+    }
+
+    /// Answers a request [`Answer::before_body`] said to read (see [`Role::answer_whole`]).
+    fn answer_whole(
+        &self,
+        parts: Parts,
+        body: Result<Buffered, BodyError>,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        async move {
+            drop((parts, body));
+            tracing::error!("a port that reads no whole body was asked to answer one");
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            response
+        }
+    }
 }
 
 /// The [`Role`] of a port that answers everything itself.
@@ -80,8 +106,30 @@ impl<A: Answer> Role for Answering<A> {
     }
 
     async fn dispatch(&self, _head: &RequestHead, _retry: &[SocketAddr]) -> Decision<()> {
-        // Nothing is relayed: every request is answered by `handle`.
-        Decision::Fallback
+        // Nothing is relayed: every request is answered here, by `answer_whole` on the fast
+        // path or `handle` on the general server.
+        if self.ready.load(Ordering::Acquire) {
+            Decision::Whole
+        } else {
+            Decision::Answer(crate::h1::Answer {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: self.waiting.to_string(),
+                headers: vec![("retry-after", "1")],
+            })
+        }
+    }
+
+    fn before_body(&self, parts: &Parts) -> Whole<'_> {
+        self.answer.before_body(parts)
+    }
+
+    async fn answer_whole(
+        &self,
+        parts: Parts,
+        body: Result<Buffered, BodyError>,
+        _peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
+        self.answer.answer_whole(parts, body).await
     }
 
     fn replied(&self, _ticket: &(), _reply: Result<(), &Failure>) {}

@@ -2,10 +2,11 @@
 //! mode) or a batch, answered `202` once the events are durably in the log.
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::Full;
-use mecha_common::budget::{BodyBudget, BodyError};
+use mecha_common::budget::{BodyBudget, BodyError, Buffered};
 
 use crate::event::{Event, EventError};
 use crate::runtime::{EventBroker, IngestError};
@@ -13,7 +14,9 @@ use crate::runtime::{EventBroker, IngestError};
 /// The `namespace` and `broker` labels of a refusal addressed to no broker.
 pub const UNKNOWN: &str = "(unknown)";
 
-/// Handles one ingress request, its body read within `budget` (the listener's).
+/// Handles one ingress request through the general server (hyper): [`route`], then its body
+/// read within `budget` (the listener's), then [`answer`]. The fast path calls the same two
+/// with the body it read itself (`activator_sidecar::h1::whole`).
 pub async fn handle<B>(
     broker: &EventBroker,
     budget: &BodyBudget,
@@ -23,77 +26,113 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let path = request.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (namespace, name) = match segments.as_slice() {
-        [""] => {
-            return answer(
+    let (parts, body) = request.into_parts();
+    if let Some(response) = route(broker, &parts) {
+        return response;
+    }
+    // Read whole within the listener's budget and time; held until the answer, so what the
+    // events make of the body is bounded by the budget too.
+    let body = budget
+        .collect(&parts.headers, body, broker.config().max_event_size)
+        .await;
+    answer(broker, parts, body).await
+}
+
+/// What is answered before the body is read: a path that names no broker, `OPTIONS`, another
+/// method than `POST`, an unknown broker — each refusal counted. `None`: the body is to be
+/// read, at most the broker's `max_event_size`, and given to [`answer`].
+pub fn route(broker: &EventBroker, parts: &Parts) -> Option<Response<Full<Bytes>>> {
+    target(broker, parts).err().map(|response| *response)
+}
+
+/// The broker a request is for, or the answer without reading its body.
+fn target<'a>(
+    broker: &EventBroker,
+    parts: &'a Parts,
+) -> Result<(&'a str, &'a str), Box<Response<Full<Bytes>>>> {
+    let path = parts.uri.path();
+    let mut segments = path.trim_matches('/').split('/');
+    let (namespace, name) = match (segments.next(), segments.next(), segments.next()) {
+        (Some(""), None, None) => {
+            return Err(Box::new(plain(
                 StatusCode::NOT_FOUND,
                 "no broker here: post events to /{namespace}/{broker}",
-            );
+            )));
         }
-        [namespace, name] if !namespace.is_empty() && !name.is_empty() => {
-            (namespace.to_string(), name.to_string())
+        (Some(namespace), Some(name), None) if !namespace.is_empty() && !name.is_empty() => {
+            (namespace, name)
         }
         _ => {
-            return answer(
+            return Err(Box::new(plain(
                 StatusCode::BAD_REQUEST,
                 &format!(
                     "{path} is not a broker address: post events to /{{namespace}}/{{broker}}"
                 ),
-            );
+            )));
         }
     };
-    // Refusals are counted under the broker's name only when it is one: names from the path
-    // of a request for no broker would make a new series each, kept for good (found from
-    // outside: 2,000 requests with 60,000-character names took 120 MB and a 132 MB /metrics).
-    let reject = |reason: &str| {
-        let known = broker.state().broker(&namespace, &name).is_some();
-        let (ns, broker_name) = if known {
-            (namespace.as_str(), name.as_str())
-        } else {
-            (UNKNOWN, UNKNOWN)
-        };
-        broker
-            .metrics()
-            .rejected
-            .with_label_values(&[ns, broker_name, reason])
-            .inc();
-    };
-    if request.method() == Method::OPTIONS {
+    if parts.method == Method::OPTIONS {
         // CloudEvents webhook abuse protection: any origin may deliver, at any rate.
-        let mut response = answer(StatusCode::OK, "");
+        let mut response = plain(StatusCode::OK, "");
         let headers = response.headers_mut();
         headers.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
         headers.insert("webhook-allowed-origin", HeaderValue::from_static("*"));
         headers.insert("webhook-allowed-rate", HeaderValue::from_static("*"));
-        return response;
+        return Err(Box::new(response));
     }
-    if request.method() != Method::POST {
-        reject("method");
-        let mut response = answer(
+    if parts.method != Method::POST {
+        reject(broker, namespace, name, "method");
+        let mut response = plain(
             StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{} is not allowed: post events", request.method()),
+            &format!("{} is not allowed: post events", parts.method),
         );
         response
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
-        return response;
+        return Err(Box::new(response));
     }
-    if broker.state().broker(&namespace, &name).is_none() {
-        reject("unknown-broker");
-        return answer(
+    if broker.state().broker(namespace, name).is_none() {
+        reject(broker, namespace, name, "unknown-broker");
+        return Err(Box::new(plain(
             StatusCode::NOT_FOUND,
             &format!("broker {namespace}/{name} not found"),
-        );
+        )));
     }
-    // Read whole within the listener's budget and time; held until the answer, so what the
-    // events make of the body is bounded by the budget too.
-    let (parts, body) = request.into_parts();
-    let body = match budget
-        .collect(&parts.headers, body, broker.config().max_event_size)
-        .await
-    {
+    Ok((namespace, name))
+}
+
+/// Counts a refusal: under the broker's name only when it is one — names from the path of a
+/// request for no broker would make a new series each, kept for good (found from outside:
+/// 2,000 requests with 60,000-character names took 120 MB and a 132 MB /metrics).
+fn reject(broker: &EventBroker, namespace: &str, name: &str, reason: &str) {
+    let known = broker.state().broker(namespace, name).is_some();
+    let (ns, broker_name) = if known {
+        (namespace, name)
+    } else {
+        (UNKNOWN, UNKNOWN)
+    };
+    broker
+        .metrics()
+        .rejected
+        .with_label_values(&[ns, broker_name, reason])
+        .inc();
+}
+
+/// Answers an ingress request with its whole body, or with why there is none (`Err`: its
+/// refusal, counted): the events parsed, validated and stored, `202` once they are durable.
+/// Checks [`route`] again (a broker may have gone while the body arrived); the body is held,
+/// with its budget, until the answer.
+pub async fn answer(
+    broker: &EventBroker,
+    parts: Parts,
+    body: Result<Buffered, BodyError>,
+) -> Response<Full<Bytes>> {
+    let (namespace, name) = match target(broker, &parts) {
+        Ok(target) => target,
+        Err(response) => return *response,
+    };
+    let reject = |reason: &str| reject(broker, namespace, name, reason);
+    let body = match body {
         Ok(body) => body,
         Err(error) => {
             reject(error.reason());
@@ -107,11 +146,11 @@ where
         Ok(events) => events,
         Err(EventError::Unsupported(why)) => {
             reject("unsupported-format");
-            return answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, &why);
+            return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, &why);
         }
         Err(EventError::Invalid(why)) => {
             reject("invalid");
-            return answer(StatusCode::BAD_REQUEST, &why);
+            return plain(StatusCode::BAD_REQUEST, &why);
         }
     };
     // The request's trace context travels with its events (the distributed-tracing
@@ -128,14 +167,14 @@ where
             } else {
                 error.to_string()
             };
-            return answer(StatusCode::BAD_REQUEST, &message);
+            return plain(StatusCode::BAD_REQUEST, &message);
         }
     }
-    match broker.ingest(&namespace, &name, events).await {
-        Ok(_) => answer(StatusCode::ACCEPTED, ""),
+    match broker.ingest(namespace, name, events).await {
+        Ok(_) => plain(StatusCode::ACCEPTED, ""),
         Err(IngestError::UnknownBroker(which)) => {
             reject("unknown-broker");
-            answer(StatusCode::NOT_FOUND, &format!("broker {which} not found"))
+            plain(StatusCode::NOT_FOUND, &format!("broker {which} not found"))
         }
         Err(error @ (IngestError::Invalid(_) | IngestError::Expired)) => {
             reject(if matches!(error, IngestError::Expired) {
@@ -143,12 +182,12 @@ where
             } else {
                 "invalid"
             });
-            answer(StatusCode::BAD_REQUEST, &error.to_string())
+            plain(StatusCode::BAD_REQUEST, &error.to_string())
         }
         Err(IngestError::Log(error)) => {
             reject("storage");
             tracing::error!(%error, "cannot store events");
-            let mut response = answer(
+            let mut response = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("the event was not stored: {error}"),
             );
@@ -160,7 +199,7 @@ where
     }
 }
 
-fn answer(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(if message.is_empty() {
         String::new()
     } else {

@@ -27,12 +27,13 @@ use std::time::Duration;
 
 use activator_sidecar::answering::{Answer, Answering};
 use activator_sidecar::discovery::{self, ControlPlane};
+use activator_sidecar::h1::Whole;
 use activator_sidecar::limits::Limits;
 use activator_sidecar::server;
 use activator_sidecar::settings::{self, ConfigError};
 use mecha_common::admin::Health;
 use mecha_common::auth::ClientToken;
-use mecha_common::budget::{BodyBudget, BudgetSettings};
+use mecha_common::budget::{BodyBudget, BodyError, BudgetSettings, Buffered};
 use mecha_common::wire::EVENTING_WATCH_PATH;
 use mecha_common::{Shutdown, ShutdownSignal};
 use prometheus::Registry;
@@ -534,7 +535,8 @@ async fn open_log(
 }
 
 /// The ingress port: every request is answered by the broker's ingress, after the data
-/// path's rules and limits.
+/// path's rules and limits — on the fast path when its body is framed by `Content-Length`,
+/// by hyper otherwise; the same functions either way.
 struct Ingress(EventBroker, BodyBudget);
 
 impl Answer for Ingress {
@@ -543,6 +545,24 @@ impl Answer for Ingress {
         request: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
         crate::ingress::handle(&self.0, &self.1, request).await
+    }
+
+    fn before_body(&self, parts: &http::request::Parts) -> Whole<'_> {
+        match crate::ingress::route(&self.0, parts) {
+            None => Whole::Read {
+                budget: &self.1,
+                max: self.0.config().max_event_size,
+            },
+            Some(response) => Whole::Answer(response),
+        }
+    }
+
+    async fn answer_whole(
+        &self,
+        parts: http::request::Parts,
+        body: Result<Buffered, BodyError>,
+    ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+        crate::ingress::answer(&self.0, parts, body).await
     }
 }
 

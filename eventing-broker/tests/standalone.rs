@@ -1289,6 +1289,530 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One response as it came off a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Raw {
+    status: u16,
+    /// Names lower-cased, in order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// What both paths must agree on: everything but `date` (the time) and `connection`
+    /// (hyper closes without saying so).
+    fn comparable(&self) -> (u16, Vec<(String, String)>, String) {
+        let headers = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n != "date" && n != "connection")
+            .cloned()
+            .collect();
+        (
+            self.status,
+            headers,
+            String::from_utf8_lossy(&self.body).into_owned(),
+        )
+    }
+}
+
+/// Reads one response (a `Content-Length` body, none for `HEAD`) off `stream`; `None` if
+/// the connection ends first.
+async fn read_raw(
+    stream: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    head_method: bool,
+) -> Option<Raw> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut status = None;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), stream.read_line(&mut line))
+            .await
+            .expect("an answer within 20 s");
+        if read.ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end_matches("\r\n");
+        if line.is_empty() {
+            break;
+        }
+        match status {
+            None => status = line.get(9..12).and_then(|s| s.parse().ok()),
+            Some(_) => {
+                let (name, value) = line.split_once(':').expect("a header field");
+                headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+            }
+        }
+    }
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = vec![0; if head_method { 0 } else { length }];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(Raw {
+        status: status.expect("a status line"),
+        headers,
+        body,
+    })
+}
+
+/// Whether the server closed `stream` (nothing more comes, within 20 s).
+async fn closed(stream: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+async fn connect(addr: SocketAddr) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    tokio::io::BufReader::new(stream)
+}
+
+/// A binary-mode event `id` with `data`, framed by `Content-Length`; `extra` header lines
+/// (each ending in CRLF) go into the head.
+fn event(id: &str, data: &[u8], extra: &str) -> Vec<u8> {
+    let mut request = format!(
+        "POST /default/b HTTP/1.1\r\nhost: broker\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /fast\r\nce-type: t\r\nce-note: {id}%20n\r\ncontent-type: application/octet-stream\r\n{extra}content-length: {}\r\n\r\n",
+        data.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(data);
+    request
+}
+
+/// The broker ingress's own answers on the fast path, from a raw socket: kept-alive and
+/// pipelined posts, a body in many pieces, an empty one, `Connection: close`; a declared
+/// length over the maximum (413, closed), a client leaving mid-body, a body past the body
+/// timeout and one paused past the pause timeout (408) give their budget back; chunked and `Expect: 100-continue` bodies still go through hyper; every accepted
+/// event reaches a subscriber with its data and `ce-` headers as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
+    use test_support::hostile::PartialBody;
+    use tokio::io::AsyncWriteExt;
+    let dir = std::env::temp_dir().join(format!("mecha-fast-ingress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, seen) = raw_subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+    let log = dir.join("events.redb");
+    let broker = Broker::start_with(
+        log.to_str().unwrap(),
+        control_addr,
+        &token,
+        &[
+            ("BROKER_MAX_EVENT_SIZE", "65536"),
+            ("BROKER_BODY_TIMEOUT", "2s"),
+            ("SIDECAR_BODY_READ_TIMEOUT", "1s"),
+        ],
+    );
+    ready(&client, &broker).await;
+    let data = |id: &str| -> Vec<u8> {
+        let mut data = format!("{id}:").into_bytes();
+        data.extend((0..300u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8));
+        data
+    };
+    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+
+    // Three posts on one kept-alive connection.
+    let mut stream = connect(broker.ingress).await;
+    for n in 0..3 {
+        let id = format!("kept-{n}");
+        stream
+            .get_mut()
+            .write_all(&event(&id, &data(&id), ""))
+            .await
+            .unwrap();
+        let answer = read_raw(&mut stream, false).await.expect("an answer");
+        assert_eq!(answer.status, 202, "{answer:?}");
+        assert_eq!(answer.header("content-length"), Some("0"), "{answer:?}");
+        assert!(answer.header("date").is_some(), "{answer:?}");
+        assert_eq!(answer.header("connection"), None, "{answer:?}");
+        expected.push((id.clone(), data(&id)));
+    }
+    // Two pipelined in one write, on the same connection.
+    let mut two = event("piped-0", &data("piped-0"), "");
+    two.extend_from_slice(&event("piped-1", &data("piped-1"), ""));
+    stream.get_mut().write_all(&two).await.unwrap();
+    for id in ["piped-0", "piped-1"] {
+        let answer = read_raw(&mut stream, false).await.expect("an answer");
+        assert_eq!(answer.status, 202, "{id}: {answer:?}");
+        expected.push((id.to_string(), data(id)));
+    }
+    // A body in pieces of 7 bytes, each its own write.
+    let split = event("split", &data("split"), "");
+    for piece in split.chunks(7) {
+        stream.get_mut().write_all(piece).await.unwrap();
+        stream.get_mut().flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 202, "{answer:?}");
+    expected.push(("split".into(), data("split")));
+    // No data: `Content-Length: 0`.
+    stream
+        .get_mut()
+        .write_all(&event("empty", b"", ""))
+        .await
+        .unwrap();
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 202, "{answer:?}");
+    expected.push(("empty".into(), Vec::new()));
+    // A chunked body, then one behind `Expect: 100-continue`: hyper's, on the same connection.
+    let chunked = data("chunked");
+    let mut request = String::from_utf8(event("chunked", b"", ""))
+        .unwrap()
+        .replace("content-length: 0\r\n", "transfer-encoding: chunked\r\n")
+        .into_bytes();
+    request.extend_from_slice(format!("{:x}\r\n", chunked.len()).as_bytes());
+    request.extend_from_slice(&chunked);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    stream.get_mut().write_all(&request).await.unwrap();
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 202, "chunked: {answer:?}");
+    expected.push(("chunked".into(), chunked));
+    let waiting = event("continued", &data("continued"), "expect: 100-continue\r\n");
+    let body_at = waiting.len() - data("continued").len();
+    stream
+        .get_mut()
+        .write_all(&waiting[..body_at])
+        .await
+        .unwrap();
+    let interim = read_raw(&mut stream, false).await.expect("100 Continue");
+    assert_eq!(interim.status, 100, "{interim:?}");
+    stream
+        .get_mut()
+        .write_all(&waiting[body_at..])
+        .await
+        .unwrap();
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 202, "100-continue: {answer:?}");
+    expected.push(("continued".into(), data("continued")));
+    // The fast path again after hyper's turn; then `Connection: close` is honoured.
+    stream
+        .get_mut()
+        .write_all(&event("last", &data("last"), "connection: close\r\n"))
+        .await
+        .unwrap();
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    assert!(closed(&mut stream).await, "closed after Connection: close");
+    expected.push(("last".into(), data("last")));
+
+    // A declared length over the maximum: 413 before a byte is read, and the connection ends.
+    let mut stream = connect(broker.ingress).await;
+    let head = String::from_utf8(event("huge", b"", ""))
+        .unwrap()
+        .replace("content-length: 0", "content-length: 100000");
+    // Head and a first part in one write: the part is read with the head, so closing after
+    // the answer resets nothing the client has not read.
+    let mut start = head.into_bytes();
+    start.extend_from_slice(&[b'h'; 1000]);
+    stream.get_mut().write_all(&start).await.unwrap();
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(
+        String::from_utf8_lossy(&answer.body).contains("65536-byte limit"),
+        "{answer:?}"
+    );
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    assert!(closed(&mut stream).await, "closed after 413");
+    assert_eq!(bytes_in_use(&client, &broker).await, 0);
+
+    // A client leaving mid-body gives its budget back.
+    let leaver = PartialBody::start(
+        broker.ingress,
+        event_head("leaver", Some(60_000)),
+        vec![b'l'; 30_000],
+        None,
+    );
+    in_use_until(&client, &broker, "the leaver's bytes", |n| n >= 30_000).await;
+    leaver.close();
+    in_use_until(&client, &broker, "after the client left", |n| n == 0).await;
+
+    // A body that trickles past the body timeout (2 s), and one that stops for longer than
+    // the pause timeout (1 s): 408 each, saying which, and their budget back.
+    let trickler = PartialBody::start(
+        broker.ingress,
+        event_head("trickler", Some(60_000)),
+        vec![b't'; 20_000],
+        Some(Duration::from_millis(200)),
+    );
+    let stopper = PartialBody::start(
+        broker.ingress,
+        event_head("stopper", Some(60_000)),
+        vec![b's'; 20_000],
+        None,
+    );
+    let said = block_in_place(|| stopper.answer(Duration::from_secs(20)));
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("paused longer than 1s"), "{said}");
+    let said = block_in_place(|| trickler.answer(Duration::from_secs(20)));
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("did not arrive whole within 2s"), "{said}");
+    in_use_until(&client, &broker, "after the 408s", |n| n == 0).await;
+    drop((trickler, stopper));
+
+    // Every accepted event arrived with its data and `ce-` headers as sent.
+    until("every event at the subscriber", || {
+        seen.lock().unwrap().len() >= expected.len()
+    })
+    .await;
+    let got = seen.lock().unwrap().clone();
+    for (id, data) in &expected {
+        let event = got
+            .iter()
+            .find(|s| s.header("ce-id") == Some(id.as_bytes()))
+            .unwrap_or_else(|| panic!("{id} never arrived"));
+        assert!(&event.body == data, "{id}: the data differs");
+        assert_eq!(event.header("ce-source"), Some(&b"/fast"[..]), "{id}");
+        assert_eq!(event.header("ce-type"), Some(&b"t"[..]), "{id}");
+        let note = format!("{id}%20n");
+        assert_eq!(event.header("ce-note"), Some(note.as_bytes()), "{id}");
+    }
+    assert!(
+        !got.iter().any(|s| s.header("ce-id") == Some(&b"huge"[..])
+            || s.header("ce-id") == Some(&b"leaver"[..])
+            || s.header("ce-id") == Some(&b"trickler"[..])),
+        "a refused event was delivered"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client pausing in the middle of its body counts as idle for the connection limit, on the
+/// fast path as on hyper's: with room for two connections, both taken by bodies paused half
+/// way, a new client is served (202) by closing one of them, whose budget comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_body_makes_room_at_the_connection_limit() {
+    use test_support::hostile::PartialBody;
+    let dir = std::env::temp_dir().join(format!("mecha-paused-room-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, _seen) = subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+    let log = dir.join("events.redb");
+    let broker = Broker::start_with(
+        log.to_str().unwrap(),
+        control_addr,
+        &token,
+        &[
+            ("BROKER_MAX_EVENT_SIZE", "65536"),
+            ("SIDECAR_MAX_CONNECTIONS", "2"),
+        ],
+    );
+    ready(&client, &broker).await;
+    let pausers: Vec<PartialBody> = (0..2)
+        .map(|n| {
+            PartialBody::start(
+                broker.ingress,
+                event_head(&format!("paused-{n}"), Some(60_000)),
+                vec![b'p'; 30_000],
+                None,
+            )
+        })
+        .collect();
+    // Both bodies half read: each holds at least what arrived.
+    in_use_until(&client, &broker, "the paused bodies", |n| n >= 60_000).await;
+    let post = event("newcomer", b"{}", "connection: close\r\n");
+    let (status, answer) = raw_exchange(broker.ingress, &post).await;
+    assert_eq!(status, 202, "{answer}");
+    // One of the paused clients made room, and its budget is back.
+    until("a paused client closed", || {
+        pausers.iter().filter(|p| p.refused()).count() == 1
+    })
+    .await;
+    in_use_until(&client, &broker, "one body left", |n| n > 0 && n < 60_000).await;
+    drop(pausers);
+    in_use_until(&client, &broker, "every body gone", |n| n == 0).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGTERM while a body is arriving on the fast path: the request is finished (202, its event
+/// delivered) and its answer closes the connection; then the broker exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_arriving_at_sigterm_is_finished_and_its_connection_closed() {
+    use tokio::io::AsyncWriteExt;
+    let dir = std::env::temp_dir().join(format!("mecha-fast-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, seen) = raw_subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+    let log = dir.join("events.redb");
+    let mut broker = Broker::start(log.to_str().unwrap(), control_addr, &token);
+    ready(&client, &broker).await;
+    let data = vec![b'd'; 20_000];
+    let request = event("draining", &data, "");
+    let half = request.len() - 10_000;
+    let mut stream = connect(broker.ingress).await;
+    stream.get_mut().write_all(&request[..half]).await.unwrap();
+    in_use_until(&client, &broker, "the body arriving", |n| n > 0).await;
+    broker.signal(rustix::process::Signal::TERM);
+    // Not ready any more: the drain has begun while the body is still arriving.
+    until_not_ready(&client, &broker).await;
+    stream.get_mut().write_all(&request[half..]).await.unwrap();
+    let answer = read_raw(&mut stream, false).await.expect("an answer");
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    assert!(closed(&mut stream).await, "closed after the answer");
+    until("the event at the subscriber", || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.header("ce-id") == Some(&b"draining"[..]) && s.body == data)
+    })
+    .await;
+    assert!(broker.exited(Duration::from_secs(30)).await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits until the broker's `/ready` stops answering 200.
+async fn until_not_ready(client: &HttpClient, broker: &Broker) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(get(client, broker.admin, "/ready").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "still ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The same requests answered by the fast path and by hyper (`SIDECAR_FAST_PATH=false`):
+/// the same status, headers and body, valid or not, whichever the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_and_hyper_answer_the_ingress_alike() {
+    let dir = std::env::temp_dir().join(format!("mecha-ingress-diff-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (subscriber_addr, _seen) = subscriber().await;
+    let token = AdminToken::generate().unwrap();
+    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let client = client();
+    let start = |name: &str, fast: &str| {
+        let log = dir.join(format!("{name}.redb"));
+        Broker::start_with(
+            log.to_str().unwrap(),
+            control_addr,
+            &token,
+            &[
+                ("SIDECAR_FAST_PATH", fast),
+                ("BROKER_MAX_EVENT_SIZE", "65536"),
+            ],
+        )
+    };
+    let (fast, general) = (start("fast", "true"), start("general", "false"));
+    ready(&client, &fast).await;
+    ready(&client, &general).await;
+    let structured = r#"{"specversion":"1.0","id":"s","source":"/diff","type":"t","data":{"a":1}}"#;
+    let requests: Vec<(&str, Vec<u8>)> = vec![
+        ("binary event", event("valid", b"{\"a\":1}", "")),
+        ("no data", event("nodata", b"", "")),
+        (
+            "structured event",
+            format!("POST /default/b HTTP/1.1\r\nhost: broker\r\ncontent-type: application/cloudevents+json\r\ncontent-length: {}\r\n\r\n{structured}", structured.len()).into_bytes(),
+        ),
+        (
+            "missing ce-id",
+            b"POST /default/b HTTP/1.1\r\nhost: broker\r\nce-specversion: 1.0\r\nce-source: /diff\r\nce-type: t\r\ncontent-length: 2\r\n\r\n{}".to_vec(),
+        ),
+        (
+            "control character",
+            event("ctl", b"x", "ce-subject: a%0Ab\r\n"),
+        ),
+        (
+            "unsupported format",
+            b"POST /default/b HTTP/1.1\r\nhost: broker\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nhi".to_vec(),
+        ),
+        (
+            "bad batch",
+            b"POST /default/b HTTP/1.1\r\nhost: broker\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: 5\r\n\r\n[{}, ".to_vec(),
+        ),
+        (
+            "unknown broker",
+            String::from_utf8(event("u", b"x", ""))
+                .unwrap()
+                .replace("/default/b", "/default/nobody")
+                .into_bytes(),
+        ),
+        (
+            "wrong method",
+            b"PUT /default/b HTTP/1.1\r\nhost: broker\r\ncontent-length: 2\r\n\r\n{}".to_vec(),
+        ),
+        ("GET", b"GET /default/b HTTP/1.1\r\nhost: broker\r\n\r\n".to_vec()),
+        ("HEAD", b"HEAD /default/b HTTP/1.1\r\nhost: broker\r\n\r\n".to_vec()),
+        (
+            "OPTIONS",
+            b"OPTIONS /default/b HTTP/1.1\r\nhost: broker\r\nwebhook-request-origin: example.com\r\n\r\n".to_vec(),
+        ),
+        ("root", b"GET / HTTP/1.1\r\nhost: broker\r\n\r\n".to_vec()),
+        (
+            "bad path",
+            b"POST /a/b/c HTTP/1.1\r\nhost: broker\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        ),
+        (
+            "absolute target",
+            String::from_utf8(event("abs", b"x", ""))
+                .unwrap()
+                .replace("POST /default/b", "POST http://broker/default/b")
+                .into_bytes(),
+        ),
+        (
+            "too large",
+            String::from_utf8(event("big", b"", ""))
+                .unwrap()
+                .replace("content-length: 0", "content-length: 70000")
+                .into_bytes(),
+        ),
+    ];
+    for (what, request) in &requests {
+        let head_method = request.starts_with(b"HEAD ");
+        let mut answers = Vec::new();
+        for broker in [&fast, &general] {
+            let mut stream = connect(broker.ingress).await;
+            use tokio::io::AsyncWriteExt;
+            stream.get_mut().write_all(request).await.unwrap();
+            let answer = read_raw(&mut stream, head_method)
+                .await
+                .unwrap_or_else(|| panic!("{what}: no answer"));
+            answers.push(answer);
+        }
+        assert_eq!(
+            answers[0].comparable(),
+            answers[1].comparable(),
+            "{what}: the fast path (left) and hyper (right) differ"
+        );
+        assert!(
+            answers[0].header("date").is_some(),
+            "{what}: {:?}",
+            answers[0]
+        );
+    }
+    // And the refusals were counted alike.
+    for name in [
+        "mecha_broker_events_rejected_total",
+        "mecha_broker_events_received_total",
+    ] {
+        assert_eq!(
+            metric(&client, &fast, name).await,
+            metric(&client, &general, name).await,
+            "{name}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--help` lists every setting; a missing or bad one stops the binary with status 2 and a
 /// message naming it, before anything listens.
 #[test]

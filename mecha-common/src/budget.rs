@@ -6,7 +6,9 @@
 //! their sum, memory is connections × largest body, for anyone who can open connections. With
 //! one, it is the budget: [`BodyBudget::collect`] takes budget as the body's buffer grows —
 //! as chunks arrive, whatever the `Content-Length` says (a chunked body has none) — and the
-//! [`Buffered`] body gives it back when it is dropped.
+//! [`Buffered`] body gives it back when it is dropped. A server that reads the body itself
+//! (the data path's fast path) feeds it to [`BodyBudget::start`]'s [`Collecting`] instead,
+//! which `collect` is built on: the same rules either way.
 //!
 //! The rules, in this one place for every such port:
 //! - a declared `Content-Length` above the request's maximum: 413 before a byte is read; a
@@ -273,22 +275,12 @@ impl BodyBudget {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<usize>().ok());
-        if declared.is_some_and(|n| n > max) {
-            return Err(BodyError::TooLarge { limit: max });
-        }
-        // Where the buffer stops doubling: the body's known length, or the most it may be.
-        let expected = declared.unwrap_or(max);
-        let timeout = self.inner.settings.body_timeout;
-        let deadline = Instant::now() + timeout;
-        let mut held = self.hold();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut collecting = self.start(declared, max)?;
+        let deadline = collecting.deadline();
         let mut body = std::pin::pin!(body);
         loop {
             let frame = match tokio::time::timeout_at(deadline, body.as_mut().frame()).await {
-                Err(_) => {
-                    self.inner.timed_out.inc();
-                    return Err(BodyError::Timeout(timeout));
-                }
+                Err(_) => return Err(collecting.timed_out()),
                 Ok(None) => break,
                 Ok(Some(Err(error))) => return Err(BodyError::Read(error.into())),
                 Ok(Some(Ok(frame))) => frame,
@@ -297,23 +289,93 @@ impl BodyBudget {
                 // Trailers: nothing to keep.
                 continue;
             };
-            let needed = buf.len() + data.len();
-            if needed > max {
-                return Err(BodyError::TooLarge { limit: max });
-            }
-            if needed > buf.capacity() {
-                let capacity = needed.max(buf.capacity() * 2).min(expected.max(needed));
-                // Taken before the memory is: a refused body never grows.
-                let more = capacity - held.bytes;
-                self.take(&mut held, more)?;
-                buf.reserve_exact(capacity - buf.len());
-            }
-            buf.extend_from_slice(&data);
+            collecting.push(&data)?;
         }
-        Ok(Buffered {
-            bytes: Bytes::from(buf),
-            held,
+        Ok(collecting.finish())
+    }
+
+    /// Starts reading a body of `declared` bytes (if it says), at most `max`, that arrives
+    /// in pieces given to [`Collecting::push`] — for a server that reads the body itself
+    /// (the data path's fast path); [`BodyBudget::collect`] reads an [`http_body::Body`] with
+    /// it. The same rules: a declared length above `max` is refused here, before anything is
+    /// read; budget is taken as the pieces arrive; the body timeout starts now.
+    pub fn start(&self, declared: Option<usize>, max: usize) -> Result<Collecting, BodyError> {
+        if declared.is_some_and(|n| n > max) {
+            return Err(BodyError::TooLarge { limit: max });
+        }
+        Ok(Collecting {
+            budget: self.clone(),
+            // Where the buffer stops doubling: the body's known length, or the most it may be.
+            expected: declared.unwrap_or(max),
+            max,
+            deadline: Instant::now() + self.inner.settings.body_timeout,
+            held: self.hold(),
+            buf: Vec::new(),
         })
+    }
+}
+
+/// A body being read within a [`BodyBudget`]: see [`BodyBudget::start`]. Dropped before
+/// [`Collecting::finish`] (the client went away, the body was refused), it gives back what
+/// it took.
+#[derive(Debug)]
+pub struct Collecting {
+    budget: BodyBudget,
+    expected: usize,
+    max: usize,
+    deadline: Instant,
+    held: Held,
+    buf: Vec<u8>,
+}
+
+impl Collecting {
+    /// When the whole body must have arrived: past it, [`Collecting::timed_out`].
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Bytes received so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Adds the next piece of the body: 413 past the maximum, 503 when the budget cannot
+    /// take the room it needs (taken before the memory is: a refused body never grows).
+    pub fn push(&mut self, data: &[u8]) -> Result<(), BodyError> {
+        let needed = self.buf.len() + data.len();
+        if needed > self.max {
+            return Err(BodyError::TooLarge { limit: self.max });
+        }
+        if needed > self.buf.capacity() {
+            // Powers of two (however the pieces are cut), up to the expected length.
+            let capacity = needed
+                .next_power_of_two()
+                .max(self.buf.capacity() * 2)
+                .min(self.expected.max(needed));
+            let more = capacity - self.held.bytes;
+            self.budget.take(&mut self.held, more)?;
+            self.buf.reserve_exact(capacity - self.buf.len());
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// The body did not arrive whole by the deadline: counted, and its budget given back.
+    pub fn timed_out(self) -> BodyError {
+        self.budget.inner.timed_out.inc();
+        BodyError::Timeout(self.budget.inner.settings.body_timeout)
+    }
+
+    /// The whole body, holding its budget.
+    pub fn finish(self) -> Buffered {
+        Buffered {
+            bytes: Bytes::from(self.buf),
+            held: self.held,
+        }
     }
 }
 
@@ -529,6 +591,38 @@ mod tests {
         assert_eq!(buffered.bytes().as_ref(), sent.as_slice());
         assert!(buffered.held() >= sent.len() && buffered.held() <= 2 * sent.len());
         drop(buffered);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn pieces_fed_by_a_server_take_budget_in_powers_of_two() {
+        let (budget, _registry) = budget(1 << 20);
+        // However the pieces are cut, the buffer (and the budget taken) grows in powers of two
+        // up to the declared length.
+        let mut collecting = budget.start(Some(65_536), 100_000).unwrap();
+        for (piece, held) in [
+            (16_210, 16_384),
+            (16_384, 32_768),
+            (7_406, 65_536),
+            (1, 65_536),
+        ] {
+            collecting.push(&vec![1u8; piece]).unwrap();
+            assert_eq!(budget.in_use(), held, "after {} bytes", collecting.len());
+        }
+        let body = collecting.finish();
+        assert_eq!((body.len(), body.held()), (40_001, 65_536));
+        drop(body);
+        assert_eq!(budget.in_use(), 0);
+        // Declared too large: refused before anything is taken; growing past the maximum too.
+        let refused = budget.start(Some(100_001), 100_000).unwrap_err();
+        assert!(matches!(refused, BodyError::TooLarge { limit: 100_000 }));
+        let mut collecting = budget.start(None, 1000).unwrap();
+        collecting.push(&[0u8; 600]).unwrap();
+        let refused = collecting.push(&[0u8; 600]).unwrap_err();
+        assert!(matches!(refused, BodyError::TooLarge { .. }));
+        // A body given up on (its client left) gives its budget back when dropped.
+        assert_eq!(budget.in_use(), 1000);
+        drop(collecting);
         assert_eq!(budget.in_use(), 0);
     }
 

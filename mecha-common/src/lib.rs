@@ -23,7 +23,7 @@ pub mod telemetry;
 pub mod wire;
 
 pub use activation::Activation;
-pub use budget::{BodyBudget, BodyError, BudgetSettings, Buffered};
+pub use budget::{BodyBudget, BodyError, BudgetSettings, Buffered, Collecting};
 pub use load::{LoadGuard, LoadSample, LoadTracker};
 pub use routing::{
     BufferLimits, Endpoint, EndpointTable, RevisionEndpoints, Route, RouteTarget, RoutingTable,

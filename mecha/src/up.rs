@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use activator_sidecar::body::ProxyBody;
 use activator_sidecar::h1::codec::RequestHead;
-use activator_sidecar::h1::{Decision, Failure, Role};
+use activator_sidecar::h1::{Decision, Failure, Role, Whole};
 use activator_sidecar::rules::HopPolicy;
 use activator_sidecar::{Gateway, ProxyError};
 use autoscaler::logs::LogHub;
@@ -508,10 +508,11 @@ fn is_bare_host(host: &str) -> bool {
     host == "localhost" || bare.parse::<IpAddr>().is_ok()
 }
 
-/// The gateway port: service hosts are the gateway's; bare hosts (the broker ingress,
-/// `localhost:8080/{namespace}/{broker}`, and the webhook sources,
-/// `localhost:8080/webhooks/{github|gitlab}/{namespace}/{name}`) and requests without a host
-/// are answered by the general server.
+/// The gateway port: service hosts are the gateway's; bare hosts and requests without a host
+/// are answered here: the broker ingress (`localhost:8080/{namespace}/{broker}`) on the fast
+/// path when the body is framed by `Content-Length` (`Decision::Whole`), by the general
+/// server otherwise, and the webhook sources
+/// (`localhost:8080/webhooks/{github|gitlab}/{namespace}/{name}`) by the general server.
 #[derive(Debug)]
 struct Front {
     gateway: Gateway,
@@ -551,9 +552,34 @@ impl Role for Front {
 
     async fn dispatch(&self, head: &RequestHead, retry: &[SocketAddr]) -> Decision<Self::Ticket> {
         if head.host.as_deref().is_none_or(is_bare_host) {
-            return Decision::Fallback;
+            // The broker ingress (and the webhooks, which `before_body` leaves to hyper).
+            return Decision::Whole;
         }
         self.gateway.dispatch(head, retry).await
+    }
+
+    fn before_body(&self, parts: &hyper::http::request::Parts) -> Whole<'_> {
+        if parts.uri.path().starts_with("/webhooks/") {
+            // The webhooks are answered by hyper: few, and their receivers read the body
+            // themselves.
+            return Whole::Fallback;
+        }
+        match eventing_broker::ingress::route(&self.broker, parts) {
+            None => Whole::Read {
+                budget: &self.budget,
+                max: self.broker.config().max_event_size,
+            },
+            Some(response) => Whole::Answer(response),
+        }
+    }
+
+    async fn answer_whole(
+        &self,
+        parts: hyper::http::request::Parts,
+        body: Result<mecha_common::Buffered, mecha_common::BodyError>,
+        _peer: SocketAddr,
+    ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+        eventing_broker::ingress::answer(&self.broker, parts, body).await
     }
 
     fn may_retry(&self, ticket: &Self::Ticket, attempts: usize) -> bool {

@@ -968,3 +968,140 @@ fn the_gateway_port_holds_request_bodies_within_its_budget() {
     assert_eq!(post_binary(&mecha, "after", "t", &[]), 202);
     assert_eq!(unsigned_webhook().status, 401);
 }
+
+/// Reads one response off `stream` (a `Content-Length` body): status, headers (names in
+/// lower case), body; `None` if the connection ends first.
+fn read_response(
+    stream: &mut std::io::BufReader<TcpStream>,
+) -> Option<(u16, BTreeMap<String, String>, String)> {
+    use std::io::BufRead;
+    let mut status = None;
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        match status {
+            None => status = line.get(9..12).and_then(|s| s.parse().ok()),
+            Some(_) => {
+                let (name, value) = line.split_once(':')?;
+                headers.insert(name.to_ascii_lowercase(), value.trim().to_string());
+            }
+        }
+    }
+    let length = headers
+        .get("content-length")
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).ok()?;
+    Some((
+        status?,
+        headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+/// `mecha up`'s gateway port answers the broker ingress itself on its fast path, on kept-alive
+/// connections: pipelined posts, a refusal (the connection goes on), a webhook (hyper's) and a chunked post (hyper's) between them on the same connection, then
+/// `Connection: close`; every accepted event reaches the subscriber with its data and `ce-`
+/// headers as sent.
+#[test]
+fn the_gateway_port_answers_the_ingress_on_kept_alive_connections() {
+    let subscriber = Subscriber::ok();
+    let work = Workdir::new("fast-ingress");
+    let github = "---\napiVersion: sources.knative.dev/v1alpha1\nkind: GitHubSource\nmetadata:\n  name: repo\n  annotations: {mecha.dev/secret-token-env: FAST_HOOK_SECRET}\nspec:\n  ownerAndRepository: octo/hello\n  eventTypes: [push]\n  sink: {uri: \"http://127.0.0.1:9/\"}\n";
+    let file = work.write(
+        "broker.yaml",
+        &format!(
+            "{BROKER}{}{github}",
+            trigger("all", "", &subscriber.url("/all"), "")
+        ),
+    );
+    let mecha = Mecha::up_with(&[&file], &[("FAST_HOOK_SECRET", "a secret")]);
+    wait_until("the webhook receiver", || {
+        support::request_with(
+            mecha.gateway,
+            "POST",
+            "localhost",
+            "/webhooks/github/default/repo",
+            &[("x-github-event", "push")],
+            "{}",
+        )
+        .status
+            == 401
+    });
+    let event = |id: &str, data: &str, extra: &str| {
+        format!(
+            "POST /default/default HTTP/1.1\r\nHost: localhost:8080\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /fast\r\nce-type: t\r\nce-note: {id}%20n\r\ncontent-type: text/plain\r\n{extra}content-length: {}\r\n\r\n{data}",
+            data.len()
+        )
+    };
+    let stream = TcpStream::connect(mecha.gateway).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    // Two posts in one write.
+    writer
+        .write_all(format!("{}{}", event("one", "first data", ""), event("two", "", "")).as_bytes())
+        .unwrap();
+    for id in ["one", "two"] {
+        let (status, headers, body) = read_response(&mut reader).expect("an answer");
+        assert_eq!(status, 202, "{id}: {body}");
+        assert!(headers.contains_key("date"), "{id}: {headers:?}");
+    }
+    // A refusal answered before any body is read (`GET`): the connection carries on.
+    writer
+        .write_all(b"GET /default/nobody HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let (status, _, body) = read_response(&mut reader).expect("an answer");
+    assert_eq!(status, 405, "{body}");
+    // A webhook: hyper's, on the same connection.
+    writer
+        .write_all(b"POST /webhooks/github/default/repo HTTP/1.1\r\nHost: localhost\r\nx-github-event: push\r\ncontent-length: 2\r\n\r\n{}")
+        .unwrap();
+    let (status, _, body) = read_response(&mut reader).expect("an answer");
+    assert_eq!(status, 401, "{body}");
+    // A chunked post: hyper's too.
+    let chunked = event("three", "", "").replace(
+        "content-length: 0\r\n\r\n",
+        "transfer-encoding: chunked\r\n\r\n5\r\nthird\r\n0\r\n\r\n",
+    );
+    writer.write_all(chunked.as_bytes()).unwrap();
+    let (status, _, body) = read_response(&mut reader).expect("an answer");
+    assert_eq!(status, 202, "{body}");
+    // The fast path again, and `Connection: close` ends the connection.
+    writer
+        .write_all(event("four", "last", "Connection: close\r\n").as_bytes())
+        .unwrap();
+    let (status, headers, body) = read_response(&mut reader).expect("an answer");
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(headers.get("connection").map(String::as_str), Some("close"));
+    let mut rest = Vec::new();
+    assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0, "closed");
+
+    wait_until("four events at the subscriber", || {
+        subscriber.count("/all") == 4
+    });
+    for (id, data) in [
+        ("one", "first data"),
+        ("two", ""),
+        ("three", "third"),
+        ("four", "last"),
+    ] {
+        let got = subscriber
+            .all()
+            .into_iter()
+            .find(|r| r.headers.get("ce-id").map(String::as_str) == Some(id))
+            .unwrap_or_else(|| panic!("{id} never arrived"));
+        assert_eq!(got.body, data, "{id}");
+        assert_eq!(got.headers["ce-source"], "/fast", "{id}");
+        assert_eq!(got.headers["ce-note"], format!("{id}%20n"), "{id}");
+    }
+}

@@ -9,14 +9,17 @@
 //!
 //! Every HTTP/1.x request head on a connection is read and checked here, against
 //! [`crate::rules`], whichever path then answers it: a request the rules refuse is answered
-//! here; one the general hyper server answers (HTTP/1.0, `OPTIONS *`, an h2c replica, a role's
-//! own non-proxy routes, or every request when the fast path is off) is handed over alone,
-//! with the connection coming back afterwards ([`Handover::Request`]); HTTP/2 and upgrades
-//! hand the whole connection over.
+//! here; one the role answers itself with its whole body (the broker ingress) is read and
+//! answered here too when its body is framed by `Content-Length` ([`whole`]); one the general
+//! hyper server answers (HTTP/1.0, `OPTIONS *`, an h2c replica, a role's other own routes and
+//! chunked or `100-continue` bodies of the former, or every request when the fast path is off)
+//! is handed over alone, with the connection coming back afterwards ([`Handover::Request`]);
+//! HTTP/2 and upgrades hand the whole connection over.
 
 pub mod codec;
 pub mod guard;
 pub mod pool;
+pub mod whole;
 
 use std::future::Future;
 use std::io;
@@ -26,10 +29,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use http::request::Parts;
 use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use mecha_common::ShutdownSignal;
+use mecha_common::budget::{BodyError, Buffered};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -42,6 +48,7 @@ use crate::rules::{HopPolicy, Peer, Refusal};
 use codec::{Framing, ParsedRequest, RequestHead};
 use guard::Guarded;
 use pool::{Pool, Upstream};
+pub use whole::Whole;
 
 /// Where a connection's timer starts, before its first request: far off, so the first
 /// request's (earlier) deadline replaces it. It is not a wait; after that the timer only moves
@@ -65,6 +72,10 @@ pub enum Decision<T> {
     Answer(Answer),
     /// Not for the fast path (an h2c replica): the general server takes the connection.
     Fallback,
+    /// The role answers it itself once it has its whole body ([`whole`]): on the fast path
+    /// for a body framed by `Content-Length` (or none) without `Expect: 100-continue`, by
+    /// the general server otherwise, as for `Fallback`.
+    Whole,
 }
 
 /// A response of the sidecar's own.
@@ -121,6 +132,31 @@ pub trait Role: Send + Sync + 'static {
 
     /// An exchange ended with `status` (the ticket is `None` for the role's own answers).
     fn finished(&self, ticket: Option<Self::Ticket>, status: StatusCode);
+
+    /// For a request `dispatch` said [`Decision::Whole`] of, before its body is read: how
+    /// much of it to read and within which budget, or the answer without it. Roles that never
+    /// say `Whole` leave it to the general server.
+    fn before_body(&self, _parts: &Parts) -> Whole<'_> {
+        Whole::Fallback
+    }
+
+    /// Answers a request [`Role::before_body`] said to read: with its whole body, or with why
+    /// there is none (too large, no budget, too slow, broken off). Called only once the body
+    /// is complete or has failed; what it answers is written as hyper would write it.
+    fn answer_whole(
+        &self,
+        _parts: Parts,
+        _body: Result<Buffered, BodyError>,
+        _peer: SocketAddr,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        async {
+            // Never called for a role whose `before_body` says `Fallback`.
+            tracing::error!("a role that reads no whole body was asked to answer one");
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            response
+        }
+    }
 }
 
 /// What the fast path hands to the general server.
@@ -320,6 +356,32 @@ pub async fn serve<D: Role>(
                 ticket,
             } => (addr, deadline, ticket),
             Decision::Fallback => return Some(one_request(client, buf, head.close, false)),
+            Decision::Whole => {
+                let watch = BodyWatch {
+                    state,
+                    evicted: evicted.as_mut(),
+                    timeout: limits.body_read_timeout,
+                };
+                let served = whole::serve(
+                    &mut client,
+                    &mut buf,
+                    &head,
+                    close,
+                    &mut response,
+                    dispatch,
+                    peer,
+                    watch,
+                    shutdown,
+                )
+                .await;
+                match served {
+                    whole::Served::Next => continue,
+                    whole::Served::Close => return None,
+                    whole::Served::Fallback => {
+                        return Some(one_request(client, buf, head.close, false));
+                    }
+                }
+            }
             Decision::Answer(answer) => {
                 // A request whose body was not read cannot be followed by another.
                 let keep = !close && head.framing.is_done();
@@ -452,7 +514,7 @@ pub async fn serve<D: Role>(
                         dispatch.finished(None, answer.status);
                         return None;
                     }
-                    Decision::Fallback => {}
+                    Decision::Fallback | Decision::Whole => {}
                 }
             }
             let error = dispatch.failed(&ticket, failure);
