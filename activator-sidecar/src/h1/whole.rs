@@ -11,9 +11,13 @@
 //! those of the hyper path: the role's maximum (413 before reading a declared length above
 //! it), the budget (503 with `Retry-After`), the budget's body timeout (408), and the
 //! listener's pause timeout, during which the connection counts as idle for the connection
-//! limit ([`super::BodyWatch`]). Budget taken is given back as soon as the request is done,
-//! whatever its end: the [`mecha_common::budget::Buffered`] body or the
+//! limit (`BodyWatch`, as when a body is relayed). Budget taken is given back as soon as the
+//! request is done, whatever its end: the [`mecha_common::budget::Buffered`] body or the
 //! [`mecha_common::budget::Collecting`] one holds it and is dropped with it.
+//!
+//! Once the body is whole the role's answer is awaited to its end: a client that leaves then
+//! does not abandon it (hyper's path drops a handler whose client left after a grace), so
+//! events whose body arrived are stored whether or not anyone reads the 202.
 
 use std::cell::RefCell;
 use std::future::Future;
