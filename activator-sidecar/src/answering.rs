@@ -1,10 +1,10 @@
 //! A port that relays nothing, behind the data path's HTTP rules and limits: every request is
 //! answered by the component itself (the standalone broker's ingress, the importers' webhook
 //! receivers). Until the component has what it needs from the control plane it answers 503
-//! with `Retry-After: 1` and says what it waits for. The bodies the
-//! component reads whole are bounded by the listener's byte budget (`mecha_common::budget`),
-//! which its [`Answer`] holds; a component whose [`Answer::before_body`] says so has them read
-//! on the fast path ([`crate::h1::whole`]), the others get them from hyper.
+//! with `Retry-After: 1` and says what it waits for. The bodies the component reads whole are
+//! bounded by the listener's byte budget (`mecha_common::budget`), which its [`Answer`] holds;
+//! a component whose [`Answer::before_body`] says so has them read on the fast path
+//! ([`crate::h1::whole`]), the others get them from hyper.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -520,18 +520,19 @@ pub fn request_extent(input: &[u8]) -> Option<(usize, Framing)> {
     Some((len, framing))
 }
 
-/// The request head at the start of `input` (checked by [`parse_request`]) as hyper would
-/// give it to a handler: method, target (origin or absolute form), version and every header
-/// field as sent. `None` if hyper would not take it either.
-pub fn request_parts(input: &[u8]) -> Option<http::request::Parts> {
+/// The request head `head` (checked by [`parse_request`]) as hyper would give it to a
+/// handler: method, target (origin or absolute form), version and every header field as sent.
+/// Like hyper, the target and the field values are slices of `head`, not copies. `None` if
+/// hyper would not take it either.
+pub fn request_parts(head: &bytes::Bytes) -> Option<http::request::Parts> {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
-    let Ok(httparse::Status::Complete(_)) = request.parse_with_uninit_headers(input, &mut headers)
+    let Ok(httparse::Status::Complete(_)) = request.parse_with_uninit_headers(head, &mut headers)
     else {
         return None;
     };
     let method = http::Method::from_bytes(request.method?.as_bytes()).ok()?;
-    let uri = http::Uri::try_from(request.path?).ok()?;
+    let uri = http::Uri::from_maybe_shared(head.slice_ref(request.path?.as_bytes())).ok()?;
     let version = match request.version? {
         1 => http::Version::HTTP_11,
         _ => http::Version::HTTP_10,
@@ -540,7 +541,7 @@ pub fn request_parts(input: &[u8]) -> Option<http::request::Parts> {
     for header in request.headers.iter() {
         map.append(
             http::HeaderName::from_bytes(header.name.as_bytes()).ok()?,
-            http::HeaderValue::from_bytes(header.value).ok()?,
+            http::HeaderValue::from_maybe_shared(head.slice_ref(header.value)).ok()?,
         );
     }
     let (mut parts, ()) = http::Request::new(()).into_parts();
@@ -703,10 +704,10 @@ mod tests {
 
     #[test]
     fn request_parts_are_what_hyper_would_give_a_handler() {
-        let parts = request_parts(
+        let parts = request_parts(&bytes::Bytes::from_static(
             b"POST http://Broker:8080/default/b?x=1 HTTP/1.1\r\nHost: broker\r\n\
               Ce-Id: 1\r\nce-note: a%20b\r\nCe-Id: 2\r\ncontent-length: 0\r\n\r\nNEXT",
-        )
+        ))
         .expect("parts");
         assert_eq!(parts.method, http::Method::POST);
         assert_eq!(parts.uri.path(), "/default/b");
@@ -720,13 +721,17 @@ mod tests {
         assert_eq!(ids, ["1", "2"], "repeated fields kept, in order");
         assert_eq!(parts.headers["ce-note"], "a%20b");
         assert_eq!(parts.headers["host"], "broker");
-        let origin = request_parts(b"OPTIONS /a HTTP/1.1\r\n\r\n").expect("parts");
+        let origin = request_parts(&bytes::Bytes::from_static(b"OPTIONS /a HTTP/1.1\r\n\r\n"))
+            .expect("parts");
         assert_eq!(
             (origin.method, origin.uri.to_string()),
             (http::Method::OPTIONS, "/a".into())
         );
         assert!(
-            request_parts(b"GET /a HTTP/1.1\r\nhost: x\r\n").is_none(),
+            request_parts(&bytes::Bytes::from_static(
+                b"GET /a HTTP/1.1\r\nhost: x\r\n"
+            ))
+            .is_none(),
             "incomplete"
         );
     }

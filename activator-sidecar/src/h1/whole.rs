@@ -11,9 +11,13 @@
 //! those of the hyper path: the role's maximum (413 before reading a declared length above
 //! it), the budget (503 with `Retry-After`), the budget's body timeout (408), and the
 //! listener's pause timeout, during which the connection counts as idle for the connection
-//! limit ([`super::BodyWatch`]). Budget taken is given back as soon as the request is done,
-//! whatever its end: the [`mecha_common::budget::Buffered`] body or the
+//! limit (`BodyWatch`, as when a body is relayed). Budget taken is given back as soon as the
+//! request is done, whatever its end: the [`mecha_common::budget::Buffered`] body or the
 //! [`mecha_common::budget::Collecting`] one holds it and is dropped with it.
+//!
+//! Once the body is whole the role's answer is awaited to its end: a client that leaves then
+//! does not abandon it (hyper's path drops a handler whose client left after a grace), so
+//! events whose body arrived are stored whether or not anyone reads the 202.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -88,21 +92,28 @@ pub(super) async fn serve<D: Role, E: Future<Output = ()>>(
     if head.expect_continue || !matches!(head.framing, Framing::Length(_) | Framing::Done) {
         return Served::Fallback;
     }
-    let Some(parts) = codec::request_parts(&buf[..head.len]) else {
+    // The head, taken off the buffer without a copy: the parts' target and field values are
+    // slices of it (as hyper's are of its read buffer), and the buffer is whole again for the
+    // next request once they are dropped.
+    let head_bytes = buf.split_to(head.len).freeze();
+    let Some(parts) = codec::request_parts(&head_bytes) else {
+        put_back(buf, &head_bytes);
         return Served::Fallback;
     };
     let head_method = parts.method == Method::HEAD;
     let (budget, max) = match role.before_body(&parts) {
-        Whole::Fallback => return Served::Fallback,
+        Whole::Fallback => {
+            put_back(buf, &head_bytes);
+            return Served::Fallback;
+        }
         Whole::Answer(response) => {
             // A request whose body was not read cannot be followed by another.
             let keep = !close && head.framing.is_done() && !shutdown.is_triggered();
-            buf.advance(head.len);
+            drop(parts);
             return respond(client, out, response, head_method, keep).await;
         }
         Whole::Read { budget, max } => (budget, max),
     };
-    buf.advance(head.len);
     let declared = usize::try_from(head.content_length).unwrap_or(usize::MAX);
     let pause = watch.timeout;
     let read = match budget.start(Some(declared), max) {
@@ -177,6 +188,14 @@ async fn read_body<E: Future<Output = ()>>(
         remaining -= n;
     }
     Read::Whole(collecting.finish())
+}
+
+/// Puts a head taken off `buf` back in front of what follows it, for hyper to read.
+fn put_back(buf: &mut BytesMut, head: &Bytes) {
+    let mut whole = BytesMut::with_capacity(head.len() + buf.len() + READ_BUFFER);
+    whole.extend_from_slice(head);
+    whole.extend_from_slice(buf);
+    *buf = whole;
 }
 
 fn broke_off(why: &'static str) -> BodyError {
