@@ -416,7 +416,7 @@ fn broker_section(
                 .map(|i| ((i.clients as f64).log2(), f(i)))
                 .collect()
         };
-        let series = [
+        let mut series = vec![
             Series {
                 name: "broker (durable, 202 after commit)".into(),
                 baseline: false,
@@ -428,6 +428,13 @@ fn broker_section(
                 points: points(|i| i.plain_per_s),
             },
         ];
+        if broker.ingest.iter().all(|i| i.plain_apart_per_s.is_some()) {
+            series.push(Series {
+                name: "plain HTTP receiver, own process".into(),
+                baseline: true,
+                points: points(|i| i.plain_apart_per_s.unwrap_or_default()),
+            });
+        }
         let path = dir.join("broker-ingest.svg");
         line_chart(
             &path,
@@ -445,14 +452,26 @@ fn broker_section(
              Closed-loop clients posting binary-mode events to `mecha up`'s broker (each `202` \
              after the event is committed to the log) for {} s per point, and the same clients \
              posting to a plain HTTP receiver in the benchmark process (the baseline: the \
-             loopback limit), back to back.\n\n![broker ingest](broker-ingest.svg)\n\n\
-             | clients | broker events/s | plain requests/s | ratio |\n|---|---|---|---|",
+             loopback limit) and to the same receiver in a process of its own (what a second \
+             process costs on this machine with nothing stored), back to back.\n\n\
+             ![broker ingest](broker-ingest.svg)\n\n\
+             | clients | broker events/s | plain requests/s | ratio | plain, own process | ratio |\n\
+             |---|---|---|---|---|---|",
             broker.seconds
         );
         for i in &broker.ingest {
+            let apart = i.plain_apart_per_s.map_or_else(
+                || "| — | — |".to_string(),
+                |apart| {
+                    format!(
+                        "| {apart:.0} | {:.2} |",
+                        i.broker_per_s / apart.max(f64::MIN_POSITIVE)
+                    )
+                },
+            );
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {:.0} | {:.2} |",
+                "| {} | {:.0} | {:.0} | {:.2} {apart}",
                 i.clients,
                 i.broker_per_s,
                 i.plain_per_s,

@@ -220,8 +220,12 @@ pub struct Ingest {
     pub clients: u64,
     /// Events/s answered `202` by the broker (each committed to the log first).
     pub broker_per_s: f64,
-    /// Requests/s the same clients get from a plain HTTP receiver (the baseline).
+    /// Requests/s the same clients get from a plain HTTP receiver in the benchmark's process
+    /// (the baseline).
     pub plain_per_s: f64,
+    /// The same receiver in a process of its own (absent from older results).
+    #[serde(default)]
+    pub plain_apart_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

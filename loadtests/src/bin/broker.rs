@@ -1,10 +1,14 @@
 //! Broker benchmarks, each next to a same-run baseline:
 //! - ingest: events/s a concurrent client gets `202` for (durable), against the same client
-//!   posting to a plain HTTP receiver (the loopback limit);
+//!   posting to a plain HTTP receiver in the benchmark's own process (the loopback limit, the
+//!   target's baseline) and to the same receiver in a process of its own (what a second
+//!   process costs with nothing stored);
 //! - end-to-end latency from POST to subscriber at a fixed rate, with 1 and with 10 triggers;
 //! - memory of `mecha up` while a subscriber is down and 100,000 events wait in the log.
 //!
 //! `broker [--seconds 5] [--clients 32] [--rate 1000] [--backlog 100000] [--json PATH]`
+//! (`broker --plain-receiver` is that receiver's process: it prints its address and serves
+//! until its standard input closes.)
 //!
 //! `--clients` takes a comma-separated list (`1,8,32,128`) for ingest at each count; the
 //! backlog uses the largest. `--backlog 0` skips the backlog. `--json PATH` also writes the
@@ -26,6 +30,55 @@ struct Args {
     json: Option<PathBuf>,
     rate: u64,
     backlog: u64,
+}
+
+/// The plain receiver in a process of its own: started as `broker --plain-receiver`, says
+/// where it listens on its first line, and ends with the benchmark (its standard input closes).
+struct OwnProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl OwnProcess {
+    fn start() -> Result<Self, String> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = std::process::Command::new(exe)
+            .arg("--plain-receiver")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the plain receiver's process: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let addr = line
+            .trim()
+            .parse()
+            .map_err(|_| format!("the plain receiver said {line:?}, not its address"))?;
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for OwnProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--plain-receiver`: serve as the plain receiver until standard input closes.
+async fn plain_receiver() -> Result<(), String> {
+    let addr = Receiver::default().start().await?;
+    println!("{addr}");
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -184,12 +237,15 @@ async fn run(args: Args) -> Result<(), String> {
     let plain = receiver.start().await?;
     let file = write_yaml(&dir, 0, plain, "")?;
     let platform = Platform::start(&mecha, &[file])?;
+    let own = OwnProcess::start()?;
     let mut result = BrokerResult {
         seconds: args.seconds,
         ..BrokerResult::default()
     };
     for &clients in &args.clients {
         let baseline = closed_loop(format!("http://{plain}/"), clients, args.seconds, 202).await?;
+        let apart =
+            closed_loop(format!("http://{}/", own.addr), clients, args.seconds, 202).await?;
         let ingest = closed_loop(
             format!("http://{}/default/default", platform.gateway),
             clients,
@@ -198,16 +254,19 @@ async fn run(args: Args) -> Result<(), String> {
         )
         .await?;
         println!(
-            "ingest, {clients} clients for {} s: broker {ingest:.0} events/s durable; plain receiver {baseline:.0} requests/s; ratio {:.2}",
+            "ingest, {clients} clients for {} s: broker {ingest:.0} events/s durable; plain receiver {baseline:.0} requests/s in process (ratio {:.2}), {apart:.0} in its own process (ratio {:.2})",
             args.seconds,
-            ingest / baseline
+            ingest / baseline,
+            ingest / apart
         );
         result.ingest.push(Ingest {
             clients: clients as u64,
             broker_per_s: ingest,
             plain_per_s: baseline,
+            plain_apart_per_s: Some(apart),
         });
     }
+    drop(own);
     drop(platform);
 
     result.delivery.push(latency(&mecha, &dir, 1, &args).await?);
@@ -292,5 +351,9 @@ async fn backlog(
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--plain-receiver") {
+        main_with(|| Ok(()), |()| plain_receiver()).await;
+        return;
+    }
     main_with(parse_args, run).await;
 }
