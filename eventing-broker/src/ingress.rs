@@ -186,10 +186,12 @@ pub async fn answer(
         }
         Err(IngestError::Log(error)) => {
             reject("storage");
-            tracing::error!(%error, "cannot store events");
+            // The log reports its failures itself (and readiness says why); the client is
+            // told what to do, not the log's files and errors (this port is public).
+            tracing::debug!(%error, "cannot store events");
             let mut response = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("the event was not stored: {error}"),
+                "the event was not stored: the event log cannot take events right now; try again",
             );
             response
                 .headers_mut()

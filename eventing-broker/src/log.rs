@@ -49,7 +49,7 @@ pub enum LogError {
     Unavailable(String),
     /// Only said when the lock really is held: a damaged file is not another process's fault.
     #[error(
-        "the event log {} is in use by another process (is another `mecha up` using this --state-dir?)",
+        "the event log {} is in use by another process (is another `mecha up` using this --state-dir, or another broker this file?)",
         .0.display()
     )]
     InUse(PathBuf),
@@ -58,6 +58,11 @@ pub enum LogError {
         p = path.display()
     )]
     Damaged { path: PathBuf, detail: String },
+    #[error(
+        "the event log's journal {p} is damaged ({detail}): the events accepted in about the last second before it was damaged may be in it and nowhere else. Move it aside (for example `mv {p} {p}.damaged`) to start with the events the store holds",
+        p = path.display()
+    )]
+    JournalDamaged { path: PathBuf, detail: String },
     #[error(
         "the event log writer has stopped ({0}): nothing can be stored until `mecha up` restarts"
     )]

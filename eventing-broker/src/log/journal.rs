@@ -10,13 +10,18 @@
 //! instead of the store's commit (about nine page writes in different places of its file and a
 //! flush of all of them); see docs/architecture.md for the measurements.
 //!
-//! Layout: a header block (`MAGIC`, the generation, a checksum), then records from
+//! Layout: a header block (`MAGIC`, the generation, a salt, a checksum), then records from
 //! [`HEADER_BYTES`] on, each `[body length u32][RECORD_MAGIC u32][generation u64][xxh3 of the
-//! body, seeded with the generation, u64]` and a body of `[broker length u16][broker][first
-//! sequence u64][count u32]` and per event `[length u32][bytes]`. Starting over writes a new
-//! generation into the header and leaves the old records where they are: reading stops at the
-//! first record that is not whole, not checksummed right or not of the header's generation —
-//! which is also where a crash in the middle of a write leaves the end.
+//! body u64]` and a body of `[broker length u16][broker][first sequence u64][count u32]` and
+//! per event `[length u32][bytes]`; every write ends with an empty record header (zeros),
+//! which the next write overwrites, so a journal in order always ends at zeros. The checksum
+//! is seeded with the salt — 64 random bits drawn whenever the journal starts over, kept only
+//! in this file, which is its owner's alone — with the generation and with the record's
+//! offset: event data a client sent, left in the file from an earlier generation, can never
+//! pass for a record. Starting over writes a new generation and salt into the header and an
+//! end at the first record's place. Reading stops at the first record that is not whole, not
+//! checksummed right or not of the header's generation; anything but the zeros of an end is
+//! damage (or a write torn by a power loss), and is reported.
 
 use std::fs::File;
 use std::io;
@@ -38,6 +43,8 @@ pub const CHECKPOINT_BYTES: u64 = 4 << 20;
 const MAGIC: &[u8; 16] = b"mecha journal v1";
 const RECORD_MAGIC: u32 = 0x4d4a_524e;
 const RECORD_HEADER: usize = 24;
+/// Magic, generation, salt, checksum.
+const HEADER_LEN: usize = 40;
 /// A record longer than this is not one (a damaged length): reading stops there.
 const MAX_RECORD: u64 = 1 << 32;
 
@@ -67,6 +74,10 @@ pub struct Journal {
     synced: File,
     path: PathBuf,
     generation: u64,
+    /// The secret that seeds the current generation's checksums.
+    salt: u64,
+    /// Whether [`Journal::open`] created it (there was no journal).
+    created: bool,
     /// Where the next record goes.
     offset: u64,
     /// The records of one round, written at once.
@@ -101,25 +112,46 @@ impl Journal {
             synced,
             path: path.to_path_buf(),
             generation: 0,
+            salt: 0,
+            created: false,
             offset: HEADER_BYTES,
             buf: Vec::new(),
         };
-        if len < HEADER_BYTES {
-            // New (or cut short before its first header was written: it held nothing).
+        if len == 0 {
+            // New: its blocks first, then its header, so that a journal with a header always
+            // has its full length.
+            journal.created = true;
+            journal.preallocate()?;
             journal.generation = 1;
+            journal.salt = random()?;
             journal.write_header()?;
-        } else {
-            let mut header = [0u8; 32];
-            journal.file.read_exact_at(&mut header, 0)?;
-            journal.generation = parse_header(&header).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "it is not a Mecha event log journal, or its header is damaged",
-                )
-            })?;
+            return Ok(journal);
         }
-        journal.preallocate()?;
+        let damaged = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        if len < HEADER_BYTES {
+            return Err(damaged(format!("it is cut short ({len} bytes, no header)")));
+        }
+        let mut header = [0u8; HEADER_LEN];
+        journal.file.read_exact_at(&mut header, 0)?;
+        (journal.generation, journal.salt) = parse_header(&header).ok_or_else(|| {
+            damaged("it is not a Mecha event log journal, or its header is damaged".into())
+        })?;
+        if len < PREALLOCATED_BYTES {
+            return Err(damaged(format!(
+                "it is cut short ({len} of at least {PREALLOCATED_BYTES} bytes)"
+            )));
+        }
         Ok(journal)
+    }
+
+    /// Whether opening it created it: there was no journal.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The generation its records are written in now.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn path(&self) -> &Path {
@@ -140,7 +172,13 @@ impl Journal {
         let mut body = Vec::new();
         loop {
             if at + RECORD_HEADER as u64 > len {
-                return Ok((entries, None));
+                return Ok((
+                    entries,
+                    Some(Stopped {
+                        offset: at,
+                        why: "the end of the file, without an end",
+                    }),
+                ));
             }
             let mut head = [0u8; RECORD_HEADER];
             self.file.read_exact_at(&mut head, at)?;
@@ -151,14 +189,14 @@ impl Journal {
             let why = if u32::from_le_bytes(word(&head[4..8])) != RECORD_MAGIC {
                 "not a record"
             } else if u64::from_le_bytes(long(&head[8..16])) != self.generation {
-                "a record of an earlier generation"
+                "a record of another generation"
             } else if body_len > MAX_RECORD || at + RECORD_HEADER as u64 + body_len > len {
                 "a record cut short"
             } else {
                 body.resize(body_len as usize, 0);
                 self.file
                     .read_exact_at(&mut body, at + RECORD_HEADER as u64)?;
-                if xxh3_64_with_seed(&body, self.generation)
+                if xxh3_64_with_seed(&body, self.seed(at))
                     != u64::from_le_bytes(long(&head[16..24]))
                 {
                     "a record whose checksum does not match"
@@ -201,7 +239,8 @@ impl Journal {
             let body = start + RECORD_HEADER;
             let body_len = u32::try_from(self.buf.len() - body)
                 .map_err(|_| io::Error::other("an append larger than 4 GiB"))?;
-            let hash = xxh3_64_with_seed(&self.buf[body..], self.generation);
+            let seed = self.seed(self.offset + start as u64);
+            let hash = xxh3_64_with_seed(&self.buf[body..], seed);
             let head = &mut self.buf[start..body];
             head[0..4].copy_from_slice(&body_len.to_le_bytes());
             head[4..8].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
@@ -211,8 +250,11 @@ impl Journal {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let records = self.buf.len() as u64;
+        // The end, overwritten by the next write.
+        self.buf.extend_from_slice(&[0u8; RECORD_HEADER]);
         self.synced.write_all_at(&self.buf, self.offset)?;
-        self.offset += self.buf.len() as u64;
+        self.offset += records;
         if self.buf.capacity() > 4 << 20 {
             // One large round does not keep its buffer for good.
             self.buf = Vec::new();
@@ -224,22 +266,32 @@ impl Journal {
     /// records written so far are no longer read. A file grown past its preallocated length
     /// by a large round is cut back.
     pub fn start_over(&mut self) -> io::Result<()> {
-        self.generation += 1;
-        self.write_header()?;
-        self.offset = HEADER_BYTES;
         if self.file.metadata()?.len() > 2 * PREALLOCATED_BYTES {
             self.file.set_len(PREALLOCATED_BYTES)?;
             self.file.sync_all()?;
         }
+        // An end where the first record goes, then the header that makes it current.
+        self.file
+            .write_all_at(&[0u8; RECORD_HEADER], HEADER_BYTES)?;
+        self.generation += 1;
+        self.salt = random()?;
+        self.write_header()?;
+        self.offset = HEADER_BYTES;
         Ok(())
     }
 
+    /// What seeds the checksum of the record at `offset`.
+    fn seed(&self, offset: u64) -> u64 {
+        self.salt ^ self.generation.rotate_left(32) ^ offset
+    }
+
     fn write_header(&self) -> io::Result<()> {
-        let mut header = [0u8; 32];
+        let mut header = [0u8; HEADER_LEN];
         header[..16].copy_from_slice(MAGIC);
         header[16..24].copy_from_slice(&self.generation.to_le_bytes());
-        let hash = xxh3_64_with_seed(&header[..24], 0);
-        header[24..32].copy_from_slice(&hash.to_le_bytes());
+        header[24..32].copy_from_slice(&self.salt.to_le_bytes());
+        let hash = xxh3_64_with_seed(&header[..32], 0);
+        header[32..40].copy_from_slice(&hash.to_le_bytes());
         self.file.write_all_at(&header, 0)?;
         self.file.sync_data()
     }
@@ -247,16 +299,8 @@ impl Journal {
     /// Writes zeros up to [`PREALLOCATED_BYTES`] once, so that later writes overwrite
     /// allocated blocks.
     fn preallocate(&self) -> io::Result<()> {
-        let len = self.file.metadata()?.len();
-        if len >= PREALLOCATED_BYTES {
-            return Ok(());
-        }
         let zeros = vec![0u8; 1 << 20];
-        let mut at = len.max(HEADER_BYTES);
-        if len < HEADER_BYTES {
-            self.file
-                .write_all_at(&zeros[..(HEADER_BYTES - 32) as usize], 32)?;
-        }
+        let mut at = 0;
         while at < PREALLOCATED_BYTES {
             let n = (PREALLOCATED_BYTES - at).min(zeros.len() as u64) as usize;
             self.file.write_all_at(&zeros[..n], at)?;
@@ -267,14 +311,24 @@ impl Journal {
     }
 }
 
-fn parse_header(header: &[u8; 32]) -> Option<u64> {
+fn parse_header(header: &[u8; HEADER_LEN]) -> Option<(u64, u64)> {
     if &header[..16] != MAGIC {
         return None;
     }
-    if xxh3_64_with_seed(&header[..24], 0) != u64::from_le_bytes(long(&header[24..32])) {
+    if xxh3_64_with_seed(&header[..32], 0) != u64::from_le_bytes(long(&header[32..40])) {
         return None;
     }
-    Some(u64::from_le_bytes(long(&header[16..24])))
+    Some((
+        u64::from_le_bytes(long(&header[16..24])),
+        u64::from_le_bytes(long(&header[24..32])),
+    ))
+}
+
+/// 64 bits from the kernel's random source.
+fn random() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 fn decode(body: &[u8]) -> Option<Entry> {
@@ -369,8 +423,10 @@ mod tests {
         assert_eq!(entries[2], entry("ns/a", 3, &["é🎉".as_bytes()]));
 
         journal.start_over().expect("start over");
-        // As long as the first record before: right behind it lies the second, whole but of
-        // the earlier generation.
+        let (entries, stopped) = journal.entries().expect("read");
+        assert_eq!((entries.len(), stopped), (0, None), "started over: empty");
+        // As long as the first record before: the earlier generation's second lies right
+        // behind it, whole, and is not read (the write's end comes first).
         let next = [
             entry("ns/a", 4, &[b"two", b""]),
             entry("ns/b", 8, &[&[1, 2, 3]]),
@@ -380,10 +436,81 @@ mod tests {
         let journal = Journal::open(&path).expect("reopen");
         let (entries, stopped) = journal.entries().expect("read");
         assert_eq!(entries, next);
+        assert_eq!(stopped, None);
+    }
+
+    /// A client's event data is written into the journal as it was sent, and stays there
+    /// after the journal starts over. However well it imitates a record — the right magic,
+    /// generation and layout, placed exactly where the next record ends — it is not read
+    /// back: the checksum's seed is a secret of the file's.
+    #[test]
+    fn a_record_planted_in_event_data_is_never_read() {
+        let path = temp("forged");
+        let mut journal = Journal::open(&path).expect("open");
+        let planted = entry("ns/a", 100, &[b"FORGED"]);
+        // What the attacker can build: the record as this code would encode it, with every
+        // seed it could guess.
+        let forge = |generation: u64, seed: u64| {
+            let mut body = Vec::new();
+            body.extend_from_slice(&(planted.broker.len() as u16).to_le_bytes());
+            body.extend_from_slice(planted.broker.as_bytes());
+            body.extend_from_slice(&planted.first.to_le_bytes());
+            body.extend_from_slice(&1u32.to_le_bytes());
+            body.extend_from_slice(&6u32.to_le_bytes());
+            body.extend_from_slice(b"FORGED");
+            let mut record = Vec::new();
+            record.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            record.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+            record.extend_from_slice(&generation.to_le_bytes());
+            record.extend_from_slice(&xxh3_64_with_seed(&body, seed).to_le_bytes());
+            record.extend_from_slice(&body);
+            record
+        };
+        // An event carrying forged records for the next generation, at every offset the
+        // next record could end on, with the guessable seeds.
+        let mut data = Vec::new();
+        for seed in [0, 1, 2, 2u64.rotate_left(32)] {
+            data.extend_from_slice(&forge(2, seed));
+        }
+        write(&mut journal, &[entry("ns/a", 1, &[&data])]);
+        journal.start_over().expect("start over");
+        // A short record of the new generation over the start of the earlier one.
+        write(&mut journal, &[entry("ns/a", 2, &[b"x"])]);
+        let (entries, stopped) = journal.entries().expect("read");
+        assert_eq!(entries, [entry("ns/a", 2, &[b"x"])]);
+        assert_eq!(stopped, None);
+        drop(journal);
+        // Nor when the planted bytes sit exactly where reading continues.
+        let journal = Journal::open(&path).expect("open");
+        let forged = forge(journal.generation, 0);
+        journal
+            .file
+            .write_all_at(&forged, HEADER_BYTES)
+            .expect("plant");
+        let (entries, stopped) = journal.entries().expect("read");
+        assert!(entries.is_empty(), "{entries:?}");
         assert_eq!(
             stopped.map(|s| s.why),
-            Some("a record of an earlier generation")
+            Some("a record whose checksum does not match")
         );
+    }
+
+    #[test]
+    fn a_journal_cut_short_is_refused() {
+        let path = temp("cut");
+        let mut journal = Journal::open(&path).expect("open");
+        write(&mut journal, &[entry("ns/a", 1, &[b"kept"])]);
+        drop(journal);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        for len in [700_000, 2000] {
+            file.set_len(len).expect("truncate");
+            let error = Journal::open(&path).expect_err("refused");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+            assert!(error.to_string().contains("cut short"), "{error}");
+        }
     }
 
     #[test]

@@ -35,6 +35,11 @@ const HEADS: TableDefinition<&str, u64> = TableDefinition::new("heads");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 /// A trigger's [`Progress`], encoded by [`Progress::encode`].
 const PROGRESS: TableDefinition<&str, &[u8]> = TableDefinition::new("progress");
+/// Facts about the log itself: [`JOURNAL_GENERATION`].
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The journal generation every synced commit leaves current: a store that has one expects
+/// its journal, and says so when it is gone.
+const JOURNAL_GENERATION: &str = "journal-generation";
 
 /// Most operations folded into one commit.
 const MAX_BATCH: usize = 4096;
@@ -365,12 +370,13 @@ impl RedbLog {
             txn.open_table(HEADS).map_err(storage)?;
             txn.open_table(CURSORS).map_err(storage)?;
             txn.open_table(PROGRESS).map_err(storage)?;
+            txn.open_table(META).map_err(storage)?;
             txn.commit().map_err(storage)?;
         }
         let journal_path = journal_path(path);
         let mut journal = Journal::open(&journal_path).map_err(|error| {
             if error.kind() == std::io::ErrorKind::InvalidData {
-                LogError::Damaged {
+                LogError::JournalDamaged {
                     path: journal_path.clone(),
                     detail: error.to_string(),
                 }
@@ -378,6 +384,12 @@ impl RedbLog {
                 LogError::Storage(format!("{}: {error}", journal_path.display()))
             }
         })?;
+        if journal.created() {
+            let expected = stored_generation(&db).map_err(storage)?;
+            if let Some(generation) = expected {
+                tracing::warn!(journal = %journal_path.display(), generation, "the event log's journal was missing and is new: the events accepted in about the last second before the log was last used, if it did not close cleanly, are lost");
+            }
+        }
         match replay(&db, &mut journal) {
             Ok(0) => {}
             Ok(restored) => {
@@ -978,19 +990,22 @@ fn last_sequence(
 }
 
 /// One round's store transaction: applies every op (appends at the sequences `firsts` gives
-/// them), returns each op's result. `durable`: a synced commit, which makes every earlier
-/// unsynced one durable too; otherwise the events are durable in the journal already.
+/// them), returns each op's result. `synced`: a synced commit, which makes every earlier
+/// unsynced one durable too, recording the journal generation that follows it; otherwise the
+/// events are durable in the journal already.
 fn apply_batch(
     db: &Database,
     batch: &[Op],
     firsts: &[u64],
-    durable: bool,
+    synced: Option<u64>,
 ) -> Result<Vec<u64>, ::redb::Error> {
     let mut results: Vec<u64> = Vec::with_capacity(batch.len());
     let mut txn = db.begin_write()?;
-    if !durable {
-        txn.set_durability(::redb::Durability::None)
-            .map_err(|e| ::redb::Error::Corrupted(e.to_string()))?;
+    match synced {
+        Some(generation) => record_generation(&txn, generation)?,
+        None => txn
+            .set_durability(::redb::Durability::None)
+            .map_err(|e| ::redb::Error::Corrupted(e.to_string()))?,
     }
     {
         let mut events = txn.open_table(EVENTS)?;
@@ -1062,6 +1077,20 @@ fn apply_batch(
     Ok(results)
 }
 
+/// Records in a synced commit the journal generation that follows it.
+fn record_generation(txn: &::redb::WriteTransaction, generation: u64) -> Result<(), ::redb::Error> {
+    txn.open_table(META)?
+        .insert(JOURNAL_GENERATION, generation)?;
+    Ok(())
+}
+
+/// The journal generation the store's last synced commit recorded, if any.
+fn stored_generation(db: &Database) -> Result<Option<u64>, ::redb::Error> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    Ok(meta.get(JOURNAL_GENERATION)?.map(|v| v.value()))
+}
+
 /// Where the journal of the log at `path` lives: beside it.
 fn journal_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -1076,13 +1105,9 @@ fn journal_path(path: &Path) -> PathBuf {
 fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
     let (entries, stopped) = journal.entries().map_err(|e| e.to_string())?;
     if let Some(stopped) = &stopped {
-        // Normal: where the last write before a crash was torn, or where the records of
-        // before the last start-over begin.
-        tracing::debug!(
-            offset = stopped.offset,
-            why = stopped.why,
-            "the journal ends here"
-        );
+        // A journal in order ends at the zeros of an end: this is damage, or a write torn
+        // by a power loss (never answered then).
+        tracing::warn!(journal = %journal.path().display(), offset = stopped.offset, why = stopped.why, "the event log's journal is damaged here: events recorded after this point cannot be restored from it");
     }
     let mut restored = 0u64;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
@@ -1095,8 +1120,11 @@ fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
                 Some(head) => *head,
                 None => last_sequence(&events, &heads, &entry.broker).map_err(|e| e.to_string())?,
             };
-            if entry.first > head + 1 {
-                tracing::warn!(broker = %entry.broker, head, first = entry.first, "the journal continues a broker's log after a gap; restoring its events anyway");
+            if entry.first > head.saturating_add(1) {
+                // Records follow on from the store or from each other; one that does not is
+                // not what this log wrote: nothing from it on is restored.
+                tracing::error!(journal = %journal.path().display(), broker = %entry.broker, head, first = entry.first, "the event log's journal continues a broker's log after a gap; what follows is not restored");
+                break;
             }
             let mut top = head;
             for (i, event) in entry.events.iter().enumerate() {
@@ -1112,6 +1140,7 @@ fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
             last.insert(entry.broker, top);
         }
     }
+    record_generation(&txn, journal.generation() + 1).map_err(|e| e.to_string())?;
     txn.commit().map_err(|e| e.to_string())?;
     journal.start_over().map_err(|e| e.to_string())?;
     Ok(restored)
@@ -1188,7 +1217,8 @@ fn writer(
                 format!("cannot write the journal {}: {e}", journal.path().display())
             })?;
             journaled = true;
-            let results = apply_batch(db, &batch, &firsts, durable).map_err(|e| e.to_string())?;
+            let synced = durable.then(|| journal.generation() + 1);
+            let results = apply_batch(db, &batch, &firsts, synced).map_err(|e| e.to_string())?;
             Ok::<_, String>((firsts, results))
         }))
         .unwrap_or_else(|panic| Err(format!("the store panicked: {}", panic_message(&*panic))))
@@ -1259,10 +1289,14 @@ fn writer(
         }
     }
     // Closed: sync the store, so that the next start has nothing to replay.
+    let generation = journal.generation() + 1;
     let closed = db
         .begin_write()
         .map_err(|e| e.to_string())
-        .and_then(|txn| txn.commit().map_err(|e| e.to_string()))
+        .and_then(|txn| {
+            record_generation(&txn, generation).map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())
+        })
         .and_then(|()| {
             if behind_journal {
                 Ok(())
@@ -1595,12 +1629,21 @@ mod tests {
         // A journal whose header is not one.
         let (path, _) = filled("journal-garbage").await;
         std::fs::write(journal_path(&path), vec![b'j'; 8192]).expect("write");
-        let message = refused(&path);
+        let error = RedbLog::open(&path).expect_err("refused");
+        assert!(
+            matches!(error, LogError::JournalDamaged { .. }),
+            "{error:?}"
+        );
+        let message = error.to_string();
         assert!(
             message.contains("events.redb.journal is damaged"),
             "{message}"
         );
-        assert!(message.contains("move it aside"), "{message}");
+        assert!(message.contains("Move it aside"), "{message}");
+        // Moved aside: the log starts with what the store holds.
+        std::fs::rename(journal_path(&path), path.with_extension("damaged")).expect("move");
+        let log = RedbLog::open(&path).expect("open without the journal");
+        assert_eq!(log.len("ns/b").expect("len"), 50);
     }
 
     #[tokio::test]
