@@ -161,6 +161,9 @@ pub enum Fault {
     ReadPanic = 2,
     /// The writer panics on its next batch.
     WriterPanic = 3,
+    /// The store behaves as after an I/O error (refuses writes until opened again) when the
+    /// writer next checks it.
+    StorePoisoned = 4,
 }
 
 /// A handle to the log; cheap to clone.
@@ -170,7 +173,10 @@ pub struct RedbLog {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    /// The store; `None` while the writer opens it again after an I/O error.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// How often the store was opened again.
+    reopened: std::sync::atomic::AtomicU64,
     path: PathBuf,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -331,37 +337,7 @@ impl RedbLog {
     /// [`RedbLog::open`] with memory settings.
     pub fn open_with(path: &Path, options: RedbOptions) -> Result<Self, LogError> {
         owner_only_file(path)?;
-        let repaired = Arc::new(AtomicBool::new(false));
-        let db = {
-            let repaired = repaired.clone();
-            // redb checks every page's checksum on open, which reads the whole file once: a
-            // file damaged outside redb is refused here instead of panicking a trigger later.
-            // Debug builds of redb panic on some impossible states instead of returning
-            // `Corrupted`, hence the catch.
-            let opened = catch_unwind(AssertUnwindSafe(|| {
-                Builder::new()
-                    .set_check_integrity_on_open(true)
-                    .set_cache_size(options.cache_bytes)
-                    .set_repair_callback(move |_| repaired.store(true, Ordering::Relaxed))
-                    .create(path)
-            }));
-            match opened {
-                Ok(Ok(db)) => db,
-                Ok(Err(error)) => return Err(open_error(path, error)),
-                Err(panic) => {
-                    return Err(LogError::Damaged {
-                        path: path.to_path_buf(),
-                        detail: format!(
-                            "the store panicked reading it: {}",
-                            panic_message(&*panic)
-                        ),
-                    });
-                }
-            }
-        };
-        if repaired.load(Ordering::Relaxed) {
-            tracing::warn!(path = %path.display(), "the event log was not closed cleanly or was damaged, and has been repaired to its last intact commit");
-        }
+        let db = open_store(path, options.cache_bytes)?;
         let db = Arc::new(db);
         {
             // Create the tables so that readers never meet a missing one.
@@ -403,9 +379,11 @@ impl RedbLog {
             }
         }
         let sync_interval = options.sync_interval;
+        let store = (path.to_path_buf(), options.cache_bytes);
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
-            db: db.clone(),
+            db: std::sync::RwLock::new(Some(db.clone())),
+            reopened: std::sync::atomic::AtomicU64::new(0),
             path: path.to_path_buf(),
             ops: Mutex::new(Some(tx)),
             writer: Mutex::default(),
@@ -428,7 +406,7 @@ impl RedbLog {
                 // The writer survives a panic in a batch (see `writer`); this catches anything
                 // else, so that a dead writer is reported instead of leaving appends hanging.
                 let died = catch_unwind(AssertUnwindSafe(|| {
-                    writer(&db, journal, sync_interval, &rx, &weak)
+                    writer(db, &store, journal, sync_interval, &rx, &weak)
                 }));
                 if let Err(panic) = died {
                     let why = format!("panicked: {}", panic_message(&*panic));
@@ -520,6 +498,24 @@ impl RedbLog {
         ))
     }
 
+    /// The store, unless it is being opened again after an I/O error.
+    fn db(&self) -> Result<Arc<Database>, LogError> {
+        self.inner
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                LogError::Unavailable("the store is being opened again after an I/O error".into())
+            })
+    }
+
+    /// How often the store was opened again after an I/O error.
+    #[doc(hidden)]
+    pub fn reopened(&self) -> u64 {
+        self.inner.reopened.load(Ordering::Relaxed)
+    }
+
     #[doc(hidden)]
     pub fn inject_fault(&self, fault: Fault) {
         self.inner.fault.store(fault as u8, Ordering::Relaxed);
@@ -571,7 +567,7 @@ impl RedbLog {
             2 => panic!("injected read panic"),
             _ => {}
         }
-        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let table = txn.open_table(EVENTS).map_err(storage)?;
         let range = table
             .range((broker, after.saturating_add(1))..=(broker, u64::MAX))
@@ -612,7 +608,7 @@ impl RedbLog {
     }
 
     fn stored_head(&self, broker: &str) -> Result<u64, LogError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let events = txn.open_table(EVENTS).map_err(storage)?;
         let heads = txn.open_table(HEADS).map_err(storage)?;
         last_sequence(&events, &heads, broker).map_err(storage)
@@ -625,7 +621,7 @@ impl RedbLog {
 
     /// A trigger's stored progress.
     pub fn progress(&self, trigger: &str) -> Result<Option<Progress>, LogError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let table = txn.open_table(PROGRESS).map_err(storage)?;
         if let Some(value) = table.get(trigger).map_err(storage)? {
             return Progress::decode(value.value()).map(Some).ok_or_else(|| {
@@ -641,7 +637,7 @@ impl RedbLog {
 
     /// Events stored for `broker` right now.
     pub fn len(&self, broker: &str) -> Result<u64, LogError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let table = txn.open_table(EVENTS).map_err(storage)?;
         let count = table
             .range((broker, 0)..=(broker, u64::MAX))
@@ -1091,6 +1087,90 @@ fn stored_generation(db: &Database) -> Result<Option<u64>, ::redb::Error> {
     Ok(meta.get(JOURNAL_GENERATION)?.map(|v| v.value()))
 }
 
+/// Opens (or creates) the store at `path`, checking every page; a file redb repaired to its
+/// last intact commit is said so.
+fn open_store(path: &Path, cache_bytes: usize) -> Result<Database, LogError> {
+    let repaired = Arc::new(AtomicBool::new(false));
+    let db = {
+        let repaired = repaired.clone();
+        // redb checks every page's checksum on open, which reads the whole file once: a file
+        // damaged outside redb is refused here instead of panicking a trigger later. Debug
+        // builds of redb panic on some impossible states instead of returning `Corrupted`,
+        // hence the catch.
+        let opened = catch_unwind(AssertUnwindSafe(|| {
+            Builder::new()
+                .set_check_integrity_on_open(true)
+                .set_cache_size(cache_bytes)
+                .set_repair_callback(move |_| repaired.store(true, Ordering::Relaxed))
+                .create(path)
+        }));
+        match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(error)) => return Err(open_error(path, error)),
+            Err(panic) => {
+                return Err(LogError::Damaged {
+                    path: path.to_path_buf(),
+                    detail: format!("the store panicked reading it: {}", panic_message(&*panic)),
+                });
+            }
+        }
+    };
+    if repaired.load(Ordering::Relaxed) {
+        tracing::warn!(path = %path.display(), "the event log was not closed cleanly or was damaged, and has been repaired to its last intact commit");
+    }
+    Ok(db)
+}
+
+/// Whether the store refuses all writes since an I/O error (redb's "previous I/O error":
+/// only a new handle on the file writes again).
+fn poisoned(db: &Database) -> bool {
+    use ::redb::{CommitError, TransactionError};
+    match db.begin_write() {
+        Err(TransactionError::Storage(StorageError::PreviousIo)) => true,
+        Err(_) => false,
+        Ok(mut txn) => {
+            let _ = txn.set_durability(::redb::Durability::None);
+            matches!(
+                txn.commit(),
+                Err(CommitError::Storage(StorageError::PreviousIo))
+            )
+        }
+    }
+}
+
+/// Closes the store and opens it again: readers are told it is unavailable meanwhile, and the
+/// file is opened once every handle on it is gone (a reader's lasts a read).
+fn reopen_store(
+    inner: &std::sync::Weak<Inner>,
+    db: &mut Option<Arc<Database>>,
+    path: &Path,
+    cache_bytes: usize,
+) -> Result<(), String> {
+    if let Some(alive) = inner.upgrade() {
+        *alive.db.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+    db.take();
+    let mut waited = std::time::Duration::ZERO;
+    let store = loop {
+        match open_store(path, cache_bytes) {
+            Ok(store) => break store,
+            Err(LogError::InUse(_)) if waited < std::time::Duration::from_secs(5) => {
+                // A read still holds the old handle.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                waited += std::time::Duration::from_millis(10);
+            }
+            Err(error) => return Err(format!("cannot open the store again: {error}")),
+        }
+    };
+    let store = Arc::new(store);
+    if let Some(alive) = inner.upgrade() {
+        *alive.db.write().unwrap_or_else(PoisonError::into_inner) = Some(store.clone());
+        alive.reopened.fetch_add(1, Ordering::Relaxed);
+    }
+    *db = Some(store);
+    Ok(())
+}
+
 /// Where the journal of the log at `path` lives: beside it.
 fn journal_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -1146,20 +1226,14 @@ fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
     Ok(restored)
 }
 
-/// Why a round failed, and whether its events reached the journal (then the store must be
-/// brought up to the journal before anything else is written).
-struct RoundFailed {
-    why: String,
-    journaled: bool,
-}
-
 /// The writer thread: drains the queue into one round at a time — the appends' events into
 /// the journal (one write, one flush), then every op into one store transaction — and
 /// answers the round's waiters. A round that fails — an error or a panic inside the store —
 /// answers each of its waiters with the reason and the writer goes on with the next round
 /// (after bringing the store up to the journal), so a transient failure heals by itself.
 fn writer(
-    db: &Database,
+    store: Arc<Database>,
+    (path, cache_bytes): &(PathBuf, usize),
     mut journal: Journal,
     sync_interval: std::time::Duration,
     rx: &mpsc::Receiver<Op>,
@@ -1169,6 +1243,7 @@ fn writer(
     let mut heads: HashMap<String, u64> = HashMap::new();
     let mut synced_at = std::time::Instant::now();
     let mut behind_journal = false;
+    let mut store = Some(store);
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -1177,6 +1252,31 @@ fn writer(
                 Err(_) => break,
             }
         }
+        if behind_journal {
+            // After an I/O error redb refuses every write until the file is opened again.
+            let injected = inner.upgrade().is_some_and(|i| {
+                i.fault
+                    .compare_exchange(
+                        Fault::StorePoisoned as u8,
+                        Fault::None as u8,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+            });
+            if store.is_none() || injected || store.as_deref().is_some_and(poisoned) {
+                tracing::warn!(path = %path.display(), "the event log's store refuses writes since an I/O error; opening it again");
+                if let Err(why) = reopen_store(inner, &mut store, path, *cache_bytes) {
+                    fail_round(inner, batch, &why);
+                    continue;
+                }
+            }
+        }
+        let Some(db) = store.clone() else {
+            fail_round(inner, batch, "the store is not open");
+            continue;
+        };
+        let db = &*db;
         if behind_journal {
             match catch_unwind(AssertUnwindSafe(|| replay(db, &mut journal))).unwrap_or_else(
                 |panic| Err(format!("the store panicked: {}", panic_message(&*panic))),
@@ -1198,7 +1298,6 @@ fn writer(
         let durable = synced_at.elapsed() >= sync_interval
             || journal.written() >= journal::CHECKPOINT_BYTES
             || batch.iter().any(|op| matches!(op, Op::Cursors { .. }));
-        let mut journaled = false;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             if inject {
                 panic!("injected writer panic");
@@ -1216,13 +1315,11 @@ fn writer(
             journal.append(appends).map_err(|e| {
                 format!("cannot write the journal {}: {e}", journal.path().display())
             })?;
-            journaled = true;
             let synced = durable.then(|| journal.generation() + 1);
             let results = apply_batch(db, &batch, &firsts, synced).map_err(|e| e.to_string())?;
             Ok::<_, String>((firsts, results))
         }))
-        .unwrap_or_else(|panic| Err(format!("the store panicked: {}", panic_message(&*panic))))
-        .map_err(|why| RoundFailed { why, journaled });
+        .unwrap_or_else(|panic| Err(format!("the store panicked: {}", panic_message(&*panic))));
         let alive = inner.upgrade();
         match outcome {
             Ok((firsts, results)) => {
@@ -1277,22 +1374,25 @@ fn writer(
                     let _ = done.send(Ok(result));
                 }
             }
-            Err(RoundFailed { why, journaled }) => {
+            Err(why) => {
                 // The store's transaction was rolled back: forget the sequences it gave out.
                 // Events already in the journal reach the store before the next round (their
                 // appends are answered with the error, so a client may send them again: at
                 // least once, as every failure of the log).
                 heads.clear();
-                behind_journal |= journaled;
+                // The store is brought up to the journal before the next round (which also
+                // finds out whether it must be opened again): replaying changes nothing the
+                // store has already.
+                behind_journal = true;
                 fail_round(inner, batch, &why);
             }
         }
     }
     // Closed: sync the store, so that the next start has nothing to replay.
     let generation = journal.generation() + 1;
-    let closed = db
-        .begin_write()
-        .map_err(|e| e.to_string())
+    let closed = store
+        .ok_or_else(|| "the store is not open".to_string())
+        .and_then(|store| store.begin_write().map_err(|e| e.to_string()))
         .and_then(|txn| {
             record_generation(&txn, generation).map_err(|e| e.to_string())?;
             txn.commit().map_err(|e| e.to_string())
@@ -1451,7 +1551,7 @@ mod tests {
             }
             // Nothing recorded in the heads table: the head is the last event's sequence.
             {
-                let txn = log.inner.db.begin_read().expect("read");
+                let txn = log.db().expect("store").begin_read().expect("read");
                 let heads = txn.open_table(HEADS).expect("heads");
                 assert!(heads.get("ns/b").expect("get").is_none());
             }
@@ -1694,6 +1794,38 @@ mod tests {
         log.close();
         let error = log.append("ns/b", vec![]).await.expect_err("closed");
         assert!(matches!(error, LogError::Closed), "{error:?}");
+    }
+
+    /// After an I/O error redb refuses every write until the file is opened again (found
+    /// from outside: a full disk, then space again, and every post was 503 until a restart).
+    #[tokio::test]
+    async fn a_store_that_refuses_writes_after_an_io_error_is_opened_again() {
+        let log = RedbLog::open(&temp("reopen-store")).expect("open");
+        assert_eq!(
+            log.append("ns/b", vec![b"a".to_vec()])
+                .await
+                .expect("append"),
+            1
+        );
+        // A round fails (as the I/O error fails one); the store then refuses writes.
+        log.inject_fault(Fault::WriterPanic);
+        log.append("ns/b", vec![b"lost".to_vec()])
+            .await
+            .expect_err("the round failed");
+        log.inject_fault(Fault::StorePoisoned);
+        assert_eq!(
+            log.append("ns/b", vec![b"b".to_vec()])
+                .await
+                .expect("stored once the store is open again"),
+            2
+        );
+        assert_eq!(log.reopened(), 1);
+        assert_eq!(
+            log.read("ns/b", 0, 10).expect("read"),
+            [(1, Bytes::from("a")), (2, Bytes::from("b"))]
+        );
+        assert_eq!(log.problem(), None);
+        log.close();
     }
 
     #[test]
