@@ -981,6 +981,42 @@ fn one_trigger(to: SocketAddr) -> EventingState {
 }
 
 /// A broker's `mecha_request_body_bytes_in_use`.
+/// A fresh directory for a test's logs and a control plane with one broker and one trigger to
+/// `subscriber`, serving while this lives; the directory goes with it.
+struct OneTrigger {
+    dir: std::path::PathBuf,
+    token: AdminToken,
+    control_addr: SocketAddr,
+    _control: ControlPlane,
+}
+
+impl OneTrigger {
+    async fn new(name: &str, subscriber: SocketAddr) -> Self {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = AdminToken::generate().unwrap();
+        let (control_addr, control) = control_plane(&token, one_trigger(subscriber)).await;
+        Self {
+            dir,
+            token,
+            control_addr,
+            _control: control,
+        }
+    }
+
+    /// A broker with `env`, its log `{log}.redb` in the directory.
+    fn broker(&self, log: &str, env: &[(&str, &str)]) -> Broker {
+        let log = self.dir.join(format!("{log}.redb"));
+        Broker::start_with(log.to_str().unwrap(), self.control_addr, &self.token, env)
+    }
+}
+
+impl Drop for OneTrigger {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 async fn bytes_in_use(client: &HttpClient, broker: &Broker) -> u64 {
     metric(client, broker, "mecha_request_body_bytes_in_use").await
 }
@@ -1027,11 +1063,9 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
     const BUDGET: u64 = 8 << 20;
     // What besides the budget may grow: connection buffers and tasks, the allocator's slack.
     const MARGIN: u64 = 16 << 20;
-    let dir = std::env::temp_dir().join(format!("mecha-budget-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (subscriber_addr, seen) = raw_subscriber().await;
-    let token = AdminToken::generate().unwrap();
-    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let setup = OneTrigger::new("mecha-budget", subscriber_addr).await;
+    let (dir, token, control_addr) = (&setup.dir, &setup.token, setup.control_addr);
     let client = client();
 
     let mut growth = Vec::new();
@@ -1040,7 +1074,7 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
         let broker = Broker::start_with(
             log.to_str().unwrap(),
             control_addr,
-            &token,
+            token,
             &[("BROKER_BODY_BUDGET", &budget.to_string())],
         );
         ready(&client, &broker).await;
@@ -1169,7 +1203,6 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
         "with an 8 MiB budget: +{} MiB",
         growth[1] >> 20
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A body that trickles in (a byte every 200 ms, never pausing long enough for the 1 s pause
@@ -1179,17 +1212,11 @@ async fn slow_bodies_hold_no_more_memory_than_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
     use test_support::hostile::PartialBody;
-    let dir = std::env::temp_dir().join(format!("mecha-trickle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (subscriber_addr, _seen) = subscriber().await;
-    let token = AdminToken::generate().unwrap();
-    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let setup = OneTrigger::new("mecha-trickle", subscriber_addr).await;
     let client = client();
-    let log = dir.join("events.redb");
-    let broker = Broker::start_with(
-        log.to_str().unwrap(),
-        control_addr,
-        &token,
+    let broker = setup.broker(
+        "events",
         &[
             ("BROKER_MAX_EVENT_SIZE", "65536"),
             ("BROKER_BODY_BUDGET", "65536"),
@@ -1286,7 +1313,6 @@ async fn a_trickling_body_holds_its_budget_until_the_body_timeout() {
         post(&client, broker.ingress, "after-leaving", "t").await,
         Some(202)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One response as it came off a connection.
@@ -1402,17 +1428,11 @@ fn event(id: &str, data: &[u8], extra: &str) -> Vec<u8> {
 async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
     use test_support::hostile::PartialBody;
     use tokio::io::AsyncWriteExt;
-    let dir = std::env::temp_dir().join(format!("mecha-fast-ingress-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (subscriber_addr, seen) = raw_subscriber().await;
-    let token = AdminToken::generate().unwrap();
-    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let setup = OneTrigger::new("mecha-fast-ingress", subscriber_addr).await;
     let client = client();
-    let log = dir.join("events.redb");
-    let broker = Broker::start_with(
-        log.to_str().unwrap(),
-        control_addr,
-        &token,
+    let broker = setup.broker(
+        "events",
         &[
             ("BROKER_MAX_EVENT_SIZE", "65536"),
             ("BROKER_BODY_TIMEOUT", "2s"),
@@ -1590,7 +1610,6 @@ async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
             || s.header("ce-id") == Some(&b"trickler"[..])),
         "a refused event was delivered"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A client pausing in the middle of its body counts as idle for the connection limit, on the
@@ -1599,17 +1618,11 @@ async fn the_ingress_reads_whole_bodies_on_the_fast_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_body_makes_room_at_the_connection_limit() {
     use test_support::hostile::PartialBody;
-    let dir = std::env::temp_dir().join(format!("mecha-paused-room-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (subscriber_addr, _seen) = subscriber().await;
-    let token = AdminToken::generate().unwrap();
-    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let setup = OneTrigger::new("mecha-paused-room", subscriber_addr).await;
     let client = client();
-    let log = dir.join("events.redb");
-    let broker = Broker::start_with(
-        log.to_str().unwrap(),
-        control_addr,
-        &token,
+    let broker = setup.broker(
+        "events",
         &[
             ("BROKER_MAX_EVENT_SIZE", "65536"),
             ("SIDECAR_MAX_CONNECTIONS", "2"),
@@ -1639,7 +1652,6 @@ async fn a_paused_body_makes_room_at_the_connection_limit() {
     in_use_until(&client, &broker, "one body left", |n| n > 0 && n < 60_000).await;
     drop(pausers);
     in_use_until(&client, &broker, "every body gone", |n| n == 0).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// SIGTERM while a body is arriving on the fast path: the request is finished (202, its event
@@ -1647,14 +1659,12 @@ async fn a_paused_body_makes_room_at_the_connection_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_arriving_at_sigterm_is_finished_and_its_connection_closed() {
     use tokio::io::AsyncWriteExt;
-    let dir = std::env::temp_dir().join(format!("mecha-fast-drain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (subscriber_addr, seen) = raw_subscriber().await;
-    let token = AdminToken::generate().unwrap();
-    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let setup = OneTrigger::new("mecha-fast-drain", subscriber_addr).await;
+    let (dir, token, control_addr) = (&setup.dir, &setup.token, setup.control_addr);
     let client = client();
     let log = dir.join("events.redb");
-    let mut broker = Broker::start(log.to_str().unwrap(), control_addr, &token);
+    let mut broker = Broker::start(log.to_str().unwrap(), control_addr, token);
     ready(&client, &broker).await;
     let data = vec![b'd'; 20_000];
     let request = event("draining", &data, "");
@@ -1678,7 +1688,6 @@ async fn a_body_arriving_at_sigterm_is_finished_and_its_connection_closed() {
     })
     .await;
     assert!(broker.exited(Duration::from_secs(30)).await.success());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Waits until the broker's `/ready` stops answering 200.
@@ -1694,18 +1703,16 @@ async fn until_not_ready(client: &HttpClient, broker: &Broker) {
 /// the same status, headers and body, valid or not, whichever the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_path_and_hyper_answer_the_ingress_alike() {
-    let dir = std::env::temp_dir().join(format!("mecha-ingress-diff-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (subscriber_addr, _seen) = subscriber().await;
-    let token = AdminToken::generate().unwrap();
-    let (control_addr, _control) = control_plane(&token, one_trigger(subscriber_addr)).await;
+    let setup = OneTrigger::new("mecha-ingress-diff", subscriber_addr).await;
+    let (dir, token, control_addr) = (&setup.dir, &setup.token, setup.control_addr);
     let client = client();
     let start = |name: &str, fast: &str| {
         let log = dir.join(format!("{name}.redb"));
         Broker::start_with(
             log.to_str().unwrap(),
             control_addr,
-            &token,
+            token,
             &[
                 ("SIDECAR_FAST_PATH", fast),
                 ("BROKER_MAX_EVENT_SIZE", "65536"),
@@ -1810,7 +1817,6 @@ async fn the_fast_path_and_hyper_answer_the_ingress_alike() {
             "{name}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--help` lists every setting; a missing or bad one stops the binary with status 2 and a
