@@ -367,8 +367,8 @@ impl RedbLog {
             }
         }
         match replay(&db, &mut journal) {
-            Ok(0) => {}
-            Ok(restored) => {
+            Ok((0, _)) => {}
+            Ok((restored, _)) => {
                 tracing::info!(path = %journal_path.display(), restored, "events the store had not synced were restored from the journal");
             }
             Err(error) => {
@@ -1180,9 +1180,9 @@ fn journal_path(path: &Path) -> PathBuf {
 
 /// Applies what the journal holds beyond the store's last synced commit (after a crash, or
 /// after a round whose store commit failed), syncs the store and starts the journal over.
-/// Returns how many events it restored. Records the store has already are skipped, so
-/// replaying twice changes nothing.
-fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
+/// Returns how many events it restored, and the last sequence of each broker it restored
+/// events of. Records the store has already are skipped, so replaying twice changes nothing.
+fn replay(db: &Database, journal: &mut Journal) -> Result<(u64, HashMap<String, u64>), String> {
     let (entries, stopped) = journal.entries().map_err(|e| e.to_string())?;
     if let Some(stopped) = &stopped {
         // A journal in order ends at the zeros of an end: this is damage, or a write torn
@@ -1190,6 +1190,7 @@ fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
         tracing::warn!(journal = %journal.path().display(), offset = stopped.offset, why = stopped.why, "the event log's journal is damaged here: events recorded after this point cannot be restored from it");
     }
     let mut restored = 0u64;
+    let mut restored_heads: HashMap<String, u64> = HashMap::new();
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut events = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
@@ -1214,6 +1215,7 @@ fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
                         .insert((entry.broker.as_str(), seq), event.as_slice())
                         .map_err(|e| e.to_string())?;
                     restored += 1;
+                    restored_heads.insert(entry.broker.clone(), seq);
                 }
                 top = top.max(seq);
             }
@@ -1223,7 +1225,7 @@ fn replay(db: &Database, journal: &mut Journal) -> Result<u64, String> {
     record_generation(&txn, journal.generation() + 1).map_err(|e| e.to_string())?;
     txn.commit().map_err(|e| e.to_string())?;
     journal.start_over().map_err(|e| e.to_string())?;
-    Ok(restored)
+    Ok((restored, restored_heads))
 }
 
 /// The writer thread: drains the queue into one round at a time — the appends' events into
@@ -1281,10 +1283,16 @@ fn writer(
             match catch_unwind(AssertUnwindSafe(|| replay(db, &mut journal))).unwrap_or_else(
                 |panic| Err(format!("the store panicked: {}", panic_message(&*panic))),
             ) {
-                Ok(restored) => {
+                Ok((restored, restored_heads)) => {
                     tracing::info!(restored, "the store caught up with the journal");
                     behind_journal = false;
                     synced_at = std::time::Instant::now();
+                    // Triggers learn of restored events as of appended ones.
+                    if let Some(inner) = inner.upgrade() {
+                        for (broker, head) in &restored_heads {
+                            publish(&inner, broker, *head);
+                        }
+                    }
                 }
                 Err(why) => {
                     fail_round(inner, batch, &format!("cannot restore the journal: {why}"));
