@@ -117,9 +117,13 @@ impl Journal {
             offset: HEADER_BYTES,
             buf: Vec::new(),
         };
-        if len == 0 {
-            // New: its blocks first, then its header, so that a journal with a header always
-            // has its full length.
+        let mut header = [0u8; HEADER_LEN];
+        let start = usize::try_from(len).map_or(HEADER_LEN, |len| len.min(HEADER_LEN));
+        journal.file.read_exact_at(&mut header[..start], 0)?;
+        if header.iter().all(|b| *b == 0) {
+            // New, or its creation stopped before the header (a full disk, a kill): records
+            // are only ever written behind a header, so it holds none. Its blocks first,
+            // then its header, so that a journal with a header always has its full length.
             journal.created = true;
             journal.preallocate()?;
             journal.generation = 1;
@@ -129,10 +133,8 @@ impl Journal {
         }
         let damaged = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
         if len < HEADER_BYTES {
-            return Err(damaged(format!("it is cut short ({len} bytes, no header)")));
+            return Err(damaged(format!("it is cut short ({len} bytes)")));
         }
-        let mut header = [0u8; HEADER_LEN];
-        journal.file.read_exact_at(&mut header, 0)?;
         (journal.generation, journal.salt) = parse_header(&header).ok_or_else(|| {
             damaged("it is not a Mecha event log journal, or its header is damaged".into())
         })?;
@@ -265,18 +267,21 @@ impl Journal {
     /// Starts over once the store holds everything durably: a new generation, so that the
     /// records written so far are no longer read. A file grown past its preallocated length
     /// by a large round is cut back.
+    ///
+    /// The new header goes first: until it is on disk nothing changes (on an error the caller
+    /// must not append before a later start-over succeeds — the header may or may not have
+    /// reached the disk). Once it is, the earlier records are of another generation, and an
+    /// end where the first record goes keeps them from being read as damage.
     pub fn start_over(&mut self) -> io::Result<()> {
+        let (generation, salt) = (self.generation + 1, random()?);
+        write_header(&self.file, generation, salt)?;
+        (self.generation, self.salt, self.offset) = (generation, salt, HEADER_BYTES);
+        self.file
+            .write_all_at(&[0u8; RECORD_HEADER], HEADER_BYTES)?;
         if self.file.metadata()?.len() > 2 * PREALLOCATED_BYTES {
             self.file.set_len(PREALLOCATED_BYTES)?;
             self.file.sync_all()?;
         }
-        // An end where the first record goes, then the header that makes it current.
-        self.file
-            .write_all_at(&[0u8; RECORD_HEADER], HEADER_BYTES)?;
-        self.generation += 1;
-        self.salt = random()?;
-        self.write_header()?;
-        self.offset = HEADER_BYTES;
         Ok(())
     }
 
@@ -286,14 +291,7 @@ impl Journal {
     }
 
     fn write_header(&self) -> io::Result<()> {
-        let mut header = [0u8; HEADER_LEN];
-        header[..16].copy_from_slice(MAGIC);
-        header[16..24].copy_from_slice(&self.generation.to_le_bytes());
-        header[24..32].copy_from_slice(&self.salt.to_le_bytes());
-        let hash = xxh3_64_with_seed(&header[..32], 0);
-        header[32..40].copy_from_slice(&hash.to_le_bytes());
-        self.file.write_all_at(&header, 0)?;
-        self.file.sync_data()
+        write_header(&self.file, self.generation, self.salt)
     }
 
     /// Writes zeros up to [`PREALLOCATED_BYTES`] once, so that later writes overwrite
@@ -309,6 +307,17 @@ impl Journal {
         // The length is metadata: a full sync, once.
         self.file.sync_all()
     }
+}
+
+fn write_header(file: &File, generation: u64, salt: u64) -> io::Result<()> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..16].copy_from_slice(MAGIC);
+    header[16..24].copy_from_slice(&generation.to_le_bytes());
+    header[24..32].copy_from_slice(&salt.to_le_bytes());
+    let hash = xxh3_64_with_seed(&header[..32], 0);
+    header[32..40].copy_from_slice(&hash.to_le_bytes());
+    file.write_all_at(&header, 0)?;
+    file.sync_data()
 }
 
 fn parse_header(header: &[u8; HEADER_LEN]) -> Option<(u64, u64)> {
@@ -493,6 +502,23 @@ mod tests {
             stopped.map(|s| s.why),
             Some("a record whose checksum does not match")
         );
+    }
+
+    /// Creation stopped before the header (a full disk during the first start): no record
+    /// was ever written, so the next start makes it anew instead of refusing it.
+    #[test]
+    fn a_journal_whose_creation_stopped_is_made_anew() {
+        let path = temp("unfinished");
+        for len in [0, 100, 4096, 4_169_728] {
+            std::fs::write(&path, vec![0u8; len]).expect("write");
+            let mut journal = Journal::open(&path).expect("made anew");
+            assert!(journal.created());
+            write(&mut journal, &[entry("ns/a", 1, &[b"x"])]);
+            drop(journal);
+            let journal = Journal::open(&path).expect("reopen");
+            assert!(!journal.created());
+            assert_eq!(journal.entries().expect("read").0.len(), 1);
+        }
     }
 
     #[test]

@@ -1246,6 +1246,9 @@ fn writer(
     let mut synced_at = std::time::Instant::now();
     let mut behind_journal = false;
     let mut store = Some(store);
+    // After a failed recovery: when to try again, and why the last try failed.
+    let mut retry: Option<(std::time::Instant, String)> = None;
+    let mut backoff = RECOVERY_BACKOFF;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -1253,6 +1256,15 @@ fn writer(
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
+        }
+        if behind_journal
+            && let Some((at, why)) = &retry
+            && std::time::Instant::now() < *at
+        {
+            // Recovering failed a moment ago: refused at once, quietly (the failure is logged
+            // and reported once per attempt, not once per request).
+            refuse_round(batch, why);
+            continue;
         }
         if behind_journal {
             // After an I/O error redb refuses every write until the file is opened again.
@@ -1270,6 +1282,8 @@ fn writer(
                 tracing::warn!(path = %path.display(), "the event log's store refuses writes since an I/O error; opening it again");
                 if let Err(why) = reopen_store(inner, &mut store, path, *cache_bytes) {
                     fail_round(inner, batch, &why);
+                    retry = Some((std::time::Instant::now() + backoff, why));
+                    backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
                     continue;
                 }
             }
@@ -1286,6 +1300,8 @@ fn writer(
                 Ok((restored, restored_heads)) => {
                     tracing::info!(restored, "the store caught up with the journal");
                     behind_journal = false;
+                    retry = None;
+                    backoff = RECOVERY_BACKOFF;
                     synced_at = std::time::Instant::now();
                     // Triggers learn of restored events as of appended ones.
                     if let Some(inner) = inner.upgrade() {
@@ -1295,7 +1311,10 @@ fn writer(
                     }
                 }
                 Err(why) => {
-                    fail_round(inner, batch, &format!("cannot restore the journal: {why}"));
+                    let why = format!("cannot restore the journal: {why}");
+                    fail_round(inner, batch, &why);
+                    retry = Some((std::time::Instant::now() + backoff, why));
+                    backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
                     continue;
                 }
             }
@@ -1334,9 +1353,11 @@ fn writer(
                 if durable {
                     synced_at = std::time::Instant::now();
                     if let Err(error) = journal.start_over() {
-                        // The journal keeps its records and goes on after them: nothing is
-                        // lost, it only grows until a later start-over succeeds.
+                        // The store holds everything, but whether the journal's new header
+                        // reached the disk is unknown: nothing is appended before the
+                        // recovery has started it over.
                         tracing::warn!(%error, "cannot start the journal over");
+                        behind_journal = true;
                     }
                 }
                 let mut answers = Vec::with_capacity(batch.len());
@@ -1445,16 +1466,27 @@ fn sequences(
     Ok(firsts)
 }
 
+/// The first wait before recovering the log again after recovering failed; doubled after each
+/// failure up to [`RECOVERY_BACKOFF_MAX`]. Opening the store again reads all of it, so a disk
+/// that stays full must not make every request pay that.
+const RECOVERY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+const RECOVERY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers every op of `batch` with `why` without logging it again.
+fn refuse_round(batch: Vec<Op>, why: &str) {
+    for op in batch {
+        let (Op::Append { done, .. } | Op::Cursors { done, .. }) = op;
+        let _ = done.send(Err(why.to_string()));
+    }
+}
+
 /// Answers every op of a failed round with `why`, and reports it.
 fn fail_round(inner: &std::sync::Weak<Inner>, batch: Vec<Op>, why: &str) {
     tracing::error!(error = %why, "event log commit failed");
     if let Some(inner) = inner.upgrade() {
         lock(&inner.problems).insert("write".into(), format!("cannot write: {why}"));
     }
-    for op in batch {
-        let (Op::Append { done, .. } | Op::Cursors { done, .. }) = op;
-        let _ = done.send(Err(why.to_string()));
-    }
+    refuse_round(batch, why);
 }
 
 #[cfg(test)]
