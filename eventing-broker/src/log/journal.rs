@@ -1,7 +1,7 @@
 //! The embedded log's journal: where appended events are made durable.
 //!
-//! A group commit writes its events here — one contiguous write into a file whose blocks are
-//! already allocated, then one `fdatasync` — and only then answers the appends. The events
+//! A group commit writes its events here — one contiguous `O_DSYNC` write into a file whose
+//! blocks are already allocated, on disk when it returns — and only then answers the appends. The events
 //! are applied to the redb store as well, in a commit that is not synced; a synced store
 //! commit (a checkpoint of the store, every few megabytes of journal, every second under
 //! load, and with every cursor update) makes everything before it durable there, after which
@@ -33,7 +33,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// Where records begin; the header takes the first block.
 pub const HEADER_BYTES: u64 = 4096;
 /// The journal file is kept at least this long, its blocks written once: overwriting
-/// allocated blocks lets `fdatasync` flush data alone, without a journal commit of the file
+/// allocated blocks lets the flush write data alone, without a journal commit of the file
 /// system (measured on this project's machines: 100 µs against 180 µs for an append).
 pub const PREALLOCATED_BYTES: u64 = 8 << 20;
 /// Past this many bytes of records the next round checkpoints the store and starts over, so
@@ -56,8 +56,8 @@ pub struct Entry {
     pub events: Vec<Vec<u8>>,
 }
 
-/// Why reading the journal stopped before its end of file: normal after a crash (a torn last
-/// write) or after starting over (the previous generation's records follow).
+/// Why reading the journal stopped somewhere other than the zeros of an end: damage, or a
+/// write torn by a power loss (which was never answered).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stopped {
     pub offset: u64,
