@@ -34,6 +34,15 @@ pub mod redb;
 
 pub use self::redb::{Fault, Progress, RedbLog, RedbOptions};
 
+/// `file` in a fresh directory of its own for a unit test named `name`.
+#[cfg(test)]
+pub(crate) fn temp_file(name: &str, file: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mecha-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(file)
+}
+
 /// What every log operation returns: boxed, so that the trait stays usable as `dyn EventLog`.
 pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LogError>> + Send + 'a>>;
 

@@ -163,13 +163,19 @@ struct Stamp {
 #[derive(Debug, Clone)]
 pub struct Refusals(IntCounterVec);
 
+/// Fills `bytes` from the kernel's random source: the admin token, the event log journal's
+/// checksum salt.
+pub fn random_bytes(bytes: &mut [u8]) -> io::Result<()> {
+    File::open("/dev/urandom")?.read_exact(bytes)
+}
+
 // === impl AdminToken ===
 
 impl AdminToken {
     /// A new token from the kernel's random source, hex-encoded.
     pub fn generate() -> io::Result<Self> {
         let mut bytes = [0u8; TOKEN_BYTES];
-        File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        random_bytes(&mut bytes)?;
         let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         Ok(Self(text.into()))
     }

@@ -9,17 +9,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Resident memory of process `pid` (`VmRSS` in `/proc/PID/status`), in bytes.
-/// The most `pid` holds resident while `over` passes, read every 20 ms.
-pub async fn peak_resident(pid: u32, over: Duration) -> u64 {
-    let mut peak = resident(pid);
-    let until = Instant::now() + over;
-    while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        peak = peak.max(resident(pid));
-    }
-    peak
-}
-
 pub fn resident(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status

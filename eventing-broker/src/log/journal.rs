@@ -336,7 +336,7 @@ fn parse_header(header: &[u8; HEADER_LEN]) -> Option<(u64, u64)> {
 /// 64 bits from the kernel's random source.
 fn random() -> io::Result<u64> {
     let mut bytes = [0u8; 8];
-    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut bytes)?;
+    mecha_common::auth::random_bytes(&mut bytes)?;
     Ok(u64::from_le_bytes(bytes))
 }
 
@@ -384,10 +384,7 @@ mod tests {
     use super::*;
 
     fn temp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mecha-journal-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir.join("events.journal")
+        crate::log::temp_file(&format!("journal-{name}"), "events.journal")
     }
 
     fn entry(broker: &str, first: u64, events: &[&[u8]]) -> Entry {

@@ -1494,10 +1494,7 @@ mod tests {
     use super::*;
 
     fn temp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mecha-log-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir.join("events.redb")
+        crate::log::temp_file(&format!("log-{name}"), "events.redb")
     }
 
     #[tokio::test]
