@@ -64,6 +64,28 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
+/// CPU time of some processes at one moment; two of them give each process's CPU per event
+/// between them.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSnapshot<const N: usize>([Duration; N]);
+
+impl<const N: usize> CpuSnapshot<N> {
+    /// The CPU time `pids` have used so far (see [`cpu_time`]).
+    pub fn of(pids: [u32; N]) -> Self {
+        Self(pids.map(cpu_time))
+    }
+
+    /// Microseconds of CPU per event of each process since `before`, over `events`.
+    pub fn since(&self, before: &Self, events: f64) -> [f64; N] {
+        let mut out = [0.0; N];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let spent = self.0[i].saturating_sub(before.0[i]);
+            *slot = spent.as_secs_f64() * 1e6 / events.max(1.0);
+        }
+        out
+    }
+}
+
 /// `N` distinct ports on 127.0.0.1 that were free a moment ago, for processes the benchmark
 /// starts. All `N` are held until all are picked: a port picked and released can be handed
 /// out again by the very next `bind(0)`.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::results::{
-    Broker, GatewayLatency, ProxyThroughput, Results, ScaleFromZero, quantile, sorted,
+    Broker, GatewayLatency, ProxyThroughput, Results, ScaleFromZero, median, quantile, sorted,
 };
 
 const WIDTH: u32 = 860;
@@ -98,11 +98,6 @@ fn header(md: &mut String, results: &Results) {
         m.load_before,
         m.load_after,
     );
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let v: Vec<f64> = values.collect();
-    quantile(&sorted(&v), 0.5)
 }
 
 fn proxy_section(
@@ -446,6 +441,7 @@ fn broker_section(
             caption,
         )?;
         files.push(path);
+        let rounds = broker.ingest.iter().map(|i| i.rounds.len()).max().unwrap_or(0);
         let _ = writeln!(
             md,
             "## Broker ingest\n\n\
@@ -453,11 +449,15 @@ fn broker_section(
              after the event is committed to the log) for {} s per point, and the same clients \
              posting to a plain HTTP receiver in the benchmark process (the baseline: the \
              loopback limit) and to the same receiver in a process of its own (what a second \
-             process costs on this machine with nothing stored), back to back.\n\n\
+             process costs on this machine with nothing stored), back to back; {} round(s) per \
+             client count, medians over rounds (the ratio: the median of each round's, with the \
+             lowest and highest). CPU per event: `mecha up` and the clients while the broker \
+             was measured; the in-process receiver with its clients (one process).\n\n\
              ![broker ingest](broker-ingest.svg)\n\n\
-             | clients | broker events/s | plain requests/s | ratio | plain, own process | ratio |\n\
-             |---|---|---|---|---|---|",
-            broker.seconds
+             | clients | broker events/s | plain requests/s | ratio (range) | plain, own process | ratio | CPU µs/event: mecha + clients | plain + clients |\n\
+             |---|---|---|---|---|---|---|---|",
+            broker.seconds,
+            rounds.max(1)
         );
         for i in &broker.ingest {
             let apart = i.plain_apart_per_s.map_or_else(
@@ -469,13 +469,21 @@ fn broker_section(
                     )
                 },
             );
+            let (ratio, low, high) = i.ratio();
+            let cpu = if i.rounds.is_empty() {
+                " — | — |".to_string()
+            } else {
+                format!(
+                    " {:.1} + {:.1} | {:.1} |",
+                    median(i.rounds.iter().map(|r| r.broker_cpu_us[0])),
+                    median(i.rounds.iter().map(|r| r.broker_cpu_us[1])),
+                    median(i.rounds.iter().map(|r| r.plain_cpu_us)),
+                )
+            };
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {:.0} | {:.2} {apart}",
-                i.clients,
-                i.broker_per_s,
-                i.plain_per_s,
-                i.broker_per_s / i.plain_per_s.max(f64::MIN_POSITIVE)
+                "| {} | {:.0} | {:.0} | {ratio:.2} ({low:.2}–{high:.2}) {apart}{cpu}",
+                i.clients, i.broker_per_s, i.plain_per_s,
             );
         }
         if let Some(one) = broker

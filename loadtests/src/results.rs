@@ -215,6 +215,8 @@ pub struct Broker {
     pub backlog: Option<Backlog>,
 }
 
+/// Ingest at one client count: medians over its rounds (one round in older results, which
+/// hold no `rounds`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Ingest {
     pub clients: u64,
@@ -226,6 +228,43 @@ pub struct Ingest {
     /// The same receiver in a process of its own (absent from older results).
     #[serde(default)]
     pub plain_apart_per_s: Option<f64>,
+    /// Each round: the three measured back to back.
+    #[serde(default)]
+    pub rounds: Vec<IngestRound>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IngestRound {
+    pub broker_per_s: f64,
+    pub plain_per_s: f64,
+    pub plain_apart_per_s: f64,
+    /// CPU µs per event while the broker was measured: `mecha up`, the clients.
+    pub broker_cpu_us: [f64; 2],
+    /// CPU µs per request while the in-process receiver was measured: the receiver and
+    /// clients together (one process).
+    pub plain_cpu_us: f64,
+}
+
+impl Ingest {
+    /// The median over rounds of the broker's ratio to the in-process receiver, and the
+    /// lowest and highest; from the medians when there are no rounds.
+    pub fn ratio(&self) -> (f64, f64, f64) {
+        let ratios: Vec<f64> = self
+            .rounds
+            .iter()
+            .map(|r| r.broker_per_s / r.plain_per_s.max(f64::MIN_POSITIVE))
+            .collect();
+        if ratios.is_empty() {
+            let ratio = self.broker_per_s / self.plain_per_s.max(f64::MIN_POSITIVE);
+            return (ratio, ratio, ratio);
+        }
+        let ratios = sorted(&ratios);
+        (
+            median(ratios.iter().copied()),
+            ratios[0],
+            ratios[ratios.len() - 1],
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -305,6 +344,12 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     }
     let index = ((sorted.len() as f64 - 1.0) * q.clamp(0.0, 1.0)).round() as usize;
     sorted[index]
+}
+
+/// The median of `values` (for an even count, the upper of the middle two, as [`quantile`]).
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.collect();
+    quantile(&sorted(&v), 0.5)
 }
 
 /// `samples` sorted ascending (NaNs last).

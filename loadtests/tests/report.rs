@@ -74,7 +74,10 @@ fn writes_markdown_whose_plots_exist_and_are_well_formed_svg() {
     }
     // Figures from the fixture, next to their baselines.
     for needle in [
-        "| 1 | 3000 | 9000 | 0.33 |",
+        // Older results: no rounds.
+        "| 1 | 3000 | 9000 | 0.33 (0.33–0.33) | — | — | — | — |",
+        // Medians over rounds; the ratio is the median of each round's (0.40, 0.60, 0.30).
+        "| 32 | 20000 | 50000 | 0.40 (0.30–0.60) | 45000 | 0.44 | 30.0 + 18.0 | 25.0 |",
         "| process start (baseline) | 62.0 | 64.0 | 64.0 |",
         "**Not measured in this run:** a-benchmark exited with exit status: 1",
         "nginx (baseline)",

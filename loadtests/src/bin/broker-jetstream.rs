@@ -70,24 +70,10 @@ struct Pids {
     bench: u32,
 }
 
-/// CPU time of (broker, nats-server, this benchmark) at one moment.
-struct Cpu([Duration; 3]);
-
 impl Pids {
-    fn cpu(&self) -> Cpu {
-        Cpu([self.broker, self.nats, self.bench].map(loadtests::cpu_time))
-    }
-}
-
-impl Cpu {
-    /// Microseconds of CPU per event of each process since `before`, over `events`.
-    fn since(&self, before: &Cpu, events: f64) -> [f64; 3] {
-        let mut out = [0.0; 3];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let spent = self.0[i].saturating_sub(before.0[i]);
-            *slot = spent.as_secs_f64() * 1e6 / events.max(1.0);
-        }
-        out
+    /// CPU time of (broker, nats-server, this benchmark) now.
+    fn cpu(&self) -> loadtests::CpuSnapshot<3> {
+        loadtests::CpuSnapshot::of([self.broker, self.nats, self.bench])
     }
 }
 
@@ -286,10 +272,9 @@ async fn run(args: Args) -> Result<(), String> {
             raw_cpu_us: raw_cpu,
         });
     }
-    ratios.sort_by(f64::total_cmp);
     println!(
         "ingest: median ratio broker / raw publish {:.2} over {} rounds (target ≥ 0.70)",
-        ratios[ratios.len() / 2],
+        loadtests::results::median(ratios.iter().copied()),
         ratios.len()
     );
     drop(broker);

@@ -6,12 +6,15 @@
 //! - end-to-end latency from POST to subscriber at a fixed rate, with 1 and with 10 triggers;
 //! - memory of `mecha up` while a subscriber is down and 100,000 events wait in the log.
 //!
-//! `broker [--seconds 5] [--clients 32] [--rate 1000] [--backlog 100000] [--json PATH]`
+//! `broker [--seconds 5] [--clients 32] [--rounds 3] [--rate 1000] [--backlog 100000] [--json PATH]`
 //! (`broker --plain-receiver` is that receiver's process: it prints its address and serves
 //! until its standard input closes.)
 //!
 //! `--clients` takes a comma-separated list (`1,8,32,128`) for ingest at each count; the
-//! backlog uses the largest. `--backlog 0` skips the backlog. `--json PATH` also writes the
+//! backlog uses the largest. Each count is measured `--rounds` times, the three back to back
+//! in every round (a machine's speed drifts within minutes: a ratio is only fair between
+//! measurements a few seconds apart), and reported as medians, with each process's CPU per
+//! event while the broker was measured. `--backlog 0` skips the backlog. `--json PATH` also writes the
 //! results and every latency sample there (see `loadtests::results`).
 
 use std::net::SocketAddr;
@@ -21,12 +24,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use loadtests::events::{Receiver, closed_loop, epoch, post, post_client};
-use loadtests::results::{Backlog, Broker as BrokerResult, Delivery, Ingest, us, write_json};
-use loadtests::{Percentiles, Platform, main_with};
+use loadtests::results::{
+    Backlog, Broker as BrokerResult, Delivery, Ingest, IngestRound, median, us, write_json,
+};
+use loadtests::{CpuSnapshot, Percentiles, Platform, main_with};
 
 struct Args {
     seconds: u64,
     clients: Vec<usize>,
+    rounds: usize,
     json: Option<PathBuf>,
     rate: u64,
     backlog: u64,
@@ -85,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         seconds: 5,
         clients: vec![32],
+        rounds: 3,
         rate: 1000,
         backlog: 100_000,
         json: None,
@@ -108,6 +115,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--json" => args.json = Some(value.clone().into()),
             "--rate" => args.rate = number()?,
+            "--rounds" => args.rounds = number()?.clamp(1, 100) as usize,
             "--backlog" => args.backlog = number()?,
             other => return Err(format!("unknown flag {other}; see the file's header")),
         }
@@ -242,29 +250,56 @@ async fn run(args: Args) -> Result<(), String> {
         seconds: args.seconds,
         ..BrokerResult::default()
     };
+    let (mecha_pid, bench_pid) = (platform.pid(), std::process::id());
     for &clients in &args.clients {
-        let baseline = closed_loop(format!("http://{plain}/"), clients, args.seconds, 202).await?;
-        let apart =
-            closed_loop(format!("http://{}/", own.addr), clients, args.seconds, 202).await?;
-        let ingest = closed_loop(
-            format!("http://{}/default/default", platform.gateway),
-            clients,
-            args.seconds,
-            202,
-        )
-        .await?;
-        println!(
-            "ingest, {clients} clients for {} s: broker {ingest:.0} events/s durable; plain receiver {baseline:.0} requests/s in process (ratio {:.2}), {apart:.0} in its own process (ratio {:.2})",
-            args.seconds,
-            ingest / baseline,
-            ingest / apart
-        );
-        result.ingest.push(Ingest {
+        let mut ingest = Ingest {
             clients: clients as u64,
-            broker_per_s: ingest,
-            plain_per_s: baseline,
-            plain_apart_per_s: Some(apart),
-        });
+            ..Ingest::default()
+        };
+        for round in 1..=args.rounds {
+            let seconds = args.seconds as f64;
+            let before = CpuSnapshot::of([bench_pid]);
+            let plain_per_s =
+                closed_loop(format!("http://{plain}/"), clients, args.seconds, 202).await?;
+            let [plain_cpu_us] = CpuSnapshot::of([bench_pid]).since(&before, plain_per_s * seconds);
+            let apart =
+                closed_loop(format!("http://{}/", own.addr), clients, args.seconds, 202).await?;
+            let before = CpuSnapshot::of([mecha_pid, bench_pid]);
+            let broker_per_s = closed_loop(
+                format!("http://{}/default/default", platform.gateway),
+                clients,
+                args.seconds,
+                202,
+            )
+            .await?;
+            let broker_cpu_us =
+                CpuSnapshot::of([mecha_pid, bench_pid]).since(&before, broker_per_s * seconds);
+            println!(
+                "ingest, {clients} clients for {} s, round {round}: broker {broker_per_s:.0} events/s durable; plain receiver {plain_per_s:.0} requests/s in process (ratio {:.2}), {apart:.0} in its own process (ratio {:.2}); CPU per event: mecha {:.1} µs, clients {:.1} µs (plain receiver and clients: {plain_cpu_us:.1} µs)",
+                args.seconds,
+                broker_per_s / plain_per_s,
+                broker_per_s / apart,
+                broker_cpu_us[0],
+                broker_cpu_us[1],
+            );
+            ingest.rounds.push(IngestRound {
+                broker_per_s,
+                plain_per_s,
+                plain_apart_per_s: apart,
+                broker_cpu_us,
+                plain_cpu_us,
+            });
+        }
+        let rounds = &ingest.rounds;
+        ingest.broker_per_s = median(rounds.iter().map(|r| r.broker_per_s));
+        ingest.plain_per_s = median(rounds.iter().map(|r| r.plain_per_s));
+        ingest.plain_apart_per_s = Some(median(rounds.iter().map(|r| r.plain_apart_per_s)));
+        let (ratio, low, high) = ingest.ratio();
+        println!(
+            "ingest, {clients} clients: median ratio broker / plain receiver {ratio:.2} over {} rounds ({low:.2}–{high:.2})",
+            rounds.len()
+        );
+        result.ingest.push(ingest);
     }
     drop(own);
     drop(platform);

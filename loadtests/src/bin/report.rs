@@ -187,9 +187,9 @@ fn measure(args: &Args) -> Result<Results, String> {
     broker
         .args(["--clients", "1,8,32,128", "--rate", "1000"])
         .args(if q {
-            ["--seconds", "2", "--backlog", "20000"]
+            ["--seconds", "2", "--rounds", "1", "--backlog", "20000"]
         } else {
-            ["--seconds", "5", "--backlog", "100000"]
+            ["--seconds", "5", "--rounds", "3", "--backlog", "100000"]
         })
         .args(["--json", &path(BROKER)]);
     step("broker", broker, BROKER);
