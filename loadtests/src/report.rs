@@ -441,7 +441,12 @@ fn broker_section(
             caption,
         )?;
         files.push(path);
-        let rounds = broker.ingest.iter().map(|i| i.rounds.len()).max().unwrap_or(0);
+        let rounds = broker
+            .ingest
+            .iter()
+            .map(|i| i.rounds.len())
+            .max()
+            .unwrap_or(0);
         let _ = writeln!(
             md,
             "## Broker ingest\n\n\

@@ -82,6 +82,9 @@ pub struct Journal {
     offset: u64,
     /// The records of one round, written at once.
     buf: Vec<u8>,
+    /// For tests: the next start-over stops once its header is written, as when the flush
+    /// after it fails (whether the header reached the disk is then unknown).
+    pub(crate) fail_after_header: bool,
 }
 
 impl Journal {
@@ -116,6 +119,7 @@ impl Journal {
             created: false,
             offset: HEADER_BYTES,
             buf: Vec::new(),
+            fail_after_header: false,
         };
         let mut header = [0u8; HEADER_LEN];
         let start = usize::try_from(len).map_or(HEADER_LEN, |len| len.min(HEADER_LEN));
@@ -275,6 +279,9 @@ impl Journal {
     pub fn start_over(&mut self) -> io::Result<()> {
         let (generation, salt) = (self.generation + 1, random()?);
         write_header(&self.file, generation, salt)?;
+        if std::mem::take(&mut self.fail_after_header) {
+            return Err(io::Error::other("injected failure after the new header"));
+        }
         (self.generation, self.salt, self.offset) = (generation, salt, HEADER_BYTES);
         self.file
             .write_all_at(&[0u8; RECORD_HEADER], HEADER_BYTES)?;

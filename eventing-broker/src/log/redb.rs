@@ -164,6 +164,12 @@ pub enum Fault {
     /// The store behaves as after an I/O error (refuses writes until opened again) when the
     /// writer next checks it.
     StorePoisoned = 4,
+    /// While set, the store refuses writes as after an I/O error and cannot be opened again
+    /// (a disk that stays full).
+    ReopenFails = 5,
+    /// The journal's next start-over after a synced commit fails once its new header is
+    /// written.
+    StartOverFails = 6,
 }
 
 /// A handle to the log; cheap to clone.
@@ -175,8 +181,9 @@ pub struct RedbLog {
 struct Inner {
     /// The store; `None` while the writer opens it again after an I/O error.
     db: std::sync::RwLock<Option<Arc<Database>>>,
-    /// How often the store was opened again.
+    /// How often the store was opened again, and how often that was tried.
     reopened: std::sync::atomic::AtomicU64,
+    reopen_attempts: std::sync::atomic::AtomicU64,
     path: PathBuf,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -384,6 +391,7 @@ impl RedbLog {
         let inner = Arc::new(Inner {
             db: std::sync::RwLock::new(Some(db.clone())),
             reopened: std::sync::atomic::AtomicU64::new(0),
+            reopen_attempts: std::sync::atomic::AtomicU64::new(0),
             path: path.to_path_buf(),
             ops: Mutex::new(Some(tx)),
             writer: Mutex::default(),
@@ -514,6 +522,12 @@ impl RedbLog {
     #[doc(hidden)]
     pub fn reopened(&self) -> u64 {
         self.inner.reopened.load(Ordering::Relaxed)
+    }
+
+    /// How often opening the store again was tried, successfully or not.
+    #[doc(hidden)]
+    pub fn reopen_attempts(&self) -> u64 {
+        self.inner.reopen_attempts.load(Ordering::Relaxed)
     }
 
     #[doc(hidden)]
@@ -1148,6 +1162,11 @@ fn reopen_store(
 ) -> Result<(), String> {
     if let Some(alive) = inner.upgrade() {
         *alive.db.write().unwrap_or_else(PoisonError::into_inner) = None;
+        alive.reopen_attempts.fetch_add(1, Ordering::Relaxed);
+        if alive.fault.load(Ordering::Relaxed) == Fault::ReopenFails as u8 {
+            db.take();
+            return Err("cannot open the store again: injected failure".into());
+        }
     }
     db.take();
     let mut waited = std::time::Duration::ZERO;
@@ -1268,16 +1287,10 @@ fn writer(
         }
         if behind_journal {
             // After an I/O error redb refuses every write until the file is opened again.
-            let injected = inner.upgrade().is_some_and(|i| {
-                i.fault
-                    .compare_exchange(
-                        Fault::StorePoisoned as u8,
-                        Fault::None as u8,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok()
-            });
+            let injected = take_fault(inner, Fault::StorePoisoned)
+                || inner
+                    .upgrade()
+                    .is_some_and(|i| i.fault.load(Ordering::Relaxed) == Fault::ReopenFails as u8);
             if store.is_none() || injected || store.as_deref().is_some_and(poisoned) {
                 tracing::warn!(path = %path.display(), "the event log's store refuses writes since an I/O error; opening it again");
                 if let Err(why) = reopen_store(inner, &mut store, path, *cache_bytes) {
@@ -1352,6 +1365,7 @@ fn writer(
             Ok((firsts, results)) => {
                 if durable {
                     synced_at = std::time::Instant::now();
+                    journal.fail_after_header = take_fault(inner, Fault::StartOverFails);
                     if let Err(error) = journal.start_over() {
                         // The store holds everything, but whether the journal's new header
                         // reached the disk is unknown: nothing is appended before the
@@ -1471,6 +1485,20 @@ fn sequences(
 /// that stays full must not make every request pay that.
 const RECOVERY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 const RECOVERY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `fault` was injected, clearing it (a fault that happens once).
+fn take_fault(inner: &std::sync::Weak<Inner>, fault: Fault) -> bool {
+    inner.upgrade().is_some_and(|i| {
+        i.fault
+            .compare_exchange(
+                fault as u8,
+                Fault::None as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    })
+}
 
 /// Answers every op of `batch` with `why` without logging it again.
 fn refuse_round(batch: Vec<Op>, why: &str) {
@@ -1862,6 +1890,139 @@ mod tests {
             [(1, Bytes::from("a")), (2, Bytes::from("b"))]
         );
         assert_eq!(log.problem(), None);
+        log.close();
+    }
+
+    /// A store that cannot be opened again (a disk that stays full) is tried again after a
+    /// backoff, not once per append: appends meanwhile are refused at once with the reason,
+    /// and once it opens, the log goes on where it was.
+    #[tokio::test]
+    async fn a_store_that_cannot_be_opened_again_is_retried_with_backoff_not_per_append() {
+        let log = RedbLog::open(&temp("reopen-fails")).expect("open");
+        assert_eq!(
+            log.append("ns/b", vec![b"a".to_vec()])
+                .await
+                .expect("append"),
+            1
+        );
+        log.inject_fault(Fault::WriterPanic);
+        log.append("ns/b", vec![b"lost".to_vec()])
+            .await
+            .expect_err("the round failed");
+        log.inject_fault(Fault::ReopenFails);
+        let error = log
+            .append("ns/b", vec![b"refused".to_vec()])
+            .await
+            .expect_err("the store cannot be opened");
+        assert!(
+            error.to_string().contains("cannot open the store again"),
+            "{error}"
+        );
+        assert_eq!(log.reopen_attempts(), 1);
+        assert!(matches!(
+            log.read("ns/b", 0, 10),
+            Err(LogError::Unavailable(_))
+        ));
+        // A burst of appends inside the first backoff (100 ms): each refused with the reason,
+        // none tries the store again.
+        let started = std::time::Instant::now();
+        let mut refused = 0;
+        while started.elapsed() < RECOVERY_BACKOFF / 2 {
+            let error = log
+                .append("ns/b", vec![b"refused".to_vec()])
+                .await
+                .expect_err("refused during the backoff");
+            assert!(
+                error.to_string().contains("cannot open the store again"),
+                "{error}"
+            );
+            refused += 1;
+        }
+        assert!(refused > 10, "{refused} appends refused");
+        assert_eq!(log.reopen_attempts(), 1, "after {refused} refused appends");
+        assert!(
+            log.problem()
+                .expect("reported")
+                .contains("cannot open the store again")
+        );
+        // The disk has room again: the next try after the backoff opens the store.
+        log.inject_fault(Fault::None);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let seq = loop {
+            match log.append("ns/b", vec![b"b".to_vec()]).await {
+                Ok(seq) => break seq,
+                Err(error) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "never recovered: {error}"
+                    );
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        assert_eq!(seq, 2, "refused appends gave out no sequence");
+        assert_eq!(log.reopened(), 1);
+        assert!(
+            log.reopen_attempts() <= 3,
+            "{} attempts",
+            log.reopen_attempts()
+        );
+        assert_eq!(
+            log.read("ns/b", 0, 10).expect("read"),
+            [(1, Bytes::from("a")), (2, Bytes::from("b"))]
+        );
+        assert_eq!(log.problem(), None);
+        log.close();
+    }
+
+    /// A start-over of the journal that fails once its new header is written leaves the
+    /// header's fate unknown: appends wait for the recovery to start the journal over again,
+    /// so a crash right after still finds every answered append in the journal.
+    #[tokio::test]
+    async fn appends_after_a_failed_start_over_wait_for_the_journal_to_start_over_again() {
+        let path = temp("start-over-fails");
+        let log = RedbLog::open_with(
+            &path,
+            RedbOptions {
+                sync_interval: std::time::Duration::from_secs(3600),
+                ..RedbOptions::default()
+            },
+        )
+        .expect("open");
+        assert_eq!(
+            log.append("ns/b", vec![b"a".to_vec()])
+                .await
+                .expect("append"),
+            1
+        );
+        // A checkpoint syncs the store; the journal's start-over after it fails.
+        log.inject_fault(Fault::StartOverFails);
+        log.checkpoint(vec![("t".into(), Progress::default())], vec![], vec![])
+            .await
+            .expect("the store holds everything");
+        for n in 2..=4u64 {
+            assert_eq!(
+                log.append("ns/b", vec![format!("e{n}").into_bytes()])
+                    .await
+                    .expect("append"),
+                n
+            );
+        }
+        // A crash now: the files as they are.
+        let crashed = temp("start-over-fails-copy");
+        std::fs::copy(&path, &crashed).expect("copy the store");
+        std::fs::copy(journal_path(&path), journal_path(&crashed)).expect("copy the journal");
+        let restored = RedbLog::open(&crashed).expect("open after the crash");
+        assert_eq!(
+            restored.read("ns/b", 0, 10).expect("read"),
+            [
+                (1, Bytes::from("a")),
+                (2, Bytes::from("e2")),
+                (3, Bytes::from("e3")),
+                (4, Bytes::from("e4"))
+            ]
+        );
+        restored.close();
         log.close();
     }
 
