@@ -1632,12 +1632,9 @@ mod tests {
         );
     }
 
-    /// The files as a crash leaves them (a SIGKILL keeps what was written, synced or not):
-    /// copies taken while the log runs with store commits unsynced. Every answered append is
-    /// there after the copy is opened — restored from the journal — and sequences go on.
-    #[tokio::test]
-    async fn a_crash_loses_no_answered_append_the_journal_restores_them() {
-        let path = temp("crash");
+    /// A new log whose store commits are synced only by checkpoints (and on close).
+    fn unsynced(name: &str) -> (PathBuf, RedbLog) {
+        let path = temp(name);
         let log = RedbLog::open_with(
             &path,
             RedbOptions {
@@ -1646,6 +1643,15 @@ mod tests {
             },
         )
         .expect("open");
+        (path, log)
+    }
+
+    /// The files as a crash leaves them (a SIGKILL keeps what was written, synced or not):
+    /// copies taken while the log runs with store commits unsynced. Every answered append is
+    /// there after the copy is opened — restored from the journal — and sequences go on.
+    #[tokio::test]
+    async fn a_crash_loses_no_answered_append_the_journal_restores_them() {
+        let (path, log) = unsynced("crash");
         // Synced by a checkpoint (a store commit that syncs), then appends that only the
         // journal holds durably.
         log.append("ns/a", vec![b"synced".to_vec()])
@@ -1976,15 +1982,7 @@ mod tests {
     /// so a crash right after still finds every answered append in the journal.
     #[tokio::test]
     async fn appends_after_a_failed_start_over_wait_for_the_journal_to_start_over_again() {
-        let path = temp("start-over-fails");
-        let log = RedbLog::open_with(
-            &path,
-            RedbOptions {
-                sync_interval: std::time::Duration::from_secs(3600),
-                ..RedbOptions::default()
-            },
-        )
-        .expect("open");
+        let (path, log) = unsynced("start-over-fails");
         assert_eq!(
             log.append("ns/b", vec![b"a".to_vec()])
                 .await
