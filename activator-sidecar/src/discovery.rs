@@ -211,32 +211,20 @@ impl GatewayConfig {
         port_setting: &'static str,
         default_port: u16,
     ) -> Result<Self, ConfigError> {
-        let port = settings::number(&get, port_setting, default_port, settings::port)?;
-        let admin_port = settings::number(&get, "GATEWAY_ADMIN_PORT", 8022u16, settings::port)?;
-        if admin_port == port {
-            return Err(ConfigError {
-                setting: "GATEWAY_ADMIN_PORT",
-                value: admin_port.to_string(),
-                reason: format!("must differ from {port_setting}"),
-            });
-        }
-        let autoscaler = get("AUTOSCALER_ADDR").ok_or_else(|| ConfigError {
-            setting: "AUTOSCALER_ADDR",
-            value: String::new(),
-            reason: "required: the gateway learns routes and endpoints from the autoscaler".into(),
-        })?;
-        settings::host_port("AUTOSCALER_ADDR", &autoscaler)?;
-        let drain_timeout = settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?;
+        let (port, admin_port) =
+            settings::listener_ports(&get, (port_setting, default_port), "GATEWAY_ADMIN_PORT")?;
+        let autoscaler = settings::autoscaler_addr(&get, "the gateway's routes and endpoints")?;
+        let serve = settings::serving(&get)?;
         Ok(Self {
             port,
             admin_port,
             autoscaler,
             domain: get("GATEWAY_DOMAIN").unwrap_or_else(|| "localhost".into()),
-            drain_timeout,
+            drain_timeout: serve.drain_timeout,
             name: get("POD_NAME").unwrap_or_else(|| format!("gateway-{}", std::process::id())),
             trusted_proxies: settings::trusted_proxies(&get, crate::rules::TrustedProxies::none())?,
-            fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
-            limits: settings::limits(&get)?,
+            fast_path: serve.fast_path,
+            limits: serve.limits,
             token: autoscaler_token(&get)?,
             outlier: outlier_config(&get)?,
             pass_through: None,

@@ -72,3 +72,49 @@ pub fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<crate::limits::Li
         )?,
     })
 }
+
+/// How a component's public listener serves: `SIDECAR_FAST_PATH` (true), `DRAIN_TIMEOUT`
+/// (30s: after SIGTERM, for requests in flight) and the connection [`limits`].
+pub fn serving(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<crate::server::ServeOptions, ConfigError> {
+    Ok(crate::server::ServeOptions {
+        fast_path: flag(get, "SIDECAR_FAST_PATH", true)?,
+        drain_timeout: duration(get, "DRAIN_TIMEOUT", std::time::Duration::from_secs(30))?,
+        limits: limits(get)?,
+    })
+}
+
+/// A component's public and admin ports, `public_var` (`public_default`) and `admin_var`
+/// (8022), which must differ.
+pub fn listener_ports(
+    get: &impl Fn(&str) -> Option<String>,
+    (public_var, public_default): (&'static str, u16),
+    admin_var: &'static str,
+) -> Result<(u16, u16), ConfigError> {
+    let public = number(get, public_var, public_default, port)?;
+    let admin = number(get, admin_var, 8022u16, port)?;
+    if admin == public {
+        return Err(ConfigError {
+            setting: admin_var,
+            value: admin.to_string(),
+            reason: format!("must differ from {public_var}"),
+        });
+    }
+    Ok((public, admin))
+}
+
+/// `AUTOSCALER_ADDR`, the control plane a standalone component reads its resources from:
+/// required (`what` says which resources), a host:port.
+pub fn autoscaler_addr(
+    get: &impl Fn(&str) -> Option<String>,
+    what: &str,
+) -> Result<String, ConfigError> {
+    let addr = get("AUTOSCALER_ADDR").ok_or_else(|| ConfigError {
+        setting: "AUTOSCALER_ADDR",
+        value: String::new(),
+        reason: format!("required: {what} come from the control plane"),
+    })?;
+    host_port("AUTOSCALER_ADDR", &addr)?;
+    Ok(addr)
+}

@@ -28,7 +28,6 @@ use std::time::Duration;
 use activator_sidecar::answering::{Answer, Answering};
 use activator_sidecar::discovery::{self, ControlPlane};
 use activator_sidecar::h1::Whole;
-use activator_sidecar::limits::Limits;
 use activator_sidecar::server;
 use activator_sidecar::settings::{self, ConfigError};
 use mecha_common::admin::Health;
@@ -68,16 +67,13 @@ pub struct StandaloneConfig {
     pub delivery_concurrency: usize,
     /// `BROKER_DELIVERY_TIMEOUT` (60s): per attempt, when a trigger sets none.
     pub delivery_timeout: Duration,
-    /// `DRAIN_TIMEOUT` (30s): after SIGTERM, for ingress requests and then for deliveries.
-    pub drain_timeout: Duration,
-    /// `SIDECAR_FAST_PATH` (`true`).
-    pub fast_path: bool,
     /// `BROKER_TAIL_BYTES` (4 MiB) and `BROKER_LOG_CACHE_BYTES` (2 MiB): the embedded log's
     /// memory (its in-memory tail of recent events, its page cache).
     pub redb: RedbOptions,
-    /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`,
-    /// `SIDECAR_MAX_CONNECTIONS`: the ingress listener's limits.
-    pub limits: Limits,
+    /// The ingress listener: `SIDECAR_FAST_PATH` (`true`), `DRAIN_TIMEOUT` (30s: after
+    /// SIGTERM, for ingress requests, then for deliveries), `SIDECAR_HEADER_READ_TIMEOUT`,
+    /// `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`, `SIDECAR_MAX_CONNECTIONS`.
+    pub serve: server::ServeOptions,
     /// `BROKER_BODY_BUDGET` (64 MiB) and `BROKER_BODY_TIMEOUT` (60s): the request bodies the
     /// ingress holds at once, and how long each may take to arrive.
     pub body_budget: BudgetSettings,
@@ -179,15 +175,8 @@ impl StandaloneConfig {
     }
 
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let port = settings::number(&get, "BROKER_PORT", 8080u16, settings::port)?;
-        let admin_port = settings::number(&get, "BROKER_ADMIN_PORT", 8022u16, settings::port)?;
-        if admin_port == port {
-            return Err(ConfigError {
-                setting: "BROKER_ADMIN_PORT",
-                value: admin_port.to_string(),
-                reason: "must differ from BROKER_PORT".into(),
-            });
-        }
+        let (port, admin_port) =
+            settings::listener_ports(&get, ("BROKER_PORT", 8080), "BROKER_ADMIN_PORT")?;
         let event_log = match get("BROKER_EVENT_LOG") {
             None => {
                 return Err(ConfigError {
@@ -214,13 +203,7 @@ impl StandaloneConfig {
             }
             Some(path) => EventLogSetting::File(path.into()),
         };
-        let autoscaler = get("AUTOSCALER_ADDR").ok_or_else(|| ConfigError {
-            setting: "AUTOSCALER_ADDR",
-            value: String::new(),
-            reason: "required: the broker reads its Brokers and Triggers from the control plane"
-                .into(),
-        })?;
-        settings::host_port("AUTOSCALER_ADDR", &autoscaler)?;
+        let autoscaler = settings::autoscaler_addr(&get, "the broker's Brokers and Triggers")?;
         let gateway = get("BROKER_GATEWAY_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into());
         settings::host_port("BROKER_GATEWAY_ADDR", &gateway)?;
         let max_event_size = settings::number(&get, "BROKER_MAX_EVENT_SIZE", 1usize << 20, |n| {
@@ -260,8 +243,6 @@ impl StandaloneConfig {
             max_event_size,
             delivery_concurrency,
             delivery_timeout,
-            drain_timeout: settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?,
-            fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
             redb: RedbOptions {
                 tail_bytes: settings::number(
                     &get,
@@ -289,7 +270,7 @@ impl StandaloneConfig {
                 )?,
                 ..RedbOptions::default()
             },
-            limits: settings::limits(&get)?,
+            serve: settings::serving(&get)?,
             body_budget,
         })
     }
@@ -322,7 +303,7 @@ pub async fn run(
             // A Broker `ref` is this broker's own ingress: every replica shares the log.
             broker_ingress: Some(SocketAddr::from(([127, 0, 0, 1], own_ingress.port()))),
             domain: config.domain.clone(),
-            drain_timeout: config.drain_timeout,
+            drain_timeout: config.serve.drain_timeout,
         },
         &registry,
     );
@@ -365,11 +346,7 @@ pub async fn run(
         )),
         server::Workers::current(),
         ingress_stop.signal(),
-        server::ServeOptions {
-            fast_path: config.fast_path,
-            drain_timeout: config.drain_timeout,
-            limits: config.limits.clone(),
-        },
+        config.serve.clone(),
     ));
     if config.token.is_none() {
         tracing::warn!(autoscaler = %config.autoscaler, "no AUTOSCALER_TOKEN or AUTOSCALER_TOKEN_FILE: a control plane that wants a credential (mecha up does) will refuse this broker");
@@ -598,7 +575,7 @@ mod tests {
         assert_eq!(config.max_event_size, 1 << 20);
         assert_eq!(config.delivery_concurrency, 32);
         assert_eq!(config.body_budget, BudgetSettings::default());
-        assert_eq!(config.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.serve.drain_timeout, Duration::from_secs(30));
         assert!(config.token.is_none());
 
         let file = read(&[
@@ -613,7 +590,7 @@ mod tests {
             EventLogSetting::File("/var/lib/broker/events.redb".into())
         );
         assert_eq!(
-            (file.port, file.drain_timeout),
+            (file.port, file.serve.drain_timeout),
             (9000, Duration::from_secs(5))
         );
 

@@ -26,11 +26,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use activator_sidecar::answering::{Answer, Answering};
 use activator_sidecar::discovery::{self, ControlPlane};
-use activator_sidecar::limits::Limits;
 use activator_sidecar::server;
 use activator_sidecar::settings::{self, ConfigError};
 use crds::SourceResource;
@@ -60,13 +58,10 @@ pub struct StandaloneConfig {
     /// `IMPORTERS_WEBHOOK_BASE_URL`: where providers reach the webhook port, for the logs
     /// (`http://localhost:{port}`).
     pub webhook_base: String,
-    /// `DRAIN_TIMEOUT` (30s): after SIGTERM, for webhook requests in flight.
-    pub drain_timeout: Duration,
-    /// `SIDECAR_FAST_PATH` (`true`).
-    pub fast_path: bool,
-    /// `SIDECAR_HEADER_READ_TIMEOUT`, `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`,
-    /// `SIDECAR_MAX_CONNECTIONS`: the webhook listener's limits.
-    pub limits: Limits,
+    /// The webhook listener: `SIDECAR_FAST_PATH` (`true`), `DRAIN_TIMEOUT` (30s: after
+    /// SIGTERM, for webhook requests in flight), `SIDECAR_HEADER_READ_TIMEOUT`,
+    /// `SIDECAR_IDLE_TIMEOUT`, `SIDECAR_BODY_READ_TIMEOUT`, `SIDECAR_MAX_CONNECTIONS`.
+    pub serve: server::ServeOptions,
     /// `IMPORTERS_BODY_BUDGET` (64 MiB) and `IMPORTERS_BODY_TIMEOUT` (60s): the webhook bodies
     /// held at once (each read whole before its signature is checked), and how long each may
     /// take to arrive.
@@ -125,21 +120,9 @@ impl StandaloneConfig {
     }
 
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let port = settings::number(&get, "IMPORTERS_PORT", 8080u16, settings::port)?;
-        let admin_port = settings::number(&get, "IMPORTERS_ADMIN_PORT", 8022u16, settings::port)?;
-        if admin_port == port {
-            return Err(ConfigError {
-                setting: "IMPORTERS_ADMIN_PORT",
-                value: admin_port.to_string(),
-                reason: "must differ from IMPORTERS_PORT".into(),
-            });
-        }
-        let autoscaler = get("AUTOSCALER_ADDR").ok_or_else(|| ConfigError {
-            setting: "AUTOSCALER_ADDR",
-            value: String::new(),
-            reason: "required: the importers read their sources from the control plane".into(),
-        })?;
-        settings::host_port("AUTOSCALER_ADDR", &autoscaler)?;
+        let (port, admin_port) =
+            settings::listener_ports(&get, ("IMPORTERS_PORT", 8080), "IMPORTERS_ADMIN_PORT")?;
+        let autoscaler = settings::autoscaler_addr(&get, "the importers' sources")?;
         let webhook_base = match get("IMPORTERS_WEBHOOK_BASE_URL") {
             None => format!("http://localhost:{port}"),
             Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
@@ -159,9 +142,7 @@ impl StandaloneConfig {
             autoscaler,
             token: discovery::autoscaler_token(&get)?,
             webhook_base,
-            drain_timeout: settings::duration(&get, "DRAIN_TIMEOUT", Duration::from_secs(30))?,
-            fast_path: settings::flag(&get, "SIDECAR_FAST_PATH", true)?,
-            limits: settings::limits(&get)?,
+            serve: settings::serving(&get)?,
             body_budget: BudgetSettings::from_env(
                 &get,
                 "IMPORTERS_BODY_BUDGET",
@@ -250,11 +231,7 @@ pub async fn run(
         )),
         server::Workers::current(),
         webhook_stop.signal(),
-        server::ServeOptions {
-            fast_path: config.fast_path,
-            drain_timeout: config.drain_timeout,
-            limits: config.limits.clone(),
-        },
+        config.serve.clone(),
     ));
     health.set_ready(true);
     tracing::info!(
@@ -409,6 +386,7 @@ impl Answer for Webhooks {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::time::Duration;
 
     fn read(pairs: &[(&str, &str)]) -> Result<StandaloneConfig, ConfigError> {
         let env: HashMap<String, String> = pairs
@@ -424,7 +402,7 @@ mod tests {
             read(&[("AUTOSCALER_ADDR", "mecha-autoscaler.mecha-system.svc:8080")]).expect("valid");
         assert_eq!((config.port, config.admin_port), (8080, 8022));
         assert_eq!(config.webhook_base, "http://localhost:8080");
-        assert_eq!(config.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.serve.drain_timeout, Duration::from_secs(30));
         assert_eq!(config.body_budget, BudgetSettings::default());
         assert!(config.token.is_none());
         let set = read(&[
