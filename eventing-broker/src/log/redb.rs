@@ -181,6 +181,8 @@ pub struct RedbLog {
 struct Inner {
     /// The store; `None` while the writer opens it again after an I/O error.
     db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// Whether the first open repaired the store (it was not closed cleanly).
+    repaired_on_open: bool,
     /// How often the store was opened again, and how often that was tried.
     reopened: std::sync::atomic::AtomicU64,
     reopen_attempts: std::sync::atomic::AtomicU64,
@@ -344,7 +346,10 @@ impl RedbLog {
     /// [`RedbLog::open`] with memory settings.
     pub fn open_with(path: &Path, options: RedbOptions) -> Result<Self, LogError> {
         owner_only_file(path)?;
-        let db = open_store(path, options.cache_bytes)?;
+        let (db, repaired_on_open) = open_store(path, options.cache_bytes)?;
+        if repaired_on_open {
+            tracing::warn!(path = %path.display(), "the event log was not closed cleanly or was damaged, and has been repaired to its last intact commit");
+        }
         let db = Arc::new(db);
         {
             // Create the tables so that readers never meet a missing one.
@@ -390,6 +395,7 @@ impl RedbLog {
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             db: std::sync::RwLock::new(Some(db.clone())),
+            repaired_on_open,
             reopened: std::sync::atomic::AtomicU64::new(0),
             reopen_attempts: std::sync::atomic::AtomicU64::new(0),
             path: path.to_path_buf(),
@@ -483,12 +489,19 @@ impl RedbLog {
     }
 
     /// Stops accepting writes and waits for the writer to commit what is queued and exit.
+    /// Then lets go of the store, so that redb closes the file cleanly even while clones of
+    /// this handle live on (the next open then needs no repair, which reads the whole file).
     pub fn close(&self) {
         lock(&self.inner.ops).take();
         let handle = lock(&self.inner.writer).take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
+        self.inner
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     /// What is wrong with the log right now (a failed commit, a broker's log that cannot be
@@ -506,16 +519,27 @@ impl RedbLog {
         ))
     }
 
-    /// The store, unless it is being opened again after an I/O error.
+    /// The store, unless it is being opened again after an I/O error or the log is closed.
     fn db(&self) -> Result<Arc<Database>, LogError> {
-        self.inner
+        let db = self
+            .inner
             .db
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| {
+            .clone();
+        db.ok_or_else(|| {
+            if lock(&self.inner.ops).is_none() {
+                LogError::Closed
+            } else {
                 LogError::Unavailable("the store is being opened again after an I/O error".into())
-            })
+            }
+        })
+    }
+
+    /// Whether opening the store found it not closed cleanly and repaired it.
+    #[doc(hidden)]
+    pub fn repaired_on_open(&self) -> bool {
+        self.inner.repaired_on_open
     }
 
     /// How often the store was opened again after an I/O error.
@@ -1103,36 +1127,32 @@ fn stored_generation(db: &Database) -> Result<Option<u64>, ::redb::Error> {
 
 /// Opens (or creates) the store at `path`, checking every page; a file redb repaired to its
 /// last intact commit is said so.
-fn open_store(path: &Path, cache_bytes: usize) -> Result<Database, LogError> {
-    let repaired = Arc::new(AtomicBool::new(false));
-    let db = {
-        let repaired = repaired.clone();
-        // redb checks every page's checksum on open, which reads the whole file once: a file
-        // damaged outside redb is refused here instead of panicking a trigger later. Debug
-        // builds of redb panic on some impossible states instead of returning `Corrupted`,
-        // hence the catch.
-        let opened = catch_unwind(AssertUnwindSafe(|| {
-            Builder::new()
-                .set_check_integrity_on_open(true)
-                .set_cache_size(cache_bytes)
-                .set_repair_callback(move |_| repaired.store(true, Ordering::Relaxed))
-                .create(path)
-        }));
-        match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(error)) => return Err(open_error(path, error)),
-            Err(panic) => {
-                return Err(LogError::Damaged {
-                    path: path.to_path_buf(),
-                    detail: format!("the store panicked reading it: {}", panic_message(&*panic)),
-                });
-            }
-        }
-    };
-    if repaired.load(Ordering::Relaxed) {
-        tracing::warn!(path = %path.display(), "the event log was not closed cleanly or was damaged, and has been repaired to its last intact commit");
+/// Opens the store; `true` with it when redb had to repair it (it was not closed cleanly, or
+/// its integrity check found damage it could mend).
+fn open_store(path: &Path, cache_bytes: usize) -> Result<(Database, bool), LogError> {
+    let unclean = Arc::new(AtomicBool::new(false));
+    // redb calls the repair callback only for a file not closed cleanly; the integrity check
+    // after the open (every page's checksum, reading the whole file once) refuses a file
+    // damaged outside redb here instead of panicking a trigger later. (An integrity check *on*
+    // open would call the callback every time.) Debug builds of redb panic on some impossible
+    // states instead of returning `Corrupted`, hence the catch.
+    let opened = catch_unwind(AssertUnwindSafe(|| {
+        let flag = unclean.clone();
+        let mut db = Builder::new()
+            .set_cache_size(cache_bytes)
+            .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
+            .create(path)?;
+        let intact = db.check_integrity()?;
+        Ok::<_, DatabaseError>((db, intact))
+    }));
+    match opened {
+        Ok(Ok((db, intact))) => Ok((db, !intact || unclean.load(Ordering::Relaxed))),
+        Ok(Err(error)) => Err(open_error(path, error)),
+        Err(panic) => Err(LogError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("the store panicked reading it: {}", panic_message(&*panic)),
+        }),
     }
-    Ok(db)
 }
 
 /// Whether the store refuses all writes since an I/O error (redb's "previous I/O error":
@@ -1172,7 +1192,8 @@ fn reopen_store(
     let mut waited = std::time::Duration::ZERO;
     let store = loop {
         match open_store(path, cache_bytes) {
-            Ok(store) => break store,
+            // Repaired, as expected after an I/O error: said by the caller's own message.
+            Ok((store, _repaired)) => break store,
             Err(LogError::InUse(_)) if waited < std::time::Duration::from_secs(5) => {
                 // A read still holds the old handle.
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -1893,6 +1914,33 @@ mod tests {
         );
         assert_eq!(log.problem(), None);
         log.close();
+    }
+
+    /// A clean close leaves nothing to repair, even while other handles on the log live on
+    /// (found from outside: every restart of `mecha up` after SIGTERM warned of a log "not
+    /// closed cleanly", and repairing reads the whole file).
+    #[tokio::test]
+    async fn a_closed_log_lets_go_of_its_file_and_opens_again_without_repair() {
+        let path = temp("clean-close");
+        let log = RedbLog::open(&path).expect("open");
+        assert!(!log.repaired_on_open());
+        log.append("ns/b", vec![b"a".to_vec()])
+            .await
+            .expect("append");
+        let still_held = log.clone();
+        log.close();
+        assert!(matches!(
+            still_held.read("ns/b", 5, 1),
+            Err(LogError::Closed)
+        ));
+        let again = RedbLog::open(&path).expect("the file is free");
+        assert!(!again.repaired_on_open(), "a clean close needs no repair");
+        assert_eq!(
+            again.read("ns/b", 0, 10).expect("read"),
+            [(1, Bytes::from("a"))]
+        );
+        again.close();
+        drop(still_held);
     }
 
     /// After an I/O error redb refuses every write until the file is opened again (found

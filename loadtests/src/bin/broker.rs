@@ -98,14 +98,26 @@ fn parse_args() -> Result<Args, String> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err("usage: broker [--seconds 5] [--clients 32] [--rounds 3] [--rate 1000] [--backlog 100000] [--json PATH]; see loadtests/README.md".into());
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = || {
             value
                 .parse::<u64>()
                 .map_err(|_| format!("{flag}: {value:?} is not a number"))
         };
+        let within = |low: u64, high: u64| {
+            number().and_then(|n| {
+                if (low..=high).contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(format!("{flag}: {n} is not between {low} and {high}"))
+                }
+            })
+        };
         match flag.as_str() {
-            "--seconds" => args.seconds = number()?,
+            "--seconds" => args.seconds = within(1, 3600)?,
             "--clients" => {
                 args.clients = value
                     .split(',')
@@ -115,7 +127,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--json" => args.json = Some(value.clone().into()),
             "--rate" => args.rate = number()?,
-            "--rounds" => args.rounds = number()?.clamp(1, 100) as usize,
+            "--rounds" => args.rounds = within(1, 100)? as usize,
             "--backlog" => args.backlog = number()?,
             other => return Err(format!("unknown flag {other}; see the file's header")),
         }
