@@ -170,6 +170,8 @@ pub enum Fault {
     /// The journal's next start-over after a synced commit fails once its new header is
     /// written.
     StartOverFails = 6,
+    /// The store's next commit fails after the round's events reached the journal.
+    StoreCommitFails = 7,
 }
 
 /// A handle to the log; cheap to clone.
@@ -1359,6 +1361,8 @@ fn writer(
         let durable = synced_at.elapsed() >= sync_interval
             || journal.written() >= journal::CHECKPOINT_BYTES
             || batch.iter().any(|op| matches!(op, Op::Cursors { .. }));
+        // The round's sequences once its events are in the journal: durable from then on.
+        let mut journaled: Option<Vec<u64>> = None;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             if inject {
                 panic!("injected writer panic");
@@ -1376,6 +1380,10 @@ fn writer(
             journal.append(appends).map_err(|e| {
                 format!("cannot write the journal {}: {e}", journal.path().display())
             })?;
+            journaled = Some(firsts.clone());
+            if take_fault(inner, Fault::StoreCommitFails) {
+                return Err("injected store commit failure".to_string());
+            }
             let synced = durable.then(|| journal.generation() + 1);
             let results = apply_batch(db, &batch, &firsts, synced).map_err(|e| e.to_string())?;
             Ok::<_, String>((firsts, results))
@@ -1439,16 +1447,37 @@ fn writer(
                 }
             }
             Err(why) => {
-                // The store's transaction was rolled back: forget the sequences it gave out.
-                // Events already in the journal reach the store before the next round (their
-                // appends are answered with the error, so a client may send them again: at
-                // least once, as every failure of the log).
+                // The store's transaction was rolled back: forget the sequences it gave out
+                // (the store is brought up to the journal before the next round, which also
+                // finds out whether it must be opened again; replaying changes nothing the
+                // store has already, and sequences are taken from the store after it).
                 heads.clear();
-                // The store is brought up to the journal before the next round (which also
-                // finds out whether it must be opened again): replaying changes nothing the
-                // store has already.
                 behind_journal = true;
-                fail_round(inner, batch, &why);
+                match journaled {
+                    // The journal holds the round's events: they are durable, and reach the
+                    // store (and the triggers) with the replay — answered as stored, so that
+                    // a client does not send again what will be delivered. Only the cursor
+                    // and retention ops failed.
+                    Some(firsts) => {
+                        tracing::error!(error = %why, "event log store commit failed; the round's events are in the journal and are restored from it");
+                        if let Some(inner) = &alive {
+                            lock(&inner.problems)
+                                .insert("write".into(), format!("cannot write: {why}"));
+                        }
+                        for (op, first) in batch.into_iter().zip(firsts) {
+                            match op {
+                                Op::Append { events, done, .. } => {
+                                    let _ = done.send(Ok(first + events.len() as u64 - 1));
+                                }
+                                Op::Cursors { done, .. } => {
+                                    let _ = done.send(Err(why.clone()));
+                                }
+                            }
+                        }
+                    }
+                    // Nothing of the round is durable: every waiter gets the error.
+                    None => fail_round(inner, batch, &why),
+                }
             }
         }
     }
@@ -1911,6 +1940,60 @@ mod tests {
         assert_eq!(
             log.read("ns/b", 0, 10).expect("read"),
             [(1, Bytes::from("a")), (2, Bytes::from("b"))]
+        );
+        assert_eq!(log.problem(), None);
+        log.close();
+    }
+
+    /// A round whose events reached the journal is durable even when the store's commit
+    /// then fails: its appends are answered as stored (found from outside: a disk filling up
+    /// answered 503 "not stored" for events that the recovery then delivered, so a client
+    /// retrying on the 503 had them twice), and the next round restores them into the store.
+    #[tokio::test]
+    async fn a_failed_store_commit_after_the_journal_answers_the_appends_as_stored() {
+        let log = RedbLog::open(&temp("store-commit-fails")).expect("open");
+        let mut head = log.subscribe("ns/b");
+        assert_eq!(
+            log.append("ns/b", vec![b"a".to_vec()])
+                .await
+                .expect("append"),
+            1
+        );
+        log.inject_fault(Fault::StoreCommitFails);
+        assert_eq!(
+            log.append("ns/b", vec![b"b".to_vec(), b"c".to_vec()])
+                .await
+                .expect("durable in the journal"),
+            3
+        );
+        assert!(
+            log.problem()
+                .expect("reported")
+                .contains("injected store commit failure")
+        );
+        // Cursor and retention ops in such a round get the error: they are not journaled.
+        log.inject_fault(Fault::StoreCommitFails);
+        log.checkpoint(vec![("t".into(), Progress::default())], vec![], vec![])
+            .await
+            .expect_err("a checkpoint is only in the store");
+        assert_eq!(
+            log.append("ns/b", vec![b"d".to_vec()])
+                .await
+                .expect("append"),
+            4,
+            "sequences go on after the restored ones"
+        );
+        while *head.borrow_and_update() < 4 {
+            head.changed().await.expect("head moves");
+        }
+        assert_eq!(
+            log.read("ns/b", 0, 10).expect("read"),
+            [
+                (1, Bytes::from("a")),
+                (2, Bytes::from("b")),
+                (3, Bytes::from("c")),
+                (4, Bytes::from("d"))
+            ]
         );
         assert_eq!(log.problem(), None);
         log.close();
