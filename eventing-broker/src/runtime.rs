@@ -127,6 +127,37 @@ struct Inner {
     panic_deliveries: std::sync::atomic::AtomicBool,
     /// Set once shutdown begins: trigger tasks take no more events and finish what they have.
     draining: watch::Sender<bool>,
+    /// The log's maintenance failure last logged, so that one lasting (a full disk) is said
+    /// once a minute, not every tick.
+    maintenance_failure: Mutex<Quieted>,
+}
+
+/// A failure that repeats on every tick, said when it is new and then once every
+/// [`Quieted::EVERY`]; readiness and metrics carry it in between.
+#[derive(Debug, Default)]
+struct Quieted {
+    last: Option<(String, std::time::Instant)>,
+}
+
+impl Quieted {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// Whether `failure` is to be logged at `now`: new, or last logged [`Quieted::EVERY`] ago.
+    fn say(&mut self, failure: &str, now: std::time::Instant) -> bool {
+        let due = match &self.last {
+            Some((said, at)) => said != failure || now.duration_since(*at) >= Self::EVERY,
+            None => true,
+        };
+        if due {
+            self.last = Some((failure.to_string(), now));
+        }
+        due
+    }
+
+    /// The failure is over; whether one had been said.
+    fn clear(&mut self) -> bool {
+        self.last.take().is_some()
+    }
 }
 
 /// One running trigger.
@@ -158,6 +189,7 @@ impl EventBroker {
                 unstarted: Mutex::default(),
                 panic_deliveries: std::sync::atomic::AtomicBool::new(false),
                 draining: watch::channel(false).0,
+                maintenance_failure: Mutex::default(),
             }),
         }
     }
@@ -505,6 +537,9 @@ impl EventBroker {
         let brokers: Vec<String> = names.keys().cloned().collect();
         match self.inner.log.maintain(&brokers).await {
             Ok(backlog) => {
+                if lock(&self.inner.maintenance_failure).clear() {
+                    tracing::info!("event log maintenance works again");
+                }
                 for (key, waiting) in backlog {
                     if let Some((namespace, name)) = names.get(&key) {
                         self.inner
@@ -516,7 +551,14 @@ impl EventBroker {
                 }
             }
             // The log reports the failure to readiness.
-            Err(error) => tracing::warn!(%error, "event log maintenance failed"),
+            Err(error) => {
+                let error = error.to_string();
+                if lock(&self.inner.maintenance_failure).say(&error, std::time::Instant::now()) {
+                    tracing::warn!(%error, "event log maintenance failed (said again in a minute while it lasts)");
+                } else {
+                    tracing::debug!(%error, "event log maintenance failed");
+                }
+            }
         }
         if let Some(size) = self.inner.log.size_bytes() {
             self.inner
@@ -895,5 +937,31 @@ impl Job {
             tracing::warn!(trigger = %self.trigger, id = %event.id(), %trace_id, "the dead-letter sink failed too; the event is dropped");
             inner.metrics.failed.with_label_values(&labels).inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lasting_failure_is_said_when_new_then_once_a_minute() {
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut quiet = Quieted::default();
+        assert!(quiet.say("disk full", at(0)), "new");
+        // Every tick (250 ms) for most of a minute: quiet.
+        assert!((1..240).all(|tick| !quiet.say("disk full", at(tick * 250))));
+        assert!(quiet.say("disk full", at(60_000)), "a minute later");
+        assert!(
+            quiet.say("permission denied", at(60_250)),
+            "another failure"
+        );
+        assert!(quiet.clear(), "it had been said");
+        assert!(!quiet.clear());
+        assert!(
+            quiet.say("disk full", at(60_500)),
+            "new again after it was over"
+        );
     }
 }
