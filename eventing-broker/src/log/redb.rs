@@ -521,21 +521,22 @@ impl RedbLog {
         ))
     }
 
-    /// The store, unless it is being opened again after an I/O error or the log is closed.
-    fn db(&self) -> Result<Arc<Database>, LogError> {
-        let db = self
-            .inner
-            .db
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        db.ok_or_else(|| {
-            if lock(&self.inner.ops).is_none() {
-                LogError::Closed
-            } else {
-                LogError::Unavailable("the store is being opened again after an I/O error".into())
-            }
-        })
+    /// Runs `read` on the store, unless it is being opened again after an I/O error or the
+    /// log is closed. The store's lock is held for the whole read (its transaction holds the
+    /// file open), so that opening it again or closing it waits for reads in flight instead
+    /// of finding the file still in use.
+    fn with_db<T>(
+        &self,
+        read: impl FnOnce(&Database) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        let db = self.inner.db.read().unwrap_or_else(PoisonError::into_inner);
+        match db.as_deref() {
+            Some(db) => read(db),
+            None if lock(&self.inner.ops).is_none() => Err(LogError::Closed),
+            None => Err(LogError::Unavailable(
+                "the store is being opened again after an I/O error".into(),
+            )),
+        }
     }
 
     /// Whether opening the store found it not closed cleanly and repaired it.
@@ -607,17 +608,19 @@ impl RedbLog {
             2 => panic!("injected read panic"),
             _ => {}
         }
-        let txn = self.db()?.begin_read().map_err(storage)?;
-        let table = txn.open_table(EVENTS).map_err(storage)?;
-        let range = table
-            .range((broker, after.saturating_add(1))..=(broker, u64::MAX))
-            .map_err(storage)?;
-        let mut out = Vec::new();
-        for entry in range.take(limit) {
-            let (key, value) = entry.map_err(storage)?;
-            out.push((key.value().1, Bytes::copy_from_slice(value.value())));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let table = txn.open_table(EVENTS).map_err(storage)?;
+            let range = table
+                .range((broker, after.saturating_add(1))..=(broker, u64::MAX))
+                .map_err(storage)?;
+            let mut out = Vec::new();
+            for entry in range.take(limit) {
+                let (key, value) = entry.map_err(storage)?;
+                out.push((key.value().1, Bytes::copy_from_slice(value.value())));
+            }
+            Ok(out)
+        })
     }
 
     /// The event stored at `seq`, if it still is.
@@ -648,10 +651,12 @@ impl RedbLog {
     }
 
     fn stored_head(&self, broker: &str) -> Result<u64, LogError> {
-        let txn = self.db()?.begin_read().map_err(storage)?;
-        let events = txn.open_table(EVENTS).map_err(storage)?;
-        let heads = txn.open_table(HEADS).map_err(storage)?;
-        last_sequence(&events, &heads, broker).map_err(storage)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let events = txn.open_table(EVENTS).map_err(storage)?;
+            let heads = txn.open_table(HEADS).map_err(storage)?;
+            last_sequence(&events, &heads, broker).map_err(storage)
+        })
     }
 
     /// A trigger's stored cursor.
@@ -661,29 +666,33 @@ impl RedbLog {
 
     /// A trigger's stored progress.
     pub fn progress(&self, trigger: &str) -> Result<Option<Progress>, LogError> {
-        let txn = self.db()?.begin_read().map_err(storage)?;
-        let table = txn.open_table(PROGRESS).map_err(storage)?;
-        if let Some(value) = table.get(trigger).map_err(storage)? {
-            return Progress::decode(value.value()).map(Some).ok_or_else(|| {
-                LogError::Storage(format!("the progress of {trigger} is unreadable"))
-            });
-        }
-        let table = txn.open_table(CURSORS).map_err(storage)?;
-        Ok(table.get(trigger).map_err(storage)?.map(|v| Progress {
-            read_upto: v.value(),
-            pending: Vec::new(),
-        }))
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let table = txn.open_table(PROGRESS).map_err(storage)?;
+            if let Some(value) = table.get(trigger).map_err(storage)? {
+                return Progress::decode(value.value()).map(Some).ok_or_else(|| {
+                    LogError::Storage(format!("the progress of {trigger} is unreadable"))
+                });
+            }
+            let table = txn.open_table(CURSORS).map_err(storage)?;
+            Ok(table.get(trigger).map_err(storage)?.map(|v| Progress {
+                read_upto: v.value(),
+                pending: Vec::new(),
+            }))
+        })
     }
 
     /// Events stored for `broker` right now.
     pub fn len(&self, broker: &str) -> Result<u64, LogError> {
-        let txn = self.db()?.begin_read().map_err(storage)?;
-        let table = txn.open_table(EVENTS).map_err(storage)?;
-        let count = table
-            .range((broker, 0)..=(broker, u64::MAX))
-            .map_err(storage)?
-            .count();
-        Ok(count as u64)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let table = txn.open_table(EVENTS).map_err(storage)?;
+            let count = table
+                .range((broker, 0)..=(broker, u64::MAX))
+                .map_err(storage)?
+                .count();
+            Ok(count as u64)
+        })
     }
 
     /// Size of the database file in bytes.
@@ -1174,8 +1183,9 @@ fn poisoned(db: &Database) -> bool {
     }
 }
 
-/// Closes the store and opens it again: readers are told it is unavailable meanwhile, and the
-/// file is opened once every handle on it is gone (a reader's lasts a read).
+/// Closes the store and opens it again: taking the store's lock waits for reads in flight
+/// (they hold it for their whole transaction), readers after it are told the store is
+/// unavailable, and the file, with no handle left on it, opens at once.
 fn reopen_store(
     inner: &std::sync::Weak<Inner>,
     db: &mut Option<Arc<Database>>,
@@ -1190,20 +1200,12 @@ fn reopen_store(
             return Err("cannot open the store again: injected failure".into());
         }
     }
+    // The last handle: taking the lock above waited for reads in flight (see
+    // `RedbLog::with_db`), so the file is closed once this goes.
     db.take();
-    let mut waited = std::time::Duration::ZERO;
-    let store = loop {
-        match open_store(path, cache_bytes) {
-            // Repaired, as expected after an I/O error: said by the caller's own message.
-            Ok((store, _repaired)) => break store,
-            Err(LogError::InUse(_)) if waited < std::time::Duration::from_secs(5) => {
-                // A read still holds the old handle.
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                waited += std::time::Duration::from_millis(10);
-            }
-            Err(error) => return Err(format!("cannot open the store again: {error}")),
-        }
-    };
+    // Repaired, as expected after an I/O error: said by the caller's own message.
+    let (store, _repaired) = open_store(path, cache_bytes)
+        .map_err(|error| format!("cannot open the store again: {error}"))?;
     let store = Arc::new(store);
     if let Some(alive) = inner.upgrade() {
         *alive.db.write().unwrap_or_else(PoisonError::into_inner) = Some(store.clone());
@@ -1666,9 +1668,12 @@ mod tests {
             }
             // Nothing recorded in the heads table: the head is the last event's sequence.
             {
-                let txn = log.db().expect("store").begin_read().expect("read");
-                let heads = txn.open_table(HEADS).expect("heads");
-                assert!(heads.get("ns/b").expect("get").is_none());
+                let recorded = log.with_db(|db| {
+                    let txn = db.begin_read().map_err(storage)?;
+                    let heads = txn.open_table(HEADS).map_err(storage)?;
+                    Ok(heads.get("ns/b").map_err(storage)?.is_some())
+                });
+                assert!(!recorded.expect("read"));
             }
             log.close();
         }
